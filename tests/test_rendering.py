@@ -1,0 +1,112 @@
+import pytest
+from datasets import Dataset
+
+from trl_ica.formats import read_dataset, read_row
+from trl_ica.rendering import PAPER_TEMPLATE, ICAPromptTemplate, Renderer
+
+
+def conv(q, a):
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def test_response_ids_are_identical_with_and_without_demos(tokenizer):
+    renderer = Renderer(tokenizer)
+    holdout = [read_row(conv("What is 1 plus 7?", "The answer is 8.")), read_row(conv("Name a color.", "Blue."))]
+    for row in (conv("What is 12 plus 7?", "The answer is 19."), {"prompt": "What is 2?", "completion": " 2"}):
+        example = read_row(row)
+        with_demos = renderer.conditioned(
+            example, holdout if example.conversational else [read_row({"prompt": "What is 3?", "completion": " 3"})]
+        )
+        without = renderer.unconditioned(example)
+        assert with_demos.response == without.response
+        assert len(with_demos.prefix) > len(without.prefix)
+
+
+def test_conditioned_text_follows_the_paper_template(tokenizer):
+    renderer = Renderer(tokenizer)
+    demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
+    request = renderer.conditioned(read_row(conv("Q3?", "A3.")), demos)
+    text = tokenizer.decode(list(request.prefix + request.context + request.response))
+    expected_user = PAPER_TEMPLATE.render_demos(demos) + PAPER_TEMPLATE.render_query("Q3?")
+    assert text == tokenizer.apply_chat_template(
+        [{"role": "user", "content": expected_user}, {"role": "assistant", "content": "A3."}], tokenize=False
+    )
+    assert text.index("Q1?") < text.index("Q2?") < text.index("Please answer the following question:\nQ3?")
+    assert tokenizer.decode(list(request.response)) == "A3.<|im_end|>\n"
+
+
+def test_unconditioned_text_is_the_plain_chat(tokenizer):
+    request = Renderer(tokenizer).unconditioned(read_row(conv("Q3?", "A3.")))
+    text = tokenizer.decode(list(request.prefix + request.context + request.response))
+    assert text == "<|im_start|>user\nQ3?<|im_end|>\n<|im_start|>assistant\nA3.<|im_end|>\n"
+
+
+def test_standard_format_is_plain_text_with_eos(tokenizer):
+    renderer = Renderer(tokenizer)
+    example = read_row({"prompt": "Q: 2+2=", "completion": " 4"})
+    demo = read_row({"prompt": "Q: 1+1=", "completion": " 2"})
+    cond = renderer.conditioned(example, [demo])
+    assert tokenizer.decode(list(cond.prefix + cond.context + cond.response)) == "Q: 1+1= 2\n\nQ: 2+2= 4<|im_end|>"
+
+
+def test_custom_template(tokenizer):
+    template = ICAPromptTemplate(demo="Example: {prompt} -> {response}\n", query="Now: {prompt}")
+    renderer = Renderer(tokenizer, template)
+    cond = renderer.conditioned(read_row(conv("b", "B")), [read_row(conv("a", "A"))])
+    assert "Example: a -> A\nNow: b<|im_end|>" in tokenizer.decode(list(cond.prefix + cond.context))
+    with pytest.raises(ValueError, match=r"demo=.*must contain \{prompt\} and \{response\}"):
+        ICAPromptTemplate(demo="{prompt}", query="{prompt}")
+
+
+def test_messages_score_the_final_assistant_turn(tokenizer):
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
+    example = read_row(row)
+    assert example.response == "4" and example.question == "Hi" and len(example.prompt) == 4
+    request = Renderer(tokenizer).unconditioned(example)
+    assert tokenizer.decode(
+        list(request.prefix + request.context + request.response)
+    ) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+
+
+def test_sharegpt_conversations_are_converted():
+    example = read_row({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]})
+    assert example.response == "Yo" and example.question == "Hi"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "just text"}, "has no prompt/response split"),
+        ({"prompt": "Q", "completion": "  "}, "the response is empty"),
+        ({"messages": [{"role": "user", "content": "Q"}]}, "not with an assistant turn"),
+        ({"question": "Q", "answer": "A"}, r"unsupported columns \['answer', 'question'\]"),
+        ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "must both be strings or both"),
+        ({"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]}, "no user message"),
+    ],
+)
+def test_bad_rows_name_the_row_and_the_problem(row, message):
+    with pytest.raises(ValueError, match=message):
+        read_row(row, 7, "dataset")
+    with pytest.raises(ValueError, match="dataset row 0"):
+        read_dataset([row])
+
+
+def test_empty_and_mixed_datasets():
+    with pytest.raises(ValueError, match="`holdout` is empty"):
+        read_dataset(Dataset.from_list([]), "holdout")
+    with pytest.raises(ValueError, match="mixes formats"):
+        read_dataset([{"prompt": "a", "completion": "b"}, conv("a", "b")])
+
+
+def test_conversational_data_needs_a_chat_template(tokenizer):
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    with pytest.raises(ValueError, match="no chat template"):
+        Renderer(bare).unconditioned(read_row(conv("a", "b")))

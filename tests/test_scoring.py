@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+from datasets import Dataset
+from reference import naive_log_prob
+
+from trl_ica import compute_ica_scores, score_ica
+from trl_ica.demos import select_demos
+from trl_ica.scoring import prepare_ica
+
+
+def conv(q, a):
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def make_data(n=9, h=5):
+    train = Dataset.from_list(
+        [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
+    )
+    holdout = Dataset.from_list([conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(h)])
+    return train, holdout
+
+
+@pytest.mark.parametrize("selection", ["knn", "fixed", "random"])
+def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer, selection):
+    train, holdout = make_data()
+    result = score_ica(chat_model, tokenizer, train, holdout, demo_selection=selection, show_progress=False)
+    builder = prepare_ica(chat_model, tokenizer, train, holdout, demo_selection=selection, show_progress=False)
+    cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
+    plain = np.array([naive_log_prob(chat_model, builder.unconditioned(i)) for i in range(len(train))])
+    np.testing.assert_allclose(result.logp_conditioned, cond, atol=1e-4)
+    np.testing.assert_allclose(result.logp_unconditioned, plain, atol=1e-4)
+    np.testing.assert_allclose(result.scores, cond - plain, atol=1e-4)
+    assert result.scores.dtype == np.float64 and result.scores.shape == (len(train),)
+    assert result.demo_indices.shape == (len(train), 3)
+
+
+def test_mean_reduction_divides_by_response_tokens(chat_model, tokenizer):
+    train, holdout = make_data()
+    total = score_ica(chat_model, tokenizer, train, holdout, show_progress=False)
+    mean = compute_ica_scores(chat_model, tokenizer, train, holdout, reduction="mean", show_progress=False)
+    np.testing.assert_allclose(mean, total.scores / total.num_tokens)
+
+
+def test_knn_takes_the_nearest_most_similar_first():
+    vectors = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0], "d": [0.6, 0.4], "x": [1.0, 0.05]}
+
+    def embed(texts):
+        return np.array([vectors[t] for t in texts])
+
+    demos = select_demos(["x"], ["c", "d", "b", "a"], 3, "knn", embed=embed)
+    assert demos.tolist() == [[3, 2, 1]]
+
+
+def test_fixed_and_random_are_seeded():
+    fixed = select_demos(["p", "q", "r"], list("abcdefgh"), 3, "fixed", seed=1)
+    assert (fixed == fixed[0]).all() and len(set(fixed[0])) == 3
+    random_a = select_demos(["p"] * 20, list("abcdefgh"), 3, "random", seed=1)
+    random_b = select_demos(["p"] * 20, list("abcdefgh"), 3, "random", seed=1)
+    assert (random_a == random_b).all() and len({tuple(r) for r in random_a}) > 1
+    assert not (select_demos(["p"] * 20, list("abcdefgh"), 3, "random", seed=2) == random_a).all()
+
+
+def test_knn_with_the_models_own_embeddings_prefers_similar_prompts(chat_model, tokenizer):
+    train, holdout = make_data()
+    builder = prepare_ica(chat_model, tokenizer, train, holdout, show_progress=False)
+    assert builder.demo_indices.shape == (len(train), 3)
+    assert all(len(set(row)) == 3 for row in builder.demo_indices)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_demos": 6}, r"`num_demos` must be an integer in \[1, 5\]"),
+        ({"demo_selection": "nearest"}, "`demo_selection` must be one of"),
+        ({"reduction": "max"}, "`reduction` must be one of"),
+        ({"max_length": 40}, "longer than `max_length`=40 tokens with their demonstrations"),
+        ({"embedding_model": 3}, "`embedding_model` must be None"),
+    ],
+)
+def test_bad_arguments(chat_model, tokenizer, kwargs, message):
+    train, holdout = make_data()
+    with pytest.raises(ValueError, match=message):
+        compute_ica_scores(chat_model, tokenizer, train, holdout, show_progress=False, **kwargs)
+
+
+def test_missing_holdout_and_preference_data(chat_model, tokenizer):
+    train, _ = make_data()
+    with pytest.raises(ValueError, match="`holdout` is None"):
+        compute_ica_scores(chat_model, tokenizer, train, None)
+    pairs = [{"prompt": "Q", "chosen": "A", "rejected": "B"}]
+    with pytest.raises(ValueError, match="preference dataset"):
+        compute_ica_scores(chat_model, tokenizer, pairs, pairs)

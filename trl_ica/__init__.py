@@ -1,0 +1,30 @@
+"""ICA data weighting for TRL: weight every training example by how much it would lower a clean holdout's loss."""
+
+from .demos import select_demos
+from .engine import LogProbRequest, LogProbs, score_requests
+from .ica_args import ICAArguments
+from .rendering import PAPER_TEMPLATE, PLAIN_TEMPLATE, ICAPromptTemplate
+from .scoring import ICAScores, compute_ica_scores, score_ica
+from .sft_config import ICASFTConfig
+from .sft_trainer import ICASFTTrainer
+from .weighting import WEIGHTINGS, compute_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ICAArguments",
+    "ICAPromptTemplate",
+    "ICASFTConfig",
+    "ICASFTTrainer",
+    "ICAScores",
+    "LogProbRequest",
+    "LogProbs",
+    "PAPER_TEMPLATE",
+    "PLAIN_TEMPLATE",
+    "WEIGHTINGS",
+    "compute_ica_scores",
+    "compute_weights",
+    "score_ica",
+    "score_requests",
+    "select_demos",
+]

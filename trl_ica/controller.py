@@ -1,0 +1,179 @@
+"""ICA bookkeeping shared by every trainer: when to score, batch weights, logged metrics, files and resume state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from .engine import score_requests
+from .scoring import ICARequestBuilder, reduce_scores, score_with
+from .weighting import compute_weights, score_range
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "ica_state.npz"
+
+
+class ICAController:
+    """Scores, refresh schedule and weights of one training run.
+
+    Args:
+        builder ([`ICARequestBuilder`]): requests of the training examples, indexed by their `ica_index`.
+        args ([`ICAArguments`]): the validated `ica_*` fields.
+        output_dir (`str`): where `ica/` files (scores of each refresh, batch weights, plots) are written.
+        is_main_process (`bool`): only the main process writes files and shows progress bars.
+
+    Files under `output_dir/ica/`: `refresh-<k>.jsonl` (every example's score and its parts at refresh k, keyed by
+    `ica_index`), `weights.jsonl` (the score and weight of each example each time it was trained on).
+    """
+
+    def __init__(self, builder: ICARequestBuilder, args, output_dir: str, is_main_process: bool = True):
+        self.builder = builder
+        self.args = args
+        self.dir = os.path.join(output_dir, "ica")
+        self.is_main = is_main_process
+        n = len(builder.candidates)
+        self.scores = np.full(n, np.nan)
+        self.refreshes_done = 0
+        self.global_range: tuple[float, float] | None = None
+        # Online: rows whose training forward scores exactly the unconditioned request (see the trainers)
+        self.reuse_unconditioned = np.zeros(n, dtype=bool)
+
+    @property
+    def online(self) -> bool:
+        return self.args.ica_refresh == "online"
+
+    def refresh_step(self, k: int, max_steps: int) -> int:
+        """The optimizer step at which scoring k (0-based) of R happens: evenly spread, the first before training."""
+        return round(k * max_steps / self.args.ica_refresh)
+
+    def maybe_refresh(self, model, step: int, max_steps: int) -> bool:
+        """Score the whole training set if a refresh is due at `step`; returns whether it scored."""
+        if self.online or self.refreshes_done >= self.args.ica_refresh:
+            return False
+        if step < self.refresh_step(self.refreshes_done, max_steps):
+            return False
+        result = score_with(
+            model,
+            self.builder,
+            reduction=self.args.ica_reduction,
+            batch_size=self.args.ica_scoring_batch_size,
+            show_progress=self.is_main,
+        )
+        self.scores = result.scores
+        self.global_range = score_range(result.scores)
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, f"refresh-{self.refreshes_done}.jsonl"), "w") as f:
+                for i in range(len(result.scores)):
+                    f.write(
+                        json.dumps(
+                            {
+                                "ica_index": i,
+                                "step": step,
+                                "score": float(result.scores[i]),
+                                "logp_conditioned": float(result.logp_conditioned[i]),
+                                "logp_unconditioned": float(result.logp_unconditioned[i]),
+                                "num_tokens": int(result.num_tokens[i]),
+                                "demo_indices": result.demo_indices[i].tolist(),
+                            }
+                        )
+                        + "\n"
+                    )
+        self.refreshes_done += 1
+        return True
+
+    def batch_scores(self, model, indices: np.ndarray, unconditioned: np.ndarray | None = None) -> np.ndarray:
+        """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
+
+        `unconditioned` holds log p(y | x) read off the training forward, NaN where it could not be.
+        """
+        if not self.online:
+            return self.scores[indices]
+        cond = score_requests(
+            model,
+            [self.builder.conditioned(i) for i in indices],
+            batch_size=self.args.ica_scoring_batch_size,
+            show_progress=False,
+        )
+        plain = np.full(len(indices), np.nan) if unconditioned is None else np.asarray(unconditioned, dtype=np.float64)
+        missing = np.flatnonzero(np.isnan(plain))
+        if missing.size:
+            extra = score_requests(
+                model,
+                [self.builder.unconditioned(indices[j]) for j in missing],
+                batch_size=self.args.ica_scoring_batch_size,
+                show_progress=False,
+            )
+            plain[missing] = extra.sums
+        scores = reduce_scores(cond.sums, plain, cond.counts, self.args.ica_reduction)
+        self.scores[indices] = scores
+        low, high = score_range(scores)
+        self.global_range = (
+            (low, high)
+            if self.global_range is None
+            else (min(low, self.global_range[0]), max(high, self.global_range[1]))
+        )
+        return scores
+
+    def weights(self, scores: np.ndarray, indices: np.ndarray, step: int) -> np.ndarray:
+        """Weights of one batch, recorded in `weights.jsonl`."""
+        weights = compute_weights(
+            scores,
+            self.args.ica_weighting,
+            temperature=self.args.ica_temperature,
+            global_range=self.global_range,
+            where=f"training examples (ica_index) {np.asarray(indices).tolist()}, rows",
+        )
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, "weights.jsonl"), "a") as f:
+                for i, s, w in zip(indices, scores, weights):
+                    f.write(
+                        json.dumps({"step": step, "ica_index": int(i), "score": float(s), "weight": float(w)}) + "\n"
+                    )
+        return weights
+
+    @staticmethod
+    def metrics(scores: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+        return {
+            "ica/score_mean": float(np.mean(scores)),
+            "ica/score_std": float(np.std(scores)),
+            "ica/weight_mean": float(np.mean(weights)),
+            "ica/weight_min": float(np.min(weights)),
+            "ica/weight_max": float(np.max(weights)),
+        }
+
+    # Resume
+    def save(self, folder: str) -> None:
+        low, high = self.global_range if self.global_range is not None else (np.nan, np.nan)
+        np.savez(
+            os.path.join(folder, STATE_FILE),
+            scores=self.scores,
+            refreshes_done=self.refreshes_done,
+            global_range=np.array([low, high]),
+            demo_indices=self.builder.demo_indices,
+        )
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming from {folder!r}, which has no {STATE_FILE}: it was not saved by an ICA trainer, so the "
+                "ICA scores cannot be restored."
+            )
+        state = np.load(path)
+        if state["scores"].shape != self.scores.shape:
+            raise ValueError(
+                f"The checkpoint's ICA state covers {state['scores'].shape[0]} training examples but this run has "
+                f"{self.scores.shape[0]}; resume with the same training dataset."
+            )
+        self.scores = state["scores"]
+        self.refreshes_done = int(state["refreshes_done"])
+        low, high = state["global_range"]
+        self.global_range = None if np.isnan(low) else (float(low), float(high))
+        self.builder.demo_indices = state["demo_indices"]
+        logger.info("Restored ICA state from %s (%d scoring(s) done).", folder, self.refreshes_done)

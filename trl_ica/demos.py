@@ -1,0 +1,103 @@
+"""Choosing the k holdout demonstrations of each candidate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .engine import _backbone_and_head, eval_mode, unwrap_causal_lm
+
+DEMO_SELECTIONS = ("knn", "fixed", "random")
+Embedder = Callable[[list[str]], np.ndarray]
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+@torch.no_grad()
+def model_embeddings(
+    model, tokenizer, texts: list[str], batch_size: int = 16, show_progress: bool = False
+) -> np.ndarray:
+    """Mean-pooled last hidden states of `model` for each text, L2-normalised: `(len(texts), hidden)` float32."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    _, backbone, _ = _backbone_and_head(model)
+    device = next(unwrap_causal_lm(model).parameters()).device
+    out = []
+    with eval_mode(model):
+        for start in tqdm(range(0, len(texts), batch_size), desc="Embedding", disable=not show_progress, leave=False):
+            chunk = [
+                tokenizer(t, add_special_tokens=False)["input_ids"] or [0] for t in texts[start : start + batch_size]
+            ]
+            length = max(len(ids) for ids in chunk)
+            ids = torch.zeros(len(chunk), length, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(chunk):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, H)
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def sentence_embedder(name_or_path: str) -> Embedder:
+    """An embedder from a sentence-transformers model name or local folder (`pip install trl_ica[sentence]`)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as error:
+        raise ImportError(
+            f"`embedding_model={name_or_path!r}` needs sentence-transformers: pip install 'trl_ica[sentence]'."
+        ) from error
+    encoder = SentenceTransformer(name_or_path)
+    return lambda texts: encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def select_demos(
+    candidate_texts: list[str],
+    holdout_texts: list[str],
+    num_demos: int,
+    method: str = "knn",
+    seed: int = 0,
+    embed: Embedder | None = None,
+) -> np.ndarray:
+    """Indices into the holdout of each candidate's demonstrations, `(len(candidate_texts), num_demos)` int64.
+
+    Args:
+        candidate_texts (`list[str]`): the candidates' questions.
+        holdout_texts (`list[str]`): the holdout questions.
+        num_demos (`int`): k, at most the holdout size.
+        method (`str`, *optional*, defaults to `"knn"`):
+            `"knn"`: the k holdout questions nearest by cosine similarity, most similar first (ties: lower index).
+            `"fixed"`: one seeded draw of k shared by every candidate (a single shared prefix).
+            `"random"`: a seeded draw of k per candidate.
+        seed (`int`, *optional*, defaults to `0`): seed of the draws.
+        embed (`Callable[[list[str]], np.ndarray]`, *optional*): embedder, required for `"knn"`.
+    """
+    check_choice("demo_selection", method, DEMO_SELECTIONS)
+    n, h = len(candidate_texts), len(holdout_texts)
+    if not isinstance(num_demos, int) or num_demos < 1 or num_demos > h:
+        raise ValueError(f"`num_demos` must be an integer in [1, {h}] (the holdout size), got {num_demos!r}.")
+    if method == "fixed":
+        chosen = np.random.default_rng(seed).choice(h, size=num_demos, replace=False)
+        return np.tile(chosen, (n, 1)).astype(np.int64)
+    if method == "random":
+        return (
+            np.stack(
+                [np.random.default_rng([seed, i]).choice(h, size=num_demos, replace=False) for i in range(n)]
+            ).astype(np.int64)
+            if n
+            else np.zeros((0, num_demos), dtype=np.int64)
+        )
+    if embed is None:
+        raise ValueError("`demo_selection='knn'` needs an embedder.")
+    cand = np.asarray(embed(candidate_texts), dtype=np.float64)
+    hold = np.asarray(embed(holdout_texts), dtype=np.float64)
+    cand /= np.linalg.norm(cand, axis=1, keepdims=True).clip(min=1e-12)
+    hold /= np.linalg.norm(hold, axis=1, keepdims=True).clip(min=1e-12)
+    sims = cand @ hold.T  # (N, H)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)

@@ -1,0 +1,285 @@
+"""Fused log-probability scoring with shared prefixes.
+
+A [`LogProbRequest`] asks for `log p(response | prefix, context)`. Requests that share a prefix (the chat template's
+opening and a demonstration block) run that prefix once; its KV cache is expanded without copying over every
+continuation of the group. The LM head is applied only at response positions, so memory scales with the scored
+tokens, not with `batch x length x vocabulary`. Results come back in the caller's order and equal a plain forward of
+each full sequence up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LogProbRequest:
+    """Token ids of one scored sequence `prefix + context + response`; only `response` tokens are scored.
+
+    Args:
+        prefix (`tuple[int, ...]`): leading tokens that other requests may share; run once per distinct prefix.
+        context (`tuple[int, ...]`): the request's own unscored tokens (its prompt).
+        response (`tuple[int, ...]`): the scored tokens.
+    """
+
+    prefix: tuple[int, ...]
+    context: tuple[int, ...]
+    response: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.response:
+            raise ValueError("LogProbRequest.response is empty: there is nothing to score.")
+        if not self.prefix and not self.context:
+            raise ValueError("LogProbRequest needs at least one prefix or context token to predict the response from.")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix) + len(self.context) + len(self.response)
+
+
+@dataclass
+class LogProbs:
+    """Summed response log-probabilities (`float64`, shape `(N,)`) and response token counts (`int64`, `(N,)`)."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+
+
+def unwrap_causal_lm(model):
+    """The causal LM inside accelerate/DDP and PEFT wrappers (PEFT's injected adapter layers stay active)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _backbone_and_head(model):
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings()
+    backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
+    if head is None or backbone is None:
+        raise ValueError(f"{type(lm).__name__} is not a causal language model with an output embedding.")
+    return lm, backbone, head
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put `model` in eval mode and restore each module's previous mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    out = []
+    for start in range(0, hidden.size(0), chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        out.append(logits.log_softmax(-1).gather(-1, targets[start : start + chunk, None]).squeeze(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _pad_id(lm) -> int:
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return int(pad) if pad is not None else 0
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int | None, max_batch_tokens: int):
+    """Consecutive slices of `order` (sorted longest first) under a row cap and a padded-token budget."""
+    batch: list[int] = []
+    for i in order:
+        rows = len(batch) + 1
+        longest = lengths[batch[0]] if batch else lengths[i]
+        if batch and ((batch_size is not None and rows > batch_size) or rows * longest > max_batch_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+class _Scorer:
+    def __init__(self, model, device):
+        self.lm, self.backbone, self.head = _backbone_and_head(model)
+        self.device = device
+        self.pad_id = _pad_id(self.lm)
+
+    def prefix_state(self, prefix: tuple[int, ...]):
+        """Run a prefix once at batch 1: per-layer (k, v) pairs and the hidden state that predicts the next token."""
+        ids = torch.tensor([prefix], device=self.device)
+        out = self.backbone(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return layers, out.last_hidden_state[:, -1]  # (1, H)
+
+    def score_batch(self, requests: Sequence[LogProbRequest], rows: list[int], prefix_state) -> list[float]:
+        """Score `rows` of `requests` against a shared prefix state (or none), returning one sum per row."""
+        conts = [requests[i].context + requests[i].response for i in rows]
+        B, L = len(rows), max(len(c) for c in conts)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        for b, cont in enumerate(conts):
+            ids[b, : len(cont)] = torch.tensor(cont, device=self.device)
+            mask[b, : len(cont)] = 1
+        P = 0
+        kwargs = {}
+        if prefix_state is not None:
+            layers, _ = prefix_state
+            P = layers[0][0].shape[-2]
+            # Zero-copy: every row reads the same prefix keys/values; `update` concatenates into new tensors.
+            expanded = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers]
+            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=expanded, config=self.lm.config)
+            kwargs["use_cache"] = True
+            mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+        position_ids = torch.arange(P, P + L, device=self.device).expand(B, -1)
+        hidden = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs
+        ).last_hidden_state
+        # The hidden state at position j predicts continuation token j + 1; the prefix's last one predicts token 0.
+        if prefix_state is not None:
+            hidden = torch.cat([prefix_state[1].expand(B, -1)[:, None], hidden[:, :-1]], dim=1)  # (B, L, H)
+            first = 0
+        else:
+            hidden = hidden[:, :-1]  # (B, L-1, H) predicting tokens 1..L-1
+            first = 1
+        sel_rows, sel_pos, targets, owner = [], [], [], []
+        for b, i in enumerate(rows):
+            start = len(requests[i].context)
+            n = len(requests[i].response)
+            sel_rows += [b] * n
+            sel_pos += range(start - first, start + n - first)
+            targets.append(ids[b, start : start + n])
+            owner += [b] * n
+        hsel = hidden[torch.tensor(sel_rows, device=self.device), torch.tensor(sel_pos, device=self.device)]
+        lp = _head_log_probs(
+            self.lm, self.head, hsel.to(self.head.weight.device), torch.cat(targets).to(self.head.weight.device)
+        )
+        sums = torch.zeros(B, dtype=torch.float64, device=lp.device).index_add_(
+            0, torch.tensor(owner, device=lp.device), lp.double()
+        )
+        return sums.tolist()
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def score_requests(
+    model,
+    requests: Sequence[LogProbRequest],
+    *,
+    batch_size: int | None = None,
+    max_batch_tokens: int = 16384,
+    show_progress: bool = True,
+    desc: str = "Scoring",
+) -> LogProbs:
+    """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
+
+    Args:
+        model (`PreTrainedModel` or `PeftModel`): a causal LM, possibly quantised or wrapped by accelerate.
+        requests (`Sequence[LogProbRequest]`): what to score.
+        batch_size (`int`, *optional*): most continuations per forward; by default only `max_batch_tokens` limits.
+        max_batch_tokens (`int`, *optional*, defaults to `16384`): padded continuation tokens per forward.
+        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        desc (`str`, *optional*): the progress bar's label.
+
+    Returns:
+        [`LogProbs`] aligned with `requests`.
+
+    On an out-of-memory error the batch is halved and scoring goes on; a single continuation that does not fit
+    re-raises. Runs under `torch.no_grad()` in eval mode and restores the model's train/eval mode.
+
+    Example:
+
+    ```python
+    >>> req = LogProbRequest(prefix=(1, 2, 3), context=(4,), response=(5, 6))
+    >>> score_requests(model, [req]).sums  # log p(5, 6 | 1, 2, 3, 4)
+    ```
+    """
+    n = len(requests)
+    sums = np.zeros(n, dtype=np.float64)
+    counts = np.array([len(r.response) for r in requests], dtype=np.int64)
+    if n == 0:
+        return LogProbs(sums, counts)
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.prefix, []).append(i)
+    # A prefix used once gains nothing from caching: run such requests as full rows batched together.
+    work: list[tuple[tuple[int, ...], list[int], Sequence[LogProbRequest]]] = []
+    singles: list[int] = []
+    for prefix, idx in groups.items():
+        if prefix and len(idx) > 1:
+            work.append((prefix, idx, requests))
+        else:
+            singles.extend(idx)
+    if singles:
+        flat = [LogProbRequest((), r.prefix + r.context, r.response) for r in (requests[i] for i in singles)]
+        work.append(((), list(range(len(flat))), flat))
+        single_ids = singles
+    device = next(unwrap_causal_lm(model).parameters()).device
+    scorer = _Scorer(model, device)
+    bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
+    with torch.no_grad(), eval_mode(model):
+        for prefix, idx, reqs in work:
+            state = scorer.prefix_state(prefix) if prefix else None
+            lengths = {i: len(reqs[i].context) + len(reqs[i].response) for i in idx}
+            order = sorted(idx, key=lambda i: -lengths[i])  # longest first: memory errors come early
+            cap = batch_size
+            pos = 0
+            while pos < len(order):
+                batch = next(_batches(order[pos:], lengths, cap, max_batch_tokens))
+                try:
+                    values = scorer.score_batch(reqs, batch, state)
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    if not _is_oom(error) or len(batch) == 1:
+                        raise
+                    cap = max(1, len(batch) // 2)
+                    logger.warning("Out of memory scoring %d sequences; retrying with batches of %d.", len(batch), cap)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                targets = [single_ids[i] for i in batch] if reqs is not requests else batch
+                sums[targets] = values
+                pos += len(batch)
+                bar.update(len(batch))
+    bar.close()
+    return LogProbs(sums, counts)
+
+
+def token_counts(requests: Sequence[LogProbRequest]) -> tuple[int, int, int]:
+    """(tokens a naive per-request forward runs, tokens the fused path runs, number of distinct shared prefixes)."""
+    naive = sum(r.num_tokens for r in requests)
+    groups: dict[tuple[int, ...], int] = {}
+    for r in requests:
+        groups[r.prefix] = groups.get(r.prefix, 0) + 1
+    fused = sum(len(r.context) + len(r.response) for r in requests) + sum(len(p) for p in groups)
+    shared = sum(1 for p, c in groups.items() if p and c > 1)
+    return naive, fused, shared

@@ -1,0 +1,198 @@
+"""Reading TRL dataset rows as (prompt, response) pairs.
+
+ICA scores a response given its prompt, so every supported row must split into the two. The formats are TRL's own
+(https://huggingface.co/docs/trl/dataset_formats): prompt/completion, standard or conversational, and `messages`
+conversations, whose final assistant turn is the response. ShareGPT-style `conversations` rows are converted the way
+TRL converts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One row as a prompt and the response to score.
+
+    Args:
+        prompt (`str` or `list[dict]`):
+            The prompt text (standard format) or the messages before the scored assistant turn (conversational).
+        response (`str`):
+            The text of the scored response.
+        question (`str`):
+            The text that stands for the prompt in demonstrations, templates and embeddings: the prompt itself, or the
+            content of the first user message.
+    """
+
+    prompt: str | Messages
+    response: str
+    question: str
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference row: a prompt with a chosen and a rejected response (same fields as [`SFTExample`])."""
+
+    prompt: str | Messages
+    chosen: str
+    rejected: str
+    question: str
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+    def as_sft(self, which: str = "chosen") -> SFTExample:
+        return SFTExample(self.prompt, getattr(self, which), self.question)
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _first_user_content(messages: Messages, where: str) -> str:
+    for message in messages:
+        if message["role"] == "user":
+            return _content_text(message["content"], where)
+    raise ValueError(f"{where}: the prompt has no user message; ICA needs a question to condition on.")
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    raise ValueError(
+        f"{where}: message content of type {type(content).__name__} is not supported; ICA scores text messages "
+        "(multimodal content parts are not supported)."
+    )
+
+
+def _check_response(response: str, where: str) -> str:
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError(
+            f"{where}: the response is empty ({response!r}). Every example needs a non-empty response to score; "
+            "remove such rows from the dataset first."
+        )
+    return response
+
+
+def _split_conversation(messages: Messages, where: str) -> tuple[Messages, str]:
+    if not messages or messages[-1]["role"] != "assistant":
+        last = messages[-1]["role"] if messages else "nothing"
+        raise ValueError(
+            f"{where}: the conversation ends with {last!r}, not with an assistant turn, so it has no response to "
+            "score. ICA scores the final assistant turn of a `messages` row."
+        )
+    return [dict(m) for m in messages[:-1]], _content_text(messages[-1]["content"], where)
+
+
+def read_row(
+    row: Mapping[str, Any], index: int | None = None, name: str = "dataset"
+) -> SFTExample | PreferenceExample:
+    """Read one dataset row as an [`SFTExample`] or a [`PreferenceExample`].
+
+    Raises:
+        `ValueError`: naming the row and the columns when the row cannot be split into prompt and response.
+    """
+    where = f"{name} row {index}" if index is not None else name
+    if is_conversational_from_value(row):
+        row = maybe_convert_to_chatml(dict(row))
+        # TRL renames the keys; ShareGPT's speaker names become chat roles here
+        roles = {"human": "user", "gpt": "assistant"}
+        row["messages"] = [{**m, "role": roles.get(m["role"], m["role"])} for m in row["messages"]]
+    keys = set(row.keys())
+
+    if {"chosen", "rejected"} <= keys:
+        return _read_preference(row, where)
+
+    if "prompt" in keys and "completion" in keys:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return SFTExample(prompt, _check_response(completion, where), prompt)
+        if _is_messages(prompt) and _is_messages(completion):
+            if len(completion) != 1 or completion[0]["role"] != "assistant":
+                raise ValueError(
+                    f"{where}: `completion` must hold exactly one assistant message, got roles "
+                    f"{[m['role'] for m in completion]}."
+                )
+            response = _content_text(completion[0]["content"], where)
+            return SFTExample(
+                [dict(m) for m in prompt], _check_response(response, where), _first_user_content(prompt, where)
+            )
+        raise ValueError(
+            f"{where}: `prompt` and `completion` must both be strings or both be lists of messages, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}."
+        )
+
+    if "messages" in keys:
+        if not _is_messages(row["messages"]):
+            raise ValueError(f"{where}: `messages` must be a list of {{'role', 'content'}} dicts.")
+        prompt, response = _split_conversation(row["messages"], where)
+        return SFTExample(prompt, _check_response(response, where), _first_user_content(prompt, where))
+
+    if "text" in keys:
+        raise ValueError(
+            f"{where}: a language-modeling row (`text` only) has no prompt/response split, which ICA needs to score "
+            "a response given its prompt. Use a prompt/completion or a `messages` dataset."
+        )
+    raise ValueError(
+        f"{where}: unsupported columns {sorted(keys)}. Expected `prompt` + `completion`, `messages`, or (preference) "
+        "`prompt` + `chosen` + `rejected`."
+    )
+
+
+def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = row["prompt"]
+    else:
+        # Implicit prompt: the shared leading part of chosen and rejected, extracted as TRL does.
+        from trl.data_utils import extract_prompt
+
+        extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
+        prompt, chosen, rejected = extracted["prompt"], extracted["chosen"], extracted["rejected"]
+    if isinstance(prompt, str):
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ValueError(f"{where}: with a string `prompt`, `chosen` and `rejected` must be strings.")
+        return PreferenceExample(
+            prompt,
+            _check_response(chosen, where + " (chosen)"),
+            _check_response(rejected, where + " (rejected)"),
+            prompt,
+        )
+    if not (_is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected)):
+        raise ValueError(f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all lists of messages.")
+    texts = []
+    for label, completion in (("chosen", chosen), ("rejected", rejected)):
+        if len(completion) != 1 or completion[0]["role"] != "assistant":
+            raise ValueError(f"{where}: `{label}` must hold exactly one assistant message after the prompt.")
+        texts.append(_check_response(_content_text(completion[0]["content"], where), f"{where} ({label})"))
+    prompt = [dict(m) for m in prompt]
+    return PreferenceExample(prompt, texts[0], texts[1], _first_user_content(prompt, where))
+
+
+def read_dataset(dataset, name: str = "dataset") -> list[SFTExample | PreferenceExample]:
+    """Read every row of `dataset` (a `datasets.Dataset` or a list of dicts); nothing is skipped."""
+    if dataset is None:
+        raise ValueError(f"`{name}` is None; pass a dataset.")
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty; it needs at least one row.")
+    examples = [read_row(row, i, name) for i, row in enumerate(dataset)]
+    kinds = {type(e) for e in examples} | {e.conversational for e in examples}
+    if len({type(e) for e in examples}) > 1 or len({e.conversational for e in examples}) > 1:
+        raise ValueError(f"`{name}` mixes formats ({kinds}); every row must have the same format.")
+    return examples

@@ -1,0 +1,94 @@
+"""The `ica_*` configuration fields shared by every ICA trainer config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .demos import DEMO_SELECTIONS
+from .scoring import REDUCTIONS
+from .weighting import WEIGHTINGS
+
+
+@dataclass
+class ICAArguments:
+    r"""
+    ICA fields added to a TRL config.
+
+    Parameters:
+        ica_num_demos (`int`, *optional*, defaults to `3`):
+            k, the holdout demonstrations put in context for each example.
+        ica_demo_selection (`str`, *optional*, defaults to `"knn"`):
+            `"knn"` (nearest holdout prompts), `"fixed"` (one seeded set for everyone) or `"random"` (seeded per
+            example).
+        ica_embedding_model (`str`, *optional*):
+            sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
+        ica_weighting (`str`, *optional*, defaults to `"batch_minmax"`):
+            `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`.
+        ica_temperature (`float`, *optional*, defaults to `1.0`):
+            temperature of `"softmax"` weighting.
+        ica_refresh (`int` or `str`, *optional*, defaults to `1`):
+            R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each batch
+            scored at its step).
+        ica_reduction (`str`, *optional*, defaults to `"sum"`):
+            `"sum"` of response token log-probabilities (the paper's) or `"mean"` per token.
+        ica_demo_template (`str`, *optional*):
+            one demonstration, with `{prompt}` and `{response}`; with `ica_query_template`, replaces the default wording.
+        ica_query_template (`str`, *optional*):
+            the example's question after the demonstrations, with `{prompt}`.
+        ica_scoring_batch_size (`int`, *optional*):
+            most sequences per scoring forward; by default a token budget decides.
+        ica_max_length (`int`, *optional*):
+            longest conditioned sequence allowed (demonstrations included); defaults to `max_length`.
+        ica_seed (`int`, *optional*):
+            seed of fixed and random demonstrations; defaults to `seed`.
+    """
+
+    ica_num_demos: int = field(default=3, metadata={"help": "Holdout demonstrations put in context per example."})
+    ica_demo_selection: str = field(
+        default="knn", metadata={"help": "How demonstrations are chosen.", "choices": list(DEMO_SELECTIONS)}
+    )
+    ica_embedding_model: str | None = field(
+        default=None, metadata={"help": "sentence-transformers encoder for kNN; default: the model's hidden states."}
+    )
+    ica_weighting: str = field(
+        default="batch_minmax", metadata={"help": "From scores to weights.", "choices": list(WEIGHTINGS)}
+    )
+    ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
+    ica_refresh: str = field(
+        default="1", metadata={"help": "Number of scorings over training (1: before training), or 'online'."}
+    )
+    ica_reduction: str = field(
+        default="sum", metadata={"help": "Sum or per-token mean of log-probabilities.", "choices": list(REDUCTIONS)}
+    )
+    ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
+    ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
+    ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
+    ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
+    ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
+
+    def validate_ica(self) -> None:
+        """Check and normalise the `ica_*` fields; raises `ValueError` naming the field, the value and what is allowed."""
+        choices = (
+            ("ica_demo_selection", DEMO_SELECTIONS),
+            ("ica_weighting", WEIGHTINGS),
+            ("ica_reduction", REDUCTIONS),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if not isinstance(self.ica_num_demos, int) or self.ica_num_demos < 1:
+            raise ValueError(f"`ica_num_demos` must be a positive integer, got {self.ica_num_demos!r}.")
+        if not self.ica_temperature > 0:
+            raise ValueError(f"`ica_temperature` must be > 0, got {self.ica_temperature!r}.")
+        refresh = self.ica_refresh
+        if isinstance(refresh, str) and refresh.strip().isdigit():
+            refresh = int(refresh)
+        if not (refresh == "online" or (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 1)):
+            raise ValueError(f"`ica_refresh` must be a positive integer or 'online', got {self.ica_refresh!r}.")
+        self.ica_refresh = refresh
+        if (self.ica_demo_template is None) != (self.ica_query_template is None):
+            raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
+        for name in ("ica_scoring_batch_size", "ica_max_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")

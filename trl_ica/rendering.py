@@ -1,0 +1,148 @@
+"""Turning examples and their demonstrations into scoring requests.
+
+A scored sequence is `prefix + context + response`. The prefix (the chat template's opening and the demonstration
+block) is what candidates share; the context is the candidate's own prompt; only the response tokens are scored.
+Each piece is tokenised on its own, so a response has the same token ids with and without demonstrations.
+
+Rendering mirrors how TRL trains: conversational rows go through the tokenizer's chat template (everything in the
+user turn, as in the ICA paper), standard rows are plain text with the EOS token appended to the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import LogProbRequest
+from .formats import SFTExample
+
+_USER = "\x00ICA_USER\x00"
+_ASSISTANT = "\x00ICA_ASSISTANT\x00"
+
+
+@dataclass(frozen=True)
+class ICAPromptTemplate:
+    """How demonstrations and the candidate's question are written in the conditioned prompt.
+
+    Args:
+        demo (`str`):
+            One demonstration; `{prompt}` and `{response}` are replaced by a holdout example's question and response.
+            Demonstrations are concatenated, most similar first.
+        query (`str`):
+            The candidate's question after the demonstrations; `{prompt}` is replaced by the question.
+
+    The unconditioned prompt is always the candidate's prompt exactly as TRL renders it for training.
+
+    Example:
+
+    ```python
+    >>> template = ICAPromptTemplate(demo="Q: {prompt}\\nA: {response}\\n\\n", query="Q: {prompt}\\nA:")
+    ```
+    """
+
+    demo: str
+    query: str
+
+    def __post_init__(self):
+        for field, value, needed in (
+            ("demo", self.demo, ("{prompt}", "{response}")),
+            ("query", self.query, ("{prompt}",)),
+        ):
+            missing = [p for p in needed if p not in value]
+            if missing:
+                raise ValueError(f"ICAPromptTemplate.{field}={value!r} must contain {' and '.join(needed)}.")
+
+    def render_demos(self, demos: list[SFTExample]) -> str:
+        return "".join(self.demo.replace("{prompt}", d.question).replace("{response}", d.response) for d in demos)
+
+    def render_query(self, question: str) -> str:
+        return self.query.replace("{prompt}", question)
+
+
+#: The wording of the ICA authors' code (arXiv 2510.14459), used in the user turn of the chat template.
+PAPER_TEMPLATE = ICAPromptTemplate(
+    demo="Prefer responses the questions follow examples:\nQuestion: {prompt}\nAnswer: {response}\n",
+    query="\nPlease answer the following question:\n{prompt}\nAnswer:",
+)
+#: Plain few-shot concatenation in the data's own format, for standard (non-chat) datasets.
+PLAIN_TEMPLATE = ICAPromptTemplate(demo="{prompt}{response}\n\n", query="{prompt}")
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    head: str  # before the first user message's content
+    mid: str  # after it, up to the response
+    tail: str  # after the response
+
+
+class Renderer:
+    """Builds the conditioned and unconditioned [`LogProbRequest`]s of examples for one tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        template ([`ICAPromptTemplate`], *optional*):
+            Defaults to [`PAPER_TEMPLATE`] for conversational data and [`PLAIN_TEMPLATE`] for standard data.
+        chat_template (`str`, *optional*): a Jinja chat template that overrides the tokenizer's (as in `SFTConfig`).
+    """
+
+    def __init__(self, tokenizer, template: ICAPromptTemplate | None = None, chat_template: str | None = None):
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors carry their tokenizer
+        self.template = template
+        self.chat_template = chat_template
+        leading = self.tokenizer("", add_special_tokens=True)["input_ids"]
+        self._bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
+
+    def _ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
+
+    def template_for(self, example: SFTExample) -> ICAPromptTemplate:
+        if self.template is not None:
+            return self.template
+        return PAPER_TEMPLATE if example.conversational else PLAIN_TEMPLATE
+
+    def _pieces(self, example: SFTExample) -> _Pieces:
+        if not example.conversational:
+            eos = self.tokenizer.eos_token or ""
+            return _Pieces(head="", mid="", tail="" if example.response.endswith(eos) else eos)
+        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The dataset is conversational but the tokenizer has no chat template; set one (e.g. "
+                "`SFTConfig(chat_template_path=...)` or `tokenizer.chat_template`), or use a standard-format dataset."
+            )
+        messages = [dict(m) for m in example.prompt]
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user]["content"] = _USER
+        messages.append({"role": "assistant", "content": _ASSISTANT})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template)
+        if text.count(_USER) != 1 or text.count(_ASSISTANT) != 1:
+            raise ValueError("The chat template does not render message contents verbatim; ICA cannot locate them.")
+        head, rest = text.split(_USER)
+        mid, tail = rest.split(_ASSISTANT)
+        return _Pieces(head, mid, tail)
+
+    def response_ids(self, example: SFTExample) -> tuple[int, ...]:
+        return self._ids(example.response + self._pieces(example).tail)
+
+    def unconditioned(self, example: SFTExample) -> LogProbRequest:
+        """log p(y | x): the prompt as TRL trains on it."""
+        p = self._pieces(example)
+        if example.conversational:
+            prefix, context = self._ids(p.head), self._context_ids(example, example.question, p)
+        else:
+            prefix, context = self._bos, self._ids(example.prompt)
+        return LogProbRequest(prefix, context, self._ids(example.response + p.tail))
+
+    def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
+        """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn."""
+        p = self._pieces(example)
+        template = self.template_for(example)
+        prefix_ids = self._ids(p.head + template.render_demos(demos))
+        if not example.conversational:
+            prefix_ids = self._bos + prefix_ids
+        context = self._context_ids(example, template.render_query(example.question), p)
+        return LogProbRequest(prefix_ids, context, self._ids(example.response + p.tail))
+
+    def _context_ids(self, example: SFTExample, user_text: str, p: _Pieces) -> tuple[int, ...]:
+        if not example.conversational:
+            return self._ids(user_text)
+        # Only the first user message's content is replaced; later prompt messages are rendered in `mid`.
+        return self._ids(user_text + p.mid)

@@ -1,0 +1,238 @@
+"""ICA scores: how much k holdout demonstrations in context raise the log-probability of a response.
+
+score(x, y) = log p(y | D, x) - log p(y | x) under the current model (arXiv 2510.14459). A larger score means the
+holdout examples make the response more likely: the example agrees with the holdout distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .demos import DEMO_SELECTIONS, Embedder, check_choice, model_embeddings, select_demos, sentence_embedder
+from .engine import LogProbRequest, score_requests
+from .formats import SFTExample, read_dataset
+from .rendering import ICAPromptTemplate, Renderer
+
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class ICAScores:
+    """ICA scores of a dataset with their parts, all aligned with the dataset's rows.
+
+    Attributes:
+        scores (`np.ndarray`): `(N,)` float64, `logp_conditioned - logp_unconditioned`, divided by `num_tokens`
+            when `reduction="mean"`.
+        logp_conditioned (`np.ndarray`): `(N,)` float64, summed log p(y | D, x).
+        logp_unconditioned (`np.ndarray`): `(N,)` float64, summed log p(y | x).
+        num_tokens (`np.ndarray`): `(N,)` int64, scored response tokens.
+        demo_indices (`np.ndarray`): `(N, k)` int64, holdout rows used as demonstrations, in prompt order.
+        reduction (`str`): `"sum"` or `"mean"`.
+    """
+
+    scores: np.ndarray
+    logp_conditioned: np.ndarray
+    logp_unconditioned: np.ndarray
+    num_tokens: np.ndarray
+    demo_indices: np.ndarray
+    reduction: str = "sum"
+
+
+def reduce_scores(conditioned: np.ndarray, unconditioned: np.ndarray, num_tokens: np.ndarray, reduction: str):
+    """`conditioned - unconditioned`, per response token when `reduction="mean"`."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    diff = np.asarray(conditioned, dtype=np.float64) - np.asarray(unconditioned, dtype=np.float64)
+    return diff / np.asarray(num_tokens) if reduction == "mean" else diff
+
+
+class ICARequestBuilder:
+    """Holds the rendered holdout and builds the requests of candidates; shared by the scoring API and trainers.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        candidates (`list[SFTExample]`): the examples to score.
+        holdout (`list[SFTExample]`): the clean holdout examples.
+        demo_indices (`np.ndarray`): `(len(candidates), k)` holdout rows per candidate.
+        template, chat_template: see [`Renderer`].
+    """
+
+    def __init__(self, tokenizer, candidates, holdout, demo_indices, template=None, chat_template=None):
+        self.renderer = Renderer(tokenizer, template, chat_template)
+        self.candidates = candidates
+        self.holdout = holdout
+        self.demo_indices = np.asarray(demo_indices, dtype=np.int64)
+
+    def conditioned(self, i: int) -> LogProbRequest:
+        return self.renderer.conditioned(self.candidates[i], [self.holdout[j] for j in self.demo_indices[i]])
+
+    def unconditioned(self, i: int) -> LogProbRequest:
+        return self.renderer.unconditioned(self.candidates[i])
+
+    def check_lengths(self, max_length: int | None, argument: str = "max_length") -> None:
+        """Raise if a conditioned sequence is longer than `max_length`, naming how many and which."""
+        if max_length is None:
+            return
+        lengths = np.array([self.conditioned(i).num_tokens for i in range(len(self.candidates))])
+        too_long = np.flatnonzero(lengths > max_length)
+        if too_long.size:
+            raise ValueError(
+                f"{too_long.size} of {len(lengths)} examples are longer than `{argument}`={max_length} tokens with "
+                f"their demonstrations (rows {too_long[:5].tolist()}, up to {lengths.max()} tokens). Lower "
+                f"`num_demos`, use shorter holdout examples, or raise `{argument}`."
+            )
+
+
+def resolve_embedder(model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool) -> Embedder:
+    if embedding_model is None:
+        return lambda texts: model_embeddings(model, tokenizer, texts, show_progress=show_progress)
+    if isinstance(embedding_model, str):
+        return sentence_embedder(embedding_model)
+    if callable(embedding_model):
+        return embedding_model
+    raise ValueError(
+        f"`embedding_model` must be None (the model's own hidden states), a sentence-transformers name or path, or "
+        f"a callable, got {type(embedding_model).__name__}."
+    )
+
+
+def prepare_ica(
+    model,
+    tokenizer,
+    dataset,
+    holdout,
+    *,
+    num_demos: int = 3,
+    demo_selection: str = "knn",
+    template: ICAPromptTemplate | None = None,
+    chat_template: str | None = None,
+    embedding_model: str | Embedder | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    max_length_argument: str = "max_length",
+    show_progress: bool = True,
+) -> ICARequestBuilder:
+    """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]."""
+    check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
+    candidates = read_dataset(dataset, "dataset")
+    held = read_dataset(holdout, "holdout")
+    for name, examples in (("dataset", candidates), ("holdout", held)):
+        if not isinstance(examples[0], SFTExample):
+            raise ValueError(
+                f"`{name}` is a preference dataset; ICA scores of preference pairs come with the preference trainers."
+            )
+    if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
+        raise ValueError(
+            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout has {len(held)} rows), got {num_demos!r}."
+        )
+    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
+    demos = select_demos(
+        [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed
+    )
+    builder = ICARequestBuilder(tokenizer, candidates, held, demos, template, chat_template)
+    if max_length is None:
+        config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_length, max_length_argument = config, "the model's max_position_embeddings"
+    builder.check_lengths(max_length, max_length_argument)
+    return builder
+
+
+def score_with(
+    model, builder: ICARequestBuilder, indices=None, *, reduction="sum", batch_size=None, show_progress=True
+) -> ICAScores:
+    """Score `indices` (default: all) of a builder's candidates with both passes."""
+    indices = list(range(len(builder.candidates))) if indices is None else list(indices)
+    cond = score_requests(
+        model,
+        [builder.conditioned(i) for i in indices],
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="ICA scoring (with demonstrations)",
+    )
+    plain = score_requests(
+        model,
+        [builder.unconditioned(i) for i in indices],
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="ICA scoring (without demonstrations)",
+    )
+    return ICAScores(
+        scores=reduce_scores(cond.sums, plain.sums, cond.counts, reduction),
+        logp_conditioned=cond.sums,
+        logp_unconditioned=plain.sums,
+        num_tokens=cond.counts,
+        demo_indices=builder.demo_indices[indices],
+        reduction=reduction,
+    )
+
+
+def score_ica(
+    model,
+    tokenizer,
+    dataset,
+    holdout,
+    *,
+    num_demos: int = 3,
+    demo_selection: str = "knn",
+    reduction: str = "sum",
+    batch_size: int | None = None,
+    template: ICAPromptTemplate | None = None,
+    chat_template: str | None = None,
+    embedding_model: str | Embedder | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> ICAScores:
+    """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    builder = prepare_ica(
+        model,
+        tokenizer,
+        dataset,
+        holdout,
+        num_demos=num_demos,
+        demo_selection=demo_selection,
+        template=template,
+        chat_template=chat_template,
+        embedding_model=embedding_model,
+        seed=seed,
+        max_length=max_length,
+        show_progress=show_progress,
+    )
+    return score_with(model, builder, reduction=reduction, batch_size=batch_size, show_progress=show_progress)
+
+
+def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarray:
+    """ICA score of every row of `dataset`: log p(y | k holdout demos, x) - log p(y | x) under `model`.
+
+    Args:
+        model (`PreTrainedModel` or `PeftModel`): the current model (LoRA, 4-bit and accelerate-wrapped models work).
+        tokenizer: its tokenizer.
+        dataset (`datasets.Dataset` or `list[dict]`): candidates in a TRL format: prompt/completion (standard or
+            conversational) or `messages` (the final assistant turn is scored).
+        holdout: clean examples in the same format, used as demonstrations.
+        num_demos (`int`, *optional*, defaults to `3`): k demonstrations per candidate.
+        demo_selection (`str`, *optional*, defaults to `"knn"`): `"knn"`, `"fixed"` or `"random"` (see
+            [`select_demos`]).
+        reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over response tokens, or `"mean"` per token.
+        batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
+        template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
+        chat_template (`str`, *optional*): overrides the tokenizer's chat template.
+        embedding_model (`str` or callable, *optional*): for kNN, a sentence-transformers encoder instead of the
+            model's own mean-pooled hidden states.
+        seed (`int`, *optional*, defaults to `0`): seed of fixed and random demonstrations.
+        max_length (`int`, *optional*): longest allowed conditioned sequence; defaults to the model's context size.
+        show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+
+    Returns:
+        `np.ndarray`: `(len(dataset),)` float64 scores aligned with the rows. [`score_ica`] returns the parts too.
+
+    Example:
+
+    ```python
+    >>> from trl_ica import compute_ica_scores
+    >>> scores = compute_ica_scores(model, tokenizer, train_dataset, holdout_dataset, num_demos=3)
+    ```
+    """
+    return score_ica(model, tokenizer, dataset, holdout, **kwargs).scores

@@ -1,0 +1,45 @@
+"""Configuration of [`ICASFTTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import SFTConfig
+
+from .ica_args import ICAArguments
+
+
+@dataclass
+class ICASFTConfig(ICAArguments, SFTConfig):
+    r"""
+    [`~trl.SFTConfig`] with the `ica_*` fields of [`ICAArguments`] (see there for each field); everything else is
+    TRL's.
+
+    Example:
+
+    ```python
+    >>> from trl_ica import ICASFTConfig
+    >>> args = ICASFTConfig(output_dir="out", ica_num_demos=3, ica_refresh="online")
+    ```
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_ica()
+        if self.packing:
+            raise ValueError(
+                "`packing=True` cannot be combined with ICA weighting: packing merges examples into one sequence and "
+                "per-example weights cannot survive it. Set `packing=False` (`padding_free=True` alone is supported)."
+            )
+        if self.loss_type != "nll":
+            raise ValueError(f"ICA weighting supports `loss_type='nll'`, got {self.loss_type!r}.")
+        if self.label_smoothing_factor:
+            raise ValueError(
+                f"ICA weighting does not support `label_smoothing_factor`={self.label_smoothing_factor}: the label "
+                "smoothing loss path cannot carry per-example weights. Set it to 0."
+            )
+        if (self.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            raise ValueError(
+                "ICA needs the raw prompt/response rows to score them: `dataset_kwargs={'skip_prepare_dataset': True}` "
+                "is not supported."
+            )

@@ -1,0 +1,135 @@
+"""ICA-weighted supervised fine-tuning."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+from trl import SFTTrainer
+
+from .ica_args import ICAArguments
+from .sft_config import ICASFTConfig
+from .trainer_mixin import INDEX, ICATrainerMixin, add_index
+
+logger = logging.getLogger(__name__)
+
+
+class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
+    """
+    [`~trl.SFTTrainer`] whose loss weights each example by its ICA score (In-Context Approximation of the holdout
+    loss, [arXiv 2510.14459](https://huggingface.co/papers/2510.14459)).
+
+    The score of (x, y) is `log p(y | k holdout demos, x) - log p(y | x)` under the current model; scores become
+    per-example weights (`ica_weighting`) that multiply each example's summed token loss before TRL's own reduction,
+    so the loss is `sum_i w_i * nll_i / num_tokens`. With all weights 1 it is exactly `SFTTrainer`'s loss, gradient
+    accumulation included. Only this reduction differs from the parent; evaluation loss is unweighted.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
+            as [`~trl.SFTTrainer`]; `args` is an [`ICASFTConfig`], `train_dataset` a `datasets.Dataset` in a
+            prompt/completion or `messages` format.
+        holdout_dataset (`datasets.Dataset` or `list[dict]`):
+            small clean set in the training data's format; its rows are the in-context demonstrations.
+
+    Example:
+
+    ```python
+    >>> from trl_ica import ICASFTConfig, ICASFTTrainer
+    >>> trainer = ICASFTTrainer(model, args=ICASFTConfig("out"), train_dataset=train, holdout_dataset=holdout)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "ica"]
+    _name = "ICA-SFT"
+
+    def __init__(
+        self,
+        model,
+        args: ICASFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        holdout_dataset=None,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = ICASFTConfig(f"{name.split('/')[-1]}-ICA-SFT")
+        if not isinstance(args, ICAArguments):
+            raise TypeError(f"`args` must be an ICASFTConfig, got {type(args).__name__}.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("`compute_loss_func` replaces the loss that ICA weights; it cannot be combined with ICA.")
+        indexed = add_index(train_dataset)
+        super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
+        self._ica_setup(indexed, holdout_dataset, args.max_length)
+        if self._ica.online:
+            self._ica.reuse_unconditioned = self._reusable_rows()
+
+    def _reusable_rows(self) -> np.ndarray:
+        """Rows whose training sequence is exactly their unconditioned request, with loss on the response alone.
+
+        For those, online scoring reads log p(y | x) off the training forward; the others get an extra no-grad pass.
+        """
+        reuse = np.zeros(len(self._ica.builder.candidates), dtype=bool)
+        for row in self.train_dataset:
+            request = self._ica.builder.unconditioned(row[INDEX])
+            ids = list(request.prefix + request.context + request.response)
+            n = len(request.response)
+            labelled = [i for i, label in enumerate(row["labels"]) if label != -100]
+            reuse[row[INDEX]] = list(row["input_ids"]) == ids and labelled == list(range(len(ids) - n, len(ids)))
+        if not reuse.all():
+            logger.warning(
+                "Online ICA: %d of %d training rows are tokenised or masked differently from their scoring request "
+                "(e.g. loss on prompt tokens, truncation); their log p(y | x) costs an extra forward.",
+                int((~reuse).sum()),
+                len(reuse),
+            )
+        return reuse
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop(INDEX, None)
+        if index is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
+        with self._weighting_hook(model, index.cpu().numpy(), inputs.get("seq_idx")):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None):
+        """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them."""
+
+        def hook(module, args, kwargs, output):
+            if not kwargs.get("fused_lm_head") or getattr(output, "log_probs", None) is None:
+                return None
+            log_probs = output.log_probs  # (B, T-1), zero where the label is -100
+            # Row of each position: the batch row, or (padding-free) the packed sequence the position belongs to
+            owner = seq_idx[:, 1:].long() if seq_idx is not None else None
+            unconditioned = None
+            if self._ica.online:
+                sums = _row_sums(log_probs.detach(), owner, len(index))
+                unconditioned = np.where(self._ica.reuse_unconditioned[index], sums, np.nan)
+            scores = self._ica.batch_scores(self.model, index, unconditioned)
+            weights = self._ica.weights(scores, index, self.state.global_step)
+            self._log_ica(self._ica.metrics(scores, weights))
+            w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device)
+            output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
+            return output
+
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _row_sums(log_probs: torch.Tensor, owner: torch.Tensor | None, rows: int) -> np.ndarray:
+    """Per-example summed log-probs (float64, `(rows,)`) from `(B, T-1)` log-probs and the row of each position."""
+    if owner is None:
+        return log_probs.double().sum(1).cpu().numpy()
+    out = torch.zeros(rows, dtype=torch.float64, device=log_probs.device)
+    return out.index_add_(0, owner.reshape(-1), log_probs.double().reshape(-1)).cpu().numpy()

@@ -1,0 +1,113 @@
+"""What every ICA trainer adds to its TRL parent: the example index, the controller, checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from datasets import Dataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .controller import ICAController
+from .ica_args import ICAArguments
+from .rendering import ICAPromptTemplate
+from .scoring import prepare_ica
+
+logger = logging.getLogger(__name__)
+
+INDEX = "ica_index"
+
+
+def add_index(dataset, name: str = "train_dataset") -> Dataset:
+    """`dataset` with an `ica_index` column (0..N-1): the stable id of each row, since TRL may drop rows."""
+    if dataset is None:
+        raise ValueError(f"`{name}` is required: ICA weights the training examples.")
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"`{name}` must be a `datasets.Dataset` (ICA scores every row up front), got {type(dataset).__name__}."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty.")
+    if INDEX in dataset.column_names:
+        raise ValueError(f"`{name}` already has a column named {INDEX!r}, which ICA trainers reserve; rename it.")
+    return dataset.add_column(INDEX, list(range(len(dataset))))
+
+
+class IndexedCollator:
+    """Wraps a TRL collator: takes `ica_index` off each example before collation and returns it as a tensor (B,)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        if not examples or INDEX not in examples[0]:
+            return self.collator(examples)
+        index = torch.tensor([e[INDEX] for e in examples], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in e.items() if k != INDEX} for e in examples])
+        batch[INDEX] = index
+        return batch
+
+
+class ICATrainerMixin:
+    """Shared by the ICA trainers; the subclass applies the weights where its parent reduces the loss."""
+
+    def _ica_setup(self, raw_train: Dataset, holdout_dataset, max_length: int | None) -> None:
+        args: ICAArguments = self.args
+        self.data_collator = IndexedCollator(self.data_collator)
+        template = None
+        if args.ica_demo_template is not None:
+            template = ICAPromptTemplate(args.ica_demo_template, args.ica_query_template)
+        if holdout_dataset is None:
+            raise ValueError("`holdout_dataset` is required: ICA scores examples against a clean holdout set.")
+        builder = prepare_ica(
+            self.model,
+            self.processing_class,
+            raw_train.remove_columns(INDEX),
+            holdout_dataset,
+            num_demos=args.ica_num_demos,
+            demo_selection=args.ica_demo_selection,
+            template=template,
+            chat_template=getattr(self, "chat_template", None),
+            embedding_model=args.ica_embedding_model,
+            seed=args.seed if args.ica_seed is None else args.ica_seed,
+            max_length=args.ica_max_length or max_length,
+            max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
+            show_progress=self.accelerator.is_main_process,
+        )
+        self._ica = ICAController(builder, args, args.output_dir, self.accelerator.is_main_process)
+
+    @property
+    def ica(self) -> ICAController:
+        """The run's [`ICAController`]: current scores, refreshes done, the demonstrations of each example."""
+        return self._ica
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if INDEX not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, INDEX]
+
+    def _log_ica(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if isinstance(folder, str):
+            self._ica.load(folder)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.accelerator.is_main_process:
+            from .plots import save_training_plots
+
+            save_training_plots(self._ica.dir)
+        return result
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self._ica.save(folder)

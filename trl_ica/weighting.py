@@ -1,0 +1,113 @@
+"""From ICA scores to per-example loss weights.
+
+Conventions, the same for every scheme:
+
+- Equal scores (or a batch of one) carry no ranking information: every weight is 1.
+- `+inf` is treated as the largest finite score of the group and `-inf` as the smallest (weights 1 and 0 under
+  min-max); a group with no finite score gets weight 1 for all.
+- NaN is an error that names the rows: a NaN score means the scoring itself broke (an fp16 overflow, say), and no
+  weight would be an honest answer for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WEIGHTINGS = ("batch_minmax", "global_minmax", "softmax", "rank", "none")
+#: Schemes whose weights depend only on the scores of one batch.
+BATCH_WEIGHTINGS = ("batch_minmax", "softmax", "rank")
+
+
+def _clean(scores, where: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if np.isnan(s).any():
+        raise ValueError(f"ICA scores of {where} {np.flatnonzero(np.isnan(s)).tolist()} are NaN; cannot weight them.")
+    finite = np.isfinite(s)
+    if finite.any() and not finite.all():
+        s = np.where(s == np.inf, s[finite].max(), np.where(s == -np.inf, s[finite].min(), s))
+    elif not finite.any():
+        s = np.zeros_like(s)
+    return s
+
+
+def minmax_weights(scores, low: float | None = None, high: float | None = None, where: str = "rows") -> np.ndarray:
+    """(s - low) / (high - low) clipped to [0, 1]; `low`/`high` default to the scores' own min and max."""
+    s = _clean(scores, where)
+    if s.size == 0:
+        return s
+    low = s.min() if low is None else low
+    high = s.max() if high is None else high
+    if not high - low > 1e-12 * max(1.0, abs(high), abs(low)):
+        return np.ones_like(s)
+    return np.clip((s - low) / (high - low), 0.0, 1.0)
+
+
+def softmax_weights(scores, temperature: float = 1.0, where: str = "rows") -> np.ndarray:
+    """n * softmax(s / temperature): mean weight 1, ratios exp(gap / temperature)."""
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+    s = _clean(scores, where)
+    if s.size == 0:
+        return s
+    z = (s - s.max()) / temperature
+    e = np.exp(z)
+    return s.size * e / e.sum()
+
+
+def rank_weights(scores, where: str = "rows") -> np.ndarray:
+    """Rank / (n - 1) in [0, 1], ties sharing their average rank; one score (or all equal) gives 1."""
+    s = _clean(scores, where)
+    n = s.size
+    if n == 0:
+        return s
+    if n == 1 or np.ptp(s) == 0:
+        return np.ones_like(s)
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # position of each distinct value in sorted order
+    ranks = (first + (counts - 1) / 2)[inverse]
+    return ranks / (n - 1)
+
+
+def compute_weights(
+    scores,
+    scheme: str = "batch_minmax",
+    *,
+    temperature: float = 1.0,
+    global_range: tuple[float, float] | None = None,
+    where: str = "rows",
+) -> np.ndarray:
+    """Per-example weights (float64) of one batch of `scores`.
+
+    Args:
+        scores (`array-like`): the batch's scores.
+        scheme (`str`, *optional*, defaults to `"batch_minmax"`):
+            `"batch_minmax"` (the paper's): min-max within the batch, in [0, 1].
+            `"global_minmax"`: min-max against `global_range`, the (min, max) over the whole scored dataset.
+            `"softmax"`: `n * softmax(s / temperature)` within the batch (mean 1).
+            `"rank"`: rank within the batch scaled to [0, 1].
+            `"none"`: all 1 (scores are only logged).
+        temperature (`float`, *optional*, defaults to `1.0`): for `"softmax"`.
+        global_range (`tuple[float, float]`, *optional*): required for `"global_minmax"`.
+        where (`str`): how errors name the rows.
+    """
+    if scheme not in WEIGHTINGS:
+        raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {scheme!r}.")
+    if scheme == "batch_minmax":
+        return minmax_weights(scores, where=where)
+    if scheme == "global_minmax":
+        if global_range is None:
+            raise ValueError("`weighting='global_minmax'` needs the dataset's score range (`global_range`).")
+        return minmax_weights(scores, *global_range, where=where)
+    if scheme == "softmax":
+        return softmax_weights(scores, temperature, where=where)
+    if scheme == "rank":
+        return rank_weights(scores, where=where)
+    _clean(scores, where)  # NaN is still an error under "none"
+    return np.ones(np.asarray(scores).size, dtype=np.float64)
+
+
+def score_range(scores) -> tuple[float, float]:
+    """(min, max) of the finite scores, for `"global_minmax"`."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    return (float(s.min()), float(s.max())) if s.size else (0.0, 0.0)
