@@ -75,9 +75,16 @@ def _backbone_and_head(model):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Put `model` in eval mode and restore each module's previous mode afterwards."""
+    """Put `model` in eval mode and restore each module's previous mode afterwards.
+
+    bitsandbytes' 4-bit layers are left in training mode: on CPUs with AVX512-BF16 an eval-mode, no-grad forward
+    repacks their weights for inference once and for all, after which training gets no gradient through them.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.training = True  # their mode changes nothing else: they have no dropout
     try:
         yield
     finally:

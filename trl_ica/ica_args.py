@@ -32,7 +32,8 @@ class ICAArguments:
         ica_reduction (`str`, *optional*, defaults to `"sum"`):
             `"sum"` of response token log-probabilities (the paper's) or `"mean"` per token.
         ica_demo_template (`str`, *optional*):
-            one demonstration, with `{prompt}` and `{response}`; with `ica_query_template`, replaces the default wording.
+            one demonstration, with `{prompt}` and `{response}`; with `ica_query_template`, replaces the default
+            wording.
         ica_query_template (`str`, *optional*):
             the example's question after the demonstrations, with `{prompt}`.
         ica_scoring_batch_size (`int`, *optional*):
@@ -67,7 +68,7 @@ class ICAArguments:
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
 
     def validate_ica(self) -> None:
-        """Check and normalise the `ica_*` fields; raises `ValueError` naming the field, the value and what is allowed."""
+        """Check and normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""
         choices = (
             ("ica_demo_selection", DEMO_SELECTIONS),
             ("ica_weighting", WEIGHTINGS),

@@ -124,7 +124,7 @@ def prepare_ica(
             )
     if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
         raise ValueError(
-            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout has {len(held)} rows), got {num_demos!r}."
+            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}."
         )
     embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
     demos = select_demos(

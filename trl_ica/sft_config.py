@@ -40,6 +40,6 @@ class ICASFTConfig(ICAArguments, SFTConfig):
             )
         if (self.dataset_kwargs or {}).get("skip_prepare_dataset"):
             raise ValueError(
-                "ICA needs the raw prompt/response rows to score them: `dataset_kwargs={'skip_prepare_dataset': True}` "
-                "is not supported."
+                "ICA needs the raw prompt/response rows to score them: "
+                "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported."
             )

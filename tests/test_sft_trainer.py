@@ -1,0 +1,308 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+
+COMMON = dict(
+    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, dataloader_drop_last=False
+)
+
+
+def conv(q, a):
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def data(n=12):
+    train = Dataset.from_list(
+        [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
+    )
+    holdout = Dataset.from_list([conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)])
+    return train, holdout
+
+
+def model_for(tokenizer, seed=0):
+    return tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+
+
+def ica_trainer(tokenizer, tmp_path, model=None, train=None, holdout=None, **kwargs):
+    default_train, default_holdout = data()
+    args = ICASFTConfig(
+        output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs}
+    )
+    return ICASFTTrainer(
+        model or model_for(tokenizer),
+        args=args,
+        train_dataset=train or default_train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout or default_holdout,
+    )
+
+
+def test_defaults_are_the_documented_ones(tmp_path):
+    args = ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert (args.ica_num_demos, args.ica_demo_selection, args.ica_weighting, args.ica_refresh, args.ica_reduction) == (
+        3,
+        "knn",
+        "batch_minmax",
+        1,
+        "sum",
+    )
+
+
+def test_unit_weights_reproduce_sfttrainer_with_gradient_accumulation(tokenizer, tmp_path):
+    train, holdout = data()
+    settings = dict(
+        COMMON, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2
+    )
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    stock.train()
+    ours = ICASFTTrainer(
+        model_for(tokenizer),
+        args=ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
+    ours.train()
+    for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        assert torch.equal(p, q), name
+    stock_losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
+    assert stock_losses == [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert stock.model.model.embed_tokens.weight.ne(model_for(tokenizer).model.embed_tokens.weight).any()
+
+
+def test_weights_scale_each_examples_loss_and_zero_removes_its_gradient(tokenizer, tmp_path, monkeypatch):
+    trainer = ica_trainer(tokenizer, tmp_path, per_device_train_batch_size=3)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    weights = np.array([0.0, 1.0, 0.25])
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: weights)
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    # Reference: per-example summed NLL from full logits, weighted, over all the batch's loss tokens
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token_lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+    reference = -(torch.tensor(weights, dtype=token_lp.dtype) * token_lp.sum(1)).sum() / mask.sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+
+    # Weight 0: the first example contributes no gradient at all
+    model.zero_grad()
+    only_rest = -(torch.tensor([0.0, 1.0, 0.25]) * token_lp.detach().sum(1)).sum()
+    assert only_rest.item() != 0
+    logits0 = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: np.array([0.0]))
+    single = {k: v[:1] for k, v in batch.items()}
+    trainer.compute_loss(model, single).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    assert logits0.requires_grad
+
+
+def test_refresh_writes_scores_and_logs_metrics(tokenizer, tmp_path):
+    trainer = ica_trainer(tokenizer, tmp_path, max_steps=4, ica_refresh=2, learning_rate=5e-2)
+    trainer.train()
+    assert trainer.ica.refreshes_done == 2
+    first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
+    second = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-1.jsonl")]
+    assert [r["ica_index"] for r in first] == list(range(12)) and second[0]["step"] == 2
+    assert any(abs(a["score"] - b["score"]) > 1e-6 for a, b in zip(first, second))  # the model moved in between
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"ica/score_mean", "ica/score_std", "ica/weight_mean", "ica/weight_min"} <= h.keys() for h in logged)
+    assert os.path.isfile(tmp_path / "ica" / "weights.png") and os.path.isfile(tmp_path / "ica" / "scores-0.png")
+
+
+def test_scores_before_training_equal_compute_ica_scores(tokenizer, tmp_path):
+    model = model_for(tokenizer)
+    train, holdout = data()
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    trainer = ica_trainer(tokenizer, tmp_path, model=model, max_steps=1)
+    trainer.train()
+    first = [json.loads(line)["score"] for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
+    np.testing.assert_allclose(first, expected, atol=1e-4)
+
+
+def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
+    model = model_for(tokenizer)
+    train, holdout = data()
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3)
+    assert trainer.ica.reuse_unconditioned.all()
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    assert len(rows) == 12
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+
+
+def test_resume_restores_scores_and_continues_with_the_same_weights(tokenizer, tmp_path):
+    settings = dict(max_steps=4, ica_refresh=2, learning_rate=5e-2, save_strategy="steps", save_steps=2)
+    ica_trainer(tokenizer, tmp_path / "full", **settings).train()
+    first = ica_trainer(tokenizer, tmp_path / "cut", **settings)
+    first.train()
+    assert os.path.isfile(tmp_path / "cut" / "checkpoint-2" / "ica_state.npz")
+    os.remove(tmp_path / "cut" / "ica" / "weights.jsonl")
+    resumed = ica_trainer(tokenizer, tmp_path / "cut", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    full = [json.loads(line) for line in open(tmp_path / "full" / "ica" / "weights.jsonl")]
+    again = [json.loads(line) for line in open(tmp_path / "cut" / "ica" / "weights.jsonl")]
+    tail = [r for r in full if r["step"] >= 2]
+    assert [r["ica_index"] for r in again] == [r["ica_index"] for r in tail]
+    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in tail], atol=1e-5)
+    assert resumed.ica.refreshes_done == 2
+
+
+def test_resume_from_a_checkpoint_without_ica_state_is_an_error(tokenizer, tmp_path):
+    os.makedirs(tmp_path / "checkpoint-1")
+    trainer = ica_trainer(tokenizer, tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no ica_state.npz"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_lora_trains_only_the_adapter(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    model = model_for(tokenizer)
+    base = {n: p.clone() for n, p in model.named_parameters()}
+    train, holdout = data()
+    args = ICASFTConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "learning_rate": 5e-2})
+    trainer = ICASFTTrainer(
+        model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:
+            assert param.abs().max() > 0, name
+        elif "lora" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, base[key]), name
+
+
+def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
+    ).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
+    train, holdout = data()
+    args = ICASFTConfig(
+        output_dir=str(tmp_path / "out"),
+        **{**COMMON, "max_steps": 2, "learning_rate": 5e-2, "per_device_train_batch_size": 4},
+    )
+    trainer = ICASFTTrainer(
+        model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
+    assert all(p.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert np.isfinite(trainer.ica.scores).all()
+
+
+def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(tokenizer, tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}?"}, {"role": "assistant", "content": f"{i}."}]}
+        for i in range(8)
+    ]
+    holdout = rows[:3]
+    trainer = ica_trainer(
+        tokenizer,
+        tmp_path,
+        train=Dataset.from_list(rows),
+        holdout=Dataset.from_list(holdout),
+        ica_refresh="online",
+        max_steps=2,
+    )
+    assert not trainer.ica.reuse_unconditioned.any()  # TRL trains on every token of a `messages` row by default
+    trainer.train()
+    assert np.isfinite(
+        trainer.ica.scores[list({r["ica_index"] for r in map(json.loads, open(tmp_path / "ica" / "weights.jsonl"))})]
+    ).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"packing": True}, "`packing=True` cannot be combined with ICA"),
+        ({"ica_weighting": "minmax"}, "`ica_weighting` must be one of"),
+        ({"ica_refresh": "0"}, "`ica_refresh` must be a positive integer or 'online'"),
+        ({"ica_demo_selection": "nearest"}, "`ica_demo_selection` must be one of"),
+        ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+        ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),
+    ],
+)
+def test_bad_config(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("train", "holdout", "kwargs", "message"),
+    [
+        ("text", "ok", {}, "has no prompt/response split"),
+        ("ok", None, {}, "`holdout_dataset` is required"),
+        ("ok", "empty", {}, "`holdout` is empty"),
+        ("ok", "no_response", {}, "holdout row 0: the response is empty"),
+        ("ok", "ok", {"ica_num_demos": 9}, r"`num_demos` must be an integer in \[1, 5\]"),
+        ("ok", "ok", {"max_length": 30}, "longer than `max_length`=30"),
+        ("indexed", "ok", {}, "already has a column named 'ica_index'"),
+    ],
+)
+def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
+    good_train, good_holdout = data()
+    trains = {
+        "ok": good_train,
+        "text": Dataset.from_list([{"text": "hello"}] * 4),
+        "indexed": good_train.add_column("ica_index", list(range(12))),
+    }
+    holdouts = {
+        "ok": good_holdout,
+        None: None,
+        "empty": Dataset.from_list([]),
+        "no_response": Dataset.from_list(
+            [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": ""}]}]
+        ),
+    }
+    args = ICASFTConfig(output_dir=str(tmp_path), **{**COMMON, **kwargs})
+    with pytest.raises(ValueError, match=message):
+        ICASFTTrainer(
+            model_for(tokenizer),
+            args=args,
+            train_dataset=trains[train],
+            processing_class=tokenizer,
+            holdout_dataset=holdouts[holdout],
+        )
