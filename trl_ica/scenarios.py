@@ -1,0 +1,74 @@
+"""Real-data scenarios built from the offline GSM8K split: a noisy training pool with a clean holdout."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from datasets import Dataset
+
+from .assets import gsm8k_final_answer, load_gsm8k
+
+CORRUPTIONS = ("wrong_answer", "other_question", "truncated")
+
+
+def _chat(question: str, answer: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "completion": [{"role": "assistant", "content": answer}],
+    }
+
+
+def _corrupt(kind: str, answer: str, other: str, rng: random.Random) -> str:
+    if kind == "wrong_answer":  # the worked solution stays, the final number is wrong
+        body, final = answer.rsplit("####", 1)
+        value = gsm8k_final_answer(final)
+        try:
+            wrong = int(float(value)) + rng.choice([-1, 1]) * rng.randint(1, max(2, abs(int(float(value))) // 2 + 1))
+        except ValueError:
+            wrong = rng.randint(1, 100)
+        return f"{body}#### {wrong}"
+    if kind == "other_question":  # a fluent, correct solution of another problem
+        return other
+    lines = answer.split("\n")  # truncated: the first half of the reasoning, no final answer
+    return "\n".join(lines[: max(1, len(lines) // 2)])
+
+
+def noisy_gsm8k(n_train: int = 120, n_holdout: int = 24, n_test: int = 48, noise: float = 0.4, seed: int = 0):
+    """Disjoint GSM8K train / holdout / test splits; a `noise` share of the train rows are corrupted.
+
+    Returns `(train, holdout, test)` datasets in TRL's conversational prompt/completion format. `train` has a
+    `corruption` column: `"clean"` or one of [`CORRUPTIONS`] (evenly mixed).
+    """
+    rows = load_gsm8k()
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    if n_train + n_holdout + n_test > len(order):
+        raise ValueError(f"n_train + n_holdout + n_test must be at most {len(order)}.")
+    train_ids = order[:n_train]
+    holdout_ids = order[n_train : n_train + n_holdout]
+    test_ids = order[n_train + n_holdout : n_train + n_holdout + n_test]
+    noisy = set(rng.sample(range(n_train), round(noise * n_train)))
+    train = []
+    for position, i in enumerate(train_ids):
+        q, a = rows[i]["question"], rows[i]["answer"]
+        kind = "clean"
+        if position in noisy:
+            kind = CORRUPTIONS[len([p for p in noisy if p < position]) % len(CORRUPTIONS)]
+            a = _corrupt(kind, a, rows[order[-1 - position]]["answer"], rng)
+        train.append({**_chat(q, a), "corruption": kind})
+    holdout = [_chat(rows[i]["question"], rows[i]["answer"]) for i in holdout_ids]
+    test = [_chat(rows[i]["question"], rows[i]["answer"]) for i in test_ids]
+    return Dataset.from_list(train), Dataset.from_list(holdout), Dataset.from_list(test)
+
+
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of `scores` for the boolean `positive` labels (ties count one half)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("auroc needs at least one positive and one negative example.")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
