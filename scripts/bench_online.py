@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore")
 def median_step(trainer, batch, repeats):
     model = trainer.model
     model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this times step by step
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -88,7 +89,7 @@ def main():
     for selection in ("fixed", "knn"):
         ica = ICASFTTrainer(
             model(),
-            args=ICASFTConfig(**common, ica_refresh="online", ica_demo_selection=selection),
+            args=ICASFTConfig(**common, ica_refresh="online", ica_demo_selection=selection, ica_max_length=2048),
             train_dataset=train,
             processing_class=tokenizer,
             holdout_dataset=holdout,

@@ -203,7 +203,7 @@ def score_requests(
     requests: Sequence[LogProbRequest],
     *,
     batch_size: int | None = None,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
     show_progress: bool = True,
     desc: str = "Scoring",
 ) -> LogProbs:
@@ -213,7 +213,8 @@ def score_requests(
         model (`PreTrainedModel` or `PeftModel`): a causal LM, possibly quantised or wrapped by accelerate.
         requests (`Sequence[LogProbRequest]`): what to score.
         batch_size (`int`, *optional*): most continuations per forward; by default only `max_batch_tokens` limits.
-        max_batch_tokens (`int`, *optional*, defaults to `16384`): padded continuation tokens per forward.
+        max_batch_tokens (`int`, *optional*): padded continuation tokens per forward; defaults to 16384 on an
+            accelerator and 512 on the CPU, where wide padded batches measured slower than small ones.
         show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
         desc (`str`, *optional*): the progress bar's label.
 
@@ -252,6 +253,8 @@ def score_requests(
         work.append(((), list(range(len(flat))), flat))
         single_ids = singles
     device = next(unwrap_causal_lm(model).parameters()).device
+    if max_batch_tokens is None:
+        max_batch_tokens = 512 if device.type == "cpu" else 16384
     scorer = _Scorer(model, device)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
     with torch.no_grad(), eval_mode(model):
