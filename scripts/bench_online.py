@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--selections", nargs="+", default=["fixed", "knn"], choices=["fixed", "knn", "random"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = default_model_path()
@@ -86,7 +87,7 @@ def main():
     print("|---|---|---|---|")
     print(f"| SFTTrainer | {t_stock:.3f} | 1.00 | {t_stock / t_floor:.2f} |")
     print(f"| floor: stock step + no-grad forward | {t_floor:.3f} | {t_floor / t_stock:.2f} | 1.00 |")
-    for selection in ("fixed", "knn"):
+    for selection in args.selections:
         ica = ICASFTTrainer(
             model(),
             args=ICASFTConfig(**common, ica_refresh="online", ica_demo_selection=selection, ica_max_length=2048),

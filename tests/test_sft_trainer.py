@@ -306,3 +306,54 @@ def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
             processing_class=tokenizer,
             holdout_dataset=holdouts[holdout],
         )
+
+
+def test_padding_free_unit_weights_reproduce_sfttrainer(tokenizer, tmp_path):
+    train, holdout = data()
+    settings = dict(
+        COMMON, max_steps=2, per_device_train_batch_size=3, learning_rate=1e-2, padding_free=True, max_length=None
+    )
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    stock.train()
+    ours = ICASFTTrainer(
+        model_for(tokenizer),
+        args=ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
+    ours.train()
+    for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_padding_free_weights_follow_each_packed_sequence(tokenizer, tmp_path, monkeypatch):
+    padded = ica_trainer(tokenizer, tmp_path / "a", per_device_train_batch_size=3, ica_refresh="online")
+    packed = ica_trainer(
+        tokenizer,
+        tmp_path / "b",
+        per_device_train_batch_size=3,
+        ica_refresh="online",
+        padding_free=True,
+        max_length=None,
+    )
+    weights = np.array([0.0, 1.0, 0.25])
+    losses, scores = [], []
+    for trainer in (padded, packed):
+
+        def record(s, indices, step, trainer=trainer):
+            scores.append(np.asarray(s))
+            return weights
+
+        monkeypatch.setattr(trainer.ica, "weights", record)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        trainer.model.train()
+        losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
+    assert "seq_idx" in packed.data_collator([packed.train_dataset[i] for i in range(3)])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)  # online log p(y | x) recovered per packed sequence
