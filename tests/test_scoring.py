@@ -83,10 +83,17 @@ def test_bad_arguments(chat_model, tokenizer, kwargs, message):
         compute_ica_scores(chat_model, tokenizer, train, holdout, show_progress=False, **kwargs)
 
 
-def test_missing_holdout_and_preference_data(chat_model, tokenizer):
+def test_missing_holdout(chat_model, tokenizer):
     train, _ = make_data()
     with pytest.raises(ValueError, match="`holdout` is None"):
         compute_ica_scores(chat_model, tokenizer, train, None)
-    pairs = [{"prompt": "Q", "chosen": "A", "rejected": "B"}]
-    with pytest.raises(ValueError, match="preference dataset"):
-        compute_ica_scores(chat_model, tokenizer, pairs, pairs)
+
+
+def test_pairs_accept_an_sft_holdout_as_their_chosen_answers(chat_model, tokenizer):
+    pairs = [{"prompt": f"Q{i}?", "chosen": f" A{i}.", "rejected": f" B{i}."} for i in range(4)]
+    as_sft = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    kwargs = dict(num_demos=2, demo_selection="fixed", show_progress=False)
+    np.testing.assert_allclose(
+        compute_ica_scores(chat_model, tokenizer, pairs, as_sft, **kwargs),
+        compute_ica_scores(chat_model, tokenizer, pairs, pairs, **kwargs),
+    )

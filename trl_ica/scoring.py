@@ -12,7 +12,7 @@ import numpy as np
 
 from .demos import DEMO_SELECTIONS, Embedder, check_choice, model_embeddings, select_demos, sentence_embedder
 from .engine import LogProbRequest, score_requests
-from .formats import SFTExample, read_dataset
+from .formats import PreferenceExample, read_dataset
 from .rendering import ICAPromptTemplate, Renderer
 
 REDUCTIONS = ("sum", "mean")
@@ -30,6 +30,10 @@ class ICAScores:
         num_tokens (`np.ndarray`): `(N,)` int64, scored response tokens.
         demo_indices (`np.ndarray`): `(N, k)` int64, holdout rows used as demonstrations, in prompt order.
         reduction (`str`): `"sum"` or `"mean"`.
+        pair_logps (`np.ndarray`, *optional*): preference pairs only, `(N, 4)` float64: log p(y_w | D, x),
+            log p(y_l | D, x), log p(y_w | x), log p(y_l | x). `logp_conditioned` and `logp_unconditioned` then hold
+            the chosen-minus-rejected margins and `num_tokens` the chosen and rejected tokens together.
+        pair_tokens (`np.ndarray`, *optional*): preference pairs only, `(N, 2)` int64 chosen and rejected tokens.
     """
 
     scores: np.ndarray
@@ -38,6 +42,8 @@ class ICAScores:
     num_tokens: np.ndarray
     demo_indices: np.ndarray
     reduction: str = "sum"
+    pair_logps: np.ndarray | None = None
+    pair_tokens: np.ndarray | None = None
 
 
 def reduce_scores(conditioned: np.ndarray, unconditioned: np.ndarray, num_tokens: np.ndarray, reduction: str):
@@ -52,8 +58,8 @@ class ICARequestBuilder:
 
     Args:
         tokenizer: the model's tokenizer.
-        candidates (`list[SFTExample]`): the examples to score.
-        holdout (`list[SFTExample]`): the clean holdout examples.
+        candidates (`list[SFTExample]` or `list[PreferenceExample]`): the examples (or pairs) to score.
+        holdout (`list[SFTExample]`): the clean holdout examples (of a preference holdout, prompt and chosen).
         demo_indices (`np.ndarray`): `(len(candidates), k)` holdout rows per candidate.
         template, chat_template: see [`Renderer`].
     """
@@ -63,6 +69,30 @@ class ICARequestBuilder:
         self.candidates = candidates
         self.holdout = holdout
         self.demo_indices = np.asarray(demo_indices, dtype=np.int64)
+        self.pairs = isinstance(candidates[0], PreferenceExample)
+
+    def pair_requests(self, i: int, conditioned: bool) -> list[LogProbRequest]:
+        """[chosen, rejected] requests of pair i. Both share demonstrations and prompt: unless the demonstration
+        prefix is shared by every pair (fixed demos), the prompt joins the prefix so the pair runs it once."""
+        pair = self.candidates[i]
+        demos = [self.holdout[j] for j in self.demo_indices[i]]
+        out = []
+        for example in (pair.as_sft("chosen"), pair.as_sft("rejected")):
+            req = self.renderer.conditioned(example, demos) if conditioned else self.renderer.unconditioned(example)
+            if not (conditioned and self._demo_prefix_shared):
+                req = LogProbRequest(req.prefix + req.context, (), req.response)
+            out.append(req)
+        return out
+
+    @property
+    def _demo_prefix_shared(self) -> bool:
+        return len(self.demo_indices) > 1 and bool((self.demo_indices == self.demo_indices[0]).all())
+
+    def requests(self, i: int, conditioned: bool) -> list[LogProbRequest]:
+        """The requests of candidate i: one for an example, [chosen, rejected] for a pair."""
+        if self.pairs:
+            return self.pair_requests(i, conditioned)
+        return [self.conditioned(i) if conditioned else self.unconditioned(i)]
 
     def conditioned(self, i: int) -> LogProbRequest:
         return self.renderer.conditioned(self.candidates[i], [self.holdout[j] for j in self.demo_indices[i]])
@@ -74,7 +104,7 @@ class ICARequestBuilder:
         """Raise if a conditioned sequence is longer than `max_length`, naming how many and which."""
         if max_length is None:
             return
-        lengths = np.array([self.conditioned(i).num_tokens for i in range(len(self.candidates))])
+        lengths = np.array([max(r.num_tokens for r in self.requests(i, True)) for i in range(len(self.candidates))])
         too_long = np.flatnonzero(lengths > max_length)
         if too_long.size:
             raise ValueError(
@@ -117,11 +147,8 @@ def prepare_ica(
     check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
     candidates = read_dataset(dataset, "dataset")
     held = read_dataset(holdout, "holdout")
-    for name, examples in (("dataset", candidates), ("holdout", held)):
-        if not isinstance(examples[0], SFTExample):
-            raise ValueError(
-                f"`{name}` is a preference dataset; ICA scores of preference pairs come with the preference trainers."
-            )
+    if isinstance(held[0], PreferenceExample):
+        held = [h.as_sft("chosen") for h in held]  # demonstrations show the holdout prompt with its chosen answer
     if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
         raise ValueError(f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}.")
     embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
@@ -139,29 +166,46 @@ def prepare_ica(
 def score_with(
     model, builder: ICARequestBuilder, indices=None, *, reduction="sum", batch_size=None, show_progress=True
 ) -> ICAScores:
-    """Score `indices` (default: all) of a builder's candidates with both passes."""
+    """Score `indices` (default: all) of a builder's candidates (or pairs) with both passes."""
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
-    cond = score_requests(
-        model,
-        [builder.conditioned(i) for i in indices],
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc="ICA scoring (with demonstrations)",
-    )
-    plain = score_requests(
-        model,
-        [builder.unconditioned(i) for i in indices],
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc="ICA scoring (without demonstrations)",
-    )
+    width = 2 if builder.pairs else 1
+    passes = []
+    for conditioned in (True, False):
+        label = "with" if conditioned else "without"
+        requests = [r for i in indices for r in builder.requests(i, conditioned)]
+        out = score_requests(
+            model,
+            requests,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            desc=f"ICA scoring ({label} demonstrations)",
+        )
+        passes.append((out.sums.reshape(-1, width), out.counts.reshape(-1, width)))
+    (cond, counts), (plain, _) = passes
+    demo_indices = builder.demo_indices[indices]
+    if not builder.pairs:
+        return ICAScores(
+            scores=reduce_scores(cond[:, 0], plain[:, 0], counts[:, 0], reduction),
+            logp_conditioned=cond[:, 0],
+            logp_unconditioned=plain[:, 0],
+            num_tokens=counts[:, 0],
+            demo_indices=demo_indices,
+            reduction=reduction,
+        )
+    # s = [log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)], each term per token for "mean"
+    per = counts if reduction == "mean" else np.ones_like(counts)
+    check_choice("reduction", reduction, REDUCTIONS)
+    margin_cond = cond[:, 0] / per[:, 0] - cond[:, 1] / per[:, 1]
+    margin_plain = plain[:, 0] / per[:, 0] - plain[:, 1] / per[:, 1]
     return ICAScores(
-        scores=reduce_scores(cond.sums, plain.sums, cond.counts, reduction),
-        logp_conditioned=cond.sums,
-        logp_unconditioned=plain.sums,
-        num_tokens=cond.counts,
-        demo_indices=builder.demo_indices[indices],
+        scores=margin_cond - margin_plain,
+        logp_conditioned=cond[:, 0] - cond[:, 1],
+        logp_unconditioned=plain[:, 0] - plain[:, 1],
+        num_tokens=counts.sum(1),
+        demo_indices=demo_indices,
         reduction=reduction,
+        pair_logps=np.concatenate([cond, plain], axis=1),
+        pair_tokens=counts,
     )
 
 
@@ -208,7 +252,8 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         model (`PreTrainedModel` or `PeftModel`): the current model (LoRA, 4-bit and accelerate-wrapped models work).
         tokenizer: its tokenizer.
         dataset (`datasets.Dataset` or `list[dict]`): candidates in a TRL format: prompt/completion (standard or
-            conversational) or `messages` (the final assistant turn is scored).
+            conversational) or `messages` (the final assistant turn is scored); or preference pairs (`chosen` and
+            `rejected`, explicit or implicit prompt), scored by the change of the chosen-minus-rejected margin.
         holdout: clean examples in the same format, used as demonstrations.
         num_demos (`int`, *optional*, defaults to `3`): k demonstrations per candidate.
         demo_selection (`str`, *optional*, defaults to `"knn"`): `"knn"`, `"fixed"` or `"random"` (see

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from reference import naive_log_prob
+
+from trl_ica import score_ica
+from trl_ica.engine import token_counts
+from trl_ica.formats import read_row
+from trl_ica.rendering import Renderer
+from trl_ica.scoring import prepare_ica
+
+
+def conv_pair(q, good, bad):
+    return {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+
+
+def pairs(fmt):
+    rows = [
+        (f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 2))
+        for i in range(7)
+    ]
+    if fmt == "conversational":
+        return [conv_pair(*r) for r in rows]
+    if fmt == "standard":
+        return [{"prompt": q, "chosen": " " + a, "rejected": " " + b} for q, a, b in rows]
+    return [{"chosen": q + " " + a, "rejected": q + " " + b} for q, a, b in rows]  # implicit prompt
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "standard", "implicit"])
+@pytest.mark.parametrize("selection", ["fixed", "knn"])
+def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, tokenizer, fmt, selection):
+    data, holdout = pairs(fmt), pairs(fmt)[:4]
+    result = score_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
+    builder = prepare_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
+    renderer = Renderer(tokenizer)
+    expected = []
+    for i, row in enumerate(data):
+        pair = read_row(row)
+        demos = [read_row(holdout[j]).as_sft("chosen") for j in builder.demo_indices[i]]
+        cw, cl = (
+            naive_log_prob(chat_model, renderer.conditioned(pair.as_sft(s), demos)) for s in ("chosen", "rejected")
+        )
+        uw, ul = (naive_log_prob(chat_model, renderer.unconditioned(pair.as_sft(s))) for s in ("chosen", "rejected"))
+        expected.append((cw - cl) - (uw - ul))
+    np.testing.assert_allclose(result.scores, expected, atol=1e-4)
+    assert result.pair_logps.shape == (len(data), 4) and result.scores.dtype == np.float64
+
+
+def test_pairs_share_demonstrations_and_prompt(chat_model, tokenizer):
+    data = pairs("conversational")
+    builder = prepare_ica(chat_model, tokenizer, data, data[:4], demo_selection="knn", show_progress=False)
+    chosen, rejected = builder.pair_requests(0, conditioned=True)
+    assert chosen.prefix == rejected.prefix and chosen.response != rejected.response
+    _, _, shared = token_counts([r for i in range(len(data)) for r in builder.pair_requests(i, True)])
+    assert shared >= len(data)  # at least one shared prefix per pair
+
+
+def test_mean_reduction_for_pairs(chat_model, tokenizer):
+    data = pairs("conversational")
+    r = score_ica(chat_model, tokenizer, data, data[:4], reduction="mean", show_progress=False)
+    lp, n = r.pair_logps, r.pair_tokens
+    np.testing.assert_allclose(
+        r.scores, (lp[:, 0] / n[:, 0] - lp[:, 1] / n[:, 1]) - (lp[:, 2] / n[:, 0] - lp[:, 3] / n[:, 1])
+    )
+
+
+def test_demonstrations_show_the_chosen_answer(tokenizer, chat_model):
+    data = pairs("conversational")
+    builder = prepare_ica(
+        chat_model, tokenizer, data, data[:2], demo_selection="fixed", num_demos=2, show_progress=False
+    )
+    text = tokenizer.decode(list(builder.pair_requests(3, True)[0].prefix))
+    assert "The answer is 1." in text and "The answer is 0." not in text  # holdout 0: chosen "1", rejected "0"
