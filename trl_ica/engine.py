@@ -118,18 +118,14 @@ def _pad_id(lm) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _batches(order: list[int], lengths: list[int], batch_size: int | None, max_batch_tokens: int):
-    """Consecutive slices of `order` (sorted longest first) under a row cap and a padded-token budget."""
-    batch: list[int] = []
-    for i in order:
-        rows = len(batch) + 1
-        longest = lengths[batch[0]] if batch else lengths[i]
-        if batch and ((batch_size is not None and rows > batch_size) or rows * longest > max_batch_tokens):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
+def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, max_batch_tokens: int) -> int:
+    """End of the batch starting at `order[start]` (sorted longest first) under a row cap and a padded-token budget;
+    a batch always holds at least one row."""
+    longest = lengths[order[start]]
+    rows = max(1, max_batch_tokens // max(1, longest))
+    if batch_size is not None:
+        rows = min(rows, batch_size)
+    return min(len(order), start + rows)
 
 
 class _Scorer:
@@ -265,7 +261,7 @@ def score_requests(
             cap = batch_size
             pos = 0
             while pos < len(order):
-                batch = next(_batches(order[pos:], lengths, cap, max_batch_tokens))
+                batch = order[pos : _batch_end(order, pos, lengths, cap, max_batch_tokens)]
                 try:
                     values = scorer.score_batch(reqs, batch, state)
                 except (torch.OutOfMemoryError, RuntimeError) as error:
