@@ -56,11 +56,9 @@ def test_defaults_are_the_documented_ones(tmp_path):
     )
 
 
-def test_unit_weights_reproduce_sfttrainer_with_gradient_accumulation(tokenizer, tmp_path):
+def train_stock_and_ica(tokenizer, tmp_path, settings, **ica_fields):
+    """The same run with SFTTrainer and with ICASFTTrainer (extra `ica_fields`); both trainers, trained."""
     train, holdout = data()
-    settings = dict(
-        COMMON, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2
-    )
     stock = SFTTrainer(
         model_for(tokenizer),
         args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
@@ -70,7 +68,7 @@ def test_unit_weights_reproduce_sfttrainer_with_gradient_accumulation(tokenizer,
     stock.train()
     ours = ICASFTTrainer(
         model_for(tokenizer),
-        args=ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", **settings),
+        args=ICASFTConfig(output_dir=str(tmp_path / "b"), **ica_fields, **settings),
         train_dataset=train,
         processing_class=tokenizer,
         holdout_dataset=holdout,
@@ -78,6 +76,14 @@ def test_unit_weights_reproduce_sfttrainer_with_gradient_accumulation(tokenizer,
     ours.train()
     for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
         assert torch.equal(p, q), name
+    return stock, ours
+
+
+def test_unit_weights_reproduce_sfttrainer_with_gradient_accumulation(tokenizer, tmp_path):
+    settings = dict(
+        COMMON, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2
+    )
+    stock, ours = train_stock_and_ica(tokenizer, tmp_path, settings, ica_weighting="none")
     stock_losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
     assert stock_losses == [h["loss"] for h in ours.state.log_history if "loss" in h]
     assert stock.model.model.embed_tokens.weight.ne(model_for(tokenizer).model.embed_tokens.weight).any()
@@ -309,27 +315,10 @@ def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
 
 
 def test_padding_free_unit_weights_reproduce_sfttrainer(tokenizer, tmp_path):
-    train, holdout = data()
     settings = dict(
         COMMON, max_steps=2, per_device_train_batch_size=3, learning_rate=1e-2, padding_free=True, max_length=None
     )
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    stock.train()
-    ours = ICASFTTrainer(
-        model_for(tokenizer),
-        args=ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-        holdout_dataset=holdout,
-    )
-    ours.train()
-    for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
-        assert torch.equal(p, q), name
+    train_stock_and_ica(tokenizer, tmp_path, settings, ica_weighting="none", ica_refresh="online")
 
 
 def test_padding_free_weights_follow_each_packed_sequence(tokenizer, tmp_path, monkeypatch):

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +74,6 @@ def default_model_path() -> str:
 def resolve_model(name_or_path: str) -> str:
     """The embedded default's folder for `"smollm2-135m-instruct"`; any other Hub id or path is returned as is."""
     return default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def gsm8k_final_answer(solution: str) -> str:

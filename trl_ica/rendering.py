@@ -119,9 +119,6 @@ class Renderer:
         mid, tail = rest.split(_ASSISTANT)
         return _Pieces(head, mid, tail)
 
-    def response_ids(self, example: SFTExample) -> tuple[int, ...]:
-        return self._ids(example.response + self._pieces(example).tail)
-
     def unconditioned(self, example: SFTExample) -> LogProbRequest:
         """log p(y | x): the prompt as TRL trains on it."""
         p = self._pieces(example)

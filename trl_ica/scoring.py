@@ -167,6 +167,7 @@ def score_with(
     model, builder: ICARequestBuilder, indices=None, *, reduction="sum", batch_size=None, show_progress=True
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs) with both passes."""
+    check_choice("reduction", reduction, REDUCTIONS)
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
     width = 2 if builder.pairs else 1
     passes = []
@@ -194,7 +195,6 @@ def score_with(
         )
     # s = [log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)], each term per token for "mean"
     per = counts if reduction == "mean" else np.ones_like(counts)
-    check_choice("reduction", reduction, REDUCTIONS)
     margin_cond = cond[:, 0] / per[:, 0] - cond[:, 1] / per[:, 1]
     margin_plain = plain[:, 0] / per[:, 0] - plain[:, 1] / per[:, 1]
     return ICAScores(
