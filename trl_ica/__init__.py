@@ -1,6 +1,8 @@
 """ICA data weighting for TRL: weight every training example by how much it would lower a clean holdout's loss."""
 
 from .demos import select_demos
+from .dpo_config import ICADPOConfig
+from .dpo_trainer import ICADPOTrainer
 from .engine import LogProbRequest, LogProbs, score_requests
 from .ica_args import ICAArguments
 from .rendering import PAPER_TEMPLATE, PLAIN_TEMPLATE, ICAPromptTemplate
@@ -13,6 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ICAArguments",
+    "ICADPOConfig",
+    "ICADPOTrainer",
     "ICAPromptTemplate",
     "ICASFTConfig",
     "ICASFTTrainer",

@@ -9,12 +9,14 @@ import os
 import numpy as np
 
 from .engine import score_requests
-from .scoring import ICARequestBuilder, reduce_scores, score_with
+from .scoring import ICARequestBuilder, assemble_scores, score_with
 from .weighting import compute_weights, score_range
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "ica_state.npz"
+# Preference pairs: the four log-probs behind a score, as written to `refresh-<k>.jsonl`
+PAIR_FIELDS = ("logp_chosen_conditioned", "logp_rejected_conditioned", "logp_chosen", "logp_rejected")
 
 
 class ICAController:
@@ -69,47 +71,56 @@ class ICAController:
             os.makedirs(self.dir, exist_ok=True)
             with open(os.path.join(self.dir, f"refresh-{self.refreshes_done}.jsonl"), "w") as f:
                 for i in range(len(result.scores)):
-                    f.write(
-                        json.dumps(
-                            {
-                                "ica_index": i,
-                                "step": step,
-                                "score": float(result.scores[i]),
-                                "logp_conditioned": float(result.logp_conditioned[i]),
-                                "logp_unconditioned": float(result.logp_unconditioned[i]),
-                                "num_tokens": int(result.num_tokens[i]),
-                                "demo_indices": result.demo_indices[i].tolist(),
-                            }
-                        )
-                        + "\n"
-                    )
+                    record = {
+                        "ica_index": i,
+                        "step": step,
+                        "score": float(result.scores[i]),
+                        "logp_conditioned": float(result.logp_conditioned[i]),
+                        "logp_unconditioned": float(result.logp_unconditioned[i]),
+                        "num_tokens": int(result.num_tokens[i]),
+                        "demo_indices": result.demo_indices[i].tolist(),
+                    }
+                    if result.pair_logps is not None:
+                        record.update(zip(PAIR_FIELDS, map(float, result.pair_logps[i])))
+                    f.write(json.dumps(record) + "\n")
         self.refreshes_done += 1
         return True
 
     def batch_scores(self, model, indices: np.ndarray, unconditioned: np.ndarray | None = None) -> np.ndarray:
         """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
 
-        `unconditioned` holds log p(y | x) read off the training forward, NaN where it could not be.
+        `unconditioned` holds log p(y | x) read off the training forward, `(B,)` for examples or `(B, 2)` [chosen,
+        rejected] for pairs, NaN where it could not be read; those are scored here.
         """
         if not self.online:
             return self.scores[indices]
+        width, args = self.builder.width, self.args
         cond = score_requests(
             model,
-            [self.builder.conditioned(i) for i in indices],
-            batch_size=self.args.ica_scoring_batch_size,
+            [r for i in indices for r in self.builder.requests(i, True)],
+            batch_size=args.ica_scoring_batch_size,
             show_progress=False,
         )
-        plain = np.full(len(indices), np.nan) if unconditioned is None else np.asarray(unconditioned, dtype=np.float64)
-        missing = np.flatnonzero(np.isnan(plain))
-        if missing.size:
+        shape = (len(indices), width)
+        plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
+        plain = plain.reshape(shape)
+        missing = np.argwhere(np.isnan(plain))
+        if len(missing):
             extra = score_requests(
                 model,
-                [self.builder.unconditioned(indices[j]) for j in missing],
-                batch_size=self.args.ica_scoring_batch_size,
+                [self.builder.requests(indices[row], False)[col] for row, col in missing],
+                batch_size=args.ica_scoring_batch_size,
                 show_progress=False,
             )
-            plain[missing] = extra.sums
-        scores = reduce_scores(cond.sums, plain, cond.counts, self.args.ica_reduction)
+            plain[tuple(missing.T)] = extra.sums
+        result = assemble_scores(
+            cond.sums.reshape(shape),
+            plain,
+            cond.counts.reshape(shape),
+            self.builder.demo_indices[indices],
+            args.ica_reduction,
+        )
+        scores = result.scores
         self.scores[indices] = scores
         low, high = score_range(scores)
         self.global_range = (

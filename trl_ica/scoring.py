@@ -70,6 +70,7 @@ class ICARequestBuilder:
         self.holdout = holdout
         self.demo_indices = np.asarray(demo_indices, dtype=np.int64)
         self.pairs = isinstance(candidates[0], PreferenceExample)
+        self.width = 2 if self.pairs else 1  # requests per candidate
 
     def pair_requests(self, i: int, conditioned: bool) -> list[LogProbRequest]:
         """[chosen, rejected] requests of pair i. Both share demonstrations and prompt: unless the demonstration
@@ -169,7 +170,6 @@ def score_with(
     """Score `indices` (default: all) of a builder's candidates (or pairs) with both passes."""
     check_choice("reduction", reduction, REDUCTIONS)
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
-    width = 2 if builder.pairs else 1
     passes = []
     for conditioned in (True, False):
         label = "with" if conditioned else "without"
@@ -181,10 +181,16 @@ def score_with(
             show_progress=show_progress,
             desc=f"ICA scoring ({label} demonstrations)",
         )
-        passes.append((out.sums.reshape(-1, width), out.counts.reshape(-1, width)))
+        passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), (plain, _) = passes
-    demo_indices = builder.demo_indices[indices]
-    if not builder.pairs:
+    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction)
+
+
+def assemble_scores(cond, plain, counts, demo_indices, reduction: str) -> ICAScores:
+    """[`ICAScores`] from summed log-probs with (`cond`) and without (`plain`) demonstrations, each `(N, 1)` for
+    examples or `(N, 2)` [chosen, rejected] for pairs, and the response tokens `counts` of the same shape."""
+    cond, plain, counts = (np.asarray(a) for a in (cond, plain, counts))
+    if cond.shape[1] == 1:
         return ICAScores(
             scores=reduce_scores(cond[:, 0], plain[:, 0], counts[:, 0], reduction),
             logp_conditioned=cond[:, 0],

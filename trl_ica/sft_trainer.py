@@ -70,26 +70,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         if self._ica.online:
             self._ica.reuse_unconditioned = self._reusable_rows()
 
-    def _reusable_rows(self) -> np.ndarray:
-        """Rows whose training sequence is exactly their unconditioned request, with loss on the response alone.
-
-        For those, online scoring reads log p(y | x) off the training forward; the others get an extra no-grad pass.
-        """
-        reuse = np.zeros(len(self._ica.builder.candidates), dtype=bool)
-        for row in self.train_dataset:
-            request = self._ica.builder.unconditioned(row[INDEX])
-            ids = list(request.prefix + request.context + request.response)
-            n = len(request.response)
-            labelled = [i for i, label in enumerate(row["labels"]) if label != -100]
-            reuse[row[INDEX]] = list(row["input_ids"]) == ids and labelled == list(range(len(ids) - n, len(ids)))
-        if not reuse.all():
-            logger.warning(
-                "Online ICA: %d of %d training rows are tokenised or masked differently from their scoring request "
-                "(e.g. loss on prompt tokens, truncation); their log p(y | x) costs an extra forward.",
-                int((~reuse).sum()),
-                len(reuse),
-            )
-        return reuse
+    def _training_sequences(self, row):
+        return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100])]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX, None)

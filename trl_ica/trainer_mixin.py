@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -86,6 +87,36 @@ class ICATrainerMixin:
         super()._set_signature_columns_if_needed()
         if INDEX not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, INDEX]
+
+    def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
+        """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)
+        per scoring request of the example (chosen then rejected for pairs). Each trainer knows its columns."""
+        raise NotImplementedError
+
+    def _reusable_rows(self) -> np.ndarray:
+        """Examples whose training sequences are exactly their unconditioned requests, with loss on the response alone.
+
+        For those, online scoring reads log p(y | x) off the training forward; the others get an extra no-grad pass.
+        """
+        builder = self._ica.builder
+        reuse = np.zeros(len(builder.candidates), dtype=bool)
+        for row in self.train_dataset:
+            requests = builder.requests(row[INDEX], False)
+            sequences = self._training_sequences(row)
+            reuse[row[INDEX]] = all(
+                list(ids) == list(r.prefix + r.context + r.response)
+                and list(positions) == list(range(len(ids) - len(r.response), len(ids)))
+                for (ids, positions), r in zip(sequences, requests, strict=True)
+            )
+        if not reuse.all():
+            logger.warning(
+                "Online ICA: %d of %d training examples are tokenised or masked differently from their scoring "
+                "requests (e.g. loss on prompt tokens, truncation, another chat rendering); their log p(y | x) costs "
+                "an extra forward.",
+                int((~reuse).sum()),
+                len(reuse),
+            )
+        return reuse
 
     def _log_ica(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

@@ -1,0 +1,277 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
+
+COMMON = dict(
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    save_strategy="no",
+    logging_steps=1,
+    seed=0,
+    dataloader_drop_last=False,
+)
+
+
+def conv_pair(q, good, bad):
+    return {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+
+
+def pairs(n=12):
+    train = Dataset.from_list(
+        [
+            conv_pair(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 3))
+            for i in range(n)
+        ]
+    )
+    holdout = Dataset.from_list(
+        [conv_pair(f"What is {i} plus 7?", f"The answer is {i + 7}.", f"It is {i}.") for i in range(5)]
+    )
+    return train, holdout
+
+
+def model_for(tokenizer, seed=0):
+    return tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def dpo_trainer(tokenizer, tmp_path, model=None, ref_model=None, peft_config=None, **kwargs):
+    train, holdout = pairs()
+    args = ICADPOConfig(
+        output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs}
+    )
+    return ICADPOTrainer(
+        model or model_for(tokenizer),
+        ref_model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        peft_config=peft_config,
+    )
+
+
+REFERENCE_SETUPS = {
+    "peft": dict(peft=True),
+    "precomputed": dict(settings=dict(precompute_ref_log_probs=True)),
+    "ref_model": dict(ref=True),
+}
+
+
+@pytest.mark.parametrize("setup", list(REFERENCE_SETUPS))
+def test_unit_weights_reproduce_dpotrainer(tokenizer, tmp_path, setup):
+    spec = REFERENCE_SETUPS[setup]
+    settings = dict(
+        COMMON,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-2,
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 0.5],
+        **spec.get("settings", {}),
+    )
+    train, holdout = pairs()
+    trainers = []
+    for cls, config, extra in (
+        (DPOTrainer, DPOConfig, {}),
+        (ICADPOTrainer, ICADPOConfig, dict(holdout_dataset=holdout)),
+    ):
+        fields = {} if cls is DPOTrainer else dict(ica_weighting="none", ica_refresh="online")
+        trainer = cls(
+            model_for(tokenizer),
+            model_for(tokenizer, seed=1) if spec.get("ref") else None,
+            args=config(output_dir=str(tmp_path / cls.__name__), **settings, **fields),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=lora() if spec.get("peft") else None,
+            **extra,
+        )
+        initial = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        trainers.append(trainer)
+    stock, ours = trainers
+    keys = ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+    for a, b in zip(
+        [h for h in stock.state.log_history if "loss" in h], [h for h in ours.state.log_history if "loss" in h]
+    ):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+        assert b["ica/weight_mean"] == 1.0
+    for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(initial[n], p) for n, p in ours.model.named_parameters() if p.requires_grad)
+
+
+def naive_sequence_logps(model, batch):
+    """Summed log-probs of each row's completion tokens from full logits: (2B,), chosen rows then rejected rows."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    token = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask
+    return token, mask
+
+
+def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, monkeypatch):
+    ref = model_for(tokenizer, seed=1).eval()
+    beta = 0.3
+    trainer = dpo_trainer(
+        tokenizer,
+        tmp_path,
+        ref_model=ref,
+        beta=beta,
+        loss_type=["sigmoid", "hinge", "sft"],
+        loss_weights=[1.0, 0.5, 0.25],
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    weights = np.array([0.0, 1.0, 0.4])
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: weights)
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    token, mask = naive_sequence_logps(model, batch)
+    with torch.no_grad():
+        ref_token, _ = naive_sequence_logps(ref, batch)
+    chosen, rejected = token.sum(1).chunk(2)
+    ref_chosen, ref_rejected = ref_token.sum(1).chunk(2)
+    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    w = torch.tensor(weights, dtype=delta.dtype)
+    sigmoid = -F.logsigmoid(beta * delta)
+    hinge = torch.relu(1 - beta * delta)
+    chosen_mask = mask.chunk(2)[0]
+    sft = -(token.chunk(2)[0] * w[:, None])[chosen_mask].mean()
+    reference = (w * sigmoid).mean() + 0.5 * (w * hinge).mean() + 0.25 * sft
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert (w * sigmoid).mean().item() != pytest.approx(sigmoid.mean().item(), abs=1e-3)  # weights matter here
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
+    trainer = dpo_trainer(tokenizer, tmp_path, peft_config=lora())
+    model = trainer.model.train()
+    grads = []
+    for rows, weights in (([0, 1, 2], [0.0, 1.0, 1.0]), ([1, 2], [1.0, 1.0])):
+        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+        model.zero_grad()
+        trainer.compute_loss(model, dict(batch)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert any(g.abs().max() > 0 for g in grads[1].values())
+    for name, grad in grads[0].items():  # mean over 3 pairs, one of weight 0 == 2/3 of the mean over the other 2
+        torch.testing.assert_close(grad, grads[1][name] * 2 / 3, atol=1e-6, rtol=1e-4)
+
+
+def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
+    model = model_for(tokenizer)
+    train, holdout = pairs()
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    trainer = dpo_trainer(
+        tokenizer, tmp_path, model=model, peft_config=lora(), ica_refresh="online", learning_rate=0.0
+    )
+    assert trainer.ica.reuse_unconditioned.all()
+    calls = []
+    original = trainer.ica.batch_scores
+    trainer.ica.batch_scores = lambda m, idx, unc=None: calls.append(unc) or original(m, idx, unc)
+    trainer.train()
+    assert all(u is not None and np.isfinite(u).all() for u in calls)  # no extra unconditioned pass
+    rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    assert len(rows) == 12
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+
+
+def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_path):
+    model = model_for(tokenizer)
+    train, holdout = pairs()
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False)
+    trainer = dpo_trainer(tokenizer, tmp_path, model=model, precompute_ref_log_probs=True, max_steps=4, ica_refresh=2)
+    trainer.train()
+    first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
+    np.testing.assert_allclose([r["score"] for r in first], expected.scores, atol=1e-4)
+    np.testing.assert_allclose([r["logp_chosen"] for r in first], expected.pair_logps[:, 2], atol=1e-4)
+    assert os.path.isfile(tmp_path / "ica" / "refresh-1.jsonl")
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"ica/weight_mean", "rewards/accuracies", "logps/chosen"} <= h.keys() for h in logged)
+    assert any(h["ica/weight_min"] < h["ica/weight_max"] for h in logged)
+
+
+def test_resume_continues_with_the_same_weights(tokenizer, tmp_path):
+    settings = dict(
+        max_steps=4, ica_refresh=2, learning_rate=5e-2, save_strategy="steps", save_steps=2, peft_config=lora()
+    )
+    dpo_trainer(tokenizer, tmp_path / "full", **settings).train()
+    dpo_trainer(tokenizer, tmp_path / "cut", **settings).train()
+    os.remove(tmp_path / "cut" / "ica" / "weights.jsonl")
+    resumed = dpo_trainer(tokenizer, tmp_path / "cut", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    full = [json.loads(line) for line in open(tmp_path / "full" / "ica" / "weights.jsonl")]
+    again = [json.loads(line) for line in open(tmp_path / "cut" / "ica" / "weights.jsonl")]
+    tail = [r for r in full if r["step"] >= 2]
+    assert [r["ica_index"] for r in again] == [r["ica_index"] for r in tail]
+    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in tail], atol=1e-5)
+
+
+def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
+    ).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
+    trainer = dpo_trainer(
+        tokenizer, tmp_path / "out", model=model, peft_config=lora(), max_steps=2, learning_rate=5e-2
+    )
+    trainer.train()
+    assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
+    assert all(p.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert np.isfinite(trainer.ica.scores).all()
+
+
+def test_sorting_losses_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`loss_type` \['aot'\] cannot be ICA-weighted"):
+        ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type=["sigmoid", "aot"])
+
+
+def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatch):
+    losses = {}
+    for name, weights in (("unit", [1.0, 1.0, 1.0]), ("half", [0.5, 0.5, 0.5])):
+        trainer = dpo_trainer(tokenizer, tmp_path / name, peft_config=lora(), use_weighting=True)
+        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        losses[name] = trainer.compute_loss(trainer.model.train(), dict(batch)).item()
+    stock = DPOTrainer(
+        model_for(tokenizer),
+        args=DPOConfig(output_dir=str(tmp_path / "stock"), **COMMON, use_weighting=True),
+        train_dataset=pairs()[0],
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    batch = stock.data_collator([stock.train_dataset[i] for i in range(3)])
+    assert losses["unit"] == stock.compute_loss(stock.model.train(), dict(batch)).item()
+    assert losses["half"] == pytest.approx(losses["unit"] / 2, rel=1e-5)
