@@ -13,14 +13,29 @@ from .weighting import WEIGHTINGS, compute_weights
 
 __version__ = "0.1.0"
 
+# CPO lives in `trl.experimental`, which warns on import: load it only when asked for
+_LAZY = {"ICACPOConfig": "cpo_config", "ICASimPOConfig": "cpo_config", "ICACPOTrainer": "cpo_trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ICAArguments",
+    "ICACPOConfig",
+    "ICACPOTrainer",
     "ICADPOConfig",
     "ICADPOTrainer",
     "ICAPromptTemplate",
     "ICASFTConfig",
     "ICASFTTrainer",
     "ICAScores",
+    "ICASimPOConfig",
     "LogProbRequest",
     "LogProbs",
     "PAPER_TEMPLATE",

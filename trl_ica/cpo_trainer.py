@@ -1,0 +1,122 @@
+"""ICA-weighted CPO and SimPO."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from trl.experimental.cpo import CPOTrainer
+
+from .cpo_config import ICACPOConfig
+from .ica_args import ICAArguments
+from .trainer_mixin import INDEX, ICATrainerMixin, add_index
+
+
+class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
+    """
+    [`~trl.experimental.cpo.CPOTrainer`] whose loss weights each preference pair by its ICA score ([arXiv
+    2510.14459](https://huggingface.co/papers/2510.14459)); with [`ICASimPOConfig`] it is ICA-weighted SimPO.
+
+    The score of (x, y_w, y_l) is how much k holdout demonstrations in context raise the chosen-minus-rejected margin,
+    `[log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)]`, under the current policy. Scores
+    become per-pair weights `w_i` (`ica_weighting`): the preference loss is `mean_i(w_i * loss_i)` and the CPO NLL
+    term (`cpo_alpha > 0`) is `sum_i w_i * nll_i / chosen_tokens`, so with all weights 1 it is exactly
+    `CPOTrainer`'s loss. Evaluation is unweighted; TRL's metrics are logged as they are, with `ica/*` next to them.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
+            as [`~trl.experimental.cpo.CPOTrainer`]; `args` is an [`ICACPOConfig`] or [`ICASimPOConfig`],
+            `train_dataset` a `datasets.Dataset` of preference pairs (standard or conversational, explicit or
+            implicit prompt).
+        holdout_dataset (`datasets.Dataset` or `list[dict]`):
+            small clean set; its prompts with their chosen answers are the in-context demonstrations.
+
+    Example:
+
+    ```python
+    >>> from trl_ica import ICACPOTrainer, ICASimPOConfig
+    >>> trainer = ICACPOTrainer(model, args=ICASimPOConfig("out"), train_dataset=pairs, holdout_dataset=holdout)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "cpo", "ica"]
+    _name = "ICA-CPO"
+
+    def __init__(
+        self,
+        model=None,
+        args: ICACPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        holdout_dataset=None,
+        **kwargs,
+    ):
+        if not isinstance(args, ICAArguments):
+            raise TypeError(f"`args` must be an ICACPOConfig or ICASimPOConfig, got {type(args).__name__}.")
+        indexed = add_index(train_dataset)
+        self._ica_batch = None  # (indices, weights) of the batch being trained on
+        super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
+        self._ica_setup(indexed, holdout_dataset, self.max_length)
+        if self._ica.online:
+            self._ica.reuse_unconditioned = self._reusable_rows()
+
+    def _training_sequences(self, row):
+        return [
+            (row[f"{key}_input_ids"], [i for i, label in enumerate(row[f"{key}_labels"]) if label != -100])
+            for key in ("chosen", "rejected")
+        ]
+
+    def _log_ica(self, metrics: dict[str, float]) -> None:
+        self.store_metrics(metrics, train_eval="train")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop(INDEX, None)
+        if index is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
+        self._ica_batch = (index.cpu().numpy(), None)
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._ica_batch = None
+
+    def concatenated_forward(self, model, batch):
+        """TRL's forward; during training it also scores the batch (reading log p(y | x) off this forward when
+        online), sets the pairs' weights and weights the NLL term."""
+        out = super().concatenated_forward(model, batch)
+        if self._ica_batch is None:
+            return out
+        index = self._ica_batch[0]
+        chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss = out[:5]
+        labels = self.concatenated_inputs(batch, padding_value=self.pad_token_id, device=chosen_logits.device)[
+            "concatenated_labels"
+        ][:, 1:]
+        unconditioned = None
+        if self._ica.online:
+            logps = torch.cat([chosen_logps, rejected_logps]).detach().double()
+            if self.loss_type in ("ipo", "simpo"):  # TRL averages over the response tokens for these
+                logps = logps * (labels != -100).sum(1)
+            sums = logps.cpu().numpy().reshape(2, -1).T  # (B, 2)
+            unconditioned = np.where(self._ica.reuse_unconditioned[index][:, None], sums, np.nan)
+        scores = self._ica.batch_scores(self.model, index, unconditioned)
+        weights = self._ica.weights(scores, index, self.state.global_step)
+        self._log_ica(self._ica.metrics(scores, weights))
+        w = torch.as_tensor(weights, dtype=chosen_logps.dtype, device=chosen_logps.device)
+        self._ica_batch = (index, w)
+        if self.cpo_alpha != 0:
+            chosen_labels = labels[: len(index)]
+            token_nll = F.cross_entropy(
+                chosen_logits[:, :-1].flatten(0, 1), chosen_labels.flatten(), reduction="none"
+            ).view_as(chosen_labels)
+            nll_loss = (token_nll * w[:, None].to(token_nll.dtype)).sum() / (chosen_labels != -100).sum()
+        return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, *out[5:])
+
+    def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+        losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
+        if self._ica_batch is not None:
+            losses = losses * self._ica_batch[1].to(losses.dtype)
+        return losses, chosen_rewards, rejected_rewards
