@@ -1,21 +1,133 @@
-"""`trl-ica` command line: `trl-ica demo [...]`."""
+"""`trl-ica` command line: `demo`, `score` (every row with its score) and `select` (a subset by score)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+
+SCORE_COLUMN = "score"
+
+
+def _score_parser(parser: argparse.ArgumentParser) -> None:
+    from .selection import METHODS
+
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="Scoring method.")
+    parser.add_argument("--model", required=True, help="Model to score with: Hub id, local path, or the default.")
+    parser.add_argument("--dataset", required=True, help="Local .json/.jsonl/.parquet file or Hub dataset name.")
+    parser.add_argument("--holdout", help="Clean holdout set (file or Hub name); needed by ica and oneshot.")
+    parser.add_argument("--reference-model", help="For rho: a model fine-tuned on the holdout set.")
+    parser.add_argument("--split", default="train", help="Split of a Hub dataset.")
+    parser.add_argument("--output", required=True, help="Scored rows: .jsonl, .json or .parquet.")
+    parser.add_argument("--num-demos", type=int, default=3, help="k demos (ica) or holdout queries (oneshot).")
+    parser.add_argument("--demo-selection", default="knn", choices=["knn", "fixed", "random"])
+    parser.add_argument("--reduction", default="sum", choices=["sum", "mean"])
+    parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
+    parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
+    parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _select_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scores", required=True, help="Output of `trl-ica score` (.jsonl, .json or .parquet).")
+    parser.add_argument("--output", required=True, help="Selected rows: .jsonl, .json or .parquet.")
+    parser.add_argument("--ratio", type=float, help="Share of rows to keep, in (0, 1].")
+    parser.add_argument("--mode", default="top", choices=["top", "bottom", "threshold"])
+    parser.add_argument("--threshold", type=float, help="With --mode threshold: keep rows scoring at least this.")
+    parser.add_argument("--keep-score", action="store_true", help="Keep the score column in the output.")
+
+
+def run_score(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+    from .data_io import load_rows, write_rows
+    from .plots import plot_score_histogram
+    from .selection import score_dataset
+
+    dataset = load_rows(args.dataset, args.split, "--dataset")
+    if SCORE_COLUMN in dataset.column_names:
+        raise ValueError(f"`--dataset` already has a {SCORE_COLUMN!r} column; rename it so it is not overwritten.")
+    if args.label_column and args.label_column not in dataset.column_names:
+        raise ValueError(
+            f"`--label-column`={args.label_column!r} is not a column of the dataset ({dataset.column_names})."
+        )
+    holdout = load_rows(args.holdout, args.split, "--holdout") if args.holdout else None
+
+    def load(name):
+        path = resolve_model(name)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+    model, tokenizer = (None, None) if args.method == "random" else load(args.model)
+    reference = load(args.reference_model)[0] if args.reference_model else None
+    scores = score_dataset(
+        args.method,
+        model,
+        tokenizer,
+        dataset,
+        holdout,
+        reference_model=reference,
+        num_demos=args.num_demos,
+        demo_selection=args.demo_selection,
+        reduction=args.reduction,
+        embedding_model=args.embedding_model,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
+    labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
+    plot = plot_score_histogram(
+        scores, os.path.splitext(args.output)[0] + ".png", labels=labels, title=f"{args.method} scores"
+    )
+    summary = {
+        "rows": len(scores),
+        "method": args.method,
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "output": args.output,
+        "histogram": plot,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+def run_select(args) -> dict:
+    from .data_io import load_rows, write_rows
+    from .selection import select_top
+
+    scored = load_rows(args.scores, argument="--scores")
+    if SCORE_COLUMN not in scored.column_names:
+        raise ValueError(f"`--scores` {args.scores!r} has no {SCORE_COLUMN!r} column; make it with `trl-ica score`.")
+    keep = select_top(scored[SCORE_COLUMN], args.ratio, mode=args.mode, threshold=args.threshold)
+    subset = scored.select(keep)
+    if not args.keep_score:
+        subset = subset.remove_columns(SCORE_COLUMN)
+    write_rows(subset, args.output)
+    summary = {"rows": len(scored), "selected": len(keep), "mode": args.mode, "output": args.output}
+    print(json.dumps(summary))
+    return summary
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting for TRL.")
+    parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting and selection for TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
     from . import demo
 
     demo.make_parser(commands.add_parser("demo", help="Noisy-GSM8K LoRA demo on SmolLM2-135M-Instruct (CPU)."))
+    _score_parser(commands.add_parser("score", help="Score every row of a dataset; writes rows with a score."))
+    _select_parser(commands.add_parser("select", help="Keep the top/bottom share of scored rows, or a threshold."))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         demo.quiet()
         demo.run(args)
+    elif args.command == "score":
+        demo.quiet()
+        run_score(args)
+    else:
+        run_select(args)
 
 
 if __name__ == "__main__":

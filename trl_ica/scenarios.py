@@ -72,3 +72,47 @@ def auroc(scores, positive) -> float:
         raise ValueError("auroc needs at least one positive and one negative example.")
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (pos.size * neg.size))
+
+
+def _pair(question: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+PAIR_CORRUPTIONS = ("wrong_answer", "truncated")
+
+
+def noisy_gsm8k_pairs(n_train: int = 48, n_holdout: int = 16, n_test: int = 24, flip: float = 0.4, seed: int = 0):
+    """GSM8K preference pairs: the reference solution against a corrupted one (a wrong final number or the first half
+    of the solution, alternating); in a `flip` share of the training pairs chosen and rejected are swapped.
+
+    Returns `(train, holdout, test)` datasets in TRL's conversational preference format, on disjoint problems.
+    `train` has a `flipped` column (bool); holdout and test pairs are all correct.
+    """
+    rows = load_gsm8k()
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    if n_train + n_holdout + n_test > len(order):
+        raise ValueError(f"n_train + n_holdout + n_test must be at most {len(order)}.")
+    flipped = set(rng.sample(range(n_train), round(flip * n_train)))
+
+    def pairs(ids, start):
+        out = []
+        for position, i in enumerate(ids, start):
+            kind = PAIR_CORRUPTIONS[position % len(PAIR_CORRUPTIONS)]
+            good = rows[i]["answer"]
+            out.append(_pair(rows[i]["question"], good, _corrupt(kind, good, good, rng)))
+        return out
+
+    train = pairs(order[:n_train], 0)
+    for position in flipped:
+        row = train[position]
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    train = [{**row, "flipped": position in flipped} for position, row in enumerate(train)]
+    holdout = pairs(order[n_train : n_train + n_holdout], n_train)
+    test = pairs(order[n_train + n_holdout : n_train + n_holdout + n_test], n_train + n_holdout)
+    return Dataset.from_list(train), Dataset.from_list(holdout), Dataset.from_list(test)
