@@ -79,3 +79,16 @@ def tokenizer():
 @pytest.fixture
 def chat_model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def four_bit_tiny_llama(tokenizer, folder):
+    """A tiny Llama saved to `folder` and loaded back with real bitsandbytes NF4 4-bit quantisation (CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
+    ).save_pretrained(folder)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import four_bit_tiny_llama
 from test_dpo_trainer import lora, model_for, pairs
 
 from trl_ica import ICACPOConfig, ICACPOTrainer, ICASimPOConfig, score_ica
@@ -201,17 +201,7 @@ def test_refresh_logs_ica_metrics_next_to_trls_and_resumes(tokenizer, tmp_path):
 
 
 def test_qlora_four_bit_simpo_trains_on_cpu(tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
-    ).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        ),
-    )
+    model = four_bit_tiny_llama(tokenizer, tmp_path / "base")
     trainer = cpo_trainer(tokenizer, tmp_path / "out", model=model, peft_config=lora(), max_steps=2)
     trainer.train()
     assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
@@ -223,7 +213,7 @@ def test_args_must_be_an_ica_config(tokenizer, tmp_path):
     from trl.experimental.cpo import CPOConfig
 
     train, holdout = pairs()
-    with pytest.raises(TypeError, match="`args` must be an ICACPOConfig or ICASimPOConfig, got CPOConfig"):
+    with pytest.raises(TypeError, match=r"`args` must be an ICACPOConfig \(with the `ica_\*` fields\), got CPOConfig"):
         ICACPOTrainer(
             model_for(tokenizer),
             args=CPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),

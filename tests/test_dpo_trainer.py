@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import four_bit_tiny_llama, tiny_llama
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -233,17 +233,7 @@ def test_resume_continues_with_the_same_weights(tokenizer, tmp_path):
 
 
 def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
-    ).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        ),
-    )
+    model = four_bit_tiny_llama(tokenizer, tmp_path / "base")
     trainer = dpo_trainer(
         tokenizer, tmp_path / "out", model=model, peft_config=lora(), max_steps=2, learning_rate=5e-2
     )

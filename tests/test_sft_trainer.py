@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import four_bit_tiny_llama, tiny_llama
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -208,17 +208,8 @@ def test_lora_trains_only_the_adapter(tokenizer, tmp_path):
 
 def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tiny_llama(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=64, intermediate_size=128
-    ).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        ),
-    )
+    model = four_bit_tiny_llama(tokenizer, tmp_path / "base")
     train, holdout = data()
     args = ICASFTConfig(
         output_dir=str(tmp_path / "out"),

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from trl.experimental.cpo import CPOTrainer
 
 from .cpo_config import ICACPOConfig
-from .ica_args import ICAArguments
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index
+from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 
 class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
@@ -55,8 +54,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         holdout_dataset=None,
         **kwargs,
     ):
-        if not isinstance(args, ICAArguments):
-            raise TypeError(f"`args` must be an ICACPOConfig or ICASimPOConfig, got {type(args).__name__}.")
+        args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
         indexed = add_index(train_dataset)
         self._ica_batch = None  # (indices, weights) of the batch being trained on
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)

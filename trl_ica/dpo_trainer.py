@@ -9,8 +9,7 @@ import torch
 from trl import DPOTrainer
 
 from .dpo_config import ICADPOConfig
-from .ica_args import ICAArguments
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index
+from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 
 class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
@@ -63,11 +62,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         holdout_dataset=None,
         **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = ICADPOConfig(f"{name.split('/')[-1]}-ICA-DPO")
-        if not isinstance(args, ICAArguments):
-            raise TypeError(f"`args` must be an ICADPOConfig, got {type(args).__name__}.")
+        args = ica_args(args, model, ICADPOConfig, "ICA-DPO")
         indexed = add_index(train_dataset)
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length)

@@ -34,18 +34,24 @@ def _corrupt(kind: str, answer: str, other: str, rng: random.Random) -> str:
     return "\n".join(lines[: max(1, len(lines) // 2)])
 
 
+def _shuffled(needed: int, seed: int):
+    """GSM8K rows, a seeded order of them and the generator, checking that `needed` problems exist."""
+    rows = load_gsm8k()
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    if needed > len(order):
+        raise ValueError(f"n_train + n_holdout + n_test must be at most {len(order)}, got {needed}.")
+    return rows, order, rng
+
+
 def noisy_gsm8k(n_train: int = 120, n_holdout: int = 24, n_test: int = 48, noise: float = 0.4, seed: int = 0):
     """Disjoint GSM8K train / holdout / test splits; a `noise` share of the train rows are corrupted.
 
     Returns `(train, holdout, test)` datasets in TRL's conversational prompt/completion format. `train` has a
     `corruption` column: `"clean"` or one of [`CORRUPTIONS`] (evenly mixed).
     """
-    rows = load_gsm8k()
-    rng = random.Random(seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    if n_train + n_holdout + n_test > len(order):
-        raise ValueError(f"n_train + n_holdout + n_test must be at most {len(order)}.")
+    rows, order, rng = _shuffled(n_train + n_holdout + n_test, seed)
     train_ids = order[:n_train]
     holdout_ids = order[n_train : n_train + n_holdout]
     test_ids = order[n_train + n_holdout : n_train + n_holdout + n_test]
@@ -92,12 +98,7 @@ def noisy_gsm8k_pairs(n_train: int = 48, n_holdout: int = 16, n_test: int = 24, 
     Returns `(train, holdout, test)` datasets in TRL's conversational preference format, on disjoint problems.
     `train` has a `flipped` column (bool); holdout and test pairs are all correct.
     """
-    rows = load_gsm8k()
-    rng = random.Random(seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    if n_train + n_holdout + n_test > len(order):
-        raise ValueError(f"n_train + n_holdout + n_test must be at most {len(order)}.")
+    rows, order, rng = _shuffled(n_train + n_holdout + n_test, seed)
     flipped = set(rng.sample(range(n_train), round(flip * n_train)))
 
     def pairs(ids, start):

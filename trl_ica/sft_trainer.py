@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from .ica_args import ICAArguments
 from .sft_config import ICASFTConfig
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index
+from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         holdout_dataset=None,
         **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = ICASFTConfig(f"{name.split('/')[-1]}-ICA-SFT")
-        if not isinstance(args, ICAArguments):
-            raise TypeError(f"`args` must be an ICASFTConfig, got {type(args).__name__}.")
+        args = ica_args(args, model, ICASFTConfig, "ICA-SFT")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` replaces the loss that ICA weights; it cannot be combined with ICA.")
         indexed = add_index(train_dataset)

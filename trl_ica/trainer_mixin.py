@@ -35,6 +35,18 @@ def add_index(dataset, name: str = "train_dataset") -> Dataset:
     return dataset.add_column(INDEX, list(range(len(dataset))))
 
 
+def ica_args(args, model, config_class, name: str):
+    """`args`, or a default `config_class` named after the model; a TRL config without `ica_*` fields is an error."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return config_class(f"{model_name.split('/')[-1]}-{name}")
+    if not isinstance(args, ICAArguments):
+        raise TypeError(
+            f"`args` must be an {config_class.__name__} (with the `ica_*` fields), got {type(args).__name__}."
+        )
+    return args
+
+
 class IndexedCollator:
     """Wraps a TRL collator: takes `ica_index` off each example before collation and returns it as a tensor (B,)."""
 
