@@ -92,3 +92,21 @@ def four_bit_tiny_llama(tokenizer, folder):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)
+
+
+def assert_weight_zero_drops_a_pair(trainer, monkeypatch):
+    """The gradient of pairs 0-2 weighted (0, 1, 1) is 2/3 of that of pairs 1-2 weighted (1, 1): the losses are
+    means over pairs, so a weight of 0 removes pair 0 from the gradient and nothing else changes."""
+    import numpy as np
+
+    model = trainer.model.train()
+    grads = []
+    for rows, weights in (([0, 1, 2], [0.0, 1.0, 1.0]), ([1, 2], [1.0, 1.0])):
+        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+        model.zero_grad()
+        trainer.compute_loss(model, dict(batch)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[1] and any(g.abs().max() > 0 for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name] * 2 / 3, atol=1e-6, rtol=1e-4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import four_bit_tiny_llama, tiny_llama
+from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama, tiny_llama
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -170,17 +170,7 @@ def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, 
 
 def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
     trainer = dpo_trainer(tokenizer, tmp_path, peft_config=lora())
-    model = trainer.model.train()
-    grads = []
-    for rows, weights in (([0, 1, 2], [0.0, 1.0, 1.0]), ([1, 2], [1.0, 1.0])):
-        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
-        model.zero_grad()
-        trainer.compute_loss(model, dict(batch)).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert any(g.abs().max() > 0 for g in grads[1].values())
-    for name, grad in grads[0].items():  # mean over 3 pairs, one of weight 0 == 2/3 of the mean over the other 2
-        torch.testing.assert_close(grad, grads[1][name] * 2 / 3, atol=1e-6, rtol=1e-4)
+    assert_weight_zero_drops_a_pair(trainer, monkeypatch)
 
 
 def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
