@@ -11,13 +11,12 @@ all measured in one run.
 """
 
 import argparse
-import statistics
 import time
 import warnings
 
 import numpy as np
 import torch
-from bench_online import median_step
+from bench_online import median_forward, median_step
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
@@ -68,21 +67,14 @@ def epoch_time(trainer):
 
 
 def floor_forward(trainer, batch, repeats, kind):
-    if kind == "dpo":
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    else:
+    """Median no-grad forward of the batch's chosen and rejected rows."""
+    if kind == "cpo":
         concat = trainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id)
-        inputs = {
+        batch = {
             "input_ids": concat["concatenated_input_ids"],
             "attention_mask": concat["concatenated_attention_mask"],
         }
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            trainer.model(**inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return median_forward(trainer, batch, repeats)
 
 
 def cost(path, tokenizer, args):

@@ -110,3 +110,17 @@ def assert_weight_zero_drops_a_pair(trainer, monkeypatch):
     assert grads[1] and any(g.abs().max() > 0 for g in grads[1].values())
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name] * 2 / 3, atol=1e-6, rtol=1e-4)
+
+
+def weighted_loss_and_grads(trainer, batch, weights, monkeypatch):
+    """The trainer's training loss on `batch` with the ICA weights forced to `weights`, and its parameter
+    gradients (gradients are zeroed afterwards)."""
+    import numpy as np
+
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: np.asarray(weights))
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss, grads

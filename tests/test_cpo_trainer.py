@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama
+from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama, weighted_loss_and_grads
 from test_dpo_trainer import lora, model_for, pairs
 
 from trl_ica import ICACPOConfig, ICACPOTrainer, ICASimPOConfig, score_ica
@@ -104,12 +104,8 @@ def test_weights_scale_each_pairs_loss_and_the_nll_term(tokenizer, tmp_path, mon
     trainer = cpo_trainer(tokenizer, tmp_path, mode, train=train)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     weights = np.array([0.0, 1.0, 0.4])
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: weights)
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    loss, ours = weighted_loss_and_grads(trainer, batch, weights, monkeypatch)
+    model = trainer.model
 
     args = trainer.args
     (chosen, rejected), chosen_nll, chosen_mask = naive_pair_logps(model, batch, mean=mode == "simpo")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama, tiny_llama
+from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -142,12 +142,8 @@ def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, 
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     weights = np.array([0.0, 1.0, 0.4])
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: weights)
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    loss, ours = weighted_loss_and_grads(trainer, batch, weights, monkeypatch)
+    model = trainer.model
 
     token, mask = naive_sequence_logps(model, batch)
     with torch.no_grad():

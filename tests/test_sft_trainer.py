@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import four_bit_tiny_llama, tiny_llama
+from conftest import four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -93,12 +93,8 @@ def test_weights_scale_each_examples_loss_and_zero_removes_its_gradient(tokenize
     trainer = ica_trainer(tokenizer, tmp_path, per_device_train_batch_size=3)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     weights = np.array([0.0, 1.0, 0.25])
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: weights)
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    loss, ours = weighted_loss_and_grads(trainer, batch, weights, monkeypatch)
+    model = trainer.model
 
     # Reference: per-example summed NLL from full logits, weighted, over all the batch's loss tokens
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

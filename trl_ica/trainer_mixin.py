@@ -103,7 +103,7 @@ class ICATrainerMixin:
     def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
         """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)
         per scoring request of the example (chosen then rejected for pairs). Each trainer knows its columns."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define `_training_sequences` to score online.")
 
     def _reusable_rows(self) -> np.ndarray:
         """Examples whose training sequences are exactly their unconditioned requests, with loss on the response alone.
