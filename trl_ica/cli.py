@@ -20,13 +20,21 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-model", help="For rho: a model fine-tuned on the holdout set.")
     parser.add_argument("--split", default="train", help="Split of a Hub dataset.")
     parser.add_argument("--output", required=True, help="Scored rows: .jsonl, .json or .parquet.")
-    parser.add_argument("--num-demos", type=int, default=3, help="k demos (ica) or holdout queries (oneshot).")
+    parser.add_argument(
+        "--num-demos", type=int, help="k demos (ica, default 3), holdout queries (oneshot, 3), n_d (whisperer, 10)."
+    )
     parser.add_argument("--demo-selection", default="knn", choices=["knn", "fixed", "random"])
     parser.add_argument("--reduction", default="sum", choices=["sum", "mean"])
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
     parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
     parser.add_argument("--seed", type=int, default=0)
+    whisperer = parser.add_argument_group("whisperer")
+    whisperer.add_argument("--metric", default="exact_match", choices=["exact_match", "rouge_l", "log_likelihood"])
+    whisperer.add_argument("--num-queries", type=int, default=5, help="Questions answered per prompt (n_q).")
+    whisperer.add_argument("--min-demo-count", type=int, default=1, help="Times every row is a demonstration.")
+    whisperer.add_argument("--layer", type=int, help="Decoder layer whose attention is read (default: the middle).")
+    whisperer.add_argument("--max-new-tokens", type=int, help="Generation budget per prompt.")
 
 
 def _select_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +55,7 @@ def run_score(args) -> dict:
     from .data_io import load_rows, write_rows
     from .plots import plot_score_histogram
     from .selection import score_dataset
+    from .whisperer import WhispererConfig, whisperer_scores
 
     dataset = load_rows(args.dataset, args.split, "--dataset")
     if SCORE_COLUMN in dataset.column_names:
@@ -63,20 +72,35 @@ def run_score(args) -> dict:
 
     model, tokenizer = (None, None) if args.method == "random" else load(args.model)
     reference = load(args.reference_model)[0] if args.reference_model else None
-    scores = score_dataset(
-        args.method,
-        model,
-        tokenizer,
-        dataset,
-        holdout,
-        reference_model=reference,
-        num_demos=args.num_demos,
-        demo_selection=args.demo_selection,
-        reduction=args.reduction,
-        embedding_model=args.embedding_model,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    extra = {}
+    if args.method == "whisperer":
+        config = WhispererConfig(
+            num_demos=args.num_demos or 10,
+            num_queries=args.num_queries,
+            min_demo_count=args.min_demo_count,
+            metric=args.metric,
+            layer=args.layer,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size or 8,
+            seed=args.seed,
+        )
+        result = whisperer_scores(model, tokenizer, dataset, holdout, config)
+        scores, extra = result.scores, result.summary()
+    else:
+        scores = score_dataset(
+            args.method,
+            model,
+            tokenizer,
+            dataset,
+            holdout,
+            reference_model=reference,
+            num_demos=args.num_demos or 3,
+            demo_selection=args.demo_selection,
+            reduction=args.reduction,
+            embedding_model=args.embedding_model,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
     write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
     labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
     plot = plot_score_histogram(
@@ -89,6 +113,7 @@ def run_score(args) -> dict:
         "std": float(np.std(scores)),
         "output": args.output,
         "histogram": plot,
+        **extra,
     }
     print(json.dumps(summary))
     return summary

@@ -15,11 +15,13 @@ from .engine import LogProbRequest, score_requests
 from .formats import PreferenceExample, SFTExample, read_dataset
 from .rendering import Renderer
 from .scoring import resolve_embedder, score_ica
+from .whisperer import WhispererConfig, whisperer_scores
 
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
 #: examples with the *highest* ratio (the responses the instruction helps least), so larger is "selected" too.
 METHODS = {
     "ica": "log p(y | k holdout demos, x) - log p(y | x); for pairs, the change of the chosen-minus-rejected margin",
+    "whisperer": "Data Whisperer: few-shot answer quality credited to each demonstration by its attention share",
     "oneshot": "mean gain of its nearest holdout answers' log-probability with the example as the one demonstration",
     "rho": "RHO-Loss: loss under the current model minus loss under a reference model trained on the holdout",
     "loss": "log p(y | x) per response token (higher: the model already finds it likely); for pairs the margin",
@@ -154,24 +156,29 @@ def score_dataset(
     embedding_model=None,
     seed: int = 0,
     batch_size: int | None = None,
+    whisperer: WhispererConfig | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
     """Score every row of `dataset` with `method` (one of [`METHODS`]); float64, aligned with the rows.
 
     Args:
-        method (`str`): `"ica"`, `"oneshot"`, `"rho"`, `"loss"`, `"ifd"` or `"random"`.
+        method (`str`): `"ica"`, `"whisperer"`, `"oneshot"`, `"rho"`, `"loss"`, `"ifd"` or `"random"`.
         model, tokenizer: the model to score with (the one to be fine-tuned, or a smaller one of its family).
         dataset: rows in a TRL format (SFT or preference; `ifd` and `rho` take SFT rows).
-        holdout: clean examples, needed by `ica` and `oneshot`.
+        holdout: clean examples, needed by `ica` and `oneshot`; for `whisperer`, optional: the questions to answer.
         reference_model: for `rho`, a model fine-tuned on the holdout set.
         num_demos (`int`): k demonstrations for `ica`; holdout queries per example for `oneshot`.
         demo_selection, reduction, embedding_model: as in [`compute_ica_scores`].
         seed (`int`): seed of `random` and of fixed/random demonstrations.
+        whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
     """
     check_choice("method", method, list(METHODS))
     if method in ("ica", "oneshot") and holdout is None:
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
     common = dict(batch_size=batch_size, show_progress=show_progress)
+    if method == "whisperer":
+        config = whisperer or WhispererConfig(seed=seed, **({"batch_size": batch_size} if batch_size else {}))
+        return whisperer_scores(model, tokenizer, dataset, holdout, config, show_progress=show_progress).scores
     if method == "ica":
         return score_ica(
             model,
