@@ -10,6 +10,7 @@ from .scoring import ICAScores, compute_ica_scores, score_ica
 from .sft_config import ICASFTConfig
 from .sft_trainer import ICASFTTrainer
 from .weighting import WEIGHTINGS, compute_weights
+from .whisperer import WhispererConfig, WhispererResult, whisperer_scores
 
 __version__ = "0.1.0"
 
@@ -41,9 +42,12 @@ __all__ = [
     "PAPER_TEMPLATE",
     "PLAIN_TEMPLATE",
     "WEIGHTINGS",
+    "WhispererConfig",
+    "WhispererResult",
     "compute_ica_scores",
     "compute_weights",
     "score_ica",
     "score_requests",
     "select_demos",
+    "whisperer_scores",
 ]
