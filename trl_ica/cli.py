@@ -1,4 +1,5 @@
-"""`trl-ica` command line: `demo`, `score` (every row with its score) and `select` (a subset by score)."""
+"""`trl-ica` command line: `demo`, `score` (every row with its score), `select` (a subset by score), `data` (the
+noisy GSM8K files the recipes train on) and `sft`/`dpo`/`simpo` (the training scripts, see `trl_ica.launch`)."""
 
 from __future__ import annotations
 
@@ -136,7 +137,34 @@ def run_select(args) -> dict:
     return summary
 
 
+def run_data(args) -> dict:
+    from .data_io import write_rows
+    from .scenarios import noisy_gsm8k, noisy_gsm8k_pairs
+
+    os.makedirs(args.output, exist_ok=True)
+    train, holdout, test = noisy_gsm8k(args.n_train, args.n_holdout, args.n_test, noise=args.noise, seed=args.seed)
+    pairs, pair_holdout, pair_test = noisy_gsm8k_pairs(
+        args.n_train, args.n_holdout, args.n_test, flip=args.noise, seed=args.seed
+    )
+    files = {
+        "train": train, "holdout": holdout, "test": test,
+        "train_pairs": pairs, "holdout_pairs": pair_holdout, "test_pairs": pair_test,
+    }  # fmt: skip
+    summary = {}
+    for name, rows in files.items():
+        path = os.path.join(args.output, f"{name}.jsonl")
+        write_rows(rows, path)
+        summary[name] = len(rows)
+    print(json.dumps({"output": args.output, **summary}))
+    return summary
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sft", "dpo", "simpo"):  # TRL-style scripts with their own parser
+        from .launch import main as launch
+
+        return launch(argv)  # the trainer, for callers in Python
     parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting and selection for TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
     from . import demo
@@ -144,13 +172,26 @@ def main(argv=None) -> None:
     demo.make_parser(commands.add_parser("demo", help="Noisy-GSM8K LoRA demo on SmolLM2-135M-Instruct (CPU)."))
     _score_parser(commands.add_parser("score", help="Score every row of a dataset; writes rows with a score."))
     _select_parser(commands.add_parser("select", help="Keep the top/bottom share of scored rows, or a threshold."))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    data = commands.add_parser("data", help="Write noisy GSM8K SFT and preference files with clean holdouts.")
+    data.add_argument("--output", required=True, help="Folder for train/holdout/test(_pairs).jsonl.")
+    data.add_argument("--n-train", type=int, default=200)
+    data.add_argument("--n-holdout", type=int, default=32)
+    data.add_argument("--n-test", type=int, default=100)
+    data.add_argument("--noise", type=float, default=0.3, help="Share of corrupted rows (flipped pairs).")
+    data.add_argument("--seed", type=int, default=0)
+    for name in ("sft", "dpo", "simpo"):
+        commands.add_parser(
+            name, help=f"ICA-weighted {name.upper()} training (TRL script; see --help).", add_help=False
+        )
+    args = parser.parse_args(argv)
     if args.command == "demo":
         demo.quiet()
         demo.run(args)
     elif args.command == "score":
         demo.quiet()
         run_score(args)
+    elif args.command == "data":
+        run_data(args)
     else:
         run_select(args)
 
