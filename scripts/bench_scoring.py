@@ -13,9 +13,8 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_ica.assets import default_model_path
+from trl_ica.assets import load_model
 from trl_ica.engine import LogProbRequest, score_requests, token_counts
 from trl_ica.scenarios import noisy_gsm8k
 from trl_ica.scoring import prepare_ica
@@ -43,9 +42,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=16, n_test=1, noise=0.0, seed=0)
     train = train.remove_columns("corruption")
     print(

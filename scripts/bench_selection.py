@@ -19,11 +19,10 @@ import warnings
 import numpy as np
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import score_ica
-from trl_ica.assets import default_model_path
+from trl_ica.assets import load_model
 from trl_ica.scenarios import auroc, noisy_gsm8k, reasoning_gym_mixture
 from trl_ica.selection import score_dataset
 from trl_ica.whisperer import WhispererConfig, whisperer_scores
@@ -31,9 +30,9 @@ from trl_ica.whisperer import WhispererConfig, whisperer_scores
 warnings.filterwarnings("ignore")
 
 
-def reference_model(path, holdout, epochs):
+def reference_model(holdout, epochs):
     """SmolLM2 with a LoRA adapter trained on the holdout, merged: RHO-Loss's reference."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, _ = load_model()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, per_device_train_batch_size=4, num_train_epochs=epochs, learning_rate=2e-4,
@@ -45,13 +44,13 @@ def reference_model(path, holdout, epochs):
         return trainer.model.merge_and_unload().eval()
 
 
-def run(name, train, holdout, positive, model, tokenizer, path, args):
+def run(name, train, holdout, positive, model, tokenizer, args):
     print(f"\n### {name}: {len(train)} rows, {positive.mean():.0%} positive, {len(holdout)} holdout rows\n")
     print("| method | AUROC | time (s) |")
     print("|---|---|---|")
     small = dict(num_demos=5, num_queries=3, batch_size=8, max_new_tokens=args.max_new_tokens, seed=args.seed)
     start = time.perf_counter()
-    rho_reference = reference_model(path, holdout, args.rho_epochs)
+    rho_reference = reference_model(holdout, args.rho_epochs)
     rho_train = time.perf_counter() - start
     start = time.perf_counter()
     ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn")
@@ -113,19 +112,17 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_model()
     if "gsm8k" in args.scenarios:
         train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=16, n_test=0, noise=0.4, seed=args.seed)
         clean = np.array(train["corruption"]) == "clean"
         run("Noisy GSM8K, clean vs corrupted", train.remove_columns("corruption"), holdout, clean, model, tokenizer,
-            path, args)  # fmt: skip
+            args)  # fmt: skip
     if "mixture" in args.scenarios:
         train, holdout, _ = reasoning_gym_mixture(seed=args.seed)
         target = np.array(train["task"]) == "leg_counting"
         run("Reasoning-gym mixture, target task (leg counting) vs the rest", train.remove_columns("task"), holdout,
-            target, model, tokenizer, path, args)  # fmt: skip
+            target, model, tokenizer, args)  # fmt: skip
 
 
 if __name__ == "__main__":

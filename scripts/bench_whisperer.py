@@ -16,9 +16,8 @@ import warnings
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_ica.assets import default_model_path
+from trl_ica.assets import load_model
 from trl_ica.formats import read_dataset
 from trl_ica.scenarios import noisy_gsm8k
 from trl_ica.whisperer import WhispererConfig, _Metric, build_prompts, split_answers, whisperer_scores
@@ -41,9 +40,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_model()
     train, _, _ = noisy_gsm8k(n_train=args.n, n_holdout=0, n_test=0, seed=0)
     train = train.remove_columns("corruption")
     pool = read_dataset(train, "dataset")

@@ -38,9 +38,17 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def test_there_is_a_lora_qlora_and_full_recipe_for_each_trainer():
+def test_there_is_a_lora_qlora_and_full_recipe_for_each_trainer_and_it_runs_as_shipped():
+    from trl_ica.assets import DEFAULT_MODEL
+
     names = {os.path.basename(r) for r in RECIPES}
     assert names == {f"{t}_{k}.yaml" for t in ("sft", "dpo", "simpo") for k in ("lora", "qlora", "full")}
+    for recipe in RECIPES:  # the embedded model and the files `trl-ica data --output data/gsm8k` writes
+        config = yaml.safe_load(open(recipe))
+        pairs = "_pairs" if not os.path.basename(recipe).startswith("sft") else ""
+        assert config["model_name_or_path"] == DEFAULT_MODEL
+        assert config["dataset_name"] == f"data/gsm8k/train{pairs}.jsonl"
+        assert config["holdout_name"] == f"data/gsm8k/holdout{pairs}.jsonl"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)

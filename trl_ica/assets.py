@@ -76,6 +76,15 @@ def resolve_model(name_or_path: str) -> str:
     return default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
 
 
+def load_model(name_or_path: str = DEFAULT_MODEL):
+    """`(model, tokenizer)` in float32: the embedded default for `"smollm2-135m-instruct"`, else a Hub id or path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
 def gsm8k_final_answer(solution: str) -> str:
     """The number after `####` in a GSM8K solution, without thousands separators."""
     return solution.split("####")[-1].strip().replace(",", "")

@@ -49,10 +49,8 @@ def _select_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args) -> dict:
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import resolve_model
+    from .assets import load_model
     from .data_io import load_rows, write_rows
     from .plots import plot_score_histogram
     from .selection import score_dataset
@@ -67,12 +65,8 @@ def run_score(args) -> dict:
         )
     holdout = load_rows(args.holdout, args.split, "--holdout") if args.holdout else None
 
-    def load(name):
-        path = resolve_model(name)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-
-    model, tokenizer = (None, None) if args.method == "random" else load(args.model)
-    reference = load(args.reference_model)[0] if args.reference_model else None
+    model, tokenizer = (None, None) if args.method == "random" else load_model(args.model)
+    reference = load_model(args.reference_model)[0] if args.reference_model else None
     extra = {}
     if args.method == "whisperer":
         config = WhispererConfig(

@@ -76,7 +76,7 @@ def train(task: str, script_args: ICAScriptArguments, training_args, model_args)
     if script_args.holdout_name is None:
         raise ValueError("`--holdout_name` is required: the clean holdout set that ICA conditions on.")
     if model_args.model_name_or_path is None:
-        raise ValueError("`--model_name_or_path` is required (`default` is the embedded SmolLM2-135M-Instruct).")
+        raise ValueError("`--model_name_or_path` is required (`smollm2-135m-instruct` is the embedded default).")
     path = resolve_model(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation, dtype=dtype)
