@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -194,8 +195,6 @@ class _AttentionProbe:
         previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(name)
         original = ALL_ATTENTION_FUNCTIONS.get_interface(name, None) if name != "eager" else None
         if original is None:  # eager: the modeling file's own function
-            import sys
-
             original = sys.modules[type(self.module).__module__].eager_attention_forward
 
         def attention(module, query, key, value, attention_mask, **kwargs):
@@ -415,6 +414,8 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
     builder, prompts = build_prompts(tokenizer, pool, queries if holdout is not None else None, config)
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
+    # Generation budgets come from the reference answers' lengths: tokenise each reference once, not per prompt
+    reference_lengths = [] if teacher_forced else [len(builder.renderer._ids(q.response)) for q in queries]
     device = next(p for p in model.parameters()).device
     probe = _AttentionProbe(layers[layer].self_attn)
     totals = np.zeros(len(pool), dtype=np.float64)
@@ -432,7 +433,7 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
             B, L = len(batch), max(len(p.ids) for p in batch)
             budget = 0
             if not teacher_forced:
-                refs = max(sum(len(builder.renderer._ids(queries[i].response)) for i in p.queries) for p in batch)
+                refs = max(sum(reference_lengths[i] for i in p.queries) for p in batch)
                 budget = config.max_new_tokens or int(1.5 * refs) + 16
             if max_positions is not None and P + L + budget > max_positions:
                 raise ValueError(
