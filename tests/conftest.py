@@ -102,7 +102,7 @@ def assert_weight_zero_drops_a_pair(trainer, monkeypatch):
     model = trainer.model.train()
     grads = []
     for rows, weights in (([0, 1, 2], [0.0, 1.0, 1.0]), ([1, 2], [1.0, 1.0])):
-        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
+        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: (np.array(w), {}))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
         model.zero_grad()
         trainer.compute_loss(model, dict(batch)).backward()
@@ -117,7 +117,7 @@ def weighted_loss_and_grads(trainer, batch, weights, monkeypatch):
     gradients (gradients are zeroed afterwards)."""
     import numpy as np
 
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: np.asarray(weights))
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: (np.asarray(weights), {}))
     model = trainer.model.train()
     loss = trainer.compute_loss(model, dict(batch))
     loss.backward()

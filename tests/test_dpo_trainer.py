@@ -238,7 +238,7 @@ def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatc
     losses = {}
     for name, weights in (("unit", [1.0, 1.0, 1.0]), ("half", [0.5, 0.5, 0.5])):
         trainer = dpo_trainer(tokenizer, tmp_path / name, peft_config=lora(), use_weighting=True)
-        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: np.array(w))
+        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: (np.array(w), {}))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
         losses[name] = trainer.compute_loss(trainer.model.train(), dict(batch)).item()
     stock = DPOTrainer(

@@ -112,7 +112,7 @@ def test_weights_scale_each_examples_loss_and_zero_removes_its_gradient(tokenize
     only_rest = -(torch.tensor([0.0, 1.0, 0.25]) * token_lp.detach().sum(1)).sum()
     assert only_rest.item() != 0
     logits0 = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: np.array([0.0]))
+    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: (np.array([0.0]), {}))
     single = {k: v[:1] for k, v in batch.items()}
     trainer.compute_loss(model, single).backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
@@ -324,7 +324,7 @@ def test_padding_free_weights_follow_each_packed_sequence(tokenizer, tmp_path, m
 
         def record(s, indices, step, trainer=trainer):
             scores.append(np.asarray(s))
-            return weights
+            return weights, {}
 
         monkeypatch.setattr(trainer.ica, "weights", record)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])

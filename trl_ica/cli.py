@@ -49,6 +49,8 @@ def _select_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args) -> dict:
     import numpy as np
+    import torch
+    from accelerate import PartialState
 
     from .assets import load_model
     from .data_io import load_rows, write_rows
@@ -65,8 +67,14 @@ def run_score(args) -> dict:
         )
     holdout = load_rows(args.holdout, args.split, "--holdout") if args.holdout else None
 
+    # Under `accelerate launch` this joins the process group (gloo on a CPU-only machine): ICA and the
+    # log-probability baselines then split the rows between the processes; the main process writes the outputs.
+    state = PartialState(cpu=not torch.accelerator.is_available())
     model, tokenizer = (None, None) if args.method == "random" else load_model(args.model)
     reference = load_model(args.reference_model)[0] if args.reference_model else None
+    for m in (model, reference):
+        if m is not None:
+            m.to(state.device)
     extra = {}
     if args.method == "whisperer":
         config = WhispererConfig(
@@ -96,11 +104,11 @@ def run_score(args) -> dict:
             seed=args.seed,
             batch_size=args.batch_size,
         )
-    write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
-    labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
-    plot = plot_score_histogram(
-        scores, os.path.splitext(args.output)[0] + ".png", labels=labels, title=f"{args.method} scores"
-    )
+    plot = os.path.splitext(args.output)[0] + ".png"
+    if state.is_main_process:
+        write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
+        labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
+        plot = plot_score_histogram(scores, plot, labels=labels, title=f"{args.method} scores")
     summary = {
         "rows": len(scores),
         "method": args.method,
@@ -110,7 +118,9 @@ def run_score(args) -> dict:
         "histogram": plot,
         **extra,
     }
-    print(json.dumps(summary))
+    if state.is_main_process:
+        print(json.dumps(summary))
+    state.wait_for_everyone()
     return summary
 
 

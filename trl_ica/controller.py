@@ -7,7 +7,10 @@ import logging
 import os
 
 import numpy as np
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
+from .distributed import num_processes
 from .engine import score_requests
 from .scoring import ICARequestBuilder, assemble_scores, score_with
 from .weighting import compute_weights, score_range
@@ -95,23 +98,26 @@ class ICAController:
         if not self.online:
             return self.scores[indices]
         width, args = self.builder.width, self.args
+        # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
         cond = score_requests(
             model,
             [r for i in indices for r in self.builder.requests(i, True)],
             batch_size=args.ica_scoring_batch_size,
             show_progress=False,
+            distributed="lockstep",
         )
         shape = (len(indices), width)
         plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
         plain = plain.reshape(shape)
         missing = np.argwhere(np.isnan(plain))
+        extra = score_requests(  # every process calls it, with or without work, to stay in step
+            model,
+            [self.builder.requests(indices[row], False)[col] for row, col in missing],
+            batch_size=args.ica_scoring_batch_size,
+            show_progress=False,
+            distributed="lockstep",
+        )
         if len(missing):
-            extra = score_requests(
-                model,
-                [self.builder.requests(indices[row], False)[col] for row, col in missing],
-                batch_size=args.ica_scoring_batch_size,
-                show_progress=False,
-            )
             plain[tuple(missing.T)] = extra.sums
         result = assemble_scores(
             cond.sums.reshape(shape),
@@ -123,6 +129,9 @@ class ICAController:
         scores = result.scores
         self.scores[indices] = scores
         low, high = score_range(scores)
+        if num_processes() > 1:  # every process keeps the range of all the batches scored so far
+            ranges = gather_object([(low, high)])
+            low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
         self.global_range = (
             (low, high)
             if self.global_range is None
@@ -130,23 +139,36 @@ class ICAController:
         )
         return scores
 
-    def weights(self, scores: np.ndarray, indices: np.ndarray, step: int) -> np.ndarray:
-        """Weights of one batch, recorded in `weights.jsonl`."""
+    def weights(self, scores: np.ndarray, indices: np.ndarray, step: int) -> tuple[np.ndarray, dict[str, float]]:
+        """Weights of this process's batch and the `ica/*` metrics of the step, recorded in `weights.jsonl`.
+
+        With several processes the batch is the global one: every process's scores are gathered, the weights are
+        computed over all of them (for the schemes that compare a batch's scores), and this process keeps its own.
+        """
+        scores, indices = np.asarray(scores, dtype=np.float64), np.asarray(indices)
+        all_scores, all_indices, mine = scores, indices, slice(None)
+        if num_processes() > 1:
+            parts = gather_object([(indices, scores)])
+            rank = PartialState().process_index
+            start = sum(len(p[0]) for p in parts[:rank])
+            mine = slice(start, start + len(indices))
+            all_indices = np.concatenate([p[0] for p in parts])
+            all_scores = np.concatenate([p[1] for p in parts])
         weights = compute_weights(
-            scores,
+            all_scores,
             self.args.ica_weighting,
             temperature=self.args.ica_temperature,
             global_range=self.global_range,
-            where=f"training examples (ica_index) {np.asarray(indices).tolist()}, rows",
+            where=f"training examples (ica_index) {all_indices.tolist()}, rows",
         )
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)
             with open(os.path.join(self.dir, "weights.jsonl"), "a") as f:
-                for i, s, w in zip(indices, scores, weights):
+                for i, s, w in zip(all_indices, all_scores, weights):
                     f.write(
                         json.dumps({"step": step, "ica_index": int(i), "score": float(s), "weight": float(w)}) + "\n"
                     )
-        return weights
+        return weights[mine], self.metrics(all_scores, weights)
 
     @staticmethod
     def metrics(scores: np.ndarray, weights: np.ndarray) -> dict[str, float]:

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+
+from .distributed import ForwardLockstep, resolve_mode, unsharded_ancestors
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,12 @@ def eval_mode(model):
             module.training = training
 
 
-def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+HEAD_CHUNK = 4096  # hidden states per LM-head call: bounds the float32 logits to HEAD_CHUNK x vocabulary
+
+
+def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32."""
+    chunk = HEAD_CHUNK
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
@@ -129,15 +137,36 @@ def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, ma
 
 
 class _Scorer:
-    def __init__(self, model, device):
+    def __init__(self, model, device, lockstep: ForwardLockstep | None = None):
         self.lm, self.backbone, self.head = _backbone_and_head(model)
         self.device = device
         self.pad_id = _pad_id(self.lm)
+        self.lockstep = lockstep
+        config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
+        self.hidden_size = config.hidden_size
+
+    def _in_step(self, head_calls: int) -> int:
+        """Before a backbone forward: the LM-head calls every process makes after it (this one's own without sync)."""
+        return head_calls if self.lockstep is None else self.lockstep.step(True, head_calls)
+
+    def _pad_head_calls(self, done: int, wanted: int) -> None:
+        for _ in range(wanted - done):  # match processes that score more tokens in this step
+            self.head(torch.zeros(1, self.hidden_size, dtype=self.head.weight.dtype, device=self.device))
+
+    def finish(self) -> None:
+        """With lockstep, run one-token dummy steps until every process has run out of work."""
+        if self.lockstep is None:
+            return
+        while (head_calls := self.lockstep.step(False, 0)) >= 0:
+            self.backbone(input_ids=torch.tensor([[self.pad_id]], device=self.device))
+            self._pad_head_calls(0, head_calls)
 
     def prefix_state(self, prefix: tuple[int, ...]):
         """Run a prefix once at batch 1: per-layer (k, v) pairs and the hidden state that predicts the next token."""
+        head_calls = self._in_step(0)
         ids = torch.tensor([prefix], device=self.device)
         out = self.backbone(input_ids=ids, use_cache=True)
+        self._pad_head_calls(0, head_calls)
         cache = out.past_key_values
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         return layers, out.last_hidden_state[:, -1]  # (1, H)
@@ -162,6 +191,9 @@ class _Scorer:
             kwargs["use_cache"] = True
             mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         position_ids = torch.arange(P, P + L, device=self.device).expand(B, -1)
+        scored = sum(len(requests[i].response) for i in rows)
+        own_head_calls = -(-scored // HEAD_CHUNK)
+        head_calls = self._in_step(own_head_calls)
         hidden = self.backbone(
             input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs
         ).last_hidden_state
@@ -184,6 +216,7 @@ class _Scorer:
         lp = _head_log_probs(
             self.lm, self.head, hsel.to(self.head.weight.device), torch.cat(targets).to(self.head.weight.device)
         )
+        self._pad_head_calls(own_head_calls, head_calls)
         sums = torch.zeros(B, dtype=torch.float64, device=lp.device).index_add_(
             0, torch.tensor(owner, device=lp.device), lp.double()
         )
@@ -202,6 +235,7 @@ def score_requests(
     max_batch_tokens: int | None = None,
     show_progress: bool = True,
     desc: str = "Scoring",
+    distributed: str | None = None,
 ) -> LogProbs:
     """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
 
@@ -211,14 +245,20 @@ def score_requests(
         batch_size (`int`, *optional*): most continuations per forward; by default only `max_batch_tokens` limits.
         max_batch_tokens (`int`, *optional*): padded continuation tokens per forward; defaults to 16384 on an
             accelerator and 512 on the CPU, where wide padded batches measured slower than small ones.
-        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar (on the main process).
         desc (`str`, *optional*): the progress bar's label.
+        distributed (`str`, *optional*): under a multi-process launch, every process must make the same call:
+            `"shard"` (the default there) splits `requests` between the processes and returns all results on every
+            one; `"lockstep"` scores each process's own `requests`, keeping the model calls in step
+            ([`ForwardLockstep`]); `"local"` scores on this process alone, with no collective calls. Ignored
+            with a single process.
 
     Returns:
         [`LogProbs`] aligned with `requests`.
 
     On an out-of-memory error the batch is halved and scoring goes on; a single continuation that does not fit
-    re-raises. Runs under `torch.no_grad()` in eval mode and restores the model's train/eval mode.
+    re-raises, as does any out-of-memory error while processes are kept in step. Runs under `torch.no_grad()` in
+    eval mode and restores the model's train/eval mode.
 
     Example:
 
@@ -227,10 +267,32 @@ def score_requests(
     >>> score_requests(model, [req]).sums  # log p(5, 6 | 1, 2, 3, 4)
     ```
     """
+    mode = resolve_mode(distributed)
+    options = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, desc=desc)
+    if mode == "local":
+        return _score_requests(model, requests, None, show_progress=show_progress, **options)
+    lockstep = ForwardLockstep(next(unwrap_causal_lm(model).parameters()).device)
+    if mode == "lockstep":
+        return _score_requests(model, requests, lockstep, show_progress=show_progress, **options)
+    state = PartialState()
+    with state.split_between_processes(list(range(len(requests)))) as mine:
+        local = _score_requests(
+            model, [requests[i] for i in mine], lockstep, show_progress=show_progress and state.is_main_process,
+            **options,
+        )  # fmt: skip
+    sums = np.full(len(requests), np.nan)
+    for positions, values in gather_object([(mine, local.sums)]):
+        sums[positions] = values
+    return LogProbs(sums, np.array([len(r.response) for r in requests], dtype=np.int64))
+
+
+def _score_requests(
+    model, requests, lockstep: ForwardLockstep | None, *, batch_size, max_batch_tokens, show_progress, desc
+) -> LogProbs:
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([len(r.response) for r in requests], dtype=np.int64)
-    if n == 0:
+    if n == 0 and lockstep is None:
         return LogProbs(sums, counts)
 
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -251,9 +313,9 @@ def score_requests(
     device = next(unwrap_causal_lm(model).parameters()).device
     if max_batch_tokens is None:
         max_batch_tokens = 512 if device.type == "cpu" else 16384
-    scorer = _Scorer(model, device)
+    scorer = _Scorer(model, device, lockstep)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), unsharded_ancestors(model, scorer.backbone, scorer.head):
         for prefix, idx, reqs in work:
             state = scorer.prefix_state(prefix) if prefix else None
             lengths = {i: len(reqs[i].context) + len(reqs[i].response) for i in idx}
@@ -265,7 +327,7 @@ def score_requests(
                 try:
                     values = scorer.score_batch(reqs, batch, state)
                 except (torch.OutOfMemoryError, RuntimeError) as error:
-                    if not _is_oom(error) or len(batch) == 1:
+                    if not _is_oom(error) or len(batch) == 1 or lockstep is not None:
                         raise
                     cap = max(1, len(batch) // 2)
                     logger.warning("Out of memory scoring %d sequences; retrying with batches of %d.", len(batch), cap)
@@ -276,6 +338,7 @@ def score_requests(
                 sums[targets] = values
                 pos += len(batch)
                 bar.update(len(batch))
+        scorer.finish()
     bar.close()
     return LogProbs(sums, counts)
 

@@ -165,7 +165,14 @@ def prepare_ica(
 
 
 def score_with(
-    model, builder: ICARequestBuilder, indices=None, *, reduction="sum", batch_size=None, show_progress=True
+    model,
+    builder: ICARequestBuilder,
+    indices=None,
+    *,
+    reduction="sum",
+    batch_size=None,
+    show_progress=True,
+    distributed: str | None = None,
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs) with both passes."""
     check_choice("reduction", reduction, REDUCTIONS)
@@ -180,6 +187,7 @@ def score_with(
             batch_size=batch_size,
             show_progress=show_progress,
             desc=f"ICA scoring ({label} demonstrations)",
+            distributed=distributed,
         )
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), (plain, _) = passes
@@ -231,6 +239,7 @@ def score_ica(
     seed: int = 0,
     max_length: int | None = None,
     show_progress: bool = True,
+    distributed: str | None = None,
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
     check_choice("reduction", reduction, REDUCTIONS)
@@ -248,7 +257,14 @@ def score_ica(
         max_length=max_length,
         show_progress=show_progress,
     )
-    return score_with(model, builder, reduction=reduction, batch_size=batch_size, show_progress=show_progress)
+    return score_with(
+        model,
+        builder,
+        reduction=reduction,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        distributed=distributed,
+    )
 
 
 def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarray:
@@ -273,6 +289,10 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         seed (`int`, *optional*, defaults to `0`): seed of fixed and random demonstrations.
         max_length (`int`, *optional*): longest allowed conditioned sequence; defaults to the model's context size.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+        distributed (`str`, *optional*): under `accelerate launch` (or `torchrun`) with several processes, every
+            process calls this function and the rows are split between them (`"shard"`, the default there); each
+            process gets every score. `"local"` scores everything on the calling process alone. See
+            [`score_requests`].
 
     Returns:
         `np.ndarray`: `(len(dataset),)` float64 scores aligned with the rows. [`score_ica`] returns the parts too.

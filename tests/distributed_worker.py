@@ -1,0 +1,116 @@
+"""Run by `tests/test_distributed.py` under `accelerate launch --num_processes 2 --cpu`; writes what it saw to --out.
+
+Every process records the order of its backbone and LM-head calls (`calls-<rank>.json`); the main process writes the
+sharded ICA scores, each process's lockstep scores against its own local scoring, and two short training runs.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import trl_ica.engine as engine
+from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.engine import LogProbRequest, score_requests
+from trl_ica.scenarios import _chat, _pair
+
+COMMON = dict(
+    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
+    per_device_train_batch_size=2, ica_num_demos=2, ica_scoring_batch_size=1,
+)  # fmt: skip
+
+
+def sft_data():
+    train = [_chat(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(7)]
+    holdout = [_chat(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(4)]
+    return train, holdout
+
+
+def pair_data():
+    wrong = [f"It is {2 * i + 1}, or so." * (1 + i % 2) for i in range(6)]
+    return [_pair(f"What is {i} times 2?", f"It is {2 * i}.", wrong[i]) for i in range(6)]
+
+
+def record_calls(model, calls):
+    """Append 'backbone' or 'head' to `calls` on every forward of the decoder or the output embedding."""
+    lm = engine.unwrap_causal_lm(model)
+    lm.get_decoder().register_forward_hook(lambda *_: calls.append("backbone"))
+    lm.get_output_embeddings().register_forward_hook(lambda *_: calls.append("head"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    state = PartialState(cpu=True)  # gloo on CPU: `accelerate launch --multi_gpu` runs torchrun, not a GPU check
+    rank = state.process_index
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    train, holdout = sft_data()
+    calls: list[str] = []
+    record_calls(model, calls)
+    # 1. Sharded ICA scoring (the default under a multi-process launch): 7 rows over 2 processes, one per forward
+    result = score_ica(model, tokenizer, train, holdout, num_demos=2, batch_size=1, show_progress=False)
+    sharded_calls = list(calls)
+
+    # 2. Lockstep: each process scores different requests; three scored tokens per LM-head call, so the processes
+    # also differ in head calls per forward
+    engine.HEAD_CHUNK = 3
+    own = [LogProbRequest((5, 6), (7,) * (1 + rank), tuple(range(10, 12 + 4 * rank + j))) for j in range(3 - 2 * rank)]
+    calls.clear()
+    stepped = score_requests(model, own, batch_size=1, show_progress=False, distributed="lockstep")
+    lockstep_calls = list(calls)
+    calls.clear()
+    alone = score_requests(model, own, batch_size=1, show_progress=False, distributed="local")
+    engine.HEAD_CHUNK = 4096
+    with open(os.path.join(args.out, f"calls-{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "sharded": sharded_calls,
+                "lockstep": lockstep_calls,
+                "local_calls": list(calls),
+                "lockstep_sums": stepped.sums.tolist(),
+                "local_sums": alone.sums.tolist(),
+                "scores": result.scores.tolist(),
+            },
+            f,
+        )
+
+    # 3. Training: ICA-SFT with one refresh and online, ICA-DPO online
+    runs = {}
+    for name, trainer_class, config_class, data, fields in (
+        ("sft_refresh", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train), {}),
+        ("sft_online", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train), {"ica_refresh": "online"}),
+        ("dpo_online", ICADPOTrainer, ICADPOConfig, Dataset.from_list(pair_data()), {"ica_refresh": "online"}),
+    ):
+        out = os.path.join(args.out, name)
+        policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        trainer = trainer_class(
+            policy,
+            args=config_class(output_dir=out, **COMMON, **fields),
+            train_dataset=data,
+            processing_class=tokenizer,
+            holdout_dataset=Dataset.from_list(holdout),
+        )
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train()
+        changed = any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[name] = {"global_step": trainer.state.global_step, "losses": losses, "changed": changed}
+    gathered = gather_object([runs])
+    if state.is_main_process:
+        with open(os.path.join(args.out, "runs.json"), "w") as f:
+            json.dump({"num_processes": state.num_processes, "runs": gathered}, f)
+    state.wait_for_everyone()
+    assert np.isfinite(result.scores).all()
+
+
+if __name__ == "__main__":
+    main()

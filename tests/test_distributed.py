@@ -1,0 +1,169 @@
+"""Two processes under a real `accelerate launch --num_processes 2 --cpu` (gloo): sharded scoring gives the
+one-process scores, the processes' model calls stay in step, and the ICA trainers train with global-batch weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+from distributed_worker import sft_data
+
+from trl_ica import score_ica
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*script):
+    """`accelerate launch` with two processes; on a machine without GPUs they run on the CPU with gloo (torchrun)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", *script,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("distributed-model")
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, model_dir):
+    out = tmp_path_factory.mktemp("distributed")
+    launch(
+        os.path.join(os.path.dirname(__file__), "distributed_worker.py"), "--model", str(model_dir), "--out", str(out)
+    )
+    ranks = [json.loads((out / f"calls-{r}.json").read_text()) for r in range(2)]
+    return model_dir, out, ranks, json.loads((out / "runs.json").read_text())
+
+
+def test_two_process_scores_equal_one_process_scores(launched):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _, ranks, _ = launched
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, holdout = sft_data()
+    single = score_ica(model, tokenizer, train, holdout, num_demos=2, batch_size=1, show_progress=False).scores
+    for rank in ranks:  # every process gets every row's score
+        np.testing.assert_allclose(rank["scores"], single, atol=1e-5, rtol=0)
+    assert np.ptp(single) > 0
+
+
+def test_processes_make_the_same_model_calls_in_the_same_order(launched):
+    _, _, (r0, r1), _ = launched
+    for key in ("sharded", "lockstep"):
+        assert r0[key] == r1[key], key
+        assert r0[key].count("backbone") > 1 and "head" in r0[key]
+    # Without lockstep the two processes' work differs, in forwards and in head calls per forward
+    assert r0["local_calls"] != r1["local_calls"]
+    assert r0["local_calls"].count("backbone") != r1["local_calls"].count("backbone")
+
+
+def test_lockstep_scores_equal_local_scores(launched):
+    for rank in launched[2]:
+        np.testing.assert_allclose(rank["lockstep_sums"], rank["local_sums"], atol=1e-6, rtol=0)
+        assert len(rank["lockstep_sums"]) > 0
+
+
+def test_two_process_trainers_train_with_weights_over_the_global_batch(launched):
+    _, out, _, runs = launched
+    assert runs["num_processes"] == 2
+    for name in ("sft_refresh", "sft_online", "dpo_online"):
+        for rank in runs["runs"]:
+            assert rank[name]["global_step"] == 2 and rank[name]["changed"], (name, rank[name])
+            assert all(np.isfinite(rank[name]["losses"])) and rank[name]["losses"]
+    # One refresh, sharded: every row scored once, written by the main process alone
+    rows = [json.loads(line) for line in open(out / "sft_refresh" / "ica" / "refresh-0.jsonl")]
+    assert sorted(r["ica_index"] for r in rows) == list(range(7))
+    for name in ("sft_online", "dpo_online"):
+        records = [json.loads(line) for line in open(out / name / "ica" / "weights.jsonl")]
+        for step in (0, 1):
+            batch = [r for r in records if r["step"] == step]
+            assert len(batch) == 4, (name, step)  # 2 processes x 2 rows, written once
+            scores = np.array([r["score"] for r in batch])
+            assert np.ptp(scores) > 0
+            # Min-max over the global batch of 4, not over each process's 2 rows
+            expected = (scores - scores.min()) / np.ptp(scores)
+            np.testing.assert_allclose([r["weight"] for r in batch], expected, atol=1e-12)
+            assert not np.isin(expected, [0.0, 1.0]).all(), "a case that per-process min-max would also pass"
+
+
+def test_cli_score_under_two_processes_writes_every_row_once(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_ica.data_io import load_rows
+    from trl_ica.selection import score_dataset
+
+    train, _ = sft_data()
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in train))
+    output = tmp_path / "scored.jsonl"
+    done = launch("-m", "trl_ica.cli", "score", "--method", "loss", "--model", str(model_dir), "--dataset", str(path),
+                  "--output", str(output), "--batch-size", "1")  # fmt: skip
+    assert done.stdout.count('"rows": 7') == 1  # the summary is printed by the main process alone
+    rows = load_rows(str(output))
+    assert len(rows) == 7 and rows["prompt"] == [r["prompt"] for r in train]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    single = score_dataset("loss", model, AutoTokenizer.from_pretrained(model_dir), train)
+    np.testing.assert_allclose(rows["score"], single, atol=1e-5, rtol=0)
+
+
+def test_fsdp2_sharded_model_scores_equal_the_unsharded_model(tmp_path):
+    """FSDP2 on gloo: decoder layers gather their shards in their own forward, which the processes reach in step;
+    the embeddings, final norm and LM head that scoring calls around the root module are gathered for it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for rank in range(2):
+        out = json.loads((tmp_path / f"fsdp-{rank}.json").read_text())
+        assert out["local_shapes"] != out["full_shapes"]  # really sharded
+        assert out["demos_equal"]
+        np.testing.assert_allclose(out["scores"], out["reference"], atol=1e-5, rtol=0)
+
+
+def test_the_ddp_accelerate_config_launches_the_lora_recipe_on_two_processes(model_dir, tmp_path):
+    from test_recipes import _data
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    _data(tmp_path, preference=False)
+    out = tmp_path / "run"
+    launch(
+        "--config_file", os.path.join(root, "recipes", "accelerate", "multi_gpu.yaml"),
+        "-m", "trl_ica.launch", "sft", "--config", os.path.join(root, "recipes", "sft_lora.yaml"),
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(tmp_path / "train.jsonl"), "--holdout_name", str(tmp_path / "holdout.jsonl"),
+        "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--max_length", "256", "--bf16", "false", "--use_cpu", "true",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
+    )  # fmt: skip
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # Two processes of 2 rows make a global batch of 4, and each step records each of its rows once
+    records = [json.loads(line) for line in open(out / "ica" / "weights.jsonl")]
+    assert [sum(r["step"] == s for r in records) for s in (0, 1)] == [4, 4]
+    scored = [json.loads(line) for line in open(out / "ica" / "refresh-0.jsonl")]
+    assert sorted(r["ica_index"] for r in scored) == list(range(6))
+    assert os.path.isfile(out / "adapter_config.json")

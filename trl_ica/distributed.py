@@ -1,0 +1,85 @@
+"""Scoring under `accelerate launch`: which processes take part, and keeping their forward passes in step.
+
+With several processes every rank runs the same scoring call. `"shard"` splits the requests between the ranks
+([`~accelerate.PartialState.split_between_processes`]) and gathers the results on every rank
+([`~accelerate.utils.gather_object`]); `"lockstep"` lets each rank score its own requests (its own training batch).
+Both keep the ranks' model calls in step (see [`ForwardLockstep`]), which sharded models (DeepSpeed ZeRO-3) need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+DISTRIBUTED_MODES = ("shard", "lockstep", "local")
+
+
+def num_processes() -> int:
+    """Processes in the running `torch.distributed` group; 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def resolve_mode(distributed: str | None) -> str:
+    """`distributed` checked, with `None` meaning `"shard"` under a multi-process launch and `"local"` otherwise.
+
+    A mode other than `"local"` with a single process is `"local"`: there is nobody to keep in step with.
+    """
+    if distributed is not None and distributed not in DISTRIBUTED_MODES:
+        raise ValueError(f"`distributed` must be None or one of {list(DISTRIBUTED_MODES)}, got {distributed!r}.")
+    if num_processes() == 1:
+        return "local"
+    return "shard" if distributed is None else distributed
+
+
+class ForwardLockstep:
+    """Keeps the model calls of every process in the same order, so sharded parameters gather without deadlock.
+
+    Under DeepSpeed ZeRO-3 each module call gathers that module's parameters from every rank: ranks must make the
+    same calls in the same order, even when they score different numbers of sequences and tokens. Scoring proceeds in
+    steps of one backbone forward followed by some LM-head calls. Before each step the ranks agree (one `all_reduce`
+    of two integers) on whether anyone still has work and on the most head calls anyone needs; a rank with less to do
+    pads with one-token forwards and one-row head calls.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps = 0
+
+    def step(self, has_work: bool, head_calls: int) -> int:
+        """The head calls every rank makes in this step, or -1 once no rank has work left."""
+        flags = torch.tensor([int(has_work), head_calls], dtype=torch.long, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if not flags[0]:
+            return -1
+        self.steps += 1
+        return int(flags[1])
+
+
+@contextlib.contextmanager
+def unsharded_ancestors(model: torch.nn.Module, *called: torch.nn.Module):
+    """Gather, for the duration, the FSDP2 parameter groups of `model` that hold `called` modules' ancestors.
+
+    Scoring calls the backbone and the LM head directly, skipping the forward of the modules around them. Under FSDP2
+    (`fully_shard`) the parameters those outer modules own (embeddings, final norm, LM head) are gathered by their
+    forward hooks, so they are gathered here instead; modules sharded on their own (decoder layers) still gather in
+    their own forward. Every process must enter together (the gather is collective). A no-op without FSDP2.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    targets = {id(m) for m in called}
+    outer = [
+        m
+        for m in model.modules()
+        if isinstance(m, FSDPModule) and id(m) not in targets and targets & {id(sub) for sub in m.modules()}
+    ]
+    for module in outer:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in reversed(outer):
+            module.reshard()
