@@ -1,0 +1,299 @@
+"""End-to-end quality: does ICA weighting help a LoRA fine-tune of SmolLM2-135M-Instruct? (CPU, offline data)
+
+Scenarios, each over several seeds (a seed draws the data split and initialises the run):
+- `sft`: a noisy GSM8K pool (a `--noise` share corrupted: wrong final number, another problem's solution, truncated)
+  with a clean holdout. Uniform SFT, ICA weights (one refresh, and online), and SFT on the top half of the pool by
+  the ICA score and by the loss baseline, all for the same number of steps. Measured: the loss on clean test
+  answers (nats/token) and the final-number accuracy of greedy answers to the test questions.
+- `domain`: a pool mixing five reasoning-gym tasks, a holdout of the target task (leg counting). Same methods;
+  measured on the target task's test split: loss and accuracy by reasoning-gym's own `score_answer`.
+- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO, stock and ICA-weighted; measured:
+  preference accuracy on clean test pairs (DPO: implicit reward margin against the base model; SimPO: mean
+  log-probability margin).
+
+    python scripts/bench_quality.py [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs]
+
+Prints a markdown table per scenario (mean and standard deviation over seeds) and writes one PNG per scenario.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from peft import LoraConfig
+
+from trl_ica.assets import gsm8k_final_answer, load_model
+from trl_ica.engine import score_requests
+from trl_ica.formats import read_dataset
+from trl_ica.rendering import Renderer
+from trl_ica.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
+from trl_ica.scoring import score_ica
+from trl_ica.selection import score_dataset, select_top
+from trl_ica.whisperer import final_number
+
+warnings.filterwarnings("ignore")
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+SFT_METHODS = ("uniform", "ica", "ica_online", "top_half_ica", "top_half_loss")
+PREF_METHODS = ("dpo", "ica_dpo", "simpo", "ica_simpo")
+
+
+def common(out, args, seed):
+    return dict(
+        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+        lr_scheduler_type="constant", logging_steps=max(1, args.steps), save_strategy="no", report_to="none",
+        bf16=False, use_cpu=True, seed=seed, gradient_checkpointing=False, disable_tqdm=True,
+    )  # fmt: skip
+
+
+def ica_fields(refresh):
+    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_refresh=refresh)
+
+
+def train_sft(method, train, holdout, scores, seed, args):
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ica import ICASFTConfig, ICASFTTrainer
+
+    model, tokenizer = load_model()
+    with tempfile.TemporaryDirectory() as out:
+        settings = dict(common(out, args, seed), max_length=1024)
+        if method.startswith("ica"):
+            config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1))
+            trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
+                                    holdout_dataset=holdout, peft_config=LoraConfig(**LORA))  # fmt: skip
+        else:
+            if method.startswith("top_half"):  # equal budget: the same steps over half the rows
+                train = train.select(select_top(scores[method.split("_")[-1]], 0.5))
+            trainer = SFTTrainer(model, args=SFTConfig(**settings), train_dataset=train, processing_class=tokenizer,
+                                 peft_config=LoraConfig(**LORA))  # fmt: skip
+        trainer.train()
+    return trainer.model.eval(), tokenizer
+
+
+def test_loss(model, tokenizer, test):
+    requests = [
+        Renderer(tokenizer).unconditioned(e) for e in read_dataset(test.select_columns(["prompt", "completion"]))
+    ]
+    out = score_requests(model, requests, show_progress=False, distributed="local")
+    return float(-out.sums.sum() / out.counts.sum())
+
+
+@torch.no_grad()
+def answers(model, tokenizer, test, max_new_tokens):
+    """Greedy answers to the test prompts, batched with left padding."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in test["prompt"]]
+    out = []
+    for start in range(0, len(texts), 8):
+        batch = tokenizer(texts[start : start + 8], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def gsm8k_accuracy(model, tokenizer, test):
+    generated = answers(model, tokenizer, test, 256)
+    truth = [gsm8k_final_answer(c[-1]["content"]) for c in test["completion"]]
+    found = [final_number(g) for g in generated]
+    return float(np.mean([f is not None and f == final_number(t) for f, t in zip(found, truth)]))
+
+
+def reasoning_gym_accuracy(model, tokenizer, test):
+    import reasoning_gym
+
+    generated = answers(model, tokenizer, test, 32)
+    correct = []
+    for text, task, entry in zip(generated, test["task"], test["entry"]):
+        checker = reasoning_gym.create_dataset(task, size=1, seed=0)
+        number = final_number(text)
+        correct.append(checker.score_answer(str(number) if number is not None else text.strip(), json.loads(entry)))
+    return float(np.mean(correct))
+
+
+def run_sft_like(name, make_data, accuracy, args):
+    results = {m: {"loss": [], "accuracy": []} for m in args.methods if m in SFT_METHODS}
+    for seed in args.seeds:
+        train, holdout, test, labels, positive = make_data(seed)
+        model, tokenizer = load_model()
+        ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
+        if seed == args.seeds[0]:
+            score_parts(name, ica, labels, positive)
+        scores = {"ica": ica.scores, "loss": score_dataset("loss", model, tokenizer, train, show_progress=False)}
+        for method in results:
+            start = time.perf_counter()
+            trained, tokenizer = train_sft(method, train, holdout, scores, seed, args)
+            results[method]["loss"].append(test_loss(trained, tokenizer, test))
+            results[method]["accuracy"].append(accuracy(trained, tokenizer, test))
+            done = results[method]
+            print(f"  [{name} seed {seed}] {method}: loss {done['loss'][-1]:.4f}, accuracy {done['accuracy'][-1]:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        base = load_model()[0].eval()
+        results.setdefault("before training", {"loss": [], "accuracy": []})
+        results["before training"]["loss"].append(test_loss(base, tokenizer, test))
+        results["before training"]["accuracy"].append(accuracy(base, tokenizer, test))
+    return results
+
+
+def score_parts(name, ica, labels, positive):
+    """Which part of the ICA score moves for which kind of example, and how each form ranks the positives."""
+    tokens = ica.num_tokens
+    forms = {
+        "ICA, sum (the paper's)": ica.scores,
+        "ICA per token": (ica.logp_conditioned - ica.logp_unconditioned) / tokens,
+        "log p(y | D, x) per token (conditioned)": ica.logp_conditioned / tokens,
+        "log p(y | x) per token (loss)": ica.logp_unconditioned / tokens,
+    }
+    labels = np.asarray(labels)
+    print(f"\n### {name}: the parts of the ICA score by kind of example (seed 0, fixed demos, k = 3)\n")
+    print("| kind | rows | log p(y \\| D, x) / token | log p(y \\| x) / token | ICA / token | ICA sum |")
+    print("|---|---|---|---|---|---|")
+    for kind in sorted(set(labels.tolist()), key=lambda k: (k != positive, k)):
+        m = labels == kind
+        print(f"| {kind} | {m.sum()} | {forms['log p(y | D, x) per token (conditioned)'][m].mean():.3f} | "
+              f"{forms['log p(y | x) per token (loss)'][m].mean():.3f} | {forms['ICA per token'][m].mean():+.4f} | "
+              f"{ica.scores[m].mean():+.2f} |")  # fmt: skip
+    print(f"\n| score form | AUROC, {positive} vs the rest |")
+    print("|---|---|")
+    for form, values in forms.items():
+        print(f"| {form.replace('|', chr(92) + '|')} | {auroc(values, labels == positive):.3f} |")
+
+
+def pair_accuracy(model, base, tokenizer, test, simpo):
+    """Share of clean test pairs the trained policy prefers correctly."""
+    renderer = Renderer(tokenizer)
+    pairs = read_dataset(test)
+    requests = [renderer.unconditioned(p.as_sft(side)) for p in pairs for side in ("chosen", "rejected")]
+    policy = score_requests(model, requests, show_progress=False, distributed="local")
+    logps = policy.sums.reshape(-1, 2)
+    if simpo:
+        logps = logps / policy.counts.reshape(-1, 2)
+    else:
+        logps = logps - score_requests(base, requests, show_progress=False, distributed="local").sums.reshape(-1, 2)
+    return float(np.mean(logps[:, 0] > logps[:, 1]))
+
+
+def run_pref(args):
+    from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from trl_ica import ICADPOConfig, ICADPOTrainer, ICASimPOConfig
+
+    results = {m: {"accuracy": []} for m in args.methods if m in PREF_METHODS}
+    for seed in args.seeds:
+        train, holdout, test = noisy_gsm8k_pairs(args.n_train, 16, args.n_test, args.noise, seed)
+        train = train.remove_columns("flipped")
+        base, _ = load_model()
+        for method in results:
+            start = time.perf_counter()
+            model, tokenizer = load_model()
+            with tempfile.TemporaryDirectory() as out:
+                settings = dict(common(out, args, seed), max_length=1024)
+                simpo = method.endswith("simpo")
+                kw = dict(train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+                if method == "dpo":
+                    trainer = DPOTrainer(model, args=DPOConfig(**settings, beta=0.5), **kw)
+                elif method == "ica_dpo":
+                    config = ICADPOConfig(**settings, beta=0.5, **ica_fields(1))
+                    trainer = ICADPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
+                elif method == "simpo":
+                    config = CPOConfig(**settings, loss_type="simpo", cpo_alpha=0.0, beta=2.5, simpo_gamma=1.375)
+                    trainer = CPOTrainer(model, args=config, **kw)
+                else:
+                    from trl_ica import ICACPOTrainer
+
+                    config = ICASimPOConfig(**settings, **ica_fields(1))  # beta 2.5, gamma 1.375 as above
+                    trainer = ICACPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
+                trainer.train()
+            results[method]["accuracy"].append(pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo))
+            print(f"  [pref seed {seed}] {method}: pair accuracy {results[method]['accuracy'][-1]:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        results.setdefault("before training (DPO margin / SimPO margin)", {"accuracy": []})["accuracy"].append(
+            pair_accuracy(base, base, tokenizer, test, True)
+        )
+    return results
+
+
+def report(name, title, results, plots):
+    metrics = list(next(iter(results.values())))
+    print(f"\n### {title}\n")
+    print("| method | " + " | ".join(f"{m} (mean ± sd)" for m in metrics) + " | per seed |")
+    print("|---|" + "---|" * (len(metrics) + 1))
+    for method, values in results.items():
+        cells = [f"{np.mean(values[m]):.4f} ± {np.std(values[m]):.4f}" for m in metrics]
+        seeds = "; ".join(", ".join(f"{v:.3f}" for v in values[m]) for m in metrics)
+        print(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
+    if plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            names = list(results)
+            means = [np.mean(results[n][metric]) for n in names]
+            ax.barh(names, means, xerr=[np.std(results[n][metric]) for n in names], color="tab:blue", alpha=0.8)
+            for i, n in enumerate(names):
+                ax.plot(results[n][metric], [i] * len(results[n][metric]), "k.", ms=4)
+            ax.set_xlabel(metric)
+            ax.invert_yaxis()
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(plots, f"quality_{name}.png")
+        fig.savefig(path, dpi=110)
+        print(f"\n![{title}]({os.path.basename(path)})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=["sft", "domain", "pref"], choices=["sft", "domain", "pref"])
+    parser.add_argument("--methods", nargs="+", default=[*SFT_METHODS, *PREF_METHODS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--n-train", type=int, default=48)
+    parser.add_argument("--n-test", type=int, default=24)
+    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--plots", default="docs", help="Folder for the PNGs; '' for none.")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if "sft" in args.scenarios:
+        results = run_sft_like(
+            "sft",
+            lambda s: _without(noisy_gsm8k(args.n_train, 16, args.n_test, args.noise, s), "corruption", "clean"),
+            gsm8k_accuracy,
+            args,
+        )
+        report("sft", f"Noisy GSM8K SFT: {args.n_train} rows, {args.noise:.0%} corrupted, {args.steps} LoRA steps of "
+               f"{args.batch_size}", results, args.plots)  # fmt: skip
+    if "domain" in args.scenarios:
+        results = run_sft_like(
+            "domain",
+            lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task", "leg_counting"),
+            reasoning_gym_accuracy,
+            args,
+        )
+        report("domain", f"Reasoning-gym mixture, target leg counting: {args.steps} LoRA steps of {args.batch_size}",
+               results, args.plots)  # fmt: skip
+    if "pref" in args.scenarios:
+        results = run_pref(args)
+        report("pref", f"GSM8K pairs: {args.n_train} pairs, {args.noise:.0%} flipped, {args.steps} LoRA steps of "
+               f"{args.batch_size}", results, args.plots)  # fmt: skip
+
+
+def _without(splits, column, positive):
+    train, holdout, test = splits
+    return train.remove_columns(column), holdout, test, train[column], positive
+
+
+if __name__ == "__main__":
+    main()
