@@ -134,10 +134,9 @@ def run_sft_like(name, make_data, accuracy, args):
             done = results[method]
             print(f"  [{name} seed {seed}] {method}: loss {done['loss'][-1]:.4f}, accuracy {done['accuracy'][-1]:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        base = load_model()[0].eval()
-        results.setdefault("before training", {"loss": [], "accuracy": []})
-        results["before training"]["loss"].append(test_loss(base, tokenizer, test))
-        results["before training"]["accuracy"].append(accuracy(base, tokenizer, test))
+        before = results.setdefault("before training", {"loss": [], "accuracy": []})  # `model` scored, untrained
+        before["loss"].append(test_loss(model, tokenizer, test))
+        before["accuracy"].append(accuracy(model.eval(), tokenizer, test))
     return results
 
 

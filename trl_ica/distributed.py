@@ -45,7 +45,6 @@ class ForwardLockstep:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.steps = 0
 
     def step(self, has_work: bool, head_calls: int) -> int:
         """The head calls every rank makes in this step, or -1 once no rank has work left."""
@@ -53,7 +52,6 @@ class ForwardLockstep:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if not flags[0]:
             return -1
-        self.steps += 1
         return int(flags[1])
 
 
