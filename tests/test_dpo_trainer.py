@@ -187,6 +187,20 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
 
 
+def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(tokenizer, tmp_path):
+    model = model_for(tokenizer)
+    train, holdout = pairs()
+    expected = score_ica(model, tokenizer, train, holdout, form="conditioned", show_progress=False).scores
+    trainer = dpo_trainer(
+        tokenizer, tmp_path, model=model, peft_config=lora(), ica_refresh="online", learning_rate=0.0,
+        ica_score_form="conditioned",
+    )  # fmt: skip
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    assert len(rows) == 12
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+
+
 def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_path):
     model = model_for(tokenizer)
     train, holdout = pairs()

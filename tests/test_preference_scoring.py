@@ -67,6 +67,21 @@ def test_mean_reduction_for_pairs(chat_model, tokenizer):
     )
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model, tokenizer, reduction):
+    data = pairs("conversational")
+    r = score_ica(chat_model, tokenizer, data, data[:4], form="conditioned", reduction=reduction, show_progress=False)
+    builder = prepare_ica(chat_model, tokenizer, data, data[:4], show_progress=False)
+    expected = []
+    for i in range(len(data)):
+        chosen, rejected = builder.pair_requests(i, conditioned=True)
+        lw, ll = naive_log_prob(chat_model, chosen), naive_log_prob(chat_model, rejected)
+        nw, nl = (len(chosen.response), len(rejected.response)) if reduction == "mean" else (1, 1)
+        expected.append(lw / nw - ll / nl)
+    np.testing.assert_allclose(r.scores, expected, atol=1e-4)
+    assert np.isnan(r.pair_logps[:, 2:]).all() and np.isfinite(r.pair_logps[:, :2]).all()
+
+
 def test_demonstrations_show_the_chosen_answer(tokenizer, chat_model):
     data = pairs("conversational")
     builder = prepare_ica(

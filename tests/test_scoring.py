@@ -41,6 +41,24 @@ def test_mean_reduction_divides_by_response_tokens(chat_model, tokenizer):
     np.testing.assert_allclose(mean, total.scores / total.num_tokens)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_conditioned_form_is_the_naive_log_prob_with_demonstrations_alone(chat_model, tokenizer, reduction):
+    train, holdout = make_data()
+    result = score_ica(
+        chat_model, tokenizer, train, holdout, form="conditioned", reduction=reduction, show_progress=False
+    )
+    builder = prepare_ica(chat_model, tokenizer, train, holdout, show_progress=False)
+    cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
+    tokens = np.array([len(builder.conditioned(i).response) for i in range(len(train))])
+    np.testing.assert_array_equal(result.num_tokens, tokens)
+    assert result.form == "conditioned"
+    expected = cond / result.num_tokens if reduction == "mean" else cond
+    np.testing.assert_allclose(result.scores, expected, atol=1e-4)
+    np.testing.assert_allclose(result.logp_conditioned, cond, atol=1e-4)
+    assert np.isnan(result.logp_unconditioned).all()  # the pass without demonstrations is skipped
+    assert len(set(tokens.tolist())) > 1  # responses differ in length, so "mean" is not a rescaling of "sum"
+
+
 def test_knn_takes_the_nearest_most_similar_first():
     vectors = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0], "d": [0.6, 0.4], "x": [1.0, 0.05]}
 
@@ -73,6 +91,7 @@ def test_knn_with_the_models_own_embeddings_prefers_similar_prompts(chat_model, 
         ({"num_demos": 6}, r"`num_demos` must be an integer in \[1, 5\]"),
         ({"demo_selection": "nearest"}, "`demo_selection` must be one of"),
         ({"reduction": "max"}, "`reduction` must be one of"),
+        ({"form": "ratio"}, "`form` must be one of"),
         ({"max_length": 40}, "longer than `max_length`=40 tokens with their demonstrations"),
         ({"embedding_model": 3}, "`embedding_model` must be None"),
     ],

@@ -182,6 +182,32 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
     assert "score" not in subset[0]
 
 
+def test_cli_conditioned_form_equals_the_library(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    Dataset.from_list(sft_rows(6)).to_json(tmp_path / "train.jsonl")
+    Dataset.from_list(holdout_rows()).to_json(tmp_path / "holdout.jsonl")
+    out = tmp_path / "scored.jsonl"
+    main(
+        [
+            "score", "--method", "ica", "--form", "conditioned", "--reduction", "mean", "--model", str(model_dir),
+            "--dataset", str(tmp_path / "train.jsonl"), "--holdout", str(tmp_path / "holdout.jsonl"),
+            "--output", str(out),
+        ]
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    expected = score_dataset(
+        "ica", model, tokenizer, sft_rows(6), holdout_rows(), form="conditioned", reduction="mean", show_progress=False
+    )
+    paper = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
+    got = [json.loads(line)["score"] for line in open(out)]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(got, paper, atol=1e-2)
+
+
 def test_cli_errors_name_the_argument(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     Dataset.from_list([{"prompt": "a", "completion": "b"}]).to_json(tmp_path / "unscored.jsonl")

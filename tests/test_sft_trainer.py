@@ -47,13 +47,8 @@ def ica_trainer(tokenizer, tmp_path, model=None, train=None, holdout=None, **kwa
 
 def test_defaults_are_the_documented_ones(tmp_path):
     args = ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    assert (args.ica_num_demos, args.ica_demo_selection, args.ica_weighting, args.ica_refresh, args.ica_reduction) == (
-        3,
-        "knn",
-        "batch_minmax",
-        1,
-        "sum",
-    )
+    fields = ("ica_num_demos", "ica_demo_selection", "ica_weighting", "ica_refresh", "ica_reduction", "ica_score_form")
+    assert tuple(getattr(args, f) for f in fields) == (3, "knn", "batch_minmax", 1, "sum", "difference")
 
 
 def train_stock_and_ica(tokenizer, tmp_path, settings, **ica_fields):
@@ -152,6 +147,27 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+
+
+@pytest.mark.parametrize("refresh", [1, "online"])
+def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, tmp_path, refresh):
+    model = model_for(tokenizer)
+    train, holdout = data()
+    form = dict(form="conditioned", reduction="mean")
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False, **form).scores
+    trainer = ica_trainer(
+        tokenizer, tmp_path, model=model, ica_refresh=refresh, learning_rate=0.0, max_steps=3,
+        ica_score_form="conditioned", ica_reduction="mean",
+    )  # fmt: skip
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    scores = np.array([r["score"] for r in rows])
+    np.testing.assert_allclose(scores, expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    low, high = scores[:4].min(), scores[:4].max()  # batch min-max of the first batch
+    np.testing.assert_allclose([r["weight"] for r in rows[:4]], (scores[:4] - low) / (high - low), atol=1e-6)
+    if refresh == 1:
+        first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
+        assert all(r["logp_unconditioned"] is None for r in first)  # not computed: written as null, not NaN
 
 
 def test_resume_restores_scores_and_continues_with_the_same_weights(tokenizer, tmp_path):
@@ -253,6 +269,7 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ({"ica_weighting": "minmax"}, "`ica_weighting` must be one of"),
         ({"ica_refresh": "0"}, "`ica_refresh` must be a positive integer or 'online'"),
         ({"ica_demo_selection": "nearest"}, "`ica_demo_selection` must be one of"),
+        ({"ica_score_form": "ratio"}, "`ica_score_form` must be one of"),
         ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
         ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),

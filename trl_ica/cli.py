@@ -26,6 +26,12 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--demo-selection", default="knn", choices=["knn", "fixed", "random"])
     parser.add_argument("--reduction", default="sum", choices=["sum", "mean"])
+    parser.add_argument(
+        "--form",
+        default="difference",
+        choices=["difference", "conditioned"],
+        help="ica: the paper's difference, or log p(y | demos, x) alone (noisy labels; use with --reduction mean).",
+    )
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
     parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
@@ -100,6 +106,7 @@ def run_score(args) -> dict:
             num_demos=args.num_demos or 3,
             demo_selection=args.demo_selection,
             reduction=args.reduction,
+            form=args.form,
             embedding_model=args.embedding_model,
             seed=args.seed,
             batch_size=args.batch_size,

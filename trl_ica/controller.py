@@ -22,6 +22,11 @@ STATE_FILE = "ica_state.npz"
 PAIR_FIELDS = ("logp_chosen_conditioned", "logp_rejected_conditioned", "logp_chosen", "logp_rejected")
 
 
+def _number(value) -> float | None:
+    """A JSON-safe float: None for NaN (a part the score form did not compute)."""
+    return None if np.isnan(value) else float(value)
+
+
 class ICAController:
     """Scores, refresh schedule and weights of one training run.
 
@@ -65,6 +70,7 @@ class ICAController:
             model,
             self.builder,
             reduction=self.args.ica_reduction,
+            form=self.args.ica_score_form,
             batch_size=self.args.ica_scoring_batch_size,
             show_progress=self.is_main,
         )
@@ -79,12 +85,12 @@ class ICAController:
                         "step": step,
                         "score": float(result.scores[i]),
                         "logp_conditioned": float(result.logp_conditioned[i]),
-                        "logp_unconditioned": float(result.logp_unconditioned[i]),
+                        "logp_unconditioned": _number(result.logp_unconditioned[i]),
                         "num_tokens": int(result.num_tokens[i]),
                         "demo_indices": result.demo_indices[i].tolist(),
                     }
                     if result.pair_logps is not None:
-                        record.update(zip(PAIR_FIELDS, map(float, result.pair_logps[i])))
+                        record.update(zip(PAIR_FIELDS, map(_number, result.pair_logps[i])))
                     f.write(json.dumps(record) + "\n")
         self.refreshes_done += 1
         return True
@@ -93,7 +99,8 @@ class ICAController:
         """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
 
         `unconditioned` holds log p(y | x) read off the training forward, `(B,)` for examples or `(B, 2)` [chosen,
-        rejected] for pairs, NaN where it could not be read; those are scored here.
+        rejected] for pairs, NaN where it could not be read; those are scored here (for the difference form; the
+        conditioned form does not need them).
         """
         if not self.online:
             return self.scores[indices]
@@ -109,7 +116,7 @@ class ICAController:
         shape = (len(indices), width)
         plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
         plain = plain.reshape(shape)
-        missing = np.argwhere(np.isnan(plain))
+        missing = np.argwhere(np.isnan(plain)) if args.ica_score_form == "difference" else np.empty((0, 2), int)
         extra = score_requests(  # every process calls it, with or without work, to stay in step
             model,
             [self.builder.requests(indices[row], False)[col] for row, col in missing],
@@ -125,6 +132,7 @@ class ICAController:
             cond.counts.reshape(shape),
             self.builder.demo_indices[indices],
             args.ica_reduction,
+            args.ica_score_form,
         )
         scores = result.scores
         self.scores[indices] = scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .demos import DEMO_SELECTIONS
-from .scoring import REDUCTIONS
+from .scoring import FORMS, REDUCTIONS
 from .weighting import WEIGHTINGS
 
 
@@ -31,6 +31,10 @@ class ICAArguments:
             scored at its step).
         ica_reduction (`str`, *optional*, defaults to `"sum"`):
             `"sum"` of response token log-probabilities (the paper's) or `"mean"` per token.
+        ica_score_form (`str`, *optional*, defaults to `"difference"`):
+            `"difference"`, log p(y | D, x) - log p(y | x) (the paper's); or `"conditioned"`, log p(y | D, x) alone,
+            which also weights down responses that do not fit their own prompt (noisy labels) and skips the pass
+            without demonstrations. Pair it with `ica_reduction="mean"`. See the README's "Which score to trust".
         ica_demo_template (`str`, *optional*):
             one demonstration, with `{prompt}` and `{response}`; with `ica_query_template`, replaces the default
             wording.
@@ -61,6 +65,10 @@ class ICAArguments:
     ica_reduction: str = field(
         default="sum", metadata={"help": "Sum or per-token mean of log-probabilities.", "choices": list(REDUCTIONS)}
     )
+    ica_score_form: str = field(
+        default="difference",
+        metadata={"help": "The paper's difference, or log p(y | D, x) alone.", "choices": list(FORMS)},
+    )
     ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
     ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
@@ -73,6 +81,7 @@ class ICAArguments:
             ("ica_demo_selection", DEMO_SELECTIONS),
             ("ica_weighting", WEIGHTINGS),
             ("ica_reduction", REDUCTIONS),
+            ("ica_score_form", FORMS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -2,6 +2,11 @@
 
 score(x, y) = log p(y | D, x) - log p(y | x) under the current model (arXiv 2510.14459). A larger score means the
 holdout examples make the response more likely: the example agrees with the holdout distribution.
+
+`form="conditioned"` offers a variant: log p(y | D, x) alone, the response's likelihood with the holdout in context.
+The difference cancels whatever makes y likely or unlikely given x alone; that is what finds a pool's off-target
+examples (the holdout raises only the target's responses), but it also cancels the signal of a response that does
+not answer its own question, which the conditioned form keeps (see the README's "Which score to trust").
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from .formats import PreferenceExample, read_dataset
 from .rendering import ICAPromptTemplate, Renderer
 
 REDUCTIONS = ("sum", "mean")
+#: `"difference"`: log p(y | D, x) - log p(y | x), the paper's; `"conditioned"`: log p(y | D, x) alone.
+FORMS = ("difference", "conditioned")
 
 
 @dataclass
@@ -23,13 +30,15 @@ class ICAScores:
     """ICA scores of a dataset with their parts, all aligned with the dataset's rows.
 
     Attributes:
-        scores (`np.ndarray`): `(N,)` float64, `logp_conditioned - logp_unconditioned`, divided by `num_tokens`
-            when `reduction="mean"`.
+        scores (`np.ndarray`): `(N,)` float64, `logp_conditioned - logp_unconditioned` (`form="difference"`) or
+            `logp_conditioned` (`form="conditioned"`), divided by `num_tokens` when `reduction="mean"`.
         logp_conditioned (`np.ndarray`): `(N,)` float64, summed log p(y | D, x).
-        logp_unconditioned (`np.ndarray`): `(N,)` float64, summed log p(y | x).
+        logp_unconditioned (`np.ndarray`): `(N,)` float64, summed log p(y | x); NaN where it was not computed (the
+            conditioned form needs no pass without demonstrations).
         num_tokens (`np.ndarray`): `(N,)` int64, scored response tokens.
         demo_indices (`np.ndarray`): `(N, k)` int64, holdout rows used as demonstrations, in prompt order.
         reduction (`str`): `"sum"` or `"mean"`.
+        form (`str`): `"difference"` or `"conditioned"`.
         pair_logps (`np.ndarray`, *optional*): preference pairs only, `(N, 4)` float64: log p(y_w | D, x),
             log p(y_l | D, x), log p(y_w | x), log p(y_l | x). `logp_conditioned` and `logp_unconditioned` then hold
             the chosen-minus-rejected margins and `num_tokens` the chosen and rejected tokens together.
@@ -42,15 +51,20 @@ class ICAScores:
     num_tokens: np.ndarray
     demo_indices: np.ndarray
     reduction: str = "sum"
+    form: str = "difference"
     pair_logps: np.ndarray | None = None
     pair_tokens: np.ndarray | None = None
 
 
-def reduce_scores(conditioned: np.ndarray, unconditioned: np.ndarray, num_tokens: np.ndarray, reduction: str):
-    """`conditioned - unconditioned`, per response token when `reduction="mean"`."""
+def reduce_scores(conditioned, unconditioned, num_tokens, reduction: str, form: str = "difference") -> np.ndarray:
+    """`conditioned - unconditioned` (or `conditioned` alone for `form="conditioned"`), per response token when
+    `reduction="mean"`."""
     check_choice("reduction", reduction, REDUCTIONS)
-    diff = np.asarray(conditioned, dtype=np.float64) - np.asarray(unconditioned, dtype=np.float64)
-    return diff / np.asarray(num_tokens) if reduction == "mean" else diff
+    check_choice("form", form, FORMS)
+    score = np.asarray(conditioned, dtype=np.float64)
+    if form == "difference":
+        score = score - np.asarray(unconditioned, dtype=np.float64)
+    return score / np.asarray(num_tokens) if reduction == "mean" else score
 
 
 class ICARequestBuilder:
@@ -170,15 +184,18 @@ def score_with(
     indices=None,
     *,
     reduction="sum",
+    form="difference",
     batch_size=None,
     show_progress=True,
     distributed: str | None = None,
 ) -> ICAScores:
-    """Score `indices` (default: all) of a builder's candidates (or pairs) with both passes."""
+    """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
+    `form="difference"` the pass without."""
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("form", form, FORMS)
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
     passes = []
-    for conditioned in (True, False):
+    for conditioned in (True, False) if form == "difference" else (True,):
         label = "with" if conditioned else "without"
         requests = [r for i in indices for r in builder.requests(i, conditioned)]
         out = score_requests(
@@ -190,34 +207,42 @@ def score_with(
             distributed=distributed,
         )
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
-    (cond, counts), (plain, _) = passes
-    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction)
+    (cond, counts), plain = passes[0], (passes[1][0] if len(passes) > 1 else None)
+    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form)
 
 
-def assemble_scores(cond, plain, counts, demo_indices, reduction: str) -> ICAScores:
+def assemble_scores(cond, plain, counts, demo_indices, reduction: str, form: str = "difference") -> ICAScores:
     """[`ICAScores`] from summed log-probs with (`cond`) and without (`plain`) demonstrations, each `(N, 1)` for
-    examples or `(N, 2)` [chosen, rejected] for pairs, and the response tokens `counts` of the same shape."""
-    cond, plain, counts = (np.asarray(a) for a in (cond, plain, counts))
+    examples or `(N, 2)` [chosen, rejected] for pairs, and the response tokens `counts` of the same shape.
+    `plain` may be None (or hold NaN) for `form="conditioned"`, which does not use it."""
+    check_choice("form", form, FORMS)
+    cond, counts = np.asarray(cond, dtype=np.float64), np.asarray(counts)
+    plain = np.full(cond.shape, np.nan) if plain is None else np.asarray(plain, dtype=np.float64)
+    if form == "difference" and np.isnan(plain).any():
+        raise ValueError("`form='difference'` needs log p(y | x) of every response; `plain` has NaN.")
     if cond.shape[1] == 1:
         return ICAScores(
-            scores=reduce_scores(cond[:, 0], plain[:, 0], counts[:, 0], reduction),
+            scores=reduce_scores(cond[:, 0], plain[:, 0], counts[:, 0], reduction, form),
             logp_conditioned=cond[:, 0],
             logp_unconditioned=plain[:, 0],
             num_tokens=counts[:, 0],
             demo_indices=demo_indices,
             reduction=reduction,
+            form=form,
         )
-    # s = [log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)], each term per token for "mean"
+    # s = [log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)], each term per token for "mean";
+    # the conditioned form keeps the first bracket
     per = counts if reduction == "mean" else np.ones_like(counts)
     margin_cond = cond[:, 0] / per[:, 0] - cond[:, 1] / per[:, 1]
     margin_plain = plain[:, 0] / per[:, 0] - plain[:, 1] / per[:, 1]
     return ICAScores(
-        scores=margin_cond - margin_plain,
+        scores=margin_cond - margin_plain if form == "difference" else margin_cond,
         logp_conditioned=cond[:, 0] - cond[:, 1],
         logp_unconditioned=plain[:, 0] - plain[:, 1],
         num_tokens=counts.sum(1),
         demo_indices=demo_indices,
         reduction=reduction,
+        form=form,
         pair_logps=np.concatenate([cond, plain], axis=1),
         pair_tokens=counts,
     )
@@ -232,6 +257,7 @@ def score_ica(
     num_demos: int = 3,
     demo_selection: str = "knn",
     reduction: str = "sum",
+    form: str = "difference",
     batch_size: int | None = None,
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
@@ -243,6 +269,7 @@ def score_ica(
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("form", form, FORMS)
     builder = prepare_ica(
         model,
         tokenizer,
@@ -261,6 +288,7 @@ def score_ica(
         model,
         builder,
         reduction=reduction,
+        form=form,
         batch_size=batch_size,
         show_progress=show_progress,
         distributed=distributed,
@@ -281,6 +309,11 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         demo_selection (`str`, *optional*, defaults to `"knn"`): `"knn"`, `"fixed"` or `"random"` (see
             [`select_demos`]).
         reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over response tokens, or `"mean"` per token.
+        form (`str`, *optional*, defaults to `"difference"`): `"difference"`, the paper's score above; or
+            `"conditioned"`, log p(y | D, x) alone (for pairs the chosen-minus-rejected margin with demonstrations),
+            which skips the pass without demonstrations. The difference finds examples off the holdout's
+            distribution; the conditioned form (best with `reduction="mean"`) also finds responses that do not fit
+            their own prompt (wrong or mismatched labels). See the README's "Which score to trust".
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.

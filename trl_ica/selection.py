@@ -20,7 +20,8 @@ from .whisperer import WhispererConfig, whisperer_scores
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
 #: examples with the *highest* ratio (the responses the instruction helps least), so larger is "selected" too.
 METHODS = {
-    "ica": "log p(y | k holdout demos, x) - log p(y | x); for pairs, the change of the chosen-minus-rejected margin",
+    "ica": "log p(y | k holdout demos, x) - log p(y | x); for pairs, the change of the chosen-minus-rejected margin "
+    "(form='conditioned': log p(y | k holdout demos, x) alone, or the margin with demos)",
     "whisperer": "Data Whisperer: few-shot answer quality credited to each demonstration by its attention share",
     "oneshot": "mean gain of its nearest holdout answers' log-probability with the example as the one demonstration",
     "rho": "RHO-Loss: loss under the current model minus loss under a reference model trained on the holdout",
@@ -153,6 +154,7 @@ def score_dataset(
     num_demos: int = 3,
     demo_selection: str = "knn",
     reduction: str = "sum",
+    form: str = "difference",
     embedding_model=None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -168,7 +170,7 @@ def score_dataset(
         holdout: clean examples, needed by `ica` and `oneshot`; for `whisperer`, optional: the questions to answer.
         reference_model: for `rho`, a model fine-tuned on the holdout set.
         num_demos (`int`): k demonstrations for `ica`; holdout queries per example for `oneshot`.
-        demo_selection, reduction, embedding_model: as in [`compute_ica_scores`].
+        demo_selection, reduction, form, embedding_model: as in [`compute_ica_scores`].
         seed (`int`): seed of `random` and of fixed/random demonstrations.
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
     """
@@ -188,6 +190,7 @@ def score_dataset(
             num_demos=num_demos,
             demo_selection=demo_selection,
             reduction=reduction,
+            form=form,
             embedding_model=embedding_model,
             seed=seed,
             **common,
