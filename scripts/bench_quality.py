@@ -38,8 +38,11 @@ from trl_ica.whisperer import final_number
 
 warnings.filterwarnings("ignore")
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-SFT_METHODS = ("uniform", "ica", "ica_online", "top_half_ica", "top_half_loss")
-PREF_METHODS = ("dpo", "ica_dpo", "simpo", "ica_simpo")
+SFT_METHODS = (
+    "uniform", "ica", "ica_online", "ica_conditioned", "top_half_ica", "top_half_conditioned", "top_half_loss"
+)  # fmt: skip
+PREF_METHODS = ("dpo", "ica_dpo", "ica_dpo_conditioned", "simpo", "ica_simpo", "ica_simpo_conditioned")
+CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the variant score (see the README)
 
 
 def common(out, args, seed):
@@ -63,7 +66,8 @@ def train_sft(method, train, holdout, scores, seed, args):
     with tempfile.TemporaryDirectory() as out:
         settings = dict(common(out, args, seed), max_length=1024)
         if method.startswith("ica"):
-            config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1))
+            variant = CONDITIONED if method == "ica_conditioned" else {}
+            config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1), **variant)
             trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=LoraConfig(**LORA))  # fmt: skip
         else:
@@ -117,27 +121,65 @@ def reasoning_gym_accuracy(model, tokenizer, test):
     return float(np.mean(correct))
 
 
-def run_sft_like(name, make_data, accuracy, args):
-    results = {m: {"loss": [], "accuracy": []} for m in args.methods if m in SFT_METHODS}
+class Results:
+    """Per-seed results kept in a JSON file, so an interrupted or extended run resumes where it stopped:
+    `{scenario: {method: {metric: {seed: value}}}}`."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = {}
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def has(self, scenario, method, seed):
+        return any(str(seed) in v for v in self.data.get(scenario, {}).get(method, {}).values())
+
+    def add(self, scenario, method, seed, **metrics):
+        for metric, value in metrics.items():
+            self.data.setdefault(scenario, {}).setdefault(method, {}).setdefault(metric, {})[str(seed)] = value
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f, indent=1)
+
+    def table(self, scenario, seeds):
+        """`{method: {metric: [value per seed]}}` over `seeds`, for the methods run on all of them."""
+        out = {}
+        for method, metrics in self.data.get(scenario, {}).items():
+            if all(str(s) in v for v in metrics.values() for s in seeds):
+                out[method] = {m: [v[str(s)] for s in seeds] for m, v in metrics.items()}
+        return out
+
+
+BEFORE = "before training"
+
+
+def run_sft_like(name, make_data, accuracy, args, results):
+    methods = [m for m in args.methods if m in SFT_METHODS]
     for seed in args.seeds:
+        todo = [m for m in methods if not results.has(name, m, seed)]
+        if not todo and results.has(name, BEFORE, seed) and (seed != args.seeds[0] or not args.parts):
+            continue
         train, holdout, test, labels, positive = make_data(seed)
         model, tokenizer = load_model()
         ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
-        if seed == args.seeds[0]:
+        if seed == args.seeds[0] and args.parts:
             score_parts(name, ica, labels, positive)
-        scores = {"ica": ica.scores, "loss": score_dataset("loss", model, tokenizer, train, show_progress=False)}
-        for method in results:
+        scores = {
+            "ica": ica.scores,
+            "conditioned": ica.logp_conditioned / ica.num_tokens,
+            "loss": score_dataset("loss", model, tokenizer, train, show_progress=False),
+        }
+        for method in todo:
             start = time.perf_counter()
             trained, tokenizer = train_sft(method, train, holdout, scores, seed, args)
-            results[method]["loss"].append(test_loss(trained, tokenizer, test))
-            results[method]["accuracy"].append(accuracy(trained, tokenizer, test))
-            done = results[method]
-            print(f"  [{name} seed {seed}] {method}: loss {done['loss'][-1]:.4f}, accuracy {done['accuracy'][-1]:.3f} "
+            loss, correct = test_loss(trained, tokenizer, test), accuracy(trained, tokenizer, test)
+            results.add(name, method, seed, loss=loss, accuracy=correct)
+            print(f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        before = results.setdefault("before training", {"loss": [], "accuracy": []})  # `model` scored, untrained
-        before["loss"].append(test_loss(model, tokenizer, test))
-        before["accuracy"].append(accuracy(model.eval(), tokenizer, test))
-    return results
+        if not results.has(name, BEFORE, seed):  # `model` scored, untrained
+            results.add(name, BEFORE, seed, loss=test_loss(model, tokenizer, test),
+                        accuracy=accuracy(model.eval(), tokenizer, test))  # fmt: skip
 
 
 def score_parts(name, ica, labels, positive):
@@ -178,48 +220,53 @@ def pair_accuracy(model, base, tokenizer, test, simpo):
     return float(np.mean(logps[:, 0] > logps[:, 1]))
 
 
-def run_pref(args):
+def run_pref(args, results):
     from trl import DPOConfig, DPOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    from trl_ica import ICADPOConfig, ICADPOTrainer, ICASimPOConfig
+    from trl_ica import ICACPOTrainer, ICADPOConfig, ICADPOTrainer, ICASimPOConfig
 
-    results = {m: {"accuracy": []} for m in args.methods if m in PREF_METHODS}
+    methods = [m for m in args.methods if m in PREF_METHODS]
+    before = "before training (DPO margin / SimPO margin)"
     for seed in args.seeds:
+        todo = [m for m in methods if not results.has("pref", m, seed)]
+        if not todo and results.has("pref", before, seed):
+            continue
         train, holdout, test = noisy_gsm8k_pairs(args.n_train, 16, args.n_test, args.noise, seed)
         train = train.remove_columns("flipped")
         base, _ = load_model()
-        for method in results:
+        for method in todo:
             start = time.perf_counter()
             model, tokenizer = load_model()
             with tempfile.TemporaryDirectory() as out:
                 settings = dict(common(out, args, seed), max_length=1024)
-                simpo = method.endswith("simpo")
+                simpo = "simpo" in method
                 kw = dict(train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+                ica = dict(ica_fields(1), **(CONDITIONED if method.endswith("conditioned") else {}))
                 if method == "dpo":
                     trainer = DPOTrainer(model, args=DPOConfig(**settings, beta=0.5), **kw)
-                elif method == "ica_dpo":
-                    config = ICADPOConfig(**settings, beta=0.5, **ica_fields(1))
+                elif method.startswith("ica_dpo"):
+                    config = ICADPOConfig(**settings, beta=0.5, **ica)
                     trainer = ICADPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
                 elif method == "simpo":
                     config = CPOConfig(**settings, loss_type="simpo", cpo_alpha=0.0, beta=2.5, simpo_gamma=1.375)
                     trainer = CPOTrainer(model, args=config, **kw)
                 else:
-                    from trl_ica import ICACPOTrainer
-
-                    config = ICASimPOConfig(**settings, **ica_fields(1))  # beta 2.5, gamma 1.375 as above
+                    config = ICASimPOConfig(**settings, **ica)  # beta 2.5, gamma 1.375 as above
                     trainer = ICACPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
                 trainer.train()
-            results[method]["accuracy"].append(pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo))
-            print(f"  [pref seed {seed}] {method}: pair accuracy {results[method]['accuracy'][-1]:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        results.setdefault("before training (DPO margin / SimPO margin)", {"accuracy": []})["accuracy"].append(
-            pair_accuracy(base, base, tokenizer, test, True)
-        )
-    return results
+            accuracy = pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo)
+            results.add("pref", method, seed, accuracy=accuracy)
+            print(f"  [pref seed {seed}] {method}: pair accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)  # fmt: skip
+        if not results.has("pref", before, seed):
+            results.add("pref", before, seed, accuracy=pair_accuracy(base, base, tokenizer, test, True))
 
 
 def report(name, title, results, plots):
+    if not results:
+        print(f"\n### {title}\n\nNo method has results for every seed yet.")
+        return
     metrics = list(next(iter(results.values())))
     print(f"\n### {title}\n")
     print("| method | " + " | ".join(f"{m} (mean ± sd)" for m in metrics) + " | per seed |")
@@ -263,30 +310,39 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--plots", default="docs", help="Folder for the PNGs; '' for none.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default="", help="JSON file of per-seed results: runs already in it are "
+                        "skipped, new ones added (resume or extend a run).")  # fmt: skip
+    parser.add_argument("--no-parts", dest="parts", action="store_false", help="Skip the score-parts analysis.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    results = Results(args.results)
     if "sft" in args.scenarios:
-        results = run_sft_like(
+        run_sft_like(
             "sft",
             lambda s: _without(noisy_gsm8k(args.n_train, 16, args.n_test, args.noise, s), "corruption", "clean"),
             gsm8k_accuracy,
             args,
+            results,
         )
-        report("sft", f"Noisy GSM8K SFT: {args.n_train} rows, {args.noise:.0%} corrupted, {args.steps} LoRA steps of "
-               f"{args.batch_size}", results, args.plots)  # fmt: skip
     if "domain" in args.scenarios:
-        results = run_sft_like(
+        run_sft_like(
             "domain",
             lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task", "leg_counting"),
             reasoning_gym_accuracy,
             args,
+            results,
         )
-        report("domain", f"Reasoning-gym mixture, target leg counting: {args.steps} LoRA steps of {args.batch_size}",
-               results, args.plots)  # fmt: skip
     if "pref" in args.scenarios:
-        results = run_pref(args)
-        report("pref", f"GSM8K pairs: {args.n_train} pairs, {args.noise:.0%} flipped, {args.steps} LoRA steps of "
-               f"{args.batch_size}", results, args.plots)  # fmt: skip
+        run_pref(args, results)
+    titles = {
+        "sft": f"Noisy GSM8K SFT: {args.n_train} rows, {args.noise:.0%} corrupted, {args.steps} LoRA steps of "
+        f"{args.batch_size}",
+        "domain": f"Reasoning-gym mixture, target leg counting: {args.steps} LoRA steps of {args.batch_size}",
+        "pref": f"GSM8K pairs: {args.n_train} pairs, {args.noise:.0%} flipped, {args.steps} LoRA steps of "
+        f"{args.batch_size}",
+    }
+    for name in args.scenarios:
+        report(name, titles[name], results.table(name, args.seeds), args.plots)
 
 
 def _without(splits, column, positive):
