@@ -143,11 +143,12 @@ class Results:
                 json.dump(self.data, f, indent=1)
 
     def table(self, scenario, seeds):
-        """`{method: {metric: [value per seed]}}` over `seeds`, for the methods run on all of them."""
+        """`{method: {metric: [value per seed]}}` over those of `seeds` each method has run on."""
         out = {}
         for method, metrics in self.data.get(scenario, {}).items():
-            if all(str(s) in v for v in metrics.values() for s in seeds):
-                out[method] = {m: [v[str(s)] for s in seeds] for m, v in metrics.items()}
+            done = [s for s in seeds if all(str(s) in v for v in metrics.values())]
+            if done:
+                out[method] = {m: [v[str(s)] for s in done] for m, v in metrics.items()}
         return out
 
 
@@ -263,38 +264,67 @@ def run_pref(args, results):
             results.add("pref", before, seed, accuracy=pair_accuracy(base, base, tokenizer, test, True))
 
 
-def report(name, title, results, plots):
+def baseline_of(method):
+    """The stock run an ICA method is compared with, seed by seed: the same trainer with uniform weights."""
+    if method.startswith("before"):
+        return None
+    return "simpo" if "simpo" in method else "dpo" if "dpo" in method else "uniform"
+
+
+def report(name, title, results, plots, raw=None):
+    """Mean ± sd over seeds, and the mean paired difference from the stock run on the same seeds (seeds differ more
+    from each other than methods do, so the paired difference is the comparison to read)."""
     if not results:
-        print(f"\n### {title}\n\nNo method has results for every seed yet.")
+        print(f"\n### {title}\n\nNo results yet.")
         return
     metrics = list(next(iter(results.values())))
     print(f"\n### {title}\n")
-    print("| method | " + " | ".join(f"{m} (mean ± sd)" for m in metrics) + " | per seed |")
-    print("|---|" + "---|" * (len(metrics) + 1))
+    header = [f"{m} (mean ± sd)" for m in metrics] + [f"{m}: paired diff. from stock" for m in metrics]
+    print("| method | " + " | ".join(header) + " | seeds |")
+    print("|---|" + "---|" * (len(header) + 1))
     for method, values in results.items():
         cells = [f"{np.mean(values[m]):.4f} ± {np.std(values[m]):.4f}" for m in metrics]
-        seeds = "; ".join(", ".join(f"{v:.3f}" for v in values[m]) for m in metrics)
-        print(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
+        base = baseline_of(method)
+        for m in metrics:
+            if base is None or base == method or raw is None or base not in raw:
+                cells.append("")
+                continue
+            mine, theirs = raw[method][m], raw[base][m]
+            diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
+            cells.append(f"{np.mean(diffs):+.4f} (n={len(diffs)})" if diffs else "")
+        print(f"| {method} | " + " | ".join(cells) + f" | {len(values[metrics[0]])} |")
     if plots:
-        import matplotlib
+        plot_differences(name, title, results, raw, metrics, plots)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
-            names = list(results)
-            means = [np.mean(results[n][metric]) for n in names]
-            ax.barh(names, means, xerr=[np.std(results[n][metric]) for n in names], color="tab:blue", alpha=0.8)
-            for i, n in enumerate(names):
-                ax.plot(results[n][metric], [i] * len(results[n][metric]), "k.", ms=4)
-            ax.set_xlabel(metric)
-            ax.invert_yaxis()
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(plots, f"quality_{name}.png")
-        fig.savefig(path, dpi=110)
-        print(f"\n![{title}]({os.path.basename(path)})")
+def plot_differences(name, title, results, raw, metrics, folder):
+    """Per metric: each method's difference from its stock run, one dot per seed and a bar at the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if baseline_of(n) not in (None, n) and baseline_of(n) in (raw or {})]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.9 + 0.42 * len(names)), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, n in enumerate(names):
+            mine, theirs = raw[n][metric], raw[baseline_of(n)][metric]
+            diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
+            ax.barh(i, np.mean(diffs), color="tab:blue", alpha=0.6)
+            ax.plot(diffs, [i] * len(diffs), "k.", ms=5)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(names)), [f"{n} - {baseline_of(n)}" for n in names], fontsize=8)
+        better = "lower" if metric == "loss" else "higher"
+        ax.set_xlabel(f"{metric}: difference from the stock run, same seed ({better} is better)")
+        ax.invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(folder, f"quality_{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\n![{title}]({os.path.basename(path)})")
 
 
 def main():
@@ -342,7 +372,7 @@ def main():
         f"{args.batch_size}",
     }
     for name in args.scenarios:
-        report(name, titles[name], results.table(name, args.seeds), args.plots)
+        report(name, titles[name], results.table(name, args.seeds), args.plots, results.data.get(name))
 
 
 def _without(splits, column, positive):
