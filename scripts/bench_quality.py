@@ -2,18 +2,22 @@
 
 Scenarios, each over several seeds (a seed draws the data split and initialises the run):
 - `sft`: a noisy GSM8K pool (a `--noise` share corrupted: wrong final number, another problem's solution, truncated)
-  with a clean holdout. Uniform SFT, ICA weights (one refresh, and online), and SFT on the top half of the pool by
-  the ICA score and by the loss baseline, all for the same number of steps. Measured: the loss on clean test
-  answers (nats/token) and the final-number accuracy of greedy answers to the test questions.
+  with a clean holdout. Uniform SFT, ICA weights (one refresh, online, and the conditioned score form), and SFT on
+  the top half of the pool by the ICA score, the conditioned score and the loss baseline, all for the same number
+  of steps. Measured: the loss on clean test answers (nats/token) and the final-number accuracy of greedy answers
+  to the test questions.
 - `domain`: a pool mixing five reasoning-gym tasks, a holdout of the target task (leg counting). Same methods;
   measured on the target task's test split: loss and accuracy by reasoning-gym's own `score_answer`.
-- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO, stock and ICA-weighted; measured:
-  preference accuracy on clean test pairs (DPO: implicit reward margin against the base model; SimPO: mean
-  log-probability margin).
+- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO, stock and ICA-weighted (both score
+  forms); measured: preference accuracy on clean test pairs (DPO: implicit reward margin against the base model;
+  SimPO: mean log-probability margin).
 
-    python scripts/bench_quality.py [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs]
+    python scripts/bench_quality.py [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs] \
+        [--methods ...] [--results docs/quality_results.json]
 
-Prints a markdown table per scenario (mean and standard deviation over seeds) and writes one PNG per scenario.
+Prints a markdown table per scenario (mean and standard deviation over seeds, and the paired difference from the
+stock run of the same seed) and writes one PNG per scenario. With `--results`, every finished run is kept in that
+JSON file, and runs already in it are skipped: an interrupted run resumes, and new methods or seeds extend it.
 """
 
 import argparse
@@ -322,7 +326,7 @@ def plot_differences(name, title, results, raw, metrics, folder):
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(names)), [f"{n} - {baseline_of(n)}" for n in names], fontsize=8)
         better = "lower" if metric == "loss" else "higher"
-        ax.set_xlabel(f"{metric}: difference from the stock run, same seed ({better} is better)")
+        ax.set_xlabel(f"{metric}: difference from the stock run\nof the same seed ({better} is better)")
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
