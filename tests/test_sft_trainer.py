@@ -149,6 +149,11 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
 
 
+def test_conditioned_form_with_summed_log_probs_warns(tmp_path):
+    with pytest.warns(UserWarning, match="ranks short responses first"):
+        ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, ica_score_form="conditioned")
+
+
 @pytest.mark.parametrize("refresh", [1, "online"])
 def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, tmp_path, refresh):
     model = model_for(tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from .demos import DEMO_SELECTIONS
@@ -86,6 +87,12 @@ class ICAArguments:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if self.ica_score_form == "conditioned" and self.ica_reduction == "sum":
+            warnings.warn(
+                "`ica_score_form='conditioned'` with `ica_reduction='sum'` ranks short responses first (a summed "
+                "log-probability falls with every token); `ica_reduction='mean'` is the setting the docs recommend.",
+                stacklevel=2,
+            )
         if not isinstance(self.ica_num_demos, int) or self.ica_num_demos < 1:
             raise ValueError(f"`ica_num_demos` must be a positive integer, got {self.ica_num_demos!r}.")
         if not self.ica_temperature > 0:

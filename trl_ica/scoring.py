@@ -4,9 +4,9 @@ score(x, y) = log p(y | D, x) - log p(y | x) under the current model (arXiv 2510
 holdout examples make the response more likely: the example agrees with the holdout distribution.
 
 `form="conditioned"` offers a variant: log p(y | D, x) alone, the response's likelihood with the holdout in context.
-The difference cancels whatever makes y likely or unlikely given x alone; that is what finds a pool's off-target
-examples (the holdout raises only the target's responses), but it also cancels the signal of a response that does
-not answer its own question, which the conditioned form keeps (see the README's "Which score to trust").
+The difference cancels whatever makes y likely or unlikely given x alone, which isolates the holdout's pull (what
+tells a pool's target examples from the rest), but it also cancels the signal of a response that does not answer
+its own question, which the conditioned form keeps (see the README's "Which score to trust").
 """
 
 from __future__ import annotations
