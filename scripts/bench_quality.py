@@ -37,7 +37,7 @@ from trl_ica.formats import read_dataset
 from trl_ica.rendering import Renderer
 from trl_ica.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
 from trl_ica.scoring import score_ica
-from trl_ica.selection import score_dataset, select_top
+from trl_ica.selection import select_top
 from trl_ica.whisperer import final_number
 
 warnings.filterwarnings("ignore")
@@ -170,14 +170,16 @@ def run_sft_like(name, make_data, accuracy, args, results):
             continue
         train, holdout, test, labels, positive = make_data(seed)
         model, tokenizer = load_model()
-        ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
-        if seed == args.seeds[0] and args.parts:
-            score_parts(name, ica, labels, positive)
-        scores = {
-            "ica": ica.scores,
-            "conditioned": ica.logp_conditioned / ica.num_tokens,
-            "loss": score_dataset("loss", model, tokenizer, train, show_progress=False),
-        }
+        scores = None
+        if (seed == args.seeds[0] and args.parts) or any(m.startswith("top_half") for m in todo):
+            ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
+            if seed == args.seeds[0] and args.parts:
+                score_parts(name, ica, labels, positive)
+            scores = {  # the loss baseline is log p(y | x) per token, which the ICA pass without demos already has
+                "ica": ica.scores,
+                "conditioned": ica.logp_conditioned / ica.num_tokens,
+                "loss": ica.logp_unconditioned / ica.num_tokens,
+            }
         for method in todo:
             start = time.perf_counter()
             trained, tokenizer = train_sft(method, train, holdout, scores, seed, args)
