@@ -2,10 +2,10 @@
 
 Scenarios, each over several seeds (a seed draws the data split and initialises the run):
 - `sft`: a noisy GSM8K pool (a `--noise` share corrupted: wrong final number, another problem's solution, truncated)
-  with a clean holdout. Uniform SFT, ICA weights (one refresh, online, and the conditioned score form), and SFT on
-  the top half of the pool by the ICA score, the conditioned score and the loss baseline, all for the same number
-  of steps. Measured: the loss on clean test answers (nats/token) and the final-number accuracy of greedy answers
-  to the test questions.
+  with a clean holdout. Uniform SFT, ICA weights (one refresh, online, and the conditioned score form), a control
+  with the same weighting of random scores (`random_weights`), and SFT on the top half of the pool by the ICA
+  score, the conditioned score and the loss baseline, all for the same number of steps. Measured: the loss on
+  clean test answers (nats/token) and the final-number accuracy of greedy answers to the test questions.
 - `domain`: a pool mixing five reasoning-gym tasks, a holdout of the target task (leg counting). Same methods;
   measured on the target task's test split: loss and accuracy by reasoning-gym's own `score_answer`.
 - `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO, stock and ICA-weighted (both score
@@ -43,7 +43,8 @@ from trl_ica.whisperer import final_number
 warnings.filterwarnings("ignore")
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 SFT_METHODS = (
-    "uniform", "ica", "ica_online", "ica_conditioned", "top_half_ica", "top_half_conditioned", "top_half_loss"
+    "uniform", "ica", "ica_online", "ica_conditioned", "random_weights", "top_half_ica", "top_half_conditioned",
+    "top_half_loss",
 )  # fmt: skip
 PREF_METHODS = ("dpo", "ica_dpo", "ica_dpo_conditioned", "simpo", "ica_simpo", "ica_simpo_conditioned")
 CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the variant score (see the README)
@@ -69,11 +70,14 @@ def train_sft(method, train, holdout, scores, seed, args):
     model, tokenizer = load_model()
     with tempfile.TemporaryDirectory() as out:
         settings = dict(common(out, args, seed), max_length=1024)
-        if method.startswith("ica"):
+        if method.startswith("ica") or method == "random_weights":
             variant = CONDITIONED if method == "ica_conditioned" else {}
             config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1), **variant)
             trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=LoraConfig(**LORA))  # fmt: skip
+            if method == "random_weights":  # control: the same batch min-max weighting of scores that carry no signal
+                trainer.ica.scores = np.random.default_rng(seed).random(len(train))
+                trainer.ica.refreshes_done = 1
         else:
             if method.startswith("top_half"):  # equal budget: the same steps over half the rows
                 train = train.select(select_top(scores[method.split("_")[-1]], 0.5))
@@ -152,7 +156,10 @@ class Results:
     def table(self, scenario, seeds):
         """`{method: {metric: [value per seed]}}` over those of `seeds` each method has run on."""
         out = {}
-        for method, metrics in self.data.get(scenario, {}).items():
+        order = [*SFT_METHODS, *PREF_METHODS]  # the script's order, whatever order the runs were made in
+        runs = self.data.get(scenario, {})
+        for method in sorted(runs, key=lambda m: order.index(m) if m in order else len(order)):
+            metrics = runs[method]
             done = [s for s in seeds if all(str(s) in v for v in metrics.values())]
             if done:
                 out[method] = {m: [v[str(s)] for s in done] for m, v in metrics.items()}
