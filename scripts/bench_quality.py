@@ -173,14 +173,15 @@ def run_sft_like(name, make_data, accuracy, args, results):
     methods = [m for m in args.methods if m in SFT_METHODS]
     for seed in args.seeds:
         todo = [m for m in methods if not results.has(name, m, seed)]
-        if not todo and results.has(name, BEFORE, seed) and (seed != args.seeds[0] or not args.parts):
+        parts = seed == args.seeds[0] and args.parts  # print which part of the score moves, once
+        if not todo and results.has(name, BEFORE, seed) and not parts:
             continue
         train, holdout, test, labels, positive = make_data(seed)
         model, tokenizer = load_model()
         scores = None
-        if (seed == args.seeds[0] and args.parts) or any(m.startswith("top_half") for m in todo):
+        if parts or any(m.startswith("top_half") for m in todo):
             ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
-            if seed == args.seeds[0] and args.parts:
+            if parts:
                 score_parts(name, ica, labels, positive)
             scores = {  # the loss baseline is log p(y | x) per token, which the ICA pass without demos already has
                 "ica": ica.scores,
