@@ -6,13 +6,19 @@ from trl_ica.engine import LogProbRequest
 
 
 @torch.no_grad()
-def naive_log_prob(model, request: LogProbRequest) -> float:
-    """log p(response | prefix + context): one full forward of the whole sequence at batch 1, full logits."""
+def naive_token_log_probs(model, request: LogProbRequest) -> list[float]:
+    """log p(token | everything before it) of each response token: one full forward of the whole sequence at
+    batch 1, full logits, the softmax in float64."""
     ids = list(request.prefix) + list(request.context) + list(request.response)
     logits = model(input_ids=torch.tensor([ids])).logits[0].double()
     logp = logits.log_softmax(-1)
     start = len(request.prefix) + len(request.context)
-    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+    return [logp[t - 1, ids[t]].item() for t in range(start, len(ids))]
+
+
+def naive_log_prob(model, request: LogProbRequest) -> float:
+    """log p(response | prefix + context), summed over the response tokens ([`naive_token_log_probs`])."""
+    return sum(naive_token_log_probs(model, request))
 
 
 @torch.no_grad()

@@ -100,20 +100,29 @@ HEAD_CHUNK = 4096  # hidden states per LM-head call: bounds the float32 logits t
 
 
 def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32."""
+    """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32 (float64 for a
+    float64 model).
+
+    `logit[target] - logsumexp(logits)` rather than `log_softmax`: on the CPU, PyTorch's float32 `log_softmax` over a
+    large vocabulary is biased (about +2e-5 nats per token over 49k entries, always the same sign, so a sum over
+    hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md)."""
     chunk = HEAD_CHUNK
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     out = []
     for start in range(0, hidden.size(0), chunk):
-        logits = head(hidden[start : start + chunk]).float()
+        logits = head(hidden[start : start + chunk])
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         if scale is not None:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        out.append(logits.log_softmax(-1).gather(-1, targets[start : start + chunk, None]).squeeze(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        target = logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
+        out.append(target - torch.logsumexp(logits, -1))
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=dtype)
 
 
 def _pad_id(lm) -> int:
