@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
@@ -124,3 +125,66 @@ def weighted_loss_and_grads(trainer, batch, weights, monkeypatch):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     return loss, grads
+
+
+# One optimizer step over STEP_ROWS rows, split in different ways (test_step_weights.py, test_distributed.py)
+STEP_ROWS = 16
+STEP_COMMON = dict(
+    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=1,
+    optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, dataloader_drop_last=False,
+    ica_demo_selection="fixed",
+)  # fmt: skip
+
+
+def step_sft_rows():
+    conv = lambda q, a: {  # noqa: E731
+        "prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]
+    }  # fmt: skip
+    train = [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(STEP_ROWS)]
+    holdout = [conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)]
+    return Dataset.from_list(train), Dataset.from_list(holdout)
+
+
+def step_pair_rows():
+    pair = lambda q, good, bad: {  # noqa: E731
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+    train = [
+        pair(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 3))
+        for i in range(STEP_ROWS)
+    ]
+    holdout = [pair(f"What is {i} plus 7?", f"The answer is {i + 7}.", f"It is {i}.") for i in range(5)]
+    return Dataset.from_list(train), Dataset.from_list(holdout)
+
+
+def step_trainer(kind, tokenizer, folder, batch, accumulation, extra_rows=0, model=None, ref_model=None, **fields):
+    """An ICA trainer (`kind`: "sft", "dpo" or "simpo") of one SGD step over `STEP_ROWS` rows, split as `batch` rows
+    per device x `accumulation` micro-batches, with a tiny Llama of seed 0 unless `model` is given."""
+    from trl_ica import ICACPOTrainer, ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, ICASimPOConfig
+
+    model = model or tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model.train()
+    settings = dict(
+        STEP_COMMON, output_dir=str(folder), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, **fields,
+    )  # fmt: skip
+    if kind == "sft":
+        train, holdout = step_sft_rows()
+        train = Dataset.from_list(list(train) + list(train)[:extra_rows])
+        return ICASFTTrainer(
+            model, args=ICASFTConfig(**settings), train_dataset=train, processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )  # fmt: skip
+    train, holdout = step_pair_rows()
+    if kind == "dpo":
+        ref = ref_model or tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return ICADPOTrainer(
+            model, ref.eval(), args=ICADPOConfig(**settings), train_dataset=train, processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )  # fmt: skip
+    return ICACPOTrainer(
+        model, args=ICASimPOConfig(**settings, max_length=256), train_dataset=train, processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )  # fmt: skip

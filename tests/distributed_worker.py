@@ -1,7 +1,9 @@
 """Run by `tests/test_distributed.py` under `accelerate launch --num_processes 2 --cpu`; writes what it saw to --out.
 
 Every process records the order of its backbone and LM-head calls (`calls-<rank>.json`); the main process writes the
-sharded ICA scores, each process's lockstep scores against its own local scoring, and two short training runs.
+sharded ICA scores, each process's lockstep scores against its own local scoring, three short training runs, and
+one optimizer step of 16 rows split as 2 processes x 2 rows x 4 micro-batches for each trainer
+(`step_<kind>_<refresh>`: its weights.jsonl and the parameters after the step).
 """
 
 import argparse
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from conftest import step_trainer
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,6 +107,16 @@ def main():
         changed = any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         runs[name] = {"global_step": trainer.state.global_step, "losses": losses, "changed": changed}
+    # 4. One step of 16 rows as 2 processes x 2 x 4, for test_step_weights' comparison with one process
+    for kind in ("sft", "dpo", "simpo"):
+        for refresh in (1, "online"):
+            out = os.path.join(args.out, f"step_{kind}_{refresh}")
+            load = lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # noqa: E731
+            trainer = step_trainer(kind, tokenizer, out, 2, 4, model=load(), ref_model=load(), ica_refresh=refresh)
+            trainer.train()
+            if state.is_main_process:
+                params = {n: p.detach() for n, p in trainer.model.named_parameters()}
+                torch.save(params, os.path.join(out, "params.pt"))
     gathered = gather_object([runs])
     if state.is_main_process:
         with open(os.path.join(args.out, "runs.json"), "w") as f:

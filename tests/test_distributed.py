@@ -107,6 +107,26 @@ def test_two_process_trainers_train_with_weights_over_the_global_batch(launched)
             assert not np.isin(expected, [0.0, 1.0]).all(), "a case that per-process min-max would also pass"
 
 
+@pytest.mark.parametrize("refresh", [1, "online"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])
+def test_two_processes_get_the_weights_and_update_of_one(launched, tokenizer, tmp_path, kind, refresh):
+    """One optimizer step of 16 rows as 2 processes x 2 rows x 4 micro-batches: the weights and the parameters
+    after the step equal those of one process training on all 16 rows at once."""
+    from conftest import STEP_ROWS, step_trainer
+
+    _, out, _, _ = launched
+    folder = out / f"step_{kind}_{refresh}"
+    records = [json.loads(line) for line in open(folder / "ica" / "weights.jsonl")]
+    assert sorted(r["ica_index"] for r in records) == list(range(STEP_ROWS))  # the global step, written once
+    single = step_trainer(kind, tokenizer, tmp_path, STEP_ROWS, 1, ica_refresh=refresh)
+    single.train()
+    expected = {r["ica_index"]: r["weight"] for r in map(json.loads, open(tmp_path / "ica" / "weights.jsonl"))}
+    np.testing.assert_allclose([r["weight"] for r in records], [expected[r["ica_index"]] for r in records], atol=1e-5)
+    params = torch.load(folder / "params.pt")
+    for name, p in single.model.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_cli_score_under_two_processes_writes_every_row_once(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

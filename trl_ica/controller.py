@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from .distributed import num_processes
 from .engine import score_requests
 from .scoring import ICARequestBuilder, assemble_scores, score_with
-from .weighting import compute_weights, score_range
+from .weighting import BATCH_WEIGHTINGS, compute_weights, score_range
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def _number(value) -> float | None:
 
 class ICAController:
     """Scores, refresh schedule and weights of one training run.
+
+    Weights are computed per optimizer step: the trainer calls [`begin_step`] with every micro-batch of the step
+    before the first one runs, and the schemes that compare scores within a batch (`batch_minmax`, `softmax`,
+    `rank`) compare all the examples of the step, over gradient accumulation and processes. The same step therefore
+    gets the same weights however it is split into micro-batches.
 
     Args:
         builder ([`ICARequestBuilder`]): requests of the training examples, indexed by their `ica_index`.
@@ -51,6 +56,11 @@ class ICAController:
         self.global_range: tuple[float, float] | None = None
         # Online: rows whose training forward scores exactly the unconditioned request (see the trainers)
         self.reuse_unconditioned = np.zeros(n, dtype=bool)
+        # The weights of the step under way, by `ica_index` (None until `begin_step`, or while they wait for the
+        # step's only micro-batch to read log p(y | x) off its forward)
+        self._step_weights: dict[int, float] | None = None
+        self.step_begun: int | None = None  # optimizer step `begin_step` was last called for
+        self._warned_single = False
 
     @property
     def online(self) -> bool:
@@ -147,6 +157,46 @@ class ICAController:
         )
         return scores
 
+    def begin_step(self, model, micro_batches: list[np.ndarray], step: int, max_steps: int) -> dict[str, float] | None:
+        """Weights of one optimizer step, from the `ica_index` of each of this process's micro-batches of the step.
+
+        Every process calls it once per step, before the step's first micro-batch. Refreshes due at `step` happen
+        here. Online, the whole step is scored at once with the current model (demonstration prefixes shared across
+        the step's micro-batches), except when the step is a single micro-batch whose forward yields log p(y | x):
+        then its weights are computed in that forward ([`micro_batch_weights`]), saving the pass without
+        demonstrations. Returns the step's `ica/*` metrics, or None when they come with the micro-batch.
+        """
+        self.step_begun = step
+        self._step_weights = None
+        self.maybe_refresh(model, step, max_steps)
+        if not micro_batches:
+            return None
+        defer = (
+            self.online
+            and len(micro_batches) == 1
+            and self.args.ica_score_form == "difference"
+            and bool(self.reuse_unconditioned.any())
+        )
+        if defer:
+            return None
+        indices = np.concatenate([np.asarray(m, dtype=np.int64).reshape(-1) for m in micro_batches])
+        weights, metrics = self.weights(self.batch_scores(model, indices), indices, step)
+        self._step_weights = dict(zip(indices.tolist(), weights.tolist()))
+        return metrics
+
+    def micro_batch_weights(
+        self, model, indices: np.ndarray, step: int, unconditioned: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[str, float] | None]:
+        """Weights of one micro-batch: looked up in the step's weights, or computed now when the step's weights wait
+        for this forward's log p(y | x) (`unconditioned`, see [`batch_scores`]) or no step was begun (a
+        `compute_loss` called outside the training loop, where the micro-batch is the step). The metrics are None
+        when they were returned by [`begin_step`]."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        table = self._step_weights
+        if table is not None and all(i in table for i in indices.tolist()):
+            return np.array([table[i] for i in indices.tolist()], dtype=np.float64), None
+        return self.weights(self.batch_scores(model, indices, unconditioned), indices, step)
+
     def weights(self, scores: np.ndarray, indices: np.ndarray, step: int) -> tuple[np.ndarray, dict[str, float]]:
         """Weights of this process's batch and the `ica/*` metrics of the step, recorded in `weights.jsonl`.
 
@@ -162,9 +212,22 @@ class ICAController:
             mine = slice(start, start + len(indices))
             all_indices = np.concatenate([p[0] for p in parts])
             all_scores = np.concatenate([p[1] for p in parts])
+        scheme = self.args.ica_weighting
+        if scheme in BATCH_WEIGHTINGS and len(all_scores) == 1:
+            # One example alone has no batch to be compared with: weight it against every score so far instead.
+            if not self._warned_single:
+                logger.warning(
+                    "ICA: step %d trains on a single example, which `ica_weighting=%r` would weight 1 whatever its "
+                    "score; it is weighted against the range of all the scores so far (as 'global_minmax'). This "
+                    "happens at the last step of an epoch that does not divide into full steps.",
+                    step,
+                    scheme,
+                )
+                self._warned_single = True
+            scheme = "global_minmax" if self.global_range is not None else "none"
         weights = compute_weights(
             all_scores,
-            self.args.ica_weighting,
+            scheme,
             temperature=self.args.ica_temperature,
             global_range=self.global_range,
             where=f"training examples (ica_index) {all_indices.tolist()}, rows",

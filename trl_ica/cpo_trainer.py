@@ -100,9 +100,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
                 logps = logps * (labels != -100).sum(1)
             sums = logps.cpu().numpy().reshape(2, -1).T  # (B, 2)
             unconditioned = np.where(self._ica.reuse_unconditioned[index][:, None], sums, np.nan)
-        scores = self._ica.batch_scores(self.model, index, unconditioned)
-        weights, metrics = self._ica.weights(scores, index, self.state.global_step)
-        self._log_ica(metrics)
+        weights = self._ica_micro_batch_weights(index, unconditioned)
         w = torch.as_tensor(weights, dtype=chosen_logps.dtype, device=chosen_logps.device)
         self._ica_batch = (index, w)
         if self.cpo_alpha != 0:

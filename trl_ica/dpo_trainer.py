@@ -127,9 +127,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
             if self._ica.online:
                 sums = log_probs.detach().double().sum(1).cpu().numpy().reshape(2, -1).T  # (B, 2)
                 unconditioned = np.where(self._ica.reuse_unconditioned[index][:, None], sums, np.nan)
-            scores = self._ica.batch_scores(self.model, index, unconditioned)
-            weights, metrics = self._ica.weights(scores, index, self.state.global_step)
-            self._log_ica(metrics)
+            weights = self._ica_micro_batch_weights(index, unconditioned)
             w = torch.as_tensor(weights, dtype=torch.float32, device=log_probs.device)
             policy["weights"] = w
             shift = torch.cat([torch.log(w), torch.zeros_like(w)])[:, None]

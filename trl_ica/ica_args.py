@@ -24,12 +24,14 @@ class ICAArguments:
         ica_embedding_model (`str`, *optional*):
             sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
         ica_weighting (`str`, *optional*, defaults to `"batch_minmax"`):
-            `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`.
+            `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`. The batch schemes
+            (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch
+            of gradient accumulation on every process.
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
-            R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each batch
-            scored at its step).
+            R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each
+            optimizer step scored at its start with the current parameters).
         ica_reduction (`str`, *optional*, defaults to `"sum"`):
             `"sum"` of response token log-probabilities (the paper's) or `"mean"` per token.
         ica_score_form (`str`, *optional*, defaults to `"difference"`):

@@ -90,9 +90,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             if self._ica.online:
                 sums = _row_sums(log_probs.detach(), owner, len(index))
                 unconditioned = np.where(self._ica.reuse_unconditioned[index], sums, np.nan)
-            scores = self._ica.batch_scores(self.model, index, unconditioned)
-            weights, metrics = self._ica.weights(scores, index, self.state.global_step)
-            self._log_ica(metrics)
+            weights = self._ica_micro_batch_weights(index, unconditioned)
             w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
             return output

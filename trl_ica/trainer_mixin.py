@@ -14,6 +14,7 @@ from .controller import ICAController
 from .ica_args import ICAArguments
 from .rendering import ICAPromptTemplate
 from .scoring import prepare_ica
+from .weighting import BATCH_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,16 @@ class ICATrainerMixin:
             show_progress=self.accelerator.is_main_process,
         )
         self._ica = ICAController(builder, args, args.output_dir, self.accelerator.is_main_process)
+        per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        step_batch = per_process * self.accelerator.num_processes
+        if args.ica_weighting in BATCH_WEIGHTINGS and step_batch == 1:
+            raise ValueError(
+                f"`ica_weighting={args.ica_weighting!r}` compares the scores of the examples of one optimizer step, "
+                "but each step trains on a single example (per_device_train_batch_size=1 x "
+                "gradient_accumulation_steps=1 x 1 process), so every weight would be 1. Raise "
+                "`gradient_accumulation_steps` (or `per_device_train_batch_size`), or use "
+                "`ica_weighting='global_minmax'`, which weights each example against the whole training set's scores."
+            )
 
     @property
     def ica(self) -> ICAController:
@@ -129,6 +140,35 @@ class ICATrainerMixin:
                 len(reuse),
             )
         return reuse
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples`, which fetches every micro-batch of an optimizer step before the first one
+        runs; the ICA weights of the whole step are computed here ([`ICAController.begin_step`])."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        micro_batches = [b[INDEX].cpu().numpy() for b in batch_samples if isinstance(b, dict) and INDEX in b]
+        metrics = self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps)
+        if metrics:
+            self._log_ica(metrics)
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, *args, **kwargs):
+        if self._ica.step_begun != self.state.global_step:
+            import transformers
+
+            raise RuntimeError(
+                f"transformers {transformers.__version__}'s Trainer ran a training step without calling "
+                "`get_batch_samples` for it first, which ICA trainers rely on to weight every example of an "
+                "optimizer step together. This transformers version is not supported by trl_ica."
+            )
+        return super().training_step(*args, **kwargs)
+
+    def _ica_micro_batch_weights(self, index: np.ndarray, unconditioned=None) -> np.ndarray:
+        """This micro-batch's weights (from its step's, see [`ICAController.micro_batch_weights`]), logging the
+        step's metrics when they are computed here."""
+        weights, metrics = self._ica.micro_batch_weights(self.model, index, self.state.global_step, unconditioned)
+        if metrics:
+            self._log_ica(metrics)
+        return weights
 
     def _log_ica(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
