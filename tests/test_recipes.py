@@ -4,6 +4,8 @@ simpo` and `accelerate launch -m trl_ica.launch`, so no recipe rots."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -91,16 +93,23 @@ def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir)
     cli(["data", "--output", str(tmp_path / "data"), "--n-train", "6", "--n-holdout", "4", "--n-test", "2"])
     sizes = {name: sum(1 for _ in open(tmp_path / "data" / f"{name}.jsonl")) for name in ("train", "holdout_pairs")}
     assert sizes == {"train": 6, "holdout_pairs": 4}
-    trainer = cli(
+    # The installed console script, as a user runs it: exit 0 after training, nothing else printed by the exit
+    command = os.path.join(os.path.dirname(sys.executable), "trl-ica")
+    done = subprocess.run(
         [
-            "sft", "--model_name_or_path", str(model_dir),
+            command, "sft", "--model_name_or_path", str(model_dir),
             "--dataset_name", str(tmp_path / "data" / "train.jsonl"),
             "--holdout_name", str(tmp_path / "data" / "holdout.jsonl"),
             "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--max_length", "1024",
             "--ica_num_demos", "1", "--use_peft", "--report_to", "none", "--bf16", "false",
-        ]
+        ],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert trainer.state.global_step == 1 and trainer.args.ica_num_demos == 1
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "object at 0x" not in done.stdout + done.stderr
+    refresh = [json.loads(line) for line in open(tmp_path / "run" / "ica" / "refresh-0.jsonl")]
+    assert len(refresh) == 6 and all(len(r["demo_indices"]) == 1 for r in refresh)  # --ica_num_demos reached it
+    assert os.path.isfile(tmp_path / "run" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="--holdout_name"):
         cli(
             [

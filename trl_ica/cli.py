@@ -171,11 +171,14 @@ def run_data(args) -> dict:
 
 
 def main(argv=None) -> None:
+    """The `trl-ica` command. Returns None, so that the console script exits 0 on success (a returned object would be
+    printed and exit 1); Python callers who want the trainer use [`trl_ica.launch.main`]."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("sft", "dpo", "simpo"):  # TRL-style scripts with their own parser
         from .launch import main as launch
 
-        return launch(argv)  # the trainer, for callers in Python
+        launch(argv)
+        return None
     parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting and selection for TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
     from . import demo
