@@ -147,3 +147,20 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
     )
     expected = np.argsort(-(vectors[:2] @ vectors[2:].T), axis=1, kind="stable")[:, :2]
     assert (builder.demo_indices == expected).all()
+
+
+@pytest.mark.parametrize("method", ["knn", "fixed", "random"])
+def test_excluded_rows_are_never_their_own_demonstration(method):
+    texts = [f"question {i}" for i in range(6)]
+    embed = lambda t: np.eye(6)[: len(t)] + 0.1  # noqa: E731  every row nearest to itself
+    plain = select_demos(texts, texts, 3, method, seed=0, embed=embed)
+    own = select_demos(texts, texts, 3, method, seed=0, embed=embed, exclude=np.arange(6))
+    assert all(i not in own[i] for i in range(6))
+    assert all(len(set(row)) == 3 for row in own)
+    # rows whose draw did not hold themselves keep it, so fixed demonstrations stay one shared set for them
+    kept = [i for i in range(6) if i not in plain[i]]
+    np.testing.assert_array_equal(own[kept], plain[kept])
+    if method == "knn":
+        assert (plain[:, 0] == np.arange(6)).all() and (own[:, :2] == plain[:, 1:]).all()  # the next nearest
+    with pytest.raises(ValueError, match="cannot leave out a candidate's own row"):
+        select_demos(texts, texts, 6, method, seed=0, embed=embed, exclude=np.arange(6))

@@ -51,7 +51,8 @@ def test_one_step_gets_the_same_weights_and_update_however_it_is_split(tokenizer
 def test_a_step_of_one_example_is_refused_under_a_batch_scheme(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         step_trainer("sft", tokenizer, tmp_path, 1, 1)
-    step_trainer("sft", tokenizer, tmp_path, 1, 1, ica_weighting="global_minmax")  # weighs each row on its own
+    for scheme in ("global_minmax", "holdout_quantile"):  # they weigh each row on its own
+        step_trainer("sft", tokenizer, tmp_path, 1, 1, ica_weighting=scheme)
 
 
 def test_a_last_step_of_one_example_is_weighted_against_all_scores(tokenizer, tmp_path, caplog):
@@ -65,3 +66,61 @@ def test_a_last_step_of_one_example_is_weighted_against_all_scores(tokenizer, tm
     assert len(rows) == STEP_ROWS + 1 and len(last) == 1 and "single example" in caplog.text
     low, high = trainer.ica.global_range
     assert last[0]["weight"] == pytest.approx(np.clip((last[0]["score"] - low) / (high - low), 0, 1))
+
+
+def _naive_score(builder, model, i):
+    from reference import naive_log_prob
+
+    cond = [naive_log_prob(model, r) for r in builder.requests(i, True)]
+    plain = [naive_log_prob(model, r) for r in builder.requests(i, False)]
+    return cond[0] - plain[0] if len(cond) == 1 else (cond[0] - cond[1]) - (plain[0] - plain[1])
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])
+def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(tokenizer, tmp_path, kind):
+    trainer = step_trainer(kind, tokenizer, tmp_path, 4, 1, max_steps=2, ica_weighting="holdout_quantile")
+    model = trainer.model
+    reference_model = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    holdout = [json.loads(line) for line in open(tmp_path / "ica" / "holdout-0.jsonl")]
+    assert [r["holdout_index"] for r in holdout] == list(range(5))
+    assert all(r["holdout_index"] not in r["demo_indices"] for r in holdout)  # no row is its own demonstration
+    # The holdout's scores are those of the model before training (the refresh at step 0), computed naively
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(reference_model[name])
+    reference = np.array([r["score"] for r in holdout])
+    naive = [_naive_score(trainer.ica.reference_builder, model, i) for i in range(5)]
+    np.testing.assert_allclose(reference, naive, atol=1e-4)
+    records = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    assert len(records) == 8
+    expected = [np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference]) for s in
+                (x["score"] for x in records)]  # fmt: skip
+    np.testing.assert_allclose([r["weight"] for r in records], expected, atol=1e-12)
+
+
+def test_holdout_quantile_needs_preference_pairs_in_a_preference_holdout(tokenizer, tmp_path):
+    from conftest import step_pair_rows, step_sft_rows, tiny_llama
+
+    from trl_ica import ICADPOConfig, ICADPOTrainer
+
+    args = ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                        ica_weighting="holdout_quantile")  # fmt: skip
+
+    with pytest.raises(ValueError, match="holdout needs `chosen` and `rejected`"):
+        ICADPOTrainer(
+            tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+            tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), args=args,
+            train_dataset=step_pair_rows()[0], processing_class=tokenizer, holdout_dataset=step_sft_rows()[1],
+        )  # fmt: skip
+
+
+def test_online_holdout_quantile_rescores_the_holdout_every_few_steps(tokenizer, tmp_path):
+    trainer = step_trainer(
+        "sft", tokenizer, tmp_path, 4, 1, max_steps=3, ica_refresh="online", ica_weighting="holdout_quantile",
+        ica_holdout_rescore_steps=2,
+    )  # fmt: skip
+    trainer.train()
+    steps = [json.loads(open(tmp_path / "ica" / f"holdout-{k}.jsonl").readline())["step"] for k in range(2)]
+    assert steps == [0, 2] and not (tmp_path / "ica" / "holdout-2.jsonl").exists()
+    assert trainer.ica.reference_step == 2

@@ -42,7 +42,7 @@ def test_infinite_scores_take_the_extremes():
 @pytest.mark.parametrize("scheme", WEIGHTINGS)
 def test_nan_is_an_error_naming_rows(scheme):
     with pytest.raises(ValueError, match=r"\[1\] are NaN"):
-        compute_weights([0.0, np.nan, 1.0], scheme, global_range=(0.0, 1.0))
+        compute_weights([0.0, np.nan, 1.0], scheme, global_range=(0.0, 1.0), reference=[0.5])
 
 
 def test_unknown_scheme():
@@ -53,3 +53,41 @@ def test_unknown_scheme():
 def test_empty_batch():
     assert compute_weights([], "batch_minmax").shape == (0,)
     assert score_range([np.nan, np.inf]) == (0.0, 0.0)
+
+
+def _naive_quantile(s, reference):
+    return np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference])
+
+
+def test_holdout_quantile_is_the_share_of_holdout_scores_beaten_ties_half():
+    reference = [3.0, -1.0, 2.0, 2.0, 5.0]
+    scores = [-4.0, -1.0, 0.0, 2.0, 2.5, 5.0, 9.0, np.inf, -np.inf]
+    expected = [_naive_quantile(s, reference) for s in scores]
+    np.testing.assert_allclose(compute_weights(scores, "holdout_quantile", reference=reference), expected)
+    assert expected[:4] == [0.0, 0.1, 0.2, 0.4] and expected[-3:] == [1.0, 1.0, 0.0]  # ties at 2.0 count half
+
+
+def test_holdout_quantile_weight_does_not_depend_on_the_batch():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=20)
+    alone = compute_weights([0.3], "holdout_quantile", reference=reference)
+    for _ in range(5):
+        batch = np.concatenate([[0.3], rng.normal(size=7) * 10])
+        assert compute_weights(batch, "holdout_quantile", reference=reference)[0] == alone[0]
+    # a batch of good rows keeps them all: none is forced to 0
+    good = compute_weights(reference.max() + 1 + np.arange(4.0), "holdout_quantile", reference=reference)
+    np.testing.assert_array_equal(good, 1.0)
+
+
+@pytest.mark.parametrize(
+    "scores, reference, message",
+    [
+        ([1.0, np.nan], [0.0, 1.0], r"rows \[1\] are NaN"),
+        ([1.0], [0.0, np.nan], r"holdout's own ICA scores \(rows \[1\]\) are NaN"),
+        ([1.0], [], "needs the holdout's own scores"),
+        ([1.0], None, "needs the holdout's own scores"),
+    ],
+)
+def test_holdout_quantile_refuses_nan_and_a_missing_reference(scores, reference, message):
+    with pytest.raises(ValueError, match=message):
+        compute_weights(scores, "holdout_quantile", reference=reference)

@@ -45,8 +45,20 @@ class ICAController:
     `ica_index`), `weights.jsonl` (the score and weight of each example each time it was trained on).
     """
 
-    def __init__(self, builder: ICARequestBuilder, args, output_dir: str, is_main_process: bool = True):
+    def __init__(
+        self,
+        builder: ICARequestBuilder,
+        args,
+        output_dir: str,
+        is_main_process: bool = True,
+        reference_builder: ICARequestBuilder | None = None,
+    ):
         self.builder = builder
+        # `holdout_quantile`: the requests that score the holdout itself, and its latest scores
+        self.reference_builder = reference_builder
+        self.reference: np.ndarray | None = None
+        self.reference_step: int | None = None
+        self.references_done = 0
         self.args = args
         self.dir = os.path.join(output_dir, "ica")
         self.is_main = is_main_process
@@ -86,6 +98,7 @@ class ICAController:
         )
         self.scores = result.scores
         self.global_range = score_range(result.scores)
+        self.score_reference(model, step)
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)
             with open(os.path.join(self.dir, f"refresh-{self.refreshes_done}.jsonl"), "w") as f:
@@ -105,6 +118,34 @@ class ICAController:
         self.refreshes_done += 1
         return True
 
+    def score_reference(self, model, step: int) -> None:
+        """`holdout_quantile`: score every holdout row against the rest of the holdout with the current model (the
+        scores clean, on-target examples get), written to `ica/holdout-<k>.jsonl`. Nothing for other schemes."""
+        if self.reference_builder is None:
+            return
+        result = score_with(
+            model,
+            self.reference_builder,
+            reduction=self.args.ica_reduction,
+            form=self.args.ica_score_form,
+            batch_size=self.args.ica_scoring_batch_size,
+            show_progress=self.is_main,
+        )
+        self.reference, self.reference_step = result.scores, step
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, f"holdout-{self.references_done}.jsonl"), "w") as f:
+                for i, score in enumerate(result.scores):
+                    record = {"holdout_index": i, "step": step, "score": float(score)}
+                    record["demo_indices"] = result.demo_indices[i].tolist()
+                    f.write(json.dumps(record) + "\n")
+        self.references_done += 1
+
+    def _reference_due(self, step: int) -> bool:
+        return self.reference_builder is not None and (
+            self.reference is None or step - self.reference_step >= self.args.ica_holdout_rescore_steps
+        )
+
     def batch_scores(self, model, indices: np.ndarray, unconditioned: np.ndarray | None = None) -> np.ndarray:
         """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
 
@@ -114,6 +155,8 @@ class ICAController:
         """
         if not self.online:
             return self.scores[indices]
+        if self._reference_due(self.step_begun or 0):
+            self.score_reference(model, self.step_begun or 0)
         width, args = self.builder.width, self.args
         # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
         cond = score_requests(
@@ -230,6 +273,7 @@ class ICAController:
             scheme,
             temperature=self.args.ica_temperature,
             global_range=self.global_range,
+            reference=self.reference,
             where=f"training examples (ica_index) {all_indices.tolist()}, rows",
         )
         if self.is_main:
@@ -239,7 +283,10 @@ class ICAController:
                     f.write(
                         json.dumps({"step": step, "ica_index": int(i), "score": float(s), "weight": float(w)}) + "\n"
                     )
-        return weights[mine], self.metrics(all_scores, weights)
+        metrics = self.metrics(all_scores, weights)
+        if self.reference is not None:
+            metrics["ica/holdout_score_median"] = float(np.median(self.reference))
+        return weights[mine], metrics
 
     @staticmethod
     def metrics(scores: np.ndarray, weights: np.ndarray) -> dict[str, float]:
@@ -260,6 +307,9 @@ class ICAController:
             refreshes_done=self.refreshes_done,
             global_range=np.array([low, high]),
             demo_indices=self.builder.demo_indices,
+            reference=self.reference if self.reference is not None else np.zeros(0),
+            reference_step=-1 if self.reference_step is None else self.reference_step,
+            references_done=self.references_done,
         )
 
     def load(self, folder: str) -> None:
@@ -280,4 +330,8 @@ class ICAController:
         low, high = state["global_range"]
         self.global_range = None if np.isnan(low) else (float(low), float(high))
         self.builder.demo_indices = state["demo_indices"]
+        if self.reference_builder is not None and "reference" in state and state["reference"].size:
+            self.reference = state["reference"]
+            self.reference_step = int(state["reference_step"])
+            self.references_done = int(state["references_done"])
         logger.info("Restored ICA state from %s (%d scoring(s) done).", folder, self.refreshes_done)

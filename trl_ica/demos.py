@@ -65,6 +65,7 @@ def select_demos(
     method: str = "knn",
     seed: int = 0,
     embed: Embedder | None = None,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into the holdout of each candidate's demonstrations, `(len(candidate_texts), num_demos)` int64.
 
@@ -78,19 +79,46 @@ def select_demos(
             `"random"`: a seeded draw of k per candidate.
         seed (`int`, *optional*, defaults to `0`): seed of the draws.
         embed (`Callable[[list[str]], np.ndarray]`, *optional*): embedder, required for `"knn"`.
+        exclude (`np.ndarray`, *optional*): `(len(candidate_texts),)` holdout row that must not be candidate i's
+            demonstration (-1 for none): a holdout row scored as a candidate never sees itself. `"knn"` takes the next
+            nearest; `"fixed"` and `"random"` draw one more and skip it, so `"fixed"` stays one shared set for every
+            candidate it does not concern. Needs `num_demos` below the holdout size.
     """
     check_choice("demo_selection", method, DEMO_SELECTIONS)
     n, h = len(candidate_texts), len(holdout_texts)
     if not isinstance(num_demos, int) or num_demos < 1 or num_demos > h:
         raise ValueError(f"`num_demos` must be an integer in [1, {h}] (the holdout size), got {num_demos!r}.")
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
+        if exclude.shape != (n,):
+            raise ValueError(f"`exclude` must hold one holdout row per candidate ({n}), got shape {exclude.shape}.")
+        if (exclude >= 0).any() and num_demos >= h:
+            raise ValueError(
+                f"`num_demos`={num_demos} demonstrations cannot leave out a candidate's own row from a holdout of "
+                f"{h}: use at most {h - 1}, or a larger holdout."
+            )
+    else:
+        exclude = np.full(n, -1, dtype=np.int64)
+
+    def draw(rng, row: int) -> np.ndarray:
+        """k rows from `rng`, the same k as without exclusion unless `row` is among them: then it is swapped for
+        one more draw from the rows not drawn."""
+        chosen = rng.choice(h, size=num_demos, replace=False)
+        if row < 0 or row not in chosen:
+            return chosen
+        rest = np.setdiff1d(np.arange(h), chosen)
+        return np.where(chosen == row, rng.choice(rest), chosen)
+
     if method == "fixed":
-        chosen = np.random.default_rng(seed).choice(h, size=num_demos, replace=False)
-        return np.tile(chosen, (n, 1)).astype(np.int64)
+        # One generator state for every candidate: the candidates that exclude nothing share one set
+        return (
+            np.stack([draw(np.random.default_rng(seed), row) for row in exclude])
+            .astype(np.int64)
+            .reshape(n, num_demos)
+        )
     if method == "random":
         return (
-            np.stack(
-                [np.random.default_rng([seed, i]).choice(h, size=num_demos, replace=False) for i in range(n)]
-            ).astype(np.int64)
+            np.stack([draw(np.random.default_rng([seed, i]), exclude[i]) for i in range(n)]).astype(np.int64)
             if n
             else np.zeros((0, num_demos), dtype=np.int64)
         )
@@ -101,4 +129,6 @@ def select_demos(
     cand /= np.linalg.norm(cand, axis=1, keepdims=True).clip(min=1e-12)
     hold /= np.linalg.norm(hold, axis=1, keepdims=True).clip(min=1e-12)
     sims = cand @ hold.T  # (N, H)
+    own = np.flatnonzero(exclude >= 0)
+    sims[own, exclude[own]] = -np.inf
     return np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)

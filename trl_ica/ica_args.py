@@ -26,7 +26,12 @@ class ICAArguments:
         ica_weighting (`str`, *optional*, defaults to `"batch_minmax"`):
             `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`. The batch schemes
             (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch
-            of gradient accumulation on every process.
+            of gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score
+            falls among the holdout's own scores (each holdout row scored with demonstrations from the rest of the
+            holdout): the share of them it beats, whatever else is in its batch.
+        ica_holdout_rescore_steps (`int`, *optional*, defaults to `10`):
+            online with `"holdout_quantile"`: the holdout's own scores are recomputed every this many steps (with
+            `ica_refresh=R`, at every refresh).
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
@@ -60,6 +65,9 @@ class ICAArguments:
     )
     ica_weighting: str = field(
         default="batch_minmax", metadata={"help": "From scores to weights.", "choices": list(WEIGHTINGS)}
+    )
+    ica_holdout_rescore_steps: int = field(
+        default=10, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
     )
     ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
     ica_refresh: str = field(
@@ -107,6 +115,9 @@ class ICAArguments:
         self.ica_refresh = refresh
         if (self.ica_demo_template is None) != (self.ica_query_template is None):
             raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
+        steps = self.ica_holdout_rescore_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")
         for name in ("ica_scoring_batch_size", "ica_max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

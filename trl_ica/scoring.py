@@ -178,6 +178,51 @@ def prepare_ica(
     return builder
 
 
+def prepare_holdout_reference(
+    model,
+    tokenizer,
+    holdout,
+    *,
+    pairs: bool,
+    num_demos: int = 3,
+    demo_selection: str = "knn",
+    template: ICAPromptTemplate | None = None,
+    chat_template: str | None = None,
+    embedding_model: str | Embedder | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    max_length_argument: str = "max_length",
+    show_progress: bool = True,
+) -> ICARequestBuilder:
+    """Requests that score every holdout row as a candidate, its demonstrations chosen as for the training rows but
+    from the rest of the holdout (a row never sees itself): the scores clean, on-target examples get, which
+    `weighting="holdout_quantile"` weights the training rows against. `pairs` scores the holdout's pairs (a
+    preference holdout is then required); otherwise each holdout row (or pair's prompt with its chosen answer)."""
+    check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
+    held = read_dataset(holdout, "holdout")
+    held_pairs = isinstance(held[0], PreferenceExample)
+    if pairs and not held_pairs:
+        raise ValueError(
+            "`ica_weighting='holdout_quantile'` weights preference pairs against the holdout's own pair scores, so "
+            "the holdout needs `chosen` and `rejected` answers; this one has single responses. Give a preference "
+            "holdout, or use another `ica_weighting`."
+        )
+    demos_pool = [h.as_sft("chosen") for h in held] if held_pairs else held
+    candidates = held if pairs else demos_pool
+    if not isinstance(num_demos, int) or not 1 <= num_demos < len(held):
+        raise ValueError(
+            f"`ica_weighting='holdout_quantile'` scores each holdout row with `num_demos`={num_demos!r} "
+            f"demonstrations taken from the other holdout rows, so the holdout needs more than {num_demos} rows; it "
+            f"has {len(held)}. Give a larger holdout or fewer demonstrations."
+        )
+    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
+    questions = [h.question for h in demos_pool]
+    demos = select_demos(questions, questions, num_demos, demo_selection, seed, embed, exclude=np.arange(len(held)))
+    builder = ICARequestBuilder(tokenizer, candidates, demos_pool, demos, template, chat_template)
+    builder.check_lengths(max_length, max_length_argument)
+    return builder
+
+
 def score_with(
     model,
     builder: ICARequestBuilder,

@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .controller import ICAController
 from .ica_args import ICAArguments
 from .rendering import ICAPromptTemplate
-from .scoring import prepare_ica
+from .scoring import prepare_holdout_reference, prepare_ica
 from .weighting import BATCH_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,33 @@ class ICATrainerMixin:
             max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
             show_progress=self.accelerator.is_main_process,
         )
-        self._ica = ICAController(builder, args, args.output_dir, self.accelerator.is_main_process)
+        reference = None
+        if args.ica_weighting == "holdout_quantile":
+            reference = prepare_holdout_reference(
+                self.model,
+                self.processing_class,
+                holdout_dataset,
+                pairs=builder.pairs,
+                num_demos=args.ica_num_demos,
+                demo_selection=args.ica_demo_selection,
+                template=template,
+                chat_template=getattr(self, "chat_template", None),
+                embedding_model=args.ica_embedding_model,
+                seed=args.seed if args.ica_seed is None else args.ica_seed,
+                max_length=args.ica_max_length or max_length,
+                max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
+                show_progress=self.accelerator.is_main_process,
+            )
+            if len(reference.candidates) < 10:
+                logger.warning(
+                    "ica_weighting='holdout_quantile' with a holdout of %d rows: weights take only %d distinct values "
+                    "(the share of the holdout's scores each example beats).",
+                    len(reference.candidates),
+                    2 * len(reference.candidates) + 1,
+                )
+        self._ica = ICAController(
+            builder, args, args.output_dir, self.accelerator.is_main_process, reference_builder=reference
+        )
         per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
         step_batch = per_process * self.accelerator.num_processes
         if args.ica_weighting in BATCH_WEIGHTINGS and step_batch == 1:
@@ -97,8 +123,9 @@ class ICATrainerMixin:
                 f"`ica_weighting={args.ica_weighting!r}` compares the scores of the examples of one optimizer step, "
                 "but each step trains on a single example (per_device_train_batch_size=1 x "
                 "gradient_accumulation_steps=1 x 1 process), so every weight would be 1. Raise "
-                "`gradient_accumulation_steps` (or `per_device_train_batch_size`), or use "
-                "`ica_weighting='global_minmax'`, which weights each example against the whole training set's scores."
+                "`gradient_accumulation_steps` (or `per_device_train_batch_size`), or use a scheme that weights each "
+                "example on its own: `ica_weighting='holdout_quantile'` (against the holdout's own scores) or "
+                "'global_minmax' (against the range of the training set's scores)."
             )
 
     @property

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-WEIGHTINGS = ("batch_minmax", "global_minmax", "softmax", "rank", "none")
+WEIGHTINGS = ("batch_minmax", "global_minmax", "holdout_quantile", "softmax", "rank", "none")
 #: Schemes whose weights depend only on the scores of one batch.
 BATCH_WEIGHTINGS = ("batch_minmax", "softmax", "rank")
 
@@ -68,12 +68,39 @@ def rank_weights(scores, where: str = "rows") -> np.ndarray:
     return ranks / (n - 1)
 
 
+def quantile_weights(scores, reference, where: str = "rows") -> np.ndarray:
+    """The share of `reference` scores below each score, ties counting half: in [0, 1], 0 below every reference
+    score, 1 above every one, and a score equal to the reference median gets 0.5. The weight of a row depends only on
+    its own score and the reference, never on the rows that share its batch.
+
+    Args:
+        scores (`array-like`): the scores to weight.
+        reference (`array-like`): the scores that clean, on-target examples get (the holdout's own, each holdout row
+            scored with demonstrations drawn from the rest of the holdout); at least one, none NaN.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if np.isnan(s).any():
+        raise ValueError(f"ICA scores of {where} {np.flatnonzero(np.isnan(s)).tolist()} are NaN; cannot weight them.")
+    ref = np.sort(np.asarray(reference, dtype=np.float64).reshape(-1))
+    if ref.size == 0:
+        raise ValueError("`weighting='holdout_quantile'` needs the holdout's own scores; none were given.")
+    if np.isnan(ref).any():
+        raise ValueError(
+            f"The holdout's own ICA scores (rows {np.flatnonzero(np.isnan(reference)).tolist()}) are NaN; "
+            "cannot weight against them."
+        )
+    below = np.searchsorted(ref, s, side="left")
+    at_or_below = np.searchsorted(ref, s, side="right")
+    return (below + at_or_below) / (2.0 * ref.size)
+
+
 def compute_weights(
     scores,
     scheme: str = "batch_minmax",
     *,
     temperature: float = 1.0,
     global_range: tuple[float, float] | None = None,
+    reference=None,
     where: str = "rows",
 ) -> np.ndarray:
     """Per-example weights (float64) of one batch of `scores`.
@@ -83,11 +110,14 @@ def compute_weights(
         scheme (`str`, *optional*, defaults to `"batch_minmax"`):
             `"batch_minmax"` (the paper's): min-max within the batch, in [0, 1].
             `"global_minmax"`: min-max against `global_range`, the (min, max) over the whole scored dataset.
+            `"holdout_quantile"`: where each score falls among `reference`, the holdout's own scores
+            ([`quantile_weights`]).
             `"softmax"`: `n * softmax(s / temperature)` within the batch (mean 1).
             `"rank"`: rank within the batch scaled to [0, 1].
             `"none"`: all 1 (scores are only logged).
         temperature (`float`, *optional*, defaults to `1.0`): for `"softmax"`.
         global_range (`tuple[float, float]`, *optional*): required for `"global_minmax"`.
+        reference (`array-like`, *optional*): required for `"holdout_quantile"`.
         where (`str`): how errors name the rows.
     """
     if scheme not in WEIGHTINGS:
@@ -98,6 +128,10 @@ def compute_weights(
         if global_range is None:
             raise ValueError("`weighting='global_minmax'` needs the dataset's score range (`global_range`).")
         return minmax_weights(scores, *global_range, where=where)
+    if scheme == "holdout_quantile":
+        if reference is None:
+            raise ValueError("`weighting='holdout_quantile'` needs the holdout's own scores (`reference`).")
+        return quantile_weights(scores, reference, where=where)
     if scheme == "softmax":
         return softmax_weights(scores, temperature, where=where)
     if scheme == "rank":
