@@ -1,9 +1,17 @@
-"""Step time of online ICASFTTrainer against SFTTrainer on the same batch and LoRA config (SmolLM2-135M, CPU).
+"""Time of one online ICASFTTrainer optimizer step against SFTTrainer's, and against the floor (SmolLM2-135M, CPU).
 
-Reports the stock step, the floor "stock step + one no-grad forward of the batch", and the online ICA step for
-fixed and kNN demonstrations; every time is the median of `--repeats` steps on one batch, measured in one run.
+One optimizer step of `--batch-size` rows x `--accumulation` micro-batches (the recipes' 4 x 4 by default), LoRA
+r = 16 on all linear layers: every micro-batch's forward and backward, no optimizer update. Reports:
 
-    python scripts/bench_online.py [--batch-size 4] [--repeats 5]
+- the stock step (SFTTrainer);
+- the floor: the stock step plus one no-grad forward over what the conditioned pass must run, each distinct
+  demonstration prefix once plus the step's rows (timed as the engine's conditioned pass, which runs exactly that);
+- the online ICA step, for each demonstration choice and score form asked for.
+
+Every time is the median of `--repeats` steps after one warm-up, all measured in one run.
+
+    python scripts/bench_online.py [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed knn]
+        [--forms difference conditioned]
 """
 
 import argparse
@@ -18,56 +26,66 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
 from trl_ica.assets import default_model_path
+from trl_ica.engine import score_requests
 from trl_ica.scenarios import noisy_gsm8k
 
 warnings.filterwarnings("ignore")
 
 
-def median_step(trainer, batch, repeats):
+def micro_batches(trainer, batch_size, accumulation):
+    rows = [trainer.train_dataset[i] for i in range(batch_size * accumulation)]
+    return [trainer.data_collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def median_step(trainer, batches, repeats):
+    """One optimizer step's micro-batches through the trainer's own `get_batch_samples` and `training_step`."""
     model = trainer.model
     model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this times step by step
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        trainer.training_step(model, dict(batch))
+        samples, num_items = trainer.get_batch_samples(iter([dict(b) for b in batches]), len(batches), model.device)
+        trainer.current_gradient_accumulation_steps = len(samples)
+        for inputs in samples:
+            trainer.training_step(model, inputs, num_items)
         times.append(time.perf_counter() - start)
+        model.zero_grad()
     return statistics.median(times[1:])
 
 
-def median_forward(trainer, batch, repeats):
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+def median_conditioned_pass(trainer, indices, repeats):
+    builder = trainer.ica.builder
+    requests = [r for i in indices for r in builder.requests(i, True)]
     times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            trainer.model(**inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        score_requests(trainer.model, requests, show_progress=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), len({r.prefix for r in requests})
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--selections", nargs="+", default=["fixed", "knn"], choices=["fixed", "knn", "random"])
+    parser.add_argument(
+        "--forms", nargs="+", default=["difference", "conditioned"], choices=["difference", "conditioned"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train, holdout, _ = noisy_gsm8k(n_train=16, n_holdout=16, n_test=1, noise=0.0, seed=0)
+    rows = args.batch_size * args.accumulation
+    train, holdout, _ = noisy_gsm8k(n_train=rows, n_holdout=16, n_test=1, noise=0.0, seed=0)
     train = train.remove_columns("corruption")
     common = dict(
-        output_dir="/tmp/bench_online",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        per_device_train_batch_size=args.batch_size,
-        gradient_checkpointing=False,
-        max_steps=1,
-    )
+        output_dir="/tmp/bench_online", report_to="none", bf16=False, use_cpu=True, save_strategy="no",
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
+        gradient_checkpointing=False, max_steps=1, disable_tqdm=True,
+    )  # fmt: skip
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 
     def model():
@@ -76,34 +94,35 @@ def main():
     stock = SFTTrainer(
         model(), args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora
     )
-    rows = [stock.train_dataset[i] for i in range(args.batch_size)]
-    batch = stock._prepare_inputs(stock.data_collator(rows))
-    t_stock = median_step(stock, batch, args.repeats)
-    t_floor = t_stock + median_forward(stock, batch, args.repeats)
+    batches = micro_batches(stock, args.batch_size, args.accumulation)
+    t_stock = median_step(stock, batches, args.repeats)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(
-        f"batch {args.batch_size} x {batch['input_ids'].shape[1]} tokens, LoRA r=16 all-linear, {args.threads} threads"
+        f"{args.batch_size} rows x {args.accumulation} micro-batches ({tokens} tokens), LoRA r=16 all-linear, "
+        f"{args.threads} threads, median of {args.repeats}"
     )
-    print("| trainer | step (s) | / stock | / floor |")
-    print("|---|---|---|---|")
-    print(f"| SFTTrainer | {t_stock:.3f} | 1.00 | {t_stock / t_floor:.2f} |")
-    print(f"| floor: stock step + no-grad forward | {t_floor:.3f} | {t_floor / t_stock:.2f} | 1.00 |")
+    print("| trainer | demos | form | step (s) | / stock | floor (s) | / floor |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| SFTTrainer | | | {t_stock:.2f} | 1.00 | | |", flush=True)
     for selection in args.selections:
-        ica = ICASFTTrainer(
-            model(),
-            args=ICASFTConfig(**common, ica_refresh="online", ica_demo_selection=selection, ica_max_length=2048),
-            train_dataset=train,
-            processing_class=tokenizer,
-            holdout_dataset=holdout,
-            peft_config=lora,
-        )
-        assert ica.ica.reuse_unconditioned.all()
-        ica_rows = [ica.train_dataset[i] for i in range(args.batch_size)]
-        ica_batch = ica._prepare_inputs(ica.data_collator(ica_rows))
-        t = median_step(ica, ica_batch, args.repeats)
-        print(
-            f"| ICASFTTrainer online, {selection} demos | {t:.3f} | {t / t_stock:.2f} | {t / t_floor:.2f} |",
-            flush=True,
-        )
+        for form in args.forms:
+            fields = dict(ica_refresh="online", ica_demo_selection=selection, ica_max_length=2048, ica_score_form=form)
+            if form == "conditioned":
+                fields["ica_reduction"] = "mean"
+            ica = ICASFTTrainer(
+                model(), args=ICASFTConfig(**common, **fields), train_dataset=train, processing_class=tokenizer,
+                holdout_dataset=holdout, peft_config=lora,
+            )  # fmt: skip
+            ica_batches = micro_batches(ica, args.batch_size, args.accumulation)
+            indices = [i for b in ica_batches for i in b["ica_index"].tolist()]
+            t_cond, prefixes = median_conditioned_pass(ica, indices, args.repeats)
+            floor = t_stock + t_cond
+            t = median_step(ica, ica_batches, args.repeats)
+            print(
+                f"| ICASFTTrainer online | {selection} ({prefixes} prefixes) | {form} | {t:.2f} | {t / t_stock:.2f} "
+                f"| {floor:.2f} | {t / floor:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
