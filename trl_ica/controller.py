@@ -82,20 +82,25 @@ class ICAController:
         """The optimizer step at which scoring k (0-based) of R happens: evenly spread, the first before training."""
         return round(k * max_steps / self.args.ica_refresh)
 
+    def _score_all(self, model, builder: ICARequestBuilder):
+        """Every candidate of `builder` scored with the run's form, reduction and batch size (sharded over
+        processes)."""
+        return score_with(
+            model,
+            builder,
+            reduction=self.args.ica_reduction,
+            form=self.args.ica_score_form,
+            batch_size=self.args.ica_scoring_batch_size,
+            show_progress=self.is_main,
+        )
+
     def maybe_refresh(self, model, step: int, max_steps: int) -> bool:
         """Score the whole training set if a refresh is due at `step`; returns whether it scored."""
         if self.online or self.refreshes_done >= self.args.ica_refresh:
             return False
         if step < self.refresh_step(self.refreshes_done, max_steps):
             return False
-        result = score_with(
-            model,
-            self.builder,
-            reduction=self.args.ica_reduction,
-            form=self.args.ica_score_form,
-            batch_size=self.args.ica_scoring_batch_size,
-            show_progress=self.is_main,
-        )
+        result = self._score_all(model, self.builder)
         self.scores = result.scores
         self.global_range = score_range(result.scores)
         self.score_reference(model, step)
@@ -123,14 +128,7 @@ class ICAController:
         scores clean, on-target examples get), written to `ica/holdout-<k>.jsonl`. Nothing for other schemes."""
         if self.reference_builder is None:
             return
-        result = score_with(
-            model,
-            self.reference_builder,
-            reduction=self.args.ica_reduction,
-            form=self.args.ica_score_form,
-            batch_size=self.args.ica_scoring_batch_size,
-            show_progress=self.is_main,
-        )
+        result = self._score_all(model, self.reference_builder)
         self.reference, self.reference_step = result.scores, step
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)

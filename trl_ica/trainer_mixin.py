@@ -74,11 +74,8 @@ class ICATrainerMixin:
             template = ICAPromptTemplate(args.ica_demo_template, args.ica_query_template)
         if holdout_dataset is None:
             raise ValueError("`holdout_dataset` is required: ICA scores examples against a clean holdout set.")
-        builder = prepare_ica(
-            self.model,
-            self.processing_class,
-            raw_train.remove_columns(INDEX),
-            holdout_dataset,
+        # How demonstrations are chosen and rendered: the same for the training rows and the holdout's own scores
+        options = dict(
             num_demos=args.ica_num_demos,
             demo_selection=args.ica_demo_selection,
             template=template,
@@ -89,22 +86,13 @@ class ICATrainerMixin:
             max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
             show_progress=self.accelerator.is_main_process,
         )
+        builder = prepare_ica(
+            self.model, self.processing_class, raw_train.remove_columns(INDEX), holdout_dataset, **options
+        )
         reference = None
         if args.ica_weighting == "holdout_quantile":
             reference = prepare_holdout_reference(
-                self.model,
-                self.processing_class,
-                holdout_dataset,
-                pairs=builder.pairs,
-                num_demos=args.ica_num_demos,
-                demo_selection=args.ica_demo_selection,
-                template=template,
-                chat_template=getattr(self, "chat_template", None),
-                embedding_model=args.ica_embedding_model,
-                seed=args.seed if args.ica_seed is None else args.ica_seed,
-                max_length=args.ica_max_length or max_length,
-                max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
-                show_progress=self.accelerator.is_main_process,
+                self.model, self.processing_class, holdout_dataset, pairs=builder.pairs, **options
             )
             if len(reference.candidates) < 10:
                 logger.warning(
