@@ -110,12 +110,12 @@ def select_demos(
         return np.where(chosen == row, rng.choice(rest), chosen)
 
     if method == "fixed":
-        # One generator state for every candidate: the candidates that exclude nothing share one set
-        return (
-            np.stack([draw(np.random.default_rng(seed), row) for row in exclude])
-            .astype(np.int64)
-            .reshape(n, num_demos)
-        )
+        # One shared set; only the candidates whose excluded row is in it get the set with that row swapped
+        shared = draw(np.random.default_rng(seed), -1)
+        chosen = np.tile(shared, (n, 1)).astype(np.int64)
+        for i in np.flatnonzero((exclude >= 0) & np.isin(exclude, shared)):
+            chosen[i] = draw(np.random.default_rng(seed), exclude[i])
+        return chosen
     if method == "random":
         return (
             np.stack([draw(np.random.default_rng([seed, i]), exclude[i]) for i in range(n)]).astype(np.int64)

@@ -166,14 +166,26 @@ def prepare_ica(
         held = [h.as_sft("chosen") for h in held]  # demonstrations show the holdout prompt with its chosen answer
     if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
         raise ValueError(f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}.")
-    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
-    demos = select_demos(
-        [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed
-    )
-    builder = ICARequestBuilder(tokenizer, candidates, held, demos, template, chat_template)
     if max_length is None:
         config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length, max_length_argument = config, "the model's max_position_embeddings"
+    return _build_requests(
+        model, tokenizer, candidates, held, num_demos, demo_selection, template, chat_template, embedding_model,
+        seed, max_length, max_length_argument, show_progress,
+    )  # fmt: skip
+
+
+def _build_requests(
+    model, tokenizer, candidates, held, num_demos, demo_selection, template, chat_template, embedding_model, seed,
+    max_length, max_length_argument, show_progress, exclude=None,
+) -> ICARequestBuilder:  # fmt: skip
+    """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
+    length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]."""
+    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
+    demos = select_demos(
+        [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed, exclude
+    )
+    builder = ICARequestBuilder(tokenizer, candidates, held, demos, template, chat_template)
     builder.check_lengths(max_length, max_length_argument)
     return builder
 
@@ -215,12 +227,10 @@ def prepare_holdout_reference(
             f"demonstrations taken from the other holdout rows, so the holdout needs more than {num_demos} rows; it "
             f"has {len(held)}. Give a larger holdout or fewer demonstrations."
         )
-    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
-    questions = [h.question for h in demos_pool]
-    demos = select_demos(questions, questions, num_demos, demo_selection, seed, embed, exclude=np.arange(len(held)))
-    builder = ICARequestBuilder(tokenizer, candidates, demos_pool, demos, template, chat_template)
-    builder.check_lengths(max_length, max_length_argument)
-    return builder
+    return _build_requests(
+        model, tokenizer, candidates, demos_pool, num_demos, demo_selection, template, chat_template,
+        embedding_model, seed, max_length, max_length_argument, show_progress, exclude=np.arange(len(held)),
+    )  # fmt: skip
 
 
 def score_with(
