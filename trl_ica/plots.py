@@ -1,4 +1,4 @@
-"""Pictures of scores and weights (matplotlib, an optional dependency: `pip install trl_ica[demo]`)."""
+"""Pictures of scores and weights (matplotlib, a dependency of trl_ica)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed; skipping ICA plots (pip install 'trl_ica[demo]').")
+        logger.warning("matplotlib cannot be imported, so no ICA plots are written: pip install matplotlib.")
         return None
     return plt
 
