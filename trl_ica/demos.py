@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import unsharded_ancestors
+from .distributed import unsharded_ancestors, zero3_gathered
 from .engine import _backbone_and_head, eval_mode, unwrap_causal_lm
 
 DEMO_SELECTIONS = ("knn", "fixed", "random")
@@ -29,7 +29,7 @@ def model_embeddings(
     _, backbone, _ = _backbone_and_head(model)
     device = next(unwrap_causal_lm(model).parameters()).device
     out = []
-    with eval_mode(model), unsharded_ancestors(model, backbone):
+    with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model):
         for start in tqdm(range(0, len(texts), batch_size), desc="Embedding", disable=not show_progress, leave=False):
             chunk = [
                 tokenizer(t, add_special_tokens=False)["input_ids"] or [0] for t in texts[start : start + batch_size]

@@ -56,6 +56,21 @@ class ForwardLockstep:
 
 
 @contextlib.contextmanager
+def zero3_gathered(model: torch.nn.Module):
+    """Gather, for the duration, the parameters DeepSpeed ZeRO-3 has partitioned (`zero3_init_flag`) and no engine
+    gathers yet: the trainer's constructor runs the model (kNN embeddings) before `accelerator.prepare` creates the
+    engine whose hooks would. Each process then holds the whole model for the duration. A no-op without ZeRO-3."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id") and getattr(p, "ds_numel", 0) != p.numel()]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # present: only DeepSpeed partitions parameters this way
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
 def unsharded_ancestors(model: torch.nn.Module, *called: torch.nn.Module):
     """Gather, for the duration, the FSDP2 parameter groups of `model` that hold `called` modules' ancestors.
 
