@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_llama
 from datasets import Dataset
@@ -18,6 +19,7 @@ RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipe
 
 
 def _data(folder, preference):
+    """Six training rows and a holdout of four, as train.jsonl / holdout.jsonl (SFT or preference pairs)."""
     rows = []
     for i in range(8):
         prompt = [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]
@@ -31,12 +33,29 @@ def _data(folder, preference):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """The tiny model that stands in for the recipes' SmolLM2 (with SmolLM2's context size: the recipes' rows with
+    three demonstrations run to a few thousand of the tiny tokenizer's tokens)."""
     from conftest import tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("model")
     tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=8192)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory):
+    """A folder laid out as the README's user has it: `recipes/` and what `trl-ica data --output data/gsm8k` writes
+    (fewer rows than its default, so that every recipe's scoring stays short)."""
+    import shutil
+
+    from trl_ica.cli import main as cli
+
+    folder = tmp_path_factory.mktemp("user")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "recipes"), folder / "recipes")
+    cli(["data", "--output", str(folder / "data" / "gsm8k"), "--n-train", "24", "--n-holdout", "8", "--n-test", "2"])
     return folder
 
 
@@ -51,40 +70,76 @@ def test_there_is_a_lora_qlora_and_full_recipe_for_each_trainer_and_it_runs_as_s
         assert config["model_name_or_path"] == DEFAULT_MODEL
         assert config["dataset_name"] == f"data/gsm8k/train{pairs}.jsonl"
         assert config["holdout_name"] == f"data/gsm8k/holdout{pairs}.jsonl"
+        assert "bf16" not in config, "precision follows the device unless the user sets it"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-def test_recipe_trains_two_steps(recipe, model_dir, tmp_path):
+def test_recipe_trains_two_steps_as_shipped(recipe, model_dir, recipe_dir, monkeypatch):
+    """Each recipe with its own settings and data paths, on a CPU: only the model and the step count are given."""
     task = os.path.basename(recipe).split("_")[0]
-    _data(tmp_path, preference=task != "sft")
-    out = tmp_path / "run"
-    trainer = main(
-        [
-            task, "--config", recipe,
-            "--model_name_or_path", str(model_dir),
-            "--dataset_name", str(tmp_path / "train.jsonl"),
-            "--holdout_name", str(tmp_path / "holdout.jsonl"),
-            "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--max_length", "256", "--save_strategy", "no", "--bf16", "false",
-        ]
-    )  # fmt: skip
+    monkeypatch.chdir(recipe_dir)
+    name = os.path.basename(recipe)
+    trainer = main([task, "--config", f"recipes/{name}", "--model_name_or_path", str(model_dir), "--max_steps", "2"])
     config = yaml.safe_load(open(recipe))
     assert trainer.state.global_step == 2
-    # The YAML's own settings reached the trainer; command-line flags overrode it
-    assert trainer.args.learning_rate == config["learning_rate"] and trainer.args.max_length == 256
+    assert trainer.args.bf16 is False  # no bf16 GPU here: fp32, chosen for the user
+    # The YAML's own settings reached the trainer
+    for key in ("learning_rate", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        assert getattr(trainer.args, key) == config[key], key
     assert trainer.args.ica_num_demos == config["ica_num_demos"]
     if task != "sft":
         assert trainer.args.beta == config["beta"]
     if task == "simpo":
         assert trainer.args.loss_type == "simpo" and trainer.args.simpo_gamma == config["simpo_gamma"]
+    out = recipe_dir / config["output_dir"]
     scored = [json.loads(line) for line in open(out / "ica" / "refresh-0.jsonl")]
-    assert len(scored) == 6 and all(r["score"] == r["score"] for r in scored)  # every row scored, no NaN
+    assert len(scored) == 24 and all(r["score"] == r["score"] for r in scored)  # every row scored, no NaN
     peft = config.get("use_peft", False)
     assert os.path.isfile(out / ("adapter_config.json" if peft else "model.safetensors"))
+    # The card names the ICA method, cites ICA and the parent method, and lists the run's ICA files
+    card = open(out / "README.md").read()
+    method, parent = {"sft": ("ICA-SFT", None), "dpo": ("ICA-DPO", "rafailov2023direct"),
+                      "simpo": ("ICA-SimPO", "meng2024simpo")}[task]  # fmt: skip
+    assert f"trained with {method}, a method introduced in [Holdout-Loss-Based Data Selection" in card
+    assert str(model_dir) not in card  # a local folder is not named as a Hub base model
+    assert "2510.14459" in card and "zhang2026holdout" in card
+    assert parent is None or parent in card
+    assert "`ica/refresh-0.jsonl`" in card and "| `ica_num_demos` | `3` |" in card
     if config.get("load_in_4bit"):
         base = trainer.model.get_base_model()
         assert getattr(base, "is_loaded_in_4bit", False)
+
+
+def test_readme_launch_line_runs_as_written(model_dir, recipe_dir):
+    """The README's `accelerate launch` line of the LoRA SFT recipe, in a subprocess, with the tiny model."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    line = next(
+        line.strip().strip("|").strip().strip("`")
+        for line in readme.splitlines()
+        if line.startswith("| `recipes/sft_lora.yaml`")
+    ).split("`")[-1]
+    assert line.startswith("accelerate launch --config_file recipes/accelerate/single_gpu.yaml -m trl_ica.launch"), (
+        line
+    )
+    bin_dir = os.path.dirname(sys.executable)
+    command = [os.path.join(bin_dir, "accelerate"), *line.split()[1:], "--model_name_or_path", str(model_dir),
+               "--max_steps", "1", "--output_dir", "runs/readme"]  # fmt: skip
+    done = subprocess.run(command, cwd=recipe_dir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert os.path.isfile(recipe_dir / "runs" / "readme" / "adapter_model.safetensors")
+
+
+def test_four_bit_without_bitsandbytes_names_the_extra(model_dir, recipe_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    monkeypatch.chdir(recipe_dir)
+    with pytest.raises(ImportError, match=r"`--load_in_4bit` .*pip install 'trl_ica\[qlora\]'"):
+        main(["sft", "--config", "recipes/sft_qlora.yaml", "--model_name_or_path", str(model_dir), "--max_steps", "1"])
 
 
 def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir):
@@ -124,3 +179,83 @@ def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir)
                 "0",
             ]
         )
+
+
+def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from trl_ica import assets
+    from trl_ica.model_card import EMBEDDED_BASE, base_model_name
+
+    monkeypatch.setattr(assets, "default_model_path", lambda: str(tmp_path))
+    assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path))) == EMBEDDED_BASE
+    assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "other"))) == str(tmp_path / "other")
+    (tmp_path / "local").mkdir()
+    assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "local"))) is None  # a folder, not a Hub id
+    assert base_model_name(SimpleNamespace(_name_or_path="Qwen/Qwen2.5-0.5B")) == "Qwen/Qwen2.5-0.5B"
+
+
+def _sft_rows(n, offset=0):
+    return [
+        {"prompt": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}],
+         "completion": [{"role": "assistant", "content": f"It is {2 * i + 1}."}]}
+        for i in range(offset, offset + n)
+    ]  # fmt: skip
+
+
+def test_script_loads_data_the_way_trl_scripts_do(model_dir, tmp_path):
+    """A local folder with train and test splits (evaluated on), a holdout from a mixture-free file, and
+    `model_init_kwargs` reaching the model; a split a file does not have is refused by name."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Dataset.from_list(_sft_rows(6)).to_json(folder / "train.jsonl")
+    Dataset.from_list(_sft_rows(3, 10)).to_json(folder / "test.jsonl")
+    Dataset.from_list(_sft_rows(4, 20)).to_json(tmp_path / "holdout.jsonl")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_name_or_path": str(model_dir), "dataset_name": str(folder),
+        "holdout_name": str(tmp_path / "holdout.jsonl"), "output_dir": str(tmp_path / "run"), "max_steps": 1,
+        "per_device_train_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1,
+        "report_to": "none", "model_init_kwargs": {"dtype": "float64"}, "ica_num_demos": 1,
+    }))  # fmt: skip
+    trainer = main(["sft", "--config", str(recipe)])
+    assert len(trainer.eval_dataset) == 3 and len(trainer.ica.builder.candidates) == 6
+    assert next(trainer.model.parameters()).dtype == torch.float64  # model_init_kwargs applied
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['train'\]"):
+        main(["sft", "--config", str(recipe), "--holdout_split", "validation"])
+
+
+def test_script_takes_a_trl_dataset_mixture(model_dir, tmp_path):
+    for name, offset in (("a", 0), ("b", 10)):
+        Dataset.from_list(_sft_rows(4, offset)).to_json(tmp_path / f"{name}.jsonl")
+    Dataset.from_list(_sft_rows(4, 20)).to_json(tmp_path / "holdout.jsonl")
+    mixture = [{"path": "json", "data_files": str(tmp_path / f"{name}.jsonl"), "split": "train"} for name in "ab"]
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_name_or_path": str(model_dir), "datasets": mixture, "holdout_name": str(tmp_path / "holdout.jsonl"),
+        "output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none",
+        "ica_num_demos": 1,
+    }))  # fmt: skip
+    trainer = main(["sft", "--config", str(recipe)])
+    assert len(trainer.ica.builder.candidates) == 8  # both files of the mixture
+    with pytest.raises(ValueError, match="not both"):
+        main(["sft", "--config", str(recipe), "--dataset_name", str(tmp_path / "a.jsonl")])
+
+
+def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, monkeypatch, capsys):
+    from trl_ica import controller, demo
+
+    calls = []
+    real = controller.ICAController._score_all
+    monkeypatch.setattr(controller.ICAController, "_score_all", lambda self, *a: calls.append(1) or real(self, *a))
+    args = demo.make_parser().parse_args([
+        "--model", str(model_dir), "--output-dir", str(tmp_path / "demo"), "--n-train", "8", "--n-holdout", "4",
+        "--n-test", "4", "--steps", "2", "--batch-size", "2",
+    ])  # fmt: skip
+    summary = demo.run(args)
+    assert calls == []  # the trainer took the demo's scores instead of scoring the pool again
+    refresh = [json.loads(line) for line in open(tmp_path / "demo" / "ICA" / "ica" / "refresh-0.jsonl")]
+    assert len(refresh) == 8 and {r["source"] for r in refresh} == {"the demo's scoring of the pool"}
+    assert {"test_loss_uniform", "test_loss_oracle", "test_loss_ica"} <= set(summary)
+    assert "oracle" in capsys.readouterr().out

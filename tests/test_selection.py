@@ -153,7 +153,7 @@ def test_select_top_bottom_and_threshold_are_deterministic():
         select_top([], 0.5)
 
 
-def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypatch):
+def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypatch, capsys):
     model_dir = tmp_path / "model"
     tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -172,9 +172,17 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
             "--label-column", "kind",
         ]
     )  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 8 and summary["seconds"] > 0
+    assert summary["rows_per_second"] == pytest.approx(8 / summary["seconds"], rel=0.05)
     scored = [json.loads(line) for line in open(out)]
     assert [r["prompt"] for r in scored] == [r["prompt"] for r in rows] and all("score" in r for r in scored)
     assert (tmp_path / "scored.png").is_file()
+    # A user's `--num-demos 0` reaches the validation instead of becoming the default
+    with pytest.raises(ValueError, match=r"`num_demos` must be an integer in \[1, "):
+        main(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
+              "--holdout", str(tmp_path / "holdout.parquet"), "--output", str(tmp_path / "zero.jsonl"),
+              "--num-demos", "0"])  # fmt: skip
     main(["select", "--scores", str(out), "--ratio", "0.25", "--output", str(tmp_path / "subset.jsonl")])
     subset = [json.loads(line) for line in open(tmp_path / "subset.jsonl")]
     best = sorted(range(8), key=lambda i: -scored[i]["score"])[:2]

@@ -293,7 +293,7 @@ def test_bad_config(tmp_path, kwargs, message):
         ("ok", "empty", {}, "`holdout` is empty"),
         ("ok", "no_response", {}, "holdout row 0: the response is empty"),
         ("ok", "ok", {"ica_num_demos": 9}, r"`num_demos` must be an integer in \[1, 5\]"),
-        ("ok", "ok", {"max_length": 30}, "longer than `max_length`=30"),
+        ("ok", "ok", {"ica_max_length": 30}, r"longer than `ica_max_length`=30 .*`ica_num_demos` in a trainer"),
         ("indexed", "ok", {}, "already has a column named 'ica_index'"),
     ],
 )
@@ -321,6 +321,24 @@ def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
             processing_class=tokenizer,
             holdout_dataset=holdouts[holdout],
         )
+
+
+def test_training_max_length_does_not_bound_the_scoring(tokenizer, tmp_path):
+    """Rows fit the training `max_length` but not with their demonstrations: scoring is bounded by the model's
+    context (or `ica_max_length`), so the trainer starts and scores every row in full."""
+    trainer = ica_trainer(tokenizer, tmp_path, max_length=30)
+    builder = trainer.ica.builder
+    longest = max(builder.conditioned(i).num_tokens for i in range(len(builder.candidates)))
+    assert longest > 30
+    assert longest <= trainer.model.config.max_position_embeddings
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_scoring_progress_bars_follow_disable_tqdm(tokenizer, tmp_path, capfd, disable):
+    trainer = ica_trainer(tokenizer, tmp_path, disable_tqdm=disable, max_steps=1, ica_demo_selection="knn")
+    trainer.train()
+    err = capfd.readouterr().err
+    assert ("ICA scoring" in err) is not disable and ("Embedding" in err) is not disable
 
 
 def test_padding_free_unit_weights_reproduce_sfttrainer(tokenizer, tmp_path):
@@ -355,3 +373,47 @@ def test_padding_free_weights_follow_each_packed_sequence(tokenizer, tmp_path, m
     assert "seq_idx" in packed.data_collator([packed.train_dataset[i] for i in range(3)])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)  # online log p(y | x) recovered per packed sequence
+
+
+def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
+    """`trl-ica score` once, then training reads its scores (checked against the rows and settings) instead of
+    scoring: they equal the scores the trainer computes itself with the same model."""
+    from trl_ica.cli import main as cli
+
+    train, holdout = data()
+    model_dir = tmp_path / "model"
+    model_for(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train.to_json(tmp_path / "train.jsonl")
+    holdout.to_json(tmp_path / "holdout.jsonl")
+    scored = tmp_path / "scored.jsonl"
+    cli(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
+         "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(scored)])  # fmt: skip
+    file_scores = [json.loads(line)["score"] for line in open(scored)]
+
+    given = ica_trainer(tokenizer, tmp_path / "given", ica_scores_file=str(scored), max_steps=1)
+    np.testing.assert_array_equal(given.ica.scores, file_scores)  # taken as they are, before training
+    assert given.ica.refreshes_done == 1
+    given.train()
+    assert [json.loads(line)["score"] for line in open(tmp_path / "given" / "ica" / "refresh-0.jsonl")] == file_scores
+
+    quantile = ica_trainer(tokenizer, tmp_path / "q", ica_scores_file=str(scored), max_steps=1,
+                           ica_weighting="holdout_quantile")  # fmt: skip
+    quantile.train()  # the holdout's own scores are still computed, at the first step
+    assert quantile.ica.reference is not None and np.isfinite(quantile.ica.reference).all()
+
+    own = ica_trainer(tokenizer, tmp_path / "own", max_steps=1)
+    own.train()
+    np.testing.assert_allclose(own.ica.scores, file_scores, rtol=0, atol=1e-4)  # same model, same requests
+
+    with pytest.raises(ValueError, match="other settings than this run's .*ica_score_form: file 'difference'"):
+        ica_trainer(tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned",
+                    ica_reduction="mean")  # fmt: skip
+    shifted = Dataset.from_list(list(train)[1:] + list(train)[:1])
+    with pytest.raises(ValueError, match=r"row 0 is not training row 0 \(columns \['prompt', 'completion'\]"):
+        ica_trainer(tokenizer, tmp_path / "b", train=shifted, ica_scores_file=str(scored))
+    with pytest.raises(ValueError, match="need `ica_refresh=1`, got 'online'"):
+        ica_trainer(tokenizer, tmp_path / "c", ica_scores_file=str(scored), ica_refresh="online")
+    os.remove(tmp_path / "scored.meta.json")
+    with pytest.raises(ValueError, match="has no settings file"):
+        ica_trainer(tokenizer, tmp_path / "d", ica_scores_file=str(scored))

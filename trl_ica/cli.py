@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 SCORE_COLUMN = "score"
 
@@ -53,13 +54,28 @@ def _select_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-score", action="store_true", help="Keep the score column in the output.")
 
 
+def score_settings(args) -> dict:
+    """What a scores file was computed with, as a trainer's `ica_*` fields name it (see `ica_scores_file`)."""
+    settings = {"method": args.method, "model": args.model, "dataset": args.dataset, "holdout": args.holdout}
+    if args.method == "ica":
+        settings.update(
+            ica_score_form=args.form,
+            ica_reduction=args.reduction,
+            ica_num_demos=3 if args.num_demos is None else args.num_demos,
+            ica_demo_selection=args.demo_selection,
+            ica_embedding_model=args.embedding_model,
+            ica_seed=args.seed,
+        )
+    return settings
+
+
 def run_score(args) -> dict:
     import numpy as np
     import torch
     from accelerate import PartialState
 
     from .assets import load_model
-    from .data_io import load_rows, write_rows
+    from .data_io import load_rows, scores_meta_path, write_json, write_rows
     from .plots import plot_score_histogram
     from .selection import score_dataset
     from .whisperer import WhispererConfig, whisperer_scores
@@ -82,15 +98,16 @@ def run_score(args) -> dict:
         if m is not None:
             m.to(state.device)
     extra = {}
+    start = time.perf_counter()
     if args.method == "whisperer":
         config = WhispererConfig(
-            num_demos=args.num_demos or 10,
+            num_demos=10 if args.num_demos is None else args.num_demos,
             num_queries=args.num_queries,
             min_demo_count=args.min_demo_count,
             metric=args.metric,
             layer=args.layer,
             max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size or 8,
+            batch_size=8 if args.batch_size is None else args.batch_size,
             seed=args.seed,
         )
         result = whisperer_scores(model, tokenizer, dataset, holdout, config)
@@ -103,7 +120,7 @@ def run_score(args) -> dict:
             dataset,
             holdout,
             reference_model=reference,
-            num_demos=args.num_demos or 3,
+            num_demos=3 if args.num_demos is None else args.num_demos,
             demo_selection=args.demo_selection,
             reduction=args.reduction,
             form=args.form,
@@ -111,9 +128,11 @@ def run_score(args) -> dict:
             seed=args.seed,
             batch_size=args.batch_size,
         )
+    seconds = time.perf_counter() - start
     plot = os.path.splitext(args.output)[0] + ".png"
     if state.is_main_process:
         write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
+        write_json(score_settings(args), scores_meta_path(args.output))  # read back by a trainer's ica_scores_file
         labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
         plot = plot_score_histogram(scores, plot, labels=labels, title=f"{args.method} scores")
     summary = {
@@ -123,6 +142,8 @@ def run_score(args) -> dict:
         "std": float(np.std(scores)),
         "output": args.output,
         "histogram": plot,
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(len(scores) / seconds, 2) if seconds > 0 else None,
         **extra,
     }
     if state.is_main_process:

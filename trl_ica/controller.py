@@ -27,6 +27,15 @@ def _number(value) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
+def _write_lines(path: str, records) -> None:
+    """JSON lines, written whole (a temporary file moved into place)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(temporary, path)
+
+
 class ICAController:
     """Scores, refresh schedule and weights of one training run.
 
@@ -91,11 +100,33 @@ class ICAController:
             reduction=self.args.ica_reduction,
             form=self.args.ica_score_form,
             batch_size=self.args.ica_scoring_batch_size,
-            show_progress=self.is_main,
+            show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
         )
+
+    def use_scores(self, scores, source: str) -> None:
+        """Take `scores` (one per training example, by `ica_index`) as the run's one scoring (`ica_refresh=1`)
+        instead of scoring before training; written to `ica/refresh-0.jsonl` with their `source`."""
+        if self.online or self.args.ica_refresh != 1:
+            raise ValueError(
+                f"Given scores replace the one scoring before training, so they need `ica_refresh=1`, got "
+                f"{self.args.ica_refresh!r}."
+            )
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != self.scores.shape:
+            raise ValueError(f"{source}: {scores.size} scores for {self.scores.size} training examples.")
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            raise ValueError(f"{source}: the scores of rows {bad[:5].tolist()} are not finite numbers.")
+        self.scores, self.global_range, self.refreshes_done = scores, score_range(scores), 1
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            records = [{"ica_index": i, "step": 0, "score": float(v), "source": source} for i, v in enumerate(scores)]
+            _write_lines(os.path.join(self.dir, "refresh-0.jsonl"), records)
 
     def maybe_refresh(self, model, step: int, max_steps: int) -> bool:
         """Score the whole training set if a refresh is due at `step`; returns whether it scored."""
+        if not self.online and self.reference_builder is not None and self.reference is None and self.refreshes_done:
+            self.score_reference(model, step)  # given scores (`use_scores`): the holdout's own are still needed
         if self.online or self.refreshes_done >= self.args.ica_refresh:
             return False
         if step < self.refresh_step(self.refreshes_done, max_steps):

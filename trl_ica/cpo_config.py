@@ -24,6 +24,7 @@ class ICACPOConfig(ICAArguments, CPOConfig):
     """
 
     def __post_init__(self):
+        self.choose_precision()
         super().__post_init__()
         self.validate_ica()
         if self.is_encoder_decoder:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from trl.experimental.cpo import CPOTrainer
 
 from .cpo_config import ICACPOConfig
+from .model_card import SIMPO_PAPER
 from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 
@@ -40,7 +41,13 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
     """
 
     _tag_names = ["trl", "cpo", "ica"]
-    _name = "ICA-CPO"
+
+    @property
+    def _name(self) -> str:  # read by TRL's model card
+        return "ICA-SimPO" if self.loss_type == "simpo" else "ICA-CPO"
+
+    def _ica_parent(self) -> tuple[str, dict]:
+        return ("SimPO", SIMPO_PAPER) if self.loss_type == "simpo" else super()._ica_parent()
 
     def __init__(
         self,

@@ -39,8 +39,9 @@ def _test_loss(model, tokenizer, test) -> float:
     return float(-out.sums.sum() / out.counts.sum())
 
 
-def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, args):
-    """The same LoRA run, with stock `SFTTrainer` (uniform) or `ICASFTTrainer` (ICA weights)."""
+def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, args, scores=None):
+    """The same LoRA run, with stock `SFTTrainer` (uniform) or `ICASFTTrainer` (ICA weights; `scores`, computed
+    with the same untrained model and settings, are its one scoring, so the pool is scored once)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -79,6 +80,7 @@ def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, ar
             holdout_dataset=holdout,
             peft_config=lora,
         )
+        trainer.ica.use_scores(scores, "the demo's scoring of the pool")
     trainer.train()
     return trainer
 
@@ -98,7 +100,9 @@ def run(args) -> dict:
 
     from .scoring import score_ica
 
-    scores = score_ica(model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection=args.demo_selection)
+    scores = score_ica(
+        model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection=args.demo_selection, seed=args.seed
+    )
     clean = labels == "clean"
     per_token = scores.scores / scores.num_tokens
     summary = {
@@ -131,10 +135,15 @@ def run(args) -> dict:
 
     base_loss = _test_loss(model, tokenizer, test)
     losses = {}
-    for weighted in (False, True):
-        name = "ICA" if weighted else "uniform"
-        print(f"\nLoRA fine-tune with {name} weights ({args.steps} steps of {args.batch_size})...", flush=True)
-        trainer = _train(model_path, tokenizer, train, holdout, os.path.join(args.output_dir, name), weighted, args)
+    runs = (
+        ("uniform", train, False, "uniform weights"),
+        ("oracle", train.select(np.flatnonzero(clean)), False, "uniform weights on the clean rows only (the oracle)"),
+        ("ICA", train, True, "ICA weights"),
+    )
+    for name, rows, weighted, what in runs:
+        print(f"\nLoRA fine-tune with {what} ({args.steps} steps of {args.batch_size})...", flush=True)
+        out = os.path.join(args.output_dir, name)
+        trainer = _train(model_path, tokenizer, rows, holdout, out, weighted, args, scores.scores)
         losses[name] = _test_loss(trainer.model, tokenizer, test)
         if weighted:
             rows = [json.loads(line) for line in open(os.path.join(args.output_dir, name, "ica", "weights.jsonl"))]
@@ -143,7 +152,12 @@ def run(args) -> dict:
             weights = np.array([w[i] for i in trained])
             summary["mean_weight_clean"] = float(weights[clean[trained]].mean())
             summary["mean_weight_corrupted"] = float(weights[~clean[trained]].mean())
-    summary.update(test_loss_before=base_loss, test_loss_uniform=losses["uniform"], test_loss_ica=losses["ICA"])
+    summary.update(
+        test_loss_before=base_loss,
+        test_loss_uniform=losses["uniform"],
+        test_loss_oracle=losses["oracle"],
+        test_loss_ica=losses["ICA"],
+    )
     print("\nResult")
     print(
         f"  mean ICA weight: clean {summary['mean_weight_clean']:.3f}, corrupted "
@@ -151,8 +165,17 @@ def run(args) -> dict:
     )
     print(
         f"  clean test loss (nats/token): before {base_loss:.4f} | uniform {losses['uniform']:.4f} | "
-        f"ICA {losses['ICA']:.4f}"
+        f"oracle {losses['oracle']:.4f} | ICA {losses['ICA']:.4f}"
     )
+    gap = losses["uniform"] - losses["oracle"]
+    if gap > 0:
+        summary["share_of_noise_gap_recovered"] = (losses["uniform"] - losses["ICA"]) / gap
+        print(
+            f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; ICA weights recover "
+            f"{summary['share_of_noise_gap_recovered']:.0%} of that gap."
+        )
+    else:
+        print(f"  here the noise cost uniform training nothing against the oracle ({gap:+.4f}): nothing to recover.")
     verdict = "lower" if losses["ICA"] < losses["uniform"] else "not lower"
     print(
         f"  ICA-weighted training gave a {verdict} clean test loss than uniform weights "

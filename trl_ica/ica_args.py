@@ -51,9 +51,15 @@ class ICAArguments:
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default a token budget decides.
         ica_max_length (`int`, *optional*):
-            longest conditioned sequence allowed (demonstrations included); defaults to `max_length`.
+            longest conditioned sequence allowed (demonstrations included); defaults to the model's context size
+            (`max_position_embeddings`). The training `max_length` does not bound it: a row longer than this with its
+            demonstrations is refused before training, with the rows named.
         ica_seed (`int`, *optional*):
             seed of fixed and random demonstrations; defaults to `seed`.
+        ica_scores_file (`str`, *optional*):
+            scores written by `trl-ica score --method ica` for these training rows, used as the one scoring of
+            `ica_refresh=1` instead of scoring before training. The file's rows must be the training rows, in order,
+            and its recorded form, reduction, demonstrations and seed must be this run's (`<file>.meta.json`).
     """
 
     ica_num_demos: int = field(default=3, metadata={"help": "Holdout demonstrations put in context per example."})
@@ -85,6 +91,20 @@ class ICAArguments:
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
+    ica_scores_file: str | None = field(
+        default=None, metadata={"help": "`trl-ica score` output to use as the R = 1 scores instead of scoring."}
+    )
+
+    def choose_precision(self) -> None:
+        """bf16 where the device supports it and fp32 elsewhere, when the user left both `bf16` and `fp16` unset.
+
+        TRL turns an unset `bf16` on, and transformers then refuses to start on a machine without a bf16 GPU. Called
+        before TRL's `__post_init__`; the test is the one transformers applies (`TrainingArguments.__post_init__`).
+        """
+        if getattr(self, "bf16", False) is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            self.bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
 
     def validate_ica(self) -> None:
         """Check and normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""

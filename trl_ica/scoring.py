@@ -124,8 +124,9 @@ class ICARequestBuilder:
         if too_long.size:
             raise ValueError(
                 f"{too_long.size} of {len(lengths)} examples are longer than `{argument}`={max_length} tokens with "
-                f"their demonstrations (rows {too_long[:5].tolist()}, up to {lengths.max()} tokens). Lower "
-                f"`num_demos`, use shorter holdout examples, or raise `{argument}`."
+                f"their demonstrations (rows {too_long[:5].tolist()}, up to {lengths.max()} tokens). Raise "
+                f"`{argument}` if the model's context allows it, give fewer demonstrations (`num_demos`; "
+                "`ica_num_demos` in a trainer), or use shorter holdout examples."
             )
 
 

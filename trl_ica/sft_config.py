@@ -24,6 +24,7 @@ class ICASFTConfig(ICAArguments, SFTConfig):
     """
 
     def __post_init__(self):
+        self.choose_precision()
         super().__post_init__()
         self.validate_ica()
         if self.packing:

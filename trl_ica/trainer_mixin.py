@@ -11,7 +11,9 @@ from datasets import Dataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .controller import ICAController
+from .data_io import read_scores_file
 from .ica_args import ICAArguments
+from .model_card import ICA_PAPER, base_model_name, complete_card
 from .rendering import ICAPromptTemplate
 from .scoring import prepare_holdout_reference, prepare_ica
 from .weighting import BATCH_WEIGHTINGS
@@ -63,8 +65,51 @@ class IndexedCollator:
         return batch
 
 
+def _context_size(model, fallback: int | None) -> int | None:
+    """The model's context size (`max_position_embeddings`), else `fallback`."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or fallback
+
+
 class ICATrainerMixin:
     """Shared by the ICA trainers; the subclass applies the weights where its parent reduces the loss."""
+
+    _paper = ICA_PAPER  # the paper TRL's model card names and cites; the parent method's is added below it
+
+    def _ica_parent(self) -> tuple[str, dict]:
+        """The parent TRL method's name and paper (`_name`, `_paper` of the first TRL class in the MRO)."""
+        for cls in type(self).__mro__:
+            if "_paper" in vars(cls) and vars(cls)["_paper"] is not ICA_PAPER:
+                return vars(cls).get("_name", cls.__name__), vars(cls)["_paper"]
+        return "", {}
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, naming the ICA method and citing ICA, with the real base model (the Hub id the embedded
+        default came from), the `ica_*` settings, the parent method's citation and the files under `ica/`."""
+        base_model = base_model_name(self.model.config)
+        config = self.model.config
+        loaded_from = getattr(config, "_name_or_path", "")
+        if base_model:  # TRL's card reads the base model from the config (`get_config_model_id`)
+            config._name_or_path = base_model
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            config._name_or_path = loaded_from
+        self._complete_card(self.args.output_dir, base_model)
+
+    def _complete_card(self, folder: str, base_model: str | None) -> None:
+        path = os.path.join(folder, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            parent, paper = self._ica_parent()
+            complete_card(path, method=self._name, parent=parent, parent_paper=paper, base_model=base_model,
+                          args=self.args)  # fmt: skip
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """`Trainer.save_model`; PEFT's `save_pretrained` rewrites the card's base model to the folder the model was
+        loaded from, so the card is completed again afterwards."""
+        super().save_model(output_dir, _internal_call)
+        self._complete_card(output_dir or self.args.output_dir, base_model_name(self.model.config))
 
     def _ica_setup(self, raw_train: Dataset, holdout_dataset, max_length: int | None) -> None:
         args: ICAArguments = self.args
@@ -82,9 +127,11 @@ class ICATrainerMixin:
             chat_template=getattr(self, "chat_template", None),
             embedding_model=args.ica_embedding_model,
             seed=args.seed if args.ica_seed is None else args.ica_seed,
-            max_length=args.ica_max_length or max_length,
-            max_length_argument="ica_max_length" if args.ica_max_length else "max_length",
-            show_progress=self.accelerator.is_main_process,
+            # Scoring sequences carry k demonstrations on top of the training row: they are bounded by the model's
+            # context (or `ica_max_length`), not by the training `max_length`.
+            max_length=args.ica_max_length or _context_size(self.model, max_length),
+            max_length_argument="ica_max_length",
+            show_progress=self.accelerator.is_main_process and not args.disable_tqdm,
         )
         builder = prepare_ica(
             self.model, self.processing_class, raw_train.remove_columns(INDEX), holdout_dataset, **options
@@ -104,6 +151,16 @@ class ICATrainerMixin:
         self._ica = ICAController(
             builder, args, args.output_dir, self.accelerator.is_main_process, reference_builder=reference
         )
+        if args.ica_scores_file is not None:
+            expected = {
+                "method": "ica",
+                **{name: getattr(args, name) for name in ("ica_score_form", "ica_reduction", "ica_num_demos",
+                                                           "ica_demo_selection", "ica_embedding_model")},
+            }  # fmt: skip
+            if args.ica_demo_selection != "knn":  # the seed draws fixed and random demonstrations
+                expected["ica_seed"] = options["seed"]
+            scores = read_scores_file(args.ica_scores_file, raw_train.remove_columns(INDEX), expected)
+            self._ica.use_scores(scores, f"ica_scores_file={args.ica_scores_file}")
         per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
         step_batch = per_process * self.accelerator.num_processes
         if args.ica_weighting in BATCH_WEIGHTINGS and step_batch == 1:
