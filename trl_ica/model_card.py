@@ -41,16 +41,12 @@ EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def base_model_name(config) -> str | None:
     """The Hub id of the base model, or None for a local folder that is not the embedded default."""
-    from .assets import default_model_path
+    from .assets import is_embedded_model_dir
 
     path = getattr(config, "_name_or_path", "") or ""
     if not os.path.isdir(path):
         return path or None
-    try:
-        embedded = default_model_path()
-    except ImportError:  # the asset package is not installed, so this folder is not its conversion
-        return None
-    return EMBEDDED_BASE if os.path.realpath(path) == os.path.realpath(embedded) else None
+    return EMBEDDED_BASE if is_embedded_model_dir(path) else None  # never converts: a card must not load models
 
 
 def complete_card(path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, args) -> None:
