@@ -168,14 +168,17 @@ def run(args) -> dict:
         f"oracle {losses['oracle']:.4f} | ICA {losses['ICA']:.4f}"
     )
     gap = losses["uniform"] - losses["oracle"]
-    if gap > 0:
+    if gap > 0.02:  # a share of a smaller gap is mostly the runs' own noise
         summary["share_of_noise_gap_recovered"] = (losses["uniform"] - losses["ICA"]) / gap
         print(
             f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; ICA weights recover "
             f"{summary['share_of_noise_gap_recovered']:.0%} of that gap."
         )
     else:
-        print(f"  here the noise cost uniform training nothing against the oracle ({gap:+.4f}): nothing to recover.")
+        print(
+            f"  here the noise cost uniform training {gap:+.4f} nats/token against the oracle, too little for a share "
+            "of it to mean anything: this pool's noise does not hurt this short run (see docs/benchmarks.md)."
+        )
     verdict = "lower" if losses["ICA"] < losses["uniform"] else "not lower"
     print(
         f"  ICA-weighted training gave a {verdict} clean test loss than uniform weights "
