@@ -31,12 +31,12 @@ import warnings
 import numpy as np
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_task_pilot import MODULES, TASK_CONFIGS, chat, evaluate  # noqa: E402
+from bench_task_pilot import TASK_CONFIGS, chat, evaluate, top_layer_lora, training_settings  # noqa: E402
 
 from trl_ica.assets import load_model  # noqa: E402
+from trl_ica.data_io import write_json  # noqa: E402
 from trl_ica.scoring import score_ica  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -70,15 +70,9 @@ def train(method, rows, holdout, scores, seed, args):
     from trl_ica import ICASFTConfig, ICASFTTrainer
 
     model, tokenizer = load_model()
-    layers = model.config.num_hidden_layers
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(layers - args.top_layers, layers)))  # fmt: skip
+    lora = top_layer_lora(model, args.top_layers)
     with tempfile.TemporaryDirectory() as out:
-        common = dict(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, seed=seed,
-            learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
-            bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
-        )  # fmt: skip
+        common = training_settings(out, args, seed)
         if method in ("uniform", "oracle"):
             trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
@@ -90,14 +84,6 @@ def train(method, rows, holdout, scores, seed, args):
             trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
         trainer.train()
     return trainer.model.eval(), tokenizer
-
-
-def save(results, path):
-    if path:
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(temporary, path)
 
 
 def report(results, methods):
@@ -164,7 +150,8 @@ def main():
             loss, accuracy = evaluate(model, tokenizer, test, checker)
             seconds = time.perf_counter() - start
             results.setdefault(method, {})[str(seed)] = dict(loss=loss, accuracy=accuracy, seconds=seconds)
-            save(results, args.results)
+            if args.results:
+                write_json(results, args.results)
             print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
     report(results, args.methods)
 

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_quality import answers, test_loss  # noqa: E402
 
 from trl_ica.assets import load_model  # noqa: E402
+from trl_ica.data_io import write_json  # noqa: E402
 
 warnings.filterwarnings("ignore")
 #: Task settings: small numbers, so that the answers are a few tokens
@@ -73,19 +74,30 @@ def evaluate(model, tokenizer, test, checker):
     return loss, float(np.mean([s == 1.0 for s in scores]))
 
 
+def top_layer_lora(model, top_layers: int) -> LoraConfig:
+    """LoRA r = 16 on every linear layer of the top `top_layers` decoder layers (a step costs little more than a
+    forward: no gradient flows below them)."""
+    layers = model.config.num_hidden_layers
+    return LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM",
+                      layers_to_transform=list(range(layers - top_layers, layers)))  # fmt: skip
+
+
+def training_settings(out, args, seed) -> dict:
+    """The SFT settings every pilot and benchmark run shares: constant lr, fp32 on the CPU, nothing saved."""
+    return dict(
+        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, seed=seed,
+        learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
+    )  # fmt: skip
+
+
 def train(rows, args):
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = load_model()
-    layers = model.config.num_hidden_layers
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(layers - args.top_layers, layers)))  # fmt: skip
+    lora = top_layer_lora(model, args.top_layers)
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, seed=args.seed,
-            learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
-            bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
-        )  # fmt: skip
+        config = SFTConfig(**training_settings(out, args, args.seed))
         trainer = SFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
         start = time.perf_counter()
         trainer.train()
@@ -125,10 +137,7 @@ def main():
         print(name, out[name], flush=True)
     results[key] = out
     if args.results:
-        temporary = f"{args.results}.tmp"
-        with open(temporary, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(temporary, args.results)
+        write_json(results, args.results)
     print(json.dumps({key: out}, indent=1))
 
 
