@@ -110,3 +110,47 @@ def test_conversational_data_needs_a_chat_template(tokenizer):
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     with pytest.raises(ValueError, match="no chat template"):
         Renderer(bare).unconditioned(read_row(conv("a", "b")))
+
+
+def test_turns_layout_puts_demos_as_earlier_exchanges_before_the_unchanged_turn(tokenizer):
+    renderer = Renderer(tokenizer, layout="turns")
+    demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
+    example = read_row({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3?"}],
+                        "completion": [{"role": "assistant", "content": "A3."}]})  # fmt: skip
+    cond, plain = renderer.conditioned(example, demos), renderer.unconditioned(example)
+    text = tokenizer.decode(list(cond.prefix + cond.context + cond.response))
+    chat = [{"role": "system", "content": "Be brief."}]
+    for q, a in (("Q1?", "A1."), ("Q2?", "A2."), ("Q3?", "A3.")):
+        chat += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    assert text == tokenizer.apply_chat_template(chat, tokenize=False)
+    # the two requests differ by the demonstrations alone: the row's own turn and response are the same tokens
+    assert cond.context == plain.context and cond.response == plain.response
+    assert tokenizer.decode(list(plain.prefix)) in tokenizer.decode(list(cond.prefix))
+    # standard rows keep their few-shot text
+    standard = read_row({"prompt": "Q: 2+2=", "completion": " 4"})
+    request = renderer.conditioned(standard, [read_row({"prompt": "Q: 1+1=", "completion": " 2"})])
+    assert tokenizer.decode(list(request.prefix + request.context + request.response)) == (
+        "Q: 1+1= 2\n\nQ: 2+2= 4<|im_end|>"
+    )
+
+
+@pytest.mark.parametrize("layout", ["in_turn", "turns"])
+def test_score_end_false_scores_the_response_without_its_closing_token(tokenizer, layout):
+    demos = [read_row(conv("Q1?", "A1."))]
+    for row, end in ((conv("Q3?", "A3."), "<|im_end|>\n"), ({"prompt": "Q: 2+2=", "completion": " 4"}, "<|im_end|>")):
+        example = read_row(row)
+        with_end, without = Renderer(tokenizer, layout=layout), Renderer(tokenizer, layout=layout, score_end=False)
+        for full, short in (
+            (with_end.unconditioned(example), without.unconditioned(example)),
+            (with_end.conditioned(example, demos), without.conditioned(example, demos)),
+        ):
+            assert full.prefix == short.prefix and full.context == short.context
+            assert tokenizer.decode(list(full.response)) == tokenizer.decode(list(short.response)) + end
+            assert tokenizer.decode(list(short.response)) == example.response
+
+
+def test_renderer_refuses_unknown_layout_and_non_bool_score_end(tokenizer):
+    with pytest.raises(ValueError, match=r"`layout` must be one of \['in_turn', 'turns'\], got 'chat'"):
+        Renderer(tokenizer, layout="chat")
+    with pytest.raises(ValueError, match="`score_end` must be True or False, got 'no'"):
+        Renderer(tokenizer, score_end="no")

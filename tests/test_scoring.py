@@ -20,11 +20,17 @@ def make_data(n=9, h=5):
     return train, holdout
 
 
-@pytest.mark.parametrize("selection", ["knn", "fixed", "random"])
-def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer, selection):
+@pytest.mark.parametrize(
+    "selection, layout, score_end",
+    [("knn", "in_turn", True), ("fixed", "in_turn", True), ("random", "in_turn", True), ("knn", "turns", True),
+     ("fixed", "turns", False)],
+)  # fmt: skip
+def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer, selection, layout, score_end):
     train, holdout = make_data()
-    result = score_ica(chat_model, tokenizer, train, holdout, demo_selection=selection, show_progress=False)
-    builder = prepare_ica(chat_model, tokenizer, train, holdout, demo_selection=selection, show_progress=False)
+    options = dict(demo_selection=selection, layout=layout, score_end=score_end, show_progress=False)
+    result = score_ica(chat_model, tokenizer, train, holdout, **options)
+    builder = prepare_ica(chat_model, tokenizer, train, holdout, **options)
+    assert builder.renderer.layout == layout and builder.renderer.score_end == score_end
     cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
     plain = np.array([naive_log_prob(chat_model, builder.unconditioned(i)) for i in range(len(train))])
     np.testing.assert_allclose(result.logp_conditioned, cond, atol=1e-4)

@@ -275,6 +275,8 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ({"ica_refresh": "0"}, "`ica_refresh` must be a positive integer or 'online'"),
         ({"ica_demo_selection": "nearest"}, "`ica_demo_selection` must be one of"),
         ({"ica_score_form": "ratio"}, "`ica_score_form` must be one of"),
+        ({"ica_demo_layout": "chat"}, r"`ica_demo_layout` must be one of \['in_turn', 'turns'\], got 'chat'"),
+        ({"ica_score_end_token": "no"}, "`ica_score_end_token` must be True or False, got 'no'"),
         ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
         ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),
@@ -409,6 +411,8 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="other settings than this run's .*ica_score_form: file 'difference'"):
         ica_trainer(tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned",
                     ica_reduction="mean")  # fmt: skip
+    with pytest.raises(ValueError, match="other settings than this run's .*ica_demo_layout: file 'in_turn', run 't"):
+        ica_trainer(tokenizer, tmp_path / "l", ica_scores_file=str(scored), ica_demo_layout="turns")
     shifted = Dataset.from_list(list(train)[1:] + list(train)[:1])
     with pytest.raises(ValueError, match=r"row 0 is not training row 0 \(columns \['prompt', 'completion'\]"):
         ica_trainer(tokenizer, tmp_path / "b", train=shifted, ica_scores_file=str(scored))

@@ -13,6 +13,7 @@ SCORE_COLUMN = "score"
 
 
 def _score_parser(parser: argparse.ArgumentParser) -> None:
+    from .rendering import DEMO_LAYOUTS
     from .selection import METHODS
 
     parser.add_argument("--method", required=True, choices=list(METHODS), help="Scoring method.")
@@ -32,6 +33,18 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
         default="difference",
         choices=["difference", "conditioned"],
         help="ica: the paper's difference, or log p(y | demos, x) alone (noisy labels; use with --reduction mean).",
+    )
+    parser.add_argument(
+        "--demo-layout",
+        default="in_turn",
+        choices=list(DEMO_LAYOUTS),
+        help="ica, conversational rows: demos in the user turn (the paper's), or as earlier user/assistant turns.",
+    )
+    parser.add_argument(
+        "--score-end-token",
+        default="true",
+        choices=["true", "false"],
+        help="ica: score the end-of-turn (or EOS) token after each response, as TRL trains it.",
     )
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
@@ -64,6 +77,8 @@ def score_settings(args) -> dict:
             ica_num_demos=3 if args.num_demos is None else args.num_demos,
             ica_demo_selection=args.demo_selection,
             ica_embedding_model=args.embedding_model,
+            ica_demo_layout=args.demo_layout,
+            ica_score_end_token=args.score_end_token == "true",
             ica_seed=args.seed,
         )
     return settings
@@ -124,6 +139,8 @@ def run_score(args) -> dict:
             demo_selection=args.demo_selection,
             reduction=args.reduction,
             form=args.form,
+            layout=args.demo_layout,
+            score_end=args.score_end_token == "true",
             embedding_model=args.embedding_model,
             seed=args.seed,
             batch_size=args.batch_size,

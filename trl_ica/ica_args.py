@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .demos import DEMO_SELECTIONS
+from .rendering import DEMO_LAYOUTS
 from .scoring import FORMS, REDUCTIONS
 from .weighting import WEIGHTINGS
 
@@ -48,6 +49,15 @@ class ICAArguments:
             wording.
         ica_query_template (`str`, *optional*):
             the example's question after the demonstrations, with `{prompt}`.
+        ica_demo_layout (`str`, *optional*, defaults to `"in_turn"`):
+            where a conversational row's demonstrations go: `"in_turn"`, in the row's user turn with the paper's
+            wording (or `ica_demo_template`), or `"turns"`, each an earlier user/assistant exchange before the row's
+            unchanged turn, so the requests with and without demonstrations differ by the demonstrations alone
+            (`ica_demo_template` then applies to standard rows only). Standard rows always get few-shot text. See
+            the README's "Which score to trust".
+        ica_score_end_token (`bool`, *optional*, defaults to `True`):
+            score the token that closes each response (the chat template's end of turn, or EOS for standard rows)
+            with it, as TRL trains it.
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default a token budget decides.
         ica_max_length (`int`, *optional*):
@@ -88,6 +98,13 @@ class ICAArguments:
     )
     ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
     ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
+    ica_demo_layout: str = field(
+        default="in_turn",
+        metadata={"help": "Chat rows: demos in the user turn, or as earlier turns.", "choices": DEMO_LAYOUTS},
+    )
+    ica_score_end_token: bool = field(
+        default=True, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
+    )
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
@@ -113,6 +130,7 @@ class ICAArguments:
             ("ica_weighting", WEIGHTINGS),
             ("ica_reduction", REDUCTIONS),
             ("ica_score_form", FORMS),
+            ("ica_demo_layout", DEMO_LAYOUTS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -135,6 +153,8 @@ class ICAArguments:
         self.ica_refresh = refresh
         if (self.ica_demo_template is None) != (self.ica_query_template is None):
             raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
+        if not isinstance(self.ica_score_end_token, bool):
+            raise ValueError(f"`ica_score_end_token` must be True or False, got {self.ica_score_end_token!r}.")
         steps = self.ica_holdout_rescore_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")

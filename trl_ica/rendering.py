@@ -4,8 +4,12 @@ A scored sequence is `prefix + context + response`. The prefix (the chat templat
 block) is what candidates share; the context is the candidate's own prompt; only the response tokens are scored.
 Each piece is tokenised on its own, so a response has the same token ids with and without demonstrations.
 
-Rendering mirrors how TRL trains: conversational rows go through the tokenizer's chat template (everything in the
-user turn, as in the ICA paper), standard rows are plain text with the EOS token appended to the response.
+Rendering mirrors how TRL trains: conversational rows go through the tokenizer's chat template, standard rows are
+plain text with the EOS token appended to the response. Two choices shape the conditioned request of a
+conversational row (`DEMO_LAYOUTS`): `"in_turn"` writes the demonstrations and the question into one user turn with
+the ICA paper's wording; `"turns"` gives each demonstration as an earlier user/assistant exchange before the row's
+own, unchanged turn, so the two requests differ only by the demonstrations. `score_end` decides whether the token
+that closes a response (the chat template's end of turn, or EOS) is scored with it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from .engine import LogProbRequest
 from .formats import SFTExample
 
+#: How the demonstrations of a conversational row are laid out; see the module docstring.
+DEMO_LAYOUTS = ("in_turn", "turns")
 _USER = "\x00ICA_USER\x00"
 _ASSISTANT = "\x00ICA_ASSISTANT\x00"
 
@@ -80,14 +86,32 @@ class Renderer:
     Args:
         tokenizer: a Hugging Face tokenizer.
         template ([`ICAPromptTemplate`], *optional*):
-            Defaults to [`PAPER_TEMPLATE`] for conversational data and [`PLAIN_TEMPLATE`] for standard data.
+            Defaults to [`PAPER_TEMPLATE`] for conversational data and [`PLAIN_TEMPLATE`] for standard data. With
+            `layout="turns"` it applies to standard rows only.
         chat_template (`str`, *optional*): a Jinja chat template that overrides the tokenizer's (as in `SFTConfig`).
+        layout (`str`, *optional*, defaults to `"in_turn"`):
+            `"in_turn"` or `"turns"`: where a conversational row's demonstrations go (see the module docstring).
+        score_end (`bool`, *optional*, defaults to `True`):
+            score the token that closes each response (end of turn or EOS), as TRL trains it.
     """
 
-    def __init__(self, tokenizer, template: ICAPromptTemplate | None = None, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: ICAPromptTemplate | None = None,
+        chat_template: str | None = None,
+        layout: str = "in_turn",
+        score_end: bool = True,
+    ):
+        if layout not in DEMO_LAYOUTS:
+            raise ValueError(f"`layout` must be one of {list(DEMO_LAYOUTS)}, got {layout!r}.")
+        if not isinstance(score_end, bool):
+            raise ValueError(f"`score_end` must be True or False, got {score_end!r}.")
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors carry their tokenizer
         self.template = template
         self.chat_template = chat_template
+        self.layout = layout
+        self.score_end = score_end
         leading = self.tokenizer("", add_special_tokens=True)["input_ids"]
         self._bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
 
@@ -99,7 +123,9 @@ class Renderer:
             return self.template
         return PAPER_TEMPLATE if example.conversational else PLAIN_TEMPLATE
 
-    def _pieces(self, example: SFTExample) -> _Pieces:
+    def _pieces(self, example: SFTExample, demos: list[SFTExample] = ()) -> _Pieces:
+        """The text around the first user message's content and around the response; `demos` go before that
+        message as earlier user/assistant turns (`layout="turns"`)."""
         if not example.conversational:
             eos = self.tokenizer.eos_token or ""
             return _Pieces(head="", mid="", tail="" if example.response.endswith(eos) else eos)
@@ -111,6 +137,8 @@ class Renderer:
         messages = [dict(m) for m in example.prompt]
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first_user]["content"] = _USER
+        turns = [(("user", d.question), ("assistant", d.response)) for d in demos]
+        messages[first_user:first_user] = [{"role": r, "content": c} for pair in turns for r, c in pair]
         messages.append({"role": "assistant", "content": _ASSISTANT})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template)
         if text.count(_USER) != 1 or text.count(_ASSISTANT) != 1:
@@ -126,17 +154,25 @@ class Renderer:
             prefix, context = self._ids(p.head), self._context_ids(example, example.question, p)
         else:
             prefix, context = self._bos, self._ids(example.prompt)
-        return LogProbRequest(prefix, context, self._ids(example.response + p.tail))
+        return LogProbRequest(prefix, context, self._response_ids(example, p))
+
+    def _response_ids(self, example: SFTExample, p: _Pieces) -> tuple[int, ...]:
+        return self._ids(example.response + p.tail) if self.score_end else self._ids(example.response)
 
     def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
-        """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn."""
+        """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
+        (`layout="in_turn"`) or as earlier turns before the unchanged question (`layout="turns"`)."""
+        if example.conversational and self.layout == "turns":
+            p = self._pieces(example, demos)
+            prefix, context = self._ids(p.head), self._context_ids(example, example.question, p)
+            return LogProbRequest(prefix, context, self._response_ids(example, p))
         p = self._pieces(example)
         template = self.template_for(example)
         prefix_ids = self._ids(p.head + template.render_demos(demos))
         if not example.conversational:
             prefix_ids = self._bos + prefix_ids
         context = self._context_ids(example, template.render_query(example.question), p)
-        return LogProbRequest(prefix_ids, context, self._ids(example.response + p.tail))
+        return LogProbRequest(prefix_ids, context, self._response_ids(example, p))
 
     def _context_ids(self, example: SFTExample, user_text: str, p: _Pieces) -> tuple[int, ...]:
         if not example.conversational:

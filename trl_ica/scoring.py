@@ -75,11 +75,21 @@ class ICARequestBuilder:
         candidates (`list[SFTExample]` or `list[PreferenceExample]`): the examples (or pairs) to score.
         holdout (`list[SFTExample]`): the clean holdout examples (of a preference holdout, prompt and chosen).
         demo_indices (`np.ndarray`): `(len(candidates), k)` holdout rows per candidate.
-        template, chat_template: see [`Renderer`].
+        template, chat_template, layout, score_end: see [`Renderer`].
     """
 
-    def __init__(self, tokenizer, candidates, holdout, demo_indices, template=None, chat_template=None):
-        self.renderer = Renderer(tokenizer, template, chat_template)
+    def __init__(
+        self,
+        tokenizer,
+        candidates,
+        holdout,
+        demo_indices,
+        template=None,
+        chat_template=None,
+        layout: str = "in_turn",
+        score_end: bool = True,
+    ):
+        self.renderer = Renderer(tokenizer, template, chat_template, layout, score_end)
         self.candidates = candidates
         self.holdout = holdout
         self.demo_indices = np.asarray(demo_indices, dtype=np.int64)
@@ -153,6 +163,8 @@ def prepare_ica(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
+    layout: str = "in_turn",
+    score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
     max_length: int | None = None,
@@ -170,14 +182,15 @@ def prepare_ica(
     if max_length is None:
         config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length, max_length_argument = config, "the model's max_position_embeddings"
+    rendering = Renderer(tokenizer, template, chat_template, layout, score_end)  # checks the choices
     return _build_requests(
-        model, tokenizer, candidates, held, num_demos, demo_selection, template, chat_template, embedding_model,
-        seed, max_length, max_length_argument, show_progress,
+        model, tokenizer, candidates, held, num_demos, demo_selection, rendering, embedding_model, seed, max_length,
+        max_length_argument, show_progress,
     )  # fmt: skip
 
 
 def _build_requests(
-    model, tokenizer, candidates, held, num_demos, demo_selection, template, chat_template, embedding_model, seed,
+    model, tokenizer, candidates, held, num_demos, demo_selection, rendering: Renderer, embedding_model, seed,
     max_length, max_length_argument, show_progress, exclude=None,
 ) -> ICARequestBuilder:  # fmt: skip
     """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
@@ -186,7 +199,8 @@ def _build_requests(
     demos = select_demos(
         [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed, exclude
     )
-    builder = ICARequestBuilder(tokenizer, candidates, held, demos, template, chat_template)
+    r = rendering
+    builder = ICARequestBuilder(tokenizer, candidates, held, demos, r.template, r.chat_template, r.layout, r.score_end)
     builder.check_lengths(max_length, max_length_argument)
     return builder
 
@@ -201,6 +215,8 @@ def prepare_holdout_reference(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
+    layout: str = "in_turn",
+    score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
     max_length: int | None = None,
@@ -228,9 +244,10 @@ def prepare_holdout_reference(
             f"demonstrations taken from the other holdout rows, so the holdout needs more than {num_demos} rows; it "
             f"has {len(held)}. Give a larger holdout or fewer demonstrations."
         )
+    rendering = Renderer(tokenizer, template, chat_template, layout, score_end)
     return _build_requests(
-        model, tokenizer, candidates, demos_pool, num_demos, demo_selection, template, chat_template,
-        embedding_model, seed, max_length, max_length_argument, show_progress, exclude=np.arange(len(held)),
+        model, tokenizer, candidates, demos_pool, num_demos, demo_selection, rendering, embedding_model, seed,
+        max_length, max_length_argument, show_progress, exclude=np.arange(len(held)),
     )  # fmt: skip
 
 
@@ -317,6 +334,8 @@ def score_ica(
     batch_size: int | None = None,
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
+    layout: str = "in_turn",
+    score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
     max_length: int | None = None,
@@ -335,6 +354,8 @@ def score_ica(
         demo_selection=demo_selection,
         template=template,
         chat_template=chat_template,
+        layout=layout,
+        score_end=score_end,
         embedding_model=embedding_model,
         seed=seed,
         max_length=max_length,
@@ -373,6 +394,11 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
+        layout (`str`, *optional*, defaults to `"in_turn"`): for conversational rows, `"in_turn"` (the demonstrations
+            and the question in one user turn, the paper's wording) or `"turns"` (each demonstration an earlier
+            user/assistant exchange before the row's unchanged turn). See [`Renderer`].
+        score_end (`bool`, *optional*, defaults to `True`): score the end-of-turn (or EOS) token after each
+            response, as TRL trains it.
         embedding_model (`str` or callable, *optional*): for kNN, a sentence-transformers encoder instead of the
             model's own mean-pooled hidden states.
         seed (`int`, *optional*, defaults to `0`): seed of fixed and random demonstrations.

@@ -155,6 +155,8 @@ def score_dataset(
     demo_selection: str = "knn",
     reduction: str = "sum",
     form: str = "difference",
+    layout: str = "in_turn",
+    score_end: bool = True,
     embedding_model=None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -170,7 +172,7 @@ def score_dataset(
         holdout: clean examples, needed by `ica` and `oneshot`; for `whisperer`, optional: the questions to answer.
         reference_model: for `rho`, a model fine-tuned on the holdout set.
         num_demos (`int`): k demonstrations for `ica`; holdout queries per example for `oneshot`.
-        demo_selection, reduction, form, embedding_model: as in [`compute_ica_scores`].
+        demo_selection, reduction, form, layout, score_end, embedding_model: as in [`compute_ica_scores`].
         seed (`int`): seed of `random` and of fixed/random demonstrations.
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
     """
@@ -191,6 +193,8 @@ def score_dataset(
             demo_selection=demo_selection,
             reduction=reduction,
             form=form,
+            layout=layout,
+            score_end=score_end,
             embedding_model=embedding_model,
             seed=seed,
             **common,

@@ -125,6 +125,8 @@ class ICATrainerMixin:
             demo_selection=args.ica_demo_selection,
             template=template,
             chat_template=getattr(self, "chat_template", None),
+            layout=args.ica_demo_layout,
+            score_end=args.ica_score_end_token,
             embedding_model=args.ica_embedding_model,
             seed=args.seed if args.ica_seed is None else args.ica_seed,
             # Scoring sequences carry k demonstrations on top of the training row: they are bounded by the model's
@@ -155,7 +157,8 @@ class ICATrainerMixin:
             expected = {
                 "method": "ica",
                 **{name: getattr(args, name) for name in ("ica_score_form", "ica_reduction", "ica_num_demos",
-                                                           "ica_demo_selection", "ica_embedding_model")},
+                                                           "ica_demo_selection", "ica_embedding_model",
+                                                           "ica_demo_layout", "ica_score_end_token")},
             }  # fmt: skip
             if args.ica_demo_selection != "knn":  # the seed draws fixed and random demonstrations
                 expected["ica_seed"] = options["seed"]
@@ -206,8 +209,8 @@ class ICATrainerMixin:
         if not reuse.all():
             logger.warning(
                 "Online ICA: %d of %d training examples are tokenised or masked differently from their scoring "
-                "requests (e.g. loss on prompt tokens, truncation, another chat rendering); their log p(y | x) costs "
-                "an extra forward.",
+                "requests (e.g. loss on prompt tokens, truncation, another chat rendering, "
+                "`ica_score_end_token=False`); their log p(y | x) costs an extra forward.",
                 int((~reuse).sum()),
                 len(reuse),
             )
