@@ -102,7 +102,7 @@ def test_bad_rows_name_the_row_and_the_problem(row, message):
 def test_empty_and_mixed_datasets():
     with pytest.raises(ValueError, match="`holdout` is empty"):
         read_dataset(Dataset.from_list([]), "holdout")
-    with pytest.raises(ValueError, match="mixes formats"):
+    with pytest.raises(ValueError, match="mixes standard .text. and conversational"):
         read_dataset([{"prompt": "a", "completion": "b"}, conv("a", "b")])
 
 

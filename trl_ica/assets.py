@@ -99,7 +99,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    check_model_path(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def check_model_path(name_or_path: str, argument: str = "--model") -> None:
+    """Refuse a local model path that does not exist (transformers would report it as a malformed Hub id): a path
+    is anything that starts with `/`, `.` or `~`, or has more than one `/` (a Hub id is `name` or `owner/name`)."""
+    local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ValueError(
+            f"`{argument}`={name_or_path!r} is not a model folder: no such directory. Give a folder saved with "
+            "`save_pretrained`, a Hub id (`owner/name`), or `smollm2-135m-instruct` for the embedded model."
+        )
 
 
 def gsm8k_final_answer(solution: str) -> str:

@@ -22,7 +22,8 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", help="Clean holdout set (file or Hub name); needed by ica and oneshot.")
     parser.add_argument("--reference-model", help="For rho: a model fine-tuned on the holdout set.")
     parser.add_argument("--split", default="train", help="Split of a Hub dataset.")
-    parser.add_argument("--output", required=True, help="Scored rows: .jsonl, .json or .parquet.")
+    parser.add_argument("--output", required=True, help="Scored rows: .jsonl, .json (one array) or .parquet.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     parser.add_argument(
         "--num-demos", type=int, help="k demos (ica, default 3), holdout queries (oneshot, 3), n_d (whisperer, 10)."
     )
@@ -60,7 +61,8 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
 
 def _select_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="Output of `trl-ica score` (.jsonl, .json or .parquet).")
-    parser.add_argument("--output", required=True, help="Selected rows: .jsonl, .json or .parquet.")
+    parser.add_argument("--output", required=True, help="Selected rows: .jsonl, .json (one array) or .parquet.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     parser.add_argument("--ratio", type=float, help="Share of rows to keep, in (0, 1].")
     parser.add_argument("--mode", default="top", choices=["top", "bottom", "threshold"])
     parser.add_argument("--threshold", type=float, help="With --mode threshold: keep rows scoring at least this.")
@@ -90,11 +92,14 @@ def run_score(args) -> dict:
     from accelerate import PartialState
 
     from .assets import load_model
-    from .data_io import load_rows, scores_meta_path, write_json, write_rows
+    from .data_io import check_output, load_rows, scores_meta_path, write_json, write_rows
     from .plots import plot_score_histogram
     from .selection import score_dataset
     from .whisperer import WhispererConfig, whisperer_scores
 
+    inputs = {"--dataset": args.dataset, "--holdout": args.holdout}
+    check_output(args.output, inputs, args.overwrite)
+    check_output(scores_meta_path(args.output), inputs, overwrite=True, argument="--output's settings file")
     dataset = load_rows(args.dataset, args.split, "--dataset")
     if SCORE_COLUMN in dataset.column_names:
         raise ValueError(f"`--dataset` already has a {SCORE_COLUMN!r} column; rename it so it is not overwritten.")
@@ -148,8 +153,11 @@ def run_score(args) -> dict:
     seconds = time.perf_counter() - start
     plot = os.path.splitext(args.output)[0] + ".png"
     if state.is_main_process:
+        meta = scores_meta_path(args.output)  # read back by a trainer's ica_scores_file
+        if os.path.exists(meta):  # never beside rows it does not describe, should the run stop between the two
+            os.remove(meta)
         write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
-        write_json(score_settings(args), scores_meta_path(args.output))  # read back by a trainer's ica_scores_file
+        write_json(score_settings(args), meta)
         labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
         plot = plot_score_histogram(scores, plot, labels=labels, title=f"{args.method} scores")
     summary = {
@@ -159,7 +167,7 @@ def run_score(args) -> dict:
         "std": float(np.std(scores)),
         "output": args.output,
         "histogram": plot,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 3),
         "rows_per_second": round(len(scores) / seconds, 2) if seconds > 0 else None,
         **extra,
     }
@@ -170,9 +178,10 @@ def run_score(args) -> dict:
 
 
 def run_select(args) -> dict:
-    from .data_io import load_rows, write_rows
+    from .data_io import check_output, load_rows, write_rows
     from .selection import select_top
 
+    check_output(args.output, {"--scores": args.scores}, args.overwrite)
     scored = load_rows(args.scores, argument="--scores")
     if SCORE_COLUMN not in scored.column_names:
         raise ValueError(f"`--scores` {args.scores!r} has no {SCORE_COLUMN!r} column; make it with `trl-ica score`.")

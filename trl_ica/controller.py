@@ -10,6 +10,7 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
+from .data_io import written_whole
 from .distributed import num_processes
 from .engine import score_requests
 from .scoring import ICARequestBuilder, assemble_scores, score_with
@@ -19,6 +20,21 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "ica_state.npz"
 # Preference pairs: the four log-probs behind a score, as written to `refresh-<k>.jsonl`
+WEIGHTS_FILE = "weights.jsonl"
+# `ica_*` fields that do not change the scores, the demonstrations or the weights a resumed run continues with
+_NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scores_file")
+
+
+def _digest(items) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
 PAIR_FIELDS = ("logp_chosen_conditioned", "logp_rejected_conditioned", "logp_chosen", "logp_rejected")
 
 
@@ -28,12 +44,10 @@ def _number(value) -> float | None:
 
 
 def _write_lines(path: str, records) -> None:
-    """JSON lines, written whole (a temporary file moved into place)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
+    """JSON lines, written whole (see [`written_whole`])."""
+    with written_whole(path) as temporary, open(temporary, "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    os.replace(temporary, path)
 
 
 class ICAController:
@@ -82,14 +96,27 @@ class ICAController:
         self._step_weights: dict[int, float] | None = None
         self.step_begun: int | None = None  # optimizer step `begin_step` was last called for
         self._warned_single = False
+        self._warned_schedule = False
+        self.last_scored_step: int | None = None  # optimizer step of the latest scoring of the training set
+        self.resumed_step: int | None = None  # the checkpoint's step, when the run resumed from one
 
     @property
     def online(self) -> bool:
         return self.args.ica_refresh == "online"
 
-    def refresh_step(self, k: int, max_steps: int) -> int:
-        """The optimizer step at which scoring k (0-based) of R happens: evenly spread, the first before training."""
-        return round(k * max_steps / self.args.ica_refresh)
+    def refresh_steps(self, max_steps: int) -> list[int]:
+        """The optimizer steps at which the R scorings happen: evenly spread, the first before training. A run of
+        fewer than R steps scores once at each of its steps (never twice at one step), with a warning."""
+        refresh = self.args.ica_refresh
+        steps = sorted({round(k * max_steps / refresh) for k in range(refresh)} & set(range(max(1, max_steps))))
+        if len(steps) < refresh and not self._warned_schedule:
+            logger.warning(
+                "ica_refresh=%d, but training runs %d optimizer step(s): the training set is scored %d time(s), at "
+                "steps %s. Lower `ica_refresh` to at most the number of steps to silence this.",
+                refresh, max_steps, len(steps), steps,
+            )  # fmt: skip
+            self._warned_schedule = True
+        return steps
 
     def _score_all(self, model, builder: ICARequestBuilder):
         """Every candidate of `builder` scored with the run's form, reduction and batch size (sharded over
@@ -127,30 +154,33 @@ class ICAController:
         """Score the whole training set if a refresh is due at `step`; returns whether it scored."""
         if not self.online and self.reference_builder is not None and self.reference is None and self.refreshes_done:
             self.score_reference(model, step)  # given scores (`use_scores`): the holdout's own are still needed
-        if self.online or self.refreshes_done >= self.args.ica_refresh:
+        if self.online or self.refreshes_done >= self.args.ica_refresh or step == self.last_scored_step:
             return False
-        if step < self.refresh_step(self.refreshes_done, max_steps):
+        schedule = self.refresh_steps(max_steps)
+        if self.refreshes_done >= len(schedule) or step < schedule[self.refreshes_done]:
             return False
         result = self._score_all(model, self.builder)
+        self.last_scored_step = step
         self.scores = result.scores
         self.global_range = score_range(result.scores)
         self.score_reference(model, step)
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)
-            with open(os.path.join(self.dir, f"refresh-{self.refreshes_done}.jsonl"), "w") as f:
-                for i in range(len(result.scores)):
-                    record = {
-                        "ica_index": i,
-                        "step": step,
-                        "score": float(result.scores[i]),
-                        "logp_conditioned": float(result.logp_conditioned[i]),
-                        "logp_unconditioned": _number(result.logp_unconditioned[i]),
-                        "num_tokens": int(result.num_tokens[i]),
-                        "demo_indices": result.demo_indices[i].tolist(),
-                    }
-                    if result.pair_logps is not None:
-                        record.update(zip(PAIR_FIELDS, map(_number, result.pair_logps[i])))
-                    f.write(json.dumps(record) + "\n")
+            records = []
+            for i in range(len(result.scores)):
+                record = {
+                    "ica_index": i,
+                    "step": step,
+                    "score": float(result.scores[i]),
+                    "logp_conditioned": float(result.logp_conditioned[i]),
+                    "logp_unconditioned": _number(result.logp_unconditioned[i]),
+                    "num_tokens": int(result.num_tokens[i]),
+                    "demo_indices": result.demo_indices[i].tolist(),
+                }
+                if result.pair_logps is not None:
+                    record.update(zip(PAIR_FIELDS, map(_number, result.pair_logps[i])))
+                records.append(record)
+            _write_lines(os.path.join(self.dir, f"refresh-{self.refreshes_done}.jsonl"), records)
         self.refreshes_done += 1
         return True
 
@@ -163,11 +193,11 @@ class ICAController:
         self.reference, self.reference_step = result.scores, step
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)
-            with open(os.path.join(self.dir, f"holdout-{self.references_done}.jsonl"), "w") as f:
-                for i, score in enumerate(result.scores):
-                    record = {"holdout_index": i, "step": step, "score": float(score)}
-                    record["demo_indices"] = result.demo_indices[i].tolist()
-                    f.write(json.dumps(record) + "\n")
+            records = [
+                {"holdout_index": i, "step": step, "score": float(score), "demo_indices": demos.tolist()}
+                for i, (score, demos) in enumerate(zip(result.scores, result.demo_indices))
+            ]
+            _write_lines(os.path.join(self.dir, f"holdout-{self.references_done}.jsonl"), records)
         self.references_done += 1
 
     def _reference_due(self, step: int) -> bool:
@@ -215,6 +245,7 @@ class ICAController:
             self.builder.demo_indices[indices],
             args.ica_reduction,
             args.ica_score_form,
+            rows=indices,
         )
         scores = result.scores
         self.scores[indices] = scores
@@ -307,11 +338,12 @@ class ICAController:
         )
         if self.is_main:
             os.makedirs(self.dir, exist_ok=True)
-            with open(os.path.join(self.dir, "weights.jsonl"), "a") as f:
-                for i, s, w in zip(all_indices, all_scores, weights):
-                    f.write(
-                        json.dumps({"step": step, "ica_index": int(i), "score": float(s), "weight": float(w)}) + "\n"
-                    )
+            lines = "".join(
+                json.dumps({"step": step, "ica_index": int(i), "score": float(s), "weight": float(w)}) + "\n"
+                for i, s, w in zip(all_indices, all_scores, weights)
+            )
+            with open(os.path.join(self.dir, WEIGHTS_FILE), "a") as f:
+                f.write(lines)  # a step's rows in one write: an interrupted run loses whole steps only
         metrics = self.metrics(all_scores, weights)
         if self.reference is not None:
             metrics["ica/holdout_score_median"] = float(np.median(self.reference))
@@ -327,19 +359,57 @@ class ICAController:
             "ica/weight_max": float(np.max(weights)),
         }
 
-    # Resume
-    def save(self, folder: str) -> None:
+    # Files and resume
+    def fingerprint(self) -> dict:
+        """What the saved state depends on: the training rows, the holdout and the `ica_*` settings."""
+        settings = {
+            name: getattr(self.args, name)
+            for name in sorted(vars(self.args))
+            if name.startswith("ica_") and name not in _NOT_FINGERPRINTED
+        }
+        return {
+            "training rows": _digest(self.builder.candidates),
+            "holdout rows": _digest(self.builder.holdout),
+            **{name: repr(value) for name, value in settings.items()},
+        }
+
+    def start_files(self) -> None:
+        """At the start of `train()`: a new run starts `ica/` afresh (its weights log, and any scoring file a
+        previous run in this `output_dir` left beyond the ones this run has made); a resumed run keeps what its
+        checkpoint covers and drops the weights logged after the checkpoint's step."""
+        if not self.is_main or not os.path.isdir(self.dir):
+            return
+        for name in os.listdir(self.dir):
+            stem, _, k = os.path.splitext(name)[0].partition("-")
+            done = {"refresh": self.refreshes_done, "holdout": self.references_done}.get(stem)
+            if done is not None and k.isdigit() and int(k) >= done:
+                os.remove(os.path.join(self.dir, name))
+        path = os.path.join(self.dir, WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            return
+        if self.resumed_step is None:
+            os.remove(path)
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < self.resumed_step]
+        with written_whole(path) as temporary, open(temporary, "w") as f:
+            f.writelines(kept)
+
+    def save(self, folder: str, step: int) -> None:
         low, high = self.global_range if self.global_range is not None else (np.nan, np.nan)
-        np.savez(
-            os.path.join(folder, STATE_FILE),
-            scores=self.scores,
-            refreshes_done=self.refreshes_done,
-            global_range=np.array([low, high]),
-            demo_indices=self.builder.demo_indices,
-            reference=self.reference if self.reference is not None else np.zeros(0),
-            reference_step=-1 if self.reference_step is None else self.reference_step,
-            references_done=self.references_done,
-        )
+        with written_whole(os.path.join(folder, STATE_FILE)) as temporary:
+            np.savez(
+                temporary,
+                fingerprint=np.array(json.dumps(self.fingerprint())),
+                step=step,
+                scores=self.scores,
+                refreshes_done=self.refreshes_done,
+                global_range=np.array([low, high]),
+                demo_indices=self.builder.demo_indices,
+                reference=self.reference if self.reference is not None else np.zeros(0),
+                reference_step=-1 if self.reference_step is None else self.reference_step,
+                references_done=self.references_done,
+            )
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, STATE_FILE)
@@ -349,11 +419,23 @@ class ICAController:
                 "ICA scores cannot be restored."
             )
         state = np.load(path)
-        if state["scores"].shape != self.scores.shape:
+        if "fingerprint" not in state:
             raise ValueError(
-                f"The checkpoint's ICA state covers {state['scores'].shape[0]} training examples but this run has "
-                f"{self.scores.shape[0]}; resume with the same training dataset."
+                f"{path} was saved by an older trl_ica without a record of its data and settings, so resuming cannot "
+                "check that they are this run's; start the run afresh."
             )
+        saved, now = json.loads(str(state["fingerprint"])), self.fingerprint()
+        changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if changed:
+            details = ", ".join(
+                k if k.endswith("rows") else f"{k}: checkpoint {saved.get(k)}, now {now.get(k)}" for k in changed
+            )
+            raise ValueError(
+                f"Cannot resume from {folder!r}: its ICA state was computed for other data or settings ({details}). "
+                "Resume with the training set, holdout and `ica_*` settings of that run, or start afresh in another "
+                "`output_dir`."
+            )
+        self.resumed_step = int(state["step"])
         self.scores = state["scores"]
         self.refreshes_done = int(state["refreshes_done"])
         low, high = state["global_range"]

@@ -62,7 +62,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         **kwargs,
     ):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
-        indexed = add_index(train_dataset)
+        indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
         self._ica_batch = None  # (indices, weights) of the batch being trained on
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, self.max_length)

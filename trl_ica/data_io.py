@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from datasets import Dataset
 
@@ -22,13 +23,45 @@ def load_splits(spec: str, argument: str = "--dataset", config: str | None = Non
             raise ValueError(f"`{argument}` file {spec!r} is empty.")
         if config is not None:
             raise ValueError(f"`{argument}`={spec!r} is a local file: it has no configuration, got {config!r}.")
-        return load_dataset(FILE_FORMATS[extension], data_files=spec)
+        try:
+            return load_dataset(FILE_FORMATS[extension], data_files=spec)
+        except Exception as error:
+            if extension in (".jsonl", ".json"):
+                _raise_json_error(spec, argument, error)
+            raise
     if os.path.exists(spec) and not os.path.isdir(spec):
         raise ValueError(
             f"`{argument}`={spec!r} is a local file but does not end in {sorted(FILE_FORMATS)}; pass a .json, "
             ".jsonl or .parquet file, a folder of them, or a Hub dataset name."
         )
     return load_dataset(spec, name=config)  # a local folder or a Hub dataset
+
+
+def _raise_json_error(path: str, argument: str, error: Exception) -> None:
+    """Name the first line of a JSON Lines file (or the position in a JSON file) that does not parse."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            raise ValueError(f"`{argument}` file {path!r} is not valid JSON: {bad}.") from error
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise ValueError(
+                f"`{argument}` file {path!r}, line {number}: not valid JSON ({bad.msg}): {line[:80]!r}"
+            ) from error
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"`{argument}` file {path!r}, line {number}: a JSON {type(value).__name__}, not an object of columns."
+            ) from error
+    raise ValueError(f"`{argument}` file {path!r} could not be read as a dataset: {error}") from error
 
 
 def pick_split(splits, split: str, spec: str, argument: str = "--dataset") -> Dataset:
@@ -47,17 +80,54 @@ def load_rows(spec: str, split: str = "train", argument: str = "--dataset", conf
     return pick_split(load_splits(spec, argument, config), split, spec, argument)
 
 
+@contextmanager
+def written_whole(path: str):
+    """Yield a temporary path beside `path` to write to; when the block ends it is moved onto `path` in one step, so
+    a reader (or an interrupted run) sees the old file or the whole new one, never part of one. On an error the
+    temporary file is removed and `path` is left as it was. The temporary name keeps the extension, for writers
+    that choose their format by it."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    root, extension = os.path.splitext(name)
+    temporary = os.path.join(directory, f".{root}.{os.getpid()}.partial{extension}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def write_rows(dataset: Dataset, path: str, argument: str = "--output") -> str:
-    """Write `dataset` as JSON lines or parquet, chosen by the file extension."""
+    """Write `dataset` whole (see [`written_whole`]): JSON lines for `.jsonl`, one JSON array for `.json` (what
+    `json.load` reads), parquet for `.parquet`."""
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"`{argument}`={path!r} must end in .jsonl, .json or .parquet.")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if extension == ".parquet":
-        dataset.to_parquet(path)
-    else:
-        dataset.to_json(path, lines=True, force_ascii=False)
+    with written_whole(path) as temporary:
+        if extension == ".parquet":
+            dataset.to_parquet(temporary)
+        else:
+            # one batch for a .json array: datasets writes one array per batch
+            batch = {} if extension == ".jsonl" else {"batch_size": max(1, len(dataset))}
+            dataset.to_json(temporary, lines=extension == ".jsonl", force_ascii=False, **batch)
     return path
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file (an existing one, or the same resolved path)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: str, inputs: dict[str, str | None], overwrite: bool, argument: str = "--output") -> None:
+    """Refuse an output that is one of the `inputs` (`{argument: path}`), and an existing one unless `overwrite`."""
+    for name, source in inputs.items():
+        if source is not None and same_file(path, source):
+            raise ValueError(f"`{argument}`={path!r} is the input `{name}`: writing it would replace the data read.")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"`{argument}`={path!r} exists; pass `--overwrite` to replace it, or choose another path.")
 
 
 SCORES_META = ".meta.json"
@@ -69,13 +139,11 @@ def scores_meta_path(path: str) -> str:
 
 
 def write_json(data, path: str) -> None:
-    """Write `data` as JSON whole: to a temporary file moved into place, so a reader never sees half a file."""
+    """Write `data` as JSON, whole (see [`written_whole`])."""
     import json
 
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
+    with written_whole(path) as temporary, open(temporary, "w") as f:
         json.dump(data, f, indent=1)
-    os.replace(temporary, path)
 
 
 def read_scores_file(path: str, dataset: Dataset, expected: dict, argument: str = "ica_scores_file"):

@@ -63,7 +63,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         **kwargs,
     ):
         args = ica_args(args, model, ICADPOConfig, "ICA-DPO")
-        indexed = add_index(train_dataset)
+        indexed = add_index(train_dataset, "ICADPOTrainer", pairs=True)
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length)
         if self._ica.online:

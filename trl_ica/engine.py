@@ -276,6 +276,9 @@ def score_requests(
     >>> score_requests(model, [req]).sums  # log p(5, 6 | 1, 2, 3, 4)
     ```
     """
+    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
     mode = resolve_mode(distributed)
     options = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, desc=desc)
     if mode == "local":

@@ -68,7 +68,7 @@ def _is_messages(value: Any) -> bool:
 def _first_user_content(messages: Messages, where: str) -> str:
     for message in messages:
         if message["role"] == "user":
-            return _content_text(message["content"], where)
+            return _check_prompt(_content_text(message["content"], where), where)
     raise ValueError(f"{where}: the prompt has no user message; ICA needs a question to condition on.")
 
 
@@ -90,6 +90,15 @@ def _check_response(response: str, where: str) -> str:
     return response
 
 
+def _check_prompt(prompt: str, where: str) -> str:
+    if not prompt.strip():
+        raise ValueError(
+            f"{where}: the prompt is empty ({prompt!r}). ICA scores a response given its prompt; remove such rows or "
+            "give them a prompt."
+        )
+    return prompt
+
+
 def _split_conversation(messages: Messages, where: str) -> tuple[Messages, str]:
     if not messages or messages[-1]["role"] != "assistant":
         last = messages[-1]["role"] if messages else "nothing"
@@ -109,6 +118,7 @@ def read_row(
         `ValueError`: naming the row and the columns when the row cannot be split into prompt and response.
     """
     where = f"{name} row {index}" if index is not None else name
+    row = {k: v for k, v in row.items() if v is not None}  # a file mixing formats fills the missing columns with None
     if is_conversational_from_value(row):
         row = maybe_convert_to_chatml(dict(row))
         # TRL renames the keys; ShareGPT's speaker names become chat roles here
@@ -122,7 +132,7 @@ def read_row(
     if "prompt" in keys and "completion" in keys:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
-            return SFTExample(prompt, _check_response(completion, where), prompt)
+            return SFTExample(_check_prompt(prompt, where), _check_response(completion, where), prompt)
         if _is_messages(prompt) and _is_messages(completion):
             if len(completion) != 1 or completion[0]["role"] != "assistant":
                 raise ValueError(
@@ -165,6 +175,11 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
 
         extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
         prompt, chosen, rejected = extracted["prompt"], extracted["chosen"], extracted["rejected"]
+        if not prompt:
+            raise ValueError(
+                f"{where}: no `prompt` column, and `chosen` and `rejected` share no leading part to take as the "
+                "prompt (TRL's implicit-prompt format). Give the row an explicit `prompt`."
+            )
     if isinstance(prompt, str):
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
             raise ValueError(f"{where}: with a string `prompt`, `chosen` and `rejected` must be strings.")
@@ -185,14 +200,51 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
     return PreferenceExample(prompt, texts[0], texts[1], _first_user_content(prompt, where))
 
 
-def read_dataset(dataset, name: str = "dataset") -> list[SFTExample | PreferenceExample]:
-    """Read every row of `dataset` (a `datasets.Dataset` or a list of dicts); nothing is skipped."""
+def _row_format(row: Mapping[str, Any]) -> str:
+    keys = {k for k, v in row.items() if v is not None}
+    if {"chosen", "rejected"} <= keys:
+        return "preference (chosen/rejected)"
+    if {"prompt", "completion"} <= keys:
+        return "prompt/completion"
+    return "messages" if "messages" in keys or "conversations" in keys else "other"
+
+
+def _check_container(dataset, name: str) -> None:
+    from datasets import Dataset, DatasetDict
+
     if dataset is None:
         raise ValueError(f"`{name}` is None; pass a dataset.")
+    if isinstance(dataset, (DatasetDict, dict)):
+        raise ValueError(
+            f"`{name}` is a {type(dataset).__name__} of splits {sorted(dataset)}; pass one split, e.g. "
+            f"`{name}['train']`."
+        )
+    if isinstance(dataset, str):
+        raise ValueError(f"`{name}` is a string ({dataset!r}); load it first, e.g. `datasets.load_dataset(...)`.")
+    if type(dataset).__name__ == "DataFrame":
+        raise ValueError(f"`{name}` is a pandas DataFrame; convert it with `datasets.Dataset.from_pandas(...)`.")
+    if not isinstance(dataset, (Dataset, list, tuple)):
+        raise ValueError(f"`{name}` must be a `datasets.Dataset` or a list of dicts, got {type(dataset).__name__}.")
+
+
+def read_dataset(dataset, name: str = "dataset") -> list[SFTExample | PreferenceExample]:
+    """Read every row of `dataset` (a `datasets.Dataset` or a list of dicts); nothing is skipped."""
+    _check_container(dataset, name)
     if len(dataset) == 0:
         raise ValueError(f"`{name}` is empty; it needs at least one row.")
+    formats: dict[str, int] = {}
+    for i, row in enumerate(dataset):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{name} row {i} is a {type(row).__name__}, not a dict of columns.")
+        formats.setdefault(_row_format(row), i)
+    if len(formats) > 1:
+        listed = ", ".join(f"{kind} (first at row {i})" for kind, i in formats.items())
+        raise ValueError(f"`{name}` mixes row formats: {listed}; every row must have the same format.")
     examples = [read_row(row, i, name) for i, row in enumerate(dataset)]
-    kinds = {type(e) for e in examples} | {e.conversational for e in examples}
-    if len({type(e) for e in examples}) > 1 or len({e.conversational for e in examples}) > 1:
-        raise ValueError(f"`{name}` mixes formats ({kinds}); every row must have the same format.")
+    if len({e.conversational for e in examples}) > 1:
+        first = next(i for i, e in enumerate(examples) if e.conversational != examples[0].conversational)
+        raise ValueError(
+            f"`{name}` mixes standard (text) and conversational (messages) rows, first at rows 0 and {first}; every "
+            "row must have the same format."
+        )
     return examples

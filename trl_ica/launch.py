@@ -107,11 +107,12 @@ def load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
-    from .assets import resolve_model
+    from .assets import check_model_path, resolve_model
 
     if model_args.model_name_or_path is None:
         raise ValueError("`--model_name_or_path` is required (`smollm2-135m-instruct` is the embedded default).")
     path = resolve_model(model_args.model_name_or_path)
+    check_model_path(path, "--model_name_or_path")
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     kwargs = dict(
         revision=model_args.model_revision,

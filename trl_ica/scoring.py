@@ -11,6 +11,7 @@ its own question, which the conditioned form keeps (see the README's "Which scor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,8 +186,34 @@ def prepare_ica(
     rendering = Renderer(tokenizer, template, chat_template, layout, score_end)  # checks the choices
     return _build_requests(
         model, tokenizer, candidates, held, num_demos, demo_selection, rendering, embedding_model, seed, max_length,
-        max_length_argument, show_progress,
+        max_length_argument, show_progress, exclude=holdout_copies(candidates, held, num_demos),
     )  # fmt: skip
+
+
+def holdout_copies(candidates, held, num_demos: int) -> np.ndarray | None:
+    """For each candidate, the holdout row that is the same example (same question and response; a pair's chosen
+    answer), or -1; None when there is none. Such a row would be its own demonstration and rank first, so it is
+    kept out of its own demonstrations (when the holdout has more than `num_demos` rows), with a warning."""
+    first = {}
+    for j, h in enumerate(held):
+        first.setdefault((h.question, h.response), j)
+    keys = [(c.question, c.chosen if isinstance(c, PreferenceExample) else c.response) for c in candidates]
+    copies = np.array([first.get(key, -1) for key in keys], dtype=np.int64)
+    found = np.flatnonzero(copies >= 0)
+    if not found.size:
+        return None
+    listed = f"{found[:5].tolist()}{', ...' if found.size > 5 else ''}"
+    excluded = num_demos < len(held)
+    warnings.warn(
+        f"{found.size} of {len(candidates)} training examples also appear in the holdout (rows {listed}); "
+        + ("each is kept out of its own demonstrations, but " if excluded else
+           f"with {num_demos} demonstrations from {len(held)} holdout rows each is its own demonstration, and ")
+        + "a holdout that overlaps the training set is not a clean measure: remove those rows from the holdout.",
+        stacklevel=3,
+    )  # fmt: skip
+    if not excluded:
+        return None
+    return copies
 
 
 def _build_requests(
@@ -281,18 +308,29 @@ def score_with(
         )
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), plain = passes[0], (passes[1][0] if len(passes) > 1 else None)
-    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form)
+    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form, rows=indices)
 
 
-def assemble_scores(cond, plain, counts, demo_indices, reduction: str, form: str = "difference") -> ICAScores:
+def assemble_scores(
+    cond, plain, counts, demo_indices, reduction: str, form: str = "difference", rows=None
+) -> ICAScores:
     """[`ICAScores`] from summed log-probs with (`cond`) and without (`plain`) demonstrations, each `(N, 1)` for
     examples or `(N, 2)` [chosen, rejected] for pairs, and the response tokens `counts` of the same shape.
-    `plain` may be None (or hold NaN) for `form="conditioned"`, which does not use it."""
+    `plain` may be None (or hold NaN) for `form="conditioned"`, which does not use it. `rows` names the rows in
+    errors (default: their positions)."""
     check_choice("form", form, FORMS)
     cond, counts = np.asarray(cond, dtype=np.float64), np.asarray(counts)
     plain = np.full(cond.shape, np.nan) if plain is None else np.asarray(plain, dtype=np.float64)
-    if form == "difference" and np.isnan(plain).any():
-        raise ValueError("`form='difference'` needs log p(y | x) of every response; `plain` has NaN.")
+    passes = [("with demonstrations", cond)] + ([("without demonstrations", plain)] if form == "difference" else [])
+    for label, values in passes:
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size:
+            raise ValueError(
+                f"The model's log-probabilities {label} are not finite for {bad.size} rows "
+                f"({(bad if rows is None else np.asarray(rows)[bad])[:5].tolist()}): "
+                "the model produced NaN or inf, often a half-precision overflow. Score in float32 or bfloat16, or "
+                "check those rows and the model."
+            )
     if cond.shape[1] == 1:
         return ICAScores(
             scores=reduce_scores(cond[:, 0], plain[:, 0], counts[:, 0], reduction, form),

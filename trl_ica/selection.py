@@ -7,6 +7,7 @@ example (keep the top), except where a method's entry below says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -217,7 +218,11 @@ def select_top(scores, ratio: float | None = None, *, mode: str = "top", thresho
     scores, or (`"threshold"`) every row scoring at least `threshold`. Ties are broken by row order, so the choice
     is deterministic; NaN scores are an error."""
     check_choice("mode", mode, ["top", "bottom", "threshold"])
-    scores = np.asarray(scores, dtype=np.float64)
+    try:
+        scores = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        example = next((s for s in scores if not isinstance(s, (int, float))), None)
+        raise ValueError(f"`scores` must be numbers; found {example!r} ({type(example).__name__}).") from error
     if scores.size == 0:
         raise ValueError("`scores` is empty: there is nothing to select from.")
     bad = np.flatnonzero(np.isnan(scores))
@@ -226,7 +231,15 @@ def select_top(scores, ratio: float | None = None, *, mode: str = "top", thresho
     if mode == "threshold":
         if threshold is None:
             raise ValueError("`mode='threshold'` needs `threshold`.")
-        return np.flatnonzero(scores >= threshold)
+        if not isinstance(threshold, numbers.Real) or np.isnan(threshold):
+            raise ValueError(f"`threshold` must be a number, got {threshold!r}.")
+        keep = np.flatnonzero(scores >= threshold)
+        if not keep.size:
+            raise ValueError(
+                f"No row scores at least `threshold`={threshold} (the scores run from {scores.min():.4g} to "
+                f"{scores.max():.4g}); lower it, or use a `ratio`."
+            )
+        return keep
     if ratio is None or not 0 < ratio <= 1:
         raise ValueError(f"`ratio` must be in (0, 1], got {ratio!r}.")
     keep = max(1, int(np.floor(ratio * scores.size)))

@@ -59,7 +59,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         args = ica_args(args, model, ICASFTConfig, "ICA-SFT")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` replaces the loss that ICA weights; it cannot be combined with ICA.")
-        indexed = add_index(train_dataset)
+        indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False)
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length)
         if self._ica.online:

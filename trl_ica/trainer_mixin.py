@@ -12,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .controller import ICAController
 from .data_io import read_scores_file
+from .formats import PreferenceExample, read_row
 from .ica_args import ICAArguments
 from .model_card import ICA_PAPER, base_model_name, complete_card
 from .rendering import ICAPromptTemplate
@@ -23,8 +24,10 @@ logger = logging.getLogger(__name__)
 INDEX = "ica_index"
 
 
-def add_index(dataset, name: str = "train_dataset") -> Dataset:
-    """`dataset` with an `ica_index` column (0..N-1): the stable id of each row, since TRL may drop rows."""
+def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset") -> Dataset:
+    """`dataset` with an `ica_index` column (0..N-1): the stable id of each row, since TRL may drop rows. Its first
+    row must be of the kind `trainer` trains on (preference pairs when `pairs`), so a wrong dataset is refused before
+    TRL meets it."""
     if dataset is None:
         raise ValueError(f"`{name}` is required: ICA weights the training examples.")
     if not isinstance(dataset, Dataset):
@@ -35,6 +38,15 @@ def add_index(dataset, name: str = "train_dataset") -> Dataset:
         raise ValueError(f"`{name}` is empty.")
     if INDEX in dataset.column_names:
         raise ValueError(f"`{name}` already has a column named {INDEX!r}, which ICA trainers reserve; rename it.")
+    if not {"input_ids", "prompt_ids"} & set(dataset.column_names):  # pre-tokenised rows are refused later
+        first = read_row(dataset[0], 0, name)
+        if isinstance(first, PreferenceExample) != pairs:
+            wanted, got = ("preference pairs", "single responses") if pairs else ("single responses", "pairs")
+            other = "ICASFTTrainer" if pairs else "ICADPOTrainer or ICACPOTrainer"
+            raise ValueError(
+                f"`{name}` has {got} (columns {dataset.column_names}), but {trainer} trains on {wanted}"
+                f"{' (`prompt`, `chosen`, `rejected`)' if pairs else ''}; use {other} for this data."
+            )
     return dataset.add_column(INDEX, list(range(len(dataset))))
 
 
@@ -255,6 +267,7 @@ class ICATrainerMixin:
             folder = get_last_checkpoint(self.args.output_dir)
         if isinstance(folder, str):
             self._ica.load(folder)
+        self._ica.start_files()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.accelerator.is_main_process:
             from .plots import save_training_plots
@@ -268,4 +281,4 @@ class ICATrainerMixin:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            self._ica.save(folder)
+            self._ica.save(folder, self.state.global_step)

@@ -1,0 +1,217 @@
+"""Bad input and faults, as a table: each case names what a user does and what must happen, either a clear error
+(an exception whose message names the argument, row or line and what is allowed) or the correct result. Add a row
+whenever a new failure is found."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+from datasets import Dataset, DatasetDict
+
+from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.cli import main as cli
+from trl_ica.engine import LogProbRequest, score_requests
+
+
+def conv(q, a):
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def pair(q, good, bad):
+    return {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}]}  # fmt: skip
+
+
+SFT = [conv(f"What is {i} plus 1?", f"It is {i + 1}.") for i in range(6)]
+HOLDOUT = [conv(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(4)]
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def scored_file(tmp_path, scores):
+    return write_lines(tmp_path / "scored.jsonl", [{"prompt": f"q{i}", "completion": "a", "score": s}
+                                                   for i, s in enumerate(scores)])  # fmt: skip
+
+
+def select(tmp_path, *extra, scores=(0.1, 0.5, 0.9)):
+    cli(["select", "--scores", scored_file(tmp_path, list(scores)), "--output", str(tmp_path / "out.jsonl"), *extra])
+
+
+def score_random(tmp_path, *extra, data=None):
+    path = write_lines(tmp_path / "d.jsonl", SFT) if data is None else data
+    cli(["score", "--method", "random", "--model", "m", "--dataset", path, *extra])
+
+
+def sft_trainer(tokenizer, tmp_path, train, **kwargs):
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    args = ICASFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1, **kwargs)
+    return ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer,
+                         holdout_dataset=Dataset.from_list(HOLDOUT))  # fmt: skip
+
+
+def nan_model(tokenizer):
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    return model
+
+
+def mixed_file(tmp_path):
+    return write_lines(tmp_path / "mixed.jsonl", [SFT[0], {"messages": SFT[1]["prompt"] + SFT[1]["completion"]}])
+
+
+# (case, what the user does, the message the error must carry)
+CLEAR = {
+    "select: threshold above every score": (
+        lambda t, tok: select(t, "--mode", "threshold", "--threshold", "5"),
+        r"No row scores at least `threshold`=5.0 \(the scores run from 0.1 to 0.9\)",
+    ),
+    "select: threshold nan": (
+        lambda t, tok: select(t, "--mode", "threshold", "--threshold", "nan"),
+        "`threshold` must be a number, got nan",
+    ),
+    "select: a string score": (
+        lambda t, tok: select(t, "--ratio", "0.5", scores=(0.1, "high", 0.3)),
+        r"`scores` must be numbers; found 'high' \(str\)",
+    ),  # fmt: skip
+    "select: output is the scores file": (
+        lambda t, tok: cli(
+            ["select", "--scores", scored_file(t, [1, 2]), "--ratio", "0.5", "--output", str(t / "scored.jsonl")]
+        ),  # fmt: skip
+        "is the input `--scores`",
+    ),
+    "score: output is the dataset": (
+        lambda t, tok: score_random(t, "--output", str(t / "d.jsonl")),
+        "is the input `--dataset`",
+    ),
+    "score: output exists": (
+        lambda t, tok: [score_random(t, "--output", str(t / "o.jsonl")) for _ in range(2)],
+        "exists; pass `--overwrite`",
+    ),
+    "score: a split a local file does not have": (
+        lambda t, tok: score_random(t, "--output", str(t / "o.jsonl"), "--split", "test"),
+        r"has no split 'test'; its splits are \['train'\]",
+    ),
+    "score: a malformed JSON Lines line": (
+        lambda t, tok: (
+            (t / "bad.jsonl").write_text(json.dumps(SFT[0]) + "\n{not json\n"),
+            score_random(t, "--output", str(t / "o.jsonl"), data=str(t / "bad.jsonl")),
+        ),
+        r"bad.jsonl', line 2: not valid JSON",
+    ),
+    "score: a file mixing messages and prompt/completion rows": (
+        lambda t, tok: cli(
+            [
+                "score",
+                "--method",
+                "loss",
+                "--model",
+                "smollm2-135m-instruct",
+                "--dataset",
+                mixed_file(t),
+                "--output",
+                str(t / "o.jsonl"),
+            ]
+        ),  # fmt: skip
+        r"mixes row formats: prompt/completion \(first at row 0\), messages \(first at row 1\)",
+    ),
+    "score: a model folder that does not exist": (
+        lambda t, tok: cli(
+            [
+                "score",
+                "--method",
+                "loss",
+                "--model",
+                str(t / "missing"),
+                "--dataset",
+                write_lines(t / "d.jsonl", SFT),
+                "--output",
+                str(t / "o.jsonl"),
+            ]
+        ),  # fmt: skip
+        "missing' is not a model folder: no such directory",
+    ),
+    "score: --num-demos 0": (
+        lambda t, tok: cli(
+            [
+                "score",
+                "--method",
+                "ica",
+                "--model",
+                "smollm2-135m-instruct",
+                "--dataset",
+                write_lines(t / "d.jsonl", SFT),
+                "--holdout",
+                write_lines(t / "h.jsonl", HOLDOUT),
+                "--num-demos",
+                "0",
+                "--output",
+                str(t / "o.jsonl"),
+            ]
+        ),  # fmt: skip
+        r"`num_demos` must be an integer in \[1, 4\] \(the holdout size\), got 0",
+    ),
+    "scoring: batch_size 0": (
+        lambda t, tok: score_requests(tiny_llama(), [LogProbRequest((1,), (2,), (3,))], batch_size=0),
+        "`batch_size` must be a positive integer or None, got 0",
+    ),
+    "scoring: an empty prompt": (
+        lambda t, tok: score_ica(tiny_llama(), tok, [SFT[0], {"prompt": " ", "completion": "x"}], HOLDOUT),
+        r"dataset row 1: the prompt is empty",
+    ),
+    "scoring: an implicit-prompt pair with nothing in common": (
+        lambda t, tok: score_ica(tiny_llama(), tok, [{"chosen": "yes", "rejected": "no"}], HOLDOUT),
+        "dataset row 0: no `prompt` column, and `chosen` and `rejected` share no leading part",
+    ),
+    "scoring: a DatasetDict": (
+        lambda t, tok: score_ica(tiny_llama(), tok, DatasetDict(train=Dataset.from_list(SFT)), HOLDOUT),
+        r"`dataset` is a DatasetDict of splits \['train'\]; pass one split, e.g. `dataset\['train'\]`",
+    ),
+    "scoring: a pandas DataFrame": (
+        lambda t, tok: score_ica(tiny_llama(), tok, Dataset.from_list(SFT).to_pandas(), HOLDOUT),
+        r"`dataset` is a pandas DataFrame; convert it with `datasets.Dataset.from_pandas",
+    ),
+    "scoring: a model that produces NaN, conditioned form": (
+        lambda t, tok: score_ica(
+            nan_model(tok), tok, SFT, HOLDOUT, form="conditioned", reduction="mean", show_progress=False
+        ),  # fmt: skip
+        r"log-probabilities with demonstrations are not finite for 6 rows \(\[0, 1, 2, 3, 4\]\)",
+    ),
+    "scoring: a model that produces NaN, difference form": (
+        lambda t, tok: score_ica(nan_model(tok), tok, SFT, HOLDOUT, show_progress=False),
+        "the model produced NaN or inf",
+    ),
+    "ICADPOTrainer on SFT rows": (
+        lambda t, tok: ICADPOTrainer(
+            tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id),
+            args=ICADPOConfig(str(t), use_cpu=True, bf16=False, report_to="none"),
+            train_dataset=Dataset.from_list(SFT),
+            processing_class=tok,
+            holdout_dataset=Dataset.from_list(HOLDOUT),
+        ),  # fmt: skip
+        r"has single responses \(columns \['prompt', 'completion'\]\), but ICADPOTrainer trains on preference "
+        r"pairs .*use ICASFTTrainer",
+    ),
+    "ICASFTTrainer on preference pairs": (
+        lambda t, tok: sft_trainer(tok, t, Dataset.from_list([pair("q", "a", "b")] * 4)),
+        "has pairs .*but ICASFTTrainer trains on single responses; use ICADPOTrainer or ICACPOTrainer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLEAR))
+def test_bad_input_gets_a_clear_error(case, tokenizer, tmp_path):
+    action, message = CLEAR[case]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        action(tmp_path, tokenizer)
+
+
+def test_json_output_is_json(tmp_path):
+    score_random(tmp_path, "--output", str(tmp_path / "o.json"))
+    rows = json.load(open(tmp_path / "o.json"))
+    assert len(rows) == len(SFT) and all(np.isfinite(r["score"]) for r in rows)

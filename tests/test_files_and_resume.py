@@ -1,0 +1,154 @@
+"""Nothing lost, nothing stale: files written whole, outputs that never replace inputs, resume that refuses state
+computed for other data, logs that restart with a new run, holdout rows that also sit in the training set."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import tiny_llama
+from datasets import Dataset
+
+from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.cli import main as cli
+from trl_ica.data_io import write_json, write_rows, written_whole
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, logging_steps=1, seed=0, per_device_train_batch_size=4)
+
+
+def conv(q, a):
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def rows(n=12, offset=0):
+    return Dataset.from_list(
+        [conv(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.") for i in range(offset, offset + n)]
+    )
+
+
+def holdout(n=5):
+    return Dataset.from_list([conv(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(n)])
+
+
+def trainer(tokenizer, out, train=None, held=None, **kwargs):
+    args = ICASFTConfig(output_dir=str(out), **{**COMMON, "max_steps": 3, "save_strategy": "no", **kwargs})
+    model = tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+    return ICASFTTrainer(model, args=args, train_dataset=train or rows(), processing_class=tokenizer,
+                         holdout_dataset=held or holdout())  # fmt: skip
+
+
+def test_an_error_while_writing_leaves_the_old_file_and_no_partial_one(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), written_whole(str(path)) as temporary:
+        with open(temporary, "w") as f:
+            f.write("half of the new")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["out.jsonl"]
+    write_json({"a": 1}, str(path))
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_sigterm_at_any_point_of_a_write_leaves_a_whole_file_or_none(tmp_path):
+    """A process rewriting 100k rows is killed at spread-out moments; every time, the file on disk is either absent
+    or the whole dataset, never a prefix of it."""
+    writer = textwrap.dedent(f"""
+        from datasets import Dataset
+        from trl_ica.data_io import write_rows
+        rows = Dataset.from_list([{{"i": i, "text": "x" * 40}} for i in range(100_000)])
+        print("ready", flush=True)
+        while True:
+            write_rows(rows, {str(tmp_path / "scores.jsonl")!r})
+    """)
+    seen = set()
+    for delay in (0.05, 0.3, 0.7, 1.1, 1.6):
+        process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        path = tmp_path / "scores.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines()
+            assert len(lines) == 100_000 and json.loads(lines[-1])["i"] == 99_999
+            seen.add("whole")
+        else:
+            seen.add("absent")
+    assert "whole" in seen  # the kills did not all land before the first write finished
+
+
+def test_json_output_is_one_array(tmp_path):
+    write_rows(Dataset.from_list([{"a": 1}, {"a": 2}]), str(tmp_path / "x.json"))
+    assert json.load(open(tmp_path / "x.json")) == [{"a": 1}, {"a": 2}]
+
+
+def test_cli_never_writes_over_an_input_and_asks_before_replacing_an_output(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows(8).to_json(data)
+    before = data.read_text()
+    score = ["score", "--method", "random", "--model", "m", "--dataset", str(data)]
+    with pytest.raises(ValueError, match=r"`--output`=.*d.jsonl' is the input `--dataset`"):
+        cli([*score, "--output", str(data)])
+    assert data.read_text() == before
+    cli([*score, "--output", str(tmp_path / "s.jsonl")])
+    with pytest.raises(ValueError, match=r"s.jsonl' exists; pass `--overwrite` to replace it"):
+        cli([*score, "--output", str(tmp_path / "s.jsonl")])
+    cli([*score, "--output", str(tmp_path / "s.jsonl"), "--overwrite"])
+    scored = (tmp_path / "s.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"is the input `--scores`"):
+        cli(["select", "--scores", str(tmp_path / "s.jsonl"), "--ratio", "0.5", "--output", str(tmp_path / "s.jsonl")])
+    assert (tmp_path / "s.jsonl").read_text() == scored
+    cli(["select", "--scores", str(tmp_path / "s.jsonl"), "--ratio", "0.5", "--output", str(tmp_path / "k.json")])
+    assert len(json.load(open(tmp_path / "k.json"))) == 4
+
+
+def test_resume_refuses_state_computed_for_other_data_or_settings(tokenizer, tmp_path):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    trainer(tokenizer, tmp_path, **settings).train()
+    checkpoint = str(tmp_path / "checkpoint-2")
+    cases = [
+        (dict(train=rows(offset=100)), r"other data or settings \(training rows\)"),
+        (dict(held=holdout(6)), r"\(holdout rows\)"),
+        (dict(ica_num_demos=2), r"ica_num_demos: checkpoint 3, now 2"),
+        (dict(ica_score_form="conditioned", ica_reduction="mean"), r"ica_reduction: checkpoint 'sum', now 'mean'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            trainer(tokenizer, tmp_path, **settings, **kwargs).train(resume_from_checkpoint=checkpoint)
+    trainer(tokenizer, tmp_path, **settings, ica_scoring_batch_size=2).train(resume_from_checkpoint=checkpoint)
+
+
+def test_a_new_run_in_the_same_output_dir_starts_its_files_afresh(tokenizer, tmp_path):
+    trainer(tokenizer, tmp_path, max_steps=4, ica_refresh=2).train()
+    assert os.path.isfile(tmp_path / "ica" / "refresh-1.jsonl")
+    again = trainer(tokenizer, tmp_path, max_steps=2)
+    again.train()
+    logged = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    assert sorted({r["step"] for r in logged}) == [0, 1] and len(logged) == 8  # this run's 2 steps x 4 rows only
+    assert not os.path.exists(tmp_path / "ica" / "refresh-1.jsonl")  # the first run's second scoring is gone
+
+
+def test_a_run_shorter_than_its_refresh_count_scores_once_per_step_and_warns(tokenizer, tmp_path, caplog):
+    run = trainer(tokenizer, tmp_path, max_steps=2, ica_refresh=3)
+    calls = []
+    original = run.ica._score_all
+    run.ica._score_all = lambda model, builder: calls.append(run.state.global_step) or original(model, builder)
+    with caplog.at_level("WARNING"):
+        run.train()
+    assert calls == [0, 1]  # never twice at one step
+    assert "ica_refresh=3, but training runs 2 optimizer step(s): the training set is scored 2 time(s)" in caplog.text
+
+
+def test_holdout_rows_in_the_training_set_are_not_their_own_demonstrations(chat_model, tokenizer):
+    held = holdout(5)
+    train = Dataset.from_list(list(rows(6)) + [held[1], held[3]])
+    with pytest.warns(UserWarning, match=r"2 of 8 training examples also appear in the holdout \(rows \[6, 7\]\)"):
+        result = score_ica(chat_model, tokenizer, train, held, num_demos=3, show_progress=False)
+    assert 1 not in result.demo_indices[6] and 3 not in result.demo_indices[7]
+    with pytest.warns(UserWarning, match="also appear in the holdout"):
+        fixed = score_ica(chat_model, tokenizer, train, held, num_demos=3, demo_selection="fixed", show_progress=False)
+    assert 1 not in fixed.demo_indices[6] and 3 not in fixed.demo_indices[7]
