@@ -198,3 +198,15 @@ def test_args_must_be_an_ica_config(tokenizer, tmp_path):
             processing_class=tokenizer,
             holdout_dataset=holdout,
         )
+
+
+def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(tokenizer, tmp_path, monkeypatch):
+    from trl.experimental.cpo import CPOTrainer
+
+    def without_cpo_loss(self, model, batch, train_eval="train"):  # a loss that no longer goes through `cpo_loss`
+        chosen_logps = self.concatenated_forward(model, batch)[0]
+        return -chosen_logps.mean(), {}
+
+    monkeypatch.setattr(CPOTrainer, "get_batch_loss_metrics", without_cpo_loss)
+    with pytest.raises(RuntimeError, match=r"did not reach the loss .*`concatenated_forward` and `cpo_loss`"):
+        cpo_trainer(tokenizer, tmp_path, max_steps=1).train()

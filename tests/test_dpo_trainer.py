@@ -265,3 +265,12 @@ def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatc
     batch = stock.data_collator([stock.train_dataset[i] for i in range(3)])
     assert losses["unit"] == stock.compute_loss(stock.model.train(), dict(batch)).item()
     assert losses["half"] == pytest.approx(losses["unit"] / 2, rel=1e-5)
+
+
+def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(tokenizer, tmp_path, monkeypatch):
+    def plain_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return model(input_ids=inputs["input_ids"]).logits.float().mean()
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", plain_loss)
+    with pytest.raises(RuntimeError, match=r"did not reach the loss .*DPOTrainer.compute_loss"):
+        dpo_trainer(tokenizer, tmp_path, peft_config=lora(), max_steps=1).train()

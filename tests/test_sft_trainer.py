@@ -420,3 +420,15 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     os.remove(tmp_path / "scored.meta.json")
     with pytest.raises(ValueError, match="has no settings file"):
         ica_trainer(tokenizer, tmp_path / "d", ica_scores_file=str(scored))
+
+
+def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(tokenizer, tmp_path, monkeypatch):
+    """If TRL's loss stops calling the model with `fused_lm_head=True` (the seam the weights ride on), the step
+    raises rather than training unweighted."""
+
+    def plain_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", plain_loss)
+    with pytest.raises(RuntimeError, match=r"did not reach the loss .*fused_lm_head=True.*With trl 1\.\d+"):
+        ica_trainer(tokenizer, tmp_path, max_steps=1).train()

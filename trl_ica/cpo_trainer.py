@@ -84,10 +84,17 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
         self._ica_batch = (index.cpu().numpy(), None)
+        self._ica_applied = False
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._ica_batch = None
+        if not self._ica_applied:
+            raise self._unweighted(
+                "`CPOTrainer.compute_loss` did not go through `concatenated_forward` and `cpo_loss`, which "
+                "`ICACPOTrainer` overrides to weight each pair"
+            )
+        return result
 
     def concatenated_forward(self, model, batch):
         """TRL's forward; during training it also scores the batch (reading log p(y | x) off this forward when
@@ -120,6 +127,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
 
     def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
         losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
-        if self._ica_batch is not None:
+        if self._ica_batch is not None and self._ica_batch[1] is not None:
             losses = losses * self._ica_batch[1].to(losses.dtype)
+            self._ica_applied = True
         return losses, chosen_rewards, rejected_rewards

@@ -93,6 +93,11 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self.loss_types, self.loss_weights, self.use_weighting = loss_types, loss_weights, use_weighting
+        if not policy:
+            raise self._unweighted(
+                "`DPOTrainer.compute_loss` did not call the policy with `fused_lm_head=True` returning `log_probs` "
+                "and `log_sum_sq_probs`, through which `ICADPOTrainer._weighting_hook` weights each pair"
+            )
         if not sft:
             return result
         loss, outputs = result if return_outputs else (result, None)

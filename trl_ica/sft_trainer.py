@@ -73,12 +73,20 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         if index is None or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
-        with self._weighting_hook(model, index.cpu().numpy(), inputs.get("seq_idx")):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        fired = []
+        with self._weighting_hook(model, index.cpu().numpy(), inputs.get("seq_idx"), fired):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not fired:
+            raise self._unweighted(
+                "`SFTTrainer.compute_loss` did not call the model with `fused_lm_head=True` returning `log_probs`, "
+                "which `ICASFTTrainer._weighting_hook` scales"
+            )
+        return result
 
     @contextlib.contextmanager
-    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None):
-        """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them."""
+    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list):
+        """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them;
+        `fired` gets an entry when it did."""
 
         def hook(module, args, kwargs, output):
             if not kwargs.get("fused_lm_head") or getattr(output, "log_probs", None) is None:
@@ -93,6 +101,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             weights = self._ica_micro_batch_weights(index, unconditioned)
             w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
+            fired.append(True)
             return output
 
         handle = model.register_forward_hook(hook, with_kwargs=True)

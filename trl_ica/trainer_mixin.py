@@ -257,6 +257,18 @@ class ICATrainerMixin:
             self._log_ica(metrics)
         return weights
 
+    def _unweighted(self, seam: str) -> RuntimeError:
+        """The error for a training step whose loss the ICA weights did not reach: `seam` names the TRL code the
+        trainer relies on. Training on would silently be unweighted, so the step stops instead."""
+        import transformers
+        import trl
+
+        return RuntimeError(
+            f"The ICA weights did not reach the loss of this training step: {seam}. With trl {trl.__version__} and "
+            f"transformers {transformers.__version__} training would go on unweighted, so it stops here. trl_ica is "
+            "tested with trl 1.16 and transformers 5.23-5.24: install those, or report the versions above."
+        )
+
     def _log_ica(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
