@@ -96,6 +96,26 @@ def eval_mode(model):
             module.training = training
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """`(scale, softcap)` such that the model's logits are `softcap * tanh(scale * head(h) / softcap)` (no tanh when
+    `softcap` is None): what a model's forward applies after its LM head, read from its (text) config exactly as
+    TRL's fused LM head reads it (`trl.trainer.utils.add_fused_lm_head`, TRL 1.16), so that log p(y | x) read off a
+    TRL training forward and the engine's log p(y | D, x) use one definition. `logit_scale` (Cohere) or
+    `output_multiplier` multiply; `lm_head_multiplier` (Falcon-H1) multiplies; `logits_scaling` divides (Granite,
+    MiniCPM3; HyperCLOVA X multiplies); `final_logit_softcapping` caps (Gemma 2/3)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scaling = text.logits_scaling
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
 HEAD_CHUNK = 4096  # hidden states per LM-head call: bounds the float32 logits to HEAD_CHUNK x vocabulary
 
 
@@ -107,15 +127,13 @@ def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> to
     large vocabulary is biased (about +2e-5 nats per token over 49k entries, always the same sign, so a sum over
     hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md)."""
     chunk = HEAD_CHUNK
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
+    scale, softcap = logit_transform(lm.config)
     out = []
     for start in range(0, hidden.size(0), chunk):
         logits = head(hidden[start : start + chunk])
         if logits.dtype != torch.float64:
             logits = logits.float()
-        if scale is not None:
+        if scale != 1.0:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
