@@ -197,6 +197,10 @@ CLEAR = {
         r"has single responses \(columns \['prompt', 'completion'\]\), but ICADPOTrainer trains on preference "
         r"pairs .*use ICASFTTrainer",
     ),
+    "ICASFTConfig: padding_free with max_length": (
+        lambda t, tok: ICASFTConfig(str(t), use_cpu=True, bf16=False, padding_free=True, max_length=512),
+        r"`padding_free=True` with `max_length`=512: .*Set `max_length=None`",
+    ),
     "ICASFTTrainer on preference pairs": (
         lambda t, tok: sft_trainer(tok, t, Dataset.from_list([pair("q", "a", "b")] * 4)),
         "has pairs .*but ICASFTTrainer trains on single responses; use ICADPOTrainer or ICACPOTrainer",

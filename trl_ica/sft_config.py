@@ -32,6 +32,12 @@ class ICASFTConfig(ICAArguments, SFTConfig):
                 "`packing=True` cannot be combined with ICA weighting: packing merges examples into one sequence and "
                 "per-example weights cannot survive it. Set `packing=False` (`padding_free=True` alone is supported)."
             )
+        if self.padding_free and self.max_length is not None:
+            raise ValueError(
+                f"`padding_free=True` with `max_length`={self.max_length}: TRL enforces `max_length` there only by "
+                "packing, which ICA cannot use. Set `max_length=None` (truncate long rows beforehand if needed), or "
+                "`padding_free=False`."
+            )
         if self.loss_type != "nll":
             raise ValueError(f"ICA weighting supports `loss_type='nll'`, got {self.loss_type!r}.")
         if self.label_smoothing_factor:
