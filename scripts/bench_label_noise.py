@@ -1,15 +1,20 @@
 """SFT label noise where the noise hurts: does ICA weighting recover the gap between uniform and clean-only training?
 
 A reasoning-gym task (default `basic_arithmetic`, one-digit operands) whose pool has a `--noise` share of answers
-replaced by answers of another task (default `family_relationships`: the wrong kind of answer, as when a data
-pipeline mixes its sources); a clean holdout and test split of the task. SmolLM2-135M-Instruct, LoRA on the top
-`--top-layers` layers, the same steps for every method:
+replaced by answers of another task (`--noise-kind other_task`, default `family_relationships`: the wrong kind of
+answer, as when a data pipeline mixes its sources) or by the answers of other questions of the same task
+(`--noise-kind shuffled`: wrong answers of the right kind); a clean holdout and test split of the task.
+SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for every method:
 
 - `uniform`: stock SFT on the noisy pool; `oracle`: stock SFT on its clean rows only;
 - `ica`: ICA weights, the paper's score (difference, sum), step-level batch min-max, R = 1, k = 3 fixed demos;
 - `ica_conditioned`: the same with `ica_score_form="conditioned"`, `ica_reduction="mean"`;
+- `ica_conditioned_quantile`: the conditioned form with `ica_weighting="holdout_quantile"` (a row's weight is where
+  its score falls among the holdout's own scores, whatever shares its batch);
+- `loss_weights`: the loss baseline, mean log p(y | x) without demonstrations, through the same step-level min-max;
 - `random_weights`: the same trainer and weighting fed uniformly random scores (weights of the same spread that
-  carry no information).
+  carry no information);
+- `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`). Reported: the
 clean test loss (nats/token) and exact-match accuracy, and the share of the noise gap a method recovers,
@@ -17,7 +22,8 @@ clean test loss (nats/token) and exact-match accuracy, and the share of the nois
 
     python scripts/bench_label_noise.py --seeds 0 1 2 [--results docs/label_noise_results.json]
 
-Every finished (method, seed) run is kept in the JSON file (written whole) and skipped when run again.
+Every finished (method, seed) run is kept in the JSON file (written whole) and skipped when run again; the file
+records the data and training settings, and a run with other settings is refused.
 """
 
 import argparse
@@ -38,9 +44,33 @@ from bench_task_pilot import TASK_CONFIGS, chat, evaluate, top_layer_lora, train
 from trl_ica.assets import load_model  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
 from trl_ica.scoring import score_ica  # noqa: E402
+from trl_ica.selection import select_top  # noqa: E402
 
 warnings.filterwarnings("ignore")
-METHODS = ("uniform", "oracle", "ica", "ica_conditioned", "random_weights")
+METHODS = (
+    "uniform",
+    "oracle",
+    "ica",
+    "ica_conditioned",
+    "random_weights",
+    "ica_conditioned_quantile",
+    "loss_weights",
+    "top_conditioned",
+    "top_ica",
+    "top_loss",
+)
+# Stock SFT on the rows a score ranks in its top `--top-fraction`.
+TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights"}
+# ICA trainer settings per weighted method (the scores come from one scoring per seed).
+SETTINGS = {
+    "ica": {},
+    "ica_conditioned": dict(ica_score_form="conditioned", ica_reduction="mean"),
+    "ica_conditioned_quantile": dict(
+        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile"
+    ),  # fmt: skip
+    "loss_weights": {},
+    "random_weights": {},
+}
 
 
 def make_data(args, seed):
@@ -53,9 +83,18 @@ def make_data(args, seed):
     entries = list(reasoning_gym.create_dataset(args.task, size=n, seed=seed, **config))
     train, holdout = entries[: args.n_train], entries[args.n_train : args.n_train + args.n_holdout]
     test = entries[args.n_train + args.n_holdout :]
-    other = [str(e["answer"]) for e in reasoning_gym.create_dataset(args.noise_task, size=args.n_train, seed=seed)]
     rng = random.Random(seed)
     noisy = set(rng.sample(range(args.n_train), round(args.noise * args.n_train)))
+    if args.noise_kind == "other_task":
+        other = [str(e["answer"]) for e in reasoning_gym.create_dataset(args.noise_task, size=args.n_train, seed=seed)]
+    else:  # each noisy row gets the answer of another noisy row, one that differs from its own
+        order = sorted(noisy)
+        answers = [str(train[i]["answer"]) for i in order]
+        for _ in range(100):
+            rng.shuffle(answers)
+            if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
+                break
+        other = dict(zip(order, answers))
     rows = [chat(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
     clean = np.array([i not in noisy for i in range(args.n_train)])
     test = Dataset.from_list([{**chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
@@ -73,12 +112,12 @@ def train(method, rows, holdout, scores, seed, args):
     lora = top_layer_lora(model, args.top_layers)
     with tempfile.TemporaryDirectory() as out:
         common = training_settings(out, args, seed)
-        if method in ("uniform", "oracle"):
+        if method in ("uniform", "oracle") or method in TOP:
             trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
-            form = dict(ica_score_form="conditioned", ica_reduction="mean") if method == "ica_conditioned" else {}
-            config = ICASFTConfig(**common, ica_num_demos=3, ica_demo_selection="fixed", ica_seed=seed, **form)
+            config = ICASFTConfig(**common, ica_num_demos=3, ica_demo_selection="fixed", ica_seed=seed,
+                                  **SETTINGS[method])  # fmt: skip
             trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
             trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
@@ -86,7 +125,12 @@ def train(method, rows, holdout, scores, seed, args):
     return trainer.model.eval(), tokenizer
 
 
+SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_size", "lr", "top_layers", "n_train",
+                "n_holdout", "n_test", "top_fraction")  # fmt: skip
+
+
 def report(results, methods):
+    results = {k: v for k, v in results.items() if k != "settings"}
     seeds = sorted({s for m in results.values() for s in m}, key=int)
     both = [s for s in seeds if "uniform" in results and "oracle" in results and s in results["uniform"]
             and s in results["oracle"]]  # fmt: skip
@@ -106,6 +150,9 @@ def report(results, methods):
         wins = int((loss < uniform).sum())
         print(f"| {method} | {loss.mean():.3f} ± {loss.std():.3f} | {acc.mean():.3f} ± {acc.std():.3f} | "
               f"{share.mean():+.2f} ± {share.std():.2f} | {wins} of {len(done)} |")  # fmt: skip
+    for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
+        values = np.array(list(results[key].values()))
+        print(f"{key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
 
 
 def main():
@@ -122,30 +169,52 @@ def main():
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-holdout", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=128)
+    parser.add_argument("--top-fraction", type=float, default=0.5, help="share of the pool the top_* methods keep")
+    parser.add_argument(
+        "--noise-kind",
+        default="other_task",
+        choices=("other_task", "shuffled"),
+        help="other_task: answers of `--noise-task`; shuffled: answers of other questions of the same task",
+    )
     parser.add_argument("--results", default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     results = json.load(open(args.results)) if args.results and os.path.isfile(args.results) else {}
+    settings = {k: getattr(args, k) for k in SETTING_KEYS}
+    if results.setdefault("settings", settings) != settings:
+        changed = {k: (results["settings"].get(k), v) for k, v in settings.items() if results["settings"].get(k) != v}
+        raise SystemExit(f"{args.results} holds runs with other settings (file, asked): {changed}; use another file.")
     for seed in args.seeds:
         todo = [m for m in args.methods if str(seed) not in results.get(m, {})]
         if not todo:
             continue
         rows, clean, holdout, test, checker = make_data(args, seed)
         scores = {}
-        if {"ica", "ica_conditioned"} & set(todo):
+        if set(todo) - {"uniform", "oracle", "random_weights"}:
             model, tokenizer = load_model()
             ica = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                             show_progress=False)  # fmt: skip
-            scores = {"ica": ica.scores, "ica_conditioned": ica.logp_conditioned / ica.num_tokens}
+            conditioned = ica.logp_conditioned / ica.num_tokens
+            scores = {"ica": ica.scores, "ica_conditioned": conditioned, "ica_conditioned_quantile": conditioned,
+                      "loss_weights": ica.logp_unconditioned / ica.num_tokens}  # fmt: skip
             from trl_ica.scenarios import auroc
 
             for name, values in scores.items():
+                if name == "ica_conditioned_quantile":
+                    continue
                 results.setdefault(f"auroc {name}", {})[str(seed)] = auroc(values, clean)
                 print(f"  [seed {seed}] {name}: AUROC clean vs noisy {auroc(values, clean):.3f}", flush=True)
         scores["random_weights"] = np.random.default_rng(seed).random(len(rows))
         for method in todo:
             start = time.perf_counter()
-            data = rows.select(np.flatnonzero(clean)) if method == "oracle" else rows
+            if method == "oracle":
+                data = rows.select(np.flatnonzero(clean))
+            elif method in TOP:
+                keep = select_top(scores[TOP[method]], args.top_fraction)
+                data = rows.select(keep)
+                results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[keep].mean())
+            else:
+                data = rows
             model, tokenizer = train(method, data, holdout, scores, seed, args)
             loss, accuracy = evaluate(model, tokenizer, test, checker)
             seconds = time.perf_counter() - start
