@@ -432,3 +432,19 @@ def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(to
     monkeypatch.setattr(SFTTrainer, "compute_loss", plain_loss)
     with pytest.raises(RuntimeError, match=r"did not reach the loss .*fused_lm_head=True.*With trl 1\.\d+"):
         ica_trainer(tokenizer, tmp_path, max_steps=1).train()
+
+
+def test_scores_and_weights_reach_tensorboard_as_histograms(tokenizer, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = ica_trainer(tokenizer, tmp_path, max_steps=4, ica_refresh=2, report_to="tensorboard", logging_steps=2)
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert {"ica/scores", "ica/weights", "ica/scores_all"} <= set(events.Tags()["histograms"])
+    per_log = events.Histograms("ica/weights")
+    assert [e.step for e in per_log] == [2, 4]
+    assert all(e.histogram_value.num == 8 for e in per_log)  # the 2 steps x 4 examples since the last log
+    assert [e.step for e in events.Histograms("ica/scores_all")] == [0, 2]  # one per scoring of the 12 rows
+    assert all(e.histogram_value.num == 12 for e in events.Histograms("ica/scores_all"))

@@ -99,6 +99,9 @@ class ICAController:
         self._warned_schedule = False
         self.last_scored_step: int | None = None  # optimizer step of the latest scoring of the training set
         self.resumed_step: int | None = None  # the checkpoint's step, when the run resumed from one
+        # (scores, weights) of the steps since the trainer last logged, for the trackers' histograms
+        self.pending_histograms: list[tuple[np.ndarray, np.ndarray]] = []
+        self.on_scored = None  # called with the training set's scores after each scoring (R refreshes)
 
     @property
     def online(self) -> bool:
@@ -161,6 +164,8 @@ class ICAController:
             return False
         result = self._score_all(model, self.builder)
         self.last_scored_step = step
+        if self.on_scored is not None and self.is_main:
+            self.on_scored(result.scores)
         self.scores = result.scores
         self.global_range = score_range(result.scores)
         self.score_reference(model, step)
@@ -344,6 +349,7 @@ class ICAController:
             )
             with open(os.path.join(self.dir, WEIGHTS_FILE), "a") as f:
                 f.write(lines)  # a step's rows in one write: an interrupted run loses whole steps only
+            self.pending_histograms.append((all_scores, weights))
         metrics = self.metrics(all_scores, weights)
         if self.reference is not None:
             metrics["ica/holdout_score_median"] = float(np.median(self.reference))

@@ -165,6 +165,7 @@ class ICATrainerMixin:
         self._ica = ICAController(
             builder, args, args.output_dir, self.accelerator.is_main_process, reference_builder=reference
         )
+        self._ica.on_scored = lambda scores: self._log_histograms({"ica/scores_all": scores})
         if args.ica_scores_file is not None:
             expected = {
                 "method": "ica",
@@ -268,6 +269,28 @@ class ICATrainerMixin:
             f"transformers {transformers.__version__} training would go on unweighted, so it stops here. trl_ica is "
             "tested with trl 1.16 and transformers 5.23-5.24: install those, or report the versions above."
         )
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The parent's `log`; in training, the scores and weights of the steps since the last log also go to the
+        trackers that take histograms."""
+        pending, self._ica.pending_histograms = self._ica.pending_histograms, []
+        if pending:
+            scores, weights = (np.concatenate(parts) for parts in zip(*pending))
+            self._log_histograms({"ica/scores": scores, "ica/weights": weights})
+        super().log(logs, *args, **kwargs)
+
+    def _log_histograms(self, values: dict[str, np.ndarray]) -> None:
+        """Histograms at the current step to the trackers that take them: TensorBoard (`add_histogram`) and W&B
+        (`wandb.Histogram`); the others get the `ica/*` scalars only."""
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+                for tag, array in values.items():
+                    callback.tb_writer.add_histogram(tag, np.asarray(array, dtype=np.float64), self.state.global_step)
+            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
+                wandb = callback._wandb
+                wandb.log({tag: wandb.Histogram(np.asarray(a)) for tag, a in values.items()}, commit=False)
 
     def _log_ica(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
