@@ -155,6 +155,40 @@ def report(results, methods):
         print(f"{key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
 
 
+def plot(results, methods, path, title):
+    """The share of the noise gap each method recovers, one dot per seed and a bar at the mean (0 = uniform
+    training, 1 = the oracle trained on the clean rows alone)."""
+    from trl_ica.plots import _pyplot
+
+    plt = _pyplot()
+    uniform, oracle = results.get("uniform", {}), results.get("oracle", {})
+    rows = []
+    for method in methods:
+        if method in ("uniform", "oracle"):
+            continue
+        seeds = [s for s in results.get(method, {}) if s in uniform and s in oracle]
+        shares = [(uniform[s]["loss"] - results[method][s]["loss"]) / (uniform[s]["loss"] - oracle[s]["loss"])
+                  for s in seeds]  # fmt: skip
+        if shares:
+            rows.append((method, shares))
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.42 * len(rows)))
+    for i, (_, shares) in enumerate(rows):
+        ax.barh(i, np.mean(shares), color="tab:blue", alpha=0.6)
+        ax.plot(shares, [i] * len(shares), "k.", ms=5)
+    ax.axvline(0, color="grey", lw=0.8)  # uniform training
+    ax.axvline(1, color="grey", lw=0.8, ls="--")  # the oracle
+    ax.set_yticks(range(len(rows)), [f"{m} ({len(v)} seeds)" for m, v in rows], fontsize=8)
+    ax.set_xlabel("share of the test-loss gap recovered (0: uniform training, 1: the oracle)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\n![{title}]({os.path.basename(path)})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="basic_arithmetic")
@@ -223,6 +257,10 @@ def main():
                 write_json(results, args.results)
             print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
     report(results, args.methods)
+    if args.results:
+        kind = "answers of another task" if args.noise_kind == "other_task" else "answers of other questions"
+        title = f"{args.task}, {args.noise:.0%} of the answers replaced by {kind}"
+        plot(results, args.methods, os.path.splitext(args.results)[0] + ".png", title)
 
 
 if __name__ == "__main__":
