@@ -36,13 +36,13 @@ import warnings
 
 import numpy as np
 import torch
-from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_task_pilot import TASK_CONFIGS, chat, evaluate, top_layer_lora, training_settings  # noqa: E402
+from bench_task_pilot import evaluate, top_layer_lora, training_settings  # noqa: E402
 
 from trl_ica.assets import load_model  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
+from trl_ica.scenarios import LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
 from trl_ica.scoring import score_ica  # noqa: E402
 from trl_ica.selection import select_top  # noqa: E402
 
@@ -74,33 +74,14 @@ SETTINGS = {
 
 
 def make_data(args, seed):
-    import random
-
+    """The pool, holdout and test split of [`reasoning_gym_label_noise`], and the task's answer checker."""
     import reasoning_gym
 
-    config = TASK_CONFIGS.get(args.task, {})
-    n = args.n_train + args.n_holdout + args.n_test
-    entries = list(reasoning_gym.create_dataset(args.task, size=n, seed=seed, **config))
-    train, holdout = entries[: args.n_train], entries[args.n_train : args.n_train + args.n_holdout]
-    test = entries[args.n_train + args.n_holdout :]
-    rng = random.Random(seed)
-    noisy = set(rng.sample(range(args.n_train), round(args.noise * args.n_train)))
-    if args.noise_kind == "other_task":
-        other = [str(e["answer"]) for e in reasoning_gym.create_dataset(args.noise_task, size=args.n_train, seed=seed)]
-    else:  # each noisy row gets the answer of another noisy row, one that differs from its own
-        order = sorted(noisy)
-        answers = [str(train[i]["answer"]) for i in order]
-        for _ in range(100):
-            rng.shuffle(answers)
-            if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
-                break
-        other = dict(zip(order, answers))
-    rows = [chat(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
-    clean = np.array([i not in noisy for i in range(args.n_train)])
-    test = Dataset.from_list([{**chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
-    checker = reasoning_gym.create_dataset(args.task, size=1, seed=0, **config)
-    holdout = Dataset.from_list([chat(e["question"], str(e["answer"])) for e in holdout])
-    return Dataset.from_list(rows), clean, holdout, test, checker
+    train, holdout, test, clean = reasoning_gym_label_noise(
+        args.task, args.noise_task, args.noise, args.noise_kind, args.n_train, args.n_holdout, args.n_test, seed
+    )
+    checker = reasoning_gym.create_dataset(args.task, size=1, seed=0, **LABEL_NOISE_TASKS.get(args.task, {}))
+    return train, clean, holdout, test, checker
 
 
 def train(method, rows, holdout, scores, seed, args):

@@ -30,10 +30,9 @@ from bench_quality import answers, test_loss  # noqa: E402
 
 from trl_ica.assets import load_model  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
+from trl_ica.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # noqa: E402  (small numbers: short answers)
 
 warnings.filterwarnings("ignore")
-#: Task settings: small numbers, so that the answers are a few tokens
-TASK_CONFIGS = {"basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)}
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -158,3 +158,59 @@ def reasoning_gym_mixture(
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     return Dataset.from_list([train[i] for i in order]), Dataset.from_list(holdout), Dataset.from_list(test)
+
+
+#: Task settings of [`reasoning_gym_label_noise`]: small numbers, so the answers are a few tokens.
+LABEL_NOISE_TASKS = {"basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)}
+LABEL_NOISE_KINDS = ("other_task", "shuffled")
+
+
+def reasoning_gym_label_noise(
+    task: str = "basic_arithmetic",
+    noise_task: str = "family_relationships",
+    noise: float = 0.5,
+    noise_kind: str = "other_task",
+    n_train: int = 400,
+    n_holdout: int = 32,
+    n_test: int = 128,
+    seed: int = 0,
+):
+    """SFT label noise that hurts: a reasoning-gym `task` (default: one-digit sums) whose training pool has a `noise`
+    share of its answers replaced, by answers of `noise_task` (`noise_kind="other_task"`: the wrong kind of answer,
+    as when a pipeline mixes its sources) or by the answers of other questions of the same task (`"shuffled"`:
+    wrong answers of the right kind). The holdout and test rows are clean and disjoint from the pool.
+
+    Returns `(train, holdout, test, clean)`: conversational prompt/completion datasets (test rows carry `entry`, the
+    generator's row as JSON, for the task's own `score_answer`) and the boolean mask of the pool's clean rows.
+    """
+    try:
+        import reasoning_gym
+    except ImportError as error:
+        raise ImportError("reasoning_gym_label_noise needs `reasoning-gym` (pip install 'trl_ica[bench]').") from error
+    import json
+
+    if noise_kind not in LABEL_NOISE_KINDS:
+        raise ValueError(f"`noise_kind` must be one of {list(LABEL_NOISE_KINDS)}, got {noise_kind!r}.")
+    if not 0 <= noise <= 1:
+        raise ValueError(f"`noise` must be in [0, 1], got {noise!r}.")
+    config = LABEL_NOISE_TASKS.get(task, {})
+    entries = list(reasoning_gym.create_dataset(task, size=n_train + n_holdout + n_test, seed=seed, **config))
+    train, holdout = entries[:n_train], entries[n_train : n_train + n_holdout]
+    test = entries[n_train + n_holdout :]
+    rng = random.Random(seed)
+    noisy = set(rng.sample(range(n_train), round(noise * n_train)))
+    if noise_kind == "other_task":
+        other = [str(e["answer"]) for e in reasoning_gym.create_dataset(noise_task, size=n_train, seed=seed)]
+    else:  # each noisy row gets the answer of another noisy row, one that differs from its own
+        order = sorted(noisy)
+        answers = [str(train[i]["answer"]) for i in order]
+        for _ in range(100):
+            rng.shuffle(answers)
+            if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
+                break
+        other = dict(zip(order, answers))
+    rows = [_chat(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
+    clean = np.array([i not in noisy for i in range(n_train)])
+    test = Dataset.from_list([{**_chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
+    holdout = Dataset.from_list([_chat(e["question"], str(e["answer"])) for e in holdout])
+    return Dataset.from_list(rows), holdout, test, clean
