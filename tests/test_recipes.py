@@ -251,14 +251,17 @@ def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, m
 
     calls = []
     real = controller.ICAController._score_all
-    monkeypatch.setattr(controller.ICAController, "_score_all", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(controller.ICAController, "_score_all", lambda self, m, b: calls.append(b) or real(self, m, b))
     args = demo.make_parser().parse_args([
         "--model", str(model_dir), "--output-dir", str(tmp_path / "demo"), "--n-train", "8", "--n-holdout", "4",
-        "--n-test", "4", "--steps", "2", "--batch-size", "2",
+        "--n-test", "4", "--steps", "2", "--batch-size", "2", "--top-layers", "1",
     ])  # fmt: skip
     summary = demo.run(args)
-    assert calls == []  # the trainer took the demo's scores instead of scoring the pool again
+    # the trainer took the demo's scores instead of scoring the pool again; only the holdout's own are computed
+    assert len(calls) == 1 and len(calls[0].candidates) == 4
     refresh = [json.loads(line) for line in open(tmp_path / "demo" / "ICA" / "ica" / "refresh-0.jsonl")]
     assert len(refresh) == 8 and {r["source"] for r in refresh} == {"the demo's scoring of the pool"}
-    assert {"test_loss_uniform", "test_loss_oracle", "test_loss_ica"} <= set(summary)
+    assert {"test_loss_uniform", "test_loss_oracle", "test_loss_ica", "test_loss_before"} <= set(summary)
+    assert summary["settings"]["ica_weighting"] == demo.RECOMMENDED["ica_weighting"]
     assert "oracle" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "demo" / "summary.json"))["test_loss_ica"] == summary["test_loss_ica"]
