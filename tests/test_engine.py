@@ -56,7 +56,13 @@ def test_request_validation():
 
 def test_restores_mode_and_builds_no_graph(llama):
     llama.train()
+    graphs = []  # whether each module call records an autograd graph (the parameters require grad)
+    hooks = [m.register_forward_hook(lambda mod, args, out: graphs.append(torch.is_grad_enabled()))
+             for m in (llama.model, llama.lm_head)]  # fmt: skip
     out = score_requests(llama, random_requests(6), show_progress=False)
+    for hook in hooks:
+        hook.remove()
+    assert graphs and not any(graphs)
     assert llama.training and all(m.training for m in llama.modules())
     assert np.isfinite(out.sums).all()
 

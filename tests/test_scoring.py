@@ -85,10 +85,26 @@ def test_fixed_and_random_are_seeded():
 
 
 def test_knn_with_the_models_own_embeddings_prefers_similar_prompts(chat_model, tokenizer):
+    """Each candidate's demonstrations are the 3 holdout questions nearest to its own by cosine similarity of the
+    model's mean-pooled last hidden states, most similar first: checked against embeddings computed one text at a
+    time, without padding."""
+    import torch
+
     train, holdout = make_data()
     builder = prepare_ica(chat_model, tokenizer, train, holdout, show_progress=False)
-    assert builder.demo_indices.shape == (len(train), 3)
-    assert all(len(set(row)) == 3 for row in builder.demo_indices)
+
+    def embed(text):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            vector = chat_model.model(input_ids=ids).last_hidden_state[0].mean(0).double()
+        return (vector / vector.norm()).numpy()
+
+    questions = [row["prompt"][0]["content"] for row in train]
+    held = np.stack([embed(row["prompt"][0]["content"]) for row in holdout])
+    similarity = np.stack([embed(q) for q in questions]) @ held.T
+    expected = np.argsort(-similarity, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(builder.demo_indices, expected)
+    assert len({tuple(row) for row in expected}) > 1  # the nearest differ between candidates: not one fixed set
 
 
 @pytest.mark.parametrize(
