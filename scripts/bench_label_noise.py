@@ -154,7 +154,7 @@ def plot(results, methods, path, title):
             rows.append((method, shares))
     if plt is None or not rows:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.42 * len(rows)))
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.42 * len(rows)))
     for i, (_, shares) in enumerate(rows):
         ax.barh(i, np.mean(shares), color="tab:blue", alpha=0.6)
         ax.plot(shares, [i] * len(shares), "k.", ms=5)
