@@ -14,7 +14,9 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `loss_weights`: the loss baseline, mean log p(y | x) without demonstrations, through the same step-level min-max;
 - `random_weights`: the same trainer and weighting fed uniformly random scores (weights of the same spread that
   carry no information);
-- `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest.
+- `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest;
+- `ica_turns_quantile`: `ica_conditioned_quantile` with the demonstrations as earlier turns
+  (`ica_demo_layout="turns"`).
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`). Reported: the
 clean test loss (nats/token) and exact-match accuracy, and the share of the noise gap a method recovers,
@@ -58,6 +60,7 @@ METHODS = (
     "top_conditioned",
     "top_ica",
     "top_loss",
+    "ica_turns_quantile",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights"}
@@ -70,6 +73,9 @@ SETTINGS = {
     ),  # fmt: skip
     "loss_weights": {},
     "random_weights": {},
+    "ica_turns_quantile": dict(
+        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
+    ),  # fmt: skip
 }
 
 
@@ -212,10 +218,14 @@ def main():
             conditioned = ica.logp_conditioned / ica.num_tokens
             scores = {"ica": ica.scores, "ica_conditioned": conditioned, "ica_conditioned_quantile": conditioned,
                       "loss_weights": ica.logp_unconditioned / ica.num_tokens}  # fmt: skip
+            if "ica_turns_quantile" in todo:  # the demonstrations as earlier turns: a second scoring
+                turns = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
+                                  form="conditioned", layout="turns", show_progress=False)  # fmt: skip
+                scores["ica_turns_quantile"] = turns.logp_conditioned / turns.num_tokens
             from trl_ica.scenarios import auroc
 
             for name, values in scores.items():
-                if name == "ica_conditioned_quantile":
+                if name == "ica_conditioned_quantile":  # the same scores as ica_conditioned
                     continue
                 results.setdefault(f"auroc {name}", {})[str(seed)] = auroc(values, clean)
                 print(f"  [seed {seed}] {name}: AUROC clean vs noisy {auroc(values, clean):.3f}", flush=True)
