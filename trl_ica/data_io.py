@@ -48,6 +48,7 @@ def _raise_json_error(path: str, argument: str, error: Exception) -> None:
             json.loads(text)
         except json.JSONDecodeError as bad:
             raise ValueError(f"`{argument}` file {path!r} is not valid JSON: {bad}.") from error
+    first = None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -60,6 +61,12 @@ def _raise_json_error(path: str, argument: str, error: Exception) -> None:
         if not isinstance(value, dict):
             raise ValueError(
                 f"`{argument}` file {path!r}, line {number}: a JSON {type(value).__name__}, not an object of columns."
+            ) from error
+        first = first or (number, sorted(value))
+        if sorted(value) != first[1]:
+            raise ValueError(
+                f"`{argument}` file {path!r} mixes row formats: line {number} has columns {sorted(value)} but line "
+                f"{first[0]} has {first[1]}; every row must have the same format."
             ) from error
     raise ValueError(f"`{argument}` file {path!r} could not be read as a dataset: {error}") from error
 
