@@ -111,7 +111,7 @@ class ICAController:
         """The optimizer steps at which the R scorings happen: evenly spread, the first before training. A run of
         fewer than R steps scores once at each of its steps (never twice at one step), with a warning."""
         refresh = self.args.ica_refresh
-        steps = sorted({round(k * max_steps / refresh) for k in range(refresh)} & set(range(max(1, max_steps))))
+        steps = sorted({round(k * max_steps / refresh) for k in range(refresh)} - {max(1, max_steps)})
         if len(steps) < refresh and not self._warned_schedule:
             logger.warning(
                 "ica_refresh=%d, but training runs %d optimizer step(s): the training set is scored %d time(s), at "
