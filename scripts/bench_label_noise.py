@@ -42,11 +42,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_task_pilot import evaluate, top_layer_lora, training_settings  # noqa: E402
 
-from trl_ica.assets import load_model  # noqa: E402
+from trl_ica.cli.assets import load_model  # noqa: E402
+from trl_ica.cli.scenarios import LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scenarios import LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
-from trl_ica.scoring import score_ica  # noqa: E402
-from trl_ica.selection import select_top  # noqa: E402
+from trl_ica.scoring.ica import score_ica  # noqa: E402
+from trl_ica.selection.baselines import select_top  # noqa: E402
 
 warnings.filterwarnings("ignore")
 METHODS = (
@@ -145,9 +145,9 @@ def report(results, methods):
 def plot(results, methods, path, title):
     """The share of the noise gap each method recovers, one dot per seed and a bar at the mean (0 = uniform
     training, 1 = the oracle trained on the clean rows alone)."""
-    from trl_ica.plots import _pyplot
+    from trl_ica.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     uniform, oracle = results.get("uniform", {}), results.get("oracle", {})
     rows = []
     for method in methods:
@@ -222,7 +222,7 @@ def main():
                 turns = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                                   form="conditioned", layout="turns", show_progress=False)  # fmt: skip
                 scores["ica_turns_quantile"] = turns.logp_conditioned / turns.num_tokens
-            from trl_ica.scenarios import auroc
+            from trl_ica.cli.scenarios import auroc
 
             for name, values in scores.items():
                 if name == "ica_conditioned_quantile":  # the same scores as ica_conditioned

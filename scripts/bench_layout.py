@@ -38,10 +38,10 @@ from datasets import Dataset
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_label_noise import make_data  # noqa: E402
 
-from trl_ica.assets import DEFAULT_MODEL, load_model  # noqa: E402
+from trl_ica.cli.assets import DEFAULT_MODEL, load_model  # noqa: E402
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture  # noqa: E402
-from trl_ica.scoring import score_ica  # noqa: E402
+from trl_ica.scoring.ica import score_ica  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SCENARIOS = ("label_noise", "label_noise_shuffled", "mixture", "gsm8k", "pairs")

@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
-from trl_ica.assets import default_model_path
-from trl_ica.engine import score_requests
-from trl_ica.scenarios import noisy_gsm8k
+from trl_ica.cli.assets import default_model_path
+from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.scoring.engine import score_requests
 
 warnings.filterwarnings("ignore")
 

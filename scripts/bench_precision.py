@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from trl_ica.assets import load_model
-from trl_ica.scenarios import noisy_gsm8k
-from trl_ica.scoring import prepare_ica
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.scoring.ica import prepare_ica
 
 REPEATS = 5
 

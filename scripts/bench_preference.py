@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
-from trl_ica.assets import default_model_path
-from trl_ica.scenarios import auroc, noisy_gsm8k_pairs
-from trl_ica.selection import oneshot_scores
+from trl_ica.cli.assets import default_model_path
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k_pairs
+from trl_ica.selection.baselines import oneshot_scores
 
 warnings.filterwarnings("ignore")
 
@@ -84,7 +84,7 @@ def cost(path, tokenizer, args):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     from trl_ica import ICASimPOConfig
-    from trl_ica.cpo_trainer import ICACPOTrainer
+    from trl_ica.trainer.cpo_trainer import ICACPOTrainer
 
     train, holdout, _ = noisy_gsm8k_pairs(args.epoch_pairs, 16, 0, 0.0, args.seed)
     train = train.remove_columns("flipped")

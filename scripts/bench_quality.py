@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from peft import LoraConfig
 
-from trl_ica.assets import gsm8k_final_answer, load_model
-from trl_ica.engine import score_requests
-from trl_ica.formats import read_dataset
-from trl_ica.rendering import Renderer
-from trl_ica.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
-from trl_ica.scoring import score_ica
-from trl_ica.selection import select_top
-from trl_ica.whisperer import final_number
+from trl_ica.cli.assets import gsm8k_final_answer, load_model
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
+from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.formats import read_dataset
+from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.rendering import Renderer
+from trl_ica.selection.baselines import select_top
+from trl_ica.selection.whisperer import final_number
 
 warnings.filterwarnings("ignore")
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")

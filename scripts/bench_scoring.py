@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from trl_ica.assets import load_model
-from trl_ica.engine import LogProbRequest, score_requests, token_counts
-from trl_ica.scenarios import noisy_gsm8k
-from trl_ica.scoring import prepare_ica
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.scoring.engine import LogProbRequest, score_requests, token_counts
+from trl_ica.scoring.ica import prepare_ica
 
 
 def short_answers(dataset):

@@ -22,10 +22,10 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import score_ica
-from trl_ica.assets import load_model
-from trl_ica.scenarios import auroc, noisy_gsm8k, reasoning_gym_mixture
-from trl_ica.selection import score_dataset
-from trl_ica.whisperer import WhispererConfig, whisperer_scores
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k, reasoning_gym_mixture
+from trl_ica.selection.baselines import score_dataset
+from trl_ica.selection.whisperer import WhispererConfig, whisperer_scores
 
 warnings.filterwarnings("ignore")
 

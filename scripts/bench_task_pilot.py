@@ -28,9 +28,9 @@ from peft import LoraConfig
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_quality import answers, test_loss  # noqa: E402
 
-from trl_ica.assets import load_model  # noqa: E402
+from trl_ica.cli.assets import load_model  # noqa: E402
+from trl_ica.cli.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # noqa: E402  (small numbers: short answers)
 from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # noqa: E402  (small numbers: short answers)
 
 warnings.filterwarnings("ignore")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,10 +17,10 @@ import warnings
 import numpy as np
 import torch
 
-from trl_ica.assets import load_model
-from trl_ica.formats import read_dataset
-from trl_ica.scenarios import noisy_gsm8k
-from trl_ica.whisperer import WhispererConfig, _Metric, build_prompts, split_answers, whisperer_scores
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.scoring.formats import read_dataset
+from trl_ica.selection.whisperer import Metric, WhispererConfig, build_prompts, split_answers, whisperer_scores
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from reference import naive_whisperer  # noqa: E402
@@ -66,7 +66,7 @@ def main():
         ours = whisperer_scores(model, tokenizer, train, config=config, show_progress=False)
         fast = time.perf_counter() - start
         builder, prompts = build_prompts(tokenizer, pool, None, config)
-        scorer = metric if metric == "log_likelihood" else _Metric(metric)
+        scorer = metric if metric == "log_likelihood" else Metric(metric)
         start = time.perf_counter()
         scores, records = naive_whisperer(
             model, tokenizer, pool, pool, prompts, builder, scorer, args.num_queries, layer, args.max_new_tokens

@@ -5,7 +5,7 @@ accelerate launch --config_file recipes/accelerate/single_gpu.yaml scripts/simpo
 
 import sys
 
-from trl_ica.launch import main
+from trl_ica.cli.launch import main
 
 if __name__ == "__main__":
     main(["simpo", *sys.argv[1:]])

@@ -188,3 +188,64 @@ def step_trainer(kind, tokenizer, folder, batch, accumulation, extra_rows=0, mod
         model, args=ICASimPOConfig(**settings, max_length=256), train_dataset=train, processing_class=tokenizer,
         holdout_dataset=holdout,
     )  # fmt: skip
+
+
+# --- shared data and model builders ----------------------------------------------------------------------------
+
+
+def conv_pair(q, good, bad):
+    return {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+
+
+def dpo_pairs(n=12):
+    """Conversational pairs (n training, 5 holdout) whose chosen answer is the right sum."""
+    train = Dataset.from_list(
+        [
+            conv_pair(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 3))
+            for i in range(n)
+        ]
+    )
+    holdout = Dataset.from_list(
+        [conv_pair(f"What is {i} plus 7?", f"The answer is {i + 7}.", f"It is {i}.") for i in range(5)]
+    )
+    return train, holdout
+
+
+def pair_rows(fmt):
+    """Seven pairs as `fmt` data: \"conversational\", \"standard\" or \"implicit\" (prompt inside the answers)."""
+    rows = [
+        (f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 2))
+        for i in range(7)
+    ]
+    if fmt == "conversational":
+        return [conv_pair(*r) for r in rows]
+    if fmt == "standard":
+        return [{"prompt": q, "chosen": " " + a, "rejected": " " + b} for q, a, b in rows]
+    return [{"chosen": q + " " + a, "rejected": q + " " + b} for q, a, b in rows]  # implicit prompt
+
+
+def tiny_llama_for(tokenizer, seed=0):
+    return tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+
+
+def tiny_lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def write_recipe_data(folder, preference):
+    """Six training rows and a holdout of four, as train.jsonl / holdout.jsonl (SFT or preference pairs)."""
+    rows = []
+    for i in range(8):
+        prompt = [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]
+        good = [{"role": "assistant", "content": f"It is {2 * i + 1}."}]
+        bad = [{"role": "assistant", "content": f"It is {i}."}]
+        rows.append({"prompt": prompt, "chosen": good, "rejected": bad} if preference else {"prompt": prompt,
+                    "completion": good})  # fmt: skip
+    Dataset.from_list(rows[:6]).to_json(folder / "train.jsonl")
+    Dataset.from_list(rows[6:] * 2).to_json(folder / "holdout.jsonl")

@@ -18,10 +18,10 @@ from conftest import step_trainer
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trl_ica.engine as engine
+import trl_ica.scoring.engine as engine
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
-from trl_ica.engine import LogProbRequest, score_requests
-from trl_ica.scenarios import _chat, _pair
+from trl_ica.cli.scenarios import chat_row, pair_row
+from trl_ica.scoring.engine import LogProbRequest, score_requests
 
 COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
@@ -30,14 +30,14 @@ COMMON = dict(
 
 
 def sft_data():
-    train = [_chat(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(7)]
-    holdout = [_chat(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(4)]
+    train = [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(7)]
+    holdout = [chat_row(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(4)]
     return train, holdout
 
 
 def pair_data():
     wrong = [f"It is {2 * i + 1}, or so." * (1 + i % 2) for i in range(6)]
-    return [_pair(f"What is {i} times 2?", f"It is {2 * i}.", wrong[i]) for i in range(6)]
+    return [pair_row(f"What is {i} times 2?", f"It is {2 * i}.", wrong[i]) for i in range(6)]
 
 
 def record_calls(model, calls):

@@ -2,7 +2,7 @@
 
 import torch
 
-from trl_ica.engine import LogProbRequest
+from trl_ica.scoring.engine import LogProbRequest
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def naive_whisperer(model, tokenizer, pool, queries, prompts, builder, metric, n
     full-vocabulary logits for the log-likelihood metric. Returns (scores, records)."""
     import numpy as np
 
-    from trl_ica.whisperer import credit, demo_weights, split_answers
+    from trl_ica.selection.whisperer import credit, demo_weights, split_answers
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     tok = getattr(tokenizer, "tokenizer", tokenizer)

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
-from trl_ica.engine import LogProbRequest, score_requests
+from trl_ica.scoring.engine import LogProbRequest, score_requests
 
 
 def conv(q, a):

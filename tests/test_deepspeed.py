@@ -19,7 +19,7 @@ import numpy as np, torch.distributed as dist
 from conftest import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
-from trl_ica.demos import model_embeddings
+from trl_ica.scoring.demonstrations import model_embeddings
 
 dist.init_process_group("gloo")
 tokenizer = tiny_tokenizer()

@@ -131,7 +131,7 @@ def test_cli_score_under_two_processes_writes_every_row_once(model_dir, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_ica.data_io import load_rows
-    from trl_ica.selection import score_dataset
+    from trl_ica.selection.baselines import score_dataset
 
     train, _ = sft_data()
     path = tmp_path / "train.jsonl"
@@ -165,10 +165,10 @@ def test_fsdp2_sharded_model_scores_equal_the_unsharded_model(tmp_path):
 
 
 def test_the_ddp_accelerate_config_launches_the_lora_recipe_on_two_processes(model_dir, tmp_path):
-    from test_recipes import _data
+    from conftest import write_recipe_data
 
     root = os.path.dirname(os.path.dirname(__file__))
-    _data(tmp_path, preference=False)
+    write_recipe_data(tmp_path, preference=False)
     out = tmp_path / "run"
     launch(
         "--config_file", os.path.join(root, "recipes", "accelerate", "multi_gpu.yaml"),

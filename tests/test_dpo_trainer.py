@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_weight_zero_drops_a_pair, four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
-from datasets import Dataset
+from conftest import (
+    assert_weight_zero_drops_a_pair,
+    dpo_pairs,
+    four_bit_tiny_llama,
+    tiny_llama_for,
+    tiny_lora,
+    weighted_loss_and_grads,
+)
 from trl import DPOConfig, DPOTrainer
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
@@ -22,44 +28,13 @@ COMMON = dict(
 )
 
 
-def conv_pair(q, good, bad):
-    return {
-        "prompt": [{"role": "user", "content": q}],
-        "chosen": [{"role": "assistant", "content": good}],
-        "rejected": [{"role": "assistant", "content": bad}],
-    }
-
-
-def pairs(n=12):
-    train = Dataset.from_list(
-        [
-            conv_pair(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 3))
-            for i in range(n)
-        ]
-    )
-    holdout = Dataset.from_list(
-        [conv_pair(f"What is {i} plus 7?", f"The answer is {i + 7}.", f"It is {i}.") for i in range(5)]
-    )
-    return train, holdout
-
-
-def model_for(tokenizer, seed=0):
-    return tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
-
-
-def lora():
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-
-
 def dpo_trainer(tokenizer, tmp_path, model=None, ref_model=None, peft_config=None, **kwargs):
-    train, holdout = pairs()
+    train, holdout = dpo_pairs()
     args = ICADPOConfig(
         output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs}
     )
     return ICADPOTrainer(
-        model or model_for(tokenizer),
+        model or tiny_llama_for(tokenizer),
         ref_model,
         args=args,
         train_dataset=train,
@@ -89,7 +64,7 @@ def test_unit_weights_reproduce_dpotrainer(tokenizer, tmp_path, setup):
         loss_weights=[1.0, 0.5],
         **spec.get("settings", {}),
     )
-    train, holdout = pairs()
+    train, holdout = dpo_pairs()
     trainers = []
     for cls, config, extra in (
         (DPOTrainer, DPOConfig, {}),
@@ -97,12 +72,12 @@ def test_unit_weights_reproduce_dpotrainer(tokenizer, tmp_path, setup):
     ):
         fields = {} if cls is DPOTrainer else dict(ica_weighting="none", ica_refresh="online")
         trainer = cls(
-            model_for(tokenizer),
-            model_for(tokenizer, seed=1) if spec.get("ref") else None,
+            tiny_llama_for(tokenizer),
+            tiny_llama_for(tokenizer, seed=1) if spec.get("ref") else None,
             args=config(output_dir=str(tmp_path / cls.__name__), **settings, **fields),
             train_dataset=train,
             processing_class=tokenizer,
-            peft_config=lora() if spec.get("peft") else None,
+            peft_config=tiny_lora() if spec.get("peft") else None,
             **extra,
         )
         initial = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -130,7 +105,7 @@ def naive_sequence_logps(model, batch):
 
 
 def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, monkeypatch):
-    ref = model_for(tokenizer, seed=1).eval()
+    ref = tiny_llama_for(tokenizer, seed=1).eval()
     beta = 0.3
     trainer = dpo_trainer(
         tokenizer,
@@ -165,16 +140,16 @@ def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, 
 
 
 def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
-    trainer = dpo_trainer(tokenizer, tmp_path, peft_config=lora())
+    trainer = dpo_trainer(tokenizer, tmp_path, peft_config=tiny_lora())
     assert_weight_zero_drops_a_pair(trainer, monkeypatch)
 
 
 def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
-    model = model_for(tokenizer)
-    train, holdout = pairs()
+    model = tiny_llama_for(tokenizer)
+    train, holdout = dpo_pairs()
     expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
     trainer = dpo_trainer(
-        tokenizer, tmp_path, model=model, peft_config=lora(), ica_refresh="online", learning_rate=0.0
+        tokenizer, tmp_path, model=model, peft_config=tiny_lora(), ica_refresh="online", learning_rate=0.0
     )
     assert trainer.ica.reuse_unconditioned.all()
     calls = []
@@ -188,11 +163,11 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
 
 
 def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(tokenizer, tmp_path):
-    model = model_for(tokenizer)
-    train, holdout = pairs()
+    model = tiny_llama_for(tokenizer)
+    train, holdout = dpo_pairs()
     expected = score_ica(model, tokenizer, train, holdout, form="conditioned", show_progress=False).scores
     trainer = dpo_trainer(
-        tokenizer, tmp_path, model=model, peft_config=lora(), ica_refresh="online", learning_rate=0.0,
+        tokenizer, tmp_path, model=model, peft_config=tiny_lora(), ica_refresh="online", learning_rate=0.0,
         ica_score_form="conditioned",
     )  # fmt: skip
     trainer.train()
@@ -202,8 +177,8 @@ def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(toke
 
 
 def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_path):
-    model = model_for(tokenizer)
-    train, holdout = pairs()
+    model = tiny_llama_for(tokenizer)
+    train, holdout = dpo_pairs()
     expected = score_ica(model, tokenizer, train, holdout, show_progress=False)
     trainer = dpo_trainer(tokenizer, tmp_path, model=model, precompute_ref_log_probs=True, max_steps=4, ica_refresh=2)
     trainer.train()
@@ -218,7 +193,7 @@ def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_
 
 def test_resume_continues_with_the_same_weights(tokenizer, tmp_path):
     settings = dict(
-        max_steps=4, ica_refresh=2, learning_rate=5e-2, save_strategy="steps", save_steps=2, peft_config=lora()
+        max_steps=4, ica_refresh=2, learning_rate=5e-2, save_strategy="steps", save_steps=2, peft_config=tiny_lora()
     )
     dpo_trainer(tokenizer, tmp_path / "full", **settings).train()
     dpo_trainer(tokenizer, tmp_path / "cut", **settings).train()
@@ -235,7 +210,7 @@ def test_resume_continues_with_the_same_weights(tokenizer, tmp_path):
 def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
     model = four_bit_tiny_llama(tokenizer, tmp_path / "base")
     trainer = dpo_trainer(
-        tokenizer, tmp_path / "out", model=model, peft_config=lora(), max_steps=2, learning_rate=5e-2
+        tokenizer, tmp_path / "out", model=model, peft_config=tiny_lora(), max_steps=2, learning_rate=5e-2
     )
     trainer.train()
     assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
@@ -251,16 +226,16 @@ def test_sorting_losses_are_refused(tmp_path):
 def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatch):
     losses = {}
     for name, weights in (("unit", [1.0, 1.0, 1.0]), ("half", [0.5, 0.5, 0.5])):
-        trainer = dpo_trainer(tokenizer, tmp_path / name, peft_config=lora(), use_weighting=True)
+        trainer = dpo_trainer(tokenizer, tmp_path / name, peft_config=tiny_lora(), use_weighting=True)
         monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: (np.array(w), {}))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
         losses[name] = trainer.compute_loss(trainer.model.train(), dict(batch)).item()
     stock = DPOTrainer(
-        model_for(tokenizer),
+        tiny_llama_for(tokenizer),
         args=DPOConfig(output_dir=str(tmp_path / "stock"), **COMMON, use_weighting=True),
-        train_dataset=pairs()[0],
+        train_dataset=dpo_pairs()[0],
         processing_class=tokenizer,
-        peft_config=lora(),
+        peft_config=tiny_lora(),
     )
     batch = stock.data_collator([stock.train_dataset[i] for i in range(3)])
     assert losses["unit"] == stock.compute_loss(stock.model.train(), dict(batch)).item()
@@ -272,5 +247,6 @@ def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(to
         return model(input_ids=inputs["input_ids"]).logits.float().mean()
 
     monkeypatch.setattr(DPOTrainer, "compute_loss", plain_loss)
-    with pytest.raises(RuntimeError, match=r"did not reach the loss .*DPOTrainer.compute_loss"):
-        dpo_trainer(tokenizer, tmp_path, peft_config=lora(), max_steps=1).train()
+    seam = r"relies on `DPOTrainer.compute_loss` calling the policy.*\(trl 1\.\d+.*did not reach the loss"
+    with pytest.raises(RuntimeError, match=seam):
+        dpo_trainer(tokenizer, tmp_path, peft_config=tiny_lora(), max_steps=1).train()

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_llama
 from reference import naive_log_prob
 
-from trl_ica.engine import LogProbRequest, _Scorer, score_requests, token_counts
+from trl_ica.scoring.engine import LogProbRequest, _Scorer, score_requests, token_counts
 
 
 def random_requests(n=24, seed=0, vocab=128):

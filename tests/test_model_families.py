@@ -8,7 +8,7 @@ import torch
 import transformers
 from reference import naive_log_prob
 
-from trl_ica.engine import LogProbRequest, logit_transform, score_requests
+from trl_ica.scoring.engine import LogProbRequest, logit_transform, score_requests
 
 SMALL = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

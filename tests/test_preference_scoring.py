@@ -1,38 +1,19 @@
 import numpy as np
 import pytest
+from conftest import pair_rows
 from reference import naive_log_prob
 
 from trl_ica import score_ica
-from trl_ica.engine import token_counts
-from trl_ica.formats import read_row
-from trl_ica.rendering import Renderer
-from trl_ica.scoring import prepare_ica
-
-
-def conv_pair(q, good, bad):
-    return {
-        "prompt": [{"role": "user", "content": q}],
-        "chosen": [{"role": "assistant", "content": good}],
-        "rejected": [{"role": "assistant", "content": bad}],
-    }
-
-
-def pairs(fmt):
-    rows = [
-        (f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}.", f"The answer is {i}." * (1 + i % 2))
-        for i in range(7)
-    ]
-    if fmt == "conversational":
-        return [conv_pair(*r) for r in rows]
-    if fmt == "standard":
-        return [{"prompt": q, "chosen": " " + a, "rejected": " " + b} for q, a, b in rows]
-    return [{"chosen": q + " " + a, "rejected": q + " " + b} for q, a, b in rows]  # implicit prompt
+from trl_ica.scoring.engine import token_counts
+from trl_ica.scoring.formats import read_row
+from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.rendering import Renderer
 
 
 @pytest.mark.parametrize("fmt", ["conversational", "standard", "implicit"])
 @pytest.mark.parametrize("selection", ["fixed", "knn"])
 def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, tokenizer, fmt, selection):
-    data, holdout = pairs(fmt), pairs(fmt)[:4]
+    data, holdout = pair_rows(fmt), pair_rows(fmt)[:4]
     result = score_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
     builder = prepare_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
     renderer = Renderer(tokenizer)
@@ -50,7 +31,7 @@ def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, token
 
 
 def test_pairs_share_demonstrations_and_prompt(chat_model, tokenizer):
-    data = pairs("conversational")
+    data = pair_rows("conversational")
     builder = prepare_ica(chat_model, tokenizer, data, data[:4], demo_selection="knn", show_progress=False)
     chosen, rejected = builder.pair_requests(0, conditioned=True)
     assert chosen.prefix == rejected.prefix and chosen.response != rejected.response
@@ -59,7 +40,7 @@ def test_pairs_share_demonstrations_and_prompt(chat_model, tokenizer):
 
 
 def test_mean_reduction_for_pairs(chat_model, tokenizer):
-    data = pairs("conversational")
+    data = pair_rows("conversational")
     r = score_ica(chat_model, tokenizer, data, data[:4], reduction="mean", show_progress=False)
     lp, n = r.pair_logps, r.pair_tokens
     np.testing.assert_allclose(
@@ -69,7 +50,7 @@ def test_mean_reduction_for_pairs(chat_model, tokenizer):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model, tokenizer, reduction):
-    data = pairs("conversational")
+    data = pair_rows("conversational")
     r = score_ica(chat_model, tokenizer, data, data[:4], form="conditioned", reduction=reduction, show_progress=False)
     builder = prepare_ica(chat_model, tokenizer, data, data[:4], show_progress=False)
     expected = []
@@ -83,7 +64,7 @@ def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model
 
 
 def test_demonstrations_show_the_chosen_answer(tokenizer, chat_model):
-    data = pairs("conversational")
+    data = pair_rows("conversational")
     builder = prepare_ica(
         chat_model, tokenizer, data, data[:2], demo_selection="fixed", num_demos=2, show_progress=False
     )

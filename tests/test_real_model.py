@@ -13,8 +13,8 @@ import torch
 from reference import naive_log_prob, naive_token_log_probs
 
 from trl_ica import score_ica
-from trl_ica.engine import LogProbRequest
-from trl_ica.scoring import prepare_ica
+from trl_ica.scoring.engine import LogProbRequest
+from trl_ica.scoring.ica import prepare_ica
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ FP32_FACTOR = 8.0
 def _load(dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_ica.assets import default_model_path
+    from trl_ica.cli.assets import default_model_path
 
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
@@ -47,7 +47,7 @@ def smollm64():
 
 @pytest.fixture(scope="module")
 def gsm8k():
-    from trl_ica.scenarios import noisy_gsm8k
+    from trl_ica.cli.scenarios import noisy_gsm8k
 
     train, holdout, _ = noisy_gsm8k(n_train=4, n_holdout=5, n_test=1, noise=0.5, seed=1)
     return train.remove_columns("corruption"), holdout

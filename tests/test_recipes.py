@@ -13,22 +13,9 @@ import yaml
 from conftest import tiny_llama
 from datasets import Dataset
 
-from trl_ica.launch import main
+from trl_ica.cli.launch import main
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
-
-
-def _data(folder, preference):
-    """Six training rows and a holdout of four, as train.jsonl / holdout.jsonl (SFT or preference pairs)."""
-    rows = []
-    for i in range(8):
-        prompt = [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]
-        good = [{"role": "assistant", "content": f"It is {2 * i + 1}."}]
-        bad = [{"role": "assistant", "content": f"It is {i}."}]
-        rows.append({"prompt": prompt, "chosen": good, "rejected": bad} if preference else {"prompt": prompt,
-                    "completion": good})  # fmt: skip
-    Dataset.from_list(rows[:6]).to_json(folder / "train.jsonl")
-    Dataset.from_list(rows[6:] * 2).to_json(folder / "holdout.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def recipe_dir(tmp_path_factory):
 
 
 def test_there_is_a_lora_qlora_and_full_recipe_for_each_trainer_and_it_runs_as_shipped():
-    from trl_ica.assets import DEFAULT_MODEL
+    from trl_ica.cli.assets import DEFAULT_MODEL
 
     names = {os.path.basename(r) for r in RECIPES}
     assert names == {f"{t}_{k}.yaml" for t in ("sft", "dpo", "simpo") for k in ("lora", "qlora", "full")}
@@ -184,8 +171,8 @@ def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir)
 def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from trl_ica import assets
-    from trl_ica.model_card import EMBEDDED_BASE, base_model_name
+    from trl_ica.cli import assets
+    from trl_ica.trainer.model_card import EMBEDDED_BASE, base_model_name
 
     monkeypatch.setenv("TRL_ICA_CACHE", str(tmp_path))
     embedded = tmp_path / "SmolLM2-135M-Instruct-0123abcd"
@@ -247,7 +234,8 @@ def test_script_takes_a_trl_dataset_mixture(model_dir, tmp_path):
 
 
 def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, monkeypatch, capsys):
-    from trl_ica import controller, demo
+    from trl_ica.cli import demo
+    from trl_ica.trainer import controller
 
     calls = []
     real = controller.ICAController._score_all

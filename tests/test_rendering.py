@@ -1,8 +1,8 @@
 import pytest
 from datasets import Dataset
 
-from trl_ica.formats import read_dataset, read_row
-from trl_ica.rendering import PAPER_TEMPLATE, ICAPromptTemplate, Renderer
+from trl_ica.scoring.formats import read_dataset, read_row
+from trl_ica.scoring.rendering import PAPER_TEMPLATE, ICAPromptTemplate, Renderer
 
 
 def conv(q, a):

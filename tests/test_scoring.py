@@ -4,8 +4,8 @@ from datasets import Dataset
 from reference import naive_log_prob
 
 from trl_ica import compute_ica_scores, score_ica
-from trl_ica.demos import select_demos
-from trl_ica.scoring import prepare_ica
+from trl_ica.scoring.demonstrations import select_demos
+from trl_ica.scoring.ica import prepare_ica
 
 
 def conv(q, a):

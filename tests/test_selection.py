@@ -2,17 +2,16 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_llama
+from conftest import pair_rows, tiny_llama
 from datasets import Dataset
 from reference import naive_log_prob
-from test_preference_scoring import pairs
 
 from trl_ica.cli import main
-from trl_ica.demos import model_embeddings, select_demos
-from trl_ica.engine import LogProbRequest
-from trl_ica.formats import read_dataset
-from trl_ica.rendering import Renderer
-from trl_ica.selection import METHODS, score_dataset, select_top
+from trl_ica.scoring.demonstrations import model_embeddings, select_demos
+from trl_ica.scoring.engine import LogProbRequest
+from trl_ica.scoring.formats import read_dataset
+from trl_ica.scoring.rendering import Renderer
+from trl_ica.selection.baselines import METHODS, score_dataset, select_top
 
 
 def conv(q, a):
@@ -38,7 +37,7 @@ def test_loss_is_the_mean_log_prob_per_response_token(chat_model, tokenizer):
 
 
 def test_loss_of_pairs_is_the_per_token_margin(chat_model, tokenizer):
-    rows = pairs("conversational")
+    rows = pair_rows("conversational")
     scores = score_dataset("loss", chat_model, tokenizer, rows, show_progress=False)
     renderer = Renderer(tokenizer)
     expected = []
@@ -92,7 +91,7 @@ def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tok
 
 
 def test_oneshot_with_a_preference_holdout_uses_the_margin(chat_model, tokenizer):
-    rows = pairs("conversational")
+    rows = pair_rows("conversational")
     scores = score_dataset("oneshot", chat_model, tokenizer, rows[3:], rows[:3], num_demos=1, show_progress=False)
     examples, hold = read_dataset(rows[3:]), read_dataset(rows[:3])
     embed = lambda texts: model_embeddings(chat_model, tokenizer, texts, show_progress=False)  # noqa: E731
@@ -134,7 +133,7 @@ def test_random_is_seeded_and_methods_check_their_inputs(chat_model, tokenizer):
     with pytest.raises(ValueError, match="`method='ica'` needs a holdout"):
         score_dataset("ica", chat_model, tokenizer, rows)
     with pytest.raises(ValueError, match="`method='ifd'` is defined for SFT examples"):
-        score_dataset("ifd", chat_model, tokenizer, pairs("conversational"))
+        score_dataset("ifd", chat_model, tokenizer, pair_rows("conversational"))
     assert set(METHODS) == {"ica", "whisperer", "oneshot", "rho", "loss", "ifd", "random"}
 
 

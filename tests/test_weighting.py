@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trl_ica.weighting import WEIGHTINGS, compute_weights, rank_weights, score_range
+from trl_ica.scoring.weighting import WEIGHTINGS, compute_weights, rank_weights, score_range
 
 
 def test_batch_minmax():

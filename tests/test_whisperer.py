@@ -7,9 +7,16 @@ import torch
 from conftest import four_bit_tiny_llama, tiny_llama
 from reference import naive_whisperer
 
-from trl_ica.formats import read_dataset
-from trl_ica.selection import score_dataset
-from trl_ica.whisperer import WhispererConfig, _Metric, build_prompts, final_number, split_answers, whisperer_scores
+from trl_ica.scoring.formats import read_dataset
+from trl_ica.selection.baselines import score_dataset
+from trl_ica.selection.whisperer import (
+    Metric,
+    WhispererConfig,
+    build_prompts,
+    final_number,
+    split_answers,
+    whisperer_scores,
+)
 
 
 def _rows(n, offset=0):
@@ -37,7 +44,7 @@ def _check_against_naive(model, tokenizer, pool_rows, holdout_rows, config, metr
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer = config.layer if config.layer is not None else lm.config.num_hidden_layers // 2
     scores, records = naive_whisperer(
-        model, tokenizer, pool, held or pool, prompts, builder, _Metric(metric_name) if metric_name != "log_likelihood"
+        model, tokenizer, pool, held or pool, prompts, builder, Metric(metric_name) if metric_name != "log_likelihood"
         else "log_likelihood", config.num_queries, layer, config.max_new_tokens,
     )  # fmt: skip
     assert len(ours.records) == len(records)
@@ -92,14 +99,14 @@ def test_final_numbers_parse_with_separators_and_answers_split_per_question():
     assert final_number("3 apples and 4 pears #### 12") == Decimal("12")
     text = "Answer 1: 2 plus 3\n#### 5\n\nAnswer 3: #### 1,200\n\nAnswer 4: ignored"
     assert split_answers(text, 3) == ["2 plus 3\n#### 5", None, "#### 1,200"]
-    em = _Metric("exact_match")
+    em = Metric("exact_match")
     assert em("#### 1,200", "work\n#### 1200") == 1.0 and em("#### 12", "#### 1200") == 0.0
-    rouge = _Metric("rouge_l")
+    rouge = Metric("rouge_l")
     assert rouge("the cat sat", "the cat sat") == 1.0 and rouge("dogs bark", "the cat sat") == 0.0
 
 
 def test_unparsed_prompts_score_zero_and_are_counted(tokenizer, monkeypatch):
-    import trl_ica.whisperer as whisperer
+    import trl_ica.selection.whisperer as whisperer
 
     monkeypatch.setattr(whisperer, "split_answers", lambda text, n: [None] * n)
     result = whisperer_scores(
@@ -189,9 +196,9 @@ def test_cli_writes_whisperer_scores_and_its_summary(tmp_path, tokenizer, capsys
 
 
 def test_generation_stops_once_nothing_more_can_be_parsed(tokenizer):
-    from trl_ica.whisperer import _AnswersDone
+    from trl_ica.selection.whisperer import AnswersDone
 
-    stop = _AnswersDone(tokenizer, start=0, num_queries=2)
+    stop = AnswersDone(tokenizer, start=0, num_queries=2)
 
     def done(text):
         return bool(stop(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]), None)[0])

@@ -1,21 +1,25 @@
 """ICA data weighting for TRL: weight every training example by how much it would lower a clean holdout's loss."""
 
-from .demos import select_demos
-from .dpo_config import ICADPOConfig
-from .dpo_trainer import ICADPOTrainer
-from .engine import LogProbRequest, LogProbs, score_requests
-from .ica_args import ICAArguments
-from .rendering import PAPER_TEMPLATE, PLAIN_TEMPLATE, ICAPromptTemplate
-from .scoring import ICAScores, compute_ica_scores, score_ica
-from .sft_config import ICASFTConfig
-from .sft_trainer import ICASFTTrainer
-from .weighting import WEIGHTINGS, compute_weights
-from .whisperer import WhispererConfig, WhispererResult, whisperer_scores
+from .scoring.demonstrations import select_demos
+from .scoring.engine import LogProbRequest, LogProbs, score_requests
+from .scoring.ica import ICAScores, compute_ica_scores, score_ica
+from .scoring.rendering import PAPER_TEMPLATE, PLAIN_TEMPLATE, ICAPromptTemplate
+from .scoring.weighting import WEIGHTINGS, compute_weights
+from .selection.whisperer import WhispererConfig, WhispererResult, whisperer_scores
+from .trainer.dpo_config import ICADPOConfig
+from .trainer.dpo_trainer import ICADPOTrainer
+from .trainer.ica_args import ICAArguments
+from .trainer.sft_config import ICASFTConfig
+from .trainer.sft_trainer import ICASFTTrainer
 
 __version__ = "0.1.0"
 
 # CPO lives in `trl.experimental`, which warns on import: load it only when asked for
-_LAZY = {"ICACPOConfig": "cpo_config", "ICASimPOConfig": "cpo_config", "ICACPOTrainer": "cpo_trainer"}
+_LAZY = {
+    "ICACPOConfig": "trainer.cpo_config",
+    "ICASimPOConfig": "trainer.cpo_config",
+    "ICACPOTrainer": "trainer.cpo_trainer",
+}
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -26,7 +26,7 @@ def _pyplot():
 
 def plot_score_histogram(scores, path: str, labels=None, title: str = "ICA scores") -> str | None:
     """Histogram of `scores`, one colour per distinct value of `labels` when given; returns the PNG path."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     scores = np.asarray(scores, dtype=np.float64)
@@ -50,7 +50,7 @@ def plot_score_histogram(scores, path: str, labels=None, title: str = "ICA score
 
 def plot_weights_over_training(weights_file: str, path: str) -> str | None:
     """Each trained example's weight against the step, with the per-step mean; returns the PNG path."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not os.path.isfile(weights_file):
         return None
     rows = [json.loads(line) for line in open(weights_file)]

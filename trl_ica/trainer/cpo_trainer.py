@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from trl.experimental.cpo import CPOTrainer
 
+from .. import seams
 from .cpo_config import ICACPOConfig
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
 from .model_card import SIMPO_PAPER
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 
 class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
@@ -66,8 +66,6 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         self._ica_batch = None  # (indices, weights) of the batch being trained on
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, self.max_length)
-        if self._ica.online:
-            self._ica.reuse_unconditioned = self._reusable_rows()
 
     def _training_sequences(self, row):
         return [
@@ -90,9 +88,9 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         finally:
             self._ica_batch = None
         if not self._ica_applied:
-            raise self._unweighted(
-                "`CPOTrainer.compute_loss` did not go through `concatenated_forward` and `cpo_loss`, which "
-                "`ICACPOTrainer` overrides to weight each pair"
+            raise self.unweighted_error(
+                "`CPOTrainer.compute_loss` going through `concatenated_forward` and `cpo_loss` "
+                "(trl.experimental.cpo), which `ICACPOTrainer` overrides to weight each pair"
             )
         return result
 
@@ -103,19 +101,16 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         if self._ica_batch is None:
             return out
         index = self._ica_batch[0]
-        chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss = out[:5]
-        labels = self.concatenated_inputs(batch, padding_value=self.pad_token_id, device=chosen_logits.device)[
-            "concatenated_labels"
-        ][:, 1:]
-        unconditioned = None
-        if self._ica.online:
+        chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, rest = seams.cpo_forward_outputs(out)
+        labels = seams.cpo_labels(self, batch, chosen_logits.device)[:, 1:]
+
+        def training_sums():  # (B, 2)
             logps = torch.cat([chosen_logps, rejected_logps]).detach().double()
             if self.loss_type in ("ipo", "simpo"):  # TRL averages over the response tokens for these
                 logps = logps * (labels != -100).sum(1)
-            sums = logps.cpu().numpy().reshape(2, -1).T  # (B, 2)
-            unconditioned = np.where(self._ica.reuse_unconditioned[index][:, None], sums, np.nan)
-        weights = self._ica_micro_batch_weights(index, unconditioned)
-        w = torch.as_tensor(weights, dtype=chosen_logps.dtype, device=chosen_logps.device)
+            return logps.cpu().numpy().reshape(2, -1).T
+
+        w = self._ica_weights(index, chosen_logps, training_sums)
         self._ica_batch = (index, w)
         if self.cpo_alpha != 0:
             chosen_labels = labels[: len(index)]
@@ -123,7 +118,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
                 chosen_logits[:, :-1].flatten(0, 1), chosen_labels.flatten(), reduction="none"
             ).view_as(chosen_labels)
             nll_loss = (token_nll * w[:, None].to(token_nll.dtype)).sum() / (chosen_labels != -100).sum()
-        return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, *out[5:])
+        return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, *rest)
 
     def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
         losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)

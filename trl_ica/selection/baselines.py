@@ -11,11 +11,11 @@ import numbers
 
 import numpy as np
 
-from .demos import check_choice, select_demos
-from .engine import LogProbRequest, score_requests
-from .formats import PreferenceExample, SFTExample, read_dataset
-from .rendering import Renderer
-from .scoring import resolve_embedder, score_ica
+from ..scoring.demonstrations import check_choice, select_demos
+from ..scoring.engine import LogProbRequest, score_requests
+from ..scoring.formats import PreferenceExample, SFTExample, read_dataset
+from ..scoring.ica import resolve_embedder, score_ica
+from ..scoring.rendering import Renderer
 from .whisperer import WhispererConfig, whisperer_scores
 
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
@@ -59,7 +59,7 @@ def _response_alone(renderer: Renderer, example: SFTExample) -> LogProbRequest:
     the tokenizer puts nothing before text)."""
     if example.conversational:
         return renderer.unconditioned(dataclasses.replace(example, question=""))
-    start = renderer._bos or (renderer.tokenizer.eos_token_id,)
+    start = renderer.bos or (renderer.tokenizer.eos_token_id,)
     return LogProbRequest(start, (), renderer.unconditioned(example).response)
 
 
@@ -213,11 +213,14 @@ def score_dataset(
     return random_scores(dataset, seed)
 
 
+SELECT_MODES = ("top", "bottom", "threshold")
+
+
 def select_top(scores, ratio: float | None = None, *, mode: str = "top", threshold: float | None = None) -> np.ndarray:
     """Row indices to keep, in dataset order: the `ratio` share with the highest (`"top"`) or lowest (`"bottom"`)
     scores, or (`"threshold"`) every row scoring at least `threshold`. Ties are broken by row order, so the choice
     is deterministic; NaN scores are an error."""
-    check_choice("mode", mode, ["top", "bottom", "threshold"])
+    check_choice("mode", mode, SELECT_MODES)
     try:
         scores = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as error:

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
+from ..data_io import write_json
+from ..plots import plot_score_histogram
 from .assets import DEFAULT_MODEL, resolve_model
-from .data_io import write_json
-from .plots import plot_score_histogram
 from .scenarios import LABEL_NOISE_KINDS, auroc, reasoning_gym_label_noise
 
 #: What the label-noise benchmark supports for answers of the wrong kind (README, "Which score to trust").
@@ -50,9 +50,9 @@ def _load(model_path: str):
 
 def _test_loss(model, tokenizer, test) -> float:
     """Mean per-token NLL of the clean test answers given their questions."""
-    from .engine import score_requests
-    from .formats import read_dataset
-    from .rendering import Renderer
+    from ..scoring.engine import score_requests
+    from ..scoring.formats import read_dataset
+    from ..scoring.rendering import Renderer
 
     renderer = Renderer(tokenizer)
     rows = read_dataset(test.select_columns(["prompt", "completion"]))
@@ -65,8 +65,8 @@ def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, ar
     computed with the same untrained model and settings, are its one scoring, so the pool is scored once)."""
     from trl import SFTConfig, SFTTrainer
 
-    from .sft_config import ICASFTConfig
-    from .sft_trainer import ICASFTTrainer
+    from ..trainer.sft_config import ICASFTConfig
+    from ..trainer.sft_trainer import ICASFTTrainer
 
     model, _ = _load(model_path)
     common = dict(
@@ -104,7 +104,7 @@ def run(args) -> dict:
         f"{kind}; {len(holdout)} clean holdout, {len(test)} clean test problems."
     )
 
-    from .scoring import score_ica
+    from ..scoring.ica import score_ica
 
     scores = score_ica(model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection="fixed",
                        seed=args.seed)  # fmt: skip

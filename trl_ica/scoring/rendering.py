@@ -74,7 +74,7 @@ PLAIN_TEMPLATE = ICAPromptTemplate(demo="{prompt}{response}\n\n", query="{prompt
 
 
 @dataclass(frozen=True)
-class _Pieces:
+class Pieces:
     head: str  # before the first user message's content
     mid: str  # after it, up to the response
     tail: str  # after the response
@@ -113,9 +113,9 @@ class Renderer:
         self.layout = layout
         self.score_end = score_end
         leading = self.tokenizer("", add_special_tokens=True)["input_ids"]
-        self._bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
+        self.bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
 
-    def _ids(self, text: str) -> tuple[int, ...]:
+    def ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
     def template_for(self, example: SFTExample) -> ICAPromptTemplate:
@@ -123,12 +123,12 @@ class Renderer:
             return self.template
         return PAPER_TEMPLATE if example.conversational else PLAIN_TEMPLATE
 
-    def _pieces(self, example: SFTExample, demos: list[SFTExample] = ()) -> _Pieces:
+    def pieces(self, example: SFTExample, demos: list[SFTExample] = ()) -> Pieces:
         """The text around the first user message's content and around the response; `demos` go before that
         message as earlier user/assistant turns (`layout="turns"`)."""
         if not example.conversational:
             eos = self.tokenizer.eos_token or ""
-            return _Pieces(head="", mid="", tail="" if example.response.endswith(eos) else eos)
+            return Pieces(head="", mid="", tail="" if example.response.endswith(eos) else eos)
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(
                 "The dataset is conversational but the tokenizer has no chat template; set one (e.g. "
@@ -145,37 +145,37 @@ class Renderer:
             raise ValueError("The chat template does not render message contents verbatim; ICA cannot locate them.")
         head, rest = text.split(_USER)
         mid, tail = rest.split(_ASSISTANT)
-        return _Pieces(head, mid, tail)
+        return Pieces(head, mid, tail)
 
     def unconditioned(self, example: SFTExample) -> LogProbRequest:
         """log p(y | x): the prompt as TRL trains on it."""
-        p = self._pieces(example)
+        p = self.pieces(example)
         if example.conversational:
-            prefix, context = self._ids(p.head), self._context_ids(example, example.question, p)
+            prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
         else:
-            prefix, context = self._bos, self._ids(example.prompt)
+            prefix, context = self.bos, self.ids(example.prompt)
         return LogProbRequest(prefix, context, self._response_ids(example, p))
 
-    def _response_ids(self, example: SFTExample, p: _Pieces) -> tuple[int, ...]:
-        return self._ids(example.response + p.tail) if self.score_end else self._ids(example.response)
+    def _response_ids(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
+        return self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
 
     def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
         """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
         (`layout="in_turn"`) or as earlier turns before the unchanged question (`layout="turns"`)."""
         if example.conversational and self.layout == "turns":
-            p = self._pieces(example, demos)
-            prefix, context = self._ids(p.head), self._context_ids(example, example.question, p)
+            p = self.pieces(example, demos)
+            prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
             return LogProbRequest(prefix, context, self._response_ids(example, p))
-        p = self._pieces(example)
+        p = self.pieces(example)
         template = self.template_for(example)
-        prefix_ids = self._ids(p.head + template.render_demos(demos))
+        prefix_ids = self.ids(p.head + template.render_demos(demos))
         if not example.conversational:
-            prefix_ids = self._bos + prefix_ids
+            prefix_ids = self.bos + prefix_ids
         context = self._context_ids(example, template.render_query(example.question), p)
         return LogProbRequest(prefix_ids, context, self._response_ids(example, p))
 
-    def _context_ids(self, example: SFTExample, user_text: str, p: _Pieces) -> tuple[int, ...]:
+    def _context_ids(self, example: SFTExample, user_text: str, p: Pieces) -> tuple[int, ...]:
         if not example.conversational:
-            return self._ids(user_text)
+            return self.ids(user_text)
         # Only the first user message's content is replaced; later prompt messages are rendered in `mid`.
-        return self._ids(user_text + p.mid)
+        return self.ids(user_text + p.mid)

@@ -12,7 +12,7 @@ from .assets import gsm8k_final_answer, load_gsm8k
 CORRUPTIONS = ("wrong_answer", "other_question", "truncated")
 
 
-def _chat(question: str, answer: str) -> dict:
+def chat_row(question: str, answer: str) -> dict:
     return {
         "prompt": [{"role": "user", "content": question}],
         "completion": [{"role": "assistant", "content": answer}],
@@ -63,9 +63,9 @@ def noisy_gsm8k(n_train: int = 120, n_holdout: int = 24, n_test: int = 48, noise
         if position in noisy:
             kind = CORRUPTIONS[len([p for p in noisy if p < position]) % len(CORRUPTIONS)]
             a = _corrupt(kind, a, rows[order[-1 - position]]["answer"], rng)
-        train.append({**_chat(q, a), "corruption": kind})
-    holdout = [_chat(rows[i]["question"], rows[i]["answer"]) for i in holdout_ids]
-    test = [_chat(rows[i]["question"], rows[i]["answer"]) for i in test_ids]
+        train.append({**chat_row(q, a), "corruption": kind})
+    holdout = [chat_row(rows[i]["question"], rows[i]["answer"]) for i in holdout_ids]
+    test = [chat_row(rows[i]["question"], rows[i]["answer"]) for i in test_ids]
     return Dataset.from_list(train), Dataset.from_list(holdout), Dataset.from_list(test)
 
 
@@ -80,7 +80,7 @@ def auroc(scores, positive) -> float:
     return float(greater / (pos.size * neg.size))
 
 
-def _pair(question: str, chosen: str, rejected: str) -> dict:
+def pair_row(question: str, chosen: str, rejected: str) -> dict:
     return {
         "prompt": [{"role": "user", "content": question}],
         "chosen": [{"role": "assistant", "content": chosen}],
@@ -106,7 +106,7 @@ def noisy_gsm8k_pairs(n_train: int = 48, n_holdout: int = 16, n_test: int = 24, 
         for position, i in enumerate(ids, start):
             kind = PAIR_CORRUPTIONS[position % len(PAIR_CORRUPTIONS)]
             good = rows[i]["answer"]
-            out.append(_pair(rows[i]["question"], good, _corrupt(kind, good, good, rng)))
+            out.append(pair_row(rows[i]["question"], good, _corrupt(kind, good, good, rng)))
         return out
 
     train = pairs(order[:n_train], 0)
@@ -150,11 +150,13 @@ def reasoning_gym_mixture(
         extra = n_holdout + n_test if task == target else 0
         entries = list(reasoning_gym.create_dataset(task, size=n_per_task + extra, seed=seed * 1000 + t))
         for entry in entries[:n_per_task]:
-            train.append({**_chat(entry["question"], str(entry["answer"])), "task": task})
+            train.append({**chat_row(entry["question"], str(entry["answer"])), "task": task})
         for entry in entries[n_per_task : n_per_task + n_holdout]:
-            holdout.append(_chat(entry["question"], str(entry["answer"])))
+            holdout.append(chat_row(entry["question"], str(entry["answer"])))
         for entry in entries[n_per_task + n_holdout : n_per_task + extra]:
-            test.append({**_chat(entry["question"], str(entry["answer"])), "task": task, "entry": json.dumps(entry)})
+            test.append(
+                {**chat_row(entry["question"], str(entry["answer"])), "task": task, "entry": json.dumps(entry)}
+            )
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     return Dataset.from_list([train[i] for i in order]), Dataset.from_list(holdout), Dataset.from_list(test)
@@ -209,8 +211,8 @@ def reasoning_gym_label_noise(
             if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
                 break
         other = dict(zip(order, answers))
-    rows = [_chat(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
+    rows = [chat_row(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
     clean = np.array([i not in noisy for i in range(n_train)])
-    test = Dataset.from_list([{**_chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
-    holdout = Dataset.from_list([_chat(e["question"], str(e["answer"])) for e in holdout])
+    test = Dataset.from_list([{**chat_row(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
+    holdout = Dataset.from_list([chat_row(e["question"], str(e["answer"])) for e in holdout])
     return Dataset.from_list(rows), holdout, test, clean

@@ -10,11 +10,11 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from .data_io import written_whole
-from .distributed import num_processes
-from .engine import score_requests
-from .scoring import ICARequestBuilder, assemble_scores, score_with
-from .weighting import BATCH_WEIGHTINGS, compute_weights, score_range
+from ..data_io import written_whole
+from ..scoring.distributed import num_processes
+from ..scoring.engine import score_requests
+from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
+from ..scoring.weighting import BATCH_WEIGHTINGS, compute_weights, score_range
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class ICAController:
         output_dir: str,
         is_main_process: bool = True,
         reference_builder: ICARequestBuilder | None = None,
+        on_scored=None,
     ):
         self.builder = builder
         # `holdout_quantile`: the requests that score the holdout itself, and its latest scores
@@ -101,7 +102,25 @@ class ICAController:
         self.resumed_step: int | None = None  # the checkpoint's step, when the run resumed from one
         # (scores, weights) of the steps since the trainer last logged, for the trackers' histograms
         self.pending_histograms: list[tuple[np.ndarray, np.ndarray]] = []
-        self.on_scored = None  # called with the training set's scores after each scoring (R refreshes)
+        self.on_scored = on_scored  # called with the training set's scores after each scoring (R refreshes)
+
+    def set_reusable_rows(self, reuse: np.ndarray) -> None:
+        """Online scoring: the rows whose training forward computes exactly their unconditioned request, so that
+        their log p(y | x) is read off it (a boolean mask over the training rows)."""
+        reuse = np.asarray(reuse, dtype=bool)
+        if reuse.shape != self.reuse_unconditioned.shape:
+            raise ValueError(f"`reuse` must have one entry per training row, {self.reuse_unconditioned.shape}; "
+                             f"got {reuse.shape}.")  # fmt: skip
+        self.reuse_unconditioned = reuse
+
+    def take_histograms(self) -> dict[str, np.ndarray]:
+        """The scores and weights of the steps trained since the last call (`ica/scores`, `ica/weights`), for the
+        trackers' histograms; empty when there were none."""
+        pending, self.pending_histograms = self.pending_histograms, []
+        if not pending:
+            return {}
+        scores, weights = (np.concatenate(parts) for parts in zip(*pending))
+        return {"ica/scores": scores, "ica/weights": weights}
 
     @property
     def online(self) -> bool:

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from trl import DPOTrainer
 
+from .. import seams
 from .dpo_config import ICADPOConfig
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 
 class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
@@ -66,8 +67,6 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         indexed = add_index(train_dataset, "ICADPOTrainer", pairs=True)
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length)
-        if self._ica.online:
-            self._ica.reuse_unconditioned = self._reusable_rows()
 
     def _training_sequences(self, row):
         out = []
@@ -82,21 +81,18 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
         sft = [(i, w) for i, (t, w) in enumerate(zip(self.loss_types, self.loss_weights)) if t == "sft"]
-        loss_types, loss_weights, use_weighting = self.loss_types, self.loss_weights, self.use_weighting
         policy = {}
-        try:
-            # TRL's "sft" term is one token mean over the batch: it is taken out here and added back weighted
-            self.loss_types = [t for i, t in enumerate(loss_types) if i not in dict(sft)]
-            self.loss_weights = [w for i, w in enumerate(loss_weights) if i not in dict(sft)]
-            self.use_weighting = True
+        # TRL's "sft" term is one token mean over the batch: it is taken out here and added back weighted
+        loss_types = [t for i, t in enumerate(self.loss_types) if i not in dict(sft)]
+        loss_weights = [w for i, w in enumerate(self.loss_weights) if i not in dict(sft)]
+        with seams.dpo_loss_terms(self, loss_types, loss_weights, use_weighting=True):
             with self._weighting_hook(model, index.cpu().numpy(), policy):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self.loss_types, self.loss_weights, self.use_weighting = loss_types, loss_weights, use_weighting
         if not policy:
-            raise self._unweighted(
-                "`DPOTrainer.compute_loss` did not call the policy with `fused_lm_head=True` returning `log_probs` "
-                "and `log_sum_sq_probs`, through which `ICADPOTrainer._weighting_hook` weights each pair"
+            raise self.unweighted_error(
+                "`DPOTrainer.compute_loss` calling the policy with `fused_lm_head=True` and scaling each pair's loss "
+                "by a factor of its `log_sum_sq_probs` (trl.trainer.dpo_trainer), through which "
+                "`ICADPOTrainer._weighting_hook` weights each pair"
             )
         if not sft:
             return result
@@ -124,20 +120,19 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         """
 
         def hook(module, args, kwargs, output):
-            if policy or not kwargs.get("fused_lm_head") or getattr(output, "log_probs", None) is None:
+            log_probs = seams.fused_log_probs(kwargs, output)  # (2B, T-1): chosen rows, then rejected rows
+            if policy or log_probs is None:
                 return None
-            log_probs = output.log_probs  # (2B, T-1): chosen rows then rejected rows, zero where the label is -100
+            label_mask, log_sum_sq_probs = seams.dpo_weighting_fields(output, wpo=self.args.use_weighting)
             policy["log_probs"] = log_probs
-            unconditioned = None
-            if self._ica.online:
-                sums = log_probs.detach().double().sum(1).cpu().numpy().reshape(2, -1).T  # (B, 2)
-                unconditioned = np.where(self._ica.reuse_unconditioned[index][:, None], sums, np.nan)
-            weights = self._ica_micro_batch_weights(index, unconditioned)
-            w = torch.as_tensor(weights, dtype=torch.float32, device=log_probs.device)
+            w = self._ica_weights(
+                index, log_probs, lambda: log_probs.detach().double().sum(1).cpu().numpy().reshape(2, -1).T,
+                dtype=torch.float32,
+            )  # fmt: skip
             policy["weights"] = w
             shift = torch.cat([torch.log(w), torch.zeros_like(w)])[:, None]
-            base = output.log_sum_sq_probs if self.args.use_weighting else log_probs.detach()
-            lssp = torch.where(output.label_mask, base.float() - shift, base.float())
+            base = log_sum_sq_probs if self.args.use_weighting else log_probs.detach()
+            lssp = torch.where(label_mask, base.float() - shift, base.float())
             output.log_sum_sq_probs = lssp.as_subclass(_OutOfPlaceProduct)
             return output
 

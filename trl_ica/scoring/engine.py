@@ -19,8 +19,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
+from .. import seams
 from .distributed import ForwardLockstep, resolve_mode, unsharded_ancestors
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def unwrap_causal_lm(model):
     return model
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
     backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
@@ -87,7 +87,7 @@ def eval_mode(model):
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+        if seams.repacks_in_eval(module):
             module.training = True  # their mode changes nothing else: they have no dropout
     try:
         yield
@@ -119,7 +119,7 @@ def logit_transform(config) -> tuple[float, float | None]:
 HEAD_CHUNK = 4096  # hidden states per LM-head call: bounds the float32 logits to HEAD_CHUNK x vocabulary
 
 
-def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32 (float64 for a
     float64 model).
 
@@ -143,7 +143,7 @@ def _head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> to
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=dtype)
 
 
-def _pad_id(lm) -> int:
+def pad_id(lm) -> int:
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     pad = getattr(config, "pad_token_id", None)
     if pad is None:
@@ -165,9 +165,9 @@ def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, ma
 
 class _Scorer:
     def __init__(self, model, device, lockstep: ForwardLockstep | None = None):
-        self.lm, self.backbone, self.head = _backbone_and_head(model)
+        self.lm, self.backbone, self.head = backbone_and_head(model)
         self.device = device
-        self.pad_id = _pad_id(self.lm)
+        self.pad_id = pad_id(self.lm)
         self.lockstep = lockstep
         config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
         self.hidden_size = config.hidden_size
@@ -194,8 +194,7 @@ class _Scorer:
         ids = torch.tensor([prefix], device=self.device)
         out = self.backbone(input_ids=ids, use_cache=True)
         self._pad_head_calls(0, head_calls)
-        cache = out.past_key_values
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = seams.cache_key_values(out.past_key_values)
         return layers, out.last_hidden_state[:, -1]  # (1, H)
 
     def score_batch(self, requests: Sequence[LogProbRequest], rows: list[int], prefix_state) -> list[float]:
@@ -212,9 +211,7 @@ class _Scorer:
         if prefix_state is not None:
             layers, _ = prefix_state
             P = layers[0][0].shape[-2]
-            # Zero-copy: every row reads the same prefix keys/values; `update` concatenates into new tensors.
-            expanded = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers]
-            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=expanded, config=self.lm.config)
+            kwargs["past_key_values"] = seams.shared_prefix_cache(layers, B, self.lm.config)  # zero-copy
             kwargs["use_cache"] = True
             mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         position_ids = torch.arange(P, P + L, device=self.device).expand(B, -1)
@@ -240,7 +237,7 @@ class _Scorer:
             targets.append(ids[b, start : start + n])
             owner += [b] * n
         hsel = hidden[torch.tensor(sel_rows, device=self.device), torch.tensor(sel_pos, device=self.device)]
-        lp = _head_log_probs(
+        lp = head_log_probs(
             self.lm, self.head, hsel.to(self.head.weight.device), torch.cat(targets).to(self.head.weight.device)
         )
         self._pad_head_calls(own_head_calls, head_calls)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import textwrap
 
+from .. import seams
+
 ICA_PAPER = {
     "title": "Holdout-Loss-Based Data Selection for LLM Finetuning via In-Context Learning",
     "id": "2510.14459",
@@ -41,9 +43,9 @@ EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def base_model_name(config) -> str | None:
     """The Hub id of the base model, or None for a local folder that is not the embedded default."""
-    from .assets import is_embedded_model_dir
+    from ..cli.assets import is_embedded_model_dir
 
-    path = getattr(config, "_name_or_path", "") or ""
+    path = seams.loaded_from(config)
     if not os.path.isdir(path):
         return path or None
     return EMBEDDED_BASE if is_embedded_model_dir(path) else None  # never converts: a card must not load models

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
+from .. import seams
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
 from .sft_config import ICASFTConfig
-from .trainer_mixin import INDEX, ICATrainerMixin, add_index, ica_args
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False)
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length)
-        if self._ica.online:
-            self._ica.reuse_unconditioned = self._reusable_rows()
 
     def _training_sequences(self, row):
         return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100])]
@@ -74,12 +73,12 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
         fired = []
-        with self._weighting_hook(model, index.cpu().numpy(), inputs.get("seq_idx"), fired):
+        with self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not fired:
-            raise self._unweighted(
-                "`SFTTrainer.compute_loss` did not call the model with `fused_lm_head=True` returning `log_probs`, "
-                "which `ICASFTTrainer._weighting_hook` scales"
+            raise self.unweighted_error(
+                "`SFTTrainer.compute_loss` calling the model with `fused_lm_head=True` and reducing its `log_probs` "
+                "(trl.trainer.sft_trainer), which `ICASFTTrainer._weighting_hook` scales"
             )
         return result
 
@@ -89,17 +88,12 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         `fired` gets an entry when it did."""
 
         def hook(module, args, kwargs, output):
-            if not kwargs.get("fused_lm_head") or getattr(output, "log_probs", None) is None:
+            log_probs = seams.fused_log_probs(kwargs, output)  # (B, T-1), zero where the label is -100
+            if log_probs is None:
                 return None
-            log_probs = output.log_probs  # (B, T-1), zero where the label is -100
             # Row of each position: the batch row, or (padding-free) the packed sequence the position belongs to
             owner = seq_idx[:, 1:].long() if seq_idx is not None else None
-            unconditioned = None
-            if self._ica.online:
-                sums = _row_sums(log_probs.detach(), owner, len(index))
-                unconditioned = np.where(self._ica.reuse_unconditioned[index], sums, np.nan)
-            weights = self._ica_micro_batch_weights(index, unconditioned)
-            w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device)
+            w = self._ica_weights(index, log_probs, lambda: _row_sums(log_probs.detach(), owner, len(index)))
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
             fired.append(True)
             return output

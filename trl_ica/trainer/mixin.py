@@ -8,16 +8,17 @@ import os
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
+from .. import seams
+from ..data_io import read_scores_file
+from ..scoring.formats import PreferenceExample, read_row
+from ..scoring.ica import prepare_holdout_reference, prepare_ica
+from ..scoring.rendering import ICAPromptTemplate
+from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
-from .data_io import read_scores_file
-from .formats import PreferenceExample, read_row
 from .ica_args import ICAArguments
 from .model_card import ICA_PAPER, base_model_name, complete_card
-from .rendering import ICAPromptTemplate
-from .scoring import prepare_holdout_reference, prepare_ica
-from .weighting import BATCH_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset") -
 def ica_args(args, model, config_class, name: str):
     """`args`, or a default `config_class` named after the model; a TRL config without `ica_*` fields is an error."""
     if args is None:
-        model_name = model if isinstance(model, str) else model.config._name_or_path
+        model_name = model if isinstance(model, str) else seams.loaded_from(model.config)
         return config_class(f"{model_name.split('/')[-1]}-{name}")
     if not isinstance(args, ICAArguments):
         raise TypeError(
@@ -100,14 +101,8 @@ class ICATrainerMixin:
         """TRL's card, naming the ICA method and citing ICA, with the real base model (the Hub id the embedded
         default came from), the `ica_*` settings, the parent method's citation and the files under `ica/`."""
         base_model = base_model_name(self.model.config)
-        config = self.model.config
-        loaded_from = getattr(config, "_name_or_path", "")
-        if base_model:  # TRL's card reads the base model from the config (`get_config_model_id`)
-            config._name_or_path = base_model
-        try:
+        with seams.reported_as(self.model.config, base_model):
             super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        finally:
-            config._name_or_path = loaded_from
         self._complete_card(self.args.output_dir, base_model)
 
     def _complete_card(self, folder: str, base_model: str | None) -> None:
@@ -136,7 +131,7 @@ class ICATrainerMixin:
             num_demos=args.ica_num_demos,
             demo_selection=args.ica_demo_selection,
             template=template,
-            chat_template=getattr(self, "chat_template", None),
+            chat_template=seams.training_chat_template(self),
             layout=args.ica_demo_layout,
             score_end=args.ica_score_end_token,
             embedding_model=args.ica_embedding_model,
@@ -163,9 +158,13 @@ class ICATrainerMixin:
                     2 * len(reference.candidates) + 1,
                 )
         self._ica = ICAController(
-            builder, args, args.output_dir, self.accelerator.is_main_process, reference_builder=reference
+            builder,
+            args,
+            args.output_dir,
+            self.accelerator.is_main_process,
+            reference_builder=reference,
+            on_scored=lambda scores: self._log_histograms({"ica/scores_all": scores}),
         )
-        self._ica.on_scored = lambda scores: self._log_histograms({"ica/scores_all": scores})
         if args.ica_scores_file is not None:
             expected = {
                 "method": "ica",
@@ -188,6 +187,8 @@ class ICATrainerMixin:
                 "example on its own: `ica_weighting='holdout_quantile'` (against the holdout's own scores) or "
                 "'global_minmax' (against the range of the training set's scores)."
             )
+        if self._ica.online:
+            self._ica.set_reusable_rows(self._reusable_rows())
 
     @property
     def ica(self) -> ICAController:
@@ -196,8 +197,7 @@ class ICATrainerMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if INDEX not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, INDEX]
+        seams.add_signature_column(self, INDEX)
 
     def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
         """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)
@@ -241,60 +241,59 @@ class ICATrainerMixin:
 
     def training_step(self, *args, **kwargs):
         if self._ica.step_begun != self.state.global_step:
-            import transformers
-
-            raise RuntimeError(
-                f"transformers {transformers.__version__}'s Trainer ran a training step without calling "
-                "`get_batch_samples` for it first, which ICA trainers rely on to weight every example of an "
-                "optimizer step together. This transformers version is not supported by trl_ica."
+            raise seams.SeamError(
+                "`Trainer.get_batch_samples` fetching every micro-batch of an optimizer step before it runs "
+                "(transformers.trainer), which ICA trainers use to weight the examples of a step together",
+                "a training step ran without it",
             )
         return super().training_step(*args, **kwargs)
 
-    def _ica_micro_batch_weights(self, index: np.ndarray, unconditioned=None) -> np.ndarray:
-        """This micro-batch's weights (from its step's, see [`ICAController.micro_batch_weights`]), logging the
-        step's metrics when they are computed here."""
+    def _ica_weights(self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None) -> torch.Tensor:
+        """This micro-batch's weights as a tensor on `like`'s device (`like`'s dtype unless `dtype` is given): the
+        one path from scores to the tensor the loss is multiplied by, in every trainer.
+
+        The weights come from the optimizer step's (see [`ICAController.micro_batch_weights`]); the step's `ica/*`
+        metrics are logged when they are computed here. Online, `training_sums()` gives log p(y | x) summed per
+        example `(B,)` or per pair `(B, 2)` from the training forward; it is used for the rows whose forward is
+        exactly their unconditioned request, and the others are scored by the controller."""
+        unconditioned = None
+        if self._ica.online and training_sums is not None:
+            sums = np.asarray(training_sums(), dtype=np.float64)
+            reuse = self._ica.reuse_unconditioned[index].reshape(-1, *([1] * (sums.ndim - 1)))
+            unconditioned = np.where(reuse, sums, np.nan)
         weights, metrics = self._ica.micro_batch_weights(self.model, index, self.state.global_step, unconditioned)
         if metrics:
             self._log_ica(metrics)
-        return weights
+        return torch.as_tensor(weights, dtype=dtype or like.dtype, device=like.device)
 
-    def _unweighted(self, seam: str) -> RuntimeError:
+    def unweighted_error(self, seam: str) -> seams.SeamError:
         """The error for a training step whose loss the ICA weights did not reach: `seam` names the TRL code the
         trainer relies on. Training on would silently be unweighted, so the step stops instead."""
-        import transformers
-        import trl
-
-        return RuntimeError(
-            f"The ICA weights did not reach the loss of this training step: {seam}. With trl {trl.__version__} and "
-            f"transformers {transformers.__version__} training would go on unweighted, so it stops here. trl_ica is "
-            "tested with trl 1.16 and transformers 5.23-5.24: install those, or report the versions above."
-        )
+        return seams.SeamError(seam, "the ICA weights did not reach the loss of this training step, which would "
+                               "go on unweighted")  # fmt: skip
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The parent's `log`; in training, the scores and weights of the steps since the last log also go to the
         trackers that take histograms."""
-        pending, self._ica.pending_histograms = self._ica.pending_histograms, []
-        if pending:
-            scores, weights = (np.concatenate(parts) for parts in zip(*pending))
-            self._log_histograms({"ica/scores": scores, "ica/weights": weights})
+        histograms = self._ica.take_histograms()
+        if histograms:
+            self._log_histograms(histograms)
         super().log(logs, *args, **kwargs)
 
     def _log_histograms(self, values: dict[str, np.ndarray]) -> None:
         """Histograms at the current step to the trackers that take them: TensorBoard (`add_histogram`) and W&B
         (`wandb.Histogram`); the others get the `ica/*` scalars only."""
-        from transformers.integrations import TensorBoardCallback, WandbCallback
-
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
-                for tag, array in values.items():
-                    callback.tb_writer.add_histogram(tag, np.asarray(array, dtype=np.float64), self.state.global_step)
-            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
-                wandb = callback._wandb
-                wandb.log({tag: wandb.Histogram(np.asarray(a)) for tag, a in values.items()}, commit=False)
+        tensorboard, wandb_modules = seams.histogram_writers(self)
+        for writer in tensorboard:
+            for tag, array in values.items():
+                writer.add_histogram(tag, np.asarray(array, dtype=np.float64), self.state.global_step)
+        for wandb in wandb_modules:
+            wandb.log({tag: wandb.Histogram(np.asarray(a)) for tag, a in values.items()}, commit=False)
 
     def _log_ica(self, metrics: dict[str, float]) -> None:
+        store = seams.train_metrics(self)
         for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
+            store[key].append(value)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         folder = resume_from_checkpoint
@@ -305,7 +304,7 @@ class ICATrainerMixin:
         self._ica.start_files()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.accelerator.is_main_process:
-            from .plots import save_training_plots
+            from ..plots import save_training_plots
 
             save_training_plots(self._ica.dir)
         return result
@@ -313,7 +312,4 @@ class ICATrainerMixin:
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            self._ica.save(folder, self.state.global_step)
+            self._ica.save(seams.checkpoint_folder(self, trial), self.state.global_step)

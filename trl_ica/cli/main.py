@@ -1,5 +1,5 @@
 """`trl-ica` command line: `demo`, `score` (every row with its score), `select` (a subset by score), `data` (the
-noisy GSM8K files the recipes train on) and `sft`/`dpo`/`simpo` (the training scripts, see `trl_ica.launch`)."""
+noisy GSM8K files the recipes train on) and `sft`/`dpo`/`simpo` (the training scripts, see `trl_ica.cli.launch`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ SCORE_COLUMN = "score"
 
 
 def _score_parser(parser: argparse.ArgumentParser) -> None:
-    from .rendering import DEMO_LAYOUTS
-    from .selection import METHODS
+    from ..scoring.demonstrations import DEMO_SELECTIONS
+    from ..scoring.ica import FORMS, REDUCTIONS
+    from ..scoring.rendering import DEMO_LAYOUTS
+    from ..selection.baselines import METHODS
+    from ..selection.metrics import METRICS
 
     parser.add_argument("--method", required=True, choices=list(METHODS), help="Scoring method.")
     parser.add_argument("--model", required=True, help="Model to score with: Hub id, local path, or the default.")
@@ -27,12 +30,12 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-demos", type=int, help="k demos (ica, default 3), holdout queries (oneshot, 3), n_d (whisperer, 10)."
     )
-    parser.add_argument("--demo-selection", default="knn", choices=["knn", "fixed", "random"])
-    parser.add_argument("--reduction", default="sum", choices=["sum", "mean"])
+    parser.add_argument("--demo-selection", default="knn", choices=list(DEMO_SELECTIONS))
+    parser.add_argument("--reduction", default="sum", choices=list(REDUCTIONS))
     parser.add_argument(
         "--form",
         default="difference",
-        choices=["difference", "conditioned"],
+        choices=list(FORMS),
         help="ica: the paper's difference, or log p(y | demos, x) alone (noisy labels; use with --reduction mean).",
     )
     parser.add_argument(
@@ -52,7 +55,7 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
     parser.add_argument("--seed", type=int, default=0)
     whisperer = parser.add_argument_group("whisperer")
-    whisperer.add_argument("--metric", default="exact_match", choices=["exact_match", "rouge_l", "log_likelihood"])
+    whisperer.add_argument("--metric", default="exact_match", choices=list(METRICS))
     whisperer.add_argument("--num-queries", type=int, default=5, help="Questions answered per prompt (n_q).")
     whisperer.add_argument("--min-demo-count", type=int, default=1, help="Times every row is a demonstration.")
     whisperer.add_argument("--layer", type=int, help="Decoder layer whose attention is read (default: the middle).")
@@ -60,11 +63,13 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _select_parser(parser: argparse.ArgumentParser) -> None:
+    from ..selection.baselines import SELECT_MODES
+
     parser.add_argument("--scores", required=True, help="Output of `trl-ica score` (.jsonl, .json or .parquet).")
     parser.add_argument("--output", required=True, help="Selected rows: .jsonl, .json (one array) or .parquet.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     parser.add_argument("--ratio", type=float, help="Share of rows to keep, in (0, 1].")
-    parser.add_argument("--mode", default="top", choices=["top", "bottom", "threshold"])
+    parser.add_argument("--mode", default="top", choices=list(SELECT_MODES))
     parser.add_argument("--threshold", type=float, help="With --mode threshold: keep rows scoring at least this.")
     parser.add_argument("--keep-score", action="store_true", help="Keep the score column in the output.")
 
@@ -91,11 +96,11 @@ def run_score(args) -> dict:
     import torch
     from accelerate import PartialState
 
+    from ..data_io import check_output, load_rows, scores_meta_path, write_json, write_rows
+    from ..plots import plot_score_histogram
+    from ..selection.baselines import score_dataset
+    from ..selection.whisperer import WhispererConfig, whisperer_scores
     from .assets import load_model
-    from .data_io import check_output, load_rows, scores_meta_path, write_json, write_rows
-    from .plots import plot_score_histogram
-    from .selection import score_dataset
-    from .whisperer import WhispererConfig, whisperer_scores
 
     inputs = {"--dataset": args.dataset, "--holdout": args.holdout}
     check_output(args.output, inputs, args.overwrite)
@@ -178,8 +183,8 @@ def run_score(args) -> dict:
 
 
 def run_select(args) -> dict:
-    from .data_io import check_output, load_rows, write_rows
-    from .selection import select_top
+    from ..data_io import check_output, load_rows, write_rows
+    from ..selection.baselines import select_top
 
     check_output(args.output, {"--scores": args.scores}, args.overwrite)
     scored = load_rows(args.scores, argument="--scores")
@@ -196,7 +201,7 @@ def run_select(args) -> dict:
 
 
 def run_data(args) -> dict:
-    from .data_io import write_rows
+    from ..data_io import write_rows
     from .scenarios import noisy_gsm8k, noisy_gsm8k_pairs
 
     os.makedirs(args.output, exist_ok=True)
@@ -219,7 +224,7 @@ def run_data(args) -> dict:
 
 def main(argv=None) -> None:
     """The `trl-ica` command. Returns None, so that the console script exits 0 on success (a returned object would be
-    printed and exit 1); Python callers who want the trainer use [`trl_ica.launch.main`]."""
+    printed and exit 1); Python callers who want the trainer use [`trl_ica.cli.launch.main`]."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("sft", "dpo", "simpo"):  # TRL-style scripts with their own parser
         from .launch import main as launch
@@ -255,7 +260,3 @@ def main(argv=None) -> None:
         run_data(args)
     else:
         run_select(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .demos import DEMO_SELECTIONS
-from .rendering import DEMO_LAYOUTS
-from .scoring import FORMS, REDUCTIONS
-from .weighting import WEIGHTINGS
+from ..scoring.demonstrations import DEMO_SELECTIONS
+from ..scoring.ica import FORMS, REDUCTIONS
+from ..scoring.rendering import DEMO_LAYOUTS
+from ..scoring.weighting import WEIGHTINGS
 
 
 @dataclass

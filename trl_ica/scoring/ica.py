@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .demos import DEMO_SELECTIONS, Embedder, check_choice, model_embeddings, select_demos, sentence_embedder
+from .demonstrations import DEMO_SELECTIONS, Embedder, check_choice, model_embeddings, select_demos, sentence_embedder
 from .engine import LogProbRequest, score_requests
 from .formats import PreferenceExample, read_dataset
 from .rendering import ICAPromptTemplate, Renderer

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import unsharded_ancestors, zero3_gathered
-from .engine import _backbone_and_head, eval_mode, unwrap_causal_lm
+from .engine import backbone_and_head, eval_mode, unwrap_causal_lm
 
 DEMO_SELECTIONS = ("knn", "fixed", "random")
 Embedder = Callable[[list[str]], np.ndarray]
@@ -26,7 +26,7 @@ def model_embeddings(
 ) -> np.ndarray:
     """Mean-pooled last hidden states of `model` for each text, L2-normalised: `(len(texts), hidden)` float32."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    _, backbone, _ = _backbone_and_head(model)
+    _, backbone, _ = backbone_and_head(model)
     device = next(unwrap_causal_lm(model).parameters()).device
     out = []
     with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model):

@@ -1,0 +1,5 @@
+"""`python -m trl_ica.cli ...`, the same as the `trl-ica` command."""
+
+from .main import main
+
+main()

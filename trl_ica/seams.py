@@ -1,0 +1,304 @@
+"""Every place trl_ica depends on a private detail of TRL, transformers or bitsandbytes, one small function each.
+
+Each function names the upstream code it mirrors. When that code has moved, the function raises [`SeamError`],
+naming the seam and the installed versions, instead of returning something that would let training or scoring go on
+silently different (an unweighted loss, a cache that is not shared). `tests/test_seams.py` runs every seam against
+the installed packages, so an upgrade that moves one fails there first, with the same message.
+
+The trainers' weighting seams (TRL's fused LM head output, DPO's loss terms, CPO's forward) are read here; whether a
+training step actually went through them is checked by the trainers themselves: a step the weights did not reach
+raises (see `ICATrainerMixin.unweighted_error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import sys
+
+TESTED = "trl 1.16 and transformers 5.23-5.24"
+
+
+def versions() -> str:
+    """`trl X, transformers Y, bitsandbytes Z` as installed (bitsandbytes only when it is)."""
+    out = []
+    for name in ("trl", "transformers", "bitsandbytes"):
+        try:
+            out.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join(out)
+
+
+class SeamError(RuntimeError):
+    """A private detail of TRL, transformers or bitsandbytes that trl_ica relies on is not what it was."""
+
+    def __init__(self, seam: str, detail: str):
+        self.seam = seam
+        super().__init__(
+            f"trl_ica relies on {seam}, which the installed packages ({versions()}) no longer provide as expected: "
+            f"{detail}. trl_ica is tested with {TESTED}: install those, or report the versions above."
+        )
+
+
+# --- transformers: KV caches -----------------------------------------------------------------------------------------
+
+
+def cache_key_values(cache) -> list[tuple]:
+    """Per-layer `(keys, values)` of a transformers cache: `DynamicCache.layers[i].keys` / `.values`
+    (`transformers.cache_utils.DynamicLayer`, transformers 5)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise SeamError(
+            "`DynamicCache.layers[i].keys/.values` (transformers.cache_utils)",
+            f"a {type(cache).__name__} without per-layer `keys`/`values`",
+        )
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def shared_prefix_cache(layers: list[tuple], batch: int, config):
+    """A `DynamicCache` in which `batch` rows read the same prefix keys and values without copying them
+    (`DynamicCache(ddp_cache_data=[(k, v), ...], config=...)`, transformers.cache_utils); the cache's `update`
+    concatenates into new tensors, so the shared prefix is never written."""
+    from transformers import DynamicCache
+
+    expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers]
+    try:
+        return DynamicCache(ddp_cache_data=expanded, config=config)
+    except TypeError as error:
+        raise SeamError(
+            "`DynamicCache(ddp_cache_data=..., config=...)` (transformers.cache_utils)", str(error)
+        ) from None
+
+
+# --- transformers: models ------------------------------------------------------------------------------------------
+
+
+def decoder_layers(backbone):
+    """The decoder layers of a model's backbone, each with its attention module: `backbone.layers[i].self_attn`, as
+    every decoder-only model of transformers lays them out."""
+    layers = getattr(backbone, "layers", None)
+    if layers is None or len(layers) == 0 or not hasattr(layers[0], "self_attn"):
+        raise ValueError(f"{type(backbone).__name__} has no `layers[i].self_attn`; Data Whisperer cannot read it.")
+    return layers
+
+
+@contextlib.contextmanager
+def attention_wrapped(attention_module, wrap):
+    """Within the block, every attention call of the model runs `wrap(original)(module, query, key, value,
+    attention_mask, **kwargs)`, where `original` is the function the model would have called.
+
+    Mirrors how a transformers 5 attention layer picks its function: `ALL_ATTENTION_FUNCTIONS` (a global mapping with
+    a per-name local override, `_local_mapping`) by the config's `_attn_implementation`, or for `"eager"` the
+    modeling file's own `eager_attention_forward`. The local override is restored afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(attention_module.config, "_attn_implementation", None)
+    local = getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", None)
+    if name is None or not isinstance(local, dict):
+        raise SeamError(
+            "`config._attn_implementation` and `ALL_ATTENTION_FUNCTIONS._local_mapping` (transformers.modeling_utils)",
+            f"implementation {name!r}, local mapping {type(local).__name__}",
+        )
+    had_local, previous = name in local, local.get(name)
+    original = ALL_ATTENTION_FUNCTIONS.get_interface(name, None) if name != "eager" else None
+    if original is None:  # eager: the modeling file's own function
+        original = getattr(sys.modules[type(attention_module).__module__], "eager_attention_forward", None)
+        if original is None:
+            raise SeamError(
+                f"`eager_attention_forward` in {type(attention_module).__module__}",
+                "the modeling file defines no such function",
+            )
+    ALL_ATTENTION_FUNCTIONS[name] = wrap(original)
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS[name] = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS[name]
+
+
+def loaded_from(config) -> str:
+    """Where a model was loaded from: `PretrainedConfig._name_or_path` (the Hub id or folder given to
+    `from_pretrained`; empty for a model built from a config)."""
+    return getattr(config, "_name_or_path", "") or ""
+
+
+@contextlib.contextmanager
+def reported_as(config, name: str | None):
+    """Within the block the config says it was loaded from `name` (TRL's model card reads `config._name_or_path`,
+    `trl.trainer.utils.get_config_model_id`); restored afterwards. `None` changes nothing."""
+    previous = loaded_from(config)
+    if name:
+        config._name_or_path = name
+    try:
+        yield
+    finally:
+        config._name_or_path = previous
+
+
+# --- bitsandbytes --------------------------------------------------------------------------------------------------
+
+
+def repacks_in_eval(module) -> bool:
+    """Whether `module` is a bitsandbytes 4-bit layer that, on CPUs with AVX512-BF16, repacks its weights for
+    inference on an eval-mode no-grad forward, after which training gets no gradient through it (bitsandbytes
+    `Linear4bit.support_avx512bf16_for_cpu`, 0.48+)."""
+    return hasattr(module, "support_avx512bf16_for_cpu")
+
+
+# --- transformers.Trainer ------------------------------------------------------------------------------------------
+
+
+def add_signature_column(trainer, column: str) -> None:
+    """Keep `column` in the batches: `Trainer._set_signature_columns_if_needed` fills `trainer._signature_columns`,
+    the columns `_remove_unused_columns` keeps; call after it."""
+    columns = getattr(trainer, "_signature_columns", None)
+    if columns is None:
+        raise SeamError(
+            "`Trainer._signature_columns` (transformers.trainer)",
+            "it is not set after `_set_signature_columns_if_needed`",
+        )
+    if column not in columns:
+        trainer._signature_columns = [*columns, column]
+
+
+def checkpoint_folder(trainer, trial) -> str:
+    """The folder `Trainer._save_checkpoint` has just written: `_get_output_dir(trial)/checkpoint-{global_step}`."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    get_output_dir = getattr(trainer, "_get_output_dir", None)
+    if get_output_dir is None:
+        raise SeamError("`Trainer._get_output_dir(trial)` (transformers.trainer)", "the method is gone")
+    return os.path.join(get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+
+
+def histogram_writers(trainer):
+    """`(tensorboard_writers, wandb_modules)` of the trainer's reporting callbacks that are live: transformers'
+    `TensorBoardCallback.tb_writer` (a `SummaryWriter` once training began) and `WandbCallback._wandb` once
+    `_initialized`."""
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    tensorboard, wandb = [], []
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+            tensorboard.append(callback.tb_writer)
+        elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
+            wandb.append(callback._wandb)
+    return tensorboard, wandb
+
+
+def trainer_methods_missing() -> list[str]:
+    """The `transformers.Trainer` methods the ICA trainers override that the installed Trainer lacks: an override of a
+    method that is no longer called would silently do nothing."""
+    from transformers import Trainer
+
+    wanted = (
+        "get_batch_samples",
+        "training_step",
+        "compute_loss",
+        "_save_checkpoint",
+        "_set_signature_columns_if_needed",
+        "_get_output_dir",
+        "log",
+        "save_model",
+        "create_model_card",
+    )
+    return [name for name in wanted if not callable(getattr(Trainer, name, None))]
+
+
+# --- TRL -----------------------------------------------------------------------------------------------------------
+
+
+def train_metrics(trainer):
+    """TRL's per-mode metric lists, which its `log` averages and writes with the trainer's own logs:
+    `trainer._metrics["train"][key]` (a `defaultdict(list)`, SFTTrainer and DPOTrainer)."""
+    metrics = getattr(trainer, "_metrics", None)
+    if not isinstance(metrics, dict) or "train" not in metrics:
+        raise SeamError("`trainer._metrics['train']` (trl SFTTrainer, DPOTrainer)", "no such metric store")
+    return metrics["train"]
+
+
+def training_chat_template(trainer) -> str | None:
+    """The chat template a TRL trainer renders conversations with when it keeps its own (`trainer.chat_template`,
+    set by TRL trainers from `chat_template_path`); `None` when it has written it onto the tokenizer instead."""
+    return getattr(trainer, "chat_template", None)
+
+
+def fused_log_probs(kwargs: dict, output):
+    """The per-token log-probabilities `(B, T-1)` of a forward called through TRL's fused LM head
+    (`trl.trainer.utils.add_fused_lm_head`: `model(..., fused_lm_head=True)` returns a `FusedLMHeadOutput` whose
+    `log_probs` are zero where the label is -100 and which TRL reduces after the forward), or `None` for any other
+    forward. The trainers scale these in a forward hook; whether the hook fired is checked per step."""
+    if not kwargs.get("fused_lm_head"):
+        return None
+    return getattr(output, "log_probs", None)
+
+
+def packed_sequence_index(inputs: dict):
+    """Padding-free SFT: the packed sequence each position belongs to, `inputs["seq_idx"]` (TRL's
+    `DataCollatorForLanguageModeling` with `padding_free=True`), or `None`."""
+    return inputs.get("seq_idx")
+
+
+@contextlib.contextmanager
+def dpo_loss_terms(trainer, loss_types: list[str], loss_weights: list[float], use_weighting: bool):
+    """Within the block `DPOTrainer.compute_loss` computes the loss terms `loss_types` with `loss_weights` and
+    multiplies each pair's loss by its WPO factor when `use_weighting`: TRL reads `self.loss_types`,
+    `self.loss_weights` and `self.use_weighting` (set from the config in `DPOTrainer.__init__`) at every step.
+    Restored afterwards."""
+    names = ("loss_types", "loss_weights", "use_weighting")
+    missing = [name for name in names if not hasattr(trainer, name)]
+    if missing:
+        raise SeamError(
+            "`DPOTrainer.loss_types/loss_weights/use_weighting` (trl.trainer.dpo_trainer)",
+            f"the trainer has no {missing}",
+        )
+    previous = [getattr(trainer, name) for name in names]
+    trainer.loss_types, trainer.loss_weights, trainer.use_weighting = loss_types, loss_weights, use_weighting
+    try:
+        yield
+    finally:
+        for name, value in zip(names, previous):
+            setattr(trainer, name, value)
+
+
+def dpo_weighting_fields(output, wpo: bool):
+    """`(label_mask, log_sum_sq_probs)` of the policy's fused-head output in `DPOTrainer.compute_loss`: TRL's WPO
+    factor is `exp(mean_t(log_probs - log_sum_sq_probs))` over the completion tokens (`label_mask`). TRL's head
+    computes `log_sum_sq_probs` only for `use_weighting=True` (`wpo`); otherwise it is `None` here."""
+    mask, lssp = getattr(output, "label_mask", None), getattr(output, "log_sum_sq_probs", None)
+    if mask is None or (wpo and lssp is None):
+        raise SeamError(
+            "`FusedLMHeadOutput.label_mask` and `.log_sum_sq_probs` (trl.trainer.utils.add_fused_lm_head)",
+            f"the DPO policy forward returned label_mask={type(mask).__name__}, log_sum_sq_probs="
+            f"{type(lssp).__name__} (use_weighting={wpo})",
+        )
+    return mask, lssp
+
+
+def cpo_labels(trainer, batch: dict, device):
+    """The labels of a CPO batch, chosen rows then rejected, as `CPOTrainer.concatenated_forward` computes its
+    log-probabilities from them: `concatenated_inputs(batch, padding_value=..., device=...)["concatenated_labels"]`
+    (trl.experimental.cpo)."""
+    try:
+        inputs = trainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id, device=device)
+        return inputs["concatenated_labels"]
+    except (TypeError, KeyError, AttributeError) as error:
+        raise SeamError(
+            "`CPOTrainer.concatenated_inputs(...)['concatenated_labels']` (trl.experimental.cpo)",
+            f"{type(error).__name__}: {error}",
+        ) from None
+
+
+def cpo_forward_outputs(out) -> tuple:
+    """`(chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, rest)` of
+    `CPOTrainer.concatenated_forward`'s return (a tuple of 5, plus the auxiliary loss for router models)."""
+    if not isinstance(out, tuple) or len(out) < 5:
+        raise SeamError(
+            "the 5-tuple returned by `CPOTrainer.concatenated_forward` (trl.experimental.cpo)",
+            f"it returned {type(out).__name__} of length {len(out) if isinstance(out, tuple) else '-'}",
+        )
+    return (*out[:5], out[5:])
