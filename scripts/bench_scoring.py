@@ -1,23 +1,42 @@
-"""Fused ICA scoring against the naive per-candidate computation on SmolLM2-135M-Instruct.
+"""Throughput of ICA scoring on SmolLM2-135M-Instruct: naive, whole-prefix sharing, the prefix tree, and the kNN
+modes that create sharing; and what one R = 1 scoring costs against one LoRA training epoch of the same rows.
 
-For fixed and kNN demonstrations (k = 3) on GSM8K-length responses and on short responses (the final answer only),
-times the whole scoring (both passes) of the fused engine and of the naive path (each candidate's full sequence run
-on its own, batch 1, same LM-head-at-response-only kernel, so the ratio isolates prefix sharing), and prints the
-token-count bound (tokens naive runs / tokens fused runs), the number of shared prefixes and the largest score gap.
+For each data kind (GSM8K solutions; short answers, the final answer only) and each demonstration choice (k = 3 of a
+holdout of `--n-holdout`), the whole scoring (conditioned and unconditioned pass) is timed:
 
-    python scripts/bench_scoring.py [--n 24] [--threads 2]
+- `naive`: each candidate's full sequence on its own (batch 1, the same LM-head-at-response-only kernel);
+- `flat`: the engine sharing whole prefixes only (`prefix_tree=False`);
+- `tree`: the engine as it runs by default, the prefix tree (`plan_prefixes`).
+
+"bound" is tokens naive runs / tokens the mode runs (prefix pieces included); "reached" is the measured speed-up
+over naive divided by that bound. Largest score gap against naive is printed as a check. The epoch is stock
+`SFTTrainer` with the recipes' LoRA (r = 16, all linear layers), batch 4, over the same rows.
+
+    python scripts/bench_scoring.py [--n 48] [--n-holdout 32] [--threads 2] [--results docs/scoring_results.json]
+
+Each (data, selection, mode) timing is kept in the JSON file (written whole) and skipped when run again; the file
+records its settings and refuses a run with other ones.
 """
 
 import argparse
+import json
+import os
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.data_io import write_json
 from trl_ica.scoring.engine import LogProbRequest, score_requests, token_counts
 from trl_ica.scoring.ica import prepare_ica
+
+warnings.filterwarnings("ignore")
+SELECTIONS = ("fixed", "knn", "knn_canonical", "knn_grouped")
+MODES = {"fixed": ("flat",), "knn": ("naive", "flat", "tree"), "knn_canonical": ("tree",), "knn_grouped": ("tree",)}
 
 
 def short_answers(dataset):
@@ -28,50 +47,92 @@ def short_answers(dataset):
     return dataset.map(cut)
 
 
-def run_once(model, requests, naive: bool):
-    if naive:
+def run_once(model, requests, mode: str):
+    if mode == "naive":
         requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
     start = time.perf_counter()
-    out = score_requests(model, requests, batch_size=1 if naive else None, show_progress=False)
+    out = score_requests(
+        model, requests, batch_size=1 if mode == "naive" else None, show_progress=False, prefix_tree=mode == "tree"
+    )
     return out.sums, time.perf_counter() - start
+
+
+def epoch_seconds(model_dir_model, tokenizer, data) -> float:
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            out, num_train_epochs=1, per_device_train_batch_size=4, report_to="none", use_cpu=True, bf16=False,
+            save_strategy="no", disable_tqdm=True, logging_steps=1000, max_length=1024, seed=0,
+        )  # fmt: skip
+        trainer = SFTTrainer(model_dir_model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora)  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        trainer.model.unload()  # the base model comes back without the adapter
+    return seconds
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--n-holdout", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}
+    results = {"settings": settings}
+    if args.results and os.path.exists(args.results):
+        with open(args.results) as f:
+            results = json.load(f)
+        if results.get("settings") != settings:
+            raise SystemExit(f"{args.results} holds results for {results.get('settings')}, not {settings}.")
+
+    def save():
+        if args.results:
+            write_json(results, args.results)
+
     model, tokenizer = load_model()
-    train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=16, n_test=1, noise=0.0, seed=0)
+    train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=args.n_holdout, n_test=1, noise=0.0, seed=0)
     train = train.remove_columns("corruption")
-    print(
-        "| responses | demos | candidates | distinct shared prefixes | fused ex/s | naive ex/s | speed-up | bound "
-        "| speed-up / bound | max abs score diff |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, data, hold in (
         ("GSM8K solutions", train, holdout),
         ("short answers", short_answers(train), short_answers(holdout)),
     ):
-        for selection in ("fixed", "knn"):
+        reference = None
+        for selection in SELECTIONS:
             builder = prepare_ica(model, tokenizer, data, hold, demo_selection=selection, show_progress=False)
-            cond = [builder.conditioned(i) for i in range(len(data))]
-            plain = [builder.unconditioned(i) for i in range(len(data))]
-            requests = cond + plain
-            run_once(model, requests[:4], naive=False)  # warm-up
-            fused, t_fused = run_once(model, requests, naive=False)
-            naive, t_naive = run_once(model, requests, naive=True)
-            n_naive, n_fused, shared = token_counts(cond)
-            p_naive, p_fused, _ = token_counts(plain)
-            bound = (n_naive + p_naive) / (n_fused + p_fused)
-            speed = t_naive / t_fused
-            diff = np.abs(fused - naive).max()
-            print(
-                f"| {label} | {selection} | {len(data)} | {shared} (+1 unconditioned) | {len(data) / t_fused:.2f} "
-                f"| {len(data) / t_naive:.2f} | {speed:.2f}x | {bound:.2f}x | {speed / bound:.2f} | {diff:.1e} |",
-                flush=True,
-            )
+            requests = [builder.conditioned(i) for i in range(len(data))]
+            requests += [builder.unconditioned(i) for i in range(len(data))]
+            counts = token_counts(requests)
+            run_once(model, requests[:4], "tree")  # warm-up
+            for mode in MODES[selection]:
+                key = f"{label} | {selection} | {mode}"
+                if key in results:
+                    continue
+                sums, seconds = run_once(model, requests, mode)
+                tokens = {"naive": counts.naive, "flat": counts.flat, "tree": counts.tree}[mode]
+                results[key] = {
+                    "seconds": seconds, "examples_per_second": len(data) / seconds, "naive_tokens": counts.naive,
+                    "tokens": tokens, "pieces": counts.pieces if mode == "tree" else counts.shared,
+                    "distinct_demo_lists": len({tuple(d) for d in builder.demo_indices}),
+                }  # fmt: skip
+                if selection == "knn" and mode == "naive":
+                    reference = sums
+                if selection == "knn" and reference is not None:
+                    results[key]["max_abs_diff_vs_naive"] = float(np.abs(sums - reference).max())
+                save()
+                print(
+                    key, {k: round(v, 4) if isinstance(v, float) else v for k, v in results[key].items()}, flush=True
+                )
+        if f"{label} | LoRA epoch" not in results:
+            results[f"{label} | LoRA epoch"] = {"seconds": epoch_seconds(model, tokenizer, data)}
+            save()
+    print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

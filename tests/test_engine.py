@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_llama
 from reference import naive_log_prob
 
-from trl_ica.scoring.engine import LogProbRequest, _Scorer, score_requests, token_counts
+from trl_ica.scoring.engine import LogProbRequest, _Scorer, plan_prefixes, score_requests, token_counts
 
 
 def random_requests(n=24, seed=0, vocab=128):
@@ -101,10 +101,75 @@ def test_token_counts():
         LogProbRequest(shared, (8, 9), (10,)),
         LogProbRequest((), (5,), (6,)),
     ]
-    naive, fused, groups = token_counts(requests)
-    assert naive == 7 + 7 + 2
-    assert fused == (3 + 3 + 2) + 4  # continuations plus the shared prefix once
-    assert groups == 1
+    counts = token_counts(requests)
+    assert counts.naive == 7 + 7 + 2
+    assert counts.flat == (3 + 3 + 2) + 4  # continuations plus the shared prefix once
+    assert counts.tree == counts.flat and counts.shared == 1 and counts.pieces == 1
+
+
+def tree_requests(seed=0, vocab=128):
+    """Prefixes shaped like kNN demonstrations: one opening, a first demo from a few, a second from a few more, then
+    each request's own tail; some prefixes repeat, one is a proper start of others, some are empty."""
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
+
+    opening, firsts, seconds = ids(6, 6), [ids(5, 9) for _ in range(3)], [ids(1, 7) for _ in range(4)]
+    prefixes = [opening + rng.choice(firsts) + rng.choice(seconds) + ids(0, 5) for _ in range(20)]
+    prefixes += [prefixes[0], prefixes[3], opening + firsts[0], (), ()]
+    return [LogProbRequest(p, ids(0 if p else 1, 6), ids(1, 6)) for p in prefixes]
+
+
+def trie_tokens(prefixes) -> int:
+    """Distinct prefix tokens: every position of the trie of `prefixes` counted once."""
+    return len({p[:j] for p in prefixes for j in range(1, len(p) + 1)})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefix_tree_runs_every_shared_token_once(seed):
+    requests = tree_requests(seed)
+    prefixes = [r.prefix for r in requests]
+    continuations = sum(len(r.context) + len(r.response) for r in requests)
+    for min_piece in (1, 4):
+        plan = plan_prefixes(prefixes, min_piece=min_piece)
+        assert plan.nodes == sorted(plan.nodes) and plan.nodes[0] == ()
+        assert sorted(i for idx in plan.requests.values() for i in idx) == list(range(len(requests)))
+        for node, idx in plan.requests.items():
+            for i in idx:
+                assert prefixes[i][: len(node)] == node
+                if node:  # shared with another request
+                    assert sum(p[: len(node)] == node for p in prefixes) >= 2
+        remainder = sum(len(prefixes[i]) - len(node) for node, idx in plan.requests.items() for i in idx)
+        run = plan.piece_tokens + remainder
+        if min_piece == 1:
+            assert run == trie_tokens(prefixes)  # the bound: each distinct prefix token once
+        else:
+            assert trie_tokens(prefixes) <= run < sum(map(len, prefixes))
+    assert token_counts(requests).tree == continuations + plan.piece_tokens + remainder
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+@pytest.mark.parametrize("prefix_tree", [True, False])
+def test_prefix_tree_scores_equal_naive_and_each_piece_runs_once(llama, monkeypatch, batch_size, prefix_tree):
+    requests = tree_requests(3)
+    pieces = []
+    original = _Scorer.prefix_state
+
+    def spy(self, segment, parent=None):
+        pieces.append(len(segment))
+        return original(self, segment, parent)
+
+    monkeypatch.setattr(_Scorer, "prefix_state", spy)
+    fused = score_requests(llama, requests, batch_size=batch_size, show_progress=False, prefix_tree=prefix_tree)
+    naive = np.array([naive_log_prob(llama, r) for r in requests])
+    np.testing.assert_allclose(fused.sums, naive, atol=1e-4, rtol=0)
+    if prefix_tree:
+        plan = plan_prefixes([r.prefix for r in requests])
+        assert sum(pieces) == plan.piece_tokens and len(pieces) == token_counts(requests).pieces > 3
+    else:  # each prefix used twice or more, run whole from the start
+        repeated = {r.prefix for r in requests if r.prefix and sum(q.prefix == r.prefix for q in requests) > 1}
+        assert sorted(pieces) == sorted(len(p) for p in repeated) and len(repeated) == 2
 
 
 def test_peft_adapter_is_active(llama):

@@ -4,7 +4,7 @@ from datasets import Dataset
 from reference import naive_log_prob
 
 from trl_ica import compute_ica_scores, score_ica
-from trl_ica.scoring.demonstrations import select_demos
+from trl_ica.scoring.demonstrations import group_candidates, select_demos
 from trl_ica.scoring.ica import prepare_ica
 
 
@@ -73,6 +73,66 @@ def test_knn_takes_the_nearest_most_similar_first():
 
     demos = select_demos(["x"], ["c", "d", "b", "a"], 3, "knn", embed=embed)
     assert demos.tolist() == [[3, 2, 1]]
+
+
+def clustered(seed=0, clusters=4, per_cluster=12, holdout_per_cluster=5, dim=8, spread=0.05):
+    """Unit vectors in well separated clusters: candidates and holdout rows around the same centres."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:clusters]  # orthonormal: clusters far apart
+
+    def around(count):
+        rows = np.repeat(centres, count, axis=0) + spread * rng.normal(size=(clusters * count, dim))
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    return around(per_cluster), around(holdout_per_cluster), np.repeat(np.arange(clusters), per_cluster)
+
+
+def embedder_of(vectors: dict):
+    return lambda texts: np.array([vectors[t] for t in texts])
+
+
+def test_knn_canonical_keeps_the_nearest_in_one_shared_order():
+    cand, hold, _ = clustered()
+    names = [f"c{i}" for i in range(len(cand))], [f"h{i}" for i in range(len(hold))]
+    embed = embedder_of(dict(zip(names[0] + names[1], np.concatenate([cand, hold]))))
+    knn = select_demos(names[0], names[1], 3, "knn", embed=embed)
+    canonical = select_demos(names[0], names[1], 3, "knn_canonical", embed=embed)
+    assert all(set(a) == set(b) for a, b in zip(knn, canonical))  # the same k nearest
+    assert (canonical != knn).any()  # most-similar-first is not that order
+    # One order for every candidate: no two candidates put two rows the other way round
+    before = {(int(a), int(b)) for row in canonical for i, a in enumerate(row) for b in row[i + 1 :]}
+    assert not any((b, a) in before for a, b in before)
+    # the rows most often among the nearest come first
+    counts = np.bincount(knn.ravel(), minlength=len(hold))
+    assert all(counts[row[0]] >= counts[row[1]] >= counts[row[2]] for row in canonical)
+    assert len({tuple(r) for r in canonical}) <= len({tuple(r) for r in knn})
+
+
+def test_knn_grouped_gives_each_cluster_the_holdout_rows_nearest_its_centre():
+    cand, hold, truth = clustered(clusters=4, per_cluster=12)  # 48 candidates: ceil(sqrt(48)) = 7 groups
+    names = [f"c{i}" for i in range(len(cand))], [f"h{i}" for i in range(len(hold))]
+    embed = embedder_of(dict(zip(names[0] + names[1], np.concatenate([cand, hold]))))
+    grouped = select_demos(names[0], names[1], 3, "knn_grouped", seed=0, embed=embed)
+    labels = group_candidates(cand, 7, seed=0)
+    assert len(np.unique(labels)) == 7
+    assert all(len(np.unique(truth[labels == g])) == 1 for g in range(7))  # no group spans two clusters
+    for g in range(7):
+        members = np.flatnonzero(labels == g)
+        centre = cand[members].mean(0)
+        expected = np.argsort(-(hold @ (centre / np.linalg.norm(centre))), kind="stable")[:3]
+        assert (grouped[members] == expected).all()
+        assert set(expected // 5) == {truth[members[0]]}  # the cluster's own holdout rows
+    assert len({tuple(r) for r in grouped}) == 7
+    again = select_demos(names[0], names[1], 3, "knn_grouped", seed=0, embed=embed)
+    assert (again == grouped).all()
+
+
+def test_grouping_recovers_separated_clusters():
+    cand, _, truth = clustered(seed=3, clusters=5, per_cluster=10)
+    labels = group_candidates(cand, 5, seed=1)
+    assert {tuple(np.flatnonzero(labels == g)) for g in range(5)} == {
+        tuple(np.flatnonzero(truth == c)) for c in range(5)
+    }
 
 
 def test_fixed_and_random_are_seeded():
@@ -171,7 +231,7 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
     assert (builder.demo_indices == expected).all()
 
 
-@pytest.mark.parametrize("method", ["knn", "fixed", "random"])
+@pytest.mark.parametrize("method", ["knn", "knn_canonical", "knn_grouped", "fixed", "random"])
 def test_excluded_rows_are_never_their_own_demonstration(method):
     texts = [f"question {i}" for i in range(6)]
     embed = lambda t: np.eye(6)[: len(t)] + 0.1  # noqa: E731  every row nearest to itself

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -11,7 +12,8 @@ from tqdm.auto import tqdm
 from .distributed import unsharded_ancestors, zero3_gathered
 from .engine import backbone_and_head, eval_mode, unwrap_causal_lm
 
-DEMO_SELECTIONS = ("knn", "fixed", "random")
+DEMO_SELECTIONS = ("knn", "knn_canonical", "knn_grouped", "fixed", "random")
+NEAREST_SELECTIONS = ("knn", "knn_canonical", "knn_grouped")  # the ones that need an embedder
 Embedder = Callable[[list[str]], np.ndarray]
 
 
@@ -75,14 +77,20 @@ def select_demos(
         num_demos (`int`): k, at most the holdout size.
         method (`str`, *optional*, defaults to `"knn"`):
             `"knn"`: the k holdout questions nearest by cosine similarity, most similar first (ties: lower index).
+            `"knn_canonical"`: the same k, in one order shared by every candidate (the holdout rows most often among
+            the k nearest first), so that candidates with overlapping neighbours share the start of their prefix.
+            `"knn_grouped"`: the candidates are grouped by embedding (spherical k-means, `ceil(sqrt(N))` groups,
+            seeded) and each group gets the k holdout questions nearest its centre, most similar first: one
+            prefix per group.
             `"fixed"`: one seeded draw of k shared by every candidate (a single shared prefix).
             `"random"`: a seeded draw of k per candidate.
         seed (`int`, *optional*, defaults to `0`): seed of the draws.
-        embed (`Callable[[list[str]], np.ndarray]`, *optional*): embedder, required for `"knn"`.
+        embed (`Callable[[list[str]], np.ndarray]`, *optional*): embedder, required for the `"knn*"` methods.
         exclude (`np.ndarray`, *optional*): `(len(candidate_texts),)` holdout row that must not be candidate i's
-            demonstration (-1 for none): a holdout row scored as a candidate never sees itself. `"knn"` takes the next
-            nearest; `"fixed"` and `"random"` draw one more and skip it, so `"fixed"` stays one shared set for every
-            candidate it does not concern. Needs `num_demos` below the holdout size.
+            demonstration (-1 for none): a holdout row scored as a candidate never sees itself. The `"knn*"` methods
+            take the next nearest (to the candidate, or to its group's centre); `"fixed"` and `"random"` draw one
+            more and skip it, so `"fixed"` stays one shared set for every candidate it does not concern. Needs
+            `num_demos` below the holdout size.
     """
     check_choice("demo_selection", method, DEMO_SELECTIONS)
     n, h = len(candidate_texts), len(holdout_texts)
@@ -123,12 +131,72 @@ def select_demos(
             else np.zeros((0, num_demos), dtype=np.int64)
         )
     if embed is None:
-        raise ValueError("`demo_selection='knn'` needs an embedder.")
-    cand = np.asarray(embed(candidate_texts), dtype=np.float64)
-    hold = np.asarray(embed(holdout_texts), dtype=np.float64)
-    cand /= np.linalg.norm(cand, axis=1, keepdims=True).clip(min=1e-12)
-    hold /= np.linalg.norm(hold, axis=1, keepdims=True).clip(min=1e-12)
-    sims = cand @ hold.T  # (N, H)
+        raise ValueError(f"`demo_selection={method!r}` needs an embedder.")
+    cand, hold = _unit(embed(candidate_texts)), _unit(embed(holdout_texts))
     own = np.flatnonzero(exclude >= 0)
+    if method == "knn_grouped":
+        return _grouped(cand, hold, num_demos, exclude, seed)
+    sims = cand @ hold.T  # (N, H)
     sims[own, exclude[own]] = -np.inf
-    return np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)
+    if method == "knn_canonical":
+        # One order of the holdout for everyone: the rows most often among the nearest first (ties: lower index)
+        rank = np.empty(h, dtype=np.int64)
+        rank[np.lexsort((np.arange(h), -np.bincount(nearest.ravel(), minlength=h)))] = np.arange(h)
+        nearest = np.take_along_axis(nearest, np.argsort(rank[nearest], axis=1, kind="stable"), axis=1)
+    return nearest
+
+
+def _unit(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def group_candidates(cand: np.ndarray, groups: int, seed: int, iterations: int = 50) -> np.ndarray:
+    """Spherical k-means of unit vectors `cand` (N, D) into `groups` groups: the group of each row, `(N,)` int64.
+
+    Seeded k-means++ starts, then alternating assignment (highest cosine similarity, ties to the lower group) and
+    re-centring until no row moves; a group left empty restarts at the row farthest from its own centre."""
+    n = len(cand)
+    groups = min(groups, n)
+    rng = np.random.default_rng(seed)
+    centres = [cand[rng.integers(n)]]
+    for _ in range(1, groups):
+        distance = np.clip(1 - np.max(cand @ np.stack(centres).T, axis=1), 0, None)
+        total = distance.sum()
+        pick = rng.choice(n, p=distance / total) if total > 0 else rng.integers(n)
+        centres.append(cand[pick])
+    centres = np.stack(centres)
+    labels = np.full(n, -1, dtype=np.int64)
+    for _ in range(iterations):
+        sims = cand @ centres.T
+        new = np.argmax(sims, axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for g in range(groups):
+            members = cand[labels == g]
+            if len(members) == 0:
+                far = int(np.argmin(sims[np.arange(n), labels]))
+                labels[far] = g
+                members = cand[far : far + 1]
+            centres[g] = _unit(members.sum(0, keepdims=True))[0]
+    return labels
+
+
+def _grouped(cand, hold, num_demos: int, exclude: np.ndarray, seed: int) -> np.ndarray:
+    """`knn_grouped`: each group's k holdout rows nearest its centre; a member whose excluded row is among them gets
+    the same list with that row replaced by the next nearest to the centre."""
+    n = len(cand)
+    if n == 0:
+        return np.zeros((0, num_demos), dtype=np.int64)
+    labels = group_candidates(cand, math.ceil(math.sqrt(n)), seed)
+    chosen = np.zeros((n, num_demos), dtype=np.int64)
+    for g in np.unique(labels):
+        members = np.flatnonzero(labels == g)
+        centre = _unit(cand[members].sum(0, keepdims=True))[0]
+        ranked = np.argsort(-(hold @ centre), kind="stable")
+        chosen[members] = ranked[:num_demos]
+        for i in members[np.isin(exclude[members], ranked[:num_demos])]:
+            chosen[i] = ranked[ranked != exclude[i]][:num_demos]
+    return chosen

@@ -1,10 +1,13 @@
 """Fused log-probability scoring with shared prefixes.
 
-A [`LogProbRequest`] asks for `log p(response | prefix, context)`. Requests that share a prefix (the chat template's
-opening and a demonstration block) run that prefix once; its KV cache is expanded without copying over every
-continuation of the group. The LM head is applied only at response positions, so memory scales with the scored
-tokens, not with `batch x length x vocabulary`. Results come back in the caller's order and equal a plain forward of
-each full sequence up to floating-point rounding.
+A [`LogProbRequest`] asks for `log p(response | prefix, context)`. Prefixes that start with the same tokens (the chat
+template's opening, the same first demonstration, the same first two) share the KV cache of that common part: the
+shared parts form a prefix tree ([`plan_prefixes`]), each piece of which runs once, depth-first, extending its
+parent's cache; every request is then scored against the deepest shared piece of its prefix, its own remaining
+tokens run in batches with those of the other requests at that piece, the cache expanded without copying. The LM head
+is applied only at response positions, so memory scales with the scored tokens, not with `batch x length x
+vocabulary`. Results come back in the caller's order and equal a plain forward of each full sequence up to
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -188,11 +192,18 @@ class _Scorer:
             self.backbone(input_ids=torch.tensor([[self.pad_id]], device=self.device))
             self._pad_head_calls(0, head_calls)
 
-    def prefix_state(self, prefix: tuple[int, ...]):
-        """Run a prefix once at batch 1: per-layer (k, v) pairs and the hidden state that predicts the next token."""
+    def prefix_state(self, segment: tuple[int, ...], parent=None):
+        """Run a prefix piece once at batch 1, after `parent`'s state (the piece before it) if given: per-layer
+        (k, v) pairs of the whole prefix so far and the hidden state that predicts the next token."""
         head_calls = self._in_step(0)
-        ids = torch.tensor([prefix], device=self.device)
-        out = self.backbone(input_ids=ids, use_cache=True)
+        ids = torch.tensor([segment], device=self.device)
+        kwargs = {}
+        if parent is not None:
+            layers, _ = parent
+            P = layers[0][0].shape[-2]
+            kwargs["past_key_values"] = seams.shared_prefix_cache(layers, 1, self.lm.config)  # never written
+            kwargs["position_ids"] = torch.arange(P, P + len(segment), device=self.device)[None]
+        out = self.backbone(input_ids=ids, use_cache=True, **kwargs)
         self._pad_head_calls(0, head_calls)
         layers = seams.cache_key_values(out.past_key_values)
         return layers, out.last_hidden_state[:, -1]  # (1, H)
@@ -260,6 +271,7 @@ def score_requests(
     show_progress: bool = True,
     desc: str = "Scoring",
     distributed: str | None = None,
+    prefix_tree: bool = True,
 ) -> LogProbs:
     """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
 
@@ -276,6 +288,8 @@ def score_requests(
             one; `"lockstep"` scores each process's own `requests`, keeping the model calls in step
             ([`ForwardLockstep`]); `"local"` scores on this process alone, with no collective calls. Ignored
             with a single process.
+        prefix_tree (`bool`, *optional*, defaults to `True`): share the common start of different prefixes (the
+            prefix tree, [`plan_prefixes`]); `False` shares whole prefixes only. The results are the same.
 
     Returns:
         [`LogProbs`] aligned with `requests`.
@@ -295,7 +309,7 @@ def score_requests(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
     mode = resolve_mode(distributed)
-    options = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, desc=desc)
+    options = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, desc=desc, prefix_tree=prefix_tree)
     if mode == "local":
         return _score_requests(model, requests, None, show_progress=show_progress, **options)
     lockstep = ForwardLockstep(next(unwrap_causal_lm(model).parameters()).device)
@@ -314,68 +328,178 @@ def score_requests(
 
 
 def _score_requests(
-    model, requests, lockstep: ForwardLockstep | None, *, batch_size, max_batch_tokens, show_progress, desc
-) -> LogProbs:
+    model, requests, lockstep: ForwardLockstep | None, *, batch_size, max_batch_tokens, show_progress, desc,
+    prefix_tree,
+) -> LogProbs:  # fmt: skip
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([len(r.response) for r in requests], dtype=np.int64)
     if n == 0 and lockstep is None:
         return LogProbs(sums, counts)
 
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.prefix, []).append(i)
-    # A prefix used once gains nothing from caching: run such requests as full rows batched together.
-    work: list[tuple[tuple[int, ...], list[int], Sequence[LogProbRequest]]] = []
-    singles: list[int] = []
-    for prefix, idx in groups.items():
-        if prefix and len(idx) > 1:
-            work.append((prefix, idx, requests))
-        else:
-            singles.extend(idx)
-    if singles:
-        flat = [LogProbRequest((), r.prefix + r.context, r.response) for r in (requests[i] for i in singles)]
-        work.append(((), list(range(len(flat))), flat))
-        single_ids = singles
+    plan = plan_prefixes([r.prefix for r in requests], tree=prefix_tree)
     device = next(unwrap_causal_lm(model).parameters()).device
     if max_batch_tokens is None:
         max_batch_tokens = 512 if device.type == "cpu" else 16384
     scorer = _Scorer(model, device, lockstep)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
     with torch.no_grad(), eval_mode(model), unsharded_ancestors(model, scorer.backbone, scorer.head):
-        for prefix, idx, reqs in work:
-            state = scorer.prefix_state(prefix) if prefix else None
-            lengths = {i: len(reqs[i].context) + len(reqs[i].response) for i in idx}
-            order = sorted(idx, key=lambda i: -lengths[i])  # longest first: memory errors come early
-            cap = batch_size
-            pos = 0
-            while pos < len(order):
-                batch = order[pos : _batch_end(order, pos, lengths, cap, max_batch_tokens)]
-                try:
-                    values = scorer.score_batch(reqs, batch, state)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    if not _is_oom(error) or len(batch) == 1 or lockstep is not None:
-                        raise
-                    cap = max(1, len(batch) // 2)
-                    logger.warning("Out of memory scoring %d sequences; retrying with batches of %d.", len(batch), cap)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-                targets = [single_ids[i] for i in batch] if reqs is not requests else batch
-                sums[targets] = values
-                pos += len(batch)
-                bar.update(len(batch))
+        stack: list[tuple[tuple[int, ...], object]] = []  # the pieces above the current one, with their states
+        for node in plan.nodes:
+            while stack and node[: len(stack[-1][0])] != stack[-1][0]:
+                stack.pop()  # left that branch: its state is freed
+            state = None
+            if node:
+                parent, parent_state = stack[-1] if stack and plan.tree else ((), None)
+                state = scorer.prefix_state(node[len(parent) :], parent_state)
+                stack.append((node, state))
+            idx = plan.requests[node]
+            if not idx:
+                continue
+            # Each request continues from this piece: the rest of its own prefix, its context, its response
+            group = [
+                LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response)
+                for r in map(requests.__getitem__, idx)
+            ]
+            sums[idx] = _score_group(scorer, group, state, batch_size, max_batch_tokens, lockstep, bar)
         scorer.finish()
     bar.close()
     return LogProbs(sums, counts)
 
 
-def token_counts(requests: Sequence[LogProbRequest]) -> tuple[int, int, int]:
-    """(tokens a naive per-request forward runs, tokens the fused path runs, number of distinct shared prefixes)."""
+class TokenCounts(NamedTuple):
+    """Tokens the forwards run for a list of requests, by three ways of running them.
+
+    Attributes:
+        naive: every request's full sequence on its own.
+        flat: each distinct prefix once, plus every request's context and response (sharing whole prefixes only).
+        tree: what [`score_requests`] runs: each piece of the prefix tree once ([`plan_prefixes`]), plus every
+            request's tokens after its deepest shared piece.
+        shared: distinct prefixes used by more than one request.
+        pieces: prefix pieces run on their own (forwards before the batched ones).
+    """
+
+    naive: int
+    flat: int
+    tree: int
+    shared: int
+    pieces: int
+
+
+def _score_group(scorer, group, state, batch_size, max_batch_tokens, lockstep, bar) -> np.ndarray:
+    """Sums of `group` (requests continuing from one prefix state, or none), in batches under the row and token caps;
+    longest first, so that memory errors come early, and on one the batch is halved (unless processes are in step)."""
+    sums = np.zeros(len(group), dtype=np.float64)
+    lengths = [len(r.context) + len(r.response) for r in group]
+    order = sorted(range(len(group)), key=lambda i: -lengths[i])
+    cap = batch_size
+    pos = 0
+    while pos < len(order):
+        batch = order[pos : _batch_end(order, pos, lengths, cap, max_batch_tokens)]
+        try:
+            values = scorer.score_batch(group, batch, state)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not _is_oom(error) or len(batch) == 1 or lockstep is not None:
+                raise
+            cap = max(1, len(batch) // 2)
+            logger.warning("Out of memory scoring %d sequences; retrying with batches of %d.", len(batch), cap)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        sums[batch] = values
+        pos += len(batch)
+        bar.update(len(batch))
+    return sums
+
+
+def token_counts(requests: Sequence[LogProbRequest]) -> TokenCounts:
+    """Token counts of the naive, flat-shared and prefix-tree ways of running `requests` ([`TokenCounts`])."""
     naive = sum(r.num_tokens for r in requests)
     groups: dict[tuple[int, ...], int] = {}
     for r in requests:
         groups[r.prefix] = groups.get(r.prefix, 0) + 1
-    fused = sum(len(r.context) + len(r.response) for r in requests) + sum(len(p) for p in groups)
+    continuations = sum(len(r.context) + len(r.response) for r in requests)
+    flat = continuations + sum(len(p) for p in groups)
     shared = sum(1 for p, c in groups.items() if p and c > 1)
-    return naive, fused, shared
+    plan = plan_prefixes([r.prefix for r in requests])
+    tree = (
+        continuations
+        + plan.piece_tokens
+        + sum(len(requests[i].prefix) - len(node) for node, idx in plan.requests.items() for i in idx)
+    )
+    return TokenCounts(naive, flat, tree, shared, sum(1 for node in plan.nodes if node))
+
+
+MIN_PIECE = 4  # tokens: a shared piece shorter than this is run again by each request rather than on its own
+
+
+class PrefixPlan(NamedTuple):
+    """How [`score_requests`] runs a list of prefixes ([`plan_prefixes`]).
+
+    Attributes:
+        nodes: the shared pieces' full prefixes in lexicographic order, `()` (no cached prefix) first; each node's
+            parent is the longest earlier node that is a prefix of it, so the order is a depth-first walk.
+        requests: for each node, the requests scored against it (their prefixes start with it and no deeper node).
+        piece_tokens: tokens the pieces run (each node minus its parent).
+        tree: whether a node extends its parent's cache (`False`: every node runs from the start).
+    """
+
+    nodes: list[tuple[int, ...]]
+    requests: dict[tuple[int, ...], list[int]]
+    piece_tokens: int
+    tree: bool = True
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_prefixes(prefixes: Sequence[tuple[int, ...]], min_piece: int = MIN_PIECE, tree: bool = True) -> PrefixPlan:
+    """The prefix tree of the parts that `prefixes` share.
+
+    A request's deepest shared point is its longest common start with any other prefix, which is reached by a
+    neighbour in sorted order (a whole prefix when it occurs twice); the branch points between those are the common
+    starts of neighbouring points. A piece shorter than `min_piece` tokens below its parent is not run on its own:
+    its requests and children go to the parent. Every prefix token of the tree is then run exactly once.
+
+    `tree=False` shares whole prefixes only: a prefix used by two or more requests runs once, the others run in full
+    with their requests.
+    """
+    n = len(prefixes)
+    order = sorted(range(n), key=lambda i: prefixes[i])
+    deepest = [0] * n
+    for a, b in zip(order, order[1:]):
+        common = _common(prefixes[a], prefixes[b])
+        if not tree:
+            common = common if len(prefixes[a]) == len(prefixes[b]) == common else 0
+        deepest[a], deepest[b] = max(deepest[a], common), max(deepest[b], common)
+    points = {prefixes[i][: deepest[i]] for i in range(n)}
+    if tree:
+        ordered = sorted(points)
+        points.update(a[: _common(a, b)] for a, b in zip(ordered, ordered[1:]))
+    else:
+        min_piece = 1
+    points.add(())
+    nodes: list[tuple[int, ...]] = []
+    home: dict[tuple[int, ...], tuple[int, ...]] = {}  # each point's deepest kept node (itself when kept)
+    piece_tokens = 0
+    stack: list[tuple[int, ...]] = []  # kept ancestors of the current point; () is first and stays
+    for point in sorted(points):
+        while stack and point[: len(stack[-1])] != stack[-1]:
+            stack.pop()
+        parent = stack[-1] if stack and tree else ()
+        if point == () or len(point) - len(parent) >= min_piece:
+            nodes.append(point)
+            stack.append(point)
+            piece_tokens += len(point) - len(parent)
+            home[point] = point
+        else:
+            home[point] = parent
+    requests: dict[tuple[int, ...], list[int]] = {node: [] for node in nodes}
+    for i in range(n):
+        requests[home[prefixes[i][: deepest[i]]]].append(i)
+    return PrefixPlan(nodes, requests, piece_tokens, tree)

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .demonstrations import DEMO_SELECTIONS, Embedder, check_choice, model_embeddings, select_demos, sentence_embedder
+from .demonstrations import (
+    DEMO_SELECTIONS,
+    NEAREST_SELECTIONS,
+    Embedder,
+    check_choice,
+    model_embeddings,
+    select_demos,
+    sentence_embedder,
+)
 from .engine import LogProbRequest, score_requests
 from .formats import PreferenceExample, read_dataset
 from .rendering import ICAPromptTemplate, Renderer
@@ -222,7 +230,9 @@ def _build_requests(
 ) -> ICARequestBuilder:  # fmt: skip
     """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
     length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]."""
-    embed = resolve_embedder(model, tokenizer, embedding_model, show_progress) if demo_selection == "knn" else None
+    embed = None
+    if demo_selection in NEAREST_SELECTIONS:
+        embed = resolve_embedder(model, tokenizer, embedding_model, show_progress)
     demos = select_demos(
         [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed, exclude
     )

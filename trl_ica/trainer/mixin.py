@@ -172,7 +172,7 @@ class ICATrainerMixin:
                                                            "ica_demo_selection", "ica_embedding_model",
                                                            "ica_demo_layout", "ica_score_end_token")},
             }  # fmt: skip
-            if args.ica_demo_selection != "knn":  # the seed draws fixed and random demonstrations
+            if args.ica_demo_selection not in ("knn", "knn_canonical"):  # the seed draws or groups demonstrations
                 expected["ica_seed"] = options["seed"]
             scores = read_scores_file(args.ica_scores_file, raw_train.remove_columns(INDEX), expected)
             self._ica.use_scores(scores, f"ica_scores_file={args.ica_scores_file}")
