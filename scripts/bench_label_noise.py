@@ -16,7 +16,9 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   carry no information);
 - `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest;
 - `ica_turns_quantile`: `ica_conditioned_quantile` with the demonstrations as earlier turns
-  (`ica_demo_layout="turns"`).
+  (`ica_demo_layout="turns"`);
+- `ica_knn_quantile`, `ica_grouped_quantile`: `ica_conditioned_quantile` with kNN demonstrations (exact, or one
+  list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`). Reported: the
 clean test loss (nats/token) and exact-match accuracy, and the share of the noise gap a method recovers,
@@ -61,6 +63,8 @@ METHODS = (
     "top_ica",
     "top_loss",
     "ica_turns_quantile",
+    "ica_knn_quantile",
+    "ica_grouped_quantile",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights"}
@@ -75,6 +79,15 @@ SETTINGS = {
     "random_weights": {},
     "ica_turns_quantile": dict(
         ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
+    ),  # fmt: skip
+    "ica_knn_quantile": dict(
+        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_selection="knn"
+    ),  # fmt: skip
+    "ica_grouped_quantile": dict(
+        ica_score_form="conditioned",
+        ica_reduction="mean",
+        ica_weighting="holdout_quantile",
+        ica_demo_selection="knn_grouped",
     ),  # fmt: skip
 }
 
@@ -103,8 +116,8 @@ def train(method, rows, holdout, scores, seed, args):
             trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
-            config = ICASFTConfig(**common, ica_num_demos=3, ica_demo_selection="fixed", ica_seed=seed,
-                                  **SETTINGS[method])  # fmt: skip
+            config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed,
+                                  **{"ica_demo_selection": "fixed", **SETTINGS[method]})  # fmt: skip
             trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
             trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
@@ -222,6 +235,12 @@ def main():
                 turns = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                                   form="conditioned", layout="turns", show_progress=False)  # fmt: skip
                 scores["ica_turns_quantile"] = turns.logp_conditioned / turns.num_tokens
+            for name in ("ica_knn_quantile", "ica_grouped_quantile"):  # other demonstrations: a scoring each
+                if name in todo:
+                    selection = SETTINGS[name]["ica_demo_selection"]
+                    other = score_ica(model, tokenizer, rows, holdout, num_demos=3, seed=seed, form="conditioned",
+                                      demo_selection=selection, show_progress=False)  # fmt: skip
+                    scores[name] = other.logp_conditioned / other.num_tokens
             from trl_ica.cli.scenarios import auroc
 
             for name, values in scores.items():
