@@ -18,7 +18,10 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `ica_turns_quantile`: `ica_conditioned_quantile` with the demonstrations as earlier turns
   (`ica_demo_layout="turns"`);
 - `ica_knn_quantile`, `ica_grouped_quantile`: `ica_conditioned_quantile` with kNN demonstrations (exact, or one
-  list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones.
+  list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones;
+- `ica_quantile_r4`, `ica_quantile_online`: `ica_conditioned_quantile` rescored by the trainer during training with
+  the current model, four times (`ica_refresh=4`) or at every step (`"online"`, the holdout's own scores every 10
+  steps) instead of once before training.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`). Reported: the
 clean test loss (nats/token) and exact-match accuracy, and the share of the noise gap a method recovers,
@@ -65,6 +68,8 @@ METHODS = (
     "ica_turns_quantile",
     "ica_knn_quantile",
     "ica_grouped_quantile",
+    "ica_quantile_r4",
+    "ica_quantile_online",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights"}
@@ -79,6 +84,16 @@ SETTINGS = {
     "random_weights": {},
     "ica_turns_quantile": dict(
         ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
+    ),  # fmt: skip
+    "ica_quantile_r4": dict(
+        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_refresh=4
+    ),  # fmt: skip
+    "ica_quantile_online": dict(
+        ica_score_form="conditioned",
+        ica_reduction="mean",
+        ica_weighting="holdout_quantile",
+        ica_refresh="online",
+        ica_holdout_rescore_steps=10,
     ),  # fmt: skip
     "ica_knn_quantile": dict(
         ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_selection="knn"
@@ -120,7 +135,8 @@ def train(method, rows, holdout, scores, seed, args):
                                   **{"ica_demo_selection": "fixed", **SETTINGS[method]})  # fmt: skip
             trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
-            trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
+            if method in scores:  # scored once before training; the others score themselves
+                trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
         trainer.train()
     return trainer.model.eval(), tokenizer
 
@@ -224,7 +240,7 @@ def main():
             continue
         rows, clean, holdout, test, checker = make_data(args, seed)
         scores = {}
-        if set(todo) - {"uniform", "oracle", "random_weights"}:
+        if set(todo) - {"uniform", "oracle", "random_weights", "ica_quantile_r4", "ica_quantile_online"}:
             model, tokenizer = load_model()
             ica = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                             show_progress=False)  # fmt: skip
