@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_task_pilot import evaluate, top_layer_lora, training_settings  # noqa: E402
 
 from trl_ica.cli.assets import load_model  # noqa: E402
-from trl_ica.cli.scenarios import LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
+from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
 from trl_ica.scoring.ica import score_ica  # noqa: E402
 from trl_ica.selection.baselines import select_top  # noqa: E402
@@ -223,8 +223,9 @@ def main():
     parser.add_argument(
         "--noise-kind",
         default="other_task",
-        choices=("other_task", "shuffled"),
-        help="other_task: answers of `--noise-task`; shuffled: answers of other questions of the same task",
+        choices=list(LABEL_NOISE_KINDS),
+        help="other_task: answers of `--noise-task`; shuffled: answers of other questions of the same task; "
+        "mixture: whole rows of the `--noise-task` tasks (comma-separated)",
     )
     parser.add_argument("--results", default=None)
     args = parser.parse_args()
@@ -284,8 +285,9 @@ def main():
             print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
     report(results, args.methods)
     if args.results:
-        kind = "answers of another task" if args.noise_kind == "other_task" else "answers of other questions"
-        title = f"{args.task}, {args.noise:.0%} of the answers replaced by {kind}"
+        title = f"{args.task}, {args.noise:.0%} of the rows with {LABEL_NOISE_KINDS[args.noise_kind]}"
+        if args.noise_kind == "mixture":
+            title = f"{args.task} as {1 - args.noise:.0%} of a mixture with {args.noise_task.replace(',', ', ')}"
         plot(results, args.methods, os.path.splitext(args.results)[0] + ".png", title)
 
 

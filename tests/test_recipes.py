@@ -253,3 +253,32 @@ def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, m
     assert summary["settings"]["ica_weighting"] == demo.RECOMMENDED["ica_weighting"]
     assert "oracle" in capsys.readouterr().out
     assert json.load(open(tmp_path / "demo" / "summary.json"))["test_loss_ica"] == summary["test_loss_ica"]
+
+
+@pytest.mark.parametrize("kind", ["other_task", "shuffled", "mixture"])
+def test_label_noise_pool_replaces_what_its_kind_says(kind):
+    from trl_ica.cli.scenarios import reasoning_gym_label_noise
+
+    def pool(noise, noise_task="leg_counting,count_bits"):
+        train, holdout, test, clean = reasoning_gym_label_noise(
+            noise=noise, noise_kind=kind, noise_task=noise_task if kind == "mixture" else "count_bits", n_train=20,
+            n_holdout=3, n_test=3, seed=1,
+        )  # fmt: skip
+        return [(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in train], clean, holdout, test
+
+    clean_rows, all_clean, holdout, test = pool(0.0)
+    rows, clean, _, _ = pool(0.5)
+    assert all_clean.all() and clean.sum() == 10 and len(holdout) == len(test) == 3
+    for (q0, a0), (q, a), keep in zip(clean_rows, rows, clean):
+        if keep:
+            assert (q, a) == (q0, a0)
+        elif kind == "mixture":  # the whole row comes from another task
+            assert q != q0 and not q.startswith("Calculate")
+        else:  # the question stays, the answer is another
+            assert q == q0 and a != a0
+    if kind == "mixture":  # the named tasks take turns
+        noisy = [q for (q, _), keep in zip(rows, clean) if not keep]
+        assert sum("legs" in q for q in noisy) == sum("1 bits" in q for q in noisy) == 5
+    elif kind == "other_task":
+        with pytest.raises(ValueError, match="noise_task"):
+            reasoning_gym_label_noise(noise_kind=kind, noise_task="leg_counting,count_bits", n_train=4)

@@ -98,7 +98,7 @@ def run(args) -> dict:
         noise=args.noise, noise_kind=args.noise_kind, n_train=args.n_train, n_holdout=args.n_holdout,
         n_test=args.n_test, seed=args.seed,
     )  # fmt: skip
-    kind = "answers of another task" if args.noise_kind == "other_task" else "answers of other sums"
+    kind = LABEL_NOISE_KINDS[args.noise_kind]
     print(
         f"Model {args.model}; {len(train)} training examples of one-digit sums, {(~clean).mean():.0%} of them with "
         f"{kind}; {len(holdout)} clean holdout, {len(test)} clean test problems."
@@ -176,7 +176,8 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local path, or the embedded default.")
     parser.add_argument("--output-dir", default="outputs/demo", help="Where the runs, the plot and summary.json go.")
     parser.add_argument("--noise-kind", default="other_task", choices=list(LABEL_NOISE_KINDS),
-                        help="other_task: answers of another task; shuffled: answers of other sums.")  # fmt: skip
+                        help="other_task: answers of another task; shuffled: answers of other sums; mixture: "
+                        "rows of another task.")  # fmt: skip
     parser.add_argument("--noise", type=float, default=0.5, help="Share of the pool's answers replaced.")
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-holdout", type=int, default=32)

@@ -164,12 +164,17 @@ def reasoning_gym_mixture(
 
 #: Task settings of [`reasoning_gym_label_noise`]: small numbers, so the answers are a few tokens.
 LABEL_NOISE_TASKS = {"basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)}
-LABEL_NOISE_KINDS = ("other_task", "shuffled")
+#: The kinds of noise of [`reasoning_gym_label_noise`], and what a noisy row has instead of its own answer.
+LABEL_NOISE_KINDS = {
+    "other_task": "answers of another task",
+    "shuffled": "answers of other questions",
+    "mixture": "the question and answer of another task",
+}
 
 
 def reasoning_gym_label_noise(
     task: str = "basic_arithmetic",
-    noise_task: str = "family_relationships",
+    noise_task="family_relationships",
     noise: float = 0.5,
     noise_kind: str = "other_task",
     n_train: int = 400,
@@ -180,7 +185,10 @@ def reasoning_gym_label_noise(
     """SFT label noise that hurts: a reasoning-gym `task` (default: one-digit sums) whose training pool has a `noise`
     share of its answers replaced, by answers of `noise_task` (`noise_kind="other_task"`: the wrong kind of answer,
     as when a pipeline mixes its sources) or by the answers of other questions of the same task (`"shuffled"`:
-    wrong answers of the right kind). The holdout and test rows are clean and disjoint from the pool.
+    wrong answers of the right kind), or has that share of its rows replaced whole, question and answer, by rows of
+    `noise_task` (`"mixture"`: a task mixture in which `task` is the target; `noise_task` may then name several
+    tasks, as a sequence or separated by commas, which take turns). The holdout and test rows are clean and disjoint
+    from the pool.
 
     Returns `(train, holdout, test, clean)`: conversational prompt/completion datasets (test rows carry `entry`, the
     generator's row as JSON, for the task's own `score_answer`) and the boolean mask of the pool's clean rows.
@@ -195,14 +203,25 @@ def reasoning_gym_label_noise(
         raise ValueError(f"`noise_kind` must be one of {list(LABEL_NOISE_KINDS)}, got {noise_kind!r}.")
     if not 0 <= noise <= 1:
         raise ValueError(f"`noise` must be in [0, 1], got {noise!r}.")
+    others = noise_task.split(",") if isinstance(noise_task, str) else list(noise_task)
+    if not others or not all(others) or (noise_kind == "other_task" and len(others) != 1):
+        allowed = "one task" if noise_kind == "other_task" else "one task or several"
+        raise ValueError(f"`noise_task` must name {allowed} for noise_kind={noise_kind!r}, got {noise_task!r}.")
     config = LABEL_NOISE_TASKS.get(task, {})
     entries = list(reasoning_gym.create_dataset(task, size=n_train + n_holdout + n_test, seed=seed, **config))
     train, holdout = entries[:n_train], entries[n_train : n_train + n_holdout]
     test = entries[n_train + n_holdout :]
     rng = random.Random(seed)
     noisy = set(rng.sample(range(n_train), round(noise * n_train)))
+    questions = {}
     if noise_kind == "other_task":
-        other = [str(e["answer"]) for e in reasoning_gym.create_dataset(noise_task, size=n_train, seed=seed)]
+        other = [str(e["answer"]) for e in reasoning_gym.create_dataset(others[0], size=n_train, seed=seed)]
+    elif noise_kind == "mixture":  # whole rows of the other tasks, in turn
+        pools = [list(reasoning_gym.create_dataset(t, size=n_train, seed=seed * 1000 + j))
+                 for j, t in enumerate(others)]  # fmt: skip
+        picked = {i: pools[j % len(pools)][j // len(pools)] for j, i in enumerate(sorted(noisy))}
+        questions = {i: e["question"] for i, e in picked.items()}
+        other = {i: str(e["answer"]) for i, e in picked.items()}
     else:  # each noisy row gets the answer of another noisy row, one that differs from its own
         order = sorted(noisy)
         answers = [str(train[i]["answer"]) for i in order]
@@ -211,7 +230,8 @@ def reasoning_gym_label_noise(
             if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
                 break
         other = dict(zip(order, answers))
-    rows = [chat_row(e["question"], other[i] if i in noisy else str(e["answer"])) for i, e in enumerate(train)]
+    rows = [chat_row(questions.get(i, e["question"]), other[i] if i in noisy else str(e["answer"]))
+            for i, e in enumerate(train)]  # fmt: skip
     clean = np.array([i not in noisy for i in range(n_train)])
     test = Dataset.from_list([{**chat_row(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
     holdout = Dataset.from_list([chat_row(e["question"], str(e["answer"])) for e in holdout])
