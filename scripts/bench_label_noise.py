@@ -16,7 +16,7 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   carry no information);
 - `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest;
 - `ica_turns_quantile`: `ica_conditioned_quantile` with the demonstrations as earlier turns
-  (`ica_demo_layout="turns"`);
+  (`ica_demo_layout="turns"`); `ica_turns`: the paper's setting (`ica`) with that layout;
 - `ica_knn_quantile`, `ica_grouped_quantile`: `ica_conditioned_quantile` with kNN demonstrations (exact, or one
   list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones;
 - `ica_quantile_r4`, `ica_quantile_online`: `ica_conditioned_quantile` rescored by the trainer during training with
@@ -66,6 +66,7 @@ METHODS = (
     "top_ica",
     "top_loss",
     "ica_turns_quantile",
+    "ica_turns",
     "ica_knn_quantile",
     "ica_grouped_quantile",
     "ica_quantile_r4",
@@ -85,6 +86,7 @@ SETTINGS = {
     "ica_turns_quantile": dict(
         ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
     ),  # fmt: skip
+    "ica_turns": dict(ica_demo_layout="turns"),
     "ica_quantile_r4": dict(
         ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_refresh=4
     ),  # fmt: skip
@@ -248,10 +250,11 @@ def main():
             conditioned = ica.logp_conditioned / ica.num_tokens
             scores = {"ica": ica.scores, "ica_conditioned": conditioned, "ica_conditioned_quantile": conditioned,
                       "loss_weights": ica.logp_unconditioned / ica.num_tokens}  # fmt: skip
-            if "ica_turns_quantile" in todo:  # the demonstrations as earlier turns: a second scoring
+            if {"ica_turns_quantile", "ica_turns"} & set(todo):  # the demonstrations as earlier turns: a rescoring
                 turns = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
-                                  form="conditioned", layout="turns", show_progress=False)  # fmt: skip
+                                  layout="turns", show_progress=False)  # fmt: skip
                 scores["ica_turns_quantile"] = turns.logp_conditioned / turns.num_tokens
+                scores["ica_turns"] = turns.scores
             for name in ("ica_knn_quantile", "ica_grouped_quantile"):  # other demonstrations: a scoring each
                 if name in todo:
                     selection = SETTINGS[name]["ica_demo_selection"]
