@@ -14,7 +14,8 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `loss_weights`: the loss baseline, mean log p(y | x) without demonstrations, through the same step-level min-max;
 - `random_weights`: the same trainer and weighting fed uniformly random scores (weights of the same spread that
   carry no information);
-- `top_conditioned`, `top_ica`, `top_loss`: stock SFT on the `--top-fraction` of the pool each score ranks highest;
+- `top_conditioned`, `top_ica`, `top_loss`, `top_turns`: stock SFT on the `--top-fraction` of the pool each score
+  ranks highest (`top_turns`: the conditioned form with the demonstrations as earlier turns);
 - `ica_turns_quantile`: `ica_conditioned_quantile` with the demonstrations as earlier turns
   (`ica_demo_layout="turns"`); `ica_turns`: the paper's setting (`ica`) with that layout;
 - `ica_knn_quantile`, `ica_grouped_quantile`: `ica_conditioned_quantile` with kNN demonstrations (exact, or one
@@ -65,6 +66,7 @@ METHODS = (
     "top_conditioned",
     "top_ica",
     "top_loss",
+    "top_turns",
     "ica_turns_quantile",
     "ica_turns",
     "ica_knn_quantile",
@@ -73,7 +75,10 @@ METHODS = (
     "ica_quantile_online",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
-TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights"}
+# The methods scored with the demonstrations as earlier turns.
+TURNS = {"ica_turns_quantile", "ica_turns", "top_turns"}
+TOP = {"top_conditioned": "ica_conditioned", "top_ica": "ica", "top_loss": "loss_weights",
+       "top_turns": "ica_turns_quantile"}  # fmt: skip
 # ICA trainer settings per weighted method (the scores come from one scoring per seed).
 SETTINGS = {
     "ica": {},
@@ -140,7 +145,9 @@ def train(method, rows, holdout, scores, seed, args):
             if method in scores:  # scored once before training; the others score themselves
                 trainer.ica.use_scores(scores[method], f"bench_label_noise {method}")
         trainer.train()
-    return trainer.model.eval(), tokenizer
+        logged = os.path.join(out, "ica", "weights.jsonl")  # every trained row's weight, for the report
+        weights = [json.loads(line) for line in open(logged)] if os.path.isfile(logged) else []
+    return trainer.model.eval(), tokenizer, weights
 
 
 SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_size", "lr", "top_layers", "n_train",
@@ -168,6 +175,11 @@ def report(results, methods):
         wins = int((loss < uniform).sum())
         print(f"| {method} | {loss.mean():.3f} ± {loss.std():.3f} | {acc.mean():.3f} ± {acc.std():.3f} | "
               f"{share.mean():+.2f} ± {share.std():.2f} | {wins} of {len(done)} |")  # fmt: skip
+    for method in methods:
+        runs = [r for r in results.get(method, {}).values() if "weight_clean" in r]
+        if runs:
+            clean, noisy = np.mean([r["weight_clean"] for r in runs]), np.mean([r["weight_noisy"] for r in runs])
+            print(f"{method}: mean weight of the clean rows {clean:.3f}, the noisy {noisy:.3f} ({len(runs)} seeds)")
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         print(f"{key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
@@ -243,14 +255,17 @@ def main():
             continue
         rows, clean, holdout, test, checker = make_data(args, seed)
         scores = {}
-        if set(todo) - {"uniform", "oracle", "random_weights", "ica_quantile_r4", "ica_quantile_online"}:
+        needed = set(todo) - {"uniform", "oracle", "random_weights", "ica_quantile_r4", "ica_quantile_online"}
+        if needed:
             model, tokenizer = load_model()
+        if needed - TURNS:  # the in-turn scoring
             ica = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                             show_progress=False)  # fmt: skip
             conditioned = ica.logp_conditioned / ica.num_tokens
             scores = {"ica": ica.scores, "ica_conditioned": conditioned, "ica_conditioned_quantile": conditioned,
                       "loss_weights": ica.logp_unconditioned / ica.num_tokens}  # fmt: skip
-            if {"ica_turns_quantile", "ica_turns"} & set(todo):  # the demonstrations as earlier turns: a rescoring
+        if needed:
+            if needed & TURNS:  # the demonstrations as earlier turns: a scoring of its own
                 turns = score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", seed=seed,
                                   layout="turns", show_progress=False)  # fmt: skip
                 scores["ica_turns_quantile"] = turns.logp_conditioned / turns.num_tokens
@@ -279,10 +294,17 @@ def main():
                 results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[keep].mean())
             else:
                 data = rows
-            model, tokenizer = train(method, data, holdout, scores, seed, args)
+            model, tokenizer, weights = train(method, data, holdout, scores, seed, args)
             loss, accuracy = evaluate(model, tokenizer, test, checker)
             seconds = time.perf_counter() - start
-            results.setdefault(method, {})[str(seed)] = dict(loss=loss, accuracy=accuracy, seconds=seconds)
+            run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
+            if weights:  # the mean weight the clean and the noisy rows were trained with
+                index = np.array([w["ica_index"] for w in weights])
+                weight = np.array([w["weight"] for w in weights])
+                run.update(
+                    weight_clean=float(weight[clean[index]].mean()), weight_noisy=float(weight[~clean[index]].mean())
+                )
+            results.setdefault(method, {})[str(seed)] = run
             if args.results:
                 write_json(results, args.results)
             print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
