@@ -276,6 +276,8 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ({"ica_score_form": "ratio"}, "`ica_score_form` must be one of"),
         ({"ica_demo_layout": "chat"}, r"`ica_demo_layout` must be one of \['in_turn', 'turns'\], got 'chat'"),
         ({"ica_score_end_token": "no"}, "`ica_score_end_token` must be True or False, got 'no'"),
+        ({"ica_weighting": "holdout_quantile", "ica_holdout_cutoff": 0}, r"`ica_holdout_cutoff` must be .* \(0, 1\]"),
+        ({"ica_holdout_cutoff": 0.1}, "applies to `ica_weighting='holdout_quantile'` only, but `ica_weighting` is"),
         ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
         ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),

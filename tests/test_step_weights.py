@@ -76,9 +76,10 @@ def _naive_score(builder, model, i):
     return cond[0] - plain[0] if len(cond) == 1 else (cond[0] - cond[1]) - (plain[0] - plain[1])
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])
-def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(tokenizer, tmp_path, kind):
-    trainer = step_trainer(kind, tokenizer, tmp_path, 4, 1, max_steps=2, ica_weighting="holdout_quantile")
+@pytest.mark.parametrize(("kind", "cutoff"), [("sft", 1.0), ("dpo", 1.0), ("simpo", 1.0), ("sft", 0.3)])
+def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(tokenizer, tmp_path, kind, cutoff):
+    trainer = step_trainer(kind, tokenizer, tmp_path, 4, 1, max_steps=2, ica_weighting="holdout_quantile",
+                           ica_holdout_cutoff=cutoff)  # fmt: skip
     model = trainer.model
     reference_model = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
@@ -94,8 +95,8 @@ def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(token
     np.testing.assert_allclose(reference, naive, atol=1e-4)
     records = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(records) == 8
-    expected = [np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference]) for s in
-                (x["score"] for x in records)]  # fmt: skip
+    expected = [min(1.0, np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference]) / cutoff)
+                for s in (x["score"] for x in records)]  # fmt: skip
     np.testing.assert_allclose([r["weight"] for r in records], expected, atol=1e-12)
 
 

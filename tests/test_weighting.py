@@ -79,6 +79,25 @@ def test_holdout_quantile_weight_does_not_depend_on_the_batch():
     np.testing.assert_array_equal(good, 1.0)
 
 
+@pytest.mark.parametrize("cutoff", [1.0, 0.5, 0.1, 1 / 40])
+def test_holdout_cutoff_gives_full_weight_from_that_share_of_the_holdout_up(cutoff):
+    rng = np.random.default_rng(1)
+    reference = np.round(rng.normal(size=40), 1)  # ties included
+    scores = np.concatenate([np.round(rng.normal(size=200) * 1.5, 1), [-np.inf, np.inf]])
+    expected = [min(1.0, _naive_quantile(s, reference) / cutoff) for s in scores]
+    weights = compute_weights(scores, "holdout_quantile", reference=reference, cutoff=cutoff)
+    np.testing.assert_allclose(weights, expected)
+    beaten = np.array([_naive_quantile(s, reference) for s in scores])
+    assert (weights[beaten >= cutoff] == 1).all() and (weights[beaten < cutoff] < 1).all()
+    assert weights[-2] == 0 and weights[-1] == 1
+
+
+@pytest.mark.parametrize("cutoff", [0, -0.1, 1.5, np.nan, True, "0.1"])
+def test_holdout_cutoff_outside_its_range_is_refused(cutoff):
+    with pytest.raises(ValueError, match=r"`cutoff` \(`ica_holdout_cutoff`\) must be a number in \(0, 1\]"):
+        compute_weights([1.0], "holdout_quantile", reference=[0.0, 2.0], cutoff=cutoff)
+
+
 @pytest.mark.parametrize(
     "scores, reference, message",
     [

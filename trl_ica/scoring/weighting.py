@@ -68,16 +68,21 @@ def rank_weights(scores, where: str = "rows") -> np.ndarray:
     return ranks / (n - 1)
 
 
-def quantile_weights(scores, reference, where: str = "rows") -> np.ndarray:
-    """The share of `reference` scores below each score, ties counting half: in [0, 1], 0 below every reference
-    score, 1 above every one, and a score equal to the reference median gets 0.5. The weight of a row depends only on
-    its own score and the reference, never on the rows that share its batch.
+def quantile_weights(scores, reference, cutoff: float = 1.0, where: str = "rows") -> np.ndarray:
+    """The share of `reference` scores below each score, ties counting half, divided by `cutoff` and capped at 1:
+    in [0, 1], 0 below every reference score. With `cutoff=1` a score equal to the reference median gets 0.5 and
+    one above every reference score 1; with `cutoff=0.1` every score at or above the reference's lowest tenth gets
+    1. The weight of a row depends only on its own score and the reference, never on the rows that share its batch.
 
     Args:
         scores (`array-like`): the scores to weight.
         reference (`array-like`): the scores that clean, on-target examples get (the holdout's own, each holdout row
             scored with demonstrations drawn from the rest of the holdout); at least one, none NaN.
+        cutoff (`float`, *optional*, defaults to `1.0`): the share of `reference` a score must beat for full weight,
+            in (0, 1].
     """
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 < cutoff <= 1:
+        raise ValueError(f"`cutoff` (`ica_holdout_cutoff`) must be a number in (0, 1], got {cutoff!r}.")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if np.isnan(s).any():
         raise ValueError(f"ICA scores of {where} {np.flatnonzero(np.isnan(s)).tolist()} are NaN; cannot weight them.")
@@ -91,7 +96,7 @@ def quantile_weights(scores, reference, where: str = "rows") -> np.ndarray:
         )
     below = np.searchsorted(ref, s, side="left")
     at_or_below = np.searchsorted(ref, s, side="right")
-    return (below + at_or_below) / (2.0 * ref.size)
+    return np.minimum((below + at_or_below) / (2.0 * ref.size * cutoff), 1.0)
 
 
 def compute_weights(
@@ -101,6 +106,7 @@ def compute_weights(
     temperature: float = 1.0,
     global_range: tuple[float, float] | None = None,
     reference=None,
+    cutoff: float = 1.0,
     where: str = "rows",
 ) -> np.ndarray:
     """Per-example weights (float64) of one batch of `scores`.
@@ -111,13 +117,14 @@ def compute_weights(
             `"batch_minmax"` (the paper's): min-max within the batch, in [0, 1].
             `"global_minmax"`: min-max against `global_range`, the (min, max) over the whole scored dataset.
             `"holdout_quantile"`: where each score falls among `reference`, the holdout's own scores
-            ([`quantile_weights`]).
+            ([`quantile_weights`]), at full weight from the `cutoff` share of them up.
             `"softmax"`: `n * softmax(s / temperature)` within the batch (mean 1).
             `"rank"`: rank within the batch scaled to [0, 1].
             `"none"`: all 1 (scores are only logged).
         temperature (`float`, *optional*, defaults to `1.0`): for `"softmax"`.
         global_range (`tuple[float, float]`, *optional*): required for `"global_minmax"`.
         reference (`array-like`, *optional*): required for `"holdout_quantile"`.
+        cutoff (`float`, *optional*, defaults to `1.0`): for `"holdout_quantile"`.
         where (`str`): how errors name the rows.
     """
     if scheme not in WEIGHTINGS:
@@ -131,7 +138,7 @@ def compute_weights(
     if scheme == "holdout_quantile":
         if reference is None:
             raise ValueError("`weighting='holdout_quantile'` needs the holdout's own scores (`reference`).")
-        return quantile_weights(scores, reference, where=where)
+        return quantile_weights(scores, reference, cutoff, where=where)
     if scheme == "softmax":
         return softmax_weights(scores, temperature, where=where)
     if scheme == "rank":

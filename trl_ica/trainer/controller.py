@@ -358,6 +358,7 @@ class ICAController:
             temperature=self.args.ica_temperature,
             global_range=self.global_range,
             reference=self.reference,
+            cutoff=self.args.ica_holdout_cutoff,
             where=f"training examples (ica_index) {all_indices.tolist()}, rows",
         )
         if self.is_main:

@@ -32,6 +32,11 @@ class ICAArguments:
             of gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score
             falls among the holdout's own scores (each holdout row scored with demonstrations from the rest of the
             holdout): the share of them it beats, whatever else is in its batch.
+        ica_holdout_cutoff (`float`, *optional*, defaults to `1.0`):
+            with `"holdout_quantile"`: the share of the holdout's own scores an example must beat for full weight;
+            below it the weight falls in proportion, to 0 below every holdout score. `1.0`: the weight is the share
+            beaten (a median holdout row would get 0.5); `0.1`: an example that scores like the holdout's lowest tenth
+            or better trains at full weight, and only examples unlike the holdout lose weight.
         ica_holdout_rescore_steps (`int`, *optional*, defaults to `10`):
             online with `"holdout_quantile"`: the holdout's own scores are recomputed every this many steps (with
             `ica_refresh=R`, at every refresh).
@@ -83,6 +88,10 @@ class ICAArguments:
     )
     ica_weighting: str = field(
         default="batch_minmax", metadata={"help": "From scores to weights.", "choices": list(WEIGHTINGS)}
+    )
+    ica_holdout_cutoff: float = field(
+        default=1.0,
+        metadata={"help": "holdout_quantile: share of the holdout's own scores an example must beat for weight 1."},
     )
     ica_holdout_rescore_steps: int = field(
         default=10, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
@@ -157,6 +166,14 @@ class ICAArguments:
             raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
         if not isinstance(self.ica_score_end_token, bool):
             raise ValueError(f"`ica_score_end_token` must be True or False, got {self.ica_score_end_token!r}.")
+        cutoff = self.ica_holdout_cutoff
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 < cutoff <= 1:
+            raise ValueError(f"`ica_holdout_cutoff` must be a number in (0, 1], got {cutoff!r}.")
+        if cutoff != 1 and self.ica_weighting != "holdout_quantile":
+            raise ValueError(
+                f"`ica_holdout_cutoff`={cutoff!r} applies to `ica_weighting='holdout_quantile'` only, but "
+                f"`ica_weighting` is {self.ica_weighting!r}: set the weighting, or leave the cutoff at 1.0."
+            )
         steps = self.ica_holdout_rescore_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")
