@@ -128,48 +128,24 @@ def pool_scores(results, names, rows, holdout, clean, seed) -> dict:
     return scores
 
 
-# ICA trainer settings per weighted method (the scores come from one scoring per seed).
+# ICA trainer settings per weighted method (the scores come from one scoring per seed): the conditioned form with
+# `holdout_quantile` is the base of every `*_quantile` and `*_cutoff` method.
+CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")
+QUANTILE = dict(CONDITIONED, ica_weighting="holdout_quantile")
 SETTINGS = {
     "ica": {},
-    "ica_conditioned": dict(ica_score_form="conditioned", ica_reduction="mean"),
-    "ica_conditioned_quantile": dict(
-        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile"
-    ),  # fmt: skip
+    "ica_conditioned": CONDITIONED,
+    "ica_conditioned_quantile": QUANTILE,
     "loss_weights": {},
     "random_weights": {},
-    "ica_turns_quantile": dict(
-        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
-    ),  # fmt: skip
+    "ica_turns_quantile": dict(QUANTILE, ica_demo_layout="turns"),
     "ica_turns": dict(ica_demo_layout="turns"),
-    "ica_cutoff": dict(
-        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_holdout_cutoff=0.1
-    ),  # fmt: skip
-    "ica_turns_cutoff": dict(
-        ica_score_form="conditioned",
-        ica_reduction="mean",
-        ica_weighting="holdout_quantile",
-        ica_holdout_cutoff=0.1,
-        ica_demo_layout="turns",
-    ),  # fmt: skip
-    "ica_quantile_r4": dict(
-        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_refresh=4
-    ),  # fmt: skip
-    "ica_quantile_online": dict(
-        ica_score_form="conditioned",
-        ica_reduction="mean",
-        ica_weighting="holdout_quantile",
-        ica_refresh="online",
-        ica_holdout_rescore_steps=10,
-    ),  # fmt: skip
-    "ica_knn_quantile": dict(
-        ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_selection="knn"
-    ),  # fmt: skip
-    "ica_grouped_quantile": dict(
-        ica_score_form="conditioned",
-        ica_reduction="mean",
-        ica_weighting="holdout_quantile",
-        ica_demo_selection="knn_grouped",
-    ),  # fmt: skip
+    "ica_cutoff": dict(QUANTILE, ica_holdout_cutoff=0.1),
+    "ica_turns_cutoff": dict(QUANTILE, ica_holdout_cutoff=0.1, ica_demo_layout="turns"),
+    "ica_quantile_r4": dict(QUANTILE, ica_refresh=4),
+    "ica_quantile_online": dict(QUANTILE, ica_refresh="online", ica_holdout_rescore_steps=10),
+    "ica_knn_quantile": dict(QUANTILE, ica_demo_selection="knn"),
+    "ica_grouped_quantile": dict(QUANTILE, ica_demo_selection="knn_grouped"),
 }
 
 
