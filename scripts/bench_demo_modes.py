@@ -64,7 +64,7 @@ def main():
             for mode in todo:
                 start = time.perf_counter()
                 builder = prepare_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=mode, seed=seed,
-                                      show_progress=False)  # fmt: skip
+                                      layout="in_turn", show_progress=False)  # fmt: skip
                 result = score_with(model, builder, show_progress=False)
                 cond, plain = per_token(result)
                 requests = [

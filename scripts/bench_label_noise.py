@@ -7,7 +7,8 @@ answer, as when a data pipeline mixes its sources) or by the answers of other qu
 SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for every method:
 
 - `uniform`: stock SFT on the noisy pool; `oracle`: stock SFT on its clean rows only;
-- `ica`: ICA weights, the paper's score (difference, sum), step-level batch min-max, R = 1, k = 3 fixed demos;
+- `ica`: ICA weights, the paper's score (difference, sum), step-level batch min-max, R = 1, k = 3 fixed demos, in
+  the paper's layout (`ica_demo_layout="in_turn"`, as every method without `turns` in its name);
 - `ica_conditioned`: the same with `ica_score_form="conditioned"`, `ica_reduction="mean"`;
 - `ica_conditioned_quantile`: the conditioned form with `ica_weighting="holdout_quantile"` (a row's weight is where
   its score falls among the holdout's own scores, whatever shares its batch);
@@ -82,9 +83,9 @@ METHODS = (
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns")
-# The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the default layout,
-# both passes), `turns` (the demonstrations as earlier turns), `knn` and `grouped` (other demonstrations, the
-# conditioned pass), and `random` scores for the control.
+# The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the paper's layout,
+# which every method without `turns` in its name uses; both passes), `turns` (the demonstrations as earlier turns),
+# `knn` and `grouped` (other demonstrations, the conditioned pass), and `random` scores for the control.
 SCORE_OF = {
     "ica": "paper", "ica_conditioned": "conditioned", "ica_conditioned_quantile": "conditioned",
     "ica_cutoff": "conditioned", "loss_weights": "loss", "random_weights": "random",
@@ -93,7 +94,7 @@ SCORE_OF = {
     "ica_knn_quantile": "knn_conditioned", "ica_grouped_quantile": "grouped_conditioned",
 }  # fmt: skip
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
-    "in_turn": ({"paper", "conditioned", "loss"}, {}),
+    "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
     "turns": ({"turns_paper", "turns_conditioned"}, {"layout": "turns"}),
     "knn": ({"knn_conditioned"}, {"demo_selection": "knn", "form": "conditioned"}),
     "grouped": ({"grouped_conditioned"}, {"demo_selection": "knn_grouped", "form": "conditioned"}),
@@ -173,8 +174,8 @@ def train(method, rows, holdout, scores, seed, args):
             trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
-            config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed,
-                                  **{"ica_demo_selection": "fixed", **SETTINGS[method]})  # fmt: skip
+            fields = {"ica_demo_selection": "fixed", "ica_demo_layout": "in_turn", **SETTINGS[method]}
+            config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **fields)
             trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
             if method in SCORE_OF:  # scored once before training; the others score themselves

@@ -106,7 +106,13 @@ def main():
     print(f"| SFTTrainer | | | {t_stock:.2f} | 1.00 | | |", flush=True)
     for selection in args.selections:
         for form in args.forms:
-            fields = dict(ica_refresh="online", ica_demo_selection=selection, ica_max_length=2048, ica_score_form=form)
+            fields = dict(
+                ica_refresh="online",
+                ica_demo_selection=selection,
+                ica_demo_layout="in_turn",
+                ica_max_length=2048,
+                ica_score_form=form,
+            )
             if form == "conditioned":
                 fields["ica_reduction"] = "mean"
             ica = ICASFTTrainer(

@@ -30,7 +30,9 @@ def main():
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=5, n_test=1, noise=0.0, seed=0)
-    builder = prepare_ica(model, tokenizer, train.remove_columns("corruption"), holdout, show_progress=False)
+    builder = prepare_ica(
+        model, tokenizer, train.remove_columns("corruption"), holdout, layout="in_turn", show_progress=False
+    )
     ways = {
         "log_softmax (float32)": lambda x, t: x.log_softmax(-1).gather(-1, t[:, None])[:, 0],
         "logit - logsumexp (float32)": lambda x, t: x.gather(-1, t[:, None])[:, 0] - torch.logsumexp(x, -1),

@@ -38,7 +38,7 @@ def quality(model, tokenizer, args):
     print("|---|---|---|")
     rng = np.random.default_rng(args.seed)
     for selection in args.selections:
-        result = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=selection)
+        result = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=selection, layout="in_turn")
         tokens = result.pair_tokens
         cond, plain = result.pair_logps[:, :2] / tokens, result.pair_logps[:, 2:] / tokens
         per_token = (cond[:, 0] - cond[:, 1]) - (plain[:, 0] - plain[:, 1])  # the score with reduction="mean"
@@ -126,7 +126,7 @@ def cost(path, tokenizer, args):
 
         t_stock_epoch = epoch_time(make(stock_cls, stock_cfg, num_train_epochs=1))
         start = time.perf_counter()
-        ica = make(ica_cls, ica_cfg, num_train_epochs=1, ica_demo_selection="fixed")
+        ica = make(ica_cls, ica_cfg, num_train_epochs=1, ica_demo_selection="fixed", ica_demo_layout="in_turn")
         t_ica_epoch = time.perf_counter() - start + epoch_time(ica)  # demo selection, scoring and training
 
         stock = make(stock_cls, stock_cfg, max_steps=1)
@@ -134,7 +134,9 @@ def cost(path, tokenizer, args):
         batch = stock._prepare_inputs(stock.data_collator(rows))
         t_step = median_step(stock, batch, args.repeats)
         t_floor = t_step + floor_forward(stock, batch, args.repeats, "dpo" if name == "dpo" else "cpo")
-        online = make(ica_cls, ica_cfg, max_steps=1, ica_refresh="online", ica_demo_selection="fixed")
+        online = make(
+            ica_cls, ica_cfg, max_steps=1, ica_refresh="online", ica_demo_selection="fixed", ica_demo_layout="in_turn"
+        )
         reused = online.ica.reuse_unconditioned.mean()
         ica_rows = [online.train_dataset[i] for i in range(args.batch_size)]
         t_online = median_step(online, online._prepare_inputs(online.data_collator(ica_rows)), args.repeats)

@@ -59,7 +59,7 @@ def common(out, args, seed):
 
 
 def ica_fields(refresh):
-    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_refresh=refresh)
+    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_demo_layout="in_turn", ica_refresh=refresh)
 
 
 def train_sft(method, train, holdout, scores, seed, args):
@@ -180,7 +180,16 @@ def run_sft_like(name, make_data, accuracy, args, results):
         model, tokenizer = load_model()
         scores = None
         if parts or any(m.startswith("top_half") for m in todo):
-            ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", show_progress=False)
+            ica = score_ica(
+                model,
+                tokenizer,
+                train,
+                holdout,
+                num_demos=3,
+                demo_selection="fixed",
+                layout="in_turn",
+                show_progress=False,
+            )
             if parts:
                 score_parts(name, ica, labels, positive)
             scores = {  # the loss baseline is log p(y | x) per token, which the ICA pass without demos already has

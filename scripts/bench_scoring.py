@@ -105,7 +105,9 @@ def main():
     ):
         reference = None
         for selection in SELECTIONS:
-            builder = prepare_ica(model, tokenizer, data, hold, demo_selection=selection, show_progress=False)
+            builder = prepare_ica(
+                model, tokenizer, data, hold, demo_selection=selection, layout="in_turn", show_progress=False
+            )
             requests = [builder.conditioned(i) for i in range(len(data))]
             requests += [builder.unconditioned(i) for i in range(len(data))]
             counts = token_counts(requests)

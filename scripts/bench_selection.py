@@ -53,7 +53,7 @@ def run(name, train, holdout, positive, model, tokenizer, args):
     rho_reference = reference_model(holdout, args.rho_epochs)
     rho_train = time.perf_counter() - start
     start = time.perf_counter()
-    ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn")
+    ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn", layout="in_turn")
     ica_time = time.perf_counter() - start
     methods = [
         ("ica (k=3 kNN demos, sum: the paper's)", lambda: ica.scores),

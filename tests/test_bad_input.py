@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
+from trl_ica.cli.assets import convert_gguf
 from trl_ica.scoring.engine import LogProbRequest, score_requests
 
 
@@ -203,6 +204,20 @@ CLEAR = {
     "ICASFTConfig: padding_free with max_length": (
         lambda t, tok: ICASFTConfig(str(t), use_cpu=True, bf16=False, padding_free=True, max_length=512),
         r"`padding_free=True` with `max_length`=512: .*Set `max_length=None`",
+    ),
+    "ICASFTTrainer: a demonstration template on chat rows under the default layout": (
+        lambda t, tok: sft_trainer(
+            tok,
+            t,
+            Dataset.from_list(SFT),
+            ica_demo_template="Q: {prompt} A: {response}\n",
+            ica_query_template="Q: {prompt} A:",
+        ).train(),  # fmt: skip
+        r"template .*was given for conversational rows, but `ica_demo_layout`='turns' \(the default\)",
+    ),
+    "convert_gguf of a file that does not exist": (
+        lambda t, tok: convert_gguf(str(t / "missing.gguf"), str(t / "out")),
+        r"`gguf`=.*missing\.gguf' is not a file; give the path of a \.gguf checkpoint",
     ),
     "ICASFTTrainer on preference pairs": (
         lambda t, tok: sft_trainer(tok, t, Dataset.from_list([pair("q", "a", "b")] * 4)),

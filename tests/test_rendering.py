@@ -22,8 +22,8 @@ def test_response_ids_are_identical_with_and_without_demos(tokenizer):
         assert len(with_demos.prefix) > len(without.prefix)
 
 
-def test_conditioned_text_follows_the_paper_template(tokenizer):
-    renderer = Renderer(tokenizer)
+def test_in_turn_conditioned_text_follows_the_paper_template(tokenizer):
+    renderer = Renderer(tokenizer, layout="in_turn")
     demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
     request = renderer.conditioned(read_row(conv("Q3?", "A3.")), demos)
     text = tokenizer.decode(list(request.prefix + request.context + request.response))
@@ -51,9 +51,19 @@ def test_standard_format_is_plain_text_with_eos(tokenizer):
 
 def test_custom_template(tokenizer):
     template = ICAPromptTemplate(demo="Example: {prompt} -> {response}\n", query="Now: {prompt}")
-    renderer = Renderer(tokenizer, template)
+    renderer = Renderer(tokenizer, template, layout="in_turn")
     cond = renderer.conditioned(read_row(conv("b", "B")), [read_row(conv("a", "A"))])
     assert "Example: a -> A\nNow: b<|im_end|>" in tokenizer.decode(list(cond.prefix + cond.context))
+    # the default layout writes chat rows' demonstrations as turns, so a template there is refused, not ignored;
+    # standard rows still use it
+    turns = Renderer(tokenizer, template)
+    with pytest.raises(ValueError, match=r"template .*was given for conversational rows, but `ica_demo_layout`="
+                                         r"'turns' \(the default\).*Set `ica_demo_layout='in_turn'`"):  # fmt: skip
+        turns.conditioned(read_row(conv("b", "B")), [read_row(conv("a", "A"))])
+    standard = turns.conditioned(
+        read_row({"prompt": "b", "completion": "B"}), [read_row({"prompt": "a", "completion": "A"})]
+    )
+    assert "Example: a -> A\nNow: b" in tokenizer.decode(list(standard.prefix + standard.context))
     with pytest.raises(ValueError, match=r"demo=.*must contain \{prompt\} and \{response\}"):
         ICAPromptTemplate(demo="{prompt}", query="{prompt}")
 
@@ -113,7 +123,7 @@ def test_conversational_data_needs_a_chat_template(tokenizer):
 
 
 def test_turns_layout_puts_demos_as_earlier_exchanges_before_the_unchanged_turn(tokenizer):
-    renderer = Renderer(tokenizer, layout="turns")
+    renderer = Renderer(tokenizer)  # the default layout
     demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
     example = read_row({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3?"}],
                         "completion": [{"role": "assistant", "content": "A3."}]})  # fmt: skip

@@ -47,8 +47,37 @@ def ica_trainer(tokenizer, tmp_path, model=None, train=None, holdout=None, **kwa
 
 def test_defaults_are_the_documented_ones(tmp_path):
     args = ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    fields = ("ica_num_demos", "ica_demo_selection", "ica_weighting", "ica_refresh", "ica_reduction", "ica_score_form")
-    assert tuple(getattr(args, f) for f in fields) == (3, "knn", "batch_minmax", 1, "sum", "difference")
+    fields = ("ica_num_demos", "ica_demo_selection", "ica_weighting", "ica_refresh", "ica_reduction", "ica_score_form",
+              "ica_demo_layout")  # fmt: skip
+    assert tuple(getattr(args, f) for f in fields) == (3, "knn", "batch_minmax", 1, "sum", "difference", "turns")
+
+
+@pytest.mark.parametrize("form", ["difference", "conditioned"])
+def test_online_scoring_leaves_a_lora_run_unchanged(tokenizer, tmp_path, form):
+    """With unit weights an online run trains exactly like the stock one: scoring with the adapted model between
+    steps changes neither the adapter nor the training forward."""
+    from peft import LoraConfig
+
+    train, holdout = data()
+    settings = dict(COMMON, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+                       train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**lora))  # fmt: skip
+    stock.train()
+    torch.manual_seed(0)
+    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_refresh="online", ica_weighting="none",
+                        ica_score_form=form, **settings)  # fmt: skip
+    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
+                         holdout_dataset=holdout, peft_config=LoraConfig(**lora))  # fmt: skip
+    ours.train()
+    assert ours.ica.scores is not None and np.isfinite(ours.ica.scores).any()
+    trained = [(n, p) for n, p in stock.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora" in n for n, _ in trained)
+    assert any(p.abs().sum() > 0 for n, p in trained if "lora_B" in n)  # B starts at 0: the adapter trained
+    mine = dict(ours.model.named_parameters())
+    for name, p in trained:
+        assert torch.equal(p, mine[name]), name
 
 
 def train_stock_and_ica(tokenizer, tmp_path, settings, **ica_fields):
@@ -412,8 +441,8 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="other settings than this run's .*ica_score_form: file 'difference'"):
         ica_trainer(tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned",
                     ica_reduction="mean")  # fmt: skip
-    with pytest.raises(ValueError, match="other settings than this run's .*ica_demo_layout: file 'in_turn', run 't"):
-        ica_trainer(tokenizer, tmp_path / "l", ica_scores_file=str(scored), ica_demo_layout="turns")
+    with pytest.raises(ValueError, match="other settings than this run's .*ica_demo_layout: file 'turns', run 'in"):
+        ica_trainer(tokenizer, tmp_path / "l", ica_scores_file=str(scored), ica_demo_layout="in_turn")
     shifted = Dataset.from_list(list(train)[1:] + list(train)[:1])
     with pytest.raises(ValueError, match=r"row 0 is not training row 0 \(columns \['prompt', 'completion'\]"):
         ica_trainer(tokenizer, tmp_path / "b", train=shifted, ica_scores_file=str(scored))

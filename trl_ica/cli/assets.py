@@ -52,13 +52,26 @@ def default_model_path() -> str:
     target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-{_file_hash(gguf)}")  # see is_embedded_model_dir
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    logger.warning("Converting SmolLM2-135M-Instruct from GGUF once (about 20 s); cached in %s", target)
+    return convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: str, target: str) -> str:
+    """Convert a GGUF checkpoint to a plain transformers folder `target` (float32, with its tokenizer); returns it.
+
+    Loading a GGUF de-quantises its weights, and `save_pretrained` refuses a GGUF-loaded model, so the weights are
+    copied into a model built from the same config. The folder appears whole or not at all.
+    """
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("Converting SmolLM2-135M-Instruct from GGUF once (about 20 s); cached in %s", target)
-    folder = os.path.dirname(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.float32)
+    if not os.path.isfile(gguf):
+        raise FileNotFoundError(f"`gguf`={gguf!r} is not a file; give the path of a .gguf checkpoint.")
+    folder, name = os.path.split(os.path.abspath(gguf))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are de-quantised now; save_pretrained refuses a GGUF model
@@ -67,10 +80,8 @@ def default_model_path() -> str:
     partial = f"{target}.partial-{os.getpid()}"  # one per process: two may convert at once (tests, launchers)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    import shutil
-
     try:
-        os.replace(partial, target)  # atomic: a killed conversion leaves no half-written cache
+        os.replace(partial, target)  # atomic: a killed conversion leaves no half-written folder
     except OSError:
         if os.path.isfile(os.path.join(target, "config.json")):
             shutil.rmtree(partial)  # another process finished the same conversion first

@@ -24,7 +24,9 @@ from .assets import DEFAULT_MODEL, resolve_model
 from .scenarios import LABEL_NOISE_KINDS, auroc, reasoning_gym_label_noise
 
 #: What the label-noise benchmark supports for answers of the wrong kind (README, "Which score to trust").
-RECOMMENDED = dict(ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile")
+RECOMMENDED = dict(
+    ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
+)
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -107,7 +109,7 @@ def run(args) -> dict:
     from ..scoring.ica import score_ica
 
     scores = score_ica(model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection="fixed",
-                       seed=args.seed)  # fmt: skip
+                       layout=RECOMMENDED["ica_demo_layout"], seed=args.seed)  # fmt: skip
     conditioned = scores.logp_conditioned / scores.num_tokens
     summary = {
         "auroc_conditioned_per_token": auroc(conditioned, clean),

@@ -40,9 +40,9 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--demo-layout",
-        default="in_turn",
+        default="turns",
         choices=list(DEMO_LAYOUTS),
-        help="ica, conversational rows: demos in the user turn (the paper's), or as earlier user/assistant turns.",
+        help="ica, conversational rows: demos as earlier user/assistant turns, or in the user turn (the paper's).",
     )
     parser.add_argument(
         "--score-end-token",

@@ -95,7 +95,7 @@ class ICARequestBuilder:
         demo_indices,
         template=None,
         chat_template=None,
-        layout: str = "in_turn",
+        layout: str = "turns",
         score_end: bool = True,
     ):
         self.renderer = Renderer(tokenizer, template, chat_template, layout, score_end)
@@ -172,7 +172,7 @@ def prepare_ica(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "in_turn",
+    layout: str = "turns",
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
@@ -252,7 +252,7 @@ def prepare_holdout_reference(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "in_turn",
+    layout: str = "turns",
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
@@ -382,7 +382,7 @@ def score_ica(
     batch_size: int | None = None,
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "in_turn",
+    layout: str = "turns",
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
@@ -442,9 +442,9 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
-        layout (`str`, *optional*, defaults to `"in_turn"`): for conversational rows, `"in_turn"` (the demonstrations
-            and the question in one user turn, the paper's wording) or `"turns"` (each demonstration an earlier
-            user/assistant exchange before the row's unchanged turn). See [`Renderer`].
+        layout (`str`, *optional*, defaults to `"turns"`): for conversational rows, `"turns"` (each demonstration an
+            earlier user/assistant exchange before the row's unchanged turn) or `"in_turn"` (the demonstrations and
+            the question in one user turn, with the paper's wording or `template`). See [`Renderer`].
         score_end (`bool`, *optional*, defaults to `True`): score the end-of-turn (or EOS) token after each
             response, as TRL trains it.
         embedding_model (`str` or callable, *optional*): for kNN, a sentence-transformers encoder instead of the

@@ -6,10 +6,11 @@ Each piece is tokenised on its own, so a response has the same token ids with an
 
 Rendering mirrors how TRL trains: conversational rows go through the tokenizer's chat template, standard rows are
 plain text with the EOS token appended to the response. Two choices shape the conditioned request of a
-conversational row (`DEMO_LAYOUTS`): `"in_turn"` writes the demonstrations and the question into one user turn with
-the ICA paper's wording; `"turns"` gives each demonstration as an earlier user/assistant exchange before the row's
-own, unchanged turn, so the two requests differ only by the demonstrations. `score_end` decides whether the token
-that closes a response (the chat template's end of turn, or EOS) is scored with it.
+conversational row (`DEMO_LAYOUTS`): `"turns"` (the default) gives each demonstration as an earlier user/assistant
+exchange before the row's own, unchanged turn, so the two requests differ only by the demonstrations; `"in_turn"`
+writes the demonstrations and the question into one user turn with the ICA paper's wording (or a given template).
+`score_end` decides whether the token that closes a response (the chat template's end of turn, or EOS) is scored
+with it.
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ class Renderer:
         tokenizer: a Hugging Face tokenizer.
         template ([`ICAPromptTemplate`], *optional*):
             Defaults to [`PAPER_TEMPLATE`] for conversational data and [`PLAIN_TEMPLATE`] for standard data. With
-            `layout="turns"` it applies to standard rows only.
+            `layout="turns"` conversational rows are refused with a template: their demonstrations are chat turns.
         chat_template (`str`, *optional*): a Jinja chat template that overrides the tokenizer's (as in `SFTConfig`).
-        layout (`str`, *optional*, defaults to `"in_turn"`):
-            `"in_turn"` or `"turns"`: where a conversational row's demonstrations go (see the module docstring).
+        layout (`str`, *optional*, defaults to `"turns"`):
+            `"turns"` or `"in_turn"`: where a conversational row's demonstrations go (see the module docstring).
         score_end (`bool`, *optional*, defaults to `True`):
             score the token that closes each response (end of turn or EOS), as TRL trains it.
     """
@@ -100,7 +101,7 @@ class Renderer:
         tokenizer,
         template: ICAPromptTemplate | None = None,
         chat_template: str | None = None,
-        layout: str = "in_turn",
+        layout: str = "turns",
         score_end: bool = True,
     ):
         if layout not in DEMO_LAYOUTS:
@@ -163,6 +164,14 @@ class Renderer:
         """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
         (`layout="in_turn"`) or as earlier turns before the unchanged question (`layout="turns"`)."""
         if example.conversational and self.layout == "turns":
+            if self.template is not None:
+                raise ValueError(
+                    "A demonstration template (`ica_demo_template`/`ica_query_template`, or `template`) was given for "
+                    "conversational rows, but `ica_demo_layout`='turns' (the default) writes their demonstrations as "
+                    "earlier chat turns and has no use for it. Set `ica_demo_layout='in_turn'` (`layout='in_turn'`, "
+                    "`--demo-layout in_turn`) to put the templated demonstrations in the user turn, or drop the "
+                    "template."
+                )
             p = self.pieces(example, demos)
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
             return LogProbRequest(prefix, context, self._response_ids(example, p))

@@ -156,7 +156,7 @@ def score_dataset(
     demo_selection: str = "knn",
     reduction: str = "sum",
     form: str = "difference",
-    layout: str = "in_turn",
+    layout: str = "turns",
     score_end: bool = True,
     embedding_model=None,
     seed: int = 0,

@@ -56,12 +56,12 @@ class ICAArguments:
             wording.
         ica_query_template (`str`, *optional*):
             the example's question after the demonstrations, with `{prompt}`.
-        ica_demo_layout (`str`, *optional*, defaults to `"in_turn"`):
-            where a conversational row's demonstrations go: `"in_turn"`, in the row's user turn with the paper's
-            wording (or `ica_demo_template`), or `"turns"`, each an earlier user/assistant exchange before the row's
-            unchanged turn, so the requests with and without demonstrations differ by the demonstrations alone
-            (`ica_demo_template` then applies to standard rows only). Standard rows always get few-shot text. See
-            the README's "Which score to trust".
+        ica_demo_layout (`str`, *optional*, defaults to `"turns"`):
+            where a conversational row's demonstrations go: `"turns"`, each an earlier user/assistant exchange before
+            the row's unchanged turn, so the requests with and without demonstrations differ by the demonstrations
+            alone; or `"in_turn"`, in the row's user turn with the paper's wording (or `ica_demo_template`, which
+            conversational rows need this layout for). Standard rows always get few-shot text. `"turns"` ranked and
+            trained as well or better on every pool measured; see the README's "Which score to trust".
         ica_score_end_token (`bool`, *optional*, defaults to `True`):
             score the token that closes each response (the chat template's end of turn, or EOS for standard rows)
             with it, as TRL trains it.
@@ -110,8 +110,8 @@ class ICAArguments:
     ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
     ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
     ica_demo_layout: str = field(
-        default="in_turn",
-        metadata={"help": "Chat rows: demos in the user turn, or as earlier turns.", "choices": DEMO_LAYOUTS},
+        default="turns",
+        metadata={"help": "Chat rows: demos as earlier turns, or in the user turn.", "choices": DEMO_LAYOUTS},
     )
     ica_score_end_token: bool = field(
         default=True, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
