@@ -21,9 +21,10 @@ def main():
     args = parser.parse_args()
     if os.path.exists(args.output):
         raise SystemExit(f"convert_gguf: output {args.output!r} exists; give a new folder.")
-    if not os.path.isfile(args.gguf):
-        raise SystemExit(f"convert_gguf: {args.gguf!r} is not a file; give the path of a .gguf checkpoint.")
-    print(convert_gguf(args.gguf, args.output))
+    try:
+        print(convert_gguf(args.gguf, args.output))
+    except FileNotFoundError as error:  # the function names the path and what is wanted
+        raise SystemExit(f"convert_gguf: {error}") from None
 
 
 if __name__ == "__main__":

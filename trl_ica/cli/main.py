@@ -15,7 +15,7 @@ SCORE_COLUMN = "score"
 def _score_parser(parser: argparse.ArgumentParser) -> None:
     from ..scoring.demonstrations import DEMO_SELECTIONS
     from ..scoring.ica import FORMS, REDUCTIONS
-    from ..scoring.rendering import DEMO_LAYOUTS
+    from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS
     from ..selection.baselines import METHODS
     from ..selection.metrics import METRICS
 
@@ -40,7 +40,7 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--demo-layout",
-        default="turns",
+        default=DEFAULT_DEMO_LAYOUT,
         choices=list(DEMO_LAYOUTS),
         help="ica, conversational rows: demos as earlier user/assistant turns, or in the user turn (the paper's).",
     )

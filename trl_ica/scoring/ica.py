@@ -27,7 +27,7 @@ from .demonstrations import (
 )
 from .engine import LogProbRequest, score_requests
 from .formats import PreferenceExample, read_dataset
-from .rendering import ICAPromptTemplate, Renderer
+from .rendering import DEFAULT_DEMO_LAYOUT, ICAPromptTemplate, Renderer
 
 REDUCTIONS = ("sum", "mean")
 #: `"difference"`: log p(y | D, x) - log p(y | x), the paper's; `"conditioned"`: log p(y | D, x) alone.
@@ -95,7 +95,7 @@ class ICARequestBuilder:
         demo_indices,
         template=None,
         chat_template=None,
-        layout: str = "turns",
+        layout: str = DEFAULT_DEMO_LAYOUT,
         score_end: bool = True,
     ):
         self.renderer = Renderer(tokenizer, template, chat_template, layout, score_end)
@@ -172,7 +172,7 @@ def prepare_ica(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "turns",
+    layout: str = DEFAULT_DEMO_LAYOUT,
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
@@ -252,7 +252,7 @@ def prepare_holdout_reference(
     demo_selection: str = "knn",
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "turns",
+    layout: str = DEFAULT_DEMO_LAYOUT,
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,
@@ -382,7 +382,7 @@ def score_ica(
     batch_size: int | None = None,
     template: ICAPromptTemplate | None = None,
     chat_template: str | None = None,
-    layout: str = "turns",
+    layout: str = DEFAULT_DEMO_LAYOUT,
     score_end: bool = True,
     embedding_model: str | Embedder | None = None,
     seed: int = 0,

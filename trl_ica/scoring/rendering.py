@@ -22,6 +22,8 @@ from .formats import SFTExample
 
 #: How the demonstrations of a conversational row are laid out; see the module docstring.
 DEMO_LAYOUTS = ("in_turn", "turns")
+#: The layout every entry point (trainers, `score_ica`, the command line) uses unless told otherwise.
+DEFAULT_DEMO_LAYOUT = "turns"
 _USER = "\x00ICA_USER\x00"
 _ASSISTANT = "\x00ICA_ASSISTANT\x00"
 
@@ -101,7 +103,7 @@ class Renderer:
         tokenizer,
         template: ICAPromptTemplate | None = None,
         chat_template: str | None = None,
-        layout: str = "turns",
+        layout: str = DEFAULT_DEMO_LAYOUT,
         score_end: bool = True,
     ):
         if layout not in DEMO_LAYOUTS:

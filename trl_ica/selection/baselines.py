@@ -15,7 +15,7 @@ from ..scoring.demonstrations import check_choice, select_demos
 from ..scoring.engine import LogProbRequest, score_requests
 from ..scoring.formats import PreferenceExample, SFTExample, read_dataset
 from ..scoring.ica import resolve_embedder, score_ica
-from ..scoring.rendering import Renderer
+from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, Renderer
 from .whisperer import WhispererConfig, whisperer_scores
 
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
@@ -156,7 +156,7 @@ def score_dataset(
     demo_selection: str = "knn",
     reduction: str = "sum",
     form: str = "difference",
-    layout: str = "turns",
+    layout: str = DEFAULT_DEMO_LAYOUT,
     score_end: bool = True,
     embedding_model=None,
     seed: int = 0,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.ica import FORMS, REDUCTIONS
-from ..scoring.rendering import DEMO_LAYOUTS
+from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS
 from ..scoring.weighting import WEIGHTINGS
 
 
@@ -110,7 +110,7 @@ class ICAArguments:
     ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
     ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
     ica_demo_layout: str = field(
-        default="turns",
+        default=DEFAULT_DEMO_LAYOUT,
         metadata={"help": "Chat rows: demos as earlier turns, or in the user turn.", "choices": DEMO_LAYOUTS},
     )
     ica_score_end_token: bool = field(
