@@ -2,7 +2,8 @@
 
 Sixteen rows trained for one step as 16 x 1, 4 x 4 and 1 x 16 (per-device batch x gradient accumulation) must get
 the same weights, and (plain SGD, so the update is linear in the gradient) the same parameters after the step.
-The two-process split (2 x 2 x 4) is in test_distributed.py.
+The two-process split (2 x 2 x 4) is in test_distributed.py. Online, each step is weighted with the model of that
+step, and the first step trains as with one scoring before training.
 """
 
 import json
@@ -125,3 +126,52 @@ def test_online_holdout_quantile_rescores_the_holdout_every_few_steps(tokenizer,
     steps = [json.loads(open(tmp_path / "ica" / f"holdout-{k}.jsonl").readline())["step"] for k in range(2)]
     assert steps == [0, 2] and not (tmp_path / "ica" / "holdout-2.jsonl").exists()
     assert trainer.ica.reference_step == 2
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])
+def test_online_weights_each_step_with_the_model_of_that_step(tokenizer, tmp_path, kind):
+    """Online, step 2 is scored with the parameters after step 1: its logged scores and weights equal the naive
+    scores of its rows under a one-step run's final model (the same first step), min-maxed over the step."""
+    two = step_trainer(kind, tokenizer, tmp_path / "two", 4, 1, max_steps=2, ica_refresh="online")
+    two.train()
+    one = step_trainer(kind, tokenizer, tmp_path / "one", 4, 1, max_steps=1, ica_refresh="online")
+    one.train()
+    records = [json.loads(line) for line in open(tmp_path / "two" / "ica" / "weights.jsonl")]
+    first = [json.loads(line) for line in open(tmp_path / "one" / "ica" / "weights.jsonl")]
+    assert records[:4] == first  # the same first step
+    second = [r for r in records if r["step"] == 1]
+    assert len(second) == 4
+    model = one.model.eval()
+    with torch.no_grad():
+        naive = np.array([_naive_score(one.ica.builder, model, r["ica_index"]) for r in second])
+        moved = np.array([_naive_score(one.ica.builder, model, r["ica_index"]) for r in first])
+    tol = 1e-4  # fp32 sums over a few dozen tokens of a tiny model, batched against one at a time
+    # The step moved the scores well beyond that tolerance: scores of the stale model would fail it
+    assert np.abs(moved - [r["score"] for r in first]).max() > 10 * tol
+    np.testing.assert_allclose([r["score"] for r in second], naive, atol=tol)
+    expected = (naive - naive.min()) / (naive.max() - naive.min())  # min-max moves by <= 2 tol / range per end
+    np.testing.assert_allclose([r["weight"] for r in second], expected, atol=3 * tol / np.ptp(naive))
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])
+def test_online_and_one_scoring_train_the_first_step_alike(tokenizer, tmp_path, kind):
+    """At the first step the model is the one scored before training, so online weights, and the update they give,
+    equal those of `ica_refresh=1`: the online path applies the weights it logs."""
+    runs = []
+    for refresh in (1, "online"):
+        trainer = step_trainer(kind, tokenizer, tmp_path / str(refresh), 16, 1, ica_refresh=refresh)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        with open(tmp_path / str(refresh) / "ica" / "weights.jsonl") as f:
+            rows = sorted((json.loads(line) for line in f), key=lambda r: r["ica_index"])
+        logged = np.array([[r["score"], r["weight"]] for r in rows])
+        runs.append((logged, before, dict(trainer.model.named_parameters())))
+    (once, before, after), (online, _, moved) = runs
+    assert len(once) == len(online) == STEP_ROWS
+    # Online at 16 x 1, log p(y | x) comes from the training forward: fp32 apart from the engine's
+    tol = 1e-4
+    np.testing.assert_allclose(online[:, 0], once[:, 0], atol=tol)
+    np.testing.assert_allclose(online[:, 1], once[:, 1], atol=3 * tol / np.ptp(once[:, 0]))
+    assert max((after[n] - before[n]).abs().max().item() for n in before) > 1e-3
+    for name in after:
+        torch.testing.assert_close(moved[name], after[name], atol=1e-5, rtol=1e-4, msg=name)
