@@ -36,12 +36,15 @@ a seed's gap is near 0), with per-seed wins against uniform; the plot shows each
     python scripts/bench_label_noise.py --seeds 0 1 2 [--results docs/label_noise_results.json]
 
 Every finished (method, seed) run is kept in the JSON file (written whole) and skipped when run again; the file
-records the data and training settings, and a run with other settings is refused.
+records the data and training settings, and a run with other settings is refused. `--keep-logs DIR` keeps every
+ICA run's `ica/` folder and traces, step by step, the scores and weights of the clean and the noisy rows it trained
+on against the holdout's median score (`trace.json`, `trace.png`): how a rescored run's weights move in training.
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -161,7 +164,7 @@ def make_data(args, seed):
     return train, clean, holdout, test, checker
 
 
-def train(method, rows, holdout, scores, seed, args):
+def train(method, rows, holdout, scores, seed, args, keep=None):
     from trl import SFTConfig, SFTTrainer
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
@@ -182,6 +185,8 @@ def train(method, rows, holdout, scores, seed, args):
                 trainer.ica.use_scores(scores[SCORE_OF[method]], f"bench_label_noise {method}")
         trainer.train()
         logged = os.path.join(out, "ica", "weights.jsonl")  # every trained row's weight, for the report
+        if keep and os.path.isdir(os.path.join(out, "ica")):  # the run's ica/ folder: scores, weights, holdout
+            shutil.copytree(os.path.join(out, "ica"), keep, dirs_exist_ok=True)
         weights = [json.loads(line) for line in open(logged)] if os.path.isfile(logged) else []
     return trainer.model.eval(), tokenizer, weights
 
@@ -221,6 +226,46 @@ def report(results, methods):
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         print(f"{key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
+
+
+def trace(folder, weights, clean, title):
+    """Step by step: the mean score and weight of the clean and the noisy rows trained on, and the median of the
+    holdout's own scores at each of its scorings (`holdout_quantile`), written to `folder`/trace.json and plotted."""
+    import glob
+
+    from trl_ica.plots import pyplot
+
+    steps = sorted({w["step"] for w in weights})
+    rows = {"step": steps}
+    for name, mask in (("clean", clean), ("noisy", ~clean)):
+        for field in ("score", "weight"):
+            rows[f"{field} {name}"] = [
+                float(np.mean([w[field] for w in weights if w["step"] == s and mask[w["ica_index"]]] or [np.nan]))
+                for s in steps
+            ]
+    holdout = []
+    for path in sorted(glob.glob(os.path.join(folder, "holdout-*.jsonl"))):
+        records = [json.loads(line) for line in open(path)]
+        holdout.append((records[0]["step"], float(np.median([r["score"] for r in records]))))
+    rows["holdout"] = holdout
+    write_json(rows, os.path.join(folder, "trace.json"))
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
+        top.plot(steps, rows[f"score {name}"], ".-", color=color, label=f"{name} rows trained at the step")
+        bottom.plot(steps, rows[f"weight {name}"], ".-", color=color, label=name)
+    if holdout:
+        top.step(*zip(*holdout), where="post", color="k", label="holdout's median score")
+    top.set_ylabel("score (mean per step)")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("weight (mean per step)")
+    bottom.set_xlabel("optimizer step")
+    top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "trace.png"), dpi=110)
+    plt.close(fig)
 
 
 def plot(results, methods, path, title):
@@ -275,6 +320,9 @@ def main():
         "mixture: whole rows of the `--noise-task` tasks (comma-separated)",
     )
     parser.add_argument("--results", default=None)
+    parser.add_argument("--keep-logs", default="", help="Folder for each ICA run's ica/ logs (<method>-seed<s>), "
+                        "with trace.json and trace.png: the clean and noisy rows' scores and weights step by step, "
+                        "against the holdout's scores.")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     results = json.load(open(args.results)) if args.results and os.path.isfile(args.results) else {}
@@ -298,7 +346,10 @@ def main():
                 results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[keep].mean())
             else:
                 data = rows
-            model, tokenizer, weights = train(method, data, holdout, scores, seed, args)
+            keep = os.path.join(args.keep_logs, f"{method}-seed{seed}") if args.keep_logs else None
+            model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
+            if keep and weights:
+                trace(keep, weights, clean, f"{method}, seed {seed}")
             loss, accuracy = evaluate(model, tokenizer, test, checker)
             seconds = time.perf_counter() - start
             run = dict(loss=loss, accuracy=accuracy, seconds=seconds)

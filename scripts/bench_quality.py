@@ -8,16 +8,21 @@ Scenarios, each over several seeds (a seed draws the data split and initialises 
   clean test answers (nats/token) and the final-number accuracy of greedy answers to the test questions.
 - `domain`: a pool mixing five reasoning-gym tasks, a holdout of the target task (leg counting). Same methods;
   measured on the target task's test split: loss and accuracy by reasoning-gym's own `score_answer`.
-- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO, stock and ICA-weighted (both score
-  forms); measured: preference accuracy on clean test pairs (DPO: implicit reward margin against the base model;
-  SimPO: mean log-probability margin).
+- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO: stock, the oracle (the stock
+  trainer on the unflipped pairs only, same steps), ICA-weighted (`ica_*`: the paper's score; `_conditioned`: the
+  per-token conditioned margin; `_turns`: demonstrations as earlier turns instead of in-turn; `_quantile`:
+  `holdout_quantile` weights instead of batch min-max) and `random_*` (batch min-max weights of random scores).
+  Measured: preference accuracy on clean test pairs (DPO: implicit reward margin against the base model; SimPO:
+  mean log-probability margin).
 
     python scripts/bench_quality.py [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs] \
-        [--methods ...] [--results docs/quality_results.json]
+        [--methods ...] [--results docs/quality_results.json] [--plot-suffix _96]
 
-Prints a markdown table per scenario (mean and standard deviation over seeds, and the paired difference from the
-stock run of the same seed) and writes one PNG per scenario. With `--results`, every finished run is kept in that
-JSON file, and runs already in it are skipped: an interrupted run resumes, and new methods or seeds extend it.
+Prints a markdown table per scenario (mean and standard deviation over seeds, the paired difference from the
+stock run of the same seed and, where the oracle ran, the share of the stock-to-oracle gap recovered) and writes
+one PNG per scenario. With `--results`, every finished run is kept in that JSON file with its wall time, and runs
+already in it are skipped: an interrupted run resumes, and new methods or seeds extend it. The file records the
+data and training settings; a run with other settings is refused (use another file).
 """
 
 import argparse
@@ -33,6 +38,7 @@ from peft import LoraConfig
 
 from trl_ica.cli.assets import gsm8k_final_answer, load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
+from trl_ica.data_io import write_json
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import score_ica
@@ -46,7 +52,12 @@ SFT_METHODS = (
     "uniform", "ica", "ica_online", "ica_conditioned", "random_weights", "top_half_ica", "top_half_conditioned",
     "top_half_loss",
 )  # fmt: skip
-PREF_METHODS = ("dpo", "ica_dpo", "ica_dpo_conditioned", "simpo", "ica_simpo", "ica_simpo_conditioned")
+PREF_METHODS = (
+    "dpo", "dpo_oracle", "ica_dpo", "ica_dpo_conditioned", "ica_dpo_conditioned_turns",
+    "ica_dpo_conditioned_turns_quantile", "random_dpo",
+    "simpo", "simpo_oracle", "ica_simpo", "ica_simpo_conditioned", "ica_simpo_conditioned_turns",
+    "ica_simpo_conditioned_turns_quantile", "random_simpo",
+)  # fmt: skip
 CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the variant score (see the README)
 
 
@@ -58,8 +69,20 @@ def common(out, args, seed):
     )  # fmt: skip
 
 
-def ica_fields(refresh):
-    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_demo_layout="in_turn", ica_refresh=refresh)
+def ica_fields(refresh, layout="in_turn"):
+    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_demo_layout=layout, ica_refresh=refresh)
+
+
+def pref_ica_fields(method):
+    """The `ica_*` fields of a preference method, read off its name: `_conditioned` (per-token conditioned margin),
+    `_turns` (demonstrations as earlier turns; in-turn otherwise), `_quantile` (`holdout_quantile` weights;
+    batch min-max otherwise). `random_*` is the batch min-max control fed random scores."""
+    fields = ica_fields(1, "turns" if "_turns" in method else "in_turn")
+    if "_conditioned" in method:
+        fields.update(CONDITIONED)
+    if method.endswith("_quantile"):
+        fields["ica_weighting"] = "holdout_quantile"
+    return fields
 
 
 def train_sft(method, train, holdout, scores, seed, args):
@@ -134,24 +157,31 @@ def reasoning_gym_accuracy(model, tokenizer, test):
 
 class Results:
     """Per-seed results kept in a JSON file, so an interrupted or extended run resumes where it stopped:
-    `{scenario: {method: {metric: {seed: value}}}}`."""
+    `{scenario: {method: {metric: {seed: value}}}}`, with the wall time of every run under `"seconds"` and the
+    data and training settings under `"settings"`. A file that holds runs with other settings is refused."""
 
-    def __init__(self, path):
+    def __init__(self, path, settings):
         self.path = path
         self.data = {}
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.data = json.load(f)
+            kept = self.data.get("settings") or {}
+            if kept != settings:
+                changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
+                raise SystemExit(f"{path} holds runs with other settings (file, asked): {changed}; use another file.")
+        self.data["settings"] = settings
 
     def has(self, scenario, method, seed):
         return any(str(seed) in v for v in self.data.get(scenario, {}).get(method, {}).values())
 
-    def add(self, scenario, method, seed, **metrics):
+    def add(self, scenario, method, seed, seconds=None, **metrics):
         for metric, value in metrics.items():
             self.data.setdefault(scenario, {}).setdefault(method, {}).setdefault(metric, {})[str(seed)] = value
+        if seconds is not None:
+            self.data.setdefault("seconds", {}).setdefault(scenario, {}).setdefault(method, {})[str(seed)] = seconds
         if self.path:
-            with open(self.path, "w") as f:
-                json.dump(self.data, f, indent=1)
+            write_json(self.data, self.path)
 
     def table(self, scenario, seeds):
         """`{method: {metric: [value per seed]}}` over those of `seeds` each method has run on."""
@@ -167,6 +197,7 @@ class Results:
 
 
 BEFORE = "before training"
+SETTING_KEYS = ("n_train", "n_test", "noise", "steps", "batch_size", "lr")  # what a results file's runs share
 
 
 def run_sft_like(name, make_data, accuracy, args, results):
@@ -201,7 +232,7 @@ def run_sft_like(name, make_data, accuracy, args, results):
             start = time.perf_counter()
             trained, tokenizer = train_sft(method, train, holdout, scores, seed, args)
             loss, correct = test_loss(trained, tokenizer, test), accuracy(trained, tokenizer, test)
-            results.add(name, method, seed, loss=loss, accuracy=correct)
+            results.add(name, method, seed, seconds=round(time.perf_counter() - start), loss=loss, accuracy=correct)
             print(f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
         if not results.has(name, BEFORE, seed):  # `model` scored, untrained
@@ -260,6 +291,7 @@ def run_pref(args, results):
         if not todo and results.has("pref", before, seed):
             continue
         train, holdout, test = noisy_gsm8k_pairs(args.n_train, 16, args.n_test, args.noise, seed)
+        clean = train.filter(lambda row: not row["flipped"]).remove_columns("flipped")
         train = train.remove_columns("flipped")
         base, _ = load_model()
         for method in todo:
@@ -268,22 +300,25 @@ def run_pref(args, results):
             with tempfile.TemporaryDirectory() as out:
                 settings = dict(common(out, args, seed), max_length=1024)
                 simpo = "simpo" in method
-                kw = dict(train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
-                ica = dict(ica_fields(1), **(CONDITIONED if method.endswith("conditioned") else {}))
-                if method == "dpo":
+                stock = method in ("dpo", "simpo", "dpo_oracle", "simpo_oracle")
+                rows = clean if method.endswith("_oracle") else train  # the oracle: the unflipped pairs only
+                kw = dict(train_dataset=rows, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+                if stock and not simpo:
                     trainer = DPOTrainer(model, args=DPOConfig(**settings, beta=0.5), **kw)
-                elif method.startswith("ica_dpo"):
-                    config = ICADPOConfig(**settings, beta=0.5, **ica)
-                    trainer = ICADPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
-                elif method == "simpo":
+                elif stock:
                     config = CPOConfig(**settings, loss_type="simpo", cpo_alpha=0.0, beta=2.5, simpo_gamma=1.375)
                     trainer = CPOTrainer(model, args=config, **kw)
+                elif not simpo:
+                    config = ICADPOConfig(**settings, beta=0.5, **pref_ica_fields(method))
+                    trainer = ICADPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
                 else:
-                    config = ICASimPOConfig(**settings, **ica)  # beta 2.5, gamma 1.375 as above
+                    config = ICASimPOConfig(**settings, **pref_ica_fields(method))  # beta 2.5, gamma 1.375 as above
                     trainer = ICACPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
+                if method.startswith("random"):  # control: batch min-max weights of scores that carry no signal
+                    trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
                 trainer.train()
             accuracy = pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo)
-            results.add("pref", method, seed, accuracy=accuracy)
+            results.add("pref", method, seed, seconds=round(time.perf_counter() - start), accuracy=accuracy)
             print(f"  [pref seed {seed}] {method}: pair accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)  # fmt: skip
         if not results.has("pref", before, seed):
@@ -297,7 +332,13 @@ def baseline_of(method):
     return "simpo" if "simpo" in method else "dpo" if "dpo" in method else "uniform"
 
 
-def report(name, title, results, plots, raw=None):
+def oracle_of(method):
+    """The clean-only run that bounds a method from above, where the scenario has one."""
+    base = baseline_of(method)
+    return None if base is None or method.endswith("oracle") else f"{base}_oracle"
+
+
+def report(name, title, results, plots, raw=None, suffix=""):
     """Mean ± sd over seeds, and the mean paired difference from the stock run on the same seeds with the number of
     seeds on which the method did better (seeds differ more from each other than methods do, so the paired
     difference is the comparison to read; the count is this benchmark's analogue of the paper's win rate)."""
@@ -307,6 +348,9 @@ def report(name, title, results, plots, raw=None):
     metrics = list(next(iter(results.values())))
     print(f"\n### {title}\n")
     header = [f"{m} (mean ± sd)" for m in metrics] + [f"{m}: paired diff. from stock" for m in metrics]
+    oracles = raw is not None and any(oracle_of(m) in raw for m in results)
+    if oracles:
+        header += [f"{m}: share of the gap to the oracle" for m in metrics]
     print("| method | " + " | ".join(header) + " | seeds |")
     print("|---|" + "---|" * (len(header) + 1))
     for method, values in results.items():
@@ -320,12 +364,26 @@ def report(name, title, results, plots, raw=None):
             diffs = np.array([mine[s] - theirs[s] for s in mine if s in theirs])
             wins = int(((diffs < 0) if m == "loss" else (diffs > 0)).sum())  # seeds on which the method is better
             cells.append(f"{diffs.mean():+.4f}, better on {wins}/{len(diffs)}" if len(diffs) else "")
+        if oracles:
+            cells += [gap_share(raw, method, m) for m in metrics]
         print(f"| {method} | " + " | ".join(cells) + f" | {len(values[metrics[0]])} |")
     if plots:
-        plot_differences(name, title, results, raw, metrics, plots)
+        plot_differences(name, title, results, raw, metrics, plots, suffix)
 
 
-def plot_differences(name, title, results, raw, metrics, folder):
+def gap_share(raw, method, metric):
+    """(method - stock) / (oracle - stock) of the means over the seeds all three ran on: the share of the gap between
+    stock training on the noisy data and on its clean part that the method recovers."""
+    base, oracle = baseline_of(method), oracle_of(method)
+    if oracle is None or base == method or oracle not in raw or base not in raw:
+        return ""
+    runs = [raw[n][metric] for n in (method, base, oracle)]
+    seeds = [s for s in runs[0] if s in runs[1] and s in runs[2]]
+    mine, stock, best = (np.mean([r[s] for s in seeds]) for r in runs)
+    return f"{(mine - stock) / (best - stock):+.0%}" if seeds and best != stock else ""
+
+
+def plot_differences(name, title, results, raw, metrics, folder, suffix=""):
     """Per metric: each method's difference from its stock run, one dot per seed and a bar at the mean."""
     import matplotlib
 
@@ -349,7 +407,7 @@ def plot_differences(name, title, results, raw, metrics, folder):
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(folder, f"quality_{name}.png")
+    path = os.path.join(folder, f"quality_{name}{suffix}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"\n![{title}]({os.path.basename(path)})")
@@ -367,13 +425,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--plots", default="docs", help="Folder for the PNGs; '' for none.")
+    parser.add_argument("--plot-suffix", default="", help="Added to the PNGs' names (quality_<scenario><suffix>.png).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default="", help="JSON file of per-seed results: runs already in it are "
                         "skipped, new ones added (resume or extend a run).")  # fmt: skip
     parser.add_argument("--no-parts", dest="parts", action="store_false", help="Skip the score-parts analysis.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = Results(args.results)
+    results = Results(args.results, {k: getattr(args, k) for k in SETTING_KEYS})
     if "sft" in args.scenarios:
         run_sft_like(
             "sft",
@@ -400,7 +459,8 @@ def main():
         f"{args.batch_size}",
     }
     for name in args.scenarios:
-        report(name, titles[name], results.table(name, args.seeds), args.plots, results.data.get(name))
+        table = results.table(name, args.seeds)
+        report(name, titles[name], table, args.plots, results.data.get(name), args.plot_suffix)
 
 
 def _without(splits, column, positive):
