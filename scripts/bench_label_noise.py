@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_quality import check_settings  # noqa: E402
 from bench_task_pilot import evaluate, top_layer_lora, training_settings  # noqa: E402
 
 from trl_ica.cli.assets import load_model  # noqa: E402
@@ -326,10 +327,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     results = json.load(open(args.results)) if args.results and os.path.isfile(args.results) else {}
-    settings = {k: getattr(args, k) for k in SETTING_KEYS}
-    if results.setdefault("settings", settings) != settings:
-        changed = {k: (results["settings"].get(k), v) for k, v in settings.items() if results["settings"].get(k) != v}
-        raise SystemExit(f"{args.results} holds runs with other settings (file, asked): {changed}; use another file.")
+    check_settings(results, {k: getattr(args, k) for k in SETTING_KEYS}, args.results)
     for seed in args.seeds:
         todo = [m for m in args.methods if str(seed) not in results.get(m, {})]
         if not todo:

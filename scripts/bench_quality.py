@@ -155,6 +155,16 @@ def reasoning_gym_accuracy(model, tokenizer, test):
     return float(np.mean(correct))
 
 
+def check_settings(results: dict, settings: dict, path: str) -> None:
+    """Record `settings` in a benchmark's `results`, or refuse (naming what differs) a file whose runs were made with
+    other settings, or with none recorded: a resumed run must not mix them."""
+    kept = results.get("settings") or {}
+    if results and kept != settings:
+        changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
+        raise SystemExit(f"{path} holds runs with other settings (file, asked): {changed}; use another file.")
+    results["settings"] = settings
+
+
 class Results:
     """Per-seed results kept in a JSON file, so an interrupted or extended run resumes where it stopped:
     `{scenario: {method: {metric: {seed: value}}}}`, with the wall time of every run under `"seconds"` and the
@@ -166,11 +176,7 @@ class Results:
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.data = json.load(f)
-            kept = self.data.get("settings") or {}
-            if kept != settings:
-                changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
-                raise SystemExit(f"{path} holds runs with other settings (file, asked): {changed}; use another file.")
-        self.data["settings"] = settings
+        check_settings(self.data, settings, path)
 
     def has(self, scenario, method, seed):
         return any(str(seed) in v for v in self.data.get(scenario, {}).get(method, {}).values())
@@ -232,9 +238,10 @@ def run_sft_like(name, make_data, accuracy, args, results):
             start = time.perf_counter()
             trained, tokenizer = train_sft(method, train, holdout, scores, seed, args)
             loss, correct = test_loss(trained, tokenizer, test), accuracy(trained, tokenizer, test)
-            results.add(name, method, seed, seconds=round(time.perf_counter() - start), loss=loss, accuracy=correct)
-            print(f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            seconds = round(time.perf_counter() - start)
+            results.add(name, method, seed, seconds=seconds, loss=loss, accuracy=correct)
+            print(f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} ({seconds} s)",
+                  flush=True)  # fmt: skip
         if not results.has(name, BEFORE, seed):  # `model` scored, untrained
             results.add(name, BEFORE, seed, loss=test_loss(model, tokenizer, test),
                         accuracy=accuracy(model.eval(), tokenizer, test))  # fmt: skip
@@ -318,9 +325,9 @@ def run_pref(args, results):
                     trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
                 trainer.train()
             accuracy = pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo)
-            results.add("pref", method, seed, seconds=round(time.perf_counter() - start), accuracy=accuracy)
-            print(f"  [pref seed {seed}] {method}: pair accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)  # fmt: skip
+            seconds = round(time.perf_counter() - start)
+            results.add("pref", method, seed, seconds=seconds, accuracy=accuracy)
+            print(f"  [pref seed {seed}] {method}: pair accuracy {accuracy:.3f} ({seconds} s)", flush=True)
         if not results.has("pref", before, seed):
             results.add("pref", before, seed, accuracy=pair_accuracy(base, base, tokenizer, test, True))
 
