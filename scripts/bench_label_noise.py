@@ -25,7 +25,7 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones;
 - `ica_quantile_r4`, `ica_quantile_online`: `ica_conditioned_quantile` rescored by the trainer during training with
   the current model, four times (`ica_refresh=4`) or at every step (`"online"`, the holdout's own scores every 10
-  steps) instead of once before training.
+  steps; `ica_quantile_online_fresh`: every step) instead of once before training.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`); the scores are
 kept in the results file, so a method added later trains without scoring again. Reported: the
@@ -84,6 +84,7 @@ METHODS = (
     "ica_grouped_quantile",
     "ica_quantile_r4",
     "ica_quantile_online",
+    "ica_quantile_online_fresh",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns")
@@ -149,6 +150,7 @@ SETTINGS = {
     "ica_turns_cutoff": dict(QUANTILE, ica_holdout_cutoff=0.1, ica_demo_layout="turns"),
     "ica_quantile_r4": dict(QUANTILE, ica_refresh=4),
     "ica_quantile_online": dict(QUANTILE, ica_refresh="online", ica_holdout_rescore_steps=10),
+    "ica_quantile_online_fresh": dict(QUANTILE, ica_refresh="online", ica_holdout_rescore_steps=1),
     "ica_knn_quantile": dict(QUANTILE, ica_demo_selection="knn"),
     "ica_grouped_quantile": dict(QUANTILE, ica_demo_selection="knn_grouped"),
 }
@@ -234,8 +236,6 @@ def trace(folder, weights, clean, title):
     holdout's own scores at each of its scorings (`holdout_quantile`), written to `folder`/trace.json and plotted."""
     import glob
 
-    from trl_ica.plots import pyplot
-
     steps = sorted({w["step"] for w in weights})
     rows = {"step": steps}
     for name, mask in (("clean", clean), ("noisy", ~clean)):
@@ -248,24 +248,31 @@ def trace(folder, weights, clean, title):
     for path in sorted(glob.glob(os.path.join(folder, "holdout-*.jsonl"))):
         records = [json.loads(line) for line in open(path)]
         holdout.append((records[0]["step"], float(np.median([r["score"] for r in records]))))
-    rows["holdout"] = holdout
+    rows["holdout"] = sorted(holdout)  # by step: the files' names sort holdout-10 before holdout-2
     write_json(rows, os.path.join(folder, "trace.json"))
+    plot_trace(rows, os.path.join(folder, "trace.png"), title)
+
+
+def plot_trace(rows, path, title):
+    """The plot of a `trace.json`'s `rows`: scores above, weights below, per optimizer step."""
+    from trl_ica.plots import pyplot
+
     plt = pyplot()
     if plt is None:
         return
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
-        top.plot(steps, rows[f"score {name}"], ".-", color=color, label=f"{name} rows trained at the step")
-        bottom.plot(steps, rows[f"weight {name}"], ".-", color=color, label=name)
-    if holdout:
-        top.step(*zip(*holdout), where="post", color="k", label="holdout's median score")
+        top.plot(rows["step"], rows[f"score {name}"], ".-", color=color, label=f"{name} rows trained at the step")
+        bottom.plot(rows["step"], rows[f"weight {name}"], ".-", color=color, label=name)
+    if rows["holdout"]:
+        top.step(*zip(*rows["holdout"]), where="post", color="k", label="holdout's median score")
     top.set_ylabel("score (mean per step)")
     top.legend(fontsize=8)
     bottom.set_ylabel("weight (mean per step)")
     bottom.set_xlabel("optimizer step")
     top.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "trace.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

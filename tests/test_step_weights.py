@@ -117,15 +117,19 @@ def test_holdout_quantile_needs_preference_pairs_in_a_preference_holdout(tokeniz
         )  # fmt: skip
 
 
-def test_online_holdout_quantile_rescores_the_holdout_every_few_steps(tokenizer, tmp_path):
+@pytest.mark.parametrize("every, scored", [(None, [0, 1, 2]), (2, [0, 2])])
+def test_online_holdout_quantile_rescores_the_holdout_every_few_steps(tokenizer, tmp_path, every, scored):
+    """By default the holdout is rescored at every online step, so each step's rows meet holdout scores of the
+    same model; `ica_holdout_rescore_steps` spaces the scorings out."""
+    fields = {} if every is None else {"ica_holdout_rescore_steps": every}
     trainer = step_trainer(
         "sft", tokenizer, tmp_path, 4, 1, max_steps=3, ica_refresh="online", ica_weighting="holdout_quantile",
-        ica_holdout_rescore_steps=2,
+        **fields,
     )  # fmt: skip
     trainer.train()
-    steps = [json.loads(open(tmp_path / "ica" / f"holdout-{k}.jsonl").readline())["step"] for k in range(2)]
-    assert steps == [0, 2] and not (tmp_path / "ica" / "holdout-2.jsonl").exists()
-    assert trainer.ica.reference_step == 2
+    steps = [json.loads(open(tmp_path / "ica" / f"holdout-{k}.jsonl").readline())["step"] for k in range(len(scored))]
+    assert steps == scored and not (tmp_path / "ica" / f"holdout-{len(scored)}.jsonl").exists()
+    assert trainer.ica.reference_step == scored[-1]
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "simpo"])

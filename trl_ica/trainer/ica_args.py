@@ -37,9 +37,11 @@ class ICAArguments:
             below it the weight falls in proportion, to 0 below every holdout score. `1.0`: the weight is the share
             beaten (a median holdout row would get 0.5); `0.1`: an example that scores like the holdout's lowest tenth
             or better trains at full weight, and only examples unlike the holdout lose weight.
-        ica_holdout_rescore_steps (`int`, *optional*, defaults to `10`):
+        ica_holdout_rescore_steps (`int`, *optional*, defaults to `1`):
             online with `"holdout_quantile"`: the holdout's own scores are recomputed every this many steps (with
-            `ica_refresh=R`, at every refresh).
+            `ica_refresh=R`, at every refresh). At 1 each step's rows are compared with holdout scores of the same
+            model; a larger value saves scorings of the holdout but compares the rows with an older model's scores,
+            which cost a measured run most of its gain (see the README's `holdout_quantile`).
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
@@ -94,7 +96,7 @@ class ICAArguments:
         metadata={"help": "holdout_quantile: share of the holdout's own scores an example must beat for weight 1."},
     )
     ica_holdout_rescore_steps: int = field(
-        default=10, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
+        default=1, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
     )
     ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
     ica_refresh: str = field(
