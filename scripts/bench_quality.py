@@ -400,22 +400,25 @@ def plot_differences(name, title, results, raw, metrics, folder, suffix=""):
     names = [n for n in results if baseline_of(n) not in (None, n) and baseline_of(n) in (raw or {})]
     if not names:
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.9 + 0.42 * len(names)), squeeze=False)
+    height = 1.6 + 0.42 * len(names)  # room for the title and the two-line axis label
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), height), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for i, n in enumerate(names):
             mine, theirs = raw[n][metric], raw[baseline_of(n)][metric]
             diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
             ax.barh(i, np.mean(diffs), color="tab:blue", alpha=0.6)
-            ax.plot(diffs, [i] * len(diffs), "k.", ms=5)
+            ax.plot(diffs, [i] * len(diffs), "k.", ms=5, alpha=0.6)  # see-through: equal seeds show darker
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(names)), [f"{n} - {baseline_of(n)}" for n in names], fontsize=8)
+        labels = [f"{n} - {baseline_of(n)} ({len([s for s in raw[n][metric] if s in raw[baseline_of(n)][metric]])})"
+                  for n in names]  # fmt: skip
+        ax.set_yticks(range(len(names)), labels, fontsize=8)
         better = "lower" if metric == "loss" else "higher"
         ax.set_xlabel(f"{metric}: difference from the stock run\nof the same seed ({better} is better)")
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = os.path.join(folder, f"quality_{name}{suffix}.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"\n![{title}]({os.path.basename(path)})")
 
