@@ -403,14 +403,14 @@ def plot_differences(name, title, results, raw, metrics, folder, suffix=""):
     height = 1.6 + 0.42 * len(names)  # room for the title and the two-line axis label
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), height), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        labels = []
         for i, n in enumerate(names):
             mine, theirs = raw[n][metric], raw[baseline_of(n)][metric]
             diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
             ax.barh(i, np.mean(diffs), color="tab:blue", alpha=0.6)
             ax.plot(diffs, [i] * len(diffs), "k.", ms=5, alpha=0.6)  # see-through: equal seeds show darker
+            labels.append(f"{n} - {baseline_of(n)} ({len(diffs)})")  # with its number of paired seeds
         ax.axvline(0, color="grey", lw=0.8)
-        labels = [f"{n} - {baseline_of(n)} ({len([s for s in raw[n][metric] if s in raw[baseline_of(n)][metric]])})"
-                  for n in names]  # fmt: skip
         ax.set_yticks(range(len(names)), labels, fontsize=8)
         better = "lower" if metric == "loss" else "higher"
         ax.set_xlabel(f"{metric}: difference from the stock run\nof the same seed ({better} is better)")
