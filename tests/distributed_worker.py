@@ -65,14 +65,15 @@ def main():
 
     # 2. Lockstep: each process scores different requests; three scored tokens per LM-head call, so the processes
     # also differ in head calls per forward
-    engine.HEAD_CHUNK = 3
+    head_bytes = engine.HEAD_BYTES
+    engine.HEAD_BYTES = 3 * 4 * model.config.vocab_size  # three float32 rows of logits
     own = [LogProbRequest((5, 6), (7,) * (1 + rank), tuple(range(10, 12 + 4 * rank + j))) for j in range(3 - 2 * rank)]
     calls.clear()
     stepped = score_requests(model, own, batch_size=1, show_progress=False, distributed="lockstep")
     lockstep_calls = list(calls)
     calls.clear()
     alone = score_requests(model, own, batch_size=1, show_progress=False, distributed="local")
-    engine.HEAD_CHUNK = 4096
+    engine.HEAD_BYTES = head_bytes
     with open(os.path.join(args.out, f"calls-{rank}.json"), "w") as f:
         json.dump(
             {

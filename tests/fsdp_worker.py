@@ -1,10 +1,18 @@
-"""Run by `tests/test_distributed.py` under `torchrun --nproc_per_node 2` (gloo, CPU): ICA scoring of a model sharded
-with FSDP2 (`fully_shard` on each decoder layer and on the whole model) against the same model unsharded."""
+"""Run by `tests/test_distributed.py` under `torchrun --nproc_per_node 2` (gloo, CPU) on a model sharded with FSDP2
+(`fully_shard` on each decoder layer and on the whole model), beside the same model unsharded:
+
+1. ICA scoring of the sharded model against the unsharded one;
+2. training after scoring, as the ICA trainers do: scores before the first step, then at each step its rows are
+   scored online with the current parameters, weighted by min-max over the step and trained with the weighted
+   token loss through the root module's forward, for three optimizer steps. The unsharded model runs the same steps
+   on one process; the scores, weights and final parameters are written for both.
+"""
 
 import json
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -14,14 +22,56 @@ from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from distributed_worker import sft_data  # noqa: E402
 
 from trl_ica import score_ica  # noqa: E402
+from trl_ica.scoring.ica import prepare_ica, score_with  # noqa: E402
+from trl_ica.scoring.weighting import compute_weights  # noqa: E402
+
+
+def train_steps(model, tokenizer, train, holdout, distributed):
+    """Score every row, then three steps of 4 rows, each scored online and trained with min-max weights; the same
+    rows on every process (FSDP2 averages the processes' gradients, so the update is the one-process update)."""
+    builder = prepare_ica(model, tokenizer, train, holdout, num_demos=2, show_progress=False)
+    first = score_with(model, builder, form="conditioned", reduction="mean", batch_size=2, show_progress=False,
+                       distributed=distributed).scores  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    weights = []
+    for step in range(3):
+        rows = [(step * 4 + j) % len(train) for j in range(4)]
+        scores = score_with(model, builder, rows, form="conditioned", reduction="mean", batch_size=2,
+                            show_progress=False, distributed=distributed).scores  # fmt: skip
+        w = compute_weights(scores, "batch_minmax")
+        weights.append(w.tolist())
+        texts = [tokenizer.apply_chat_template(train[i]["prompt"] + train[i]["completion"], tokenize=False) for i in rows]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        model.train()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["attention_mask"][:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
+        loss = (torch.tensor(w, dtype=nll.dtype) * nll.sum(1)).sum() / mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return first.tolist(), weights
+
+
+def full_parameters(model) -> list[list[float]]:
+    out = []
+    for p in model.parameters():
+        value = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(value.detach().reshape(-1).tolist())
+    return out
 
 
 def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     tokenizer = tiny_tokenizer()
-    plain = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    sharded = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+    def build():
+        return tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+    plain, sharded = build(), build()
+    initial = full_parameters(plain)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in sharded.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -31,6 +81,8 @@ def main():
     options = dict(num_demos=2, batch_size=1, show_progress=False)  # kNN demos: embeddings run sharded too
     ours = score_ica(sharded, tokenizer, train, holdout, **options)  # rows split between the two processes
     reference = score_ica(plain, tokenizer, train, holdout, distributed="local", **options)
+    trained = train_steps(sharded, tokenizer, train, holdout, distributed=None)
+    alone = train_steps(plain, tokenizer, train, holdout, distributed="local")
     with open(os.path.join(sys.argv[1], f"fsdp-{rank}.json"), "w") as f:
         json.dump(
             {
@@ -39,6 +91,9 @@ def main():
                 "demos_equal": bool((ours.demo_indices == reference.demo_indices).all()),
                 "local_shapes": local_shapes,
                 "full_shapes": [tuple(p.shape) for p in plain.parameters()],
+                "trained": {"first": trained[0], "weights": trained[1], "parameters": full_parameters(sharded)},
+                "alone": {"first": alone[0], "weights": alone[1], "parameters": full_parameters(plain)},
+                "initial": initial,
             },
             f,
         )

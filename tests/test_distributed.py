@@ -157,9 +157,11 @@ def test_cli_score_under_two_processes_writes_every_row_once(model_dir, tmp_path
     np.testing.assert_allclose(rows["score"], single, atol=1e-5, rtol=0)
 
 
-def test_fsdp2_sharded_model_scores_equal_the_unsharded_model(tmp_path):
+def test_fsdp2_sharded_model_scores_and_trains_like_the_unsharded_model(tmp_path):
     """FSDP2 on gloo: decoder layers gather their shards in their own forward, which the processes reach in step;
-    the embeddings, final norm and LM head that scoring calls around the root module are gathered for it."""
+    the embeddings, final norm and LM head that scoring calls around the root module are gathered for it. Training
+    through the root after scoring (which calls the layers first) works, with online scoring at every step, and
+    ends with the one-process scores, weights and parameters."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), str(tmp_path),
@@ -172,7 +174,13 @@ def test_fsdp2_sharded_model_scores_equal_the_unsharded_model(tmp_path):
         assert out["local_shapes"] != out["full_shapes"]  # really sharded
         assert out["demos_equal"]
         np.testing.assert_allclose(out["scores"], out["reference"], atol=1e-5, rtol=0)
-
+        trained, alone = out["trained"], out["alone"]
+        np.testing.assert_allclose(trained["first"], alone["first"], atol=1e-5, rtol=0)
+        # min-max weights of scores equal within 1e-5 differ by at most 2e-5 / the step's score range
+        np.testing.assert_allclose(trained["weights"], alone["weights"], atol=1e-3, rtol=0)
+        moved = max(np.abs(np.subtract(a, b)).max() for a, b in zip(alone["parameters"], out["initial"]))
+        gap = max(np.abs(np.subtract(a, b)).max() for a, b in zip(trained["parameters"], alone["parameters"]))
+        assert moved > 1e-3 and gap < 1e-3 * moved
 
 def test_the_ddp_accelerate_config_launches_the_lora_recipe_on_two_processes(model_dir, tmp_path):
     from conftest import write_recipe_data

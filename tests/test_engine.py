@@ -6,7 +6,14 @@ import torch
 from conftest import tiny_llama
 from reference import naive_log_prob
 
-from trl_ica.scoring.engine import LogProbRequest, _Scorer, plan_prefixes, score_requests, token_counts
+from trl_ica.scoring.engine import (
+    LogProbRequest,
+    ScoringBudget,
+    _Scorer,
+    plan_prefixes,
+    score_requests,
+    token_counts,
+)
 
 
 def random_requests(n=24, seed=0, vocab=128):
@@ -79,10 +86,16 @@ def test_halves_batch_on_out_of_memory(llama, monkeypatch):
         return original(self, reqs, rows, state)
 
     monkeypatch.setattr(_Scorer, "score_batch", flaky)
-    fused = score_requests(llama, requests, batch_size=8, show_progress=False)
+    budget = ScoringBudget()
+    fused = score_requests(llama, requests, batch_size=8, max_batch_tokens=budget, show_progress=False)
     naive = np.array([naive_log_prob(llama, r) for r in requests])
     np.testing.assert_allclose(fused.sums, naive, atol=1e-4)
     assert max(seen) > 2 and seen[-1] <= 2
+    # The back-off holds for the rest of the budget's life: a later call starts at the reduced size
+    assert budget.backed_off and budget.tokens < 2048
+    seen.clear()
+    score_requests(llama, requests, batch_size=8, max_batch_tokens=budget, show_progress=False)
+    assert max(seen) <= 2
 
 
 def test_other_errors_are_not_swallowed(llama, monkeypatch):

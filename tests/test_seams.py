@@ -30,12 +30,16 @@ def test_a_seam_error_names_the_seam_and_the_installed_versions():
     assert f"trl {trl.__version__}" in message and f"transformers {transformers.__version__}" in message
 
 
-def test_kv_cache_layers_are_read_and_a_shared_prefix_is_never_written():
+@pytest.mark.parametrize("kind", ["shared_prefix_cache", "read_only_prefix_cache"])
+def test_kv_cache_layers_are_read_and_a_shared_prefix_is_never_written(kind):
     model = tiny_llama()
     backbone = model.get_decoder()
+    argument = seams.cache_argument(backbone)
     prefix, rest = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11], [12, 13, 14]])
     with torch.no_grad():
-        layers = seams.cache_key_values(backbone(input_ids=prefix, use_cache=True).past_key_values)
+        prefix_cache = seams.full_cache()
+        backbone(input_ids=prefix, use_cache=True, **{argument: prefix_cache})
+        layers = seams.cache_key_values(prefix_cache)
         assert len(layers) == model.config.num_hidden_layers, where("cache_key_values")
         kv_heads, head_dim = (
             model.config.num_key_value_heads,
@@ -43,16 +47,26 @@ def test_kv_cache_layers_are_read_and_a_shared_prefix_is_never_written():
         )
         assert all(k.shape == v.shape == (1, kv_heads, 4, head_dim) for k, v in layers), where("cache_key_values")
         before = [(k.clone(), v.clone()) for k, v in layers]
-        cache = seams.shared_prefix_cache(layers, 2, model.config)
+        if kind == "shared_prefix_cache":
+            cache = seams.shared_prefix_cache(layers, 2)
+        else:
+            cache = seams.read_only_prefix_cache(layers)
         positions = torch.arange(4, 7).expand(2, -1)
         mask = torch.ones(2, 7, dtype=torch.long)
-        cached = backbone(input_ids=rest, past_key_values=cache, position_ids=positions, attention_mask=mask)
+        cached = backbone(
+            input_ids=rest, position_ids=positions, attention_mask=mask, use_cache=True, **{argument: cache}
+        )
         full = backbone(input_ids=torch.cat([prefix.expand(2, -1), rest], 1)).last_hidden_state[:, 4:]
     # The same float32 computation in two groupings: differences are rounding, a few ulps of values of order 1
     tolerance = 64 * torch.finfo(torch.float32).eps * float(full.abs().max())
-    assert torch.allclose(cached.last_hidden_state, full, atol=tolerance, rtol=0), where("shared_prefix_cache")
+    assert torch.allclose(cached.last_hidden_state, full, atol=tolerance, rtol=0), where(kind)
     for (k, v), (k0, v0) in zip(layers, before):
-        assert torch.equal(k, k0) and torch.equal(v, v0), where("shared_prefix_cache (the prefix was written)")
+        assert torch.equal(k, k0) and torch.equal(v, v0), where(f"{kind} (the prefix was written)")
+    kept = seams.cache_key_values(cache)
+    if kind == "read_only_prefix_cache":  # after the forward it still holds the one batch-1 prefix, nothing more
+        assert all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(kept, layers)), where(kind)
+    else:  # grows for generation
+        assert all(k.shape[0] == 2 and k.shape[-2] == 7 for k, _ in kept), where(kind)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

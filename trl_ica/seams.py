@@ -17,6 +17,8 @@ import importlib.metadata
 import os
 import sys
 
+import torch
+
 TESTED = "trl 1.16 and transformers 5.23-5.24"
 
 
@@ -57,19 +59,120 @@ def cache_key_values(cache) -> list[tuple]:
     return [(layer.keys, layer.values) for layer in layers]
 
 
-def shared_prefix_cache(layers: list[tuple], batch: int, config):
-    """A `DynamicCache` in which `batch` rows read the same prefix keys and values without copying them
-    (`DynamicCache(ddp_cache_data=[(k, v), ...], config=...)`, transformers.cache_utils); the cache's `update`
-    concatenates into new tensors, so the shared prefix is never written."""
+def full_cache(layers: list[tuple] | None = None):
+    """A `DynamicCache` whose every layer keeps every position (`DynamicCache(ddp_cache_data=...)` without a config,
+    transformers.cache_utils), started from `layers`' `(k, v)` pairs if given; its `update` concatenates into new
+    tensors, so `layers` are never written.
+
+    A cache built from the model's config cuts a sliding-window layer to its window (`DynamicSlidingWindowLayer`), so
+    its length is no longer the prefix's and a continuation's mask offsets go wrong. With every position kept, the
+    model's own mask still applies each layer's window (its mask functions work on absolute positions), so scores
+    equal a plain forward whatever the prefix length; the cost is the keys a window would have dropped."""
     from transformers import DynamicCache
 
-    expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers]
     try:
-        return DynamicCache(ddp_cache_data=expanded, config=config)
+        return DynamicCache() if layers is None else DynamicCache(ddp_cache_data=list(layers))
     except TypeError as error:
-        raise SeamError(
-            "`DynamicCache(ddp_cache_data=..., config=...)` (transformers.cache_utils)", str(error)
-        ) from None
+        raise SeamError("`DynamicCache(ddp_cache_data=...)` (transformers.cache_utils)", str(error)) from None
+
+
+def shared_prefix_cache(layers: list[tuple], batch: int):
+    """A [`full_cache`] in which `batch` rows start from the same prefix keys and values, expanded without copying;
+    the cache's `update` concatenates into new tensors, so the shared prefix is never written. For generation, which
+    needs the cache to grow; [`read_only_prefix_cache`] scores without keeping the copies."""
+    return full_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers])
+
+
+_READ_ONLY_LAYER = None
+
+
+def _read_only_layer_class():
+    """`DynamicLayer` (transformers.cache_utils) holding a batch-1 prefix that every row of a batch reads: `update`
+    returns the prefix expanded to the batch and joined to the new keys and values, and keeps nothing. Defined on
+    first use, so that importing trl_ica does not import transformers' cache module."""
+    global _READ_ONLY_LAYER
+    if _READ_ONLY_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class ReadOnlyPrefixLayer(DynamicLayer):
+            def __init__(self, keys, values):
+                super().__init__()
+                self.dtype, self.device = keys.dtype, keys.device
+                self.keys, self.values = keys, values
+                self.is_initialized = True
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                batch = key_states.shape[0]
+                keys = torch.cat([self.keys.expand(batch, -1, -1, -1).to(key_states.dtype), key_states], dim=-2)
+                values = torch.cat([self.values.expand(batch, -1, -1, -1).to(value_states.dtype), value_states], -2)
+                return keys, values
+
+        _READ_ONLY_LAYER = ReadOnlyPrefixLayer
+    return _READ_ONLY_LAYER
+
+
+def read_only_prefix_cache(layers: list[tuple]):
+    """A cache (`transformers.Cache(layers=...)` of `DynamicLayer` subclasses, transformers.cache_utils) from which
+    every row of a batch reads the batch-1 prefix `layers` and which stores nothing: each layer's keys and values
+    for the batch exist only while that layer attends, never all layers' at once, and the prefix itself is held
+    once. Its length stays the prefix's, so the model's masks and positions are those of a continuation."""
+    from transformers.cache_utils import Cache
+
+    layer_class = _read_only_layer_class()
+    try:
+        return Cache(layers=[layer_class(k, v) for k, v in layers])
+    except TypeError as error:
+        raise SeamError("`Cache(layers=[...])` (transformers.cache_utils)", str(error)) from None
+
+
+def cache_argument(module) -> str:
+    """The keyword a transformers model's forward takes its KV cache by: `cache` (transformers 5.25+, where
+    `past_key_values` is deprecated) or `past_key_values`."""
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise SeamError(
+        f"a `cache` or `past_key_values` argument of `{type(module).__name__}.forward` (transformers)",
+        "the forward takes neither",
+    )
+
+
+def output_cache(output):
+    """The cache a forward returned (`output.cache` from transformers 5.25, else `output.past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+SHAREABLE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_layer_types(config) -> list[str]:
+    """The attention kind of each decoder layer: the text config's `layer_types`, or, for configs without it, as
+    transformers infers it (`get_layer_types_and_kwargs`, transformers.cache_utils): `sliding_attention` when a
+    `sliding_window` is set, `chunked_attention` with an `attention_chunk_size`, else `full_attention`. A layer that
+    reads another layer's keys and values (`kv_sharing_modes` "reuse", `num_kv_shared_layers`) counts as
+    `shared_kv`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or 1
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        if getattr(text, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * layers
+        elif getattr(text, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * layers
+        else:
+            types = ["full_attention"] * layers
+    types = list(types)
+    modes = getattr(text, "kv_sharing_modes", None)
+    if modes is not None:
+        types = ["shared_kv" if mode == "reuse" else kind for kind, mode in zip(types, modes)]
+    shared = getattr(text, "num_kv_shared_layers", 0) or 0
+    if shared:
+        types[len(types) - shared :] = ["shared_kv"] * shared
+    return types
 
 
 # --- transformers: models ------------------------------------------------------------------------------------------

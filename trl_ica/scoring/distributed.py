@@ -78,17 +78,26 @@ def unsharded_ancestors(model: torch.nn.Module, *called: torch.nn.Module):
     (`fully_shard`) the parameters those outer modules own (embeddings, final norm, LM head) are gathered by their
     forward hooks, so they are gathered here instead; modules sharded on their own (decoder layers) still gather in
     their own forward. Every process must enter together (the gather is collective). A no-op without FSDP2.
+
+    FSDP2 makes the first sharded module to run forward the root of its group: a decoder layer called first would
+    become a root of its own, and the training forward of the real root would then fail ("FSDP state has already
+    been lazily initialized"). So the outermost sharded module runs a one-token forward first (under `no_grad`),
+    which makes it the root, as training will.
     """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
         FSDPModule = ()  # noqa: N806
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    root = sharded[0]  # modules() walks from the outside in
+    device = next(p for p in model.parameters()).device
+    with torch.no_grad():
+        root(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     targets = {id(m) for m in called}
-    outer = [
-        m
-        for m in model.modules()
-        if isinstance(m, FSDPModule) and id(m) not in targets and targets & {id(sub) for sub in m.modules()}
-    ]
+    outer = [m for m in sharded if id(m) not in targets and targets & {id(sub) for sub in m.modules()}]
     for module in outer:
         module.unshard()
     try:

@@ -120,17 +120,24 @@ def logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), softcap
 
 
-HEAD_CHUNK = 4096  # hidden states per LM-head call: bounds the float32 logits to HEAD_CHUNK x vocabulary
+HEAD_BYTES = 256 * 2**20  # float32 logits per LM-head call: 512 positions of a 128k vocabulary, 1,365 of 49k
 
 
-def head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_chunk(vocab_size: int) -> int:
+    """Positions per LM-head call so that a call's float32 logits take at most `HEAD_BYTES` (the log-sum-exp and
+    the soft-capping make temporaries of the same size)."""
+    return max(1, HEAD_BYTES // (4 * max(1, vocab_size)))
+
+
+def head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32 (float64 for a
-    float64 model).
+    float64 model), `chunk` positions per head call (default: [`head_chunk`] of the head's vocabulary).
 
     `logit[target] - logsumexp(logits)` rather than `log_softmax`: on the CPU, PyTorch's float32 `log_softmax` over a
     large vocabulary is biased (about +2e-5 nats per token over 49k entries, always the same sign, so a sum over
-    hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md)."""
-    chunk = HEAD_CHUNK
+    hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md). Logits of a
+    bf16 or fp16 head are raised to float32 before the log-sum-exp."""
+    chunk = chunk or head_chunk(head.weight.shape[0])
     scale, softcap = logit_transform(lm.config)
     out = []
     for start in range(0, hidden.size(0), chunk):
@@ -157,24 +164,54 @@ def pad_id(lm) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, max_batch_tokens: int) -> int:
-    """End of the batch starting at `order[start]` (sorted longest first) under a row cap and a padded-token budget;
-    a batch always holds at least one row."""
+def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, max_tokens: int, prefix: int) -> int:
+    """End of the batch starting at `order[start]` (sorted longest first) under a row cap and a token budget that
+    counts, for each row, the `prefix` positions it attends to and its padded continuation (the keys and values one
+    layer holds for the batch while it attends); a batch always holds at least one row."""
     longest = lengths[order[start]]
-    rows = max(1, max_batch_tokens // max(1, longest))
+    rows = max(1, max_tokens // max(1, prefix + longest))
     if batch_size is not None:
         rows = min(rows, batch_size)
     return min(len(order), start + rows)
 
 
+class PrefixState(NamedTuple):
+    """A prefix run once: per-layer `(keys, values)` at batch 1 with every position (sliding-window layers too), the
+    hidden state `(1, H)` that predicts the next token, and the prefix's length."""
+
+    layers: list
+    hidden: torch.Tensor
+    length: int
+
+
 class _Scorer:
-    def __init__(self, model, device, lockstep: ForwardLockstep | None = None):
+    def __init__(self, model, device, lockstep: ForwardLockstep | None = None, compute_dtype=None):
         self.lm, self.backbone, self.head = backbone_and_head(model)
         self.device = device
         self.pad_id = pad_id(self.lm)
         self.lockstep = lockstep
         config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
         self.hidden_size = config.hidden_size
+        self.head_chunk = head_chunk(self.head.weight.shape[0])
+        self.compute_dtype = compute_dtype
+        self.cache_argument = seams.cache_argument(self.backbone)
+        kinds = seams.attention_layer_types(self.lm.config)
+        self.unshareable = sorted(set(kinds) - set(seams.SHAREABLE_LAYER_TYPES))
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether a prefix's KV cache can serve its continuations exactly: every layer is full or sliding-window
+        attention. Other layers (recurrent or linear attention, chunked attention, layers reading another layer's
+        cache) are scored with each request's whole sequence."""
+        return not self.unshareable
+
+    def compute(self):
+        """Autocast to the training's compute dtype when it differs from the weights' (accelerate's mixed precision
+        runs `model.forward` so, and the engine calls the backbone and head directly); otherwise nothing."""
+        weights = self.head.weight.dtype
+        if self.compute_dtype is None or self.compute_dtype == weights or not weights.is_floating_point:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _in_step(self, head_calls: int) -> int:
         """Before a backbone forward: the LM-head calls every process makes after it (this one's own without sync)."""
@@ -189,26 +226,31 @@ class _Scorer:
         if self.lockstep is None:
             return
         while (head_calls := self.lockstep.step(False, 0)) >= 0:
-            self.backbone(input_ids=torch.tensor([[self.pad_id]], device=self.device))
+            self.backbone(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=False)
             self._pad_head_calls(0, head_calls)
 
-    def prefix_state(self, segment: tuple[int, ...], parent=None):
-        """Run a prefix piece once at batch 1, after `parent`'s state (the piece before it) if given: per-layer
-        (k, v) pairs of the whole prefix so far and the hidden state that predicts the next token."""
+    def prefix_state(self, segment: tuple[int, ...], parent: PrefixState | None = None) -> PrefixState:
+        """Run a prefix piece once at batch 1, after `parent` (the piece before it) if given."""
         head_calls = self._in_step(0)
-        ids = torch.tensor([segment], device=self.device)
-        kwargs = {}
-        if parent is not None:
-            layers, _ = parent
-            P = layers[0][0].shape[-2]
-            kwargs["past_key_values"] = seams.shared_prefix_cache(layers, 1, self.lm.config)  # never written
-            kwargs["position_ids"] = torch.arange(P, P + len(segment), device=self.device)[None]
-        out = self.backbone(input_ids=ids, use_cache=True, **kwargs)
+        start = parent.length if parent is not None else 0
+        cache = seams.full_cache(parent.layers if parent is not None else None)  # the parent's tensors stay as is
+        out = self.backbone(
+            input_ids=torch.tensor([segment], device=self.device),
+            position_ids=torch.arange(start, start + len(segment), device=self.device)[None],
+            use_cache=True,
+            **{self.cache_argument: cache},
+        )
         self._pad_head_calls(0, head_calls)
-        layers = seams.cache_key_values(out.past_key_values)
-        return layers, out.last_hidden_state[:, -1]  # (1, H)
+        layers = seams.cache_key_values(cache)
+        length = start + len(segment)
+        if not layers or any(k.shape[-2] != length or v.shape[-2] != length for k, v in layers):
+            raise seams.SeamError(
+                "a `DynamicCache` without a config keeping every position of every layer (transformers.cache_utils)",
+                f"after a {length}-token prefix the layers hold {sorted({k.shape[-2] for k, _ in layers})} positions",
+            )
+        return PrefixState(layers, out.last_hidden_state[:, -1], length)
 
-    def score_batch(self, requests: Sequence[LogProbRequest], rows: list[int], prefix_state) -> list[float]:
+    def score_batch(self, requests: Sequence[LogProbRequest], rows: list[int], state: PrefixState | None) -> list:
         """Score `rows` of `requests` against a shared prefix state (or none), returning one sum per row."""
         conts = [requests[i].context + requests[i].response for i in rows]
         B, L = len(rows), max(len(c) for c in conts)
@@ -217,39 +259,39 @@ class _Scorer:
         for b, cont in enumerate(conts):
             ids[b, : len(cont)] = torch.tensor(cont, device=self.device)
             mask[b, : len(cont)] = 1
-        P = 0
-        kwargs = {}
-        if prefix_state is not None:
-            layers, _ = prefix_state
-            P = layers[0][0].shape[-2]
-            kwargs["past_key_values"] = seams.shared_prefix_cache(layers, B, self.lm.config)  # zero-copy
-            kwargs["use_cache"] = True
+        P = 0 if state is None else state.length
+        if state is not None:  # every row reads the one copy of the prefix; nothing is kept after the forward
+            kwargs = {self.cache_argument: seams.read_only_prefix_cache(state.layers), "use_cache": True}
             mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+        else:
+            kwargs = {"use_cache": False}
         position_ids = torch.arange(P, P + L, device=self.device).expand(B, -1)
         scored = sum(len(requests[i].response) for i in rows)
-        own_head_calls = -(-scored // HEAD_CHUNK)
+        own_head_calls = -(-scored // self.head_chunk)
         head_calls = self._in_step(own_head_calls)
         hidden = self.backbone(
             input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs
         ).last_hidden_state
         # The hidden state at position j predicts continuation token j + 1; the prefix's last one predicts token 0.
-        if prefix_state is not None:
-            hidden = torch.cat([prefix_state[1].expand(B, -1)[:, None], hidden[:, :-1]], dim=1)  # (B, L, H)
+        if state is not None:
+            hidden = torch.cat([state.hidden.expand(B, -1)[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
             first = 0
         else:
             hidden = hidden[:, :-1]  # (B, L-1, H) predicting tokens 1..L-1
             first = 1
-        sel_rows, sel_pos, targets, owner = [], [], [], []
+        sel_rows, sel_pos, owner = [], [], []
         for b, i in enumerate(rows):
             start = len(requests[i].context)
             n = len(requests[i].response)
             sel_rows += [b] * n
             sel_pos += range(start - first, start + n - first)
-            targets.append(ids[b, start : start + n])
             owner += [b] * n
-        hsel = hidden[torch.tensor(sel_rows, device=self.device), torch.tensor(sel_pos, device=self.device)]
+        sel_rows_t = torch.tensor(sel_rows, device=self.device)
+        sel_pos_t = torch.tensor(sel_pos, device=self.device)
+        hsel = hidden[sel_rows_t, sel_pos_t]
+        targets = ids[sel_rows_t, sel_pos_t + first]
         lp = head_log_probs(
-            self.lm, self.head, hsel.to(self.head.weight.device), torch.cat(targets).to(self.head.weight.device)
+            self.lm, self.head, hsel.to(self.head.weight.device), targets.to(self.head.weight.device), self.head_chunk
         )
         self._pad_head_calls(own_head_calls, head_calls)
         sums = torch.zeros(B, dtype=torch.float64, device=lp.device).index_add_(
@@ -262,25 +304,66 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+DEFAULT_TOKENS = {"cpu": 2048}  # elsewhere (an accelerator): ACCELERATOR_TOKENS
+ACCELERATOR_TOKENS = 16384
+
+
+class ScoringBudget:
+    """Token positions one scoring forward may hold: for each row, the prefix it attends to plus its padded
+    continuation. One budget serves every scoring call of a run (the trainers keep one), so that an out-of-memory
+    back-off holds for the rest of it; under several processes every call starts from the smallest budget of any
+    process.
+
+    Args:
+        tokens (`int`, *optional*): the budget; by default 16384 on an accelerator and 2048 on the CPU.
+    """
+
+    def __init__(self, tokens: int | None = None):
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+            raise ValueError(f"The scoring token budget must be a positive integer or None, got {tokens!r}.")
+        self.tokens = tokens
+        self.backed_off = False
+
+    def resolve(self, device: torch.device) -> int:
+        if self.tokens is None:
+            self.tokens = DEFAULT_TOKENS.get(device.type, ACCELERATOR_TOKENS)
+        return self.tokens
+
+    def agree(self, device: torch.device) -> None:
+        """Every process takes the smallest budget of all (one `all_reduce`); every process must call it."""
+        import torch.distributed as dist
+
+        value = torch.tensor([self.resolve(device)], dtype=torch.long, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        self.tokens = int(value)
+
+    def back_off(self, tokens: int) -> None:
+        """After an out-of-memory error on a batch of `tokens` positions: at most half of them from now on."""
+        self.tokens = max(1, min(self.tokens, tokens // 2))
+        self.backed_off = True
+
+
 def score_requests(
     model,
     requests: Sequence[LogProbRequest],
     *,
     batch_size: int | None = None,
-    max_batch_tokens: int | None = None,
+    max_batch_tokens: int | ScoringBudget | None = None,
     show_progress: bool = True,
     desc: str = "Scoring",
     distributed: str | None = None,
     prefix_tree: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> LogProbs:
     """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
 
     Args:
         model (`PreTrainedModel` or `PeftModel`): a causal LM, possibly quantised or wrapped by accelerate.
         requests (`Sequence[LogProbRequest]`): what to score.
-        batch_size (`int`, *optional*): most continuations per forward; by default only `max_batch_tokens` limits.
-        max_batch_tokens (`int`, *optional*): padded continuation tokens per forward; defaults to 16384 on an
-            accelerator and 512 on the CPU, where wide padded batches measured slower than small ones.
+        batch_size (`int`, *optional*): most continuations per forward; by default only the token budget limits.
+        max_batch_tokens (`int` or [`ScoringBudget`], *optional*): token positions per forward, counting for each
+            row the shared prefix it attends to and its padded continuation; defaults to 16384 on an accelerator
+            and 2048 on the CPU. A [`ScoringBudget`] keeps an out-of-memory back-off across calls.
         show_progress (`bool`, *optional*, defaults to `True`): show a progress bar (on the main process).
         desc (`str`, *optional*): the progress bar's label.
         distributed (`str`, *optional*): under a multi-process launch, every process must make the same call:
@@ -290,11 +373,16 @@ def score_requests(
             with a single process.
         prefix_tree (`bool`, *optional*, defaults to `True`): share the common start of different prefixes (the
             prefix tree, [`plan_prefixes`]); `False` shares whole prefixes only. The results are the same.
+        compute_dtype (`torch.dtype`, *optional*): run the model under autocast to this dtype when its weights are
+            of another floating type (what mixed-precision training does); the log-sum-exp is float32 either way.
 
     Returns:
         [`LogProbs`] aligned with `requests`.
 
-    On an out-of-memory error the batch is halved and scoring goes on; a single continuation that does not fit
+    Models whose layers are all full or sliding-window attention share prefixes (every position of a prefix is kept,
+    so a window shorter than the prefix is applied exactly); models with other layers (recurrent, linear or chunked
+    attention, shared KV) score each request's whole sequence, with the same results. On an out-of-memory error the
+    budget is halved for the rest of the budget's life and scoring goes on; a single continuation that does not fit
     re-raises, as does any out-of-memory error while processes are kept in step. Runs under `torch.no_grad()` in
     eval mode and restores the model's train/eval mode.
 
@@ -305,14 +393,25 @@ def score_requests(
     >>> score_requests(model, [req]).sums  # log p(5, 6 | 1, 2, 3, 4)
     ```
     """
-    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    if isinstance(max_batch_tokens, ScoringBudget):
+        budget = max_batch_tokens
+    else:
+        if max_batch_tokens is not None and (
+            not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1
+        ):
+            raise ValueError(f"`max_batch_tokens` must be a positive integer or None, got {max_batch_tokens!r}.")
+        budget = ScoringBudget(max_batch_tokens)
     mode = resolve_mode(distributed)
-    options = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, desc=desc, prefix_tree=prefix_tree)
+    device = next(unwrap_causal_lm(model).parameters()).device
+    options = dict(
+        batch_size=batch_size, budget=budget, desc=desc, prefix_tree=prefix_tree, compute_dtype=compute_dtype
+    )
     if mode == "local":
         return _score_requests(model, requests, None, show_progress=show_progress, **options)
-    lockstep = ForwardLockstep(next(unwrap_causal_lm(model).parameters()).device)
+    budget.agree(device)
+    lockstep = ForwardLockstep(device)
     if mode == "lockstep":
         return _score_requests(model, requests, lockstep, show_progress=show_progress, **options)
     state = PartialState()
@@ -328,8 +427,8 @@ def score_requests(
 
 
 def _score_requests(
-    model, requests, lockstep: ForwardLockstep | None, *, batch_size, max_batch_tokens, show_progress, desc,
-    prefix_tree,
+    model, requests, lockstep: ForwardLockstep | None, *, batch_size, budget, show_progress, desc, prefix_tree,
+    compute_dtype,
 ) -> LogProbs:  # fmt: skip
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
@@ -337,14 +436,21 @@ def _score_requests(
     if n == 0 and lockstep is None:
         return LogProbs(sums, counts)
 
-    plan = plan_prefixes([r.prefix for r in requests], tree=prefix_tree)
     device = next(unwrap_causal_lm(model).parameters()).device
-    if max_batch_tokens is None:
-        max_batch_tokens = 512 if device.type == "cpu" else 16384
-    scorer = _Scorer(model, device, lockstep)
+    budget.resolve(device)
+    scorer = _Scorer(model, device, lockstep, compute_dtype)
+    if not scorer.shares_prefixes:
+        _warn_unshared(scorer)
+        requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
+    plan = plan_prefixes([r.prefix for r in requests], tree=prefix_tree)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
-    with torch.no_grad(), eval_mode(model), unsharded_ancestors(model, scorer.backbone, scorer.head):
-        stack: list[tuple[tuple[int, ...], object]] = []  # the pieces above the current one, with their states
+    with (
+        torch.no_grad(),
+        eval_mode(model),
+        unsharded_ancestors(model, scorer.backbone, scorer.head),
+        scorer.compute(),
+    ):
+        stack: list[tuple[tuple[int, ...], PrefixState]] = []  # the pieces above the current one, with their states
         for node in plan.nodes:
             while stack and node[: len(stack[-1][0])] != stack[-1][0]:
                 stack.pop()  # left that branch: its state is freed
@@ -361,10 +467,25 @@ def _score_requests(
                 LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response)
                 for r in map(requests.__getitem__, idx)
             ]
-            sums[idx] = _score_group(scorer, group, state, batch_size, max_batch_tokens, lockstep, bar)
+            sums[idx] = _score_group(scorer, group, state, batch_size, budget, lockstep, bar)
         scorer.finish()
     bar.close()
     return LogProbs(sums, counts)
+
+
+_WARNED_UNSHARED: set[str] = set()
+
+
+def _warn_unshared(scorer: _Scorer) -> None:
+    name = type(scorer.lm).__name__
+    if name not in _WARNED_UNSHARED:
+        _WARNED_UNSHARED.add(name)
+        logger.warning(
+            "%s has %s layers, whose cache cannot be shared exactly between sequences: each scored sequence runs "
+            "whole, demonstrations included (same scores, more compute).",
+            name,
+            "/".join(scorer.unshareable),
+        )
 
 
 class TokenCounts(NamedTuple):
@@ -386,23 +507,35 @@ class TokenCounts(NamedTuple):
     pieces: int
 
 
-def _score_group(scorer, group, state, batch_size, max_batch_tokens, lockstep, bar) -> np.ndarray:
-    """Sums of `group` (requests continuing from one prefix state, or none), in batches under the row and token caps;
-    longest first, so that memory errors come early, and on one the batch is halved (unless processes are in step)."""
+def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockstep, bar) -> np.ndarray:
+    """Sums of `group` (requests continuing from one prefix state, or none), in batches under the row cap and the
+    token budget; longest first, so that memory errors come early. On one the budget is halved for good and the batch
+    retried (unless processes are in step, where one process cannot retry alone)."""
     sums = np.zeros(len(group), dtype=np.float64)
     lengths = [len(r.context) + len(r.response) for r in group]
     order = sorted(range(len(group)), key=lambda i: -lengths[i])
-    cap = batch_size
+    prefix = 0 if state is None else state.length
     pos = 0
     while pos < len(order):
-        batch = order[pos : _batch_end(order, pos, lengths, cap, max_batch_tokens)]
+        batch = order[pos : _batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
         try:
             values = scorer.score_batch(group, batch, state)
         except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _is_oom(error) or len(batch) == 1 or lockstep is not None:
+            if not _is_oom(error):
                 raise
-            cap = max(1, len(batch) // 2)
-            logger.warning("Out of memory scoring %d sequences; retrying with batches of %d.", len(batch), cap)
+            held = len(batch) * (prefix + lengths[batch[0]])
+            if len(batch) == 1 or lockstep is not None:
+                raise torch.OutOfMemoryError(
+                    f"Out of memory scoring {len(batch)} sequence(s) of {held} token positions in all "
+                    f"({'a single sequence' if len(batch) == 1 else 'processes kept in step cannot retry alone'}). "
+                    "Lower the scoring token budget (`ica_scoring_max_tokens`, `--scoring-max-tokens`), currently "
+                    f"{budget.tokens}, or give fewer or shorter demonstrations."
+                ) from error
+            budget.back_off(held)
+            logger.warning(
+                "Out of memory scoring %d sequences (%d token positions); the scoring budget is now %d positions.",
+                len(batch), held, budget.tokens,
+            )  # fmt: skip
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue

@@ -164,8 +164,9 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
     bar = tqdm(total=len(prompts), desc=f"Data Whisperer ({config.metric})", disable=not show_progress)
     with torch.no_grad(), eval_mode(model), probe.installed():
         prefix_ids = torch.tensor([builder.prefix], device=device)
-        prefix = backbone(input_ids=prefix_ids, use_cache=True)
-        prefix_layers = seams.cache_key_values(prefix.past_key_values)
+        prefix_cache = seams.full_cache()  # every position, sliding-window layers too (see `seams.full_cache`)
+        backbone(input_ids=prefix_ids, use_cache=True, **{seams.cache_argument(backbone): prefix_cache})
+        prefix_layers = seams.cache_key_values(prefix_cache)
         P = prefix_ids.shape[1]
         for start in range(0, len(order), config.batch_size):
             batch = [prompts[p] for p in order[start : start + config.batch_size]]
@@ -190,7 +191,7 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
                 query_rows[b, pad + p.query_start : pad + p.query_end] = True
                 spans.append([(P + pad + s, P + pad + e) for s, e in p.spans])
             full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
-            cache = seams.shared_prefix_cache(prefix_layers, B, lm.config)
+            cache = seams.shared_prefix_cache(prefix_layers, B)
             probe.arm(full_mask, query_rows, spans)
             if teacher_forced:
                 query_scores = _teacher_forced(lm, backbone, head, ids, full_mask, cache, P, batch, L)
@@ -218,8 +219,9 @@ def _teacher_forced(lm, backbone, head, ids, full_mask, cache, P, batch, L) -> l
     """exp(mean log p) of each reference answer after the prompt."""
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
     hidden = backbone(
-        input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
-    ).last_hidden_state
+        input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+        **{seams.cache_argument(backbone): cache},
+    ).last_hidden_state  # fmt: skip
     out = []
     for b, p in enumerate(batch):
         pad = L - len(p.ids)
@@ -237,7 +239,7 @@ def _generated(lm, tok, input_ids, full_mask, cache, budget, batch, queries, met
     out = lm.generate(
         input_ids=input_ids,
         attention_mask=full_mask,
-        past_key_values=cache,
+        **{seams.cache_argument(lm): cache},
         do_sample=False,
         max_new_tokens=budget,
         pad_token_id=pad_id(lm),
