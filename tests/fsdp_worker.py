@@ -40,7 +40,8 @@ def train_steps(model, tokenizer, train, holdout, distributed):
                             show_progress=False, distributed=distributed).scores  # fmt: skip
         w = compute_weights(scores, "batch_minmax")
         weights.append(w.tolist())
-        texts = [tokenizer.apply_chat_template(train[i]["prompt"] + train[i]["completion"], tokenize=False) for i in rows]
+        chats = [train[i]["prompt"] + train[i]["completion"] for i in rows]
+        texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         model.train()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

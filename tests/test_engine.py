@@ -1,3 +1,4 @@
+import contextlib
 import random
 
 import numpy as np
@@ -225,3 +226,43 @@ def test_four_bit_model(tmp_path):
     quantized.train()  # the reference on the same (training-mode) kernel; the tiny model has no dropout
     naive = np.array([naive_log_prob(quantized, r) for r in requests])
     np.testing.assert_allclose(fused, naive, atol=1e-4)
+
+
+def regrouped_log_prob(model, request, beside) -> float:
+    """[`naive_log_prob`] with the sequence right-padded in a batch beside a longer one: the same numbers in exact
+    arithmetic, computed with other kernel shapes and so rounded differently."""
+    ids = list(request.prefix + request.context + request.response)
+    other = list(beside.prefix + beside.context + beside.response)
+    pad = len(other) - len(ids)
+    batch = torch.tensor([ids + [0] * pad, other])
+    mask = torch.tensor([[1] * len(ids) + [0] * pad, [1] * len(other)])
+    with torch.no_grad():
+        logp = model(input_ids=batch, attention_mask=mask).logits[0].double().log_softmax(-1)
+    start = len(request.prefix) + len(request.context)
+    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+
+@pytest.mark.parametrize("how", ["bf16_weights", "fp32_weights_autocast"])
+def test_bf16_scoring_equals_the_plain_bf16_forward(how):
+    """The engine in bf16 (bf16 weights, or fp32 weights under autocast as mixed-precision training runs them)
+    against one plain forward of each whole sequence in the same precision; and it really runs in bf16."""
+    model = tiny_llama(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    if how == "bf16_weights":
+        model = model.to(torch.bfloat16)
+        compute, context = None, contextlib.nullcontext
+    else:
+        compute, context = torch.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    requests = tree_requests(5)
+    fused = score_requests(model, requests, show_progress=False, compute_dtype=compute).sums
+    assert set(seen) == {torch.bfloat16}
+    with context():
+        naive = np.array([naive_log_prob(model, r) for r in requests])
+        # bf16 rounding on this machine, measured: the plain forward against itself regrouped
+        longest = max(requests, key=lambda r: r.num_tokens)
+        noise = max(abs(regrouped_log_prob(model, r, longest) - n) for r, n in zip(requests, naive))
+    tolerance = 4 * noise + 4 * torch.finfo(torch.bfloat16).eps * np.abs(naive)
+    assert noise > 0 and (np.abs(fused - naive) <= tolerance).all(), (np.abs(fused - naive).max(), noise)

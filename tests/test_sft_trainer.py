@@ -178,6 +178,20 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
 
 
+def test_online_with_dropout_scores_both_passes_in_the_engine(tokenizer, tmp_path):
+    """A training forward with dropout is not the eval-mode computation of log p(y | D, x): its log p(y | x) is not
+    reused, so the online scores are the engine's difference (the scores a dropout-free scoring gives)."""
+    # attention dropout, applied inside attention in training mode only; the engine scores in eval mode
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, attention_dropout=0.5).train()
+    train, holdout = data()
+    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3)
+    assert not trainer.ica.reuse_unconditioned.any()
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+
+
 def test_conditioned_form_with_summed_log_probs_warns(tmp_path):
     with pytest.warns(UserWarning, match="ranks short responses first"):
         ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, ica_score_form="conditioned")

@@ -298,9 +298,12 @@ def score_with(
     batch_size=None,
     show_progress=True,
     distributed: str | None = None,
+    max_batch_tokens=None,
+    compute_dtype=None,
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
-    `form="difference"` the pass without."""
+    `form="difference"` the pass without. `batch_size`, `max_batch_tokens`, `distributed` and `compute_dtype` go to
+    [`score_requests`]."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("form", form, FORMS)
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
@@ -312,9 +315,11 @@ def score_with(
             model,
             requests,
             batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
             show_progress=show_progress,
             desc=f"ICA scoring ({label} demonstrations)",
             distributed=distributed,
+            compute_dtype=compute_dtype,
         )
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), plain = passes[0], (passes[1][0] if len(passes) > 1 else None)
@@ -389,6 +394,7 @@ def score_ica(
     max_length: int | None = None,
     show_progress: bool = True,
     distributed: str | None = None,
+    max_batch_tokens: int | None = None,
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
     check_choice("reduction", reduction, REDUCTIONS)
@@ -417,6 +423,7 @@ def score_ica(
         batch_size=batch_size,
         show_progress=show_progress,
         distributed=distributed,
+        max_batch_tokens=max_batch_tokens,
     )
 
 
@@ -440,6 +447,8 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
             distribution; the conditioned form (best with `reduction="mean"`) also finds responses that do not fit
             their own prompt (wrong or mismatched labels). See the README's "Which score to trust".
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
+        max_batch_tokens (`int`, *optional*): token positions per forward, counting for each sequence the shared
+            demonstration prefix it attends to and its own tokens; 16384 on an accelerator, 2048 on the CPU.
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
         layout (`str`, *optional*, defaults to `"turns"`): for conversational rows, `"turns"` (each demonstration an

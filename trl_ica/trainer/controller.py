@@ -12,7 +12,7 @@ from accelerate.utils import gather_object
 
 from ..data_io import written_whole
 from ..scoring.distributed import num_processes
-from ..scoring.engine import score_requests
+from ..scoring.engine import ScoringBudget, score_requests
 from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
 from ..scoring.weighting import BATCH_WEIGHTINGS, compute_weights, score_range
 
@@ -22,7 +22,7 @@ STATE_FILE = "ica_state.npz"
 # Preference pairs: the four log-probs behind a score, as written to `refresh-<k>.jsonl`
 WEIGHTS_FILE = "weights.jsonl"
 # `ica_*` fields that do not change the scores, the demonstrations or the weights a resumed run continues with
-_NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scores_file")
+_NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file")
 
 
 def _digest(items) -> str:
@@ -76,8 +76,15 @@ class ICAController:
         is_main_process: bool = True,
         reference_builder: ICARequestBuilder | None = None,
         on_scored=None,
+        compute_dtype=None,
     ):
         self.builder = builder
+        # How every scoring of the run calls the engine: the training's compute dtype, and one token budget whose
+        # out-of-memory back-off holds for the rest of the run
+        self.budget = ScoringBudget(args.ica_scoring_max_tokens)
+        self.engine_options = dict(
+            batch_size=args.ica_scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype
+        )
         # `holdout_quantile`: the requests that score the holdout itself, and its latest scores
         self.reference_builder = reference_builder
         self.reference: np.ndarray | None = None
@@ -148,8 +155,8 @@ class ICAController:
             builder,
             reduction=self.args.ica_reduction,
             form=self.args.ica_score_form,
-            batch_size=self.args.ica_scoring_batch_size,
             show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
+            **self.engine_options,
         )
 
     def use_scores(self, scores, source: str) -> None:
@@ -245,9 +252,9 @@ class ICAController:
         cond = score_requests(
             model,
             [r for i in indices for r in self.builder.requests(i, True)],
-            batch_size=args.ica_scoring_batch_size,
             show_progress=False,
             distributed="lockstep",
+            **self.engine_options,
         )
         shape = (len(indices), width)
         plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
@@ -256,9 +263,9 @@ class ICAController:
         extra = score_requests(  # every process calls it, with or without work, to stay in step
             model,
             [self.builder.requests(indices[row], False)[col] for row, col in missing],
-            batch_size=args.ica_scoring_batch_size,
             show_progress=False,
             distributed="lockstep",
+            **self.engine_options,
         )
         if len(missing):
             plain[tuple(missing.T)] = extra.sums

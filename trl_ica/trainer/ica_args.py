@@ -68,7 +68,11 @@ class ICAArguments:
             score the token that closes each response (the chat template's end of turn, or EOS for standard rows)
             with it, as TRL trains it.
         ica_scoring_batch_size (`int`, *optional*):
-            most sequences per scoring forward; by default a token budget decides.
+            most sequences per scoring forward; by default the token budget decides.
+        ica_scoring_max_tokens (`int`, *optional*):
+            token positions one scoring forward may hold: for each sequence, the demonstration prefix it attends to
+            plus its own padded tokens. Defaults to 16384 on an accelerator and 2048 on the CPU. After an
+            out-of-memory error the budget is halved for the rest of the run, on every process.
         ica_max_length (`int`, *optional*):
             longest conditioned sequence allowed (demonstrations included); defaults to the model's context size
             (`max_position_embeddings`). The training `max_length` does not bound it: a row longer than this with its
@@ -119,6 +123,9 @@ class ICAArguments:
         default=True, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
     )
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
+    ica_scoring_max_tokens: int | None = field(
+        default=None, metadata={"help": "Token positions per scoring forward, prefixes included."}
+    )
     ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
     ica_scores_file: str | None = field(
@@ -179,7 +186,7 @@ class ICAArguments:
         steps = self.ica_holdout_rescore_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")
-        for name in ("ica_scoring_batch_size", "ica_max_length"):
+        for name in ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")

@@ -85,6 +85,31 @@ def _context_size(model, fallback: int | None) -> int | None:
     return getattr(config, "max_position_embeddings", None) or fallback
 
 
+def training_compute_dtype(args) -> torch.dtype | None:
+    """The dtype training computes in under mixed precision (accelerate autocasts `model.forward` to it), which
+    scoring uses too; None without mixed precision (the weights' own dtype)."""
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return None
+
+
+def active_dropout(model) -> list[str]:
+    """Where the model applies dropout in training mode: `torch.nn.Dropout` modules with p > 0 (LoRA's
+    `lora_dropout` among them) and config fields of the form `*dropout` / `*pdrop` above 0 (attention dropout is
+    applied inside the attention function). A training forward with dropout is not the engine's eval-mode forward,
+    so its log-probabilities are not reused as scores."""
+    found = sorted({name.split(".")[-2] if "." in name else name for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Dropout) and m.p > 0})  # fmt: skip
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, value in sorted(vars(config).items() if config is not None else []):
+        if key.endswith(("dropout", "pdrop")) and isinstance(value, float) and value > 0:
+            found.append(f"config.{key}={value}")
+    return found
+
+
 class ICATrainerMixin:
     """Shared by the ICA trainers; the subclass applies the weights where its parent reduces the loss."""
 
@@ -164,6 +189,7 @@ class ICATrainerMixin:
             self.accelerator.is_main_process,
             reference_builder=reference,
             on_scored=lambda scores: self._log_histograms({"ica/scores_all": scores}),
+            compute_dtype=training_compute_dtype(args),
         )
         if args.ica_scores_file is not None:
             expected = {
@@ -188,7 +214,16 @@ class ICATrainerMixin:
                 "'global_minmax' (against the range of the training set's scores)."
             )
         if self._ica.online:
-            self._ica.set_reusable_rows(self._reusable_rows())
+            dropout = active_dropout(self.model)
+            if dropout:
+                logger.info(
+                    "Online ICA: the training forward applies dropout (%s), so log p(y | x) is scored by the engine "
+                    "with dropout off, like log p(y | D, x), rather than read off the training forward.",
+                    ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else ""),
+                )
+                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
+            else:
+                self._ica.set_reusable_rows(self._reusable_rows())
 
     @property
     def ica(self) -> ICAController:
