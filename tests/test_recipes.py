@@ -282,3 +282,23 @@ def test_label_noise_pool_replaces_what_its_kind_says(kind):
     elif kind == "other_task":
         with pytest.raises(ValueError, match="noise_task"):
             reasoning_gym_label_noise(noise_kind=kind, noise_task="leg_counting,count_bits", n_train=4)
+
+
+def test_recipes_load_the_base_in_the_training_precision_unless_dtype_is_set():
+    """TRL's `ModelConfig.dtype` defaults to float32, which would load a LoRA base (and QLoRA's compute dtype) in
+    float32 on a bf16 GPU; unset, a PEFT run loads in the mixed-precision dtype and a full fine-tune in float32."""
+    from types import SimpleNamespace
+
+    from trl_ica.cli.launch import make_parser, resolve_dtype
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "sft_lora.yaml")
+    parsed = make_parser("sft").parse_args_and_config(args=["--config", recipe])
+    model_args = parsed[2]
+    assert model_args.dtype is None and model_args.use_peft
+    lora, full = SimpleNamespace(dtype=None, use_peft=True), SimpleNamespace(dtype=None, use_peft=False)
+    assert resolve_dtype(lora, SimpleNamespace(bf16=True, fp16=False)) == "bfloat16"
+    assert resolve_dtype(lora, SimpleNamespace(bf16=False, fp16=True)) == "float16"
+    assert resolve_dtype(lora, SimpleNamespace(bf16=False, fp16=False)) == "float32"
+    assert resolve_dtype(full, SimpleNamespace(bf16=True, fp16=False)) == "float32"
+    chosen = SimpleNamespace(dtype="float32", use_peft=True)
+    assert resolve_dtype(chosen, SimpleNamespace(bf16=True, fp16=False)) == "float32"

@@ -56,15 +56,53 @@ def _classes(task: str):
     return ICASimPOConfig, ICACPOTrainer
 
 
+def _model_config():
+    """TRL's `ModelConfig` with `dtype` unset by default (TRL's default is `"float32"`): see [`resolve_dtype`]."""
+    from dataclasses import dataclass, field
+
+    from trl import ModelConfig
+
+    @dataclass
+    class ICAModelConfig(ModelConfig):
+        dtype: str | None = field(
+            default=None,
+            metadata={
+                "help": "dtype to load the model in. Unset: with a PEFT adapter (LoRA, QLoRA) the training's "
+                "mixed-precision dtype (bfloat16 under `bf16`, the default on a bf16 GPU), so the frozen base and "
+                "its scoring run in it; a full fine-tune loads float32 weights, which mixed precision keeps as "
+                "master weights.",
+                "choices": ["auto", "bfloat16", "float16", "float32"],
+            },
+        )
+
+    return ICAModelConfig
+
+
+def resolve_dtype(model_args, training_args) -> str:
+    """The dtype to load the model in: `model_args.dtype` when set; otherwise the training's mixed-precision dtype
+    for a PEFT (LoRA or QLoRA) run, whose base weights are frozen, and float32 for a full fine-tune. Also the 4-bit
+    compute dtype of QLoRA (TRL's `get_quantization_config` reads `dtype`)."""
+    if model_args.dtype is not None:
+        return model_args.dtype
+    if getattr(model_args, "use_peft", False):
+        if getattr(training_args, "bf16", False):
+            return "bfloat16"
+        if getattr(training_args, "fp16", False):
+            return "float16"
+    return "float32"
+
+
 def make_parser(task: str):
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
     from trl import DatasetMixtureConfig
 
     config_cls, _ = _classes(task)
-    return TrlParser((_script_arguments(), config_cls, ModelConfig, DatasetMixtureConfig), prog=f"trl-ica {task}")
+    return TrlParser(
+        (_script_arguments(), config_cls, _model_config(), DatasetMixtureConfig), prog=f"trl-ica {task}"
+    )
 
 
 def load_training_data(script_args, training_args, dataset_args):
@@ -113,7 +151,8 @@ def load_model_and_tokenizer(model_args, training_args):
         raise ValueError("`--model_name_or_path` is required (`smollm2-135m-instruct` is the embedded default).")
     path = resolve_model(model_args.model_name_or_path)
     check_model_path(path, "--model_name_or_path")
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model_args.dtype = resolve_dtype(model_args, training_args)
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     kwargs = dict(
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,

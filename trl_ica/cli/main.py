@@ -53,6 +53,12 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
     parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
+    parser.add_argument(
+        "--scoring-max-tokens",
+        type=int,
+        help="Token positions per scoring forward, each sequence's demonstration prefix included (default: 16384 on "
+        "an accelerator, 2048 on the CPU).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     whisperer = parser.add_argument_group("whisperer")
     whisperer.add_argument("--metric", default="exact_match", choices=list(METRICS))
@@ -154,6 +160,7 @@ def run_score(args) -> dict:
             embedding_model=args.embedding_model,
             seed=args.seed,
             batch_size=args.batch_size,
+            max_batch_tokens=args.scoring_max_tokens,
         )
     seconds = time.perf_counter() - start
     plot = os.path.splitext(args.output)[0] + ".png"

@@ -39,17 +39,22 @@ def _requests_per_row(renderer: Renderer, examples, fn) -> tuple[list[LogProbReq
     return [fn(e) for e in examples], 1
 
 
-def _per_token(model, requests, width, batch_size, show_progress, desc) -> tuple[np.ndarray, np.ndarray]:
-    out = score_requests(model, requests, batch_size=batch_size, show_progress=show_progress, desc=desc)
+def _per_token(model, requests, width, batch_size, show_progress, desc, max_batch_tokens=None):
+    out = score_requests(
+        model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens, show_progress=show_progress,
+        desc=desc,
+    )  # fmt: skip
     return out.sums.reshape(-1, width), out.counts.reshape(-1, width)
 
 
-def loss_scores(model, tokenizer, dataset, *, batch_size=None, show_progress=True) -> np.ndarray:
+def loss_scores(
+    model, tokenizer, dataset, *, batch_size=None, show_progress=True, max_batch_tokens=None
+) -> np.ndarray:
     """Mean log p(y | x) per response token; for pairs, log p(y_w | x) - log p(y_l | x) per token."""
     examples = read_dataset(dataset, "dataset")
     renderer = Renderer(tokenizer)
     requests, width = _requests_per_row(renderer, examples, renderer.unconditioned)
-    sums, counts = _per_token(model, requests, width, batch_size, show_progress, "log p(y | x)")
+    sums, counts = _per_token(model, requests, width, batch_size, show_progress, "log p(y | x)", max_batch_tokens)
     mean = sums / counts
     return mean[:, 0] if width == 1 else mean[:, 0] - mean[:, 1]
 
@@ -63,22 +68,28 @@ def _response_alone(renderer: Renderer, example: SFTExample) -> LogProbRequest:
     return LogProbRequest(start, (), renderer.unconditioned(example).response)
 
 
-def ifd_scores(model, tokenizer, dataset, *, batch_size=None, show_progress=True) -> np.ndarray:
+def ifd_scores(
+    model, tokenizer, dataset, *, batch_size=None, show_progress=True, max_batch_tokens=None
+) -> np.ndarray:
     """Instruction-Following Difficulty, ppl(y | x) / ppl(y) (per-token perplexities), of SFT examples."""
     examples = read_dataset(dataset, "dataset")
     if isinstance(examples[0], PreferenceExample):
         raise ValueError("`method='ifd'` is defined for SFT examples, not for preference pairs.")
     renderer = Renderer(tokenizer)
     plain, counts = _per_token(
-        model, [renderer.unconditioned(e) for e in examples], 1, batch_size, show_progress, "log p(y | x)"
-    )
+        model, [renderer.unconditioned(e) for e in examples], 1, batch_size, show_progress, "log p(y | x)",
+        max_batch_tokens,
+    )  # fmt: skip
     alone, _ = _per_token(
-        model, [_response_alone(renderer, e) for e in examples], 1, batch_size, show_progress, "log p(y)"
-    )
+        model, [_response_alone(renderer, e) for e in examples], 1, batch_size, show_progress, "log p(y)",
+        max_batch_tokens,
+    )  # fmt: skip
     return np.exp((alone[:, 0] - plain[:, 0]) / counts[:, 0])
 
 
-def rho_scores(model, tokenizer, dataset, reference_model, *, batch_size=None, show_progress=True) -> np.ndarray:
+def rho_scores(
+    model, tokenizer, dataset, reference_model, *, batch_size=None, show_progress=True, max_batch_tokens=None
+) -> np.ndarray:
     """RHO-Loss, the reducible holdout loss: per-token loss under `model` minus under `reference_model` (trained on
     the holdout). High: the model has not learnt it yet but it is learnable and consistent with the holdout."""
     if reference_model is None:
@@ -87,8 +98,9 @@ def rho_scores(model, tokenizer, dataset, reference_model, *, batch_size=None, s
         )
     if isinstance(read_dataset(dataset, "dataset")[0], PreferenceExample):
         raise ValueError("`method='rho'` is defined for SFT examples, not for preference pairs.")
-    current = loss_scores(model, tokenizer, dataset, batch_size=batch_size, show_progress=show_progress)
-    reference = loss_scores(reference_model, tokenizer, dataset, batch_size=batch_size, show_progress=show_progress)
+    common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)
+    current = loss_scores(model, tokenizer, dataset, **common)
+    reference = loss_scores(reference_model, tokenizer, dataset, **common)
     return reference - current  # = loss(current) - loss(reference), since loss_scores are log-probabilities
 
 
@@ -102,6 +114,7 @@ def oneshot_scores(
     embedding_model=None,
     batch_size=None,
     show_progress=True,
+    max_batch_tokens=None,
 ) -> np.ndarray:
     """One-Shot (Nuggets-style): each example as the single demonstration in front of its `num_queries` nearest
     holdout examples; its score is the mean gain of their answers' log-probability (for a preference holdout, of
@@ -123,12 +136,14 @@ def oneshot_scores(
         renderer.conditioned(t, [as_demo[i]]) for i in range(len(examples)) for j in nearest[i] for t in targets[j]
     ]
     with_demo = score_requests(
-        model, requests, batch_size=batch_size, show_progress=show_progress, desc="One-Shot (with the example)"
+        model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens, show_progress=show_progress,
+        desc="One-Shot (with the example)",
     ).sums.reshape(len(examples), num_queries, -1)
     base = score_requests(
         model,
         [renderer.unconditioned(t) for ts in targets for t in ts],
         batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
         show_progress=show_progress,
         desc="One-Shot (holdout alone)",
     ).sums.reshape(len(held), -1)
@@ -161,6 +176,7 @@ def score_dataset(
     embedding_model=None,
     seed: int = 0,
     batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
     whisperer: WhispererConfig | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
@@ -176,11 +192,13 @@ def score_dataset(
         demo_selection, reduction, form, layout, score_end, embedding_model: as in [`compute_ica_scores`].
         seed (`int`): seed of `random` and of fixed/random demonstrations.
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
+        max_batch_tokens (`int`, *optional*): the scoring token budget of the log-probability methods (see
+            [`score_requests`]).
     """
     check_choice("method", method, list(METHODS))
     if method in ("ica", "oneshot") and holdout is None:
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
-    common = dict(batch_size=batch_size, show_progress=show_progress)
+    common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)
     if method == "whisperer":
         config = whisperer or WhispererConfig(seed=seed, **({"batch_size": batch_size} if batch_size else {}))
         return whisperer_scores(model, tokenizer, dataset, holdout, config, show_progress=show_progress).scores
