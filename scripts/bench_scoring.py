@@ -5,7 +5,7 @@ For each data kind (GSM8K solutions; short answers, the final answer only) and e
 holdout of `--n-holdout`), the whole scoring (conditioned and unconditioned pass) is timed:
 
 - `naive`: each candidate's full sequence on its own (batch 1, the same LM-head-at-response-only kernel);
-- `flat`: the engine sharing whole prefixes only (`prefix_tree=False`);
+- `flat`: the engine sharing whole prefixes only (`sharing="flat"`);
 - `tree`: the engine as it runs by default, the prefix tree (`plan_prefixes`).
 
 "bound" is tokens naive runs / tokens the mode runs (prefix pieces included); "reached" is the measured speed-up
@@ -52,7 +52,8 @@ def run_once(model, requests, mode: str):
         requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
     start = time.perf_counter()
     out = score_requests(
-        model, requests, batch_size=1 if mode == "naive" else None, show_progress=False, prefix_tree=mode == "tree"
+        model, requests, batch_size=1 if mode == "naive" else None, show_progress=False,
+        sharing=mode if mode in ("tree", "flat") else "none",
     )
     return out.sums, time.perf_counter() - start
 

@@ -11,8 +11,10 @@ from trl_ica.scoring.engine import (
     LogProbRequest,
     ScoringBudget,
     _Scorer,
+    choose_sharing,
     plan_prefixes,
     score_requests,
+    sharing_costs,
     token_counts,
 )
 
@@ -166,6 +168,7 @@ def test_prefix_tree_runs_every_shared_token_once(seed):
 @pytest.mark.parametrize("batch_size", [None, 2])
 @pytest.mark.parametrize("prefix_tree", [True, False])
 def test_prefix_tree_scores_equal_naive_and_each_piece_runs_once(llama, monkeypatch, batch_size, prefix_tree):
+    sharing = "tree" if prefix_tree else "flat"
     requests = tree_requests(3)
     pieces = []
     original = _Scorer.prefix_state
@@ -175,7 +178,7 @@ def test_prefix_tree_scores_equal_naive_and_each_piece_runs_once(llama, monkeypa
         return original(self, segment, parent)
 
     monkeypatch.setattr(_Scorer, "prefix_state", spy)
-    fused = score_requests(llama, requests, batch_size=batch_size, show_progress=False, prefix_tree=prefix_tree)
+    fused = score_requests(llama, requests, batch_size=batch_size, show_progress=False, sharing=sharing)
     naive = np.array([naive_log_prob(llama, r) for r in requests])
     np.testing.assert_allclose(fused.sums, naive, atol=1e-4, rtol=0)
     if prefix_tree:
@@ -266,3 +269,52 @@ def test_bf16_scoring_equals_the_plain_bf16_forward(how):
         noise = max(abs(regrouped_log_prob(model, r, longest) - n) for r, n in zip(requests, naive))
     tolerance = 4 * noise + 4 * torch.finfo(torch.bfloat16).eps * np.abs(naive)
     assert noise > 0 and (np.abs(fused - naive) <= tolerance).all(), (np.abs(fused - naive).max(), noise)
+
+
+@pytest.mark.parametrize("sharing", ["tree", "flat", "none"])
+def test_sharing_costs_count_the_forwards_and_tokens_the_engine_runs(llama, sharing):
+    """The cost model's `(forwards, tokens)` for each way of sharing are those the engine then runs (backbone calls,
+    and the unpadded tokens they take), under a token budget small enough to split groups into several batches."""
+    requests = tree_requests(7)
+    calls = []
+
+    def count(module, args, kwargs, output):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        own = ids.numel() if mask is None else int(mask[:, -ids.shape[1] :].sum())
+        calls.append(own)
+
+    hook = llama.model.register_forward_hook(count, with_kwargs=True)
+    score_requests(llama, requests, max_batch_tokens=64, sharing=sharing, show_progress=False)
+    hook.remove()
+    forwards, tokens = sharing_costs(requests, 64)[sharing]
+    assert (len(calls), sum(calls)) == (forwards, tokens)
+
+
+def test_choose_sharing_weighs_tokens_against_forwards():
+    requests = tree_requests(7)
+    costs = sharing_costs(requests, 64)
+    assert costs["tree"][1] < costs["flat"][1] < costs["none"][1]  # sharing more runs fewer tokens
+    assert costs["tree"][0] > costs["none"][0]  # in more forwards
+    assert choose_sharing(requests, 64, None, overhead=0.0) == "tree"  # free forwards: fewest tokens
+    assert choose_sharing(requests, 64, None, overhead=1e6) == min(costs, key=lambda k: costs[k][0])
+
+
+def test_measured_forward_overhead_is_taken_once_per_model(llama, monkeypatch):
+    from trl_ica.scoring import engine
+
+    seen = []
+    original = engine.measure_forward_overhead
+
+    def spy(scorer, lockstep=None):
+        seen.append(original(scorer, lockstep))
+        return seen[-1]
+
+    monkeypatch.setattr(engine, "measure_forward_overhead", spy)
+    requests = tree_requests(2)
+    fused = score_requests(llama, requests, show_progress=False, forward_overhead="measure").sums
+    score_requests(llama, requests, show_progress=False, forward_overhead="measure")
+    assert len(seen) == 2 and seen[0] == seen[1] > 0  # measured on the first call, remembered for the model
+    with pytest.raises(ValueError, match="`forward_overhead` must be None, a number >= 0 or 'measure'"):
+        score_requests(llama, requests, show_progress=False, forward_overhead=-1)
+    naive = np.array([naive_log_prob(llama, r) for r in requests])
+    np.testing.assert_allclose(fused, naive, atol=1e-4, rtol=0)

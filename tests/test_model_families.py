@@ -88,8 +88,8 @@ def test_engine_log_probs_equal_the_models_own_forward(family):
 
 
 @pytest.mark.parametrize("family", WINDOWED)
-@pytest.mark.parametrize("prefix_tree", [True, False])
-def test_sliding_window_and_hybrid_models_score_exactly_past_the_window(family, prefix_tree):
+@pytest.mark.parametrize("sharing", ["tree", "flat"])
+def test_sliding_window_and_hybrid_models_score_exactly_past_the_window(family, sharing):
     """Prefixes of 30 and 12 tokens (the longer one extending the shorter, so the tree runs a piece after its
     parent) against windows of 8: every response scores as the model's own forward of the whole sequence."""
     model = build(family)
@@ -99,6 +99,6 @@ def test_sliding_window_and_hybrid_models_score_exactly_past_the_window(family, 
     requests = [LogProbRequest(long, (40 + i, 50)[: i + 1], (60 + i, 61, 62, 63)[: 4 - i]) for i in range(3)]
     requests += [LogProbRequest(short, (40 + i,), (60 + i, 61)) for i in range(2)]
     requests += [LogProbRequest((), (1, 7 + i, 8), (50 + i, 51)) for i in range(2)]
-    fused = score_requests(model, requests, show_progress=False, prefix_tree=prefix_tree).sums
+    fused = score_requests(model, requests, show_progress=False, sharing=sharing).sums
     naive = np.array([naive_log_prob(model, r) for r in requests])
     np.testing.assert_allclose(fused, naive, rtol=0, atol=TOLERANCE)

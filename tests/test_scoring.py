@@ -246,3 +246,32 @@ def test_excluded_rows_are_never_their_own_demonstration(method):
         assert (plain[:, 0] == np.arange(6)).all() and (own[:, :2] == plain[:, 1:]).all()  # the next nearest
     with pytest.raises(ValueError, match="cannot leave out a candidate's own row"):
         select_demos(texts, texts, 6, method, seed=0, embed=embed, exclude=np.arange(6))
+
+
+def test_deferred_demonstrations_are_chosen_and_checked_on_first_use(chat_model, tokenizer):
+    """The trainers defer kNN under FSDP and DeepSpeed until the model is placed: nothing is embedded when the
+    builder is made; the first use embeds once, gives the demonstrations chosen up front, and checks lengths then."""
+    from trl_ica.scoring.demonstrations import model_embeddings
+
+    train, holdout = make_data()
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return model_embeddings(chat_model, tokenizer, texts)
+
+    now = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed, show_progress=False)
+    calls.clear()
+    later = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed,
+                        show_progress=False, defer_demos=True)  # fmt: skip
+    assert calls == []
+    assert [r.response for r in later.requests(0, False)] == [r.response for r in now.requests(0, False)]
+    assert calls == []  # requests without demonstrations do not need them
+    np.testing.assert_array_equal(later.demo_indices, now.demo_indices)
+    assert len(calls) == 2  # candidates and holdout, once
+    later.demo_indices  # noqa: B018
+    assert len(calls) == 2
+    short = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed, max_length=40,
+                        show_progress=False, defer_demos=True)  # fmt: skip
+    with pytest.raises(ValueError, match="longer than `max_length`=40"):
+        short.requests(0, True)

@@ -235,3 +235,22 @@ def test_cli_errors_name_the_argument(tmp_path):
         main([*score, str(tmp_path / "scored.jsonl")])
     with pytest.raises(SystemExit):
         main(["score", "--method", "nuggets", "--model", "m", "--dataset", "d.jsonl", "--output", "o.jsonl"])
+
+
+def test_model_embeddings_equal_one_text_at_a_time(chat_model, tokenizer):
+    """Batched by length under a token budget (and under bf16 autocast when asked), each embedding is the mean-pooled
+    hidden state of its own text alone: padding and batch-mates change nothing beyond rounding."""
+    import torch
+
+    texts = [f"What is {i} plus {i * 7}? Give the answer in words, please." * (1 + i % 3) for i in range(9)]
+    alone = np.stack([model_embeddings(chat_model, tokenizer, [t])[0] for t in texts])
+    batched = model_embeddings(chat_model, tokenizer, texts, max_batch_tokens=64)
+    np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)  # unit vectors: float32 rounding is ~1e-7
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
+    seen = []
+    hook = chat_model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    low = model_embeddings(chat_model, tokenizer, texts, compute_dtype=torch.bfloat16)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16} and low.dtype == np.float32
+    assert np.abs(low - alone).max() < 0.05  # bf16 rounding of unit vectors, not another text's embedding
+    assert min(np.abs(alone[i] - alone[j]).max() for i in range(9) for j in range(i)) > 0.05

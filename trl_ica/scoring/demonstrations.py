@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -22,30 +23,90 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
 
+def _embedding_batches(lengths: list[int], batch_size: int | None, max_tokens: int) -> list[list[int]]:
+    """Rows grouped into batches, longest first, each under the row cap and `max_tokens` padded tokens: the same
+    batches whatever the number of processes, so that every process count gives the same numbers."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, max_tokens // max(1, lengths[order[start]]))
+        if batch_size is not None:
+            rows = min(rows, batch_size)
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
 @torch.no_grad()
 def model_embeddings(
-    model, tokenizer, texts: list[str], batch_size: int = 16, show_progress: bool = False
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int | None = None,
+    show_progress: bool = False,
+    *,
+    max_batch_tokens: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    distributed: str | None = None,
 ) -> np.ndarray:
-    """Mean-pooled last hidden states of `model` for each text, L2-normalised: `(len(texts), hidden)` float32."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    """Mean-pooled last hidden states of `model` for each text, L2-normalised: `(len(texts), hidden)` float32.
+
+    Runs where the model is, in batches of similar length under a padded-token budget (`max_batch_tokens`, by
+    default the scoring engine's: 16384 on an accelerator, 2048 on the CPU) and `batch_size` rows at most, under
+    autocast to `compute_dtype` when given. Under several processes (`distributed` as in [`score_requests`]:
+    `"shard"` by default there) the batches are dealt out between the processes, each of which makes the same number
+    of forwards (one-token ones when it has run out), as sharded models need, and every process gets every
+    embedding.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from .distributed import resolve_mode
+    from .engine import ACCELERATOR_TOKENS, DEFAULT_TOKENS
+
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
     _, backbone, _ = backbone_and_head(model)
     device = next(unwrap_causal_lm(model).parameters()).device
-    out = []
-    with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model):
-        for start in tqdm(range(0, len(texts), batch_size), desc="Embedding", disable=not show_progress, leave=False):
-            chunk = [
-                tokenizer(t, add_special_tokens=False)["input_ids"] or [0] for t in texts[start : start + batch_size]
-            ]
-            length = max(len(ids) for ids in chunk)
-            ids = torch.zeros(len(chunk), length, dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for row, tokens in enumerate(chunk):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, H)
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
-    return np.concatenate(out)
+    max_tokens = max_batch_tokens or DEFAULT_TOKENS.get(device.type, ACCELERATOR_TOKENS)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]
+    batches = _embedding_batches([len(x) for x in ids], batch_size, max_tokens)
+    mode = resolve_mode(distributed)
+    rank, world = (0, 1) if mode == "local" else (PartialState().process_index, PartialState().num_processes)
+    mine = batches[rank::world]
+    weights = next(backbone.parameters()).dtype
+    autocast = (
+        torch.autocast(device.type, dtype=compute_dtype)
+        if compute_dtype is not None and compute_dtype != weights and weights.is_floating_point
+        else contextlib.nullcontext()
+    )
+    rows, pooled = [], []
+    bar = tqdm(total=sum(map(len, mine)), desc="Embedding", disable=not show_progress, leave=False)
+    with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model), autocast:
+        for step in range(-(-len(batches) // world)):
+            batch = mine[step] if step < len(mine) else None
+            if batch is None:  # every process makes as many forwards as the one with the most batches
+                backbone(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+                continue
+            length = max(len(ids[i]) for i in batch)
+            x = torch.zeros(len(batch), length, dtype=torch.long, device=device)
+            mask = torch.zeros_like(x)
+            for row, i in enumerate(batch):
+                x[row, : len(ids[i])] = torch.tensor(ids[i], device=device)
+                mask[row, : len(ids[i])] = 1
+            hidden = backbone(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state.float()
+            mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            pooled.append(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy())
+            rows += batch
+            bar.update(len(batch))
+    bar.close()
+    config = unwrap_causal_lm(model).config
+    hidden_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+    local = (rows, np.concatenate(pooled) if pooled else np.zeros((0, hidden_size), dtype=np.float32))
+    parts = [local] if mode == "local" else gather_object([local])
+    out = np.zeros((len(texts), hidden_size), dtype=np.float32)
+    for part_rows, values in parts:
+        out[part_rows] = values
+    return out
 
 
 def sentence_embedder(name_or_path: str) -> Embedder:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -352,8 +353,9 @@ def score_requests(
     show_progress: bool = True,
     desc: str = "Scoring",
     distributed: str | None = None,
-    prefix_tree: bool = True,
+    sharing: str = "auto",
     compute_dtype: torch.dtype | None = None,
+    forward_overhead: float | str | None = None,
 ) -> LogProbs:
     """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
 
@@ -371,8 +373,16 @@ def score_requests(
             one; `"lockstep"` scores each process's own `requests`, keeping the model calls in step
             ([`ForwardLockstep`]); `"local"` scores on this process alone, with no collective calls. Ignored
             with a single process.
-        prefix_tree (`bool`, *optional*, defaults to `True`): share the common start of different prefixes (the
-            prefix tree, [`plan_prefixes`]); `False` shares whole prefixes only. The results are the same.
+        sharing (`str`, *optional*, defaults to `"auto"`): how prefixes share their KV cache. `"tree"`: the common
+            start of different prefixes runs once (the prefix tree, [`plan_prefixes`]), in the most forwards;
+            `"flat"`: whole prefixes used more than once run once; `"none"`: every sequence runs whole, in the
+            fewest, widest forwards. `"auto"` picks the cheapest by [`choose_sharing`]: tokens run plus a fixed cost
+            per forward (`forward_overhead`). The results are the same up to floating-point rounding.
+        forward_overhead (`float` or `"measure"`, *optional*): that fixed cost, in tokens' worth of compute. By
+            default 32 on the CPU (measured for SmolLM2-135M on two cores: 29-31) and 256 on an accelerator (a
+            GPU's bf16 peak over its memory bandwidth, 150-300 from an A100 to an H200: the tokens a forward could
+            compute while it reads the weights once). `"measure"` times the model once per device and dtype
+            ([`measure_forward_overhead`]); the default is fixed so that a run's scores never depend on timing.
         compute_dtype (`torch.dtype`, *optional*): run the model under autocast to this dtype when its weights are
             of another floating type (what mixed-precision training does); the log-sum-exp is float32 either way.
 
@@ -405,9 +415,16 @@ def score_requests(
         budget = ScoringBudget(max_batch_tokens)
     mode = resolve_mode(distributed)
     device = next(unwrap_causal_lm(model).parameters()).device
+    if sharing not in SHARINGS:
+        raise ValueError(f"`sharing` must be one of {list(SHARINGS)}, got {sharing!r}.")
+    if not (forward_overhead is None or forward_overhead == "measure" or (
+        isinstance(forward_overhead, (int, float)) and not isinstance(forward_overhead, bool) and forward_overhead >= 0
+    )):  # fmt: skip
+        raise ValueError(f"`forward_overhead` must be None, a number >= 0 or 'measure', got {forward_overhead!r}.")
     options = dict(
-        batch_size=batch_size, budget=budget, desc=desc, prefix_tree=prefix_tree, compute_dtype=compute_dtype
-    )
+        batch_size=batch_size, budget=budget, desc=desc, sharing=sharing, compute_dtype=compute_dtype,
+        forward_overhead=forward_overhead,
+    )  # fmt: skip
     if mode == "local":
         return _score_requests(model, requests, None, show_progress=show_progress, **options)
     budget.agree(device)
@@ -427,8 +444,8 @@ def score_requests(
 
 
 def _score_requests(
-    model, requests, lockstep: ForwardLockstep | None, *, batch_size, budget, show_progress, desc, prefix_tree,
-    compute_dtype,
+    model, requests, lockstep: ForwardLockstep | None, *, batch_size, budget, show_progress, desc, sharing,
+    compute_dtype, forward_overhead,
 ) -> LogProbs:  # fmt: skip
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
@@ -439,10 +456,6 @@ def _score_requests(
     device = next(unwrap_causal_lm(model).parameters()).device
     budget.resolve(device)
     scorer = _Scorer(model, device, lockstep, compute_dtype)
-    if not scorer.shares_prefixes:
-        _warn_unshared(scorer)
-        requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
-    plan = plan_prefixes([r.prefix for r in requests], tree=prefix_tree)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
     with (
         torch.no_grad(),
@@ -450,6 +463,20 @@ def _score_requests(
         unsharded_ancestors(model, scorer.backbone, scorer.head),
         scorer.compute(),
     ):
+        if not scorer.shares_prefixes:
+            _warn_unshared(scorer)
+            sharing = "none"
+        elif sharing == "auto":
+            if forward_overhead == "measure":
+                overhead = measure_forward_overhead(scorer, lockstep)
+            elif forward_overhead is None:
+                overhead = DEFAULT_OVERHEAD.get(device.type, ACCELERATOR_OVERHEAD)
+            else:
+                overhead = float(forward_overhead)
+            sharing = choose_sharing(requests, budget.tokens, batch_size, overhead)
+        if sharing == "none":
+            requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
+        plan = plan_prefixes([r.prefix for r in requests], tree=sharing == "tree")
         stack: list[tuple[tuple[int, ...], PrefixState]] = []  # the pieces above the current one, with their states
         for node in plan.nodes:
             while stack and node[: len(stack[-1][0])] != stack[-1][0]:
@@ -486,6 +513,97 @@ def _warn_unshared(scorer: _Scorer) -> None:
             name,
             "/".join(scorer.unshareable),
         )
+
+
+SHARINGS = ("auto", "tree", "flat", "none")
+_OVERHEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): overhead}
+
+
+DEFAULT_OVERHEAD = {"cpu": 32.0}  # elsewhere (an accelerator): ACCELERATOR_OVERHEAD; see `score_requests`
+ACCELERATOR_OVERHEAD = 256.0
+
+
+def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None = None) -> float:
+    """The fixed cost of one forward of the scorer's model, in tokens' worth of compute: a forward of `n` tokens
+    costs about `overhead + n`. Measured once per model, device and dtype, by timing a one-token forward against a
+    256-token one (each the fastest of three, after a warm-up); under several processes the largest measurement of
+    any process is used, so that all choose alike. On an accelerator this is the kernel launches and, under 4-bit
+    quantisation, the dequantisation of every weight, so it can be worth hundreds of tokens; on a CPU a few."""
+    known = _OVERHEADS.setdefault(scorer.lm, {})
+    key = (str(scorer.device), str(scorer.compute_dtype))
+    if key not in known:
+        import time
+
+        def timed(length: int) -> float:
+            ids = torch.full((1, length), scorer.pad_id, dtype=torch.long, device=scorer.device)
+            best = float("inf")
+            for _ in range(3):
+                if scorer.device.type == "cuda":
+                    torch.cuda.synchronize(scorer.device)
+                start = time.perf_counter()
+                scorer.backbone(input_ids=ids, use_cache=False)
+                if scorer.device.type == "cuda":
+                    torch.cuda.synchronize(scorer.device)
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        config = scorer.lm.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        length = min(256, getattr(config, "max_position_embeddings", None) or 256)
+        timed(8)  # warm-up
+        one, many = timed(1), timed(length)
+        per_token = max(many - one, 1e-9) / (length - 1)
+        overhead = one / per_token
+        if lockstep is not None:
+            import torch.distributed as dist
+
+            value = torch.tensor([overhead], dtype=torch.float64, device=scorer.device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            overhead = float(value)
+        known[key] = overhead
+    return known[key]
+
+
+def _batches(lengths: list[int], prefix: int, batch_size: int | None, max_tokens: int) -> int:
+    """How many forwards `_score_group` makes for continuations of `lengths` after a `prefix`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    count = pos = 0
+    while pos < len(order):
+        pos = _batch_end(order, pos, lengths, batch_size, max_tokens, prefix)
+        count += 1
+    return count
+
+
+def sharing_costs(
+    requests: Sequence[LogProbRequest], max_tokens: int, batch_size: int | None = None
+) -> dict[str, tuple[int, int]]:
+    """`(forwards, tokens)` each way of sharing would run for `requests` under the token budget: prefix pieces at
+    batch 1 plus the batched continuations ([`score_requests`], `sharing`)."""
+    out = {}
+    for sharing in ("tree", "flat"):
+        plan = plan_prefixes([r.prefix for r in requests], tree=sharing == "tree")
+        forwards = sum(1 for node in plan.nodes if node)
+        tokens = plan.piece_tokens
+        for node, idx in plan.requests.items():
+            if not idx:
+                continue
+            lengths = [len(requests[i].prefix) - len(node) + len(requests[i].context) + len(requests[i].response)
+                       for i in idx]  # fmt: skip
+            forwards += _batches(lengths, len(node), batch_size, max_tokens)
+            tokens += sum(lengths)
+        out[sharing] = (forwards, tokens)
+    whole = [r.num_tokens for r in requests]
+    out["none"] = (_batches(whole, 0, batch_size, max_tokens), sum(whole))
+    return out
+
+
+def choose_sharing(
+    requests: Sequence[LogProbRequest], max_tokens: int, batch_size: int | None, overhead: float
+) -> str:
+    """The way of sharing with the least `forwards x overhead + tokens` ([`sharing_costs`]); ties go to the one
+    that runs fewer tokens."""
+    costs = sharing_costs(requests, max_tokens, batch_size)
+    return min(costs, key=lambda name: (costs[name][0] * overhead + costs[name][1], costs[name][1]))
 
 
 class TokenCounts(NamedTuple):

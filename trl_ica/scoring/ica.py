@@ -101,7 +101,9 @@ class ICARequestBuilder:
         self.renderer = Renderer(tokenizer, template, chat_template, layout, score_end)
         self.candidates = candidates
         self.holdout = holdout
-        self.demo_indices = np.asarray(demo_indices, dtype=np.int64)
+        self._pending = None  # (choose, max_length, argument) of demonstrations chosen on first use
+        if demo_indices is not None:
+            self.demo_indices = demo_indices
         self.pairs = isinstance(candidates[0], PreferenceExample)
         self.width = 2 if self.pairs else 1  # requests per candidate
 
@@ -109,7 +111,7 @@ class ICARequestBuilder:
         """[chosen, rejected] requests of pair i. Both share demonstrations and prompt: unless the demonstration
         prefix is shared by every pair (fixed demos), the prompt joins the prefix so the pair runs it once."""
         pair = self.candidates[i]
-        demos = [self.holdout[j] for j in self.demo_indices[i]]
+        demos = [self.holdout[j] for j in self.demo_indices[i]] if conditioned else []
         out = []
         for example in (pair.as_sft("chosen"), pair.as_sft("rejected")):
             req = self.renderer.conditioned(example, demos) if conditioned else self.renderer.unconditioned(example)
@@ -118,9 +120,31 @@ class ICARequestBuilder:
             out.append(req)
         return out
 
+    def defer(self, choose, max_length: int | None, argument: str) -> None:
+        """Choose the demonstrations (`choose()`, then the length check) when they are first needed rather than now:
+        the trainers defer kNN on the model's own embeddings until training starts, once FSDP or DeepSpeed has
+        placed and sharded the model (before that it sits on the CPU, or partitioned)."""
+        self._pending = (choose, max_length, argument)
+
     @property
-    def _demo_prefix_shared(self) -> bool:
-        return len(self.demo_indices) > 1 and bool((self.demo_indices == self.demo_indices[0]).all())
+    def demo_indices(self) -> np.ndarray:
+        """`(len(candidates), k)` holdout rows of each candidate's demonstrations."""
+        if self._pending is not None:
+            choose, max_length, argument = self._pending
+            self._pending = None
+            self.demo_indices = choose()
+            self.check_lengths(max_length, argument)
+        return self._demo_indices
+
+    @demo_indices.setter
+    def demo_indices(self, value) -> None:
+        self._pending = None
+        self._demo_indices = np.asarray(value, dtype=np.int64)
+        # Whether every candidate has the same demonstrations (one shared prefix): checked once per assignment, not
+        # per request, which made building N pair requests O(N^2)
+        self._demo_prefix_shared = len(self._demo_indices) > 1 and bool(
+            (self._demo_indices == self._demo_indices[0]).all()
+        )
 
     def requests(self, i: int, conditioned: bool) -> list[LogProbRequest]:
         """The requests of candidate i: one for an example, [chosen, rejected] for a pair."""
@@ -149,9 +173,13 @@ class ICARequestBuilder:
             )
 
 
-def resolve_embedder(model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool) -> Embedder:
+def resolve_embedder(
+    model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool, compute_dtype=None
+) -> Embedder:
     if embedding_model is None:
-        return lambda texts: model_embeddings(model, tokenizer, texts, show_progress=show_progress)
+        return lambda texts: model_embeddings(
+            model, tokenizer, texts, show_progress=show_progress, compute_dtype=compute_dtype
+        )
     if isinstance(embedding_model, str):
         return sentence_embedder(embedding_model)
     if callable(embedding_model):
@@ -179,8 +207,12 @@ def prepare_ica(
     max_length: int | None = None,
     max_length_argument: str = "max_length",
     show_progress: bool = True,
+    compute_dtype=None,
+    defer_demos: bool = False,
 ) -> ICARequestBuilder:
-    """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]."""
+    """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]. `compute_dtype`: the
+    autocast dtype of the model's own kNN embeddings (see [`model_embeddings`]); `defer_demos`: choose them when
+    first needed (see [`ICARequestBuilder.defer`])."""
     check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
     candidates = read_dataset(dataset, "dataset")
     held = read_dataset(holdout, "holdout")
@@ -195,6 +227,7 @@ def prepare_ica(
     return _build_requests(
         model, tokenizer, candidates, held, num_demos, demo_selection, rendering, embedding_model, seed, max_length,
         max_length_argument, show_progress, exclude=holdout_copies(candidates, held, num_demos),
+        compute_dtype=compute_dtype, defer_demos=defer_demos,
     )  # fmt: skip
 
 
@@ -226,19 +259,27 @@ def holdout_copies(candidates, held, num_demos: int) -> np.ndarray | None:
 
 def _build_requests(
     model, tokenizer, candidates, held, num_demos, demo_selection, rendering: Renderer, embedding_model, seed,
-    max_length, max_length_argument, show_progress, exclude=None,
+    max_length, max_length_argument, show_progress, exclude=None, compute_dtype=None, defer_demos=False,
 ) -> ICARequestBuilder:  # fmt: skip
     """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
-    length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]."""
-    embed = None
-    if demo_selection in NEAREST_SELECTIONS:
-        embed = resolve_embedder(model, tokenizer, embedding_model, show_progress)
-    demos = select_demos(
-        [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed, exclude
-    )
+    length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]. With
+    `defer_demos` the choice and the check wait until the demonstrations are first needed
+    ([`ICARequestBuilder.defer`])."""
+
+    def choose() -> np.ndarray:
+        embed = None
+        if demo_selection in NEAREST_SELECTIONS:
+            embed = resolve_embedder(model, tokenizer, embedding_model, show_progress, compute_dtype)
+        return select_demos(
+            [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed,
+            exclude,
+        )  # fmt: skip
+
     r = rendering
-    builder = ICARequestBuilder(tokenizer, candidates, held, demos, r.template, r.chat_template, r.layout, r.score_end)
-    builder.check_lengths(max_length, max_length_argument)
+    builder = ICARequestBuilder(tokenizer, candidates, held, None, r.template, r.chat_template, r.layout, r.score_end)
+    builder.defer(choose, max_length, max_length_argument)
+    if not defer_demos:
+        builder.demo_indices  # noqa: B018 - chosen and length-checked now
     return builder
 
 
@@ -259,6 +300,8 @@ def prepare_holdout_reference(
     max_length: int | None = None,
     max_length_argument: str = "max_length",
     show_progress: bool = True,
+    compute_dtype=None,
+    defer_demos: bool = False,
 ) -> ICARequestBuilder:
     """Requests that score every holdout row as a candidate, its demonstrations chosen as for the training rows but
     from the rest of the holdout (a row never sees itself): the scores clean, on-target examples get, which
@@ -284,7 +327,8 @@ def prepare_holdout_reference(
     rendering = Renderer(tokenizer, template, chat_template, layout, score_end)
     return _build_requests(
         model, tokenizer, candidates, demos_pool, num_demos, demo_selection, rendering, embedding_model, seed,
-        max_length, max_length_argument, show_progress, exclude=np.arange(len(held)),
+        max_length, max_length_argument, show_progress, exclude=np.arange(len(held)), compute_dtype=compute_dtype,
+        defer_demos=defer_demos,
     )  # fmt: skip
 
 

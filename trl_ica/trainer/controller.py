@@ -291,6 +291,13 @@ class ICAController:
         )
         return scores
 
+    def ready_demonstrations(self) -> None:
+        """Choose the demonstrations now if the builders deferred them ([`ICARequestBuilder.defer`]); every process
+        calls it at the same point (the model's own embeddings run on all of them)."""
+        for builder in (self.builder, self.reference_builder):
+            if builder is not None:
+                builder.demo_indices  # noqa: B018 - the first access chooses them
+
     def begin_step(self, model, micro_batches: list[np.ndarray], step: int, max_steps: int) -> dict[str, float] | None:
         """Weights of one optimizer step, from the `ica_index` of each of this process's micro-batches of the step.
 
@@ -302,6 +309,7 @@ class ICAController:
         """
         self.step_begun = step
         self._step_weights = None
+        self.ready_demonstrations()
         self.maybe_refresh(model, step, max_steps)
         if not micro_batches:
             return None

@@ -12,6 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .. import seams
 from ..data_io import read_scores_file
+from ..scoring.demonstrations import NEAREST_SELECTIONS
 from ..scoring.formats import PreferenceExample, read_row
 from ..scoring.ica import prepare_holdout_reference, prepare_ica
 from ..scoring.rendering import ICAPromptTemplate
@@ -166,6 +167,14 @@ class ICATrainerMixin:
             max_length=args.ica_max_length or _context_size(self.model, max_length),
             max_length_argument="ica_max_length",
             show_progress=self.accelerator.is_main_process and not args.disable_tqdm,
+            compute_dtype=training_compute_dtype(args),
+            # kNN on the model's own embeddings waits for the first step under FSDP or DeepSpeed, which place and
+            # shard the model only then: run now, it would embed every row on the CPU
+            defer_demos=bool(
+                (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+                and args.ica_demo_selection in NEAREST_SELECTIONS
+                and args.ica_embedding_model is None
+            ),
         )
         builder = prepare_ica(
             self.model, self.processing_class, raw_train.remove_columns(INDEX), holdout_dataset, **options

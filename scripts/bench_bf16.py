@@ -1,0 +1,87 @@
+"""ICA scores of SmolLM2-135M-Instruct in bf16 against float32, on the noisy GSM8K pool (40 % wrong, mismatched or
+truncated answers) with k = 3 nearest holdout demonstrations.
+
+Three precisions score the same rows: float32 weights (the reference), bf16 weights, and float32 weights under bf16
+autocast (what mixed-precision training runs, and what the ICA trainers now score with). For each, and for two
+score settings (the recipes' conditioned form per token, and the paper's summed difference), the script reports
+Spearman's rank correlation with the float32 scores, the largest score gap, the AUROC of clean against corrupted
+rows, and the wall time.
+
+    python scripts/bench_bf16.py [--n 96] [--results docs/bf16_results.json]
+
+Each (setting, precision) result is kept in the JSON file (written whole) and skipped when run again; the file
+records its settings and refuses a run with other ones.
+"""
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k
+from trl_ica.data_io import write_json
+from trl_ica.scoring.ica import prepare_ica, score_with
+
+warnings.filterwarnings("ignore")
+SETTINGS = {"conditioned_mean": ("conditioned", "mean"), "difference_sum": ("difference", "sum")}
+PRECISIONS = ("float32", "bf16_weights", "bf16_autocast")
+
+
+def spearman(a, b) -> float:
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=96)
+    parser.add_argument("--n-holdout", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default="docs/bf16_results.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}
+    results = {"settings": settings, "runs": {}}
+    if os.path.exists(args.results):
+        results = json.load(open(args.results))
+        if results.get("settings") != settings:
+            raise SystemExit(f"{args.results} holds results for {results.get('settings')}, not {settings}.")
+    train, holdout, _ = noisy_gsm8k(args.n, args.n_holdout, 8, seed=0)
+    clean = np.array([c == "clean" for c in train["corruption"]])
+    model, tokenizer = load_model()
+    builder = prepare_ica(model, tokenizer, train.remove_columns("corruption"), holdout, num_demos=3,
+                          show_progress=False)  # fmt: skip
+    for name, (form, reduction) in SETTINGS.items():
+        for precision in PRECISIONS:
+            key = f"{name}/{precision}"
+            if key in results["runs"]:
+                continue
+            scorer = load_model()[0]  # fresh float32 weights: a bf16 round trip would round them
+            if precision == "bf16_weights":
+                scorer = scorer.to(torch.bfloat16)
+            compute = torch.bfloat16 if precision == "bf16_autocast" else None
+            start = time.perf_counter()
+            scores = score_with(scorer, builder, form=form, reduction=reduction, show_progress=False,
+                                compute_dtype=compute).scores  # fmt: skip
+            results["runs"][key] = {"seconds": time.perf_counter() - start, "scores": scores.tolist(),
+                                    "auroc": auroc(scores, clean)}  # fmt: skip
+            write_json(results, args.results)
+            print(key, f"{results['runs'][key]['seconds']:.1f} s", f"AUROC {results['runs'][key]['auroc']:.3f}")
+    print("| setting | precision | Spearman vs float32 | largest gap | AUROC | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name in SETTINGS:
+        reference = np.array(results["runs"][f"{name}/float32"]["scores"])
+        for precision in PRECISIONS:
+            run = results["runs"][f"{name}/{precision}"]
+            scores = np.array(run["scores"])
+            print(f"| {name} | {precision} | {spearman(scores, reference):.4f} | "
+                  f"{np.abs(scores - reference).max():.3f} | {run['auroc']:.3f} | {run['seconds']:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
