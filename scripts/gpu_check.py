@@ -153,7 +153,8 @@ def section_memory_8b(device, smoke):
     peak_reset()
     start = synced()
     score_requests(model, reqs, show_progress=False)
-    return {"weights_gib": weights, "peak_gib": peak_gib(), "seconds": synced() - start, "requests": len(reqs)}
+    return {"weights_gib": weights, "peak_gib": peak_gib(), "seconds": synced() - start, "requests": len(reqs),
+            "budget_tokens": ScoringBudget().resolve(device)}  # fmt: skip
 
 
 def section_planner(device, smoke):

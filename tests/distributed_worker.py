@@ -74,6 +74,11 @@ def main():
     calls.clear()
     alone = score_requests(model, own, batch_size=1, show_progress=False, distributed="local")
     engine.HEAD_BYTES = head_bytes
+    # An out-of-memory back-off on one process (here rank 0's budget halved to 50) holds on every process
+    budget = engine.ScoringBudget(100)
+    if rank == 0:
+        budget.back_off(100)
+    agreed = score_requests(model, own, max_batch_tokens=budget, show_progress=False, distributed="lockstep")
     with open(os.path.join(args.out, f"calls-{rank}.json"), "w") as f:
         json.dump(
             {
@@ -83,6 +88,8 @@ def main():
                 "lockstep_sums": stepped.sums.tolist(),
                 "local_sums": alone.sums.tolist(),
                 "scores": result.scores.tolist(),
+                "budget_after": budget.tokens,
+                "agreed_sums": agreed.sums.tolist(),
             },
             f,
         )

@@ -160,6 +160,21 @@ CLEAR = {
         ),  # fmt: skip
         r"`num_demos` must be an integer in \[1, 4\] \(the holdout size\), got 0",
     ),
+    "score: --scoring-max-tokens 0": (
+        lambda t, tok: cli(
+            ["score", "--method", "loss", "--model", "smollm2-135m-instruct", "--dataset",
+             write_lines(t / "d.jsonl", SFT), "--scoring-max-tokens", "0", "--output", str(t / "o.jsonl")]
+        ),  # fmt: skip
+        "`--scoring-max-tokens` must be a positive integer, got 0",
+    ),
+    "scoring: a token budget of 0": (
+        lambda t, tok: score_requests(tiny_llama(), [LogProbRequest((1,), (2,), (3,))], max_batch_tokens=0),
+        "`max_batch_tokens` must be a positive integer or None, got 0",
+    ),
+    "scoring: an unknown sharing": (
+        lambda t, tok: score_requests(tiny_llama(), [LogProbRequest((1,), (2,), (3,))], sharing="trie"),
+        r"`sharing` must be one of \['auto', 'tree', 'flat', 'none'\], got 'trie'",
+    ),
     "scoring: batch_size 0": (
         lambda t, tok: score_requests(tiny_llama(), [LogProbRequest((1,), (2,), (3,))], batch_size=0),
         "`batch_size` must be a positive integer or None, got 0",

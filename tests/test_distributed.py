@@ -78,6 +78,13 @@ def test_processes_make_the_same_model_calls_in_the_same_order(launched):
     assert r0["local_calls"].count("backbone") != r1["local_calls"].count("backbone")
 
 
+def test_a_scoring_budget_backed_off_on_one_process_holds_on_all(launched):
+    _, _, ranks, _ = launched
+    assert [r["budget_after"] for r in ranks] == [50, 50]
+    for r in ranks:  # the smaller batches give the same sums
+        np.testing.assert_allclose(r["agreed_sums"], r["local_sums"], atol=1e-5, rtol=0)
+
+
 def test_lockstep_scores_equal_local_scores(launched):
     for rank in launched[2]:
         np.testing.assert_allclose(rank["lockstep_sums"], rank["local_sums"], atol=1e-6, rtol=0)

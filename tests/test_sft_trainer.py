@@ -324,6 +324,8 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
         ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),
+        ({"ica_scoring_max_tokens": 0}, "`ica_scoring_max_tokens` must be a positive integer or None, got 0"),
+        ({"ica_scoring_batch_size": -2}, "`ica_scoring_batch_size` must be a positive integer or None, got -2"),
     ],
 )
 def test_bad_config(tmp_path, kwargs, message):

@@ -119,6 +119,9 @@ def run_score(args) -> dict:
             f"`--label-column`={args.label_column!r} is not a column of the dataset ({dataset.column_names})."
         )
     holdout = load_rows(args.holdout, args.split, "--holdout") if args.holdout else None
+    for flag, value in (("--batch-size", args.batch_size), ("--scoring-max-tokens", args.scoring_max_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"`{flag}` must be a positive integer, got {value}.")
 
     # Under `accelerate launch` this joins the process group (gloo on a CPU-only machine): ICA and the
     # log-probability baselines then split the rows between the processes; the main process writes the outputs.

@@ -4,10 +4,13 @@ A [`LogProbRequest`] asks for `log p(response | prefix, context)`. Prefixes that
 template's opening, the same first demonstration, the same first two) share the KV cache of that common part: the
 shared parts form a prefix tree ([`plan_prefixes`]), each piece of which runs once, depth-first, extending its
 parent's cache; every request is then scored against the deepest shared piece of its prefix, its own remaining
-tokens run in batches with those of the other requests at that piece, the cache expanded without copying. The LM head
-is applied only at response positions, so memory scales with the scored tokens, not with `batch x length x
-vocabulary`. Results come back in the caller's order and equal a plain forward of each full sequence up to
-floating-point rounding.
+tokens run in batches with those of the other requests at that piece, each row reading the one copy of the piece's
+cache ([`seams.read_only_prefix_cache`]). Whether to share that finely, only whole prefixes, or not at all is chosen
+by a cost model that charges each forward a fixed overhead ([`choose_sharing`]). Batches stay under a token budget
+that counts the prefix each row attends to ([`ScoringBudget`]); the LM head is applied only at response positions,
+in chunks of bounded size. Caches keep every position of every layer, so sliding-window layers are exact; models
+with layers that cannot share a cache score whole sequences. Results come back in the caller's order and equal a
+plain forward of each full sequence up to floating-point rounding.
 """
 
 from __future__ import annotations
