@@ -11,12 +11,13 @@ all measured in one run.
 """
 
 import argparse
+import statistics
 import time
 import warnings
 
 import numpy as np
 import torch
-from bench_online import median_forward, median_step
+from bench_online import median_step
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
@@ -67,6 +68,19 @@ def epoch_time(trainer):
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
+
+
+def median_forward(trainer, batch, repeats):
+    """Median no-grad forward of `batch`'s ids and mask through the trainer's model, after one warm-up."""
+    model = trainer.model
+    inputs = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask")}
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def floor_forward(trainer, batch, repeats, kind):

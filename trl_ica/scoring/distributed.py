@@ -92,12 +92,12 @@ def unsharded_ancestors(model: torch.nn.Module, *called: torch.nn.Module):
     if not sharded:
         yield
         return
-    root = sharded[0]  # modules() walks from the outside in
-    device = next(p for p in model.parameters()).device
-    with torch.no_grad():
-        root(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     targets = {id(m) for m in called}
     outer = [m for m in sharded if id(m) not in targets and targets & {id(sub) for sub in m.modules()}]
+    if outer:  # the outermost sharded module around the backbone (modules() walks from the outside in): a model
+        device = next(p for p in model.parameters()).device
+        with torch.no_grad():
+            outer[0](input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     for module in outer:
         module.unshard()
     try:
