@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import torch
+from bench_quality import check_settings
 
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
@@ -46,11 +47,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}
-    results = {"settings": settings, "runs": {}}
-    if os.path.exists(args.results):
-        results = json.load(open(args.results))
-        if results.get("settings") != settings:
-            raise SystemExit(f"{args.results} holds results for {results.get('settings')}, not {settings}.")
+    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    check_settings(results, settings, args.results)  # refuses a file of runs with other settings
+    results.setdefault("runs", {})
     train, holdout, _ = noisy_gsm8k(args.n, args.n_holdout, 8, seed=0)
     clean = np.array([c == "clean" for c in train["corruption"]])
     model, tokenizer = load_model()

@@ -120,14 +120,14 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], args.n, args.n_holdout, args.steps, args.worker[1])
+    from bench_quality import check_settings
+
     from trl_ica.data_io import write_json
 
     settings = {"n": args.n, "n_holdout": args.n_holdout, "steps": args.steps, "malloc_mmap_threshold": 131072}
-    results = {"settings": settings, "runs": {}}
-    if os.path.exists(args.results):
-        results = json.load(open(args.results))
-        if results.get("settings") != settings:
-            raise SystemExit(f"{args.results} holds results for {results.get('settings')}, not {settings}.")
+    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    check_settings(results, settings, args.results)  # refuses a file of runs with other settings
+    results.setdefault("runs", {})
     for kind in RUNS:
         if kind in results["runs"]:
             continue

@@ -30,6 +30,8 @@ import traceback
 import torch
 
 from trl_ica.scoring.engine import (
+    ACCELERATOR_OVERHEAD,
+    DEFAULT_OVERHEAD,
     LogProbRequest,
     ScoringBudget,
     _Scorer,
@@ -186,7 +188,7 @@ def section_planner(device, smoke):
         row["overhead_tokens"] = overhead
         row["costs"] = sharing_costs(reqs, tokens)
         row["auto_measured_chose"] = choose_sharing(reqs, tokens, None, overhead)
-        row["auto_chose"] = choose_sharing(reqs, tokens, None, 32.0 if smoke else 256.0)
+        row["auto_chose"] = choose_sharing(reqs, tokens, None, DEFAULT_OVERHEAD.get(device.type, ACCELERATOR_OVERHEAD))
         out[shape] = row
         del model
         peak_reset()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -62,23 +61,18 @@ def model_embeddings(
     from accelerate.utils import gather_object
 
     from .distributed import resolve_mode
-    from .engine import ACCELERATOR_TOKENS, DEFAULT_TOKENS
+    from .engine import ScoringBudget, autocast_to, padded_batch
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     _, backbone, _ = backbone_and_head(model)
     device = next(unwrap_causal_lm(model).parameters()).device
-    max_tokens = max_batch_tokens or DEFAULT_TOKENS.get(device.type, ACCELERATOR_TOKENS)
+    max_tokens = ScoringBudget(max_batch_tokens, "max_batch_tokens").resolve(device)
     ids = [tok(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]
     batches = _embedding_batches([len(x) for x in ids], batch_size, max_tokens)
     mode = resolve_mode(distributed)
     rank, world = (0, 1) if mode == "local" else (PartialState().process_index, PartialState().num_processes)
     mine = batches[rank::world]
-    weights = next(backbone.parameters()).dtype
-    autocast = (
-        torch.autocast(device.type, dtype=compute_dtype)
-        if compute_dtype is not None and compute_dtype != weights and weights.is_floating_point
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_to(device, compute_dtype, next(backbone.parameters()).dtype)
     rows, pooled = [], []
     bar = tqdm(total=sum(map(len, mine)), desc="Embedding", disable=not show_progress, leave=False)
     with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model), autocast:
@@ -87,12 +81,7 @@ def model_embeddings(
             if batch is None:  # every process makes as many forwards as the one with the most batches
                 backbone(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
                 continue
-            length = max(len(ids[i]) for i in batch)
-            x = torch.zeros(len(batch), length, dtype=torch.long, device=device)
-            mask = torch.zeros_like(x)
-            for row, i in enumerate(batch):
-                x[row, : len(ids[i])] = torch.tensor(ids[i], device=device)
-                mask[row, : len(ids[i])] = 1
+            x, mask = padded_batch([ids[i] for i in batch], 0, device)
             hidden = backbone(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state.float()
             mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             pooled.append(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy())

@@ -168,6 +168,18 @@ def pad_id(lm) -> int:
     return int(pad) if pad is not None else 0
 
 
+def padded_batch(sequences, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `(ids, mask)` of token sequences, `(B, longest)` long tensors on `device`: filled on the CPU and
+    moved in one copy each, rather than one small host-to-device copy per row."""
+    length = max(len(x) for x in sequences)
+    ids = np.full((len(sequences), length), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
 def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, max_tokens: int, prefix: int) -> int:
     """End of the batch starting at `order[start]` (sorted longest first) under a row cap and a token budget that
     counts, for each row, the `prefix` positions it attends to and its padded continuation (the keys and values one
@@ -212,10 +224,7 @@ class _Scorer:
     def compute(self):
         """Autocast to the training's compute dtype when it differs from the weights' (accelerate's mixed precision
         runs `model.forward` so, and the engine calls the backbone and head directly); otherwise nothing."""
-        weights = self.head.weight.dtype
-        if self.compute_dtype is None or self.compute_dtype == weights or not weights.is_floating_point:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return autocast_to(self.device, self.compute_dtype, self.head.weight.dtype)
 
     def _in_step(self, head_calls: int) -> int:
         """Before a backbone forward: the LM-head calls every process makes after it (this one's own without sync)."""
@@ -258,11 +267,7 @@ class _Scorer:
         """Score `rows` of `requests` against a shared prefix state (or none), returning one sum per row."""
         conts = [requests[i].context + requests[i].response for i in rows]
         B, L = len(rows), max(len(c) for c in conts)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
-        for b, cont in enumerate(conts):
-            ids[b, : len(cont)] = torch.tensor(cont, device=self.device)
-            mask[b, : len(cont)] = 1
+        ids, mask = padded_batch(conts, self.pad_id, self.device)
         P = 0 if state is None else state.length
         if state is not None:  # every row reads the one copy of the prefix; nothing is kept after the forward
             kwargs = {self.cache_argument: seams.read_only_prefix_cache(state.layers), "use_cache": True}
@@ -312,6 +317,20 @@ DEFAULT_TOKENS = {"cpu": 2048}  # elsewhere (an accelerator): ACCELERATOR_TOKENS
 ACCELERATOR_TOKENS = 16384
 
 
+def check_positive(name: str, value) -> None:
+    """Refuse `value` unless it is None or a positive integer, naming `name`."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+
+
+def autocast_to(device: torch.device, compute_dtype, weights_dtype):
+    """Autocast to `compute_dtype` when it differs from the weights' floating dtype (what accelerate's mixed
+    precision does around `model.forward`); otherwise nothing."""
+    if compute_dtype is None or compute_dtype == weights_dtype or not weights_dtype.is_floating_point:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
 class ScoringBudget:
     """Token positions one scoring forward may hold: for each row, the prefix it attends to plus its padded
     continuation. One budget serves every scoring call of a run (the trainers keep one), so that an out-of-memory
@@ -322,9 +341,8 @@ class ScoringBudget:
         tokens (`int`, *optional*): the budget; by default 16384 on an accelerator and 2048 on the CPU.
     """
 
-    def __init__(self, tokens: int | None = None):
-        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
-            raise ValueError(f"The scoring token budget must be a positive integer or None, got {tokens!r}.")
+    def __init__(self, tokens: int | None = None, argument: str = "tokens"):
+        check_positive(argument, tokens)
         self.tokens = tokens
         self.backed_off = False
 
@@ -406,16 +424,11 @@ def score_requests(
     >>> score_requests(model, [req]).sums  # log p(5, 6 | 1, 2, 3, 4)
     ```
     """
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    check_positive("batch_size", batch_size)
     if isinstance(max_batch_tokens, ScoringBudget):
         budget = max_batch_tokens
     else:
-        if max_batch_tokens is not None and (
-            not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1
-        ):
-            raise ValueError(f"`max_batch_tokens` must be a positive integer or None, got {max_batch_tokens!r}.")
-        budget = ScoringBudget(max_batch_tokens)
+        budget = ScoringBudget(max_batch_tokens, "max_batch_tokens")
     mode = resolve_mode(distributed)
     device = next(unwrap_causal_lm(model).parameters()).device
     if sharing not in SHARINGS:
