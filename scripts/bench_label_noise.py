@@ -181,7 +181,9 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
                                  peft_config=lora)  # fmt: skip
         else:
             fields = {"ica_demo_selection": "fixed", "ica_demo_layout": "in_turn", **SETTINGS[method]}
-            config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **fields)
+            # the paper's settings with the closing token scored are the base every method was measured from
+            base = dict(ica_preset="paper", ica_score_end_token=True)
+            config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **{**base, **fields})
             trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
             if method in SCORE_OF:  # scored once before training; the others score themselves

@@ -107,6 +107,8 @@ def main():
     for selection in args.selections:
         for form in args.forms:
             fields = dict(
+                ica_preset="paper",  # the paper's score and weights, the closing token scored, as measured
+                ica_score_end_token=True,
                 ica_refresh="online",
                 ica_demo_selection=selection,
                 ica_demo_layout="in_turn",

@@ -70,7 +70,9 @@ def common(out, args, seed):
 
 
 def ica_fields(refresh, layout="in_turn"):
-    return dict(ica_num_demos=3, ica_demo_selection="fixed", ica_demo_layout=layout, ica_refresh=refresh)
+    """The paper's settings with the closing token scored (what the results were measured with), and `layout`."""
+    return dict(ica_preset="paper", ica_score_end_token=True, ica_num_demos=3, ica_demo_selection="fixed",
+                ica_demo_layout=layout, ica_refresh=refresh)  # fmt: skip
 
 
 def pref_ica_fields(method):

@@ -127,12 +127,16 @@ def weighted_loss_and_grads(trainer, batch, weights, monkeypatch):
     return loss, grads
 
 
+#: The summed difference with batch min-max: the score `score_ica` computes by default, which the trainer tests
+#: compare against (the trainers' own defaults come from `ica_preset`).
+SUMMED_DIFFERENCE = dict(ica_score_form="difference", ica_reduction="sum", ica_weighting="batch_minmax")
+
 # One optimizer step over STEP_ROWS rows, split in different ways (test_step_weights.py, test_distributed.py)
 STEP_ROWS = 16
 STEP_COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=1,
     optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, dataloader_drop_last=False,
-    ica_demo_selection="fixed",
+    ica_demo_selection="fixed", **SUMMED_DIFFERENCE,
 )  # fmt: skip
 
 

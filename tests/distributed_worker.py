@@ -26,6 +26,7 @@ from trl_ica.scoring.engine import LogProbRequest, score_requests
 COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
     per_device_train_batch_size=2, ica_num_demos=2, ica_scoring_batch_size=1,
+    ica_score_form="difference", ica_reduction="sum", ica_weighting="batch_minmax",
 )  # fmt: skip
 
 

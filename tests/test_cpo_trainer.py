@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    SUMMED_DIFFERENCE,
     assert_weight_zero_drops_a_pair,
     conv_pair,
     dpo_pairs,
@@ -26,7 +27,8 @@ def cpo_trainer(tokenizer, tmp_path, mode="simpo", model=None, train=None, holdo
     default_train, default_holdout = dpo_pairs()
     args = config(
         output_dir=str(tmp_path),
-        **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-2, **fields, **kwargs},
+        **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-2,
+           **fields, **kwargs},  # fmt: skip
     )
     return ICACPOTrainer(
         model or tiny_llama_for(tokenizer),
@@ -192,18 +194,21 @@ def test_qlora_four_bit_simpo_trains_on_cpu(tokenizer, tmp_path):
     assert np.isfinite(trainer.ica.scores).all()
 
 
-def test_args_must_be_an_ica_config(tokenizer, tmp_path):
+def test_a_stock_config_as_args_trains_with_the_ica_defaults(tokenizer, tmp_path):
     from trl.experimental.cpo import CPOConfig
 
     train, holdout = dpo_pairs()
-    with pytest.raises(TypeError, match=r"`args` must be an ICACPOConfig \(with the `ica_\*` fields\), got CPOConfig"):
-        ICACPOTrainer(
-            tiny_llama_for(tokenizer),
-            args=CPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
-            train_dataset=train,
-            processing_class=tokenizer,
-            holdout_dataset=holdout,
-        )
+    trainer = ICACPOTrainer(
+        tiny_llama_for(tokenizer),
+        args=CPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, bf16=False, beta=0.3),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
+    assert type(trainer.args) is ICACPOConfig and trainer.args.beta == 0.3
+    assert (trainer.args.ica_score_form, trainer.args.ica_weighting) == ("conditioned", "batch_minmax")
+    trainer.train()
+    assert np.isfinite(trainer.ica.scores).all()
 
 
 def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(tokenizer, tmp_path, monkeypatch):
@@ -216,4 +221,19 @@ def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(to
     monkeypatch.setattr(CPOTrainer, "get_batch_loss_metrics", without_cpo_loss)
     seam = r"relies on `CPOTrainer.compute_loss` going through.*\(trl 1\.\d+.*did not reach the loss"
     with pytest.raises(RuntimeError, match=seam):
+        cpo_trainer(tokenizer, tmp_path, max_steps=1).train()
+
+
+def test_weighted_losses_computed_but_not_used_stop_the_step(tokenizer, tmp_path, monkeypatch):
+    """`cpo_loss` runs and weights the pairs, but the loss TRL returns is computed from something else: the step
+    stops, since it is the loss that must be weighted, not only the hook that must run."""
+    from trl.experimental.cpo import CPOTrainer
+
+    def weighted_then_dropped(self, model, batch, train_eval="train"):
+        chosen_logps, rejected_logps = self.concatenated_forward(model, batch)[:2]
+        self.cpo_loss(chosen_logps, rejected_logps)  # weighted here, then not used
+        return -(chosen_logps - rejected_logps).mean(), {}
+
+    monkeypatch.setattr(CPOTrainer, "get_batch_loss_metrics", weighted_then_dropped)
+    with pytest.raises(RuntimeError, match=r"`CPOTrainer.compute_loss` going through.*did not reach the loss"):
         cpo_trainer(tokenizer, tmp_path, max_steps=1).train()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    SUMMED_DIFFERENCE,
     assert_weight_zero_drops_a_pair,
     dpo_pairs,
     four_bit_tiny_llama,
@@ -31,7 +32,8 @@ COMMON = dict(
 def dpo_trainer(tokenizer, tmp_path, model=None, ref_model=None, peft_config=None, **kwargs):
     train, holdout = dpo_pairs()
     args = ICADPOConfig(
-        output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs}
+        output_dir=str(tmp_path),
+        **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs},
     )
     return ICADPOTrainer(
         model or tiny_llama_for(tokenizer),

@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import tiny_llama
+from conftest import SUMMED_DIFFERENCE, tiny_llama
 from datasets import Dataset
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -35,7 +35,9 @@ def holdout(n=5):
 
 
 def trainer(tokenizer, out, train=None, held=None, **kwargs):
-    args = ICASFTConfig(output_dir=str(out), **{**COMMON, "max_steps": 3, "save_strategy": "no", **kwargs})
+    args = ICASFTConfig(
+        output_dir=str(out), **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "save_strategy": "no", **kwargs}
+    )
     model = tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
     return ICASFTTrainer(model, args=args, train_dataset=train or rows(), processing_class=tokenizer,
                          holdout_dataset=held or holdout())  # fmt: skip

@@ -94,7 +94,8 @@ def test_sharegpt_conversations_are_converted():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"text": "just text"}, "has no prompt/response split"),
+        ({"text": ["not", "a", "string"]}, "`text` must be a string, got list"),
+        ({"text": " "}, "the response is empty"),
         ({"prompt": "Q", "completion": "  "}, "the response is empty"),
         ({"messages": [{"role": "user", "content": "Q"}]}, "not with an assistant turn"),
         ({"question": "Q", "answer": "A"}, r"unsupported columns \['answer', 'question'\]"),

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
+from conftest import SUMMED_DIFFERENCE, four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -34,7 +34,8 @@ def model_for(tokenizer, seed=0):
 def ica_trainer(tokenizer, tmp_path, model=None, train=None, holdout=None, **kwargs):
     default_train, default_holdout = data()
     args = ICASFTConfig(
-        output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs}
+        output_dir=str(tmp_path),
+        **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "per_device_train_batch_size": 4, **kwargs},
     )
     return ICASFTTrainer(
         model or model_for(tokenizer),
@@ -43,13 +44,6 @@ def ica_trainer(tokenizer, tmp_path, model=None, train=None, holdout=None, **kwa
         processing_class=tokenizer,
         holdout_dataset=holdout or default_holdout,
     )
-
-
-def test_defaults_are_the_documented_ones(tmp_path):
-    args = ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    fields = ("ica_num_demos", "ica_demo_selection", "ica_weighting", "ica_refresh", "ica_reduction", "ica_score_form",
-              "ica_demo_layout")  # fmt: skip
-    assert tuple(getattr(args, f) for f in fields) == (3, "knn", "batch_minmax", 1, "sum", "difference", "turns")
 
 
 @pytest.mark.parametrize("form", ["difference", "conditioned"])
@@ -194,7 +188,9 @@ def test_online_with_dropout_scores_both_passes_in_the_engine(tokenizer, tmp_pat
 
 def test_conditioned_form_with_summed_log_probs_warns(tmp_path):
     with pytest.warns(UserWarning, match="ranks short responses first"):
-        ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, ica_score_form="conditioned")
+        ICASFTConfig(
+            output_dir=str(tmp_path), use_cpu=True, bf16=False, ica_score_form="conditioned", ica_reduction="sum"
+        )
 
 
 @pytest.mark.parametrize("refresh", [1, "online"])
@@ -247,7 +243,8 @@ def test_lora_trains_only_the_adapter(tokenizer, tmp_path):
     model = model_for(tokenizer)
     base = {n: p.clone() for n, p in model.named_parameters()}
     train, holdout = data()
-    args = ICASFTConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 3, "learning_rate": 5e-2})
+    settings = {**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "learning_rate": 5e-2}
+    args = ICASFTConfig(output_dir=str(tmp_path), **settings)
     trainer = ICASFTTrainer(
         model,
         args=args,
@@ -272,7 +269,7 @@ def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
     train, holdout = data()
     args = ICASFTConfig(
         output_dir=str(tmp_path / "out"),
-        **{**COMMON, "max_steps": 2, "learning_rate": 5e-2, "per_device_train_batch_size": 4},
+        **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 2, "learning_rate": 5e-2, "per_device_train_batch_size": 4},
     )
     trainer = ICASFTTrainer(
         model,
@@ -320,7 +317,10 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ({"ica_demo_layout": "chat"}, r"`ica_demo_layout` must be one of \['in_turn', 'turns'\], got 'chat'"),
         ({"ica_score_end_token": "no"}, "`ica_score_end_token` must be True or False, got 'no'"),
         ({"ica_weighting": "holdout_quantile", "ica_holdout_cutoff": 0}, r"`ica_holdout_cutoff` must be .* \(0, 1\]"),
-        ({"ica_holdout_cutoff": 0.1}, "applies to `ica_weighting='holdout_quantile'` only, but `ica_weighting` is"),
+        (
+            {"ica_holdout_cutoff": 0.1, "ica_weighting": "batch_minmax"},
+            "applies to `ica_weighting='holdout_quantile'` only, but `ica_weighting` is",
+        ),
         ({"loss_type": "dft"}, "supports `loss_type='nll'`"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
         ({"ica_demo_template": "{prompt}{response}"}, "Set both `ica_demo_template` and `ica_query_template`"),
@@ -336,7 +336,6 @@ def test_bad_config(tmp_path, kwargs, message):
 @pytest.mark.parametrize(
     ("train", "holdout", "kwargs", "message"),
     [
-        ("text", "ok", {}, "has no prompt/response split"),
         ("ok", None, {}, "`holdout_dataset` is required"),
         ("ok", "empty", {}, "`holdout` is empty"),
         ("ok", "no_response", {}, "holdout row 0: the response is empty"),
@@ -349,7 +348,6 @@ def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
     good_train, good_holdout = data()
     trains = {
         "ok": good_train,
-        "text": Dataset.from_list([{"text": "hello"}] * 4),
         "indexed": good_train.add_column("ica_index", list(range(12))),
     }
     holdouts = {
@@ -360,7 +358,7 @@ def test_bad_data(tokenizer, tmp_path, train, holdout, kwargs, message):
             [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": ""}]}]
         ),
     }
-    args = ICASFTConfig(output_dir=str(tmp_path), **{**COMMON, **kwargs})
+    args = ICASFTConfig(output_dir=str(tmp_path), **{**COMMON, **SUMMED_DIFFERENCE, **kwargs})
     with pytest.raises(ValueError, match=message):
         ICASFTTrainer(
             model_for(tokenizer),
@@ -436,7 +434,8 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     holdout.to_json(tmp_path / "holdout.jsonl")
     scored = tmp_path / "scored.jsonl"
     cli(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-         "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(scored)])  # fmt: skip
+         "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(scored), "--form", "difference",
+         "--reduction", "sum"])  # fmt: skip
     file_scores = [json.loads(line)["score"] for line in open(scored)]
 
     given = ica_trainer(tokenizer, tmp_path / "given", ica_scores_file=str(scored), max_steps=1)
@@ -480,6 +479,38 @@ def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(to
     seam = r"relies on `SFTTrainer.compute_loss` calling the model.*\(trl 1\.\d+.*did not reach the loss"
     with pytest.raises(RuntimeError, match=seam):
         ica_trainer(tokenizer, tmp_path, max_steps=1).train()
+
+
+def test_a_loss_computed_inside_the_forward_stops_the_step(tokenizer, tmp_path, monkeypatch):
+    """TRL's DeepSpeed sequence-parallel path: the fused head runs (the weighting hook fires and scales its
+    `log_probs`) but the loss is the one the model computed inside its forward. The step stops: what is checked is
+    that the loss was computed from the weighted log-probabilities, not only that the hook ran."""
+
+    def loss_inside_forward(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model(**inputs, fused_lm_head=True)  # the hook fires here
+        return model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", loss_inside_forward)
+    with pytest.raises(RuntimeError, match=r"reducing its `log_probs` into the loss.*did not reach the loss"):
+        ica_trainer(tokenizer, tmp_path, max_steps=1).train()
+
+
+def test_deepspeed_sequence_parallelism_is_refused(tokenizer, tmp_path, monkeypatch):
+    import trl_ica.seams as seams
+
+    monkeypatch.setattr(seams, "sequence_sharding", lambda accelerator: {"sp": "sp_size=2, sp_backend='deepspeed'"})
+    with pytest.raises(ValueError, match=r"DeepSpeed sequence parallelism \(sp_size=2.*Train without sequence"):
+        ica_trainer(tokenizer, tmp_path)
+
+
+def test_context_parallel_online_scores_log_p_y_x_in_the_engine(tokenizer, tmp_path, monkeypatch):
+    """Each process holds a share of every row's tokens under context parallelism: summing its share of the training
+    forward would not be log p(y | x), so online scoring computes it."""
+    import trl_ica.seams as seams
+
+    assert ica_trainer(tokenizer, tmp_path / "a", ica_refresh="online").ica.reuse_unconditioned.all()
+    monkeypatch.setattr(seams, "sequence_sharding", lambda accelerator: {"cp": "cp_size=2"})
+    assert not ica_trainer(tokenizer, tmp_path / "b", ica_refresh="online").ica.reuse_unconditioned.any()
 
 
 def test_scores_and_weights_reach_tensorboard_as_histograms(tokenizer, tmp_path, monkeypatch):

@@ -340,6 +340,20 @@ def fused_log_probs(kwargs: dict, output):
     return getattr(output, "log_probs", None)
 
 
+def sequence_sharding(accelerator) -> dict[str, str]:
+    """How accelerate shards each sequence across processes (`Accelerator.parallelism_config`, accelerate >= 1.12):
+    `{"sp": backend}` under sequence parallelism (Ulysses/ALST) and `{"cp": "cp_size=N"}` under context parallelism,
+    empty otherwise. TRL's SFT computes the loss inside the model's forward under DeepSpeed sequence parallelism
+    (`SFTTrainer.compute_loss`), and both shard the tokens of each row between processes."""
+    config = getattr(accelerator, "parallelism_config", None)
+    out = {}
+    if config is not None and getattr(config, "sp_enabled", False):
+        out["sp"] = f"sp_size={config.sp_size}, sp_backend={config.sp_backend!r}"
+    if config is not None and getattr(config, "cp_enabled", False):
+        out["cp"] = f"cp_size={config.cp_size}"
+    return out
+
+
 def packed_sequence_index(inputs: dict):
     """Padding-free SFT: the packed sequence each position belongs to, `inputs["seq_idx"]` (TRL's
     `DataCollatorForLanguageModeling` with `padding_free=True`), or `None`."""

@@ -20,13 +20,12 @@ import torch
 
 from ..data_io import write_json
 from ..plots import plot_score_histogram
+from ..presets import preset_settings
 from .assets import DEFAULT_MODEL, resolve_model
 from .scenarios import LABEL_NOISE_KINDS, auroc, reasoning_gym_label_noise
 
-#: What the label-noise benchmark supports for answers of the wrong kind (README, "Which score to trust").
-RECOMMENDED = dict(
-    ica_score_form="conditioned", ica_reduction="mean", ica_weighting="holdout_quantile", ica_demo_layout="turns"
-)
+#: The ICA trainer's defaults (`trl_ica.presets`), which the label-noise benchmark supports for this noise.
+RECOMMENDED = preset_settings("recommended", "sft")
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,8 +81,7 @@ def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, ar
         config = SFTConfig(**common)
         trainer = SFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=lora)
     else:
-        config = ICASFTConfig(**common, ica_num_demos=args.num_demos, ica_demo_selection="fixed", ica_seed=args.seed,
-                              **RECOMMENDED)  # fmt: skip
+        config = ICASFTConfig(**common, ica_num_demos=args.num_demos, ica_demo_selection="fixed", ica_seed=args.seed)
         trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                                 holdout_dataset=holdout, peft_config=lora)  # fmt: skip
         trainer.ica.use_scores(scores, "the demo's scoring of the pool")
@@ -109,7 +107,8 @@ def run(args) -> dict:
     from ..scoring.ica import score_ica
 
     scores = score_ica(model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection="fixed",
-                       layout=RECOMMENDED["ica_demo_layout"], seed=args.seed)  # fmt: skip
+                       layout=RECOMMENDED["ica_demo_layout"], score_end=RECOMMENDED["ica_score_end_token"],
+                       seed=args.seed)  # fmt: skip
     conditioned = scores.logp_conditioned / scores.num_tokens
     summary = {
         "auroc_conditioned_per_token": auroc(conditioned, clean),
@@ -177,7 +176,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser = parser or argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local path, or the embedded default.")
     parser.add_argument("--output-dir", default="outputs/demo", help="Where the runs, the plot and summary.json go.")
-    # no "mixture": there the benchmark supports selection, not weights (README, "Which score to trust")
+    # no "mixture": there the benchmark supports selection, not weights (docs/scores.md, "Which score to trust")
     parser.add_argument("--noise-kind", default="other_task", choices=["other_task", "shuffled"],
                         help="other_task: answers of another task; shuffled: answers of other sums.")  # fmt: skip
     parser.add_argument("--noise", type=float, default=0.5, help="Share of the pool's answers replaced.")

@@ -1,20 +1,33 @@
-"""`trl-ica sft|dpo|simpo`: TRL-style training scripts with ICA weighting, for `accelerate launch`.
+"""`trl-ica sft|dpo|simpo`: TRL-style training scripts with ICA weighting, and their launcher.
 
-They parse like TRL's own scripts (`TrlParser`): script, training (the ICA config) and model arguments, from the
-command line and/or `--config recipe.yaml`, command-line flags overriding the YAML. Datasets are Hub names or local
-json/jsonl/parquet files; the holdout is given the same way with `--holdout_name`.
+The scripts parse like TRL's own (`TrlParser`): script, training (the ICA config), model and dataset-mixture
+arguments, from the command line and/or `--config recipe.yaml`, command-line flags overriding the YAML. Datasets are
+Hub names or local json/jsonl/parquet files; the holdout is given the same way with `--holdout_name`.
 
-    accelerate launch -m trl_ica.launch sft --config recipes/sft_lora.yaml
+`trl-ica sft ...` is an accelerate launcher as `trl sft` is: flags and YAML keys that no script dataclass takes
+(`--num_processes`, `--accelerate_config zero3` or a file, `num_processes: 8` in the YAML) go to `accelerate launch`,
+which runs `python -m trl_ica.launch sft ...` in each process; the script itself is [`main`].
+
     trl-ica sft --config recipes/sft_lora.yaml --max_steps 2
+    trl-ica sft --config recipes/sft_full.yaml --accelerate_config zero3 --num_processes 8
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml -m trl_ica.launch sft \\
+        --config recipes/sft_lora.yaml
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
 TASKS = ("sft", "dpo", "simpo")
+#: Set by `trl-ica <task>` for the processes it launches: the YAML's accelerate keys were given to accelerate.
+LAUNCHED = "TRL_ICA_LAUNCHED"
+
+logger = logging.getLogger(__name__)
 
 
 def _script_arguments():
@@ -112,23 +125,18 @@ def load_training_data(script_args, training_args, dataset_args):
 
     from ..data_io import load_splits, pick_split
 
-    if script_args.holdout_name is None:
-        raise ValueError("`--holdout_name` is required: the clean holdout set that ICA conditions on.")
+    check_script_args(script_args, dataset_args)
     if dataset_args.datasets:
         if script_args.dataset_name:
-            raise ValueError(
-                f"Give the training data once: `datasets` (a mixture) or `--dataset_name`, not both (got "
-                f"{script_args.dataset_name!r} and {len(dataset_args.datasets)} mixture entries)."
+            logger.warning(
+                "Both `datasets` and `dataset_name` are given: the `datasets` mixture is used and `dataset_name` "
+                "(%r) is ignored, as in TRL's scripts.",
+                script_args.dataset_name,
             )
         splits, source = get_dataset(dataset_args), "the `datasets` mixture"
-    elif script_args.dataset_name:
+    else:
         source = script_args.dataset_name
         splits = load_splits(source, "--dataset_name", script_args.dataset_config)
-    else:
-        raise ValueError(
-            "The training data is required: `--dataset_name` (a Hub dataset, a local folder or a .json/.jsonl/"
-            ".parquet file) or a `datasets` mixture in the YAML."
-        )
     train = pick_split(splits, script_args.dataset_train_split, source, "--dataset_train_split")
     evaluation = None
     if training_args.eval_strategy != "no":
@@ -136,6 +144,23 @@ def load_training_data(script_args, training_args, dataset_args):
     holdout_splits = load_splits(script_args.holdout_name, "--holdout_name", script_args.holdout_config)
     holdout = pick_split(holdout_splits, script_args.holdout_split, script_args.holdout_name, "--holdout_split")
     return train, evaluation, holdout
+
+
+def check_script_args(script_args, dataset_args) -> None:
+    """What the scripts need before anything loads: a holdout, training data, and no option this package cannot honour
+    (each refused by name, with the reason)."""
+    if script_args.holdout_name is None:
+        raise ValueError("`--holdout_name` is required: the clean holdout set that ICA conditions on.")
+    if not dataset_args.datasets and not script_args.dataset_name:
+        raise ValueError(
+            "The training data is required: `--dataset_name` (a Hub dataset, a local folder or a .json/.jsonl/"
+            ".parquet file) or a `datasets` mixture in the YAML."
+        )
+    if script_args.dataset_streaming:
+        raise ValueError(
+            "`--dataset_streaming` is not supported: ICA indexes and scores the training rows before training, "
+            "which a streamed dataset cannot give. Load the dataset without streaming."
+        )
 
 
 def load_model_and_tokenizer(model_args, training_args):
@@ -199,21 +224,132 @@ def train(task: str, script_args, training_args, model_args, dataset_args=None):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    if script_args.ignore_bias_buffers:  # as TRL's scripts: DDP skips the boolean buffers (attention masks)
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(
         f"Model saved to {training_args.output_dir}; ICA scores in {training_args.output_dir}/ica."
     )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub as {trainer.hub_model_id}.")
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group, as TRL's scripts
+        trainer.end()
     return trainer
 
 
+def _parse(task: str, args: list[str]):
+    """`(script, training, model, mixture, yaml_left, flags_left)`: the dataclasses, then the YAML keys and the
+    command-line strings no dataclass took (as `--key value` strings), as TRL's launcher parses them."""
+    if task not in TASKS:
+        raise SystemExit(f"usage: trl-ica {{{','.join(TASKS)}}} [--config recipe.yaml] [options]; got {task!r}")
+    return make_parser(task).parse_args_and_config(
+        args=args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+
+
+def _launcher_options() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {option for action in launch_command_parser()._actions for option in action.option_strings}
+
+
 def main(argv=None):
+    """The training script, one per process: `python -m trl_ica.launch sft ...` (what `accelerate launch` runs).
+
+    A YAML key that no dataclass takes is either an `accelerate launch` option (applied by `trl-ica <task>`, which
+    launched this process; under a plain `accelerate launch` it is not, and a warning says so) or an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in TASKS:
-        raise SystemExit(f"usage: trl-ica {{{','.join(TASKS)}}} [--config recipe.yaml] [options]; got {argv[:1]}")
-    task, rest = argv[0], argv[1:]
-    script_args, training_args, model_args, dataset_args = make_parser(task).parse_args_and_config(args=rest)
-    return train(task, script_args, training_args, model_args, dataset_args)
+    if not argv:
+        raise SystemExit(f"usage: trl-ica {{{','.join(TASKS)}}} [--config recipe.yaml] [options]")
+    *parsed, yaml_left, flags_left = _parse(argv[0], argv[1:])
+    if flags_left:
+        raise ValueError(f"Unknown arguments {flags_left}: not a field of the script, training or model arguments.")
+    keys = [item for item in yaml_left[::2]]
+    unknown = [key for key in keys if key not in _launcher_options()]
+    if unknown:
+        raise ValueError(
+            f"Unknown keys in the `--config` YAML: {[key[2:] for key in unknown]}; they are neither fields of the "
+            "script, training or model arguments nor `accelerate launch` options."
+        )
+    if keys and os.environ.get(LAUNCHED) != "1":
+        logger.warning(
+            "The YAML's %s are `accelerate launch` options: `trl-ica %s` passes them to accelerate, a plain "
+            "`accelerate launch` does not (its own flags and config file apply).",
+            [key[2:] for key in keys],
+            argv[0],
+        )
+    return train(argv[0], *parsed)
+
+
+def launch_arguments(argv: list[str]) -> list[str]:
+    """The `accelerate launch` arguments that `trl-ica sft|dpo|simpo ...` runs, checked: the options no script
+    dataclass takes, from the command line and the YAML, first (`--accelerate_config` as `--config_file`), then
+    `--module trl_ica.launch` with the script's own arguments."""
+    task, args = argv[0], list(argv[1:])
+    script_args, _, _, dataset_args, yaml_left, flags_left = _parse(task, args)
+    check_script_args(script_args, dataset_args)  # before any process starts
+    options = _launcher_options() | {"--accelerate_config"}
+    for where, left in (("command-line flags", flags_left), ("keys of the `--config` YAML", yaml_left)):
+        unknown = [item for item in left if item.startswith("--") and item.split("=")[0] not in options]
+        unknown = [item[2:] for item in unknown] if left is yaml_left else unknown
+        if unknown:
+            raise ValueError(
+                f"Unknown {where} {unknown}: neither fields of the script, training or model arguments nor "
+                f"`accelerate launch` options (see `trl-ica {task} --help` and `accelerate launch --help`)."
+            )
+    launch_args = _resolve_accelerate_config(yaml_left + flags_left)
+    return [*launch_args, "--module", "trl_ica.launch", task, *_without(args, flags_left)]
+
+
+def launch(argv: list[str]) -> None:
+    """`trl-ica sft|dpo|simpo ...`, as `trl sft|dpo` run: `accelerate launch` with [`launch_arguments`], which starts
+    [`main`] in each process."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    parsed = launch_command_parser().parse_args(launch_arguments(argv))
+    os.environ[LAUNCHED] = "1"
+    try:
+        launch_command(parsed)
+    except subprocess.CalledProcessError as error:  # the processes printed their own error
+        raise SystemExit(error.returncode) from None
+
+
+def _without(args: list[str], taken: list[str]) -> list[str]:
+    """`args` less `taken`, an ordered subsequence of it."""
+    out, taken = [], list(taken)
+    for item in args:
+        if taken and item == taken[0]:
+            taken.pop(0)
+        else:
+            out.append(item)
+    return out
+
+
+def _resolve_accelerate_config(launch_args: list[str]) -> list[str]:
+    """`--accelerate_config NAME_OR_FILE` as `--config_file PATH`: a file, or one of the configs TRL ships
+    (`trl/accelerate_configs/NAME.yaml`: `zero3`, `fsdp2`, `multi_gpu`, ...)."""
+    if "--accelerate_config" not in launch_args:
+        return launch_args
+    at = launch_args.index("--accelerate_config")
+    if at + 1 >= len(launch_args):
+        raise ValueError("`--accelerate_config` needs a value: one of TRL's config names or a YAML file.")
+    name = launch_args[at + 1]
+    path = name
+    if not os.path.isfile(name):
+        from importlib.resources import files
+
+        shipped = files("trl.accelerate_configs")
+        names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".yaml"))
+        if name not in names:
+            raise ValueError(f"`--accelerate_config`={name!r} is neither a file nor one of TRL's configs {names}.")
+        path = str(shipped.joinpath(f"{name}.yaml"))
+    return ["--config_file", path, *launch_args[:at], *launch_args[at + 2 :]]
 
 
 if __name__ == "__main__":

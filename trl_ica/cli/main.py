@@ -13,9 +13,10 @@ SCORE_COLUMN = "score"
 
 
 def _score_parser(parser: argparse.ArgumentParser) -> None:
+    from ..presets import PRESETS
     from ..scoring.demonstrations import DEMO_SELECTIONS
     from ..scoring.ica import FORMS, REDUCTIONS
-    from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS
+    from ..scoring.rendering import DEMO_LAYOUTS
     from ..selection.baselines import METHODS
     from ..selection.metrics import METRICS
 
@@ -31,22 +32,26 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
         "--num-demos", type=int, help="k demos (ica, default 3), holdout queries (oneshot, 3), n_d (whisperer, 10)."
     )
     parser.add_argument("--demo-selection", default="knn", choices=list(DEMO_SELECTIONS))
-    parser.add_argument("--reduction", default="sum", choices=list(REDUCTIONS))
+    parser.add_argument(
+        "--preset",
+        default="recommended",
+        choices=list(PRESETS),
+        help="ica: where --form, --reduction, --demo-layout and --score-end-token come from when not given: the "
+        "measured best (conditioned, mean, turns, true) or the paper's (difference, sum, in_turn, false).",
+    )
+    parser.add_argument("--reduction", choices=list(REDUCTIONS), help="ica: sum or per-token mean (default: preset).")
     parser.add_argument(
         "--form",
-        default="difference",
         choices=list(FORMS),
         help="ica: the paper's difference, or log p(y | demos, x) alone (noisy labels; use with --reduction mean).",
     )
     parser.add_argument(
         "--demo-layout",
-        default=DEFAULT_DEMO_LAYOUT,
         choices=list(DEMO_LAYOUTS),
         help="ica, conversational rows: demos as earlier user/assistant turns, or in the user turn (the paper's).",
     )
     parser.add_argument(
         "--score-end-token",
-        default="true",
         choices=["true", "false"],
         help="ica: score the end-of-turn (or EOS) token after each response, as TRL trains it.",
     )
@@ -80,6 +85,19 @@ def _select_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-score", action="store_true", help="Keep the score column in the output.")
 
 
+def fill_from_preset(args) -> None:
+    """Set the score flags left out (`--form`, `--reduction`, `--demo-layout`, `--score-end-token`) from `--preset`."""
+    from ..presets import scoring_settings
+
+    preset = scoring_settings(args.preset)
+    flags = {"form": "ica_score_form", "reduction": "ica_reduction", "demo_layout": "ica_demo_layout"}
+    for flag, field in flags.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset[field])
+    if args.score_end_token is None:
+        args.score_end_token = "true" if preset["ica_score_end_token"] else "false"
+
+
 def score_settings(args) -> dict:
     """What a scores file was computed with, as a trainer's `ica_*` fields name it (see `ica_scores_file`)."""
     settings = {"method": args.method, "model": args.model, "dataset": args.dataset, "holdout": args.holdout}
@@ -108,6 +126,7 @@ def run_score(args) -> dict:
     from ..selection.whisperer import WhispererConfig, whisperer_scores
     from .assets import load_model
 
+    fill_from_preset(args)
     inputs = {"--dataset": args.dataset, "--holdout": args.holdout}
     check_output(args.output, inputs, args.overwrite)
     check_output(scores_meta_path(args.output), inputs, overwrite=True, argument="--output's settings file")
@@ -232,19 +251,12 @@ def run_data(args) -> dict:
     return summary
 
 
-def main(argv=None) -> None:
-    """The `trl-ica` command. Returns None, so that the console script exits 0 on success (a returned object would be
-    printed and exit 1); Python callers who want the trainer use [`trl_ica.cli.launch.main`]."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("sft", "dpo", "simpo"):  # TRL-style scripts with their own parser
-        from .launch import main as launch
-
-        launch(argv)
-        return None
-    parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting and selection for TRL.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def make_parser() -> argparse.ArgumentParser:
+    """The `trl-ica` parser; `sft`, `dpo` and `simpo` are listed here but parsed by [`trl_ica.cli.launch`]."""
     from . import demo
 
+    parser = argparse.ArgumentParser(prog="trl-ica", description="ICA data weighting and selection for TRL.")
+    commands = parser.add_subparsers(dest="command", required=True)
     demo.make_parser(commands.add_parser("demo", help="Noisy-GSM8K LoRA demo on SmolLM2-135M-Instruct (CPU)."))
     _score_parser(commands.add_parser("score", help="Score every row of a dataset; writes rows with a score."))
     _select_parser(commands.add_parser("select", help="Keep the top/bottom share of scored rows, or a threshold."))
@@ -259,6 +271,21 @@ def main(argv=None) -> None:
         commands.add_parser(
             name, help=f"ICA-weighted {name.upper()} training (TRL script; see --help).", add_help=False
         )
+    return parser
+
+
+def main(argv=None) -> None:
+    """The `trl-ica` command. Returns None, so that the console script exits 0 on success (a returned object would be
+    printed and exit 1); Python callers who want the trainer use [`trl_ica.cli.launch.main`]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sft", "dpo", "simpo"):  # launched as `trl sft|dpo` launch TRL's scripts
+        from .launch import launch
+
+        launch(argv)
+        return None
+    parser = make_parser()
+    from . import demo
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo.quiet()

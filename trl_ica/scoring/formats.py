@@ -1,9 +1,10 @@
 """Reading TRL dataset rows as (prompt, response) pairs.
 
-ICA scores a response given its prompt, so every supported row must split into the two. The formats are TRL's own
-(https://huggingface.co/docs/trl/dataset_formats): prompt/completion, standard or conversational, and `messages`
-conversations, whose final assistant turn is the response. ShareGPT-style `conversations` rows are converted the way
-TRL converts them.
+ICA scores a response given its prompt. The formats are TRL's own (https://huggingface.co/docs/trl/dataset_formats):
+prompt/completion, standard or conversational, and `messages` conversations, whose final assistant turn is the
+response. ShareGPT-style `conversations` rows are converted the way TRL converts them. A language-modeling row (`text`)
+is a response with an empty prompt: its score is log p(text | demonstrations) - log p(text), as TRL trains on every
+token of it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ class SFTExample:
             The text of the scored response.
         question (`str`):
             The text that stands for the prompt in demonstrations, templates and embeddings: the prompt itself, or the
-            content of the first user message.
+            content of the first user message; for a language-modeling row, the text.
+        language_modeling (`bool`):
+            a `text` row: the prompt is empty and the whole text is scored.
     """
 
     prompt: str | Messages
     response: str
     question: str
+    language_modeling: bool = False
 
     @property
     def conversational(self) -> bool:
@@ -155,13 +159,13 @@ def read_row(
         return SFTExample(prompt, _check_response(response, where), _first_user_content(prompt, where))
 
     if "text" in keys:
-        raise ValueError(
-            f"{where}: a language-modeling row (`text` only) has no prompt/response split, which ICA needs to score "
-            "a response given its prompt. Use a prompt/completion or a `messages` dataset."
-        )
+        text = row["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: `text` must be a string, got {type(text).__name__}.")
+        return SFTExample("", _check_response(text, where), text, language_modeling=True)
     raise ValueError(
-        f"{where}: unsupported columns {sorted(keys)}. Expected `prompt` + `completion`, `messages`, or (preference) "
-        "`prompt` + `chosen` + `rejected`."
+        f"{where}: unsupported columns {sorted(keys)}. Expected `prompt` + `completion`, `messages`, `text`, or "
+        "(preference) `prompt` + `chosen` + `rejected`."
     )
 
 
@@ -206,6 +210,8 @@ def _row_format(row: Mapping[str, Any]) -> str:
         return "preference (chosen/rejected)"
     if {"prompt", "completion"} <= keys:
         return "prompt/completion"
+    if "text" in keys and not {"messages", "conversations"} & keys:
+        return "text"
     return "messages" if "messages" in keys or "conversations" in keys else "other"
 
 

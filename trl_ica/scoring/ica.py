@@ -6,7 +6,7 @@ holdout examples make the response more likely: the example agrees with the hold
 `form="conditioned"` offers a variant: log p(y | D, x) alone, the response's likelihood with the holdout in context.
 The difference cancels whatever makes y likely or unlikely given x alone, which isolates the holdout's pull (what
 tells a pool's target examples from the rest), but it also cancels the signal of a response that does not answer
-its own question, which the conditioned form keeps (see the README's "Which score to trust").
+its own question, which the conditioned form keeps (see docs/scores.md, "Which score to trust").
 """
 
 from __future__ import annotations
@@ -489,7 +489,7 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
             `"conditioned"`, log p(y | D, x) alone (for pairs the chosen-minus-rejected margin with demonstrations),
             which skips the pass without demonstrations. The difference finds examples off the holdout's
             distribution; the conditioned form (best with `reduction="mean"`) also finds responses that do not fit
-            their own prompt (wrong or mismatched labels). See the README's "Which score to trust".
+            their own prompt (wrong or mismatched labels). See docs/scores.md, "Which score to trust".
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
         max_batch_tokens (`int`, *optional*): token positions per forward, counting for each sequence the shared
             demonstration prefix it attends to and its own tokens; 16384 on an accelerator, 2048 on the CPU.

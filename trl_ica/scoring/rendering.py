@@ -61,7 +61,11 @@ class ICAPromptTemplate:
                 raise ValueError(f"ICAPromptTemplate.{field}={value!r} must contain {' and '.join(needed)}.")
 
     def render_demos(self, demos: list[SFTExample]) -> str:
-        return "".join(self.demo.replace("{prompt}", d.question).replace("{response}", d.response) for d in demos)
+        # a language-modeling demonstration is its text alone: its prompt is empty
+        return "".join(
+            self.demo.replace("{prompt}", "" if d.language_modeling else d.question).replace("{response}", d.response)
+            for d in demos
+        )
 
     def render_query(self, question: str) -> str:
         return self.query.replace("{prompt}", question)
@@ -157,10 +161,21 @@ class Renderer:
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
         else:
             prefix, context = self.bos, self.ids(example.prompt)
-        return LogProbRequest(prefix, context, self._response_ids(example, p))
+        return LogProbRequest(prefix, context + self._lead(example, p), self._response_ids(example, p))
 
     def _response_ids(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
-        return self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
+        ids = self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
+        return ids[len(self._lead(example, p)) :]
+
+    def _lead(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
+        """The unscored first token of a language-modeling row when the tokenizer puts no BOS before text: nothing
+        predicts it in training, so neither request scores it."""
+        if not example.language_modeling or self.bos:
+            return ()
+        ids = self.ids(example.response + p.tail)
+        if len(ids) < 2:
+            raise ValueError(f"The text {example.response!r} is one token with no BOS before it: nothing to score.")
+        return ids[:1]
 
     def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
         """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
@@ -182,7 +197,8 @@ class Renderer:
         prefix_ids = self.ids(p.head + template.render_demos(demos))
         if not example.conversational:
             prefix_ids = self.bos + prefix_ids
-        context = self._context_ids(example, template.render_query(example.question), p)
+        query = "" if example.language_modeling else template.render_query(example.question)
+        context = self._context_ids(example, query, p) + self._lead(example, p)
         return LogProbRequest(prefix_ids, context, self._response_ids(example, p))
 
     def _context_ids(self, example: SFTExample, user_text: str, p: Pieces) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ class ICACPOConfig(ICAArguments, CPOConfig):
     def __post_init__(self):
         self.choose_precision()
         super().__post_init__()
-        self.validate_ica()
+        self.validate_ica("preference")
         if self.is_encoder_decoder:
             raise ValueError(
                 "ICA scores decoder-only causal language models; `is_encoder_decoder=True` is unsupported."

@@ -8,7 +8,7 @@ from trl.experimental.cpo import CPOTrainer
 
 from .. import seams
 from .cpo_config import ICACPOConfig
-from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, loss_reaches
 from .model_card import SIMPO_PAPER
 
 
@@ -64,6 +64,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
         indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
         self._ica_batch = None  # (indices, weights) of the batch being trained on
+        self._ica_applied = None  # the batch's weighted per-pair losses, once `cpo_loss` has weighted them
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, self.max_length)
 
@@ -82,12 +83,13 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
         self._ica_batch = (index.cpu().numpy(), None)
-        self._ica_applied = False
+        self._ica_applied = None
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._ica_batch = None
-        if not self._ica_applied:
+        loss = result[0] if return_outputs else result
+        if self._ica_applied is None or not loss_reaches(loss, self._ica_applied):
             raise self.unweighted_error(
                 "`CPOTrainer.compute_loss` going through `concatenated_forward` and `cpo_loss` "
                 "(trl.experimental.cpo), which `ICACPOTrainer` overrides to weight each pair"
@@ -124,5 +126,5 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
         if self._ica_batch is not None and self._ica_batch[1] is not None:
             losses = losses * self._ica_batch[1].to(losses.dtype)
-            self._ica_applied = True
+            self._ica_applied = losses  # the weighted per-pair losses, which the step's loss must come from
         return losses, chosen_rewards, rejected_rewards

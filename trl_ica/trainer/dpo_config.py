@@ -30,7 +30,7 @@ class ICADPOConfig(ICAArguments, DPOConfig):
     def __post_init__(self):
         self.choose_precision()
         super().__post_init__()
-        self.validate_ica()
+        self.validate_ica("preference")
         sorting = [loss for loss in self.loss_type if loss in SORTING_LOSSES]
         if sorting:
             raise ValueError(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.ica import FORMS, REDUCTIONS
-from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS
+from ..scoring.rendering import DEMO_LAYOUTS
 from ..scoring.weighting import WEIGHTINGS
 
 
@@ -16,22 +17,32 @@ class ICAArguments:
     r"""
     ICA fields added to a TRL config.
 
+    The fields that define the score and the weights (`ica_score_form`, `ica_reduction`, `ica_demo_layout`,
+    `ica_score_end_token`, `ica_weighting`) default to None, filled from `ica_preset` (see `trl_ica.presets`); a
+    field set explicitly always wins.
+
     Parameters:
+        ica_preset (`str`, *optional*, defaults to `"recommended"`):
+            where unset score and weighting fields come from. `"recommended"`: what the benchmarks measured best
+            (docs/benchmarks.md): the conditioned form per token, demonstrations as earlier turns, the closing token
+            scored, and `"holdout_quantile"` weights for SFT or `"batch_minmax"` for preference pairs. `"paper"`: arXiv
+            2510.14459 as specified: `"difference"`, `"sum"`, `"in_turn"`, no closing token, `"batch_minmax"`.
         ica_num_demos (`int`, *optional*, defaults to `3`):
             k, the holdout demonstrations put in context for each example.
         ica_demo_selection (`str`, *optional*, defaults to `"knn"`):
-            `"knn"` (the nearest holdout prompts, most similar first), `"knn_canonical"` (the same, in one order
-            shared by every example, so that prefixes share their start), `"knn_grouped"` (examples grouped by
-            embedding, each group the holdout prompts nearest its centre: one prefix per group), `"fixed"` (one
-            seeded set for everyone) or `"random"` (seeded per example).
+            `"knn"` (the nearest holdout prompts, most similar first), `"knn_canonical"` (the same, in one order shared
+            by every example, so that prefixes share their start), `"knn_grouped"` (examples grouped by embedding, each
+            group the holdout prompts nearest its centre: one prefix per group), `"fixed"` (one seeded set for
+            everyone) or `"random"` (seeded per example).
         ica_embedding_model (`str`, *optional*):
             sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
-        ica_weighting (`str`, *optional*, defaults to `"batch_minmax"`):
+        ica_weighting (`str`, *optional*, defaults to the preset's):
+            recommended: `"holdout_quantile"` for SFT, `"batch_minmax"` for pairs; paper: `"batch_minmax"`.
             `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`. The batch schemes
-            (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch
-            of gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score
-            falls among the holdout's own scores (each holdout row scored with demonstrations from the rest of the
-            holdout): the share of them it beats, whatever else is in its batch.
+            (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch of
+            gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score falls
+            among the holdout's own scores (each holdout row scored with demonstrations from the rest of the holdout):
+            the share of them it beats, whatever else is in its batch.
         ica_holdout_cutoff (`float`, *optional*, defaults to `1.0`):
             with `"holdout_quantile"`: the share of the holdout's own scores an example must beat for full weight;
             below it the weight falls in proportion, to 0 below every holdout score. `1.0`: the weight is the share
@@ -41,38 +52,40 @@ class ICAArguments:
             online with `"holdout_quantile"`: the holdout's own scores are recomputed every this many steps (with
             `ica_refresh=R`, at every refresh). At 1 each step's rows are compared with holdout scores of the same
             model; a larger value saves scorings of the holdout but compares the rows with an older model's scores,
-            which cost a measured run most of its gain (see the README's `holdout_quantile`).
+            which cost a measured run most of its gain (docs/benchmarks.md).
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
-            R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each
-            optimizer step scored at its start with the current parameters).
-        ica_reduction (`str`, *optional*, defaults to `"sum"`):
-            `"sum"` of response token log-probabilities (the paper's) or `"mean"` per token.
-        ica_score_form (`str`, *optional*, defaults to `"difference"`):
-            `"difference"`, log p(y | D, x) - log p(y | x) (the paper's); or `"conditioned"`, log p(y | D, x) alone,
-            which also weights down responses that do not fit their own prompt (noisy labels) and skips the pass
-            without demonstrations. Pair it with `ica_reduction="mean"`. See the README's "Which score to trust".
+            R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each optimizer
+            step scored at its start with the current parameters).
+        ica_reduction (`str`, *optional*, defaults to the preset's):
+            recommended: `"mean"`; paper: `"sum"`. `"sum"` of the response's token log-probabilities (the paper's) or
+            `"mean"` per token.
+        ica_score_form (`str`, *optional*, defaults to the preset's):
+            recommended: `"conditioned"`; paper: `"difference"`. `"difference"`, log p(y | D, x) - log p(y | x) (the
+            paper's); or `"conditioned"`, log p(y | D, x) alone, which also weights down responses that do not fit
+            their own prompt (noisy labels) and skips the pass without demonstrations. Pair it with
+            `ica_reduction="mean"`. See docs/scores.md.
         ica_demo_template (`str`, *optional*):
             one demonstration, with `{prompt}` and `{response}`; with `ica_query_template`, replaces the default
             wording.
         ica_query_template (`str`, *optional*):
             the example's question after the demonstrations, with `{prompt}`.
-        ica_demo_layout (`str`, *optional*, defaults to `"turns"`):
-            where a conversational row's demonstrations go: `"turns"`, each an earlier user/assistant exchange before
-            the row's unchanged turn, so the requests with and without demonstrations differ by the demonstrations
-            alone; or `"in_turn"`, in the row's user turn with the paper's wording (or `ica_demo_template`, which
-            conversational rows need this layout for). Standard rows always get few-shot text. `"turns"` ranked and
-            trained as well or better on every pool measured; see the README's "Which score to trust".
-        ica_score_end_token (`bool`, *optional*, defaults to `True`):
-            score the token that closes each response (the chat template's end of turn, or EOS for standard rows)
-            with it, as TRL trains it.
+        ica_demo_layout (`str`, *optional*, defaults to the preset's):
+            recommended: `"turns"`; paper: `"in_turn"`. Where a conversational row's demonstrations go: `"turns"`, each
+            an earlier user/assistant exchange before the row's unchanged turn, so the requests with and without
+            demonstrations differ by the demonstrations alone; or `"in_turn"`, in the row's user turn with the paper's
+            wording (or `ica_demo_template`, which conversational rows need this layout for). Standard rows always get
+            few-shot text. `"turns"` ranked and trained as well or better on every pool measured; see docs/scores.md.
+        ica_score_end_token (`bool`, *optional*, defaults to the preset's):
+            recommended: `True`; paper: `False` (only the response's own tokens). Score the token that closes each
+            response (the chat template's end of turn, or EOS for standard rows) with it, as TRL trains it.
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default the token budget decides.
         ica_scoring_max_tokens (`int`, *optional*):
             token positions one scoring forward may hold: for each sequence, the demonstration prefix it attends to
-            plus its own padded tokens. Defaults to 16384 on an accelerator and 2048 on the CPU. After an
-            out-of-memory error the budget is halved for the rest of the run, on every process.
+            plus its own padded tokens. Defaults to 16384 on an accelerator and 2048 on the CPU. After an out-of-memory
+            error the budget is halved for the rest of the run, on every process.
         ica_max_length (`int`, *optional*):
             longest conditioned sequence allowed (demonstrations included); defaults to the model's context size
             (`max_position_embeddings`). The training `max_length` does not bound it: a row longer than this with its
@@ -85,6 +98,10 @@ class ICAArguments:
             and its recorded form, reduction, demonstrations and seed must be this run's (`<file>.meta.json`).
     """
 
+    ica_preset: str = field(
+        default="recommended",
+        metadata={"help": "Where unset score and weighting fields come from.", "choices": list(PRESETS)},
+    )
     ica_num_demos: int = field(default=3, metadata={"help": "Holdout demonstrations put in context per example."})
     ica_demo_selection: str = field(
         default="knn", metadata={"help": "How demonstrations are chosen.", "choices": list(DEMO_SELECTIONS)}
@@ -92,8 +109,9 @@ class ICAArguments:
     ica_embedding_model: str | None = field(
         default=None, metadata={"help": "sentence-transformers encoder for kNN; default: the model's hidden states."}
     )
-    ica_weighting: str = field(
-        default="batch_minmax", metadata={"help": "From scores to weights.", "choices": list(WEIGHTINGS)}
+    ica_weighting: str | None = field(
+        default=None,
+        metadata={"help": "From scores to weights; default: the preset's.", "choices": list(WEIGHTINGS)},
     )
     ica_holdout_cutoff: float = field(
         default=1.0,
@@ -106,21 +124,25 @@ class ICAArguments:
     ica_refresh: str = field(
         default="1", metadata={"help": "Number of scorings over training (1: before training), or 'online'."}
     )
-    ica_reduction: str = field(
-        default="sum", metadata={"help": "Sum or per-token mean of log-probabilities.", "choices": list(REDUCTIONS)}
+    ica_reduction: str | None = field(
+        default=None,
+        metadata={"help": "Sum or per-token mean; default: the preset's.", "choices": list(REDUCTIONS)},
     )
-    ica_score_form: str = field(
-        default="difference",
-        metadata={"help": "The paper's difference, or log p(y | D, x) alone.", "choices": list(FORMS)},
+    ica_score_form: str | None = field(
+        default=None,
+        metadata={
+            "help": "The paper's difference, or log p(y | D, x) alone; default: the preset's.",
+            "choices": list(FORMS),
+        },
     )
     ica_demo_template: str | None = field(default=None, metadata={"help": "One demonstration: {prompt}, {response}."})
     ica_query_template: str | None = field(default=None, metadata={"help": "The question after demos: {prompt}."})
-    ica_demo_layout: str = field(
-        default=DEFAULT_DEMO_LAYOUT,
-        metadata={"help": "Chat rows: demos as earlier turns, or in the user turn.", "choices": DEMO_LAYOUTS},
+    ica_demo_layout: str | None = field(
+        default=None,
+        metadata={"help": "Chat rows: demos as earlier turns, or in the user turn.", "choices": list(DEMO_LAYOUTS)},
     )
-    ica_score_end_token: bool = field(
-        default=True, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
+    ica_score_end_token: bool | None = field(
+        default=None, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
     )
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_scoring_max_tokens: int | None = field(
@@ -143,8 +165,10 @@ class ICAArguments:
 
             self.bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
 
-    def validate_ica(self) -> None:
-        """Check and normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""
+    def validate_ica(self, kind: str) -> None:
+        """Fill the fields left unset from `ica_preset` for `kind` (`"sft"` or `"preference"`), then check and
+        normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""
+        apply_preset(self, kind)
         choices = (
             ("ica_demo_selection", DEMO_SELECTIONS),
             ("ica_weighting", WEIGHTINGS),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import numpy as np
 import torch
 from datasets import Dataset
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import seams
@@ -26,10 +28,34 @@ logger = logging.getLogger(__name__)
 INDEX = "ica_index"
 
 
-def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset") -> Dataset:
+def scoring_view(dataset, formatting_func=None, text_field: str = "text", name: str = "train_dataset"):
+    """The rows ICA scores, as SFTTrainer will train on them: with a `formatting_func`, a language-modeling row
+    `{"text": formatting_func(row)}` per row (TRL applies it the same way); a language-modeling dataset whose text is
+    in `text_field` (`SFTConfig.dataset_text_field`) read from there; otherwise `dataset` itself."""
+    if not isinstance(dataset, (Dataset, list)):
+        return dataset  # refused by the readers, with what is allowed
+    if formatting_func is not None:
+        texts = []
+        for i, row in enumerate(dataset):
+            text = formatting_func(row)
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"`formatting_func` must return one string per row, as SFTTrainer applies it; {name} row {i} "
+                    f"gave {type(text).__name__}."
+                )
+            texts.append(text)
+        return Dataset.from_dict({"text": texts})
+    columns = set(dataset.column_names if isinstance(dataset, Dataset) else dataset[0] if dataset else ())
+    other = {"prompt", "completion", "messages", "conversations", "chosen", "rejected", "text"}
+    if text_field != "text" and text_field in columns and not other & columns:
+        return Dataset.from_dict({"text": [row[text_field] for row in dataset]})
+    return dataset
+
+
+def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset", view=None) -> Dataset:
     """`dataset` with an `ica_index` column (0..N-1): the stable id of each row, since TRL may drop rows. Its first
-    row must be of the kind `trainer` trains on (preference pairs when `pairs`), so a wrong dataset is refused before
-    TRL meets it."""
+    row (as `view` gives the rows ICA scores) must be of the kind `trainer` trains on (preference pairs when
+    `pairs`), so a wrong dataset is refused before TRL meets it."""
     if dataset is None:
         raise ValueError(f"`{name}` is required: ICA weights the training examples.")
     if not isinstance(dataset, Dataset):
@@ -41,7 +67,7 @@ def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset") -
     if INDEX in dataset.column_names:
         raise ValueError(f"`{name}` already has a column named {INDEX!r}, which ICA trainers reserve; rename it.")
     if not {"input_ids", "prompt_ids"} & set(dataset.column_names):  # pre-tokenised rows are refused later
-        first = read_row(dataset[0], 0, name)
+        first = read_row((view(dataset.select([0])) if view else dataset)[0], 0, name)
         if isinstance(first, PreferenceExample) != pairs:
             wanted, got = ("preference pairs", "single responses") if pairs else ("single responses", "pairs")
             other = "ICASFTTrainer" if pairs else "ICADPOTrainer or ICACPOTrainer"
@@ -53,15 +79,24 @@ def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset") -
 
 
 def ica_args(args, model, config_class, name: str):
-    """`args`, or a default `config_class` named after the model; a TRL config without `ica_*` fields is an error."""
+    """`args` as a `config_class`: None gives one named after the model; a stock TRL config (or `TrainingArguments`)
+    is carried over field by field, with the ICA defaults for the `ica_*` fields it lacks."""
     if args is None:
         model_name = model if isinstance(model, str) else seams.loaded_from(model.config)
         return config_class(f"{model_name.split('/')[-1]}-{name}")
-    if not isinstance(args, ICAArguments):
+    if isinstance(args, config_class):
+        return args
+    if (
+        isinstance(args, ICAArguments)
+        or not isinstance(args, TrainingArguments)
+        or not issubclass(config_class, type(args))
+    ):
         raise TypeError(
-            f"`args` must be an {config_class.__name__} (with the `ica_*` fields), got {type(args).__name__}."
+            f"`args` must be an {config_class.__name__}, or a config it extends, got {type(args).__name__}."
         )
-    return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    logger.info("`args` is a %s: using it as an %s with the ICA defaults.", type(args).__name__, config_class.__name__)
+    return config_class(**values)
 
 
 class IndexedCollator:
@@ -84,6 +119,28 @@ def _context_size(model, fallback: int | None) -> int | None:
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "max_position_embeddings", None) or fallback
+
+
+def loss_reaches(loss: torch.Tensor, weighted: torch.Tensor, depth: int = 64) -> bool:
+    """Whether `loss` was computed from `weighted`: its autograd node is within `depth` steps of the loss's. The
+    reductions between the weighted tensor and TRL's loss are a handful of steps; a loss computed elsewhere (inside
+    the model's forward, from an unweighted copy) does not reach it. True when nothing needs gradients."""
+    if not (loss.requires_grad and weighted.requires_grad) or weighted.grad_fn is None:
+        return True
+    target, frontier, seen = weighted.grad_fn, [loss.grad_fn], set()
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            if node is None or node in seen:
+                continue
+            if node is target:
+                return True
+            seen.add(node)
+            following.extend(next_node for next_node, _ in node.next_functions)
+        if not following:
+            return False
+        frontier = following
+    return False
 
 
 def training_compute_dtype(args) -> torch.dtype | None:
@@ -144,8 +201,11 @@ class ICATrainerMixin:
         super().save_model(output_dir, _internal_call)
         self._complete_card(output_dir or self.args.output_dir, base_model_name(self.model.config))
 
-    def _ica_setup(self, raw_train: Dataset, holdout_dataset, max_length: int | None) -> None:
+    def _ica_setup(self, raw_train: Dataset, holdout_dataset, max_length: int | None, view=None) -> None:
+        """Build the controller. `view` maps a dataset to the rows ICA scores (see [`scoring_view`]); by default the
+        rows themselves."""
         args: ICAArguments = self.args
+        view = view or (lambda dataset, name: dataset)
         self.data_collator = IndexedCollator(self.data_collator)
         template = None
         if args.ica_demo_template is not None:
@@ -176,8 +236,13 @@ class ICATrainerMixin:
                 and args.ica_embedding_model is None
             ),
         )
+        holdout_dataset = view(holdout_dataset, "holdout_dataset")
         builder = prepare_ica(
-            self.model, self.processing_class, raw_train.remove_columns(INDEX), holdout_dataset, **options
+            self.model,
+            self.processing_class,
+            view(raw_train.remove_columns(INDEX), "train_dataset"),
+            holdout_dataset,
+            **options,
         )
         reference = None
         if args.ica_weighting == "holdout_quantile":
@@ -224,7 +289,15 @@ class ICATrainerMixin:
             )
         if self._ica.online:
             dropout = active_dropout(self.model)
-            if dropout:
+            sharded = seams.sequence_sharding(self.accelerator)
+            if sharded:
+                logger.info(
+                    "Online ICA: each row's tokens are split between processes (%s), so log p(y | x) is scored by "
+                    "the engine rather than summed off one process's share of the training forward.",
+                    ", ".join(sharded.values()),
+                )
+                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
+            elif dropout:
                 logger.info(
                     "Online ICA: the training forward applies dropout (%s), so log p(y | x) is scored by the engine "
                     "with dropout off, like log p(y | D, x), rather than read off the training forward.",

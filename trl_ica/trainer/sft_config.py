@@ -26,7 +26,7 @@ class ICASFTConfig(ICAArguments, SFTConfig):
     def __post_init__(self):
         self.choose_precision()
         super().__post_init__()
-        self.validate_ica()
+        self.validate_ica("sft")
         if self.packing:
             raise ValueError(
                 "`packing=True` cannot be combined with ICA weighting: packing merges examples into one sequence and "

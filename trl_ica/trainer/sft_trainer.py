@@ -10,7 +10,7 @@ import torch
 from trl import SFTTrainer
 
 from .. import seams
-from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, loss_reaches, scoring_view
 from .sft_config import ICASFTConfig
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,25 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         args = ica_args(args, model, ICASFTConfig, "ICA-SFT")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` replaces the loss that ICA weights; it cannot be combined with ICA.")
-        indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False)
+        formatting_func = kwargs.get("formatting_func")
+
+        def view(dataset, name="train_dataset"):  # the rows scored: what SFTTrainer trains on, as text or as rows
+            return scoring_view(dataset, formatting_func, args.dataset_text_field, name)
+
+        indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False, view=view)
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
-        self._ica_setup(indexed, holdout_dataset, args.max_length)
+        sequence_parallel = seams.sequence_sharding(self.accelerator).get("sp")
+        if sequence_parallel is not None and "deepspeed" in sequence_parallel:
+            raise ValueError(
+                f"ICA weighting cannot run under DeepSpeed sequence parallelism ({sequence_parallel}): there TRL "
+                "takes the loss the model computes inside its forward, which per-example weights cannot reach. "
+                "Train without sequence parallelism (sp_size=1)."
+            )
+        self._ica_setup(indexed, holdout_dataset, args.max_length, view=view)
 
     def _training_sequences(self, row):
-        return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100])]
+        # position 0 is never predicted (the loss reads shifted labels), whatever its label says
+        return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100 and i > 0])]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX, None)
@@ -75,10 +88,11 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         fired = []
         with self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not fired:
+        loss = result[0] if return_outputs else result
+        if not fired or not loss_reaches(loss, fired[-1]):
             raise self.unweighted_error(
                 "`SFTTrainer.compute_loss` calling the model with `fused_lm_head=True` and reducing its `log_probs` "
-                "(trl.trainer.sft_trainer), which `ICASFTTrainer._weighting_hook` scales"
+                "into the loss (trl.trainer.sft_trainer), which `ICASFTTrainer._weighting_hook` scales"
             )
         return result
 
@@ -95,7 +109,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             owner = seq_idx[:, 1:].long() if seq_idx is not None else None
             w = self._ica_weights(index, log_probs, lambda: _row_sums(log_probs.detach(), owner, len(index)))
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
-            fired.append(True)
+            fired.append(output.log_probs)
             return output
 
         handle = model.register_forward_hook(hook, with_kwargs=True)
