@@ -354,6 +354,17 @@ def sequence_sharding(accelerator) -> dict[str, str]:
     return out
 
 
+def sft_loss_mask_columns(columns, completion_only_loss: bool) -> list[str] | None:
+    """The columns whose product says which tokens of a pre-tokenised row carry loss, as
+    `SFTTrainer._prepare_dataset` builds `labels` (trl.trainer.sft_trainer): None when the row has `labels` (used as
+    they are); else `completion_mask` when `completion_only_loss` and `assistant_masks`, whichever are there; no
+    column means every token. A test compares the result with TRL's own labels, so a change there shows."""
+    if "labels" in columns:
+        return None
+    masks = ["completion_mask"] if completion_only_loss and "completion_mask" in columns else []
+    return masks + (["assistant_masks"] if "assistant_masks" in columns else [])
+
+
 def packed_sequence_index(inputs: dict):
     """Padding-free SFT: the packed sequence each position belongs to, `inputs["seq_idx"]` (TRL's
     `DataCollatorForLanguageModeling` with `padding_free=True`), or `None`."""

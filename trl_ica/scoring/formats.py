@@ -4,7 +4,8 @@ ICA scores a response given its prompt. The formats are TRL's own (https://huggi
 prompt/completion, standard or conversational, and `messages` conversations, whose final assistant turn is the
 response. ShareGPT-style `conversations` rows are converted the way TRL converts them. A language-modeling row (`text`)
 is a response with an empty prompt: its score is log p(text | demonstrations) - log p(text), as TRL trains on every
-token of it.
+token of it. A pre-tokenised row (`input_ids`, with the positions that carry loss from `labels`, a `loss_mask` or
+`completion_mask`, or every position) is scored on its own token ids ([`TokenExample`]).
 """
 
 from __future__ import annotations
@@ -42,6 +43,46 @@ class SFTExample:
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class TokenExample(SFTExample):
+    """A pre-tokenised row: its token ids and the run `[start, end)` of positions that carry loss, scored given
+    `ids[:start]`. `question` and `response` are the decoded prompt and response (for kNN and duplicate checks), filled
+    in by [`read_dataset`] when it is given the tokenizer."""
+
+    ids: tuple[int, ...] = ()
+    start: int = 1
+    end: int = 0
+
+
+#: Columns that give the positions of a pre-tokenised row that carry loss, in the order they are looked for.
+TOKEN_MASKS = ("labels", "loss_mask", "completion_mask")
+
+
+def _read_tokens(row: Mapping[str, Any], where: str) -> TokenExample:
+    ids = row["input_ids"]
+    if not isinstance(ids, Sequence) or not ids or not all(isinstance(t, int) for t in ids):
+        raise ValueError(f"{where}: `input_ids` must be a non-empty list of token ids.")
+    column = next((c for c in TOKEN_MASKS if c in row), None)
+    values = row[column] if column else [1] * len(ids)
+    if len(values) != len(ids):
+        raise ValueError(f"{where}: `{column}` has {len(values)} entries for {len(ids)} `input_ids`.")
+    carries = [(v != -100) if column == "labels" else bool(v) for v in values]
+    positions = [t for t in range(1, len(ids)) if carries[t]]  # position 0 is never predicted
+    if not positions:
+        raise ValueError(
+            f"{where}: no position after the first carries loss (`{column or 'input_ids'}`): nothing to score."
+        )
+    start, end = positions[0], positions[-1] + 1
+    if end - start != len(positions):
+        raise ValueError(
+            f"{where}: the positions that carry loss (`{column}`) are not one run ({len(positions)} positions between "
+            f"{start} and {end - 1}). ICA scores one response per row given what precedes it: give each row one "
+            "response (e.g. only the last assistant turn in its mask), or use a `messages` or prompt/completion "
+            "dataset."
+        )
+    return TokenExample("", "", "", ids=tuple(ids), start=start, end=end)
 
 
 @dataclass(frozen=True)
@@ -132,6 +173,8 @@ def read_row(
 
     if {"chosen", "rejected"} <= keys:
         return _read_preference(row, where)
+    if "input_ids" in keys:
+        return _read_tokens(row, where)
 
     if "prompt" in keys and "completion" in keys:
         prompt, completion = row["prompt"], row["completion"]
@@ -212,6 +255,8 @@ def _row_format(row: Mapping[str, Any]) -> str:
         return "prompt/completion"
     if "text" in keys and not {"messages", "conversations"} & keys:
         return "text"
+    if "input_ids" in keys:
+        return "pre-tokenised (input_ids)"
     return "messages" if "messages" in keys or "conversations" in keys else "other"
 
 
@@ -233,8 +278,9 @@ def _check_container(dataset, name: str) -> None:
         raise ValueError(f"`{name}` must be a `datasets.Dataset` or a list of dicts, got {type(dataset).__name__}.")
 
 
-def read_dataset(dataset, name: str = "dataset") -> list[SFTExample | PreferenceExample]:
-    """Read every row of `dataset` (a `datasets.Dataset` or a list of dicts); nothing is skipped."""
+def read_dataset(dataset, name: str = "dataset", tokenizer=None) -> list[SFTExample | PreferenceExample]:
+    """Read every row of `dataset` (a `datasets.Dataset` or a list of dicts); nothing is skipped. With `tokenizer`,
+    pre-tokenised rows get their decoded prompt and response as `question` and `response`."""
     _check_container(dataset, name)
     if len(dataset) == 0:
         raise ValueError(f"`{name}` is empty; it needs at least one row.")
@@ -247,6 +293,14 @@ def read_dataset(dataset, name: str = "dataset") -> list[SFTExample | Preference
         listed = ", ".join(f"{kind} (first at row {i})" for kind, i in formats.items())
         raise ValueError(f"`{name}` mixes row formats: {listed}; every row must have the same format.")
     examples = [read_row(row, i, name) for i, row in enumerate(dataset)]
+    if tokenizer is not None and isinstance(examples[0], TokenExample):
+        import dataclasses
+
+        decode = getattr(tokenizer, "tokenizer", tokenizer).decode
+        examples = [
+            dataclasses.replace(e, question=decode(e.ids[: e.start]), response=decode(e.ids[e.start : e.end]))
+            for e in examples
+        ]
     if len({e.conversational for e in examples}) > 1:
         first = next(i for i, e in enumerate(examples) if e.conversational != examples[0].conversational)
         raise ValueError(

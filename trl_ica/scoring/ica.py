@@ -214,8 +214,8 @@ def prepare_ica(
     autocast dtype of the model's own kNN embeddings (see [`model_embeddings`]); `defer_demos`: choose them when
     first needed (see [`ICARequestBuilder.defer`])."""
     check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
-    candidates = read_dataset(dataset, "dataset")
-    held = read_dataset(holdout, "holdout")
+    candidates = read_dataset(dataset, "dataset", tokenizer)
+    held = read_dataset(holdout, "holdout", tokenizer)
     if isinstance(held[0], PreferenceExample):
         held = [h.as_sft("chosen") for h in held]  # demonstrations show the holdout prompt with its chosen answer
     if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
@@ -308,7 +308,7 @@ def prepare_holdout_reference(
     `weighting="holdout_quantile"` weights the training rows against. `pairs` scores the holdout's pairs (a
     preference holdout is then required); otherwise each holdout row (or pair's prompt with its chosen answer)."""
     check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
-    held = read_dataset(holdout, "holdout")
+    held = read_dataset(holdout, "holdout", tokenizer)
     held_pairs = isinstance(held[0], PreferenceExample)
     if pairs and not held_pairs:
         raise ValueError(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .engine import LogProbRequest
-from .formats import SFTExample
+from .formats import SFTExample, TokenExample
 
 #: How the demonstrations of a conversational row are laid out; see the module docstring.
 DEMO_LAYOUTS = ("in_turn", "turns")
@@ -156,6 +156,8 @@ class Renderer:
 
     def unconditioned(self, example: SFTExample) -> LogProbRequest:
         """log p(y | x): the prompt as TRL trains on it."""
+        if isinstance(example, TokenExample):
+            return LogProbRequest((), example.ids[: example.start], example.ids[example.start : example.end])
         p = self.pieces(example)
         if example.conversational:
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
@@ -179,7 +181,13 @@ class Renderer:
 
     def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
         """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
-        (`layout="in_turn"`) or as earlier turns before the unchanged question (`layout="turns"`)."""
+        (`layout="in_turn"`) or as earlier turns before the unchanged question (`layout="turns"`). A pre-tokenised
+        row gets the holdout rows' own token sequences, whole, before its ids."""
+        if isinstance(example, TokenExample):
+            if not all(isinstance(d, TokenExample) for d in demos):
+                raise ValueError("Pre-tokenised rows need a pre-tokenised holdout (`input_ids`) for demonstrations.")
+            prefix = tuple(t for d in demos for t in d.ids[: d.end])
+            return LogProbRequest(prefix, example.ids[: example.start], example.ids[example.start : example.end])
         if example.conversational and self.layout == "turns":
             if self.template is not None:
                 raise ValueError(

@@ -119,8 +119,8 @@ def oneshot_scores(
     """One-Shot (Nuggets-style): each example as the single demonstration in front of its `num_queries` nearest
     holdout examples; its score is the mean gain of their answers' log-probability (for a preference holdout, of
     their chosen-minus-rejected margin). Each example's demonstration prefix runs once for all its queries."""
-    examples = read_dataset(dataset, "dataset")
-    held = read_dataset(holdout, "holdout")
+    examples = read_dataset(dataset, "dataset", tokenizer)
+    held = read_dataset(holdout, "holdout", tokenizer)
     if not isinstance(num_queries, int) or not 1 <= num_queries <= len(held):
         raise ValueError(
             f"`num_queries` must be an integer in [1, {len(held)}] (the holdout size), got {num_queries}."

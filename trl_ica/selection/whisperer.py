@@ -126,6 +126,11 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
     pool = read_dataset(dataset, "dataset")
     if isinstance(pool[0], PreferenceExample):
         raise ValueError("`method='whisperer'` is defined for SFT examples, not for preference pairs.")
+    if pool[0].language_modeling or hasattr(pool[0], "ids"):
+        raise ValueError(
+            "`method='whisperer'` asks the model to answer questions: it needs rows with a question and an answer "
+            "(prompt/completion or `messages`), not language-modeling text or pre-tokenised ids."
+        )
     queries = read_dataset(holdout, "holdout") if holdout is not None else pool
     if isinstance(queries[0], PreferenceExample):
         raise ValueError("The Data Whisperer holdout must hold SFT examples, not preference pairs.")

@@ -28,12 +28,24 @@ logger = logging.getLogger(__name__)
 INDEX = "ica_index"
 
 
-def scoring_view(dataset, formatting_func=None, text_field: str = "text", name: str = "train_dataset"):
+def scoring_view(
+    dataset, formatting_func=None, text_field: str = "text", name: str = "train_dataset", completion_only_loss=False
+):
     """The rows ICA scores, as SFTTrainer will train on them: with a `formatting_func`, a language-modeling row
     `{"text": formatting_func(row)}` per row (TRL applies it the same way); a language-modeling dataset whose text is
-    in `text_field` (`SFTConfig.dataset_text_field`) read from there; otherwise `dataset` itself."""
+    in `text_field` (`SFTConfig.dataset_text_field`) read from there; pre-tokenised rows as `input_ids` with the
+    `labels` or `loss_mask` TRL's label rule gives them ([`seams.sft_loss_mask_columns`]); otherwise `dataset`."""
     if not isinstance(dataset, (Dataset, list)):
         return dataset  # refused by the readers, with what is allowed
+    columns = set(dataset.column_names if isinstance(dataset, Dataset) else dataset[0] if dataset else ())
+    if "input_ids" in columns and formatting_func is None:  # TRL ignores a formatting_func on tokenised rows
+        masks = seams.sft_loss_mask_columns(columns, bool(completion_only_loss))
+        ids = [r["input_ids"] for r in dataset]
+        if masks is None:
+            return Dataset.from_dict({"input_ids": ids, "labels": [r["labels"] for r in dataset]})
+        loss_mask = [[int(all(bits)) for bits in zip(*(r[c] for c in masks))] if masks else [1] * len(r["input_ids"])
+                     for r in dataset]  # fmt: skip
+        return Dataset.from_dict({"input_ids": ids, "loss_mask": loss_mask})
     if formatting_func is not None:
         texts = []
         for i, row in enumerate(dataset):
@@ -45,7 +57,6 @@ def scoring_view(dataset, formatting_func=None, text_field: str = "text", name: 
                 )
             texts.append(text)
         return Dataset.from_dict({"text": texts})
-    columns = set(dataset.column_names if isinstance(dataset, Dataset) else dataset[0] if dataset else ())
     other = {"prompt", "completion", "messages", "conversations", "chosen", "rejected", "text"}
     if text_field != "text" and text_field in columns and not other & columns:
         return Dataset.from_dict({"text": [row[text_field] for row in dataset]})

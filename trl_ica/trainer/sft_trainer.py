@@ -63,7 +63,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         formatting_func = kwargs.get("formatting_func")
 
         def view(dataset, name="train_dataset"):  # the rows scored: what SFTTrainer trains on, as text or as rows
-            return scoring_view(dataset, formatting_func, args.dataset_text_field, name)
+            completion_only = getattr(self, "completion_only_loss", args.completion_only_loss)  # TRL's, once set
+            return scoring_view(dataset, formatting_func, args.dataset_text_field, name, completion_only)
 
         indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False, view=view)
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)

@@ -1,0 +1,90 @@
+"""Pre-tokenised SFT rows (`input_ids` with `labels`, `completion_mask` or `assistant_masks`): scored on their own
+token ids, on exactly the positions SFTTrainer trains on."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.trainer.mixin import scoring_view
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=3,
+              per_device_train_batch_size=4, learning_rate=1e-2)  # fmt: skip
+
+
+def tokenised(tokenizer, n=12, offset=0, column="completion_mask"):
+    """Rows of `input_ids` with a mask over the answer: `completion_mask`, `assistant_masks` or `labels`."""
+    rows = []
+    for i in range(offset, offset + n):
+        prompt = tokenizer(f"What is {i} plus {i + 1}?", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(f" The answer is {2 * i + 1}.{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
+        mask = [0] * len(prompt) + [1] * len(answer)
+        ids = prompt + answer
+        value = [t if m else -100 for t, m in zip(ids, mask)] if column == "labels" else mask
+        rows.append({"input_ids": ids, column: value})
+    return Dataset.from_list(rows)
+
+
+def model_for(tokenizer):
+    return tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+
+
+def test_scores_equal_a_naive_forward_of_the_token_ids(tokenizer):
+    """log p(answer | prompt) from the row's ids; with demonstrations, the holdout rows' ids before them."""
+    train, holdout = tokenised(tokenizer, 3), tokenised(tokenizer, 4, offset=20)
+    model = model_for(tokenizer).eval()
+    out = score_ica(model, tokenizer, train, holdout, num_demos=2, demo_selection="fixed", form="difference",
+                    reduction="sum", show_progress=False)  # fmt: skip
+    for row in range(3):
+        ids, start = train[row]["input_ids"], train[row]["completion_mask"].index(1)
+        demos = [t for j in out.demo_indices[row] for t in holdout[int(j)]["input_ids"]]
+
+        def naive(sequence, first):
+            with torch.no_grad():
+                logp = model(torch.tensor([sequence])).logits[0].double().log_softmax(-1)
+            return float(sum(logp[t - 1, sequence[t]] for t in range(first, len(sequence))))
+
+        assert out.num_tokens[row] == len(ids) - start
+        np.testing.assert_allclose(out.logp_unconditioned[row], naive(ids, start), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out.logp_conditioned[row], naive(demos + ids, len(demos) + start), atol=1e-4,
+                                   rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("column", "completion_only_loss"),
+    [("completion_mask", True), ("completion_mask", None), ("assistant_masks", None), ("labels", None)],
+)
+def test_the_positions_scored_are_the_ones_trl_trains_on(tokenizer, tmp_path, column, completion_only_loss):
+    """The mask ICA reads equals `labels != -100` of TRL's own prepared dataset (completion_mask counts only under
+    `completion_only_loss=True`, as in TRL), and with unit weights the run trains exactly like SFTTrainer."""
+    train, holdout = tokenised(tokenizer, column=column), tokenised(tokenizer, 5, offset=20, column=column)
+    settings = dict(COMMON, completion_only_loss=completion_only_loss)
+    torch.manual_seed(0)
+    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    stock.train()
+    torch.manual_seed(0)
+    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **settings)
+    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
+                         holdout_dataset=holdout)  # fmt: skip
+    trained = [[label != -100 for label in row["labels"]][1:] for row in stock.train_dataset]
+    view = scoring_view(train, completion_only_loss=stock.completion_only_loss)
+    key = "labels" if "labels" in view.column_names else "loss_mask"
+    read = [[(v != -100) if key == "labels" else bool(v) for v in row[key]][1:] for row in view]
+    assert read == trained  # TRL's label rule, read the same way
+    ours.train()
+    assert ours.ica.reuse_unconditioned.all()  # the training forward is log p(answer | prompt)
+    mine = dict(ours.model.named_parameters())
+    for name, p in stock.model.named_parameters():
+        assert torch.equal(p, mine[name]), name
+
+
+def test_a_mask_of_several_runs_is_refused_with_the_reason(tokenizer):
+    rows = tokenised(tokenizer, 2).to_list()
+    rows[1]["completion_mask"] = [0, 1] + [0] * (len(rows[1]["input_ids"]) - 3) + [1]
+    with pytest.raises(ValueError, match=r"dataset row 1: the positions that carry loss \(`completion_mask`\) are"):
+        score_ica(model_for(tokenizer), tokenizer, Dataset.from_list(rows), tokenised(tokenizer, 4, offset=20),
+                  num_demos=1, demo_selection="fixed", show_progress=False)  # fmt: skip
