@@ -34,8 +34,8 @@ from bench_layout import SCENARIOS, per_token, pool  # noqa: E402
 from trl_ica.cli.assets import DEFAULT_MODEL, load_model  # noqa: E402
 from trl_ica.cli.scenarios import auroc  # noqa: E402
 from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scoring.engine import token_counts  # noqa: E402
 from trl_ica.scoring.ica import prepare_ica, score_with  # noqa: E402
+from trl_ica.scoring.planner import token_counts  # noqa: E402
 
 warnings.filterwarnings("ignore")
 MODES = ("knn", "knn_canonical", "knn_grouped", "fixed")

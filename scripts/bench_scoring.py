@@ -31,8 +31,9 @@ import torch
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.data_io import write_json
-from trl_ica.scoring.engine import LogProbRequest, score_requests, token_counts
+from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.planner import LogProbRequest, token_counts
 
 warnings.filterwarnings("ignore")
 SELECTIONS = ("fixed", "knn", "knn_canonical", "knn_grouped")

@@ -29,15 +29,12 @@ import traceback
 
 import torch
 
-from trl_ica.scoring.engine import (
+from trl_ica.scoring.engine import ScoringBudget, _Scorer, measure_forward_overhead, score_requests
+from trl_ica.scoring.planner import (
     ACCELERATOR_OVERHEAD,
     DEFAULT_OVERHEAD,
     LogProbRequest,
-    ScoringBudget,
-    _Scorer,
     choose_sharing,
-    measure_forward_overhead,
-    score_requests,
     sharing_costs,
 )
 

@@ -19,9 +19,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_ica.scoring.engine as engine
+import trl_ica.scoring.models as models
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli.scenarios import chat_row, pair_row
-from trl_ica.scoring.engine import LogProbRequest, score_requests
+from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.planner import LogProbRequest
 
 COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
@@ -43,7 +45,7 @@ def pair_data():
 
 def record_calls(model, calls):
     """Append 'backbone' or 'head' to `calls` on every forward of the decoder or the output embedding."""
-    lm = engine.unwrap_causal_lm(model)
+    lm = models.unwrap_causal_lm(model)
     lm.get_decoder().register_forward_hook(lambda *_: calls.append("backbone"))
     lm.get_output_embeddings().register_forward_hook(lambda *_: calls.append("head"))
 
@@ -66,15 +68,15 @@ def main():
 
     # 2. Lockstep: each process scores different requests; three scored tokens per LM-head call, so the processes
     # also differ in head calls per forward
-    head_bytes = engine.HEAD_BYTES
-    engine.HEAD_BYTES = 3 * 4 * model.config.vocab_size  # three float32 rows of logits
+    head_bytes = models.HEAD_BYTES
+    models.HEAD_BYTES = 3 * 4 * model.config.vocab_size  # three float32 rows of logits
     own = [LogProbRequest((5, 6), (7,) * (1 + rank), tuple(range(10, 12 + 4 * rank + j))) for j in range(3 - 2 * rank)]
     calls.clear()
     stepped = score_requests(model, own, batch_size=1, show_progress=False, distributed="lockstep")
     lockstep_calls = list(calls)
     calls.clear()
     alone = score_requests(model, own, batch_size=1, show_progress=False, distributed="local")
-    engine.HEAD_BYTES = head_bytes
+    models.HEAD_BYTES = head_bytes
     # An out-of-memory back-off on one process (here rank 0's budget halved to 50) holds on every process
     budget = engine.ScoringBudget(100)
     if rank == 0:

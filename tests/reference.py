@@ -2,7 +2,7 @@
 
 import torch
 
-from trl_ica.scoring.engine import LogProbRequest
+from trl_ica.scoring.planner import LogProbRequest
 
 
 @torch.no_grad()

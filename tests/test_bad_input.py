@@ -13,7 +13,8 @@ from datasets import Dataset, DatasetDict
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
 from trl_ica.cli.assets import convert_gguf
-from trl_ica.scoring.engine import LogProbRequest, score_requests
+from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.planner import LogProbRequest
 
 
 def conv(q, a):

@@ -7,16 +7,8 @@ import torch
 from conftest import tiny_llama
 from reference import naive_log_prob
 
-from trl_ica.scoring.engine import (
-    LogProbRequest,
-    ScoringBudget,
-    _Scorer,
-    choose_sharing,
-    plan_prefixes,
-    score_requests,
-    sharing_costs,
-    token_counts,
-)
+from trl_ica.scoring.engine import ScoringBudget, _Scorer, score_requests
+from trl_ica.scoring.planner import LogProbRequest, choose_sharing, plan_prefixes, sharing_costs, token_counts
 
 
 def random_requests(n=24, seed=0, vocab=128):

@@ -11,7 +11,9 @@ import transformers
 from reference import naive_log_prob
 
 from trl_ica import seams
-from trl_ica.scoring.engine import LogProbRequest, logit_transform, score_requests
+from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.planner import LogProbRequest
+from trl_ica.seams import logit_transform
 
 SMALL = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

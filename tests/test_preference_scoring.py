@@ -4,9 +4,9 @@ from conftest import pair_rows
 from reference import naive_log_prob
 
 from trl_ica import score_ica
-from trl_ica.scoring.engine import token_counts
 from trl_ica.scoring.formats import read_row
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.planner import token_counts
 from trl_ica.scoring.rendering import Renderer
 
 

@@ -13,8 +13,8 @@ import torch
 from reference import naive_log_prob, naive_token_log_probs
 
 from trl_ica import score_ica
-from trl_ica.scoring.engine import LogProbRequest
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.planner import LogProbRequest
 
 pytestmark = pytest.mark.slow
 

@@ -169,7 +169,8 @@ def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monke
     from types import SimpleNamespace
 
     from trl_ica.cli import assets
-    from trl_ica.trainer.model_card import EMBEDDED_BASE, base_model_name
+    from trl_ica.embedded import EMBEDDED_BASE
+    from trl_ica.trainer.model_card import base_model_name
 
     monkeypatch.setenv("TRL_ICA_CACHE", str(tmp_path))
     embedded = tmp_path / "SmolLM2-135M-Instruct-0123abcd"

@@ -8,8 +8,8 @@ from reference import naive_log_prob
 
 from trl_ica.cli import main
 from trl_ica.scoring.demonstrations import model_embeddings, select_demos
-from trl_ica.scoring.engine import LogProbRequest
 from trl_ica.scoring.formats import read_dataset
+from trl_ica.scoring.planner import LogProbRequest
 from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import METHODS, score_dataset, select_top
 

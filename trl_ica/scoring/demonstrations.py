@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import unsharded_ancestors, zero3_gathered
-from .engine import backbone_and_head, eval_mode, unwrap_causal_lm
+from .models import backbone_and_head, eval_mode, unwrap_causal_lm
 
 DEMO_SELECTIONS = ("knn", "knn_canonical", "knn_grouped", "fixed", "random")
 NEAREST_SELECTIONS = ("knn", "knn_canonical", "knn_grouped")  # the ones that need an embedder
@@ -61,7 +61,8 @@ def model_embeddings(
     from accelerate.utils import gather_object
 
     from .distributed import resolve_mode
-    from .engine import ScoringBudget, autocast_to, padded_batch
+    from .engine import ScoringBudget
+    from .models import autocast_to, padded_batch
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     _, backbone, _ = backbone_and_head(model)

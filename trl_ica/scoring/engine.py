@@ -15,7 +15,6 @@ plain forward of each full sequence up to floating-point rounding.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from collections.abc import Sequence
@@ -30,33 +29,28 @@ from tqdm.auto import tqdm
 
 from .. import seams
 from .distributed import ForwardLockstep, resolve_mode, unsharded_ancestors
+from .models import (
+    autocast_to,
+    backbone_and_head,
+    eval_mode,
+    head_chunk,
+    head_log_probs,
+    is_oom,
+    pad_id,
+    padded_batch,
+    unwrap_causal_lm,
+)
+from .planner import (
+    ACCELERATOR_OVERHEAD,
+    DEFAULT_OVERHEAD,
+    SHARINGS,
+    LogProbRequest,
+    batch_end,
+    choose_sharing,
+    plan_prefixes,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LogProbRequest:
-    """Token ids of one scored sequence `prefix + context + response`; only `response` tokens are scored.
-
-    Args:
-        prefix (`tuple[int, ...]`): leading tokens that other requests may share; run once per distinct prefix.
-        context (`tuple[int, ...]`): the request's own unscored tokens (its prompt).
-        response (`tuple[int, ...]`): the scored tokens.
-    """
-
-    prefix: tuple[int, ...]
-    context: tuple[int, ...]
-    response: tuple[int, ...]
-
-    def __post_init__(self):
-        if not self.response:
-            raise ValueError("LogProbRequest.response is empty: there is nothing to score.")
-        if not self.prefix and not self.context:
-            raise ValueError("LogProbRequest needs at least one prefix or context token to predict the response from.")
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prefix) + len(self.context) + len(self.response)
 
 
 @dataclass
@@ -65,130 +59,6 @@ class LogProbs:
 
     sums: np.ndarray
     counts: np.ndarray
-
-
-def unwrap_causal_lm(model):
-    """The causal LM inside accelerate/DDP and PEFT wrappers (PEFT's injected adapter layers stay active)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def backbone_and_head(model):
-    lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings()
-    backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
-    if head is None or backbone is None:
-        raise ValueError(f"{type(lm).__name__} is not a causal language model with an output embedding.")
-    return lm, backbone, head
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Put `model` in eval mode and restore each module's previous mode afterwards.
-
-    bitsandbytes' 4-bit layers are left in training mode: on CPUs with AVX512-BF16 an eval-mode, no-grad forward
-    repacks their weights for inference once and for all, after which training gets no gradient through them.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for module in model.modules():
-        if seams.repacks_in_eval(module):
-            module.training = True  # their mode changes nothing else: they have no dropout
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def logit_transform(config) -> tuple[float, float | None]:
-    """`(scale, softcap)` such that the model's logits are `softcap * tanh(scale * head(h) / softcap)` (no tanh when
-    `softcap` is None): what a model's forward applies after its LM head, read from its (text) config exactly as
-    TRL's fused LM head reads it (`trl.trainer.utils.add_fused_lm_head`, TRL 1.16), so that log p(y | x) read off a
-    TRL training forward and the engine's log p(y | D, x) use one definition. `logit_scale` (Cohere) or
-    `output_multiplier` multiply; `lm_head_multiplier` (Falcon-H1) multiplies; `logits_scaling` divides (Granite,
-    MiniCPM3; HyperCLOVA X multiplies); `final_logit_softcapping` caps (Gemma 2/3)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "final_logit_softcapping", None)
-    scale = getattr(text, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scaling = text.logits_scaling
-        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / scaling
-    return (1.0 if scale is None else float(scale)), softcap
-
-
-HEAD_BYTES = 256 * 2**20  # float32 logits per LM-head call: 512 positions of a 128k vocabulary, 1,365 of 49k
-
-
-def head_chunk(vocab_size: int) -> int:
-    """Positions per LM-head call so that a call's float32 logits take at most `HEAD_BYTES` (the log-sum-exp and
-    the soft-capping make temporaries of the same size)."""
-    return max(1, HEAD_BYTES // (4 * max(1, vocab_size)))
-
-
-def head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Log-probabilities of `targets` (N,) under the LM head applied to `hidden` (N, H), in float32 (float64 for a
-    float64 model), `chunk` positions per head call (default: [`head_chunk`] of the head's vocabulary).
-
-    `logit[target] - logsumexp(logits)` rather than `log_softmax`: on the CPU, PyTorch's float32 `log_softmax` over a
-    large vocabulary is biased (about +2e-5 nats per token over 49k entries, always the same sign, so a sum over
-    hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md). Logits of a
-    bf16 or fp16 head are raised to float32 before the log-sum-exp."""
-    chunk = chunk or head_chunk(head.weight.shape[0])
-    scale, softcap = logit_transform(lm.config)
-    out = []
-    for start in range(0, hidden.size(0), chunk):
-        logits = head(hidden[start : start + chunk])
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        if scale != 1.0:
-            logits = logits * scale
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        target = logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
-        out.append(target - torch.logsumexp(logits, -1))
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=dtype)
-
-
-def pad_id(lm) -> int:
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(config, "eos_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
-    return int(pad) if pad is not None else 0
-
-
-def padded_batch(sequences, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `(ids, mask)` of token sequences, `(B, longest)` long tensors on `device`: filled on the CPU and
-    moved in one copy each, rather than one small host-to-device copy per row."""
-    length = max(len(x) for x in sequences)
-    ids = np.full((len(sequences), length), pad, dtype=np.int64)
-    mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, tokens in enumerate(sequences):
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-
-
-def _batch_end(order: list[int], start: int, lengths, batch_size: int | None, max_tokens: int, prefix: int) -> int:
-    """End of the batch starting at `order[start]` (sorted longest first) under a row cap and a token budget that
-    counts, for each row, the `prefix` positions it attends to and its padded continuation (the keys and values one
-    layer holds for the batch while it attends); a batch always holds at least one row."""
-    longest = lengths[order[start]]
-    rows = max(1, max_tokens // max(1, prefix + longest))
-    if batch_size is not None:
-        rows = min(rows, batch_size)
-    return min(len(order), start + rows)
 
 
 class PrefixState(NamedTuple):
@@ -309,10 +179,6 @@ class _Scorer:
         return sums.tolist()
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 DEFAULT_TOKENS = {"cpu": 2048}  # elsewhere (an accelerator): ACCELERATOR_TOKENS
 ACCELERATOR_TOKENS = 16384
 
@@ -321,14 +187,6 @@ def check_positive(name: str, value) -> None:
     """Refuse `value` unless it is None or a positive integer, naming `name`."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
-
-
-def autocast_to(device: torch.device, compute_dtype, weights_dtype):
-    """Autocast to `compute_dtype` when it differs from the weights' floating dtype (what accelerate's mixed
-    precision does around `model.forward`); otherwise nothing."""
-    if compute_dtype is None or compute_dtype == weights_dtype or not weights_dtype.is_floating_point:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=compute_dtype)
 
 
 class ScoringBudget:
@@ -531,12 +389,7 @@ def _warn_unshared(scorer: _Scorer) -> None:
         )
 
 
-SHARINGS = ("auto", "tree", "flat", "none")
 _OVERHEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): overhead}
-
-
-DEFAULT_OVERHEAD = {"cpu": 32.0}  # elsewhere (an accelerator): ACCELERATOR_OVERHEAD; see `score_requests`
-ACCELERATOR_OVERHEAD = 256.0
 
 
 def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None = None) -> float:
@@ -580,67 +433,6 @@ def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None =
     return known[key]
 
 
-def _batches(lengths: list[int], prefix: int, batch_size: int | None, max_tokens: int) -> int:
-    """How many forwards `_score_group` makes for continuations of `lengths` after a `prefix`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    count = pos = 0
-    while pos < len(order):
-        pos = _batch_end(order, pos, lengths, batch_size, max_tokens, prefix)
-        count += 1
-    return count
-
-
-def sharing_costs(
-    requests: Sequence[LogProbRequest], max_tokens: int, batch_size: int | None = None
-) -> dict[str, tuple[int, int]]:
-    """`(forwards, tokens)` each way of sharing would run for `requests` under the token budget: prefix pieces at
-    batch 1 plus the batched continuations ([`score_requests`], `sharing`)."""
-    out = {}
-    for sharing in ("tree", "flat"):
-        plan = plan_prefixes([r.prefix for r in requests], tree=sharing == "tree")
-        forwards = sum(1 for node in plan.nodes if node)
-        tokens = plan.piece_tokens
-        for node, idx in plan.requests.items():
-            if not idx:
-                continue
-            lengths = [len(requests[i].prefix) - len(node) + len(requests[i].context) + len(requests[i].response)
-                       for i in idx]  # fmt: skip
-            forwards += _batches(lengths, len(node), batch_size, max_tokens)
-            tokens += sum(lengths)
-        out[sharing] = (forwards, tokens)
-    whole = [r.num_tokens for r in requests]
-    out["none"] = (_batches(whole, 0, batch_size, max_tokens), sum(whole))
-    return out
-
-
-def choose_sharing(
-    requests: Sequence[LogProbRequest], max_tokens: int, batch_size: int | None, overhead: float
-) -> str:
-    """The way of sharing with the least `forwards x overhead + tokens` ([`sharing_costs`]); ties go to the one
-    that runs fewer tokens."""
-    costs = sharing_costs(requests, max_tokens, batch_size)
-    return min(costs, key=lambda name: (costs[name][0] * overhead + costs[name][1], costs[name][1]))
-
-
-class TokenCounts(NamedTuple):
-    """Tokens the forwards run for a list of requests, by three ways of running them.
-
-    Attributes:
-        naive: every request's full sequence on its own.
-        flat: each distinct prefix once, plus every request's context and response (sharing whole prefixes only).
-        tree: what [`score_requests`] runs: each piece of the prefix tree once ([`plan_prefixes`]), plus every
-            request's tokens after its deepest shared piece.
-        shared: distinct prefixes used by more than one request.
-        pieces: prefix pieces run on their own (forwards before the batched ones).
-    """
-
-    naive: int
-    flat: int
-    tree: int
-    shared: int
-    pieces: int
-
-
 def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockstep, bar) -> np.ndarray:
     """Sums of `group` (requests continuing from one prefix state, or none), in batches under the row cap and the
     token budget; longest first, so that memory errors come early. On one the budget is halved for good and the batch
@@ -651,11 +443,11 @@ def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockst
     prefix = 0 if state is None else state.length
     pos = 0
     while pos < len(order):
-        batch = order[pos : _batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
+        batch = order[pos : batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
         try:
             values = scorer.score_batch(group, batch, state)
         except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _is_oom(error):
+            if not is_oom(error):
                 raise
             held = len(batch) * (prefix + lengths[batch[0]])
             if len(batch) == 1 or lockstep is not None:
@@ -679,94 +471,3 @@ def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockst
     return sums
 
 
-def token_counts(requests: Sequence[LogProbRequest]) -> TokenCounts:
-    """Token counts of the naive, flat-shared and prefix-tree ways of running `requests` ([`TokenCounts`])."""
-    naive = sum(r.num_tokens for r in requests)
-    groups: dict[tuple[int, ...], int] = {}
-    for r in requests:
-        groups[r.prefix] = groups.get(r.prefix, 0) + 1
-    continuations = sum(len(r.context) + len(r.response) for r in requests)
-    flat = continuations + sum(len(p) for p in groups)
-    shared = sum(1 for p, c in groups.items() if p and c > 1)
-    plan = plan_prefixes([r.prefix for r in requests])
-    tree = (
-        continuations
-        + plan.piece_tokens
-        + sum(len(requests[i].prefix) - len(node) for node, idx in plan.requests.items() for i in idx)
-    )
-    return TokenCounts(naive, flat, tree, shared, sum(1 for node in plan.nodes if node))
-
-
-MIN_PIECE = 4  # tokens: a shared piece shorter than this is run again by each request rather than on its own
-
-
-class PrefixPlan(NamedTuple):
-    """How [`score_requests`] runs a list of prefixes ([`plan_prefixes`]).
-
-    Attributes:
-        nodes: the shared pieces' full prefixes in lexicographic order, `()` (no cached prefix) first; each node's
-            parent is the longest earlier node that is a prefix of it, so the order is a depth-first walk.
-        requests: for each node, the requests scored against it (their prefixes start with it and no deeper node).
-        piece_tokens: tokens the pieces run (each node minus its parent).
-        tree: whether a node extends its parent's cache (`False`: every node runs from the start).
-    """
-
-    nodes: list[tuple[int, ...]]
-    requests: dict[tuple[int, ...], list[int]]
-    piece_tokens: int
-    tree: bool = True
-
-
-def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def plan_prefixes(prefixes: Sequence[tuple[int, ...]], min_piece: int = MIN_PIECE, tree: bool = True) -> PrefixPlan:
-    """The prefix tree of the parts that `prefixes` share.
-
-    A request's deepest shared point is its longest common start with any other prefix, which is reached by a
-    neighbour in sorted order (a whole prefix when it occurs twice); the branch points between those are the common
-    starts of neighbouring points. A piece shorter than `min_piece` tokens below its parent is not run on its own:
-    its requests and children go to the parent. Every prefix token of the tree is then run exactly once.
-
-    `tree=False` shares whole prefixes only: a prefix used by two or more requests runs once, the others run in full
-    with their requests.
-    """
-    n = len(prefixes)
-    order = sorted(range(n), key=lambda i: prefixes[i])
-    deepest = [0] * n
-    for a, b in zip(order, order[1:]):
-        common = _common(prefixes[a], prefixes[b])
-        if not tree:
-            common = common if len(prefixes[a]) == len(prefixes[b]) == common else 0
-        deepest[a], deepest[b] = max(deepest[a], common), max(deepest[b], common)
-    points = {prefixes[i][: deepest[i]] for i in range(n)}
-    if tree:
-        ordered = sorted(points)
-        points.update(a[: _common(a, b)] for a, b in zip(ordered, ordered[1:]))
-    else:
-        min_piece = 1
-    points.add(())
-    nodes: list[tuple[int, ...]] = []
-    home: dict[tuple[int, ...], tuple[int, ...]] = {}  # each point's deepest kept node (itself when kept)
-    piece_tokens = 0
-    stack: list[tuple[int, ...]] = []  # kept ancestors of the current point; () is first and stays
-    for point in sorted(points):
-        while stack and point[: len(stack[-1])] != stack[-1]:
-            stack.pop()
-        parent = stack[-1] if stack and tree else ()
-        if point == () or len(point) - len(parent) >= min_piece:
-            nodes.append(point)
-            stack.append(point)
-            piece_tokens += len(point) - len(parent)
-            home[point] = point
-        else:
-            home[point] = parent
-    requests: dict[tuple[int, ...], list[int]] = {node: [] for node in nodes}
-    for i in range(n):
-        requests[home[prefixes[i][: deepest[i]]]].append(i)
-    return PrefixPlan(nodes, requests, piece_tokens, tree)

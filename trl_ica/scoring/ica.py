@@ -25,8 +25,9 @@ from .demonstrations import (
     select_demos,
     sentence_embedder,
 )
-from .engine import LogProbRequest, score_requests
+from .engine import score_requests
 from .formats import PreferenceExample, read_dataset
+from .planner import LogProbRequest
 from .rendering import DEFAULT_DEMO_LAYOUT, ICAPromptTemplate, Renderer
 
 REDUCTIONS = ("sum", "mean")

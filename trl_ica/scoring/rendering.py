@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import LogProbRequest
 from .formats import SFTExample, TokenExample
+from .planner import LogProbRequest
 
 #: How the demonstrations of a conversational row are laid out; see the module docstring.
 DEMO_LAYOUTS = ("in_turn", "turns")

@@ -12,9 +12,10 @@ import numbers
 import numpy as np
 
 from ..scoring.demonstrations import check_choice, select_demos
-from ..scoring.engine import LogProbRequest, score_requests
+from ..scoring.engine import score_requests
 from ..scoring.formats import PreferenceExample, SFTExample, read_dataset
 from ..scoring.ica import resolve_embedder, score_ica
+from ..scoring.planner import LogProbRequest
 from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, Renderer
 from .whisperer import WhispererConfig, whisperer_scores
 

@@ -12,7 +12,7 @@ from ..scoring.formats import SFTExample
 from ..scoring.rendering import Renderer
 
 if TYPE_CHECKING:
-    from .whisperer import WhispererConfig
+    from .whisperer_config import WhispererConfig
 
 
 @dataclass

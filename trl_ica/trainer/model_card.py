@@ -6,6 +6,7 @@ import os
 import textwrap
 
 from .. import seams
+from ..embedded import EMBEDDED_BASE, is_embedded_model_dir
 
 ICA_PAPER = {
     "title": "Holdout-Loss-Based Data Selection for LLM Finetuning via In-Context Learning",
@@ -37,14 +38,10 @@ SIMPO_PAPER = {
 
 ICA_SECTION = "## ICA weighting"
 
-#: The Hub model the embedded default (`smollm2-135m-instruct`) was converted from.
-EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def base_model_name(config) -> str | None:
     """The Hub id of the base model, or None for a local folder that is not the embedded default."""
-    from ..cli.assets import is_embedded_model_dir
-
     path = seams.loaded_from(config)
     if not os.path.isdir(path):
         return path or None
