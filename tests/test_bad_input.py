@@ -159,7 +159,7 @@ CLEAR = {
                 str(t / "o.jsonl"),
             ]
         ),  # fmt: skip
-        r"`num_demos` must be an integer in \[1, 4\] \(the holdout size\), got 0",
+        r"`num_demos` must be a positive integer, at most the holdout's size, got 0",
     ),
     "score: --scoring-max-tokens 0": (
         lambda t, tok: cli(

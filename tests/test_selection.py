@@ -180,7 +180,7 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
     assert [r["prompt"] for r in scored] == [r["prompt"] for r in rows] and all("score" in r for r in scored)
     assert (tmp_path / "scored.png").is_file()
     # A user's `--num-demos 0` reaches the validation instead of becoming the default
-    with pytest.raises(ValueError, match=r"`num_demos` must be an integer in \[1, "):
+    with pytest.raises(ValueError, match=r"`num_demos` must be a positive integer, at most the holdout.s size, got 0"):
         main(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
               "--holdout", str(tmp_path / "holdout.parquet"), "--output", str(tmp_path / "zero.jsonl"),
               "--num-demos", "0"])  # fmt: skip

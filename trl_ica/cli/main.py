@@ -15,7 +15,7 @@ SCORE_COLUMN = "score"
 def _score_parser(parser: argparse.ArgumentParser) -> None:
     from ..presets import PRESETS
     from ..scoring.demonstrations import DEMO_SELECTIONS
-    from ..scoring.ica import FORMS, REDUCTIONS
+    from ..scoring.options import FORMS, REDUCTIONS
     from ..scoring.rendering import DEMO_LAYOUTS
     from ..selection.baselines import METHODS
     from ..selection.metrics import METRICS
@@ -98,20 +98,28 @@ def fill_from_preset(args) -> None:
         args.score_end_token = "true" if preset["ica_score_end_token"] else "false"
 
 
+def scoring_options(args):
+    """The [`ICAScoringOptions`] of `trl-ica score`'s flags (after [`fill_from_preset`])."""
+    from ..scoring.options import ICAScoringOptions
+
+    return ICAScoringOptions(
+        num_demos=3 if args.num_demos is None else args.num_demos,
+        demo_selection=args.demo_selection,
+        form=args.form,
+        reduction=args.reduction,
+        layout=args.demo_layout,
+        score_end=args.score_end_token == "true",
+        embedding_model=args.embedding_model,
+        seed=args.seed,
+    )
+
+
 def score_settings(args) -> dict:
-    """What a scores file was computed with, as a trainer's `ica_*` fields name it (see `ica_scores_file`)."""
+    """What a scores file was computed with, the score's settings as a trainer's `ica_*` fields name them (see
+    `ica_scores_file`)."""
     settings = {"method": args.method, "model": args.model, "dataset": args.dataset, "holdout": args.holdout}
     if args.method == "ica":
-        settings.update(
-            ica_score_form=args.form,
-            ica_reduction=args.reduction,
-            ica_num_demos=3 if args.num_demos is None else args.num_demos,
-            ica_demo_selection=args.demo_selection,
-            ica_embedding_model=args.embedding_model,
-            ica_demo_layout=args.demo_layout,
-            ica_score_end_token=args.score_end_token == "true",
-            ica_seed=args.seed,
-        )
+        settings.update(scoring_options(args).record())
     return settings
 
 

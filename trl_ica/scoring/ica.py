@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .demonstrations import (
-    DEMO_SELECTIONS,
     NEAREST_SELECTIONS,
     Embedder,
     check_choice,
@@ -27,12 +26,9 @@ from .demonstrations import (
 )
 from .engine import score_requests
 from .formats import PreferenceExample, read_dataset
+from .options import FORMS, REDUCTIONS, ICAScoringOptions
 from .planner import LogProbRequest
-from .rendering import DEFAULT_DEMO_LAYOUT, ICAPromptTemplate, Renderer
-
-REDUCTIONS = ("sum", "mean")
-#: `"difference"`: log p(y | D, x) - log p(y | x), the paper's; `"conditioned"`: log p(y | D, x) alone.
-FORMS = ("difference", "conditioned")
+from .rendering import DEFAULT_DEMO_LAYOUT, ICAPromptTemplate
 
 
 @dataclass
@@ -85,21 +81,12 @@ class ICARequestBuilder:
         candidates (`list[SFTExample]` or `list[PreferenceExample]`): the examples (or pairs) to score.
         holdout (`list[SFTExample]`): the clean holdout examples (of a preference holdout, prompt and chosen).
         demo_indices (`np.ndarray`): `(len(candidates), k)` holdout rows per candidate.
-        template, chat_template, layout, score_end: see [`Renderer`].
+        options ([`ICAScoringOptions`]): what defines the score; the requests are rendered by its [`Renderer`].
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        candidates,
-        holdout,
-        demo_indices,
-        template=None,
-        chat_template=None,
-        layout: str = DEFAULT_DEMO_LAYOUT,
-        score_end: bool = True,
-    ):
-        self.renderer = Renderer(tokenizer, template, chat_template, layout, score_end)
+    def __init__(self, tokenizer, candidates, holdout, demo_indices, options: ICAScoringOptions):
+        self.options = options
+        self.renderer = options.renderer(tokenizer)
         self.candidates = candidates
         self.holdout = holdout
         self._pending = None  # (choose, max_length, argument) of demonstrations chosen on first use
@@ -191,44 +178,49 @@ def resolve_embedder(
     )
 
 
+def _options(options: ICAScoringOptions | None, settings: dict) -> ICAScoringOptions:
+    """`options`, or options built from `settings` (the keyword form); not both."""
+    if options is None:
+        return ICAScoringOptions(**settings)
+    if settings:
+        raise ValueError(f"Give `options` or the settings {sorted(settings)}, not both.")
+    return options
+
+
 def prepare_ica(
     model,
     tokenizer,
     dataset,
     holdout,
+    options: ICAScoringOptions | None = None,
     *,
-    num_demos: int = 3,
-    demo_selection: str = "knn",
-    template: ICAPromptTemplate | None = None,
-    chat_template: str | None = None,
-    layout: str = DEFAULT_DEMO_LAYOUT,
-    score_end: bool = True,
-    embedding_model: str | Embedder | None = None,
-    seed: int = 0,
     max_length: int | None = None,
     max_length_argument: str = "max_length",
     show_progress: bool = True,
     compute_dtype=None,
     defer_demos: bool = False,
+    **settings,
 ) -> ICARequestBuilder:
-    """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]. `compute_dtype`: the
-    autocast dtype of the model's own kNN embeddings (see [`model_embeddings`]); `defer_demos`: choose them when
-    first needed (see [`ICARequestBuilder.defer`])."""
-    check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
+    """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]. The score is defined by
+    `options` ([`ICAScoringOptions`]), or by its fields given as keywords (`num_demos=3, demo_selection="knn", ...`).
+    `compute_dtype`: the autocast dtype of the model's own kNN embeddings (see [`model_embeddings`]); `defer_demos`:
+    choose them when first needed (see [`ICARequestBuilder.defer`])."""
+    options = _options(options, settings)
     candidates = read_dataset(dataset, "dataset", tokenizer)
     held = read_dataset(holdout, "holdout", tokenizer)
     if isinstance(held[0], PreferenceExample):
         held = [h.as_sft("chosen") for h in held]  # demonstrations show the holdout prompt with its chosen answer
-    if not isinstance(num_demos, int) or not 1 <= num_demos <= len(held):
-        raise ValueError(f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}.")
+    if not options.num_demos <= len(held):
+        raise ValueError(
+            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {options.num_demos!r}."
+        )
     if max_length is None:
         config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length, max_length_argument = config, "the model's max_position_embeddings"
-    rendering = Renderer(tokenizer, template, chat_template, layout, score_end)  # checks the choices
     return _build_requests(
-        model, tokenizer, candidates, held, num_demos, demo_selection, rendering, embedding_model, seed, max_length,
-        max_length_argument, show_progress, exclude=holdout_copies(candidates, held, num_demos),
-        compute_dtype=compute_dtype, defer_demos=defer_demos,
+        model, tokenizer, candidates, held, options, max_length, max_length_argument, show_progress,
+        exclude=holdout_copies(candidates, held, options.num_demos), compute_dtype=compute_dtype,
+        defer_demos=defer_demos,
     )  # fmt: skip
 
 
@@ -259,8 +251,8 @@ def holdout_copies(candidates, held, num_demos: int) -> np.ndarray | None:
 
 
 def _build_requests(
-    model, tokenizer, candidates, held, num_demos, demo_selection, rendering: Renderer, embedding_model, seed,
-    max_length, max_length_argument, show_progress, exclude=None, compute_dtype=None, defer_demos=False,
+    model, tokenizer, candidates, held, options: ICAScoringOptions, max_length, max_length_argument, show_progress,
+    exclude=None, compute_dtype=None, defer_demos=False,
 ) -> ICARequestBuilder:  # fmt: skip
     """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
     length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]. With
@@ -269,15 +261,14 @@ def _build_requests(
 
     def choose() -> np.ndarray:
         embed = None
-        if demo_selection in NEAREST_SELECTIONS:
-            embed = resolve_embedder(model, tokenizer, embedding_model, show_progress, compute_dtype)
+        if options.demo_selection in NEAREST_SELECTIONS:
+            embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype)
         return select_demos(
-            [c.question for c in candidates], [h.question for h in held], num_demos, demo_selection, seed, embed,
-            exclude,
+            [c.question for c in candidates], [h.question for h in held], options.num_demos, options.demo_selection,
+            options.seed, embed, exclude,
         )  # fmt: skip
 
-    r = rendering
-    builder = ICARequestBuilder(tokenizer, candidates, held, None, r.template, r.chat_template, r.layout, r.score_end)
+    builder = ICARequestBuilder(tokenizer, candidates, held, None, options)
     builder.defer(choose, max_length, max_length_argument)
     if not defer_demos:
         builder.demo_indices  # noqa: B018 - chosen and length-checked now
@@ -288,27 +279,23 @@ def prepare_holdout_reference(
     model,
     tokenizer,
     holdout,
+    options: ICAScoringOptions | None = None,
     *,
     pairs: bool,
-    num_demos: int = 3,
-    demo_selection: str = "knn",
-    template: ICAPromptTemplate | None = None,
-    chat_template: str | None = None,
-    layout: str = DEFAULT_DEMO_LAYOUT,
-    score_end: bool = True,
-    embedding_model: str | Embedder | None = None,
-    seed: int = 0,
     max_length: int | None = None,
     max_length_argument: str = "max_length",
     show_progress: bool = True,
     compute_dtype=None,
     defer_demos: bool = False,
+    **settings,
 ) -> ICARequestBuilder:
     """Requests that score every holdout row as a candidate, its demonstrations chosen as for the training rows but
     from the rest of the holdout (a row never sees itself): the scores clean, on-target examples get, which
     `weighting="holdout_quantile"` weights the training rows against. `pairs` scores the holdout's pairs (a
-    preference holdout is then required); otherwise each holdout row (or pair's prompt with its chosen answer)."""
-    check_choice("demo_selection", demo_selection, DEMO_SELECTIONS)
+    preference holdout is then required); otherwise each holdout row (or pair's prompt with its chosen answer).
+    `options` (or its fields as keywords) as in [`prepare_ica`]."""
+    options = _options(options, settings)
+    num_demos = options.num_demos
     held = read_dataset(holdout, "holdout", tokenizer)
     held_pairs = isinstance(held[0], PreferenceExample)
     if pairs and not held_pairs:
@@ -325,11 +312,9 @@ def prepare_holdout_reference(
             f"demonstrations taken from the other holdout rows, so the holdout needs more than {num_demos} rows; it "
             f"has {len(held)}. Give a larger holdout or fewer demonstrations."
         )
-    rendering = Renderer(tokenizer, template, chat_template, layout, score_end)
     return _build_requests(
-        model, tokenizer, candidates, demos_pool, num_demos, demo_selection, rendering, embedding_model, seed,
-        max_length, max_length_argument, show_progress, exclude=np.arange(len(held)), compute_dtype=compute_dtype,
-        defer_demos=defer_demos,
+        model, tokenizer, candidates, demos_pool, options, max_length, max_length_argument, show_progress,
+        exclude=np.arange(len(held)), compute_dtype=compute_dtype, defer_demos=defer_demos,
     )  # fmt: skip
 
 
@@ -338,8 +323,8 @@ def score_with(
     builder: ICARequestBuilder,
     indices=None,
     *,
-    reduction="sum",
-    form="difference",
+    reduction: str | None = None,
+    form: str | None = None,
     batch_size=None,
     show_progress=True,
     distributed: str | None = None,
@@ -347,8 +332,11 @@ def score_with(
     compute_dtype=None,
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
-    `form="difference"` the pass without. `batch_size`, `max_batch_tokens`, `distributed` and `compute_dtype` go to
+    `form="difference"` the pass without. `form` and `reduction` are the builder's options unless given (to read
+    another score off the same requests). `batch_size`, `max_batch_tokens`, `distributed` and `compute_dtype` go to
     [`score_requests`]."""
+    form = builder.options.form if form is None else form
+    reduction = builder.options.reduction if reduction is None else reduction
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("form", form, FORMS)
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
@@ -442,29 +430,17 @@ def score_ica(
     max_batch_tokens: int | None = None,
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("form", form, FORMS)
-    builder = prepare_ica(
-        model,
-        tokenizer,
-        dataset,
-        holdout,
-        num_demos=num_demos,
-        demo_selection=demo_selection,
-        template=template,
-        chat_template=chat_template,
-        layout=layout,
-        score_end=score_end,
-        embedding_model=embedding_model,
+    options = ICAScoringOptions(
+        num_demos=num_demos, demo_selection=demo_selection, form=form, reduction=reduction, layout=layout,
+        score_end=score_end, template=template, chat_template=chat_template, embedding_model=embedding_model,
         seed=seed,
-        max_length=max_length,
-        show_progress=show_progress,
+    )  # fmt: skip
+    builder = prepare_ica(
+        model, tokenizer, dataset, holdout, options, max_length=max_length, show_progress=show_progress
     )
     return score_with(
         model,
         builder,
-        reduction=reduction,
-        form=form,
         batch_size=batch_size,
         show_progress=show_progress,
         distributed=distributed,

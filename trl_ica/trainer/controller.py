@@ -22,7 +22,14 @@ STATE_FILE = "ica_state.npz"
 # Preference pairs: the four log-probs behind a score, as written to `refresh-<k>.jsonl`
 WEIGHTS_FILE = "weights.jsonl"
 # `ica_*` fields that do not change the scores, the demonstrations or the weights a resumed run continues with
-_NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file")
+#: The `ica_*` fields besides the score's own ([`ICAScoringOptions.record`]) that saved state depends on: how scores
+#: become weights and when scoring happens. The others (the scoring budget, where given scores came from, the preset
+#: the settings were filled from) change no saved number.
+STATE_FIELDS = (
+    "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
+    "ica_max_length",
+)  # fmt: skip
+NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
 
 
 def _digest(items) -> str:
@@ -153,8 +160,6 @@ class ICAController:
         return score_with(
             model,
             builder,
-            reduction=self.args.ica_reduction,
-            form=self.args.ica_score_form,
             show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
             **self.engine_options,
         )
@@ -247,7 +252,7 @@ class ICAController:
             return self.scores[indices]
         if self._reference_due(self.step_begun or 0):
             self.score_reference(model, self.step_begun or 0)
-        width, args = self.builder.width, self.args
+        width = self.builder.width
         # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
         cond = score_requests(
             model,
@@ -259,7 +264,7 @@ class ICAController:
         shape = (len(indices), width)
         plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
         plain = plain.reshape(shape)
-        missing = np.argwhere(np.isnan(plain)) if args.ica_score_form == "difference" else np.empty((0, 2), int)
+        missing = np.argwhere(np.isnan(plain)) if self.builder.options.form == "difference" else np.empty((0, 2), int)
         extra = score_requests(  # every process calls it, with or without work, to stay in step
             model,
             [self.builder.requests(indices[row], False)[col] for row, col in missing],
@@ -274,8 +279,8 @@ class ICAController:
             plain,
             cond.counts.reshape(shape),
             self.builder.demo_indices[indices],
-            args.ica_reduction,
-            args.ica_score_form,
+            self.builder.options.reduction,
+            self.builder.options.form,
             rows=indices,
         )
         scores = result.scores
@@ -316,7 +321,7 @@ class ICAController:
         defer = (
             self.online
             and len(micro_batches) == 1
-            and self.args.ica_score_form == "difference"
+            and self.builder.options.form == "difference"
             and bool(self.reuse_unconditioned.any())
         )
         if defer:
@@ -402,16 +407,13 @@ class ICAController:
 
     # Files and resume
     def fingerprint(self) -> dict:
-        """What the saved state depends on: the training rows, the holdout and the `ica_*` settings."""
-        settings = {
-            name: getattr(self.args, name)
-            for name in sorted(vars(self.args))
-            if name.startswith("ica_") and name not in _NOT_FINGERPRINTED
-        }
+        """What the saved state depends on: the training rows, the holdout, the score's options and the
+        [`STATE_FIELDS`]."""
+        settings = {**self.builder.options.comparable(), **{name: getattr(self.args, name) for name in STATE_FIELDS}}
         return {
             "training rows": _digest(self.builder.candidates),
             "holdout rows": _digest(self.builder.holdout),
-            **{name: repr(value) for name, value in settings.items()},
+            **{name: repr(value) for name, value in sorted(settings.items())},
         }
 
     def start_files(self) -> None:

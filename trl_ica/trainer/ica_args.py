@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
-from ..scoring.ica import FORMS, REDUCTIONS
+from ..scoring.options import FORMS, REDUCTIONS
 from ..scoring.rendering import DEMO_LAYOUTS
 from ..scoring.weighting import WEIGHTINGS
 

@@ -17,7 +17,7 @@ from ..data_io import read_scores_file
 from ..scoring.demonstrations import NEAREST_SELECTIONS
 from ..scoring.formats import PreferenceExample, read_row
 from ..scoring.ica import prepare_holdout_reference, prepare_ica
-from ..scoring.rendering import ICAPromptTemplate
+from ..scoring.options import ICAScoringOptions
 from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
 from .ica_args import ICAArguments
@@ -204,7 +204,7 @@ class ICATrainerMixin:
         if self.is_world_process_zero() and os.path.isfile(path):
             parent, paper = self._ica_parent()
             complete_card(path, method=self._name, parent=parent, parent_paper=paper, base_model=base_model,
-                          args=self.args)  # fmt: skip
+                          options=self._ica.builder.options, args=self.args)  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """`Trainer.save_model`; PEFT's `save_pretrained` rewrites the card's base model to the folder the model was
@@ -218,21 +218,11 @@ class ICATrainerMixin:
         args: ICAArguments = self.args
         view = view or (lambda dataset, name: dataset)
         self.data_collator = IndexedCollator(self.data_collator)
-        template = None
-        if args.ica_demo_template is not None:
-            template = ICAPromptTemplate(args.ica_demo_template, args.ica_query_template)
         if holdout_dataset is None:
             raise ValueError("`holdout_dataset` is required: ICA scores examples against a clean holdout set.")
-        # How demonstrations are chosen and rendered: the same for the training rows and the holdout's own scores
+        # What defines the score, built once: the same for the training rows and the holdout's own scores
+        scoring = ICAScoringOptions.from_config(args, chat_template=seams.training_chat_template(self))
         options = dict(
-            num_demos=args.ica_num_demos,
-            demo_selection=args.ica_demo_selection,
-            template=template,
-            chat_template=seams.training_chat_template(self),
-            layout=args.ica_demo_layout,
-            score_end=args.ica_score_end_token,
-            embedding_model=args.ica_embedding_model,
-            seed=args.seed if args.ica_seed is None else args.ica_seed,
             # Scoring sequences carry k demonstrations on top of the training row: they are bounded by the model's
             # context (or `ica_max_length`), not by the training `max_length`.
             max_length=args.ica_max_length or _context_size(self.model, max_length),
@@ -253,12 +243,13 @@ class ICATrainerMixin:
             self.processing_class,
             view(raw_train.remove_columns(INDEX), "train_dataset"),
             holdout_dataset,
+            scoring,
             **options,
         )
         reference = None
         if args.ica_weighting == "holdout_quantile":
             reference = prepare_holdout_reference(
-                self.model, self.processing_class, holdout_dataset, pairs=builder.pairs, **options
+                self.model, self.processing_class, holdout_dataset, scoring, pairs=builder.pairs, **options
             )
             if len(reference.candidates) < 10:
                 logger.warning(
@@ -277,14 +268,7 @@ class ICATrainerMixin:
             compute_dtype=training_compute_dtype(args),
         )
         if args.ica_scores_file is not None:
-            expected = {
-                "method": "ica",
-                **{name: getattr(args, name) for name in ("ica_score_form", "ica_reduction", "ica_num_demos",
-                                                           "ica_demo_selection", "ica_embedding_model",
-                                                           "ica_demo_layout", "ica_score_end_token")},
-            }  # fmt: skip
-            if args.ica_demo_selection not in ("knn", "knn_canonical"):  # the seed draws or groups demonstrations
-                expected["ica_seed"] = options["seed"]
+            expected = {"method": "ica", **scoring.comparable()}
             scores = read_scores_file(args.ica_scores_file, raw_train.remove_columns(INDEX), expected)
             self._ica.use_scores(scores, f"ica_scores_file={args.ica_scores_file}")
         per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps

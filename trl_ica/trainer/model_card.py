@@ -48,9 +48,12 @@ def base_model_name(config) -> str | None:
     return EMBEDDED_BASE if is_embedded_model_dir(path) else None  # never converts: a card must not load models
 
 
-def complete_card(path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, args) -> None:
-    """Add to the card TRL wrote at `path`: the real base model, the ICA settings, the parent method's citation
-    and the files under `ica/`. The card is written whole (to a temporary file, then moved into place)."""
+def complete_card(
+    path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, options, args
+) -> None:
+    """Add to the card TRL wrote at `path`: the real base model, the score's `options` ([`ICAScoringOptions`]) and
+    the run's weighting and refresh (`args`), the parent method's citation and the files under `ica/`. The card is
+    written whole (to a temporary file, then moved into place)."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(path)
@@ -67,17 +70,21 @@ def complete_card(path: str, *, method: str, parent: str, parent_paper: dict, ba
     card.text = card.text.replace("a fine-tuned version of [None](https://huggingface.co/None)", "a fine-tuned model")
     ica_dir = os.path.join(os.path.dirname(path), "ica")
     files = sorted(os.listdir(ica_dir)) if os.path.isdir(ica_dir) else []
+    record = options.record()
     settings = {
-        name: getattr(args, name)
-        for name in ("ica_num_demos", "ica_demo_selection", "ica_score_form", "ica_reduction", "ica_weighting",
-                     "ica_refresh")
+        **{name: record[name] for name in ("ica_num_demos", "ica_demo_selection", "ica_score_form", "ica_reduction",
+                                           "ica_demo_layout")},
+        "ica_weighting": args.ica_weighting,
+        "ica_refresh": args.ica_refresh,
     }  # fmt: skip
+    score = "log p(y | k holdout demonstrations, x)" + (" - log p(y | x)" if options.form == "difference" else "")
+    score += " per response token" if options.reduction == "mean" else ""
     lines = [
         "",
         ICA_SECTION,
         "",
         f"Trained with {method}: TRL's {parent} loss with each training example weighted by its ICA score, "
-        f"log p(y | k holdout demonstrations, x) - log p(y | x) under the current model "
+        f"{score} under the current model "
         f"([arXiv {ICA_PAPER['id']}](https://huggingface.co/papers/{ICA_PAPER['id']})), computed by trl_ica.",
         "",
         "| setting | value |",

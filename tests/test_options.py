@@ -1,0 +1,51 @@
+"""The score's options object: checked once, the one source of what a scores file records, what a checkpoint's
+fingerprint holds and what the model card lists."""
+
+import dataclasses
+
+import pytest
+
+from trl_ica import ICASFTConfig
+from trl_ica.scoring.options import ICAScoringOptions
+from trl_ica.trainer.controller import NOT_FINGERPRINTED, STATE_FIELDS
+from trl_ica.trainer.ica_args import ICAArguments
+
+
+def test_every_ica_field_is_a_score_setting_a_state_setting_or_named_as_neither():
+    """A new `ica_*` field must be placed: in the score's options (recorded and fingerprinted), in the saved state's
+    fingerprint, or in the list of fields that change no saved number."""
+    fields = {f.name for f in dataclasses.fields(ICAArguments)}
+    recorded = set(ICAScoringOptions().record())
+    placed = recorded | set(STATE_FIELDS) | set(NOT_FINGERPRINTED)
+    assert fields == placed, (fields - placed, placed - fields)
+    assert not recorded & set(STATE_FIELDS) and not (recorded | set(STATE_FIELDS)) & set(NOT_FINGERPRINTED)
+
+
+def test_options_from_a_config_record_its_fields():
+    args = ICASFTConfig("out", use_cpu=True, ica_num_demos=2, ica_demo_selection="fixed", seed=7,
+                        ica_demo_layout="in_turn", ica_demo_template="Q {prompt} A {response}\n",
+                        ica_query_template="Q {prompt} A")  # fmt: skip
+    options = ICAScoringOptions.from_config(args)
+    record = options.record()
+    for name, value in record.items():
+        expected = 7 if name == "ica_seed" else getattr(args, name)
+        assert value == expected, name
+    assert options.seeded and "ica_seed" in options.comparable()
+    assert "ica_seed" not in dataclasses.replace(options, demo_selection="knn").comparable()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("form", "diff", r"`form` must be one of \['difference', 'conditioned'\], got 'diff'"),
+        ("reduction", "median", r"`reduction` must be one of \['sum', 'mean'\]"),
+        ("layout", "sideways", r"`layout` must be one of"),
+        ("demo_selection", "nearest", r"`demo_selection` must be one of"),
+        ("num_demos", 0, r"`num_demos` must be a positive integer, at most the holdout's size, got 0"),
+        ("score_end", "yes", r"`score_end` must be True or False, got 'yes'"),
+        ("embedding_model", 3, r"`embedding_model` must be None .* got int"),
+    ],
+)
+def test_bad_options_are_refused_once_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ICAScoringOptions(**{field: value})
