@@ -309,7 +309,7 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"packing": True}, "`packing=True` cannot be combined with ICA"),
+        ({"packing": True, "packing_strategy": "wrapped"}, "`packing_strategy`='wrapped' splits sequences"),
         ({"ica_weighting": "minmax"}, "`ica_weighting` must be one of"),
         ({"ica_refresh": "0"}, "`ica_refresh` must be a positive integer or 'online'"),
         ({"ica_demo_selection": "nearest"}, "`ica_demo_selection` must be one of"),

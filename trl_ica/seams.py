@@ -385,6 +385,32 @@ def sft_loss_mask_columns(columns, completion_only_loss: bool) -> list[str] | No
     return masks + (["assistant_masks"] if "assistant_masks" in columns else [])
 
 
+def sft_prepare_packed(prepare, dataset, processing_class, args, formatting_func, dataset_name: str, keep: str):
+    """`SFTTrainer._prepare_dataset` with packing (trl.trainer.sft_trainer), keeping the per-token column `keep`.
+
+    TRL keeps only `input_ids` and `labels` before it packs (`dataset.select_columns(["input_ids", "labels"])`), which
+    would drop which example each token came from. This runs TRL's preparation (`prepare`, the parent method) without
+    packing, truncation or shuffling, then TRL's packing steps as TRL runs them: the columns selected (with `keep`),
+    shuffled with `args.seed` when `shuffle_dataset`, `pack_dataset(dataset, max_length, packing_strategy)`, shuffled
+    again. A test checks that the packed rows equal TRL's own, so a change to TRL's packing shows."""
+    import copy
+
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    unpacked = copy.copy(args)  # no truncation (packing cuts to max_length) and no shuffle yet, as TRL's path has
+    unpacked.max_length, unpacked.shuffle_dataset = None, False
+    dataset = prepare(dataset, processing_class, unpacked, False, formatting_func, dataset_name)
+    map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) and args.dataset_num_proc else {}
+    dataset = dataset.select_columns(["input_ids", "labels", keep])
+    if args.shuffle_dataset:
+        dataset = dataset.shuffle(seed=args.seed)
+    dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+    if args.shuffle_dataset:
+        dataset = dataset.shuffle(seed=args.seed)
+    return dataset
+
+
 def packed_sequence_index(inputs: dict):
     """Padding-free SFT: the packed sequence each position belongs to, `inputs["seq_idx"]` (TRL's
     `DataCollatorForLanguageModeling` with `padding_free=True`), or `None`."""

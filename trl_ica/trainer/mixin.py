@@ -111,7 +111,8 @@ def ica_args(args, model, config_class, name: str):
 
 
 class IndexedCollator:
-    """Wraps a TRL collator: takes `ica_index` off each example before collation and returns it as a tensor (B,)."""
+    """Wraps a TRL collator: takes `ica_index` off each example before collation and returns it as a tensor with one
+    entry per sequence, in the order of the batch's rows (or of `seq_idx` in packed and padding-free batches)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -119,7 +120,9 @@ class IndexedCollator:
     def __call__(self, examples):
         if not examples or INDEX not in examples[0]:
             return self.collator(examples)
-        index = torch.tensor([e[INDEX] for e in examples], dtype=torch.long)
+        # a packed row carries the index of each sequence in it, in order (see `ICASFTTrainer._prepare_dataset`)
+        ids = [i for e in examples for i in (e[INDEX] if isinstance(e[INDEX], list) else [e[INDEX]])]
+        index = torch.tensor(ids, dtype=torch.long)
         batch = self.collator([{k: v for k, v in e.items() if k != INDEX} for e in examples])
         batch[INDEX] = index
         return batch
@@ -285,7 +288,10 @@ class ICATrainerMixin:
         if self._ica.online:
             dropout = active_dropout(self.model)
             sharded = seams.sequence_sharding(self.accelerator)
-            if sharded:
+            if getattr(args, "packing", False):
+                logger.info("Online ICA with packing: log p(y | x) is scored by the engine, not read off packed rows.")
+                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
+            elif sharded:
                 logger.info(
                     "Online ICA: each row's tokens are split between processes (%s), so log p(y | x) is scored by "
                     "the engine rather than summed off one process's share of the training forward.",

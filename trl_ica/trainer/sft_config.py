@@ -27,12 +27,13 @@ class ICASFTConfig(ICAArguments, SFTConfig):
         self.choose_precision()
         super().__post_init__()
         self.validate_ica("sft")
-        if self.packing:
+        if self.packing and self.packing_strategy != "bfd":
             raise ValueError(
-                "`packing=True` cannot be combined with ICA weighting: packing merges examples into one sequence and "
-                "per-example weights cannot survive it. Set `packing=False` (`padding_free=True` alone is supported)."
+                f"`packing_strategy`={self.packing_strategy!r} splits sequences across packed rows, so a token no "
+                "longer belongs to one example and per-example weights have no meaning. Use `packing_strategy='bfd'` "
+                "(TRL's default, which keeps every sequence whole), or `packing=False`."
             )
-        if self.padding_free and self.max_length is not None:
+        if self.padding_free and self.max_length is not None and not self.packing:
             raise ValueError(
                 f"`padding_free=True` with `max_length`={self.max_length}: TRL enforces `max_length` there only by "
                 "packing, which ICA cannot use. Set `max_length=None` (truncate long rows beforehand if needed), or "

@@ -7,11 +7,14 @@ import logging
 
 import numpy as np
 import torch
+from datasets import Dataset
 from trl import SFTTrainer
 
 from .. import seams
 from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, loss_reaches, scoring_view
 from .sft_config import ICASFTConfig
+
+TOKEN_INDEX = "ica_token_index"  # each token's example, carried through packing
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,27 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
                 "Train without sequence parallelism (sp_size=1)."
             )
         self._ica_setup(indexed, holdout_dataset, args.max_length, view=view)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """SFTTrainer's preparation; with packing, the training rows keep which example each packed sequence came
+        from: an `ica_index` list per packed row, one entry per sequence in `seq_lengths` order."""
+        if not packing or not isinstance(dataset, Dataset) or INDEX not in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        prepare = super()._prepare_dataset
+
+        def prepare_with_token_index(data, *rest):
+            data = prepare(data, *rest)
+            return data.map(lambda row: {TOKEN_INDEX: [row[INDEX]] * len(row["input_ids"])})
+
+        packed = seams.sft_prepare_packed(
+            prepare_with_token_index, dataset, processing_class, args, formatting_func, dataset_name, TOKEN_INDEX
+        )
+
+        def sequence_index(row):
+            starts = np.cumsum([0, *row["seq_lengths"][:-1]])
+            return {INDEX: [row[TOKEN_INDEX][s] for s in starts]}
+
+        return packed.map(sequence_index, remove_columns=[TOKEN_INDEX])
 
     def _training_sequences(self, row):
         # position 0 is never predicted (the loss reads shifted labels), whatever its label says
