@@ -82,6 +82,15 @@ def chat_model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
 
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory, tokenizer):
+    """A tiny Llama and the tiny tokenizer saved to a folder, for tests that load a model by path."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def four_bit_tiny_llama(tokenizer, folder):
     """A tiny Llama saved to `folder` and loaded back with real bitsandbytes NF4 4-bit quantisation (CPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from distributed_worker import sft_data
 
 from trl_ica import score_ica
@@ -38,11 +37,8 @@ def launch(*script):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("distributed-model")
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def model_dir(saved_tiny_model):
+    return saved_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_llama, write_recipe_data
+from conftest import write_recipe_data
 from datasets import Dataset
 
 from trl_ica.cli import main as cli
@@ -17,11 +17,8 @@ from trl_ica.cli.launch import main as script
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("launcher-model")
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def model_dir(saved_tiny_model):
+    return saved_tiny_model
 
 
 def recipe(folder, model_dir, name="recipe.yaml", **extra):

@@ -270,8 +270,9 @@ def main(argv=None):
     *parsed, yaml_left, flags_left = _parse(argv[0], argv[1:])
     if flags_left:
         raise ValueError(f"Unknown arguments {flags_left}: not a field of the script, training or model arguments.")
-    keys = [item for item in yaml_left[::2]]
-    unknown = [key for key in keys if key not in _launcher_options()]
+    keys = yaml_left[::2]
+    launcher = _launcher_options()
+    unknown = [key for key in keys if key not in launcher]
     if unknown:
         raise ValueError(
             f"Unknown keys in the `--config` YAML: {[key[2:] for key in unknown]}; they are neither fields of the "

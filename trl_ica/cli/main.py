@@ -4,6 +4,7 @@ noisy GSM8K files the recipes train on) and `sft`/`dpo`/`simpo` (the training sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -135,6 +136,7 @@ def run_score(args) -> dict:
     from .assets import load_model
 
     fill_from_preset(args)
+    options = scoring_options(args)
     inputs = {"--dataset": args.dataset, "--holdout": args.holdout}
     check_output(args.output, inputs, args.overwrite)
     check_output(scores_meta_path(args.output), inputs, overwrite=True, argument="--output's settings file")
@@ -181,14 +183,8 @@ def run_score(args) -> dict:
             dataset,
             holdout,
             reference_model=reference,
-            num_demos=3 if args.num_demos is None else args.num_demos,
-            demo_selection=args.demo_selection,
-            reduction=args.reduction,
-            form=args.form,
-            layout=args.demo_layout,
-            score_end=args.score_end_token == "true",
-            embedding_model=args.embedding_model,
-            seed=args.seed,
+            # the score's settings as `scoring_options` reads them off the flags (the template is the default)
+            **{f.name: getattr(options, f.name) for f in dataclasses.fields(options) if "template" not in f.name},
             batch_size=args.batch_size,
             max_batch_tokens=args.scoring_max_tokens,
         )

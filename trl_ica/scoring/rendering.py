@@ -163,21 +163,20 @@ class Renderer:
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
         else:
             prefix, context = self.bos, self.ids(example.prompt)
-        return LogProbRequest(prefix, context + self._lead(example, p), self._response_ids(example, p))
+        return LogProbRequest(prefix, *self._split_lead(example, context, p))
 
     def _response_ids(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
-        ids = self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
-        return ids[len(self._lead(example, p)) :]
+        return self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
 
-    def _lead(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
-        """The unscored first token of a language-modeling row when the tokenizer puts no BOS before text: nothing
-        predicts it in training, so neither request scores it."""
+    def _split_lead(self, example: SFTExample, context: tuple, p: Pieces) -> tuple[tuple, tuple]:
+        """`(context, response)`; a language-modeling row's first token moves into the context when the tokenizer
+        puts no BOS before text: nothing predicts it in training, so neither request scores it."""
+        response = self._response_ids(example, p)
         if not example.language_modeling or self.bos:
-            return ()
-        ids = self.ids(example.response + p.tail)
-        if len(ids) < 2:
+            return context, response
+        if len(response) < 2:
             raise ValueError(f"The text {example.response!r} is one token with no BOS before it: nothing to score.")
-        return ids[:1]
+        return context + response[:1], response[1:]
 
     def conditioned(self, example: SFTExample, demos: list[SFTExample]) -> LogProbRequest:
         """log p(y | D, x): the demonstrations before the candidate's question, inside the same user turn
@@ -206,8 +205,7 @@ class Renderer:
         if not example.conversational:
             prefix_ids = self.bos + prefix_ids
         query = "" if example.language_modeling else template.render_query(example.question)
-        context = self._context_ids(example, query, p) + self._lead(example, p)
-        return LogProbRequest(prefix_ids, context, self._response_ids(example, p))
+        return LogProbRequest(prefix_ids, *self._split_lead(example, self._context_ids(example, query, p), p))
 
     def _context_ids(self, example: SFTExample, user_text: str, p: Pieces) -> tuple[int, ...]:
         if not example.conversational:
