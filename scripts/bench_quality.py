@@ -101,8 +101,7 @@ def train_sft(method, train, holdout, scores, seed, args):
             trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                                     holdout_dataset=holdout, peft_config=LoraConfig(**LORA))  # fmt: skip
             if method == "random_weights":  # control: the same batch min-max weighting of scores that carry no signal
-                trainer.ica.scores = np.random.default_rng(seed).random(len(train))
-                trainer.ica.refreshes_done = 1
+                trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
         else:
             if method.startswith("top_half"):  # equal budget: the same steps over half the rows
                 train = train.select(select_top(scores[method.split("_")[-1]], 0.5))

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from conftest import step_trainer
 from datasets import Dataset
+from testing_utils import step_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_ica.scoring.engine as engine

@@ -18,8 +18,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from distributed_worker import sft_data  # noqa: E402
+from testing_utils import tiny_llama, tiny_tokenizer  # noqa: E402
 
 from trl_ica import score_ica  # noqa: E402
 from trl_ica.scoring.ica import prepare_ica, score_with  # noqa: E402

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from datasets import Dataset, DatasetDict
+from testing_utils import chat_row, conv_pair, tiny_llama
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
@@ -16,18 +16,8 @@ from trl_ica.cli.assets import convert_gguf
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.planner import LogProbRequest
 
-
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
-def pair(q, good, bad):
-    return {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
-            "rejected": [{"role": "assistant", "content": bad}]}  # fmt: skip
-
-
-SFT = [conv(f"What is {i} plus 1?", f"It is {i + 1}.") for i in range(6)]
-HOLDOUT = [conv(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(4)]
+SFT = [chat_row(f"What is {i} plus 1?", f"It is {i + 1}.") for i in range(6)]
+HOLDOUT = [chat_row(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(4)]
 
 
 def write_lines(path, rows):
@@ -236,7 +226,7 @@ CLEAR = {
         r"`gguf`=.*missing\.gguf' is not a file; give the path of a \.gguf checkpoint",
     ),
     "ICASFTTrainer on preference pairs": (
-        lambda t, tok: sft_trainer(tok, t, Dataset.from_list([pair("q", "a", "b")] * 4)),
+        lambda t, tok: sft_trainer(tok, t, Dataset.from_list([conv_pair("q", "a", "b")] * 4)),
         "has pairs .*but ICASFTTrainer trains on single responses; use ICADPOTrainer or ICACPOTrainer",
     ),
 }

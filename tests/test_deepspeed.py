@@ -16,7 +16,7 @@ WORKER = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch.distributed as dist
-from conftest import tiny_llama, tiny_tokenizer
+from testing_utils import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 from trl_ica.scoring.demonstrations import model_embeddings

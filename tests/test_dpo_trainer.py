@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from testing_utils import (
+    GRAD_TOL,
+    LOGP_ATOL,
+    LOSS_ATOL,
     SUMMED_DIFFERENCE,
+    WEIGHT_ATOL,
     assert_weight_zero_drops_a_pair,
     dpo_pairs,
+    force_weights,
     four_bit_tiny_llama,
     tiny_llama_for,
     tiny_lora,
@@ -135,10 +140,10 @@ def test_weights_scale_each_pairs_loss_for_every_loss_type(tokenizer, tmp_path, 
     sft = -(token.chunk(2)[0] * w[:, None])[chosen_mask].mean()
     reference = (w * sigmoid).mean() + 0.5 * (w * hinge).mean() + 0.25 * sft
     reference.backward()
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), abs=LOSS_ATOL)
     assert (w * sigmoid).mean().item() != pytest.approx(sigmoid.mean().item(), abs=1e-3)  # weights matter here
     for name, grad in ours.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, **GRAD_TOL)
 
 
 def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
@@ -161,7 +166,7 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     assert all(u is not None and np.isfinite(u).all() for u in calls)  # no extra unconditioned pass
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12
-    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
 def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(tokenizer, tmp_path):
@@ -175,7 +180,7 @@ def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(toke
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12
-    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
 def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_path):
@@ -185,8 +190,8 @@ def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_
     trainer = dpo_trainer(tokenizer, tmp_path, model=model, precompute_ref_log_probs=True, max_steps=4, ica_refresh=2)
     trainer.train()
     first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
-    np.testing.assert_allclose([r["score"] for r in first], expected.scores, atol=1e-4)
-    np.testing.assert_allclose([r["logp_chosen"] for r in first], expected.pair_logps[:, 2], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in first], expected.scores, atol=LOGP_ATOL)
+    np.testing.assert_allclose([r["logp_chosen"] for r in first], expected.pair_logps[:, 2], atol=LOGP_ATOL)
     assert os.path.isfile(tmp_path / "ica" / "refresh-1.jsonl")
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all({"ica/weight_mean", "rewards/accuracies", "logps/chosen"} <= h.keys() for h in logged)
@@ -206,7 +211,7 @@ def test_resume_continues_with_the_same_weights(tokenizer, tmp_path):
     again = [json.loads(line) for line in open(tmp_path / "cut" / "ica" / "weights.jsonl")]
     tail = [r for r in full if r["step"] >= 2]
     assert [r["ica_index"] for r in again] == [r["ica_index"] for r in tail]
-    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in tail], atol=1e-5)
+    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in tail], atol=WEIGHT_ATOL)
 
 
 def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
@@ -217,7 +222,7 @@ def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
     trainer.train()
     assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
     assert all(p.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
-    assert np.isfinite(trainer.ica.scores).all()
+    assert np.isfinite(trainer.ica.state.scores).all()
 
 
 def test_sorting_losses_are_refused(tmp_path):
@@ -229,7 +234,7 @@ def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatc
     losses = {}
     for name, weights in (("unit", [1.0, 1.0, 1.0]), ("half", [0.5, 0.5, 0.5])):
         trainer = dpo_trainer(tokenizer, tmp_path / name, peft_config=tiny_lora(), use_weighting=True)
-        monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step, w=weights: (np.array(w), {}))
+        force_weights(trainer, weights, monkeypatch)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
         losses[name] = trainer.compute_loss(trainer.model.train(), dict(batch)).item()
     stock = DPOTrainer(
@@ -241,6 +246,7 @@ def test_wpo_weighting_composes_with_ica_weights(tokenizer, tmp_path, monkeypatc
     )
     batch = stock.data_collator([stock.train_dataset[i] for i in range(3)])
     assert losses["unit"] == stock.compute_loss(stock.model.train(), dict(batch)).item()
+    # the weight 0.5 reaches the loss as exp(mean_t(log 0.5)) in float32: a few ulp off 0.5
     assert losses["half"] == pytest.approx(losses["unit"] / 2, rel=1e-5)
 
 

@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
-from conftest import SUMMED_DIFFERENCE, tiny_llama
 from datasets import Dataset
+from testing_utils import SUMMED_DIFFERENCE, chat_row, tiny_llama
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
@@ -20,18 +20,14 @@ from trl_ica.data_io import write_json, write_rows, written_whole
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, logging_steps=1, seed=0, per_device_train_batch_size=4)
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def rows(n=12, offset=0):
     return Dataset.from_list(
-        [conv(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.") for i in range(offset, offset + n)]
+        [chat_row(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.") for i in range(offset, offset + n)]
     )
 
 
 def holdout(n=5):
-    return Dataset.from_list([conv(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(n)])
+    return Dataset.from_list([chat_row(f"What is {i} plus 7?", f"It is {i + 7}.") for i in range(n)])
 
 
 def trainer(tokenizer, out, train=None, held=None, **kwargs):

@@ -4,8 +4,8 @@ log p(text | holdout texts) - log p(text), every token scored as SFTTrainer trai
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from datasets import Dataset
+from testing_utils import LOGP_ATOL, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -47,13 +47,13 @@ def test_text_rows_score_the_whole_text_against_holdout_texts(tokenizer):
         plain = naive_logp(model, whole, 1)
         conditioned = naive_logp(model, ids(demos) + whole, len(ids(demos)) + 1)
         assert out.num_tokens[row] == len(whole) - 1
-        np.testing.assert_allclose(out.logp_unconditioned[row], plain, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(out.logp_conditioned[row], conditioned, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out.logp_unconditioned[row], plain, atol=LOGP_ATOL, rtol=0)
+        np.testing.assert_allclose(out.logp_conditioned[row], conditioned, atol=LOGP_ATOL, rtol=0)
 
 
 def test_a_tokenizer_with_bos_scores_every_token(tokenizer):
     """With a BOS before text, the first text token is predicted from it and scored; nothing is dropped."""
-    from conftest import tiny_tokenizer
+    from testing_utils import tiny_tokenizer
     from tokenizers.processors import TemplateProcessing
 
     bos_tokenizer = tiny_tokenizer()

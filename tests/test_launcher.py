@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import write_recipe_data
 from datasets import Dataset
+from testing_utils import write_recipe_data
 
 from trl_ica.cli import main as cli
 from trl_ica.cli.launch import main as script

@@ -7,8 +7,8 @@ import pytest
 
 from trl_ica import ICASFTConfig
 from trl_ica.scoring.options import ICAScoringOptions
-from trl_ica.trainer.controller import NOT_FINGERPRINTED, STATE_FIELDS
 from trl_ica.trainer.ica_args import ICAArguments
+from trl_ica.trainer.state import NOT_FINGERPRINTED, STATE_FIELDS
 
 
 def test_every_ica_field_is_a_score_setting_a_state_setting_or_named_as_neither():

@@ -1,10 +1,9 @@
 """Packing (`packing=True`, TRL's `bfd`): every packed sequence keeps its example's weight."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from datasets import Dataset
+from testing_utils import chat_row, force_weights, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
@@ -13,15 +12,11 @@ COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", lo
               per_device_train_batch_size=2, learning_rate=1e-2, max_length=64)  # fmt: skip
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def data():
     train = Dataset.from_list(
-        [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(12)]
+        [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(12)]
     )
-    return train, Dataset.from_list([conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)])
+    return train, Dataset.from_list([chat_row(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)])
 
 
 def model_for(tokenizer):
@@ -57,7 +52,7 @@ def test_each_packed_token_carries_its_examples_weight(tokenizer, tmp_path, monk
     packed = ICASFTTrainer(model_for(tokenizer), args=ICASFTConfig(str(tmp_path / "p"), packing=True, **COMMON),
                            train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
     weight_of = lambda i: 0.1 + 0.07 * i  # noqa: E731 - a distinct weight per example
-    monkeypatch.setattr(packed.ica, "weights", lambda s, idx, step: (np.array([weight_of(i) for i in idx]), {}))
+    force_weights(packed, lambda indices, scores: [weight_of(i) for i in indices], monkeypatch)
     rows = [packed.train_dataset[0], packed.train_dataset[1]]
     truth = []  # the example of every token of the flattened batch, by matching tokens
     for row in rows:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from conftest import pair_rows
 from reference import naive_log_prob
+from testing_utils import LOGP_ATOL, pair_rows
 
 from trl_ica import score_ica
 from trl_ica.scoring.formats import read_row
@@ -26,7 +26,7 @@ def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, token
         )
         uw, ul = (naive_log_prob(chat_model, renderer.unconditioned(pair.as_sft(s))) for s in ("chosen", "rejected"))
         expected.append((cw - cl) - (uw - ul))
-    np.testing.assert_allclose(result.scores, expected, atol=1e-4)
+    np.testing.assert_allclose(result.scores, expected, atol=LOGP_ATOL)
     assert result.pair_logps.shape == (len(data), 4) and result.scores.dtype == np.float64
 
 
@@ -59,7 +59,7 @@ def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model
         lw, ll = naive_log_prob(chat_model, chosen), naive_log_prob(chat_model, rejected)
         nw, nl = (len(chosen.response), len(rejected.response)) if reduction == "mean" else (1, 1)
         expected.append(lw / nw - ll / nl)
-    np.testing.assert_allclose(r.scores, expected, atol=1e-4)
+    np.testing.assert_allclose(r.scores, expected, atol=LOGP_ATOL)
     assert np.isnan(r.pair_logps[:, 2:]).all() and np.isfinite(r.pair_logps[:, :2]).all()
 
 

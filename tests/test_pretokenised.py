@@ -4,8 +4,8 @@ token ids, on exactly the positions SFTTrainer trains on."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from datasets import Dataset
+from testing_utils import LOGP_ATOL, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -48,8 +48,8 @@ def test_scores_equal_a_naive_forward_of_the_token_ids(tokenizer):
             return float(sum(logp[t - 1, sequence[t]] for t in range(first, len(sequence))))
 
         assert out.num_tokens[row] == len(ids) - start
-        np.testing.assert_allclose(out.logp_unconditioned[row], naive(ids, start), atol=1e-4, rtol=0)
-        np.testing.assert_allclose(out.logp_conditioned[row], naive(demos + ids, len(demos) + start), atol=1e-4,
+        np.testing.assert_allclose(out.logp_unconditioned[row], naive(ids, start), atol=LOGP_ATOL, rtol=0)
+        np.testing.assert_allclose(out.logp_conditioned[row], naive(demos + ids, len(demos) + start), atol=LOGP_ATOL,
                                    rtol=0)  # fmt: skip
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
 from datasets import Dataset
+from testing_utils import tiny_llama
 
 from trl_ica import ICASFTConfig
 from trl_ica.cli.launch import main
@@ -23,7 +23,7 @@ RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipe
 def model_dir(tmp_path_factory):
     """The tiny model that stands in for the recipes' SmolLM2 (with SmolLM2's context size: the recipes' rows with
     three demonstrations run to a few thousand of the tiny tokenizer's tokens)."""
-    from conftest import tiny_tokenizer
+    from testing_utils import tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("model")
     tokenizer = tiny_tokenizer()

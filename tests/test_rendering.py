@@ -1,18 +1,16 @@
 import pytest
 from datasets import Dataset
+from testing_utils import chat_row
 
 from trl_ica.scoring.formats import read_dataset, read_row
 from trl_ica.scoring.rendering import PAPER_TEMPLATE, ICAPromptTemplate, Renderer
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def test_response_ids_are_identical_with_and_without_demos(tokenizer):
     renderer = Renderer(tokenizer)
-    holdout = [read_row(conv("What is 1 plus 7?", "The answer is 8.")), read_row(conv("Name a color.", "Blue."))]
-    for row in (conv("What is 12 plus 7?", "The answer is 19."), {"prompt": "What is 2?", "completion": " 2"}):
+    holdout = [read_row(chat_row("What is 1 plus 7?", "The answer is 8.")),
+               read_row(chat_row("Name a color.", "Blue."))]  # fmt: skip
+    for row in (chat_row("What is 12 plus 7?", "The answer is 19."), {"prompt": "What is 2?", "completion": " 2"}):
         example = read_row(row)
         with_demos = renderer.conditioned(
             example, holdout if example.conversational else [read_row({"prompt": "What is 3?", "completion": " 3"})]
@@ -24,8 +22,8 @@ def test_response_ids_are_identical_with_and_without_demos(tokenizer):
 
 def test_in_turn_conditioned_text_follows_the_paper_template(tokenizer):
     renderer = Renderer(tokenizer, layout="in_turn")
-    demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
-    request = renderer.conditioned(read_row(conv("Q3?", "A3.")), demos)
+    demos = [read_row(chat_row("Q1?", "A1.")), read_row(chat_row("Q2?", "A2."))]
+    request = renderer.conditioned(read_row(chat_row("Q3?", "A3.")), demos)
     text = tokenizer.decode(list(request.prefix + request.context + request.response))
     expected_user = PAPER_TEMPLATE.render_demos(demos) + PAPER_TEMPLATE.render_query("Q3?")
     assert text == tokenizer.apply_chat_template(
@@ -36,7 +34,7 @@ def test_in_turn_conditioned_text_follows_the_paper_template(tokenizer):
 
 
 def test_unconditioned_text_is_the_plain_chat(tokenizer):
-    request = Renderer(tokenizer).unconditioned(read_row(conv("Q3?", "A3.")))
+    request = Renderer(tokenizer).unconditioned(read_row(chat_row("Q3?", "A3.")))
     text = tokenizer.decode(list(request.prefix + request.context + request.response))
     assert text == "<|im_start|>user\nQ3?<|im_end|>\n<|im_start|>assistant\nA3.<|im_end|>\n"
 
@@ -52,14 +50,14 @@ def test_standard_format_is_plain_text_with_eos(tokenizer):
 def test_custom_template(tokenizer):
     template = ICAPromptTemplate(demo="Example: {prompt} -> {response}\n", query="Now: {prompt}")
     renderer = Renderer(tokenizer, template, layout="in_turn")
-    cond = renderer.conditioned(read_row(conv("b", "B")), [read_row(conv("a", "A"))])
+    cond = renderer.conditioned(read_row(chat_row("b", "B")), [read_row(chat_row("a", "A"))])
     assert "Example: a -> A\nNow: b<|im_end|>" in tokenizer.decode(list(cond.prefix + cond.context))
     # the default layout writes chat rows' demonstrations as turns, so a template there is refused, not ignored;
     # standard rows still use it
     turns = Renderer(tokenizer, template)
     with pytest.raises(ValueError, match=r"template .*was given for conversational rows, but `ica_demo_layout`="
                                          r"'turns' \(the default\).*Set `ica_demo_layout='in_turn'`"):  # fmt: skip
-        turns.conditioned(read_row(conv("b", "B")), [read_row(conv("a", "A"))])
+        turns.conditioned(read_row(chat_row("b", "B")), [read_row(chat_row("a", "A"))])
     standard = turns.conditioned(
         read_row({"prompt": "b", "completion": "B"}), [read_row({"prompt": "a", "completion": "A"})]
     )
@@ -114,18 +112,18 @@ def test_empty_and_mixed_datasets():
     with pytest.raises(ValueError, match="`holdout` is empty"):
         read_dataset(Dataset.from_list([]), "holdout")
     with pytest.raises(ValueError, match="mixes standard .text. and conversational"):
-        read_dataset([{"prompt": "a", "completion": "b"}, conv("a", "b")])
+        read_dataset([{"prompt": "a", "completion": "b"}, chat_row("a", "b")])
 
 
 def test_conversational_data_needs_a_chat_template(tokenizer):
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     with pytest.raises(ValueError, match="no chat template"):
-        Renderer(bare).unconditioned(read_row(conv("a", "b")))
+        Renderer(bare).unconditioned(read_row(chat_row("a", "b")))
 
 
 def test_turns_layout_puts_demos_as_earlier_exchanges_before_the_unchanged_turn(tokenizer):
     renderer = Renderer(tokenizer)  # the default layout
-    demos = [read_row(conv("Q1?", "A1.")), read_row(conv("Q2?", "A2."))]
+    demos = [read_row(chat_row("Q1?", "A1.")), read_row(chat_row("Q2?", "A2."))]
     example = read_row({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3?"}],
                         "completion": [{"role": "assistant", "content": "A3."}]})  # fmt: skip
     cond, plain = renderer.conditioned(example, demos), renderer.unconditioned(example)
@@ -147,8 +145,9 @@ def test_turns_layout_puts_demos_as_earlier_exchanges_before_the_unchanged_turn(
 
 @pytest.mark.parametrize("layout", ["in_turn", "turns"])
 def test_score_end_false_scores_the_response_without_its_closing_token(tokenizer, layout):
-    demos = [read_row(conv("Q1?", "A1."))]
-    for row, end in ((conv("Q3?", "A3."), "<|im_end|>\n"), ({"prompt": "Q: 2+2=", "completion": " 4"}, "<|im_end|>")):
+    demos = [read_row(chat_row("Q1?", "A1."))]
+    plain = {"prompt": "Q: 2+2=", "completion": " 4"}
+    for row, end in ((chat_row("Q3?", "A3."), "<|im_end|>\n"), (plain, "<|im_end|>")):
         example = read_row(row)
         with_end, without = Renderer(tokenizer, layout=layout), Renderer(tokenizer, layout=layout, score_end=False)
         for full, short in (

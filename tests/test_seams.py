@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import dpo_pairs, tiny_llama, tiny_llama_for
+from testing_utils import dpo_pairs, tiny_llama, tiny_llama_for
 
 from trl_ica import seams
 
@@ -174,6 +174,47 @@ def test_trl_dpo_loss_terms(tokenizer, tmp_path):
     with seams.dpo_loss_terms(trainer, ["sigmoid"], [1.0], True):
         assert (trainer.loss_types, trainer.loss_weights, trainer.use_weighting) == (["sigmoid"], [1.0], True)
     assert (trainer.loss_types, trainer.loss_weights, trainer.use_weighting) == (["sigmoid", "sft"], [1.0, 0.5], False)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_trl_dpo_pair_factor(tokenizer, tmp_path, loss_type):
+    """`dpo_set_pair_factor` makes TRL's DPO loss `mean_i(w_i * loss_i)`: unit weights give the stock loss exactly,
+    and the loss is the weights' combination of each pair's own loss (a one-hot weight gives it), with a backward
+    that works for the hinge loss too."""
+    from trl import DPOConfig, DPOTrainer
+
+    train, _ = dpo_pairs(3)
+    args = DPOConfig(str(tmp_path), **CPU, loss_type=[loss_type])
+    trainer = DPOTrainer(tiny_llama_for(tokenizer), tiny_llama_for(tokenizer), args=args, train_dataset=train,
+                         processing_class=tokenizer)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.model.train()
+
+    def loss_with(weights):
+        def hook(module, args, kwargs, output):
+            log_probs = seams.fused_log_probs(kwargs, output)
+            if log_probs is not None:
+                seams.dpo_set_pair_factor(output, log_probs, torch.tensor(weights), wpo=False)
+                return output
+
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with seams.dpo_loss_terms(trainer, [loss_type], [1.0], use_weighting=True):
+                loss = trainer.compute_loss(model, dict(batch))
+        finally:
+            handle.remove()
+        loss.backward()
+        model.zero_grad()
+        return loss.item()
+
+    assert loss_with([1.0, 1.0, 1.0]) == trainer.compute_loss(model, dict(batch)).item(), where("dpo_set_pair_factor")
+    parts = [loss_with(one_hot) for one_hot in torch.eye(3).tolist()]
+    weights = [0.2, 0.0, 1.3]
+    expected = sum(w * part for w, part in zip(weights, parts))
+    # float32: each pair's factor exp(mean(log w)) is w up to a few ulp, and the sums are of three terms
+    assert loss_with(weights) == pytest.approx(expected, rel=16 * torch.finfo(torch.float32).eps), where(
+        "dpo_set_pair_factor"
+    )
 
 
 def test_trl_cpo_forward_and_labels(tokenizer, tmp_path):

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import pair_rows, tiny_llama
 from datasets import Dataset
 from reference import naive_log_prob
+from testing_utils import LOGP_ATOL, MEAN_LOGP_ATOL, chat_row, pair_rows, tiny_llama
 
 from trl_ica.cli import main
 from trl_ica.scoring.demonstrations import model_embeddings, select_demos
@@ -14,16 +14,12 @@ from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import METHODS, score_dataset, select_top
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def sft_rows(n=7):
-    return [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 2)) for i in range(n)]
+    return [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 2)) for i in range(n)]
 
 
 def holdout_rows():
-    return [conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(4)]
+    return [chat_row(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(4)]
 
 
 def test_loss_is_the_mean_log_prob_per_response_token(chat_model, tokenizer):
@@ -33,7 +29,7 @@ def test_loss_is_the_mean_log_prob_per_response_token(chat_model, tokenizer):
     expected = [
         naive_log_prob(chat_model, r) / len(r.response) for r in map(renderer.unconditioned, read_dataset(rows))
     ]
-    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_allclose(scores, expected, atol=MEAN_LOGP_ATOL)
 
 
 def test_loss_of_pairs_is_the_per_token_margin(chat_model, tokenizer):
@@ -46,7 +42,7 @@ def test_loss_of_pairs_is_the_per_token_margin(chat_model, tokenizer):
         expected.append(
             naive_log_prob(chat_model, good) / len(good.response) - naive_log_prob(chat_model, bad) / len(bad.response)
         )
-    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_allclose(scores, expected, atol=MEAN_LOGP_ATOL)
 
 
 @pytest.mark.parametrize("fmt", ["conversational", "standard"])
@@ -86,7 +82,7 @@ def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tok
         )
         for i, e in enumerate(examples)
     ]
-    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    np.testing.assert_allclose(scores, expected, atol=LOGP_ATOL)
     assert np.ptp(scores) > 0
 
 
@@ -109,7 +105,7 @@ def test_oneshot_with_a_preference_holdout_uses_the_margin(chat_model, tokenizer
     expected = [
         margin(nearest[i][0], [e.as_sft("chosen")]) - margin(nearest[i][0], []) for i, e in enumerate(examples)
     ]
-    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    np.testing.assert_allclose(scores, expected, atol=LOGP_ATOL)
 
 
 def test_rho_is_the_loss_reduction_of_the_reference_model(chat_model, tokenizer):
@@ -213,7 +209,7 @@ def test_cli_conditioned_form_equals_the_library(tmp_path, tokenizer):
     )
     paper = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
     got = [json.loads(line)["score"] for line in open(out)]
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, expected, atol=LOGP_ATOL)
     assert not np.allclose(got, paper, atol=1e-2)
 
 

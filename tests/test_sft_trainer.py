@@ -4,8 +4,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SUMMED_DIFFERENCE, four_bit_tiny_llama, tiny_llama, weighted_loss_and_grads
 from datasets import Dataset
+from testing_utils import (
+    GRAD_TOL,
+    LOGP_ATOL,
+    LOSS_ATOL,
+    SUMMED_DIFFERENCE,
+    WEIGHT_ATOL,
+    chat_row,
+    force_weights,
+    four_bit_tiny_llama,
+    tiny_llama,
+    weighted_loss_and_grads,
+)
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -15,15 +26,11 @@ COMMON = dict(
 )
 
 
-def conv(q, a):
-    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-
-
 def data(n=12):
     train = Dataset.from_list(
-        [conv(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
+        [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1}." * (1 + i % 3)) for i in range(n)]
     )
-    holdout = Dataset.from_list([conv(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)])
+    holdout = Dataset.from_list([chat_row(f"What is {i} plus 7?", f"The answer is {i + 7}.") for i in range(5)])
     return train, holdout
 
 
@@ -65,7 +72,7 @@ def test_online_scoring_leaves_a_lora_run_unchanged(tokenizer, tmp_path, form):
     ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
                          holdout_dataset=holdout, peft_config=LoraConfig(**lora))  # fmt: skip
     ours.train()
-    assert ours.ica.scores is not None and np.isfinite(ours.ica.scores).any()
+    assert ours.ica.state.scores is not None and np.isfinite(ours.ica.state.scores).any()
     trained = [(n, p) for n, p in stock.model.named_parameters() if p.requires_grad]
     assert trained and all("lora" in n for n, _ in trained)
     assert any(p.abs().sum() > 0 for n, p in trained if "lora_B" in n)  # B starts at 0: the adapter trained
@@ -121,16 +128,16 @@ def test_weights_scale_each_examples_loss_and_zero_removes_its_gradient(tokenize
     token_lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
     reference = -(torch.tensor(weights, dtype=token_lp.dtype) * token_lp.sum(1)).sum() / mask.sum()
     reference.backward()
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), abs=LOSS_ATOL)
     for name, grad in ours.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, **GRAD_TOL)
 
     # Weight 0: the first example contributes no gradient at all
     model.zero_grad()
     only_rest = -(torch.tensor([0.0, 1.0, 0.25]) * token_lp.detach().sum(1)).sum()
     assert only_rest.item() != 0
     logits0 = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits
-    monkeypatch.setattr(trainer.ica, "weights", lambda scores, indices, step: (np.array([0.0]), {}))
+    force_weights(trainer, [0.0], monkeypatch)
     single = {k: v[:1] for k, v in batch.items()}
     trainer.compute_loss(model, single).backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
@@ -140,7 +147,7 @@ def test_weights_scale_each_examples_loss_and_zero_removes_its_gradient(tokenize
 def test_refresh_writes_scores_and_logs_metrics(tokenizer, tmp_path):
     trainer = ica_trainer(tokenizer, tmp_path, max_steps=4, ica_refresh=2, learning_rate=5e-2)
     trainer.train()
-    assert trainer.ica.refreshes_done == 2
+    assert trainer.ica.state.refreshes_done == 2
     first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
     second = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-1.jsonl")]
     assert [r["ica_index"] for r in first] == list(range(12)) and second[0]["step"] == 2
@@ -157,7 +164,7 @@ def test_scores_before_training_equal_compute_ica_scores(tokenizer, tmp_path):
     trainer = ica_trainer(tokenizer, tmp_path, model=model, max_steps=1)
     trainer.train()
     first = [json.loads(line)["score"] for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
-    np.testing.assert_allclose(first, expected, atol=1e-4)
+    np.testing.assert_allclose(first, expected, atol=LOGP_ATOL)
 
 
 def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
@@ -169,7 +176,7 @@ def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tm
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12
-    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
 def test_online_with_dropout_scores_both_passes_in_the_engine(tokenizer, tmp_path):
@@ -183,7 +190,7 @@ def test_online_with_dropout_scores_both_passes_in_the_engine(tokenizer, tmp_pat
     assert not trainer.ica.reuse_unconditioned.any()
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
-    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
 def test_conditioned_form_with_summed_log_probs_warns(tmp_path):
@@ -206,8 +213,9 @@ def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, t
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     scores = np.array([r["score"] for r in rows])
-    np.testing.assert_allclose(scores, expected[[r["ica_index"] for r in rows]], atol=1e-4)
+    np.testing.assert_allclose(scores, expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
     low, high = scores[:4].min(), scores[:4].max()  # batch min-max of the first batch
+    # float64 min-max of the logged scores, as the trainer computes it
     np.testing.assert_allclose([r["weight"] for r in rows[:4]], (scores[:4] - low) / (high - low), atol=1e-6)
     if refresh == 1:
         first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
@@ -226,8 +234,8 @@ def test_resume_restores_scores_and_continues_with_the_same_weights(tokenizer, t
     # the log keeps the steps the checkpoint covers and continues from there: one row per example and step
     again = [json.loads(line) for line in open(tmp_path / "cut" / "ica" / "weights.jsonl")]
     assert [(r["step"], r["ica_index"]) for r in again] == [(r["step"], r["ica_index"]) for r in full]
-    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in full], atol=1e-5)
-    assert resumed.ica.refreshes_done == 2
+    np.testing.assert_allclose([r["weight"] for r in again], [r["weight"] for r in full], atol=WEIGHT_ATOL)
+    assert resumed.ica.state.refreshes_done == 2
 
 
 def test_resume_from_a_checkpoint_without_ica_state_is_an_error(tokenizer, tmp_path):
@@ -282,7 +290,7 @@ def test_qlora_four_bit_trains_on_cpu(tokenizer, tmp_path):
     trainer.train()
     assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
     assert all(p.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
-    assert np.isfinite(trainer.ica.scores).all()
+    assert np.isfinite(trainer.ica.state.scores).all()
 
 
 def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(tokenizer, tmp_path):
@@ -301,9 +309,8 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
     )
     assert not trainer.ica.reuse_unconditioned.any()  # TRL trains on every token of a `messages` row by default
     trainer.train()
-    assert np.isfinite(
-        trainer.ica.scores[list({r["ica_index"] for r in map(json.loads, open(tmp_path / "ica" / "weights.jsonl"))})]
-    ).all()
+    trained = {r["ica_index"] for r in map(json.loads, open(tmp_path / "ica" / "weights.jsonl"))}
+    assert np.isfinite(trainer.ica.state.scores[list(trained)]).all()
 
 
 @pytest.mark.parametrize(
@@ -408,17 +415,18 @@ def test_padding_free_weights_follow_each_packed_sequence(tokenizer, tmp_path, m
     losses, scores = [], []
     for trainer in (padded, packed):
 
-        def record(s, indices, step, trainer=trainer):
+        def record(indices, s):
             scores.append(np.asarray(s))
-            return weights, {}
+            return weights
 
-        monkeypatch.setattr(trainer.ica, "weights", record)
+        force_weights(trainer, record, monkeypatch)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
         trainer.model.train()
         losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
     assert "seq_idx" in packed.data_collator([packed.train_dataset[i] for i in range(3)])
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)  # online log p(y | x) recovered per packed sequence
+    assert losses[0] == pytest.approx(losses[1], abs=LOSS_ATOL)
+    # online log p(y | x) recovered per packed sequence
+    np.testing.assert_allclose(scores[0], scores[1], atol=LOGP_ATOL)
 
 
 def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
@@ -439,19 +447,19 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     file_scores = [json.loads(line)["score"] for line in open(scored)]
 
     given = ica_trainer(tokenizer, tmp_path / "given", ica_scores_file=str(scored), max_steps=1)
-    np.testing.assert_array_equal(given.ica.scores, file_scores)  # taken as they are, before training
-    assert given.ica.refreshes_done == 1
+    np.testing.assert_array_equal(given.ica.state.scores, file_scores)  # taken as they are, before training
+    assert given.ica.state.refreshes_done == 1
     given.train()
     assert [json.loads(line)["score"] for line in open(tmp_path / "given" / "ica" / "refresh-0.jsonl")] == file_scores
 
     quantile = ica_trainer(tokenizer, tmp_path / "q", ica_scores_file=str(scored), max_steps=1,
                            ica_weighting="holdout_quantile")  # fmt: skip
     quantile.train()  # the holdout's own scores are still computed, at the first step
-    assert quantile.ica.reference is not None and np.isfinite(quantile.ica.reference).all()
+    assert quantile.ica.state.reference is not None and np.isfinite(quantile.ica.state.reference).all()
 
     own = ica_trainer(tokenizer, tmp_path / "own", max_steps=1)
     own.train()
-    np.testing.assert_allclose(own.ica.scores, file_scores, rtol=0, atol=1e-4)  # same model, same requests
+    np.testing.assert_allclose(own.ica.state.scores, file_scores, rtol=0, atol=LOGP_ATOL)  # same model, same requests
 
     with pytest.raises(ValueError, match="other settings than this run's .*ica_score_form: file 'difference'"):
         ica_trainer(tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned",

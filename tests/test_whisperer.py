@@ -4,8 +4,8 @@ from decimal import Decimal
 import numpy as np
 import pytest
 import torch
-from conftest import four_bit_tiny_llama, tiny_llama
 from reference import naive_whisperer
+from testing_utils import WEIGHT_ATOL, four_bit_tiny_llama, tiny_llama
 
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.selection.baselines import score_dataset
@@ -50,7 +50,7 @@ def _check_against_naive(model, tokenizer, pool_rows, holdout_rows, config, metr
     assert len(ours.records) == len(records)
     for mine, theirs in zip(ours.records, records):
         assert mine["demos"] == theirs["demos"] and mine["queries"] == theirs["queries"]
-        np.testing.assert_allclose(mine["weights"], theirs["weights"], atol=1e-5)
+        np.testing.assert_allclose(mine["weights"], theirs["weights"], atol=WEIGHT_ATOL)
         np.testing.assert_allclose(mine["query_scores"], theirs["query_scores"], rtol=rtol, atol=1e-7)
         assert mine.get("generation") == theirs.get("generation")
     np.testing.assert_allclose(ours.scores, scores, rtol=rtol, atol=1e-8)

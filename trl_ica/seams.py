@@ -453,6 +453,38 @@ def dpo_weighting_fields(output, wpo: bool):
     return mask, lssp
 
 
+def dpo_set_pair_factor(output, log_probs: torch.Tensor, weights: torch.Tensor, wpo: bool) -> None:
+    """Make the factor `DPOTrainer.compute_loss` multiplies each pair's loss by, before the batch mean, equal to
+    `weights` (`(B,)`; times TRL's own WPO factor when `wpo`), for every loss type. Needs `use_weighting=True` for
+    the call ([`dpo_loss_terms`]).
+
+    TRL's factor (its WPO weighting, trl.trainer.dpo_trainer) is `exp(mean_t(log_probs - log_sum_sq_probs))` over
+    the completion tokens (`label_mask`) of the chosen row times that of the rejected row, computed under `no_grad`
+    and applied as `per_sequence_loss *= factor`. Setting `log_sum_sq_probs` to `log_probs - log w_i` on the chosen
+    row's completion tokens makes it `w_i` (a weight of 0 works through `-inf`). `log_probs` is the policy's
+    `(2B, T-1)` output, chosen rows first. TRL applies the factor in place, which autograd refuses for the hinge
+    loss (`relu` keeps its output for the backward); [`_OutOfPlaceProduct`] makes that one product out of place."""
+    label_mask, log_sum_sq_probs = dpo_weighting_fields(output, wpo)
+    shift = torch.cat([torch.log(weights), torch.zeros_like(weights)])[:, None]
+    base = (log_sum_sq_probs if wpo else log_probs.detach()).float()
+    output.log_sum_sq_probs = torch.where(label_mask, base - shift, base).as_subclass(_OutOfPlaceProduct)
+
+
+class _OutOfPlaceProduct(torch.Tensor):
+    """A tensor whose descendants turn `loss *= factor` into `loss = loss * factor`, returning a plain tensor.
+
+    TRL scales each pair's loss in place with a factor computed from `log_sum_sq_probs`; in place, the product breaks
+    the backward of losses that keep their output (the hinge loss's `relu`). Every other operation behaves as usual.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.mul_, torch.Tensor.__imul__) and type(args[0]) is torch.Tensor:
+            target, factor = args
+            return target * factor.as_subclass(torch.Tensor)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def cpo_labels(trainer, batch: dict, device):
     """The labels of a CPO batch, chosen rows then rejected, as `CPOTrainer.concatenated_forward` computes its
     log-probabilities from them: `concatenated_inputs(batch, padding_value=..., device=...)["concatenated_labels"]`

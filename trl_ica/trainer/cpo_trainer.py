@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from trl.experimental.cpo import CPOTrainer
@@ -12,6 +15,15 @@ from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, loss_reaches
 from .model_card import SIMPO_PAPER
 
 
+@dataclasses.dataclass
+class _BatchWeights:
+    """The ICA weights of the batch being trained on, on their way through TRL's CPO loss."""
+
+    index: np.ndarray  # the pairs' `ica_index`
+    weights: torch.Tensor | None = None  # (B,), set by `concatenated_forward`
+    weighted_losses: torch.Tensor | None = None  # (B,) w_i * loss_i, set by `cpo_loss`; the loss must come from it
+
+
 class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
     """
     [`~trl.experimental.cpo.CPOTrainer`] whose loss weights each preference pair by its ICA score ([arXiv
@@ -19,9 +31,13 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
 
     The score of (x, y_w, y_l) is how much k holdout demonstrations in context raise the chosen-minus-rejected margin,
     `[log p(y_w | D, x) - log p(y_l | D, x)] - [log p(y_w | x) - log p(y_l | x)]`, under the current policy. Scores
-    become per-pair weights `w_i` (`ica_weighting`): the preference loss is `mean_i(w_i * loss_i)` and the CPO NLL
-    term (`cpo_alpha > 0`) is `sum_i w_i * nll_i / chosen_tokens`, so with all weights 1 it is exactly
-    `CPOTrainer`'s loss. Evaluation is unweighted; TRL's metrics are logged as they are, with `ica/*` next to them.
+    become per-pair weights `w_i` (`ica_weighting`), which enter the loss in two places:
+
+    - [`cpo_loss`]: the preference loss is `mean_i(w_i * loss_i)`;
+    - [`concatenated_forward`]: the CPO NLL term (`cpo_alpha > 0`) is `sum_i w_i * nll_i / chosen_tokens`.
+
+    With all weights 1 it is exactly `CPOTrainer`'s loss. Evaluation is unweighted; TRL's metrics are logged as they
+    are, with `ica/*` next to them.
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
@@ -63,8 +79,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
     ):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
         indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
-        self._ica_batch = None  # (indices, weights) of the batch being trained on
-        self._ica_applied = None  # the batch's weighted per-pair losses, once `cpo_loss` has weighted them
+        self._ica_batch: _BatchWeights | None = None  # during a training `compute_loss` only
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, self.max_length)
 
@@ -81,15 +96,13 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         index = inputs.pop(INDEX, None)
         if index is None or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
-        self._ica_batch = (index.cpu().numpy(), None)
-        self._ica_applied = None
+        self._ica_batch = batch = _BatchWeights(index.cpu().numpy())
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._ica_batch = None
         loss = result[0] if return_outputs else result
-        if self._ica_applied is None or not loss_reaches(loss, self._ica_applied):
+        if batch.weighted_losses is None or not loss_reaches(loss, batch.weighted_losses):
             raise self.unweighted_error(
                 "`CPOTrainer.compute_loss` going through `concatenated_forward` and `cpo_loss` "
                 "(trl.experimental.cpo), which `ICACPOTrainer` overrides to weight each pair"
@@ -97,12 +110,12 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         return result
 
     def concatenated_forward(self, model, batch):
-        """TRL's forward; during training it also scores the batch (reading log p(y | x) off this forward when
-        online), sets the pairs' weights and weights the NLL term."""
+        """TRL's forward; in a training step it also looks up the pairs' weights (reading log p(y | x) off this
+        forward when online) and weights the NLL term: `sum_i w_i * nll_i / chosen_tokens`."""
         out = super().concatenated_forward(model, batch)
         if self._ica_batch is None:
             return out
-        index = self._ica_batch[0]
+        index = self._ica_batch.index
         chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, rest = seams.cpo_forward_outputs(out)
         labels = seams.cpo_labels(self, batch, chosen_logits.device)[:, 1:]
 
@@ -112,8 +125,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
                 logps = logps * (labels != -100).sum(1)
             return logps.cpu().numpy().reshape(2, -1).T
 
-        w = self._ica_weights(index, chosen_logps, training_sums)
-        self._ica_batch = (index, w)
+        w = self._ica_batch.weights = self._ica_weights(index, chosen_logps, training_sums)
         if self.cpo_alpha != 0:
             chosen_labels = labels[: len(index)]
             token_nll = F.cross_entropy(
@@ -123,8 +135,10 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, *rest)
 
     def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+        """TRL's per-pair losses; in a training step each multiplied by its pair's weight: `w_i * loss_i`, which TRL
+        then averages."""
         losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
-        if self._ica_batch is not None and self._ica_batch[1] is not None:
-            losses = losses * self._ica_batch[1].to(losses.dtype)
-            self._ica_applied = losses  # the weighted per-pair losses, which the step's loss must come from
+        batch = self._ica_batch
+        if batch is not None and batch.weights is not None:
+            losses = batch.weighted_losses = losses * batch.weights.to(losses.dtype)
         return losses, chosen_rewards, rejected_rewards

@@ -76,64 +76,56 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss with pair i weighted by its ICA weight w_i. The weight enters in two places:
+
+        1. **Every preference term** (each `loss_type` but `"sft"`): TRL multiplies each pair's loss by a per-pair
+           factor before the batch mean; [`_policy_weights`] sets that factor to w_i, so each term becomes
+           `mean_i(w_i * loss_t,i)`.
+        2. **The `"sft"` term**, a token mean over the batch's chosen completions: it is left out of TRL's call and
+           added back by [`_weighted_sft_loss`], each pair's tokens weighted by w_i.
+        """
         index = inputs.pop(INDEX, None)
         if index is None or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
-        sft = [(i, w) for i, (t, w) in enumerate(zip(self.loss_types, self.loss_weights)) if t == "sft"]
+        terms = list(zip(self.loss_types, self.loss_weights))
+        preference = [(t, weight) for t, weight in terms if t != "sft"]
         policy = {}
-        # TRL's "sft" term is one token mean over the batch: it is taken out here and added back weighted
-        loss_types = [t for i, t in enumerate(self.loss_types) if i not in dict(sft)]
-        loss_weights = [w for i, w in enumerate(self.loss_weights) if i not in dict(sft)]
+        loss_types, loss_weights = [t for t, _ in preference], [weight for _, weight in preference]
         with seams.dpo_loss_terms(self, loss_types, loss_weights, use_weighting=True):
-            with self._weighting_hook(model, index.cpu().numpy(), policy):
+            with self._policy_weights(model, index.cpu().numpy(), policy):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not policy:
             raise self.unweighted_error(
                 "`DPOTrainer.compute_loss` calling the policy with `fused_lm_head=True` and scaling each pair's loss "
-                "by a factor of its `log_sum_sq_probs` (trl.trainer.dpo_trainer), through which "
-                "`ICADPOTrainer._weighting_hook` weights each pair"
+                "by a factor of its `log_sum_sq_probs` (trl.trainer.dpo_trainer), which `seams.dpo_set_pair_factor` "
+                "sets to the pair's weight"
             )
+        sft = [weight for t, weight in terms if t == "sft"]
         if not sft:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        seq_len = inputs["completion_mask"].size(1) - 1
-        chosen_mask = inputs["completion_mask"][:, 1:].chunk(2, dim=0)[0].bool()
-        chosen_logps = policy["log_probs"][:, -seq_len:].chunk(2, dim=0)[0]
-        w = policy["weights"].to(chosen_logps.dtype)
-        sft_loss = -(chosen_logps * w[:, None])[chosen_mask].mean()
-        for _, weight in sft:
+        sft_loss = self._weighted_sft_loss(inputs, policy["log_probs"], policy["weights"])
+        for weight in sft:
             loss = loss + sft_loss * weight
         return (loss, outputs) if return_outputs else loss
 
     @contextlib.contextmanager
-    def _weighting_hook(self, model, index: np.ndarray, policy: dict):
-        """Weight each pair's loss terms through the per-pair factor TRL multiplies them by before averaging.
-
-        TRL multiplies every per-pair loss by `exp(mean_t(log_probs - log_sum_sq_probs))` of the chosen row times
-        that of the rejected row (its WPO weighting) under `no_grad`, right before `.mean()`. Setting
-        `log_sum_sq_probs` to the policy log-probs minus `log w_i` on the chosen row's completion tokens makes that
-        factor `w_i` (times TRL's own WPO factor when `use_weighting=True`), for every loss type. Only the first
-        forward of the step is the policy's: with a PEFT reference the same model runs again with the adapter off.
-        TRL applies the factor in place, which autograd refuses for the hinge loss (`relu` keeps its output for the
-        backward); [`_OutOfPlaceProduct`] makes that one product out of place.
-        """
+    def _policy_weights(self, model, index: np.ndarray, policy: dict):
+        """On the policy's forward (the first of the step's forwards: with a PEFT reference the same model runs again
+        with the adapter off), look up the pairs' weights and set TRL's per-pair loss factor to them
+        ([`seams.dpo_set_pair_factor`]; with `use_weighting=True` it stays TRL's WPO factor times w_i). `policy`
+        gets the forward's `log_probs` and the `weights`."""
 
         def hook(module, args, kwargs, output):
             log_probs = seams.fused_log_probs(kwargs, output)  # (2B, T-1): chosen rows, then rejected rows
             if policy or log_probs is None:
                 return None
-            label_mask, log_sum_sq_probs = seams.dpo_weighting_fields(output, wpo=self.args.use_weighting)
-            policy["log_probs"] = log_probs
             w = self._ica_weights(
                 index, log_probs, lambda: log_probs.detach().double().sum(1).cpu().numpy().reshape(2, -1).T,
                 dtype=torch.float32,
             )  # fmt: skip
-            policy["weights"] = w
-            shift = torch.cat([torch.log(w), torch.zeros_like(w)])[:, None]
-            base = log_sum_sq_probs if self.args.use_weighting else log_probs.detach()
-            lssp = torch.where(label_mask, base.float() - shift, base.float())
-            output.log_sum_sq_probs = lssp.as_subclass(_OutOfPlaceProduct)
+            policy.update(log_probs=log_probs, weights=w)
+            seams.dpo_set_pair_factor(output, log_probs, w, wpo=self.args.use_weighting)
             return output
 
         handle = model.register_forward_hook(hook, with_kwargs=True)
@@ -142,17 +134,11 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         finally:
             handle.remove()
 
-
-class _OutOfPlaceProduct(torch.Tensor):
-    """A tensor whose descendants turn `loss *= factor` into `loss = loss * factor`, returning a plain tensor.
-
-    TRL scales each pair's loss in place with a factor computed from `log_sum_sq_probs`; in place, the product breaks
-    the backward of losses that keep their output (the hinge loss's `relu`). Every other operation behaves as usual.
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.mul_, torch.Tensor.__imul__) and type(args[0]) is torch.Tensor:
-            target, factor = args
-            return target * factor.as_subclass(torch.Tensor)
-        return super().__torch_function__(func, types, args, kwargs or {})
+    @staticmethod
+    def _weighted_sft_loss(inputs: dict, log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """TRL's `"sft"` term, the mean NLL over the chosen completions' tokens, with each pair's tokens weighted:
+        `-sum_i w_i sum_t log p(y_w,t) / chosen tokens`."""
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen_mask = inputs["completion_mask"][:, 1:].chunk(2, dim=0)[0].bool()
+        chosen_logps = log_probs[:, -seq_len:].chunk(2, dim=0)[0]
+        return -(chosen_logps * weights.to(chosen_logps.dtype)[:, None])[chosen_mask].mean()

@@ -267,7 +267,6 @@ class ICATrainerMixin:
             args.output_dir,
             self.accelerator.is_main_process,
             reference_builder=reference,
-            on_scored=lambda scores: self._log_histograms({"ica/scores_all": scores}),
             compute_dtype=training_compute_dtype(args),
         )
         if args.ica_scores_file is not None:
@@ -286,31 +285,38 @@ class ICATrainerMixin:
                 "'global_minmax' (against the range of the training set's scores)."
             )
         if self._ica.online:
-            dropout = active_dropout(self.model)
-            sharded = seams.sequence_sharding(self.accelerator)
-            if getattr(args, "packing", False):
-                logger.info("Online ICA with packing: log p(y | x) is scored by the engine, not read off packed rows.")
-                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
-            elif sharded:
-                logger.info(
-                    "Online ICA: each row's tokens are split between processes (%s), so log p(y | x) is scored by "
-                    "the engine rather than summed off one process's share of the training forward.",
-                    ", ".join(sharded.values()),
-                )
-                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
-            elif dropout:
-                logger.info(
-                    "Online ICA: the training forward applies dropout (%s), so log p(y | x) is scored by the engine "
-                    "with dropout off, like log p(y | D, x), rather than read off the training forward.",
-                    ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else ""),
-                )
-                self._ica.set_reusable_rows(np.zeros(len(builder.candidates), dtype=bool))
-            else:
-                self._ica.set_reusable_rows(self._reusable_rows())
+            reuse = self._reusable_rows() if self._forward_is_engine_forward(args) else None
+            if reuse is None:
+                reuse = np.zeros(len(builder.candidates), dtype=bool)
+            self._ica.read_unconditioned_off_forward(reuse, args.gradient_accumulation_steps)
+
+    def _forward_is_engine_forward(self, args) -> bool:
+        """Whether a training forward can stand for the engine's no-grad forward of a row: not with packing (rows
+        share sequences), sequence sharding (a process sees part of a row) or dropout (the engine runs without)."""
+        sharded = seams.sequence_sharding(self.accelerator)
+        dropout = active_dropout(self.model)
+        if getattr(args, "packing", False):
+            logger.info("Online ICA with packing: log p(y | x) is scored by the engine, not read off packed rows.")
+        elif sharded:
+            logger.info(
+                "Online ICA: each row's tokens are split between processes (%s), so log p(y | x) is scored by the "
+                "engine rather than summed off one process's share of the training forward.",
+                ", ".join(sharded.values()),
+            )
+        elif dropout:
+            logger.info(
+                "Online ICA: the training forward applies dropout (%s), so log p(y | x) is scored by the engine "
+                "with dropout off, like log p(y | D, x), rather than read off the training forward.",
+                ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else ""),
+            )
+        else:
+            return True
+        return False
 
     @property
     def ica(self) -> ICAController:
-        """The run's [`ICAController`]: current scores, refreshes done, the demonstrations of each example."""
+        """The run's [`ICAController`]: its `state` (current scores, refreshes done), its `builder` (the requests and
+        demonstrations of each example), its `recorder` (the `ica/` files)."""
         return self._ica
 
     def _set_signature_columns_if_needed(self):
@@ -352,9 +358,8 @@ class ICATrainerMixin:
         runs; the ICA weights of the whole step are computed here ([`ICAController.begin_step`])."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         micro_batches = [b[INDEX].cpu().numpy() for b in batch_samples if isinstance(b, dict) and INDEX in b]
-        metrics = self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps)
-        if metrics:
-            self._log_ica(metrics)
+        self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps)
+        self._log_ica_records()
         return batch_samples, num_items_in_batch
 
     def training_step(self, *args, **kwargs):
@@ -368,20 +373,14 @@ class ICATrainerMixin:
 
     def _ica_weights(self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None) -> torch.Tensor:
         """This micro-batch's weights as a tensor on `like`'s device (`like`'s dtype unless `dtype` is given): the
-        one path from scores to the tensor the loss is multiplied by, in every trainer.
+        one path from the controller's weights to the tensor the loss is multiplied by, in every trainer.
 
-        The weights come from the optimizer step's (see [`ICAController.micro_batch_weights`]); the step's `ica/*`
-        metrics are logged when they are computed here. Online, `training_sums()` gives log p(y | x) summed per
-        example `(B,)` or per pair `(B, 2)` from the training forward; it is used for the rows whose forward is
-        exactly their unconditioned request, and the others are scored by the controller."""
-        unconditioned = None
-        if self._ica.online and training_sums is not None:
-            sums = np.asarray(training_sums(), dtype=np.float64)
-            reuse = self._ica.reuse_unconditioned[index].reshape(-1, *([1] * (sums.ndim - 1)))
-            unconditioned = np.where(reuse, sums, np.nan)
-        weights, metrics = self._ica.micro_batch_weights(self.model, index, self.state.global_step, unconditioned)
-        if metrics:
-            self._log_ica(metrics)
+        `training_sums()` gives log p(y | x) summed per example `(B,)` or per pair `(B, 2)` off the training forward;
+        the controller calls it only under its online `"forward"` strategy (see [`ICAController`])."""
+        weights = self._ica.micro_batch_weights(
+            self.model, index, self.state.global_step, self.state.max_steps, training_sums
+        )
+        self._log_ica_records()
         return torch.as_tensor(weights, dtype=dtype or like.dtype, device=like.device)
 
     def unweighted_error(self, seam: str) -> seams.SeamError:
@@ -393,10 +392,18 @@ class ICATrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The parent's `log`; in training, the scores and weights of the steps since the last log also go to the
         trackers that take histograms."""
-        histograms = self._ica.take_histograms()
+        histograms = self._ica.recorder.take_step_histograms()
         if histograms:
             self._log_histograms(histograms)
         super().log(logs, *args, **kwargs)
+
+    def _log_ica_records(self) -> None:
+        """The `ica/*` metrics of the steps weighted since the last call into the trainer's metric store, and the
+        histogram of each scoring of the training set to the trackers."""
+        for metrics in self._ica.recorder.take_metrics():
+            self._log_ica(metrics)
+        for values in self._ica.recorder.take_scoring_histograms():
+            self._log_histograms(values)
 
     def _log_histograms(self, values: dict[str, np.ndarray]) -> None:
         """Histograms at the current step to the trackers that take them: TensorBoard (`add_histogram`) and W&B
@@ -418,13 +425,13 @@ class ICATrainerMixin:
         if folder is True:
             folder = get_last_checkpoint(self.args.output_dir)
         if isinstance(folder, str):
-            self._ica.load(folder)
+            self._ica.resume(folder)
         self._ica.start_files()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.accelerator.is_main_process:
             from ..plots import save_training_plots
 
-            save_training_plots(self._ica.dir)
+            save_training_plots(self._ica.recorder.dir)
         return result
 
     def _save_checkpoint(self, model, trial):

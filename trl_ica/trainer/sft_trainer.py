@@ -109,7 +109,6 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         index = inputs.pop(INDEX, None)
         if index is None or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._ica.maybe_refresh(self.model, self.state.global_step, self.state.max_steps)
         fired = []
         with self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -1,0 +1,138 @@
+"""What a run has computed and a checkpoint keeps: the scores, the demonstrations, the holdout's own scores, and the
+fingerprint of the data and settings they were computed for."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+
+from ..data_io import written_whole
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "ica_state.npz"
+#: The `ica_*` fields besides the score's own ([`ICAScoringOptions.record`]) that saved state depends on: how scores
+#: become weights and when scoring happens. The others (the scoring budget, where given scores came from, the preset
+#: the settings were filled from) change no saved number.
+STATE_FIELDS = (
+    "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
+    "ica_max_length",
+)  # fmt: skip
+NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
+
+
+def _digest(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def fingerprint(builder, args) -> dict[str, str]:
+    """What saved state depends on: the training rows, the holdout, the score's options and the [`STATE_FIELDS`]."""
+    settings = {**builder.options.comparable(), **{name: getattr(args, name) for name in STATE_FIELDS}}
+    return {
+        "training rows": _digest(builder.candidates),
+        "holdout rows": _digest(builder.holdout),
+        **{name: repr(value) for name, value in sorted(settings.items())},
+    }
+
+
+@dataclasses.dataclass
+class ICAState:
+    """The numbers a run has computed so far, all indexed by `ica_index` (training rows) or holdout row.
+
+    Attributes:
+        scores (`np.ndarray`): the latest score of each training example (NaN until scored).
+        refreshes_done (`int`): scorings of the whole training set so far (given scores count as one).
+        global_range (`tuple[float, float]` or None): lowest and highest score seen, for `global_minmax`.
+        reference (`np.ndarray` or None): `holdout_quantile`: the holdout's own latest scores.
+        reference_step (`int` or None): the optimizer step they were computed at.
+        references_done (`int`): scorings of the holdout so far.
+        last_scored_step (`int` or None): the step of the latest scoring of the whole training set.
+        resumed_step (`int` or None): the checkpoint's step, when the run resumed from one.
+    """
+
+    scores: np.ndarray
+    refreshes_done: int = 0
+    global_range: tuple[float, float] | None = None
+    reference: np.ndarray | None = None
+    reference_step: int | None = None
+    references_done: int = 0
+    last_scored_step: int | None = None
+    resumed_step: int | None = None
+
+    @classmethod
+    def empty(cls, num_examples: int) -> ICAState:
+        return cls(scores=np.full(num_examples, np.nan))
+
+    def widen_range(self, low: float, high: float) -> None:
+        """Extend `global_range` to include [low, high]."""
+        if self.global_range is not None:
+            low, high = min(low, self.global_range[0]), max(high, self.global_range[1])
+        self.global_range = (float(low), float(high))
+
+    def save(self, folder: str, step: int, demo_indices: np.ndarray, fingerprint: dict) -> None:
+        """`ica_state.npz` in `folder`, written whole."""
+        low, high = self.global_range if self.global_range is not None else (np.nan, np.nan)
+        with written_whole(os.path.join(folder, STATE_FILE)) as temporary:
+            np.savez(
+                temporary,
+                fingerprint=np.array(json.dumps(fingerprint)),
+                step=step,
+                scores=self.scores,
+                refreshes_done=self.refreshes_done,
+                global_range=np.array([low, high]),
+                demo_indices=demo_indices,
+                reference=self.reference if self.reference is not None else np.zeros(0),
+                reference_step=-1 if self.reference_step is None else self.reference_step,
+                references_done=self.references_done,
+            )
+
+    @classmethod
+    def load(cls, folder: str, fingerprint: dict, with_reference: bool) -> tuple[ICAState, np.ndarray]:
+        """The state saved in `folder` and its demonstrations, refused unless it was computed for `fingerprint`
+        (this run's data and settings); the holdout's scores are restored when `with_reference`."""
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming from {folder!r}, which has no {STATE_FILE}: it was not saved by an ICA trainer, so the "
+                "ICA scores cannot be restored."
+            )
+        saved = np.load(path)
+        if "fingerprint" not in saved:
+            raise ValueError(
+                f"{path} was saved by an older trl_ica without a record of its data and settings, so resuming cannot "
+                "check that they are this run's; start the run afresh."
+            )
+        then = json.loads(str(saved["fingerprint"]))
+        changed = [k for k in sorted(set(then) | set(fingerprint)) if then.get(k) != fingerprint.get(k)]
+        if changed:
+            details = ", ".join(
+                k if k.endswith("rows") else f"{k}: checkpoint {then.get(k)}, now {fingerprint.get(k)}"
+                for k in changed
+            )
+            raise ValueError(
+                f"Cannot resume from {folder!r}: its ICA state was computed for other data or settings ({details}). "
+                "Resume with the training set, holdout and `ica_*` settings of that run, or start afresh in another "
+                "`output_dir`."
+            )
+        low, high = saved["global_range"]
+        state = cls(
+            scores=saved["scores"],
+            refreshes_done=int(saved["refreshes_done"]),
+            global_range=None if np.isnan(low) else (float(low), float(high)),
+            resumed_step=int(saved["step"]),
+        )
+        if with_reference and saved["reference"].size:
+            state.reference = saved["reference"]
+            state.reference_step = int(saved["reference_step"])
+            state.references_done = int(saved["references_done"])
+        logger.info("Restored ICA state from %s (%d scoring(s) done).", folder, state.refreshes_done)
+        return state, saved["demo_indices"]
