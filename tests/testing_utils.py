@@ -78,11 +78,13 @@ def four_bit_tiny_llama(tokenizer, folder):
 
 def force_weights(trainer, weights, monkeypatch):
     """Make every step of `trainer` weight its examples `weights` (in batch order), or `weights(indices, scores)`
-    when it is a function, whatever their scores."""
+    when it is a function, whatever their scores; the loss reduction applies to them as to computed weights."""
+    from trl_ica.trainer.weigher import StepWeights
 
-    def weigher(scores, indices, step, state):
+    def weigher(scores, indices, step, state, units=None):
         chosen = weights(indices, scores) if callable(weights) else weights
-        return indices, scores, np.asarray(chosen, dtype=np.float64), slice(None)
+        units = np.ones(len(indices)) if units is None else np.asarray(units, dtype=np.float64)
+        return StepWeights(np.asarray(indices), scores, units, np.asarray(chosen, dtype=np.float64), slice(None))
 
     monkeypatch.setattr(trainer.ica, "weigher", weigher)
 

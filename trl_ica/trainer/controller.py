@@ -13,7 +13,7 @@ from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
 from ..scoring.weighting import score_range
 from .recorder import RunRecorder
 from .state import ICAState, fingerprint
-from .weigher import StepWeigher
+from .weigher import StepWeigher, loss_scale
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class ICAController:
         self.step_begun: int | None = None  # the optimizer step `begin_step` was last called for
         self._step_members: set[int] = set()  # its examples on this process
         self._step_weights: dict[int, float] | None = None  # their weights; None while they wait for the forward
+        self._step_units: dict[int, float] = {}  # their loss units (tokens, or 1 per pair)
         self._step_of_one_micro_batch = False  # begun by `micro_batch_weights`, outside the training loop
         self._warned_schedule = False
 
@@ -233,8 +234,9 @@ class ICAController:
         return scores
 
     # Weights
-    def begin_step(self, model, micro_batches: list[np.ndarray], step: int, max_steps: int) -> None:
-        """Start optimizer step `step` with the `ica_index` of each of this process's micro-batches of the step.
+    def begin_step(self, model, micro_batches: list[np.ndarray], step: int, max_steps: int, units=None) -> None:
+        """Start optimizer step `step` with the `ica_index` of each of this process's micro-batches of the step, and
+        (`units`, the same shape) each example's loss units: its loss tokens, or 1 per pair (the default).
 
         Every process calls it once per step, before the step's first micro-batch. A refresh due at `step` happens
         here, and then the step's weights are computed at once (online: the whole step is scored with the current
@@ -242,6 +244,8 @@ class ICAController:
         they wait for the micro-batch's forward ([`micro_batch_weights`]).
         """
         indices = np.concatenate([np.asarray(m, dtype=np.int64).reshape(-1) for m in micro_batches] or [[]])
+        units = np.ones(len(indices)) if units is None else np.concatenate([np.reshape(u, -1) for u in units] or [[]])
+        self._step_units = dict(zip(indices.tolist(), units.tolist()))
         self.step_begun, self._step_members, self._step_weights = step, set(indices.tolist()), None
         self._step_of_one_micro_batch = False
         self.ready_demonstrations()
@@ -249,17 +253,20 @@ class ICAController:
         if len(indices) and self.strategy != "forward":
             self._weigh_step(model, indices.astype(np.int64), step)
 
-    def micro_batch_weights(self, model, indices, step: int, max_steps: int, training_sums=None) -> np.ndarray:
-        """This process's weights of one micro-batch of the step begun by [`begin_step`].
+    def micro_batch_weights(
+        self, model, indices, step: int, max_steps: int, training_sums=None, units=None
+    ) -> np.ndarray:
+        """This process's weights of one micro-batch of the step begun by [`begin_step`], as the loss multiplies
+        them (the scheme's weights times the step's [`loss_scale`]).
 
         Under the `"forward"` strategy they are computed here, with log p(y | x) of the reusable rows from
         `training_sums()` (summed per example `(B,)` or per pair `(B, 2)` off the training forward). A micro-batch of
-        no begun step (a `compute_loss` called outside the training loop) is a step of its own.
+        no begun step (a `compute_loss` called outside the training loop) is a step of its own, with its `units`.
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         begun = step == self.step_begun and set(indices.tolist()) <= self._step_members
         if self._step_of_one_micro_batch or not begun:
-            self.begin_step(model, [indices], step, max_steps)
+            self.begin_step(model, [indices], step, max_steps, None if units is None else [units])
             self._step_of_one_micro_batch = True
         if self._step_weights is None:
             unconditioned = None
@@ -273,9 +280,12 @@ class ICAController:
     def _weigh_step(self, model, indices: np.ndarray, step: int, unconditioned=None) -> None:
         """The one path from scores to weights: the step's scores, weighted over every process's examples, recorded."""
         scores = self.batch_scores(model, indices, unconditioned)
-        all_indices, all_scores, weights, mine = self.weigher(scores, indices, step, self.state)
-        self.recorder.step(step, all_indices, all_scores, weights, self.state.reference)
-        self._step_weights = dict(zip(indices.tolist(), weights[mine].tolist()))
+        units = [self._step_units.get(i, 1.0) for i in indices.tolist()]
+        result = self.weigher(scores, indices, step, self.state, units)
+        scale = loss_scale(result.weights, result.units, self.args.ica_loss_reduction)
+        logged_scale = scale if self.args.ica_loss_reduction == "weighted_mean" else None
+        self.recorder.step(step, result.indices, result.scores, result.weights, self.state.reference, logged_scale)
+        self._step_weights = dict(zip(indices.tolist(), (result.weights[result.mine] * scale).tolist()))
 
     # Checkpoints
     def fingerprint(self) -> dict[str, str]:

@@ -11,6 +11,9 @@ from ..scoring.options import FORMS, REDUCTIONS
 from ..scoring.rendering import DEMO_LAYOUTS
 from ..scoring.weighting import WEIGHTINGS
 
+#: How the weighted per-example losses of an optimizer step are reduced (`ica_loss_reduction`).
+LOSS_REDUCTIONS = ("token_mean", "weighted_mean")
+
 
 @dataclass
 class ICAArguments:
@@ -55,6 +58,12 @@ class ICAArguments:
             which cost a measured run most of its gain (docs/benchmarks.md).
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
+        ica_loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
+            how the weighted losses of an optimizer step (all its micro-batches and processes) are reduced.
+            `"token_mean"`: the trainer's own divisor, `sum_i w_i * nll_i / sum_i n_i` (n_i: example i's loss
+            tokens; a pair counts 1), so lower weights also take smaller steps. `"weighted_mean"`: `sum_i w_i * nll_i
+            / sum_i w_i * n_i`, which keeps the step size whatever the mean weight. Both equal the stock loss with
+            all weights 1. Under `"weighted_mean"` a step of one example trains on it unweighted.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
             R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each optimizer
             step scored at its start with the current parameters).
@@ -121,6 +130,11 @@ class ICAArguments:
         default=1, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
     )
     ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
+    ica_loss_reduction: str = field(
+        default="token_mean",
+        metadata={"help": "Divide the weighted loss by the step's tokens, or by its weighted tokens.",
+                  "choices": list(LOSS_REDUCTIONS)},
+    )  # fmt: skip
     ica_refresh: str = field(
         default="1", metadata={"help": "Number of scorings over training (1: before training), or 'online'."}
     )
@@ -175,6 +189,7 @@ class ICAArguments:
             ("ica_reduction", REDUCTIONS),
             ("ica_score_form", FORMS),
             ("ica_demo_layout", DEMO_LAYOUTS),
+            ("ica_loss_reduction", LOSS_REDUCTIONS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -284,6 +284,12 @@ class ICATrainerMixin:
                 "example on its own: `ica_weighting='holdout_quantile'` (against the holdout's own scores) or "
                 "'global_minmax' (against the range of the training set's scores)."
             )
+        if args.ica_loss_reduction == "weighted_mean" and step_batch == 1:
+            raise ValueError(
+                "`ica_loss_reduction='weighted_mean'` divides a step's weighted loss by its weights, so a step of a "
+                "single example (per_device_train_batch_size=1 x gradient_accumulation_steps=1 x 1 process) would "
+                "train unweighted. Raise `gradient_accumulation_steps`, or use `ica_loss_reduction='token_mean'`."
+            )
         if self._ica.online:
             reuse = self._reusable_rows() if self._forward_is_engine_forward(args) else None
             if reuse is None:
@@ -357,10 +363,18 @@ class ICATrainerMixin:
         """`Trainer.get_batch_samples`, which fetches every micro-batch of an optimizer step before the first one
         runs; the ICA weights of the whole step are computed here ([`ICAController.begin_step`])."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        micro_batches = [b[INDEX].cpu().numpy() for b in batch_samples if isinstance(b, dict) and INDEX in b]
-        self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps)
+        indexed = [b for b in batch_samples if isinstance(b, dict) and INDEX in b]
+        micro_batches = [b[INDEX].cpu().numpy() for b in indexed]
+        units = [self._loss_units(b) for b in indexed]
+        self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps, units)
         self._log_ica_records()
         return batch_samples, num_items_in_batch
+
+    def _loss_units(self, batch: dict) -> np.ndarray:
+        """What each example of a collated micro-batch counts for in the trainer's loss divisor (one entry per
+        `ica_index`): 1 per pair here; SFT counts loss tokens. `ica_loss_reduction="weighted_mean"` divides by the
+        weighted sum of these."""
+        return np.ones(len(batch[INDEX]))
 
     def training_step(self, *args, **kwargs):
         if self._ica.step_begun != self.state.global_step:
@@ -371,14 +385,17 @@ class ICATrainerMixin:
             )
         return super().training_step(*args, **kwargs)
 
-    def _ica_weights(self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None) -> torch.Tensor:
+    def _ica_weights(
+        self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None, units=None
+    ) -> torch.Tensor:
         """This micro-batch's weights as a tensor on `like`'s device (`like`'s dtype unless `dtype` is given): the
         one path from the controller's weights to the tensor the loss is multiplied by, in every trainer.
 
         `training_sums()` gives log p(y | x) summed per example `(B,)` or per pair `(B, 2)` off the training forward;
-        the controller calls it only under its online `"forward"` strategy (see [`ICAController`])."""
+        the controller calls it only under its online `"forward"` strategy (see [`ICAController`]). `units` are the
+        micro-batch's [`_loss_units`], used when it is a step of its own (a `compute_loss` outside `train()`)."""
         weights = self._ica.micro_batch_weights(
-            self.model, index, self.state.global_step, self.state.max_steps, training_sums
+            self.model, index, self.state.global_step, self.state.max_steps, training_sums, units
         )
         self._log_ica_records()
         return torch.as_tensor(weights, dtype=dtype or like.dtype, device=like.device)

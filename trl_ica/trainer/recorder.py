@@ -95,12 +95,15 @@ class RunRecorder:
             ]
             _write_lines(self._path(f"holdout-{k}.jsonl"), records)
 
-    def step(self, step: int, indices, scores: np.ndarray, weights: np.ndarray, reference=None) -> None:
+    def step(self, step: int, indices, scores, weights, reference=None, loss_scale: float | None = None) -> None:
         """The weights of one optimizer step (every process's examples): a line per example in `weights.jsonl`,
-        the step's metrics and its share of the next histograms."""
+        the step's metrics and its share of the next histograms. `loss_scale` (`ica_loss_reduction="weighted_mean"`) is
+        logged as `ica/loss_scale`; the weights written are the scheme's, before it."""
         metrics = step_metrics(scores, weights)
         if reference is not None:
             metrics["ica/holdout_score_median"] = float(np.median(reference))
+        if loss_scale is not None:
+            metrics["ica/loss_scale"] = loss_scale
         self._metrics.append(metrics)
         if not self.is_main:
             return

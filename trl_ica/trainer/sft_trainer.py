@@ -105,12 +105,33 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         # position 0 is never predicted (the loss reads shifted labels), whatever its label says
         return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100 and i > 0])]
 
+    def _loss_units(self, batch):
+        """Each example's loss tokens: the positions whose label is not -100, after the shift (position 0 is never
+        predicted), per row or (padding-free, packed) per sequence of `seq_idx`."""
+        if "labels" not in batch:
+            if self.args.ica_loss_reduction == "weighted_mean":
+                raise ValueError(
+                    "`ica_loss_reduction='weighted_mean'` counts each example's loss tokens from the batch's "
+                    f"`labels`, which this collator does not produce (keys {sorted(batch)})."
+                )
+            return np.ones(len(batch[INDEX]))
+        predicted = batch["labels"][:, 1:] != -100
+        seq_idx = seams.packed_sequence_index(batch)
+        if seq_idx is None:
+            return predicted.sum(1).cpu().numpy()
+        owner = seq_idx[:, 1:][predicted].long().cpu().numpy()
+        return np.bincount(owner, minlength=len(batch[INDEX]))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        index = inputs.pop(INDEX, None)
+        index = inputs.get(INDEX)
         if index is None or not self.model.training:
+            inputs.pop(INDEX, None)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        units = self._loss_units(inputs)
+        inputs.pop(INDEX)
         fired = []
-        with self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired):
+        hook = self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired, units)
+        with hook:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not fired or not loss_reaches(loss, fired[-1]):
@@ -121,7 +142,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         return result
 
     @contextlib.contextmanager
-    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list):
+    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list, units=None):
         """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them;
         `fired` gets an entry when it did."""
 
@@ -131,7 +152,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
                 return None
             # Row of each position: the batch row, or (padding-free) the packed sequence the position belongs to
             owner = seq_idx[:, 1:].long() if seq_idx is not None else None
-            w = self._ica_weights(index, log_probs, lambda: _row_sums(log_probs.detach(), owner, len(index)))
+            sums = lambda: _row_sums(log_probs.detach(), owner, len(index))  # noqa: E731
+            w = self._ica_weights(index, log_probs, sums, units=units)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
             fired.append(output.log_probs)
             return output

@@ -17,11 +17,11 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "ica_state.npz"
 #: The `ica_*` fields besides the score's own ([`ICAScoringOptions.record`]) that saved state depends on: how scores
-#: become weights and when scoring happens. The others (the scoring budget, where given scores came from, the preset
-#: the settings were filled from) change no saved number.
+#: become weights and enter the loss, and when scoring happens. The others (the scoring budget, where given scores
+#: came from, the preset the settings were filled from) change no saved number.
 STATE_FIELDS = (
     "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
-    "ica_max_length",
+    "ica_max_length", "ica_loss_reduction",
 )  # fmt: skip
 NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 from accelerate import PartialState
@@ -12,6 +13,27 @@ from ..scoring.distributed import num_processes
 from ..scoring.weighting import BATCH_WEIGHTINGS, compute_weights
 
 logger = logging.getLogger(__name__)
+
+
+class StepWeights(NamedTuple):
+    """The weights of one optimizer step, over every process's examples."""
+
+    indices: np.ndarray  # `ica_index` of each example, process by process
+    scores: np.ndarray
+    units: np.ndarray  # loss units: an example's loss tokens, or 1 per pair
+    weights: np.ndarray
+    mine: slice  # this process's examples
+
+
+def loss_scale(weights: np.ndarray, units: np.ndarray, reduction: str) -> float:
+    """The factor a step's weights are multiplied by in the loss (`ica_loss_reduction`): 1 under `"token_mean"`;
+    under `"weighted_mean"`, `sum_i n_i / sum_i w_i * n_i` over the step's examples, which turns the trainer's
+    `sum_i w_i * nll_i / sum_i n_i` into `sum_i w_i * nll_i / sum_i w_i * n_i`. Exactly 1 when every weight is 1
+    (the same integers summed); 1 when every weight is 0 (the loss is 0 either way)."""
+    if reduction == "token_mean":
+        return 1.0
+    weighted = float(np.dot(weights, units))
+    return float(np.sum(units)) / weighted if weighted > 0 else 1.0
 
 
 class StepWeigher:
@@ -30,17 +52,18 @@ class StepWeigher:
         self.cutoff = args.ica_holdout_cutoff
         self._warned_single = False
 
-    def __call__(self, scores, indices, step: int, state) -> tuple[np.ndarray, np.ndarray, np.ndarray, slice]:
-        """Returns (every process's indices, their scores, their weights, this process's slice of them). `state`
-        ([`ICAState`]) gives the score range (`global_minmax`) and the holdout's scores (`holdout_quantile`)."""
+    def __call__(self, scores, indices, step: int, state, units=None) -> StepWeights:
+        """The weights of this process's examples `indices` and every other process's. `state` ([`ICAState`])
+        gives the score range (`global_minmax`) and the holdout's scores (`holdout_quantile`); `units` are the
+        examples' loss units (default 1 each), gathered with them for [`loss_scale`]."""
         scores, indices = np.asarray(scores, dtype=np.float64), np.asarray(indices)
-        all_scores, all_indices, mine = scores, indices, slice(None)
+        units = np.ones(len(indices)) if units is None else np.asarray(units, dtype=np.float64)
+        all_scores, all_indices, all_units, mine = scores, indices, units, slice(None)
         if num_processes() > 1:
-            parts = gather_object([(indices, scores)])
+            parts = gather_object([(indices, scores, units)])
             start = sum(len(p[0]) for p in parts[: PartialState().process_index])
             mine = slice(start, start + len(indices))
-            all_indices = np.concatenate([p[0] for p in parts])
-            all_scores = np.concatenate([p[1] for p in parts])
+            all_indices, all_scores, all_units = (np.concatenate([p[k] for p in parts]) for k in range(3))
         scheme = self.scheme
         if scheme in BATCH_WEIGHTINGS and len(all_scores) == 1:
             # One example alone has no batch to be compared with: weight it against every score so far instead.
@@ -63,4 +86,4 @@ class StepWeigher:
             cutoff=self.cutoff,
             where=f"training examples (ica_index) {all_indices.tolist()}, rows",
         )
-        return all_indices, all_scores, weights, mine
+        return StepWeights(all_indices, all_scores, all_units, weights, mine)
