@@ -1,5 +1,7 @@
-"""Every script in `scripts/` starts: `--help` imports it and everything it imports (other scripts included) and
-parses its arguments, so a function removed from one module cannot leave a benchmark that no longer runs."""
+"""Every script in `scripts/` and every benchmark module in `benchmarks/` starts: `--help` imports it and everything
+it imports and parses its arguments, so a function removed from one module cannot leave a benchmark that no longer
+runs. Every experiment file is valid against its results file, and docs/benchmarks.md holds the tables the kept
+results give."""
 
 import glob
 import os
@@ -8,17 +10,72 @@ import sys
 
 import pytest
 
-SCRIPTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "scripts", "*.py")))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+BENCHMARKS = sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")) if not p.endswith("__.py")
+)
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "experiments", "*", "*.json")))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
-def test_every_script_is_listed():
-    assert len(SCRIPTS) >= 15 and any(path.endswith("bench_preference.py") for path in SCRIPTS)
+def test_everything_is_listed():
+    assert len(SCRIPTS) >= 5 and len(BENCHMARKS) >= 15 and "label_noise" in BENCHMARKS and "report" in BENCHMARKS
+    assert len(EXPERIMENTS) >= 3
+
+
+def test_benchmarks_import_each_other_as_a_package():
+    """No `sys.path` chains and nothing from tests/: a benchmark imports `benchmarks.common` or another benchmark."""
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.py"), recursive=True):
+        source = open(path).read()
+        assert "sys.path" not in source and "from reference import" not in source, path
 
 
 @pytest.mark.slow  # about 6 s a script (importing torch and transformers): run once, on the lowest versions
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_script_starts(script):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "usage" in done.stdout.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_starts(name):
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "usage" in done.stdout.lower()
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_experiment_files_match_their_results(path, monkeypatch):
+    """Each experiment loads (known keys and methods) and its results file, if any, was made with its settings."""
+    import json
+
+    from benchmarks.run import load_experiment
+
+    monkeypatch.chdir(ROOT)
+    experiment = load_experiment(path)
+    results = os.path.join(ROOT, experiment["results"])
+    if os.path.isfile(results):
+        assert json.load(open(results))["settings"] == experiment["settings"]
+
+
+def test_experiment_files_are_checked(tmp_path):
+    from benchmarks.run import load_experiment
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": ["uniform", "nope"], "seeds": [0], '
+                   '"results": "x.json"}')  # fmt: skip
+    with pytest.raises(SystemExit, match=r"methods \['nope'\]"):
+        load_experiment(str(bad))
+    bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "result": "x.json"}')
+    with pytest.raises(SystemExit, match=r"missing keys \['results'\], unknown keys \['result'\]"):
+        load_experiment(str(bad))
+
+
+def test_docs_hold_the_tables_of_the_kept_results(monkeypatch):
+    from benchmarks import report
+
+    assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"

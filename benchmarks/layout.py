@@ -17,7 +17,7 @@ per token and the conditioned form per token. Pools (SmolLM2-135M-Instruct, k = 
 - `gsm8k`: noisy GSM8K, clean vs corrupted (wrong final number, another problem's solution, truncated);
 - `pairs`: GSM8K preference pairs, correct vs flipped.
 
-    python scripts/bench_layout.py [--scenarios ...] [--seeds 0] [--results docs/layout_results.json]
+    python -m benchmarks.layout [--scenarios ...] [--seeds 0] [--results benchmarks/results/layout.json]
 
 Every finished (scenario, variant, seed) is kept in the JSON file (written whole) and skipped when run again; the
 file records the pool sizes and the model, and a run with others is refused.
@@ -26,7 +26,6 @@ file records the pool sizes and the model, and a run with others is refused.
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -35,13 +34,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_label_noise import make_data  # noqa: E402
-
-from trl_ica.cli.assets import DEFAULT_MODEL, load_model  # noqa: E402
-from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture  # noqa: E402
-from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scoring.ica import score_ica  # noqa: E402
+from benchmarks.common.data import reasoning_gym_mixture
+from benchmarks.label_noise import make_data
+from trl_ica.cli.assets import DEFAULT_MODEL, load_model
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs
+from trl_ica.data_io import write_json
+from trl_ica.scoring.ica import score_ica
 
 warnings.filterwarnings("ignore")
 SCENARIOS = ("label_noise", "label_noise_shuffled", "mixture", "gsm8k", "pairs")

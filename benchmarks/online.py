@@ -11,7 +11,7 @@ r = 16 on all linear layers: every micro-batch's forward and backward, no optimi
 
 Every time is the median of `--repeats` steps after one warm-up, all measured in one run.
 
-    python scripts/bench_online.py [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed knn]
+    python -m benchmarks.online [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed knn]
         [--forms difference conditioned] [--strategies forward engine]
 """
 
@@ -23,10 +23,11 @@ import warnings
 
 import numpy as np
 import torch
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.common.evaluation import median_step
+from benchmarks.common.models import lora as recipe_lora
 from trl_ica import ICASFTConfig, ICASFTTrainer
 from trl_ica.cli.assets import default_model_path
 from trl_ica.cli.scenarios import noisy_gsm8k
@@ -38,22 +39,6 @@ warnings.filterwarnings("ignore")
 def micro_batches(trainer, batch_size, accumulation):
     rows = [trainer.train_dataset[i] for i in range(batch_size * accumulation)]
     return [trainer.data_collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-
-def median_step(trainer, batches, repeats):
-    """One optimizer step's micro-batches through the trainer's own `get_batch_samples` and `training_step`."""
-    model = trainer.model
-    model.train()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        samples, num_items = trainer.get_batch_samples(iter([dict(b) for b in batches]), len(batches), model.device)
-        trainer.current_gradient_accumulation_steps = len(samples)
-        for inputs in samples:
-            trainer.training_step(model, inputs, num_items)
-        times.append(time.perf_counter() - start)
-        model.zero_grad()
-    return statistics.median(times[1:])
 
 
 def median_conditioned_pass(trainer, indices, repeats):
@@ -90,7 +75,7 @@ def main():
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
         gradient_checkpointing=False, max_steps=1, disable_tqdm=True,
     )  # fmt: skip
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = recipe_lora()
 
     def model():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

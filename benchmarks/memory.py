@@ -8,7 +8,7 @@ just before scoring began, against the token budget. Each process runs with `MAL
 glibc returns every freed buffer of 128 KB or more to the system at once: otherwise RSS keeps memory the process has
 freed (the scoring's, for instance) and measures the allocator rather than what is alive.
 
-    python scripts/bench_memory.py [--n 64] [--steps 4] [--results docs/memory_results.json]
+    python -m benchmarks.memory [--n 64] [--steps 4] [--results benchmarks/results/memory.json]
 
 Each run's result is kept in the JSON file (written whole) and skipped when run again; the file records its settings
 and refuses a run with other ones.
@@ -24,6 +24,8 @@ import threading
 import time
 import warnings
 
+from benchmarks.common.models import lora as recipe_lora
+
 warnings.filterwarnings("ignore")
 RUNS = ("stock", "ica_once", "ica_online")
 
@@ -35,7 +37,6 @@ def rss() -> int:
 
 def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
     import torch
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     import trl_ica.scoring.demonstrations as demonstrations
@@ -75,7 +76,7 @@ def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n, n_holdout, 8, seed=0)
     train = train.remove_columns("corruption")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = recipe_lora(dropout=0.05)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-memory-"), max_steps=steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=4,
@@ -115,13 +116,12 @@ def main():
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--n-holdout", type=int, default=24)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--results", default="docs/memory_results.json")
+    parser.add_argument("--results", default="benchmarks/results/memory.json")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], args.n, args.n_holdout, args.steps, args.worker[1])
-    from bench_quality import check_settings
-
+    from benchmarks.common.results import check_settings
     from trl_ica.data_io import write_json
 
     settings = {"n": args.n, "n_holdout": args.n_holdout, "steps": args.steps, "malloc_mmap_threshold": 131072}

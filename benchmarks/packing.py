@@ -8,7 +8,7 @@ train in this one process, one after the other, so their ratios compare like wit
 seconds of each optimizer step after the first (the first also holds ICA's one scoring, reported apart as the first
 step's excess), the training tokens per step and tokens per second.
 
-    python scripts/bench_packing.py [--n 96] [--steps 3] [--accumulation 1] [--results docs/packing_results.json]
+    python -m benchmarks.packing [--n 96] [--steps 3] [--accumulation 1] [--results benchmarks/results/packing.json]
 
 Each run's result is kept in the JSON file (written whole) and skipped when run again; the file records its settings
 and refuses a run with other ones.
@@ -17,20 +17,19 @@ and refuses a run with other ones.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
 
+from benchmarks.common.models import lora as recipe_lora
+
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("stock_packed", "ica_packed", "ica_unpacked")
 
 
 def run(kind: str, n: int, n_holdout: int, steps: int, accumulation: int) -> dict:
     import numpy as np
     import torch
-    from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -43,7 +42,7 @@ def run(kind: str, n: int, n_holdout: int, steps: int, accumulation: int) -> dic
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n, n_holdout, 8, seed=0)
     train = train.remove_columns("corruption")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = recipe_lora(dropout=0.05)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-packing-"), max_steps=steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=accumulation, max_length=1024, learning_rate=1e-4, report_to="none",
@@ -88,12 +87,11 @@ def main():
     parser.add_argument("--n-holdout", type=int, default=24)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--results", default="docs/packing_results.json")
+    parser.add_argument("--results", default="benchmarks/results/packing.json")
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("`--steps` must be at least 2: the first step holds the scoring and is reported apart.")
-    from bench_quality import check_settings
-
+    from benchmarks.common.results import check_settings
     from trl_ica.data_io import write_json
 
     settings = {"n": args.n, "n_holdout": args.n_holdout, "steps": args.steps, "accumulation": args.accumulation}

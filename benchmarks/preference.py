@@ -7,7 +7,7 @@ one epoch with ICA scoring once before training (R = 1) against the stock epoch,
 floor (stock step + one no-grad forward of the batch). Step times are medians of `--repeats` steps on one batch,
 all measured in one run.
 
-    python scripts/bench_preference.py [--n-pairs 48] [--flip 0.4] [--batch-size 4] [--repeats 3]
+    python -m benchmarks.preference [--n-pairs 48] [--flip 0.4] [--batch-size 4] [--repeats 3]
 """
 
 import argparse
@@ -17,11 +17,11 @@ import warnings
 
 import numpy as np
 import torch
-from bench_online import median_step
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
+from benchmarks.common.evaluation import median_step
+from benchmarks.common.models import lora as recipe_lora
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
 from trl_ica.cli.assets import default_model_path
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k_pairs
@@ -113,7 +113,7 @@ def cost(path, tokenizer, args):
         max_length=1024,
         disable_tqdm=True,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = recipe_lora()
     kinds = {
         "dpo": (DPOTrainer, DPOConfig, ICADPOTrainer, ICADPOConfig, dict(beta=0.5)),
         "simpo": (CPOTrainer, CPOConfig, ICACPOTrainer, ICASimPOConfig, dict(loss_type="simpo", cpo_alpha=0.0)),

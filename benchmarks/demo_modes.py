@@ -1,6 +1,6 @@
 """kNN demonstration modes that create prefix sharing: does the ranking they give stay that of exact kNN?
 
-For each labelled pool of `scripts/bench_layout.py` (SmolLM2-135M-Instruct, k = 3, the default in-turn layout and
+For each labelled pool of `benchmarks/layout.py` (SmolLM2-135M-Instruct, k = 3, the default in-turn layout and
 closing token), every row is scored with each way of choosing its demonstrations:
 - `knn`: the k nearest holdout questions, most similar first (the paper's);
 - `knn_canonical`: the same k in one order shared by every row (the holdout rows most often among the nearest
@@ -12,7 +12,7 @@ closing token), every row is scored with each way of choosing its demonstrations
 Reported per pool and mode: the AUROC of the paper's score (difference, sum) and of the conditioned form per token,
 the distinct demonstration lists, and the tokens the prefix tree runs as a share of the naive computation's.
 
-    python scripts/bench_demo_modes.py [--scenarios ...] [--seeds 0] [--results docs/demo_modes_results.json]
+    python -m benchmarks.demo_modes [--scenarios ...] [--seeds 0] [--results benchmarks/results/demo_modes.json]
 
 Every finished (scenario, mode, seed) is kept in the JSON file (written whole) and skipped when run again; the file
 records the pool size and the model, and a run with others is refused.
@@ -21,21 +21,18 @@ records the pool size and the model, and a run with others is refused.
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_layout import SCENARIOS, per_token, pool  # noqa: E402
-
-from trl_ica.cli.assets import DEFAULT_MODEL, load_model  # noqa: E402
-from trl_ica.cli.scenarios import auroc  # noqa: E402
-from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scoring.ica import prepare_ica, score_with  # noqa: E402
-from trl_ica.scoring.planner import token_counts  # noqa: E402
+from benchmarks.layout import SCENARIOS, per_token, pool
+from trl_ica.cli.assets import DEFAULT_MODEL, load_model
+from trl_ica.cli.scenarios import auroc
+from trl_ica.data_io import write_json
+from trl_ica.scoring.ica import prepare_ica, score_with
+from trl_ica.scoring.planner import token_counts
 
 warnings.filterwarnings("ignore")
 MODES = ("knn", "knn_canonical", "knn_grouped", "fixed")

@@ -6,7 +6,7 @@ answers, for the untrained model, after stock SFT on clean rows, and after stock
 costs little more than a forward. A task is worth benchmarking only if clean training raises accuracy clearly and
 noise costs a clear part of that.
 
-    python scripts/bench_task_pilot.py --task basic_arithmetic --steps 40 [--results docs/task_pilot.json]
+    python -m benchmarks.task_pilot --task basic_arithmetic --steps 40 [--results benchmarks/results/task_pilot.json]
 
 Each finished (task, settings) result is kept in the JSON file, written whole, and skipped when run again.
 """
@@ -15,25 +15,20 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_quality import answers, test_loss  # noqa: E402
-
-from trl_ica.cli.assets import load_model  # noqa: E402
-from trl_ica.cli.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # noqa: E402  (small numbers: short answers)
-from trl_ica.data_io import write_json  # noqa: E402
+from benchmarks.common.evaluation import evaluate
+from benchmarks.common.models import top_layer_lora, training_settings
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # small numbers: short answers
+from trl_ica.data_io import write_json
 
 warnings.filterwarnings("ignore")
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def chat(question, answer):
@@ -64,30 +59,6 @@ def make_data(task, n_train, n_test, noise, seed, noise_kind="other_row"):
     test = Dataset.from_list([{**chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
     checker = reasoning_gym.create_dataset(task, size=1, seed=0, **config)
     return Dataset.from_list(clean), Dataset.from_list(noisy), test, checker
-
-
-def evaluate(model, tokenizer, test, checker):
-    loss = test_loss(model, tokenizer, test)
-    generated = answers(model, tokenizer, test, 16)
-    scores = [checker.score_answer(g.strip(), json.loads(e)) for g, e in zip(generated, test["entry"])]
-    return loss, float(np.mean([s == 1.0 for s in scores]))
-
-
-def top_layer_lora(model, top_layers: int) -> LoraConfig:
-    """LoRA r = 16 on every linear layer of the top `top_layers` decoder layers (a step costs little more than a
-    forward: no gradient flows below them)."""
-    layers = model.config.num_hidden_layers
-    return LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(layers - top_layers, layers)))  # fmt: skip
-
-
-def training_settings(out, args, seed) -> dict:
-    """The SFT settings every pilot and benchmark run shares: constant lr, fp32 on the CPU, nothing saved."""
-    return dict(
-        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, seed=seed,
-        learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
-    )  # fmt: skip
 
 
 def train(rows, args):

@@ -15,8 +15,8 @@ Scenarios, each over several seeds (a seed draws the data split and initialises 
   Measured: preference accuracy on clean test pairs (DPO: implicit reward margin against the base model; SimPO:
   mean log-probability margin).
 
-    python scripts/bench_quality.py [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs] \
-        [--methods ...] [--results docs/quality_results.json] [--plot-suffix _96]
+    python -m benchmarks.quality [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs] \
+        [--methods ...] [--results benchmarks/results/quality.json] [--plot-suffix _96]
 
 Prints a markdown table per scenario (mean and standard deviation over seeds, the paired difference from the
 stock run of the same seed and, where the oracle ran, the share of the stock-to-oracle gap recovered) and writes
@@ -26,7 +26,6 @@ data and training settings; a run with other settings is refused (use another fi
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -34,20 +33,20 @@ import warnings
 
 import numpy as np
 import torch
-from peft import LoraConfig
 
-from trl_ica.cli.assets import gsm8k_final_answer, load_model
-from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs, reasoning_gym_mixture
-from trl_ica.data_io import write_json
+from benchmarks.common.data import reasoning_gym_mixture
+from benchmarks.common.evaluation import gsm8k_accuracy, reasoning_gym_accuracy, test_loss
+from benchmarks.common.models import lora
+from benchmarks.common.results import Results
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import score_ica
 from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import select_top
-from trl_ica.selection.whisperer import final_number
 
 warnings.filterwarnings("ignore")
-LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 SFT_METHODS = (
     "uniform", "ica", "ica_online", "ica_conditioned", "random_weights", "top_half_ica", "top_half_conditioned",
     "top_half_loss",
@@ -99,108 +98,16 @@ def train_sft(method, train, holdout, scores, seed, args):
             variant = CONDITIONED if method == "ica_conditioned" else {}
             config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1), **variant)
             trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
-                                    holdout_dataset=holdout, peft_config=LoraConfig(**LORA))  # fmt: skip
+                                    holdout_dataset=holdout, peft_config=lora())  # fmt: skip
             if method == "random_weights":  # control: the same batch min-max weighting of scores that carry no signal
                 trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
         else:
             if method.startswith("top_half"):  # equal budget: the same steps over half the rows
                 train = train.select(select_top(scores[method.split("_")[-1]], 0.5))
             trainer = SFTTrainer(model, args=SFTConfig(**settings), train_dataset=train, processing_class=tokenizer,
-                                 peft_config=LoraConfig(**LORA))  # fmt: skip
+                                 peft_config=lora())  # fmt: skip
         trainer.train()
     return trainer.model.eval(), tokenizer
-
-
-def test_loss(model, tokenizer, test):
-    requests = [
-        Renderer(tokenizer).unconditioned(e) for e in read_dataset(test.select_columns(["prompt", "completion"]))
-    ]
-    out = score_requests(model, requests, show_progress=False, distributed="local")
-    return float(-out.sums.sum() / out.counts.sum())
-
-
-@torch.no_grad()
-def answers(model, tokenizer, test, max_new_tokens):
-    """Greedy answers to the test prompts, batched with left padding (a LoRA adapter is merged first: the weights
-    are read once per decoding step, so merged weights and large batches are what make CPU decoding cheap)."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in test["prompt"]]
-    out = []
-    for start in range(0, len(texts), 32):
-        batch = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def gsm8k_accuracy(model, tokenizer, test):
-    generated = answers(model, tokenizer, test, 256)
-    truth = [gsm8k_final_answer(c[-1]["content"]) for c in test["completion"]]
-    found = [final_number(g) for g in generated]
-    return float(np.mean([f is not None and f == final_number(t) for f, t in zip(found, truth)]))
-
-
-def reasoning_gym_accuracy(model, tokenizer, test):
-    import reasoning_gym
-
-    generated = answers(model, tokenizer, test, 32)
-    correct = []
-    for text, task, entry in zip(generated, test["task"], test["entry"]):
-        checker = reasoning_gym.create_dataset(task, size=1, seed=0)
-        number = final_number(text)
-        correct.append(checker.score_answer(str(number) if number is not None else text.strip(), json.loads(entry)))
-    return float(np.mean(correct))
-
-
-def check_settings(results: dict, settings: dict, path: str) -> None:
-    """Record `settings` in a benchmark's `results`, or refuse (naming what differs) a file whose runs were made with
-    other settings, or with none recorded: a resumed run must not mix them."""
-    kept = results.get("settings") or {}
-    if results and kept != settings:
-        changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
-        raise SystemExit(f"{path} holds runs with other settings (file, asked): {changed}; use another file.")
-    results["settings"] = settings
-
-
-class Results:
-    """Per-seed results kept in a JSON file, so an interrupted or extended run resumes where it stopped:
-    `{scenario: {method: {metric: {seed: value}}}}`, with the wall time of every run under `"seconds"` and the
-    data and training settings under `"settings"`. A file that holds runs with other settings is refused."""
-
-    def __init__(self, path, settings):
-        self.path = path
-        self.data = {}
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                self.data = json.load(f)
-        check_settings(self.data, settings, path)
-
-    def has(self, scenario, method, seed):
-        return any(str(seed) in v for v in self.data.get(scenario, {}).get(method, {}).values())
-
-    def add(self, scenario, method, seed, seconds=None, **metrics):
-        for metric, value in metrics.items():
-            self.data.setdefault(scenario, {}).setdefault(method, {}).setdefault(metric, {})[str(seed)] = value
-        if seconds is not None:
-            self.data.setdefault("seconds", {}).setdefault(scenario, {}).setdefault(method, {})[str(seed)] = seconds
-        if self.path:
-            write_json(self.data, self.path)
-
-    def table(self, scenario, seeds):
-        """`{method: {metric: [value per seed]}}` over those of `seeds` each method has run on."""
-        out = {}
-        order = [*SFT_METHODS, *PREF_METHODS]  # the script's order, whatever order the runs were made in
-        runs = self.data.get(scenario, {})
-        for method in sorted(runs, key=lambda m: order.index(m) if m in order else len(order)):
-            metrics = runs[method]
-            done = [s for s in seeds if all(str(s) in v for v in metrics.values())]
-            if done:
-                out[method] = {m: [v[str(s)] for s in done] for m, v in metrics.items()}
-        return out
 
 
 BEFORE = "before training"
@@ -310,7 +217,7 @@ def run_pref(args, results):
                 simpo = "simpo" in method
                 stock = method in ("dpo", "simpo", "dpo_oracle", "simpo_oracle")
                 rows = clean if method.endswith("_oracle") else train  # the oracle: the unflipped pairs only
-                kw = dict(train_dataset=rows, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+                kw = dict(train_dataset=rows, processing_class=tokenizer, peft_config=lora())
                 if stock and not simpo:
                     trainer = DPOTrainer(model, args=DPOConfig(**settings, beta=0.5), **kw)
                 elif stock:
@@ -443,7 +350,7 @@ def main():
     parser.add_argument("--no-parts", dest="parts", action="store_false", help="Skip the score-parts analysis.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = Results(args.results, {k: getattr(args, k) for k in SETTING_KEYS})
+    results = Results(args.results, {k: getattr(args, k) for k in SETTING_KEYS}, [*SFT_METHODS, *PREF_METHODS])
     if "sft" in args.scenarios:
         run_sft_like(
             "sft",

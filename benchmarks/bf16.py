@@ -7,7 +7,7 @@ score settings (the recipes' conditioned form per token, and the paper's summed 
 Spearman's rank correlation with the float32 scores, the largest score gap, the AUROC of clean against corrupted
 rows, and the wall time.
 
-    python scripts/bench_bf16.py [--n 96] [--results docs/bf16_results.json]
+    python -m benchmarks.bf16 [--n 96] [--results benchmarks/results/bf16.json]
 
 Each (setting, precision) result is kept in the JSON file (written whole) and skipped when run again; the file
 records its settings and refuses a run with other ones.
@@ -21,8 +21,8 @@ import warnings
 
 import numpy as np
 import torch
-from bench_quality import check_settings
 
+from benchmarks.common.results import check_settings
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
 from trl_ica.data_io import write_json
@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--n-holdout", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", default="docs/bf16_results.json")
+    parser.add_argument("--results", default="benchmarks/results/bf16.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}

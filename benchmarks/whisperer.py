@@ -5,25 +5,21 @@ returning every layer's attention matrix; tests/reference.py), on the same promp
 Both draw the same prompts, so scores must agree up to floating-point rounding; the script reports the largest
 difference, the speed-up and how often the generations differ.
 
-    python scripts/bench_whisperer.py [--n 24] [--num-demos 5] [--num-queries 3] [--metrics exact_match log_likelihood]
+    python -m benchmarks.whisperer [--n 24] [--num-demos 5] [--num-queries 3] [--metrics exact_match log_likelihood]
 """
 
 import argparse
-import os
-import sys
 import time
 import warnings
 
 import numpy as np
 import torch
 
+from benchmarks.common.reference import naive_whisperer
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.selection.whisperer import Metric, WhispererConfig, build_prompts, split_answers, whisperer_scores
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from reference import naive_whisperer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -8,7 +8,7 @@ Two pools, one AUROC per method (larger score = selected):
 
 RHO-Loss's reference model is SmolLM2 fine-tuned with LoRA on the holdout (SFTTrainer, merged).
 
-    python scripts/bench_selection.py [--scenarios gsm8k mixture] [--n 40] [--seed 0]
+    python -m benchmarks.selection [--scenarios gsm8k mixture] [--n 40] [--seed 0]
 """
 
 import argparse
@@ -18,12 +18,13 @@ import warnings
 
 import numpy as np
 import torch
-from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.common.data import reasoning_gym_mixture
+from benchmarks.common.models import lora as recipe_lora
 from trl_ica import score_ica
 from trl_ica.cli.assets import load_model
-from trl_ica.cli.scenarios import auroc, noisy_gsm8k, reasoning_gym_mixture
+from trl_ica.cli.scenarios import auroc, noisy_gsm8k
 from trl_ica.selection.baselines import score_dataset
 from trl_ica.selection.whisperer import WhispererConfig, whisperer_scores
 
@@ -38,7 +39,7 @@ def reference_model(holdout, epochs):
             output_dir=out, per_device_train_batch_size=4, num_train_epochs=epochs, learning_rate=2e-4,
             bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=100,
         )  # fmt: skip
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        lora = recipe_lora()
         trainer = SFTTrainer(model=model, args=args, train_dataset=holdout, peft_config=lora)
         trainer.train()
         return trainer.model.merge_and_unload().eval()

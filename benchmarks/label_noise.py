@@ -25,7 +25,10 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   list per group of rows: `ica_demo_selection="knn"` / `"knn_grouped"`) instead of fixed ones;
 - `ica_quantile_r4`, `ica_quantile_online`: `ica_conditioned_quantile` rescored by the trainer during training with
   the current model, four times (`ica_refresh=4`) or at every step (`"online"`, the holdout's own scores every 10
-  steps; `ica_quantile_online_fresh`: every step) instead of once before training.
+  steps; `ica_quantile_online_fresh`: every step) instead of once before training;
+- `ica_turns_quantile_wmean`, `ica_conditioned_quantile_wmean`, `random_weights_wmean`: those runs with
+  `ica_loss_reduction="weighted_mean"`, the weighted loss divided by the step's weighted tokens rather than its
+  tokens, so the step size does not shrink with the mean weight.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`); the scores are
 kept in the results file, so a method added later trains without scoring again. Reported: the
@@ -33,7 +36,7 @@ clean test loss (nats/token) and exact-match accuracy, and the share of the nois
 (uniform - method) / (uniform - oracle), per seed and of the means over seeds (the per-seed share is unstable when
 a seed's gap is near 0), with per-seed wins against uniform; the plot shows each seed's paired difference.
 
-    python scripts/bench_label_noise.py --seeds 0 1 2 [--results docs/label_noise_results.json]
+    python -m benchmarks.label_noise --seeds 0 1 2 [--results benchmarks/results/label_noise/other_task.json]
 
 Every finished (method, seed) run is kept in the JSON file (written whole) and skipped when run again; the file
 records the data and training settings, and a run with other settings is refused. `--keep-logs DIR` keeps every
@@ -45,7 +48,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -53,15 +55,16 @@ import warnings
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_quality import check_settings  # noqa: E402
-from bench_task_pilot import evaluate, top_layer_lora, training_settings  # noqa: E402
-
-from trl_ica.cli.assets import load_model  # noqa: E402
-from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, reasoning_gym_label_noise  # noqa: E402
-from trl_ica.data_io import write_json  # noqa: E402
-from trl_ica.scoring.ica import score_ica  # noqa: E402
-from trl_ica.selection.baselines import select_top  # noqa: E402
+from benchmarks.common.evaluation import evaluate
+from benchmarks.common.models import top_layer_lora, training_settings
+from benchmarks.common.results import check_settings
+from benchmarks.common.results import load as load_results
+from benchmarks.common.results import save as save_results
+from trl_ica.cli.assets import load_model
+from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, reasoning_gym_label_noise
+from trl_ica.data_io import write_json
+from trl_ica.scoring.ica import score_ica
+from trl_ica.selection.baselines import select_top
 
 warnings.filterwarnings("ignore")
 METHODS = (
@@ -85,6 +88,9 @@ METHODS = (
     "ica_quantile_r4",
     "ica_quantile_online",
     "ica_quantile_online_fresh",
+    "ica_turns_quantile_wmean",
+    "ica_conditioned_quantile_wmean",
+    "random_weights_wmean",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns")
@@ -97,6 +103,8 @@ SCORE_OF = {
     "top_conditioned": "conditioned", "top_ica": "paper", "top_loss": "loss", "top_turns": "turns_conditioned",
     "ica_turns_quantile": "turns_conditioned", "ica_turns_cutoff": "turns_conditioned", "ica_turns": "turns_paper",
     "ica_knn_quantile": "knn_conditioned", "ica_grouped_quantile": "grouped_conditioned",
+    "ica_turns_quantile_wmean": "turns_conditioned", "ica_conditioned_quantile_wmean": "conditioned",
+    "random_weights_wmean": "random",
 }  # fmt: skip
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
@@ -153,6 +161,10 @@ SETTINGS = {
     "ica_quantile_online_fresh": dict(QUANTILE, ica_refresh="online", ica_holdout_rescore_steps=1),
     "ica_knn_quantile": dict(QUANTILE, ica_demo_selection="knn"),
     "ica_grouped_quantile": dict(QUANTILE, ica_demo_selection="knn_grouped"),
+    # `*_wmean`: the same run with the weighted loss divided by the step's weighted tokens (`ica_loss_reduction`)
+    "ica_turns_quantile_wmean": dict(QUANTILE, ica_demo_layout="turns", ica_loss_reduction="weighted_mean"),
+    "ica_conditioned_quantile_wmean": dict(QUANTILE, ica_loss_reduction="weighted_mean"),
+    "random_weights_wmean": dict(ica_loss_reduction="weighted_mean"),
 }
 
 
@@ -200,37 +212,48 @@ SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_siz
                 "n_holdout", "n_test", "top_fraction")  # fmt: skip
 
 
-def report(results, methods):
-    results = {k: v for k, v in results.items() if k != "settings" and k != "scores"}
-    seeds = sorted({s for m in results.values() for s in m}, key=int)
-    both = [s for s in seeds if "uniform" in results and "oracle" in results and s in results["uniform"]
-            and s in results["oracle"]]  # fmt: skip
-    print(f"\n{len(both)} seeds with uniform and oracle: {both}")
-    print("| method | test loss | accuracy | share of the loss gap recovered: per seed / of the means | "
-          "seeds better than uniform (loss) |")  # fmt: skip
-    print("|---|---|---|---|---|")
+def table(results, methods, labels=None) -> list[str]:
+    """The results as markdown: per method, the clean test loss and accuracy (mean ± std over the seeds that have
+    uniform and oracle runs), the share of the noise gap it recovers per seed and of the means, and its wins over
+    uniform training; then the mean weights of the clean and noisy rows and the scores' AUROC. `labels` names the
+    methods (default: their keys)."""
+    labels = labels or {}
+    runs_of = {k: v for k, v in results.items() if k not in ("settings", "scores")}
+    seeds = sorted({s for m in runs_of.values() for s in m}, key=int)
+    both = [s for s in seeds if s in runs_of.get("uniform", {}) and s in runs_of.get("oracle", {})]
+    lines = [
+        "| method | seeds | clean test loss (nats/token) | accuracy | share of the noise gap recovered: per seed / of "
+        "the means | seeds better than uniform |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in methods:
-        runs = results.get(method, {})
+        runs = runs_of.get(method, {})
         done = [s for s in both if s in runs]
         if not done:
             continue
         loss = np.array([runs[s]["loss"] for s in done])
         acc = np.array([runs[s]["accuracy"] for s in done])
-        uniform = np.array([results["uniform"][s]["loss"] for s in done])
-        oracle = np.array([results["oracle"][s]["loss"] for s in done])
+        uniform = np.array([runs_of["uniform"][s]["loss"] for s in done])
+        oracle = np.array([runs_of["oracle"][s]["loss"] for s in done])
         share = (uniform - loss) / (uniform - oracle)
         pooled = (uniform.mean() - loss.mean()) / (uniform.mean() - oracle.mean())  # steady where a seed's gap is ~0
         wins = int((loss < uniform).sum())
-        print(f"| {method} | {loss.mean():.3f} ± {loss.std():.3f} | {acc.mean():.3f} ± {acc.std():.3f} | "
-              f"{share.mean():+.2f} ± {share.std():.2f} / {pooled:+.2f} | {wins} of {len(done)} |")  # fmt: skip
+        lines.append(f"| {labels.get(method, method)} | {len(done)} | {loss.mean():.3f} ± {loss.std():.3f} | "
+                     f"{acc.mean():.3f} ± {acc.std():.3f} | {share.mean():+.2f} ± {share.std():.2f} / {pooled:+.2f} "
+                     f"| {wins} of {len(done)} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"(Rebuilt by `python -m benchmarks.report`: mean ± standard deviation over each method's seeds "
+                 f"among {', '.join(both)}.)")  # fmt: skip
     for method in methods:
-        runs = [r for r in results.get(method, {}).values() if "weight_clean" in r]
+        runs = [r for r in runs_of.get(method, {}).values() if "weight_clean" in r]
         if runs:
             clean, noisy = np.mean([r["weight_clean"] for r in runs]), np.mean([r["weight_noisy"] for r in runs])
-            print(f"{method}: mean weight of the clean rows {clean:.3f}, the noisy {noisy:.3f} ({len(runs)} seeds)")
+            lines.append(f"- {labels.get(method, method)}: mean weight of the clean rows {clean:.3f}, of the noisy "
+                         f"{noisy:.3f} ({len(runs)} seeds)")  # fmt: skip
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
-        print(f"{key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
+        lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
+    return lines
 
 
 def trace(folder, weights, clean, title):
@@ -307,6 +330,72 @@ def plot(results, methods, path, title):
     print(f"\n![{title}]({os.path.basename(path)})")
 
 
+def title_of(settings) -> str:
+    """The plot's title for a run's settings."""
+    if settings["noise_kind"] == "mixture":
+        others = len(settings["noise_task"].split(","))
+        return f"{settings['task']}, {settings['noise']:.0%} of the pool rows of {others} other tasks"
+    return f"{settings['task']}, {settings['noise']:.0%} of the rows with {LABEL_NOISE_KINDS[settings['noise_kind']]}"
+
+
+def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict:
+    """Every (method, seed) run not yet in `results_path`, each written there as it finishes; returns the results.
+    `settings` holds the [`SETTING_KEYS`]; a results file made with other settings is refused."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or set(settings) != set(SETTING_KEYS):
+        raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)}: {sorted(settings)}.")
+    args = argparse.Namespace(**settings)
+    results = load_results(results_path)
+    check_settings(results, dict(settings), results_path)
+    for seed in seeds:
+        todo = [m for m in methods if str(seed) not in results.get(m, {})]
+        if not todo:
+            continue
+        rows, clean, holdout, test, checker = make_data(args, seed)
+        scores = pool_scores(results, {SCORE_OF[m] for m in todo if m in SCORE_OF}, rows, holdout, clean, seed)
+        for method in todo:
+            start = time.perf_counter()
+            if method == "oracle":
+                data = rows.select(np.flatnonzero(clean))
+            elif method in TOP:
+                keep = select_top(scores[SCORE_OF[method]], args.top_fraction)
+                data = rows.select(keep)
+                results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[keep].mean())
+            else:
+                data = rows
+            keep = os.path.join(keep_logs, f"{method}-seed{seed}") if keep_logs else None
+            model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
+            if keep and weights:
+                trace(keep, weights, clean, f"{method}, seed {seed}")
+            loss, accuracy = evaluate(model, tokenizer, test, checker)
+            seconds = time.perf_counter() - start
+            run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
+            if weights:  # the mean weight the clean and the noisy rows were trained with
+                index = np.array([w["ica_index"] for w in weights])
+                weight = np.array([w["weight"] for w in weights])
+                run.update(
+                    weight_clean=float(weight[clean[index]].mean()), weight_noisy=float(weight[~clean[index]].mean())
+                )
+            results.setdefault(method, {})[str(seed)] = run
+            save_results(results, results_path)
+            print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
+    return results
+
+
+def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> None:
+    """An experiment file's runs (its `methods` and `seeds` unless given), then its table and plot."""
+    methods = methods or experiment["methods"]
+    results = run(experiment["settings"], methods, seeds or experiment["seeds"], experiment["results"], keep_logs)
+    print("\n".join(table(results, experiment["methods"], experiment.get("labels"))))
+    if experiment.get("plot"):
+        plot(results, experiment["methods"], experiment["plot"], title_of(experiment["settings"]))
+
+
+def report_table(experiment: dict) -> list[str]:
+    """The markdown table of an experiment's kept results (for `python -m benchmarks.report`)."""
+    return table(load_results(experiment["results"]), experiment["methods"], experiment.get("labels"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="basic_arithmetic")
@@ -335,47 +424,11 @@ def main():
                         "against the holdout's scores.")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    results = json.load(open(args.results)) if args.results and os.path.isfile(args.results) else {}
-    check_settings(results, {k: getattr(args, k) for k in SETTING_KEYS}, args.results)
-    for seed in args.seeds:
-        todo = [m for m in args.methods if str(seed) not in results.get(m, {})]
-        if not todo:
-            continue
-        rows, clean, holdout, test, checker = make_data(args, seed)
-        scores = pool_scores(results, {SCORE_OF[m] for m in todo if m in SCORE_OF}, rows, holdout, clean, seed)
-        for method in todo:
-            start = time.perf_counter()
-            if method == "oracle":
-                data = rows.select(np.flatnonzero(clean))
-            elif method in TOP:
-                keep = select_top(scores[SCORE_OF[method]], args.top_fraction)
-                data = rows.select(keep)
-                results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[keep].mean())
-            else:
-                data = rows
-            keep = os.path.join(args.keep_logs, f"{method}-seed{seed}") if args.keep_logs else None
-            model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
-            if keep and weights:
-                trace(keep, weights, clean, f"{method}, seed {seed}")
-            loss, accuracy = evaluate(model, tokenizer, test, checker)
-            seconds = time.perf_counter() - start
-            run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
-            if weights:  # the mean weight the clean and the noisy rows were trained with
-                index = np.array([w["ica_index"] for w in weights])
-                weight = np.array([w["weight"] for w in weights])
-                run.update(
-                    weight_clean=float(weight[clean[index]].mean()), weight_noisy=float(weight[~clean[index]].mean())
-                )
-            results.setdefault(method, {})[str(seed)] = run
-            if args.results:
-                write_json(results, args.results)
-            print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
-    report(results, args.methods)
+    settings = {k: getattr(args, k) for k in SETTING_KEYS}
+    results = run(settings, args.methods, args.seeds, args.results, args.keep_logs)
+    print("\n".join(table(results, args.methods)))
     if args.results:
-        title = f"{args.task}, {args.noise:.0%} of the rows with {LABEL_NOISE_KINDS[args.noise_kind]}"
-        if args.noise_kind == "mixture":
-            title = f"{args.task}, {args.noise:.0%} of the pool rows of {len(args.noise_task.split(','))} other tasks"
-        plot(results, args.methods, os.path.splitext(args.results)[0] + ".png", title)
+        plot(results, args.methods, os.path.splitext(args.results)[0] + ".png", title_of(settings))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ holdout of `--n-holdout`), the whole scoring (conditioned and unconditioned pass
 over naive divided by that bound. Largest score gap against naive is printed as a check. The epoch is stock
 `SFTTrainer` with the recipes' LoRA (r = 16, all linear layers), batch 4, over the same rows.
 
-    python scripts/bench_scoring.py [--n 48] [--n-holdout 32] [--threads 2] [--results docs/scoring_results.json]
+    python -m benchmarks.scoring [--n 48] [--n-holdout 32] [--threads 2] [--results benchmarks/results/scoring.json]
 
 Each (data, selection, mode) timing is kept in the JSON file (written whole) and skipped when run again; the file
 records its settings and refuses a run with other ones.
@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 
+from benchmarks.common.models import lora as recipe_lora
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.data_io import write_json
@@ -60,10 +61,9 @@ def run_once(model, requests, mode: str):
 
 
 def epoch_seconds(model_dir_model, tokenizer, data) -> float:
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = recipe_lora()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             out, num_train_epochs=1, per_device_train_batch_size=4, report_to="none", use_cpu=True, bf16=False,

@@ -6,7 +6,7 @@ with the float64 value of the same logits: the mean error per token (a bias adds
 cancels), the largest, and the error of the summed log-probability of each response. Also times both on the rows
 (mean of 5 after a warm-up).
 
-    python scripts/bench_precision.py [--n 8] [--threads 2]
+    python -m benchmarks.precision [--n 8] [--threads 2]
 """
 
 import argparse

@@ -1,0 +1,74 @@
+"""Rebuild the tables of docs/benchmarks.md from the kept results: `python -m benchmarks.report [--check]`.
+
+Each experiment file under benchmarks/experiments/ has a block in docs/benchmarks.md between
+`<!-- report: <suite>/<name> -->` and `<!-- /report -->`; its contents are the experiment's table, rebuilt from its
+results file. `--check` changes nothing and exits 1 when a block is out of date or missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import sys
+
+from benchmarks.run import benchmark_module, load_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "benchmarks", "experiments")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+def experiments() -> dict[str, str]:
+    """`{"<suite>/<name>": path}` of every experiment file."""
+    paths = sorted(glob.glob(os.path.join(EXPERIMENTS, "*", "*.json")))
+    return {os.path.relpath(p, EXPERIMENTS)[: -len(".json")]: p for p in paths}
+
+
+def rebuilt(text: str) -> tuple[str, list[str]]:
+    """`text` with every report block rebuilt, and the experiments that have no block in it."""
+    missing = []
+    for key, path in experiments().items():
+        experiment = load_experiment(path)
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # results paths are relative to the repository root
+        try:
+            lines = benchmark_module(experiment, path).report_table(experiment)
+        finally:
+            os.chdir(cwd)
+        block = f"<!-- report: {key} -->\n" + "\n".join(lines) + "\n<!-- /report -->"
+        pattern = re.compile(rf"<!-- report: {re.escape(key)} -->\n.*?<!-- /report -->", re.S)
+        if not pattern.search(text):
+            missing.append(key)
+            continue
+        text = pattern.sub(lambda _, block=block: block, text)
+    return text, missing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="Exit 1 if docs/benchmarks.md is out of date.")
+    args = parser.parse_args(argv)
+    with open(DOC) as f:
+        text = f.read()
+    new, missing = rebuilt(text)
+    if missing:
+        print(f"docs/benchmarks.md has no report block for {missing}: add `<!-- report: KEY -->` ... "
+              "`<!-- /report -->` where each table belongs.", file=sys.stderr)  # fmt: skip
+        return 1
+    if args.check:
+        if new != text:
+            print("docs/benchmarks.md is out of date: run `python -m benchmarks.report`.", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        from trl_ica.data_io import written_whole
+
+        with written_whole(DOC) as temporary, open(temporary, "w") as f:
+            f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
