@@ -67,8 +67,23 @@ def test_unknown_flags_and_yaml_keys_are_refused_by_name(tmp_path, model_dir):
         script(["sft", "--config", bad])
     with pytest.raises(ValueError, match=r"`--accelerate_config`='zero9' is neither a file nor one of TRL's configs"):
         cli(["sft", "--config", config, "--accelerate_config", "zero9"])
-    with pytest.raises(ValueError, match=r"`--dataset_streaming` is not supported"):
-        cli(["sft", "--config", config, "--dataset_streaming", "true"])
+    with pytest.raises(ValueError, match=r"a `datasets` mixture in the YAML is loaded whole"):
+        cli(["sft", "--config", recipe(tmp_path, model_dir, "mix.yaml", datasets=[{"path": "json"}]),
+             "--dataset_streaming", "true"])  # fmt: skip
+
+
+def test_script_streams_the_dataset_with_online_scoring(tmp_path, model_dir):
+    """`--dataset_streaming` loads the training file as a stream, which trains weighted online; scored once before
+    training it is refused, by the trainer, with the reason."""
+    from datasets import IterableDataset
+
+    config = recipe(tmp_path, model_dir)
+    with pytest.raises(ValueError, match="set `ica_refresh='online'`"):
+        script(["sft", "--config", config, "--dataset_streaming", "true"])
+    trainer = script(["sft", "--config", config, "--dataset_streaming", "true", "--ica_refresh", "online"])
+    assert isinstance(trainer.train_dataset, IterableDataset)
+    weights = [json.loads(line) for line in open(tmp_path / "run" / "ica" / "weights.jsonl")]
+    assert [w["step"] for w in weights] == [0, 0, 1, 1] and [w["ica_index"] for w in weights] == [0, 1, 2, 3]
 
 
 def test_script_honours_trls_options_and_ends_the_trainer(tmp_path, model_dir, monkeypatch, caplog):

@@ -10,9 +10,10 @@ from datasets import Dataset
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_splits(spec: str, argument: str = "--dataset", config: str | None = None):
+def load_splits(spec: str, argument: str = "--dataset", config: str | None = None, streaming: bool = False):
     """Every split of a local `.json`/`.jsonl`/`.parquet` file (one split, `"train"`), a local folder of data files,
-    or a Hub dataset (with its configuration `config`), as a `DatasetDict`."""
+    or a Hub dataset (with its configuration `config`), as a `DatasetDict` (an `IterableDatasetDict` when
+    `streaming`)."""
     from datasets import load_dataset
 
     extension = os.path.splitext(spec)[1].lower()
@@ -24,7 +25,7 @@ def load_splits(spec: str, argument: str = "--dataset", config: str | None = Non
         if config is not None:
             raise ValueError(f"`{argument}`={spec!r} is a local file: it has no configuration, got {config!r}.")
         try:
-            return load_dataset(FILE_FORMATS[extension], data_files=spec)
+            return load_dataset(FILE_FORMATS[extension], data_files=spec, streaming=streaming)
         except Exception as error:
             if extension in (".jsonl", ".json"):
                 _raise_json_error(spec, argument, error)
@@ -34,7 +35,7 @@ def load_splits(spec: str, argument: str = "--dataset", config: str | None = Non
             f"`{argument}`={spec!r} is a local file but does not end in {sorted(FILE_FORMATS)}; pass a .json, "
             ".jsonl or .parquet file, a folder of them, or a Hub dataset name."
         )
-    return load_dataset(spec, name=config)  # a local folder or a Hub dataset
+    return load_dataset(spec, name=config, streaming=streaming)  # a local folder or a Hub dataset
 
 
 def _raise_json_error(path: str, argument: str, error: Exception) -> None:
@@ -76,7 +77,7 @@ def pick_split(splits, split: str, spec: str, argument: str = "--dataset") -> Da
     if split not in splits:
         raise ValueError(f"`{argument}` {spec!r} has no split {split!r}; its splits are {sorted(splits)}.")
     dataset = splits[split]
-    if len(dataset) == 0:
+    if isinstance(dataset, Dataset) and len(dataset) == 0:  # a stream's rows are counted as they arrive
         raise ValueError(f"`{argument}` {spec!r} has no rows in split {split!r}.")
     return dataset
 

@@ -136,7 +136,7 @@ def load_training_data(script_args, training_args, dataset_args):
         splits, source = get_dataset(dataset_args), "the `datasets` mixture"
     else:
         source = script_args.dataset_name
-        splits = load_splits(source, "--dataset_name", script_args.dataset_config)
+        splits = load_splits(source, "--dataset_name", script_args.dataset_config, script_args.dataset_streaming)
     train = pick_split(splits, script_args.dataset_train_split, source, "--dataset_train_split")
     evaluation = None
     if training_args.eval_strategy != "no":
@@ -156,10 +156,10 @@ def check_script_args(script_args, dataset_args) -> None:
             "The training data is required: `--dataset_name` (a Hub dataset, a local folder or a .json/.jsonl/"
             ".parquet file) or a `datasets` mixture in the YAML."
         )
-    if script_args.dataset_streaming:
+    if script_args.dataset_streaming and dataset_args.datasets:
         raise ValueError(
-            "`--dataset_streaming` is not supported: ICA indexes and scores the training rows before training, "
-            "which a streamed dataset cannot give. Load the dataset without streaming."
+            "`--dataset_streaming` streams `--dataset_name`; a `datasets` mixture in the YAML is loaded whole. Drop "
+            "one of them."
         )
 
 

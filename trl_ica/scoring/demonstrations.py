@@ -119,6 +119,7 @@ def select_demos(
     seed: int = 0,
     embed: Embedder | None = None,
     exclude: np.ndarray | None = None,
+    rows=None,
 ) -> np.ndarray:
     """Indices into the holdout of each candidate's demonstrations, `(len(candidate_texts), num_demos)` int64.
 
@@ -142,6 +143,9 @@ def select_demos(
             take the next nearest (to the candidate, or to its group's centre); `"fixed"` and `"random"` draw one
             more and skip it, so `"fixed"` stays one shared set for every candidate it does not concern. Needs
             `num_demos` below the holdout size.
+        rows (`Sequence[int]`, *optional*): the candidates' ids in the whole training set, which seed the `"random"`
+            draw of each (default: their positions here), so rows chosen a batch at a time get the draws they would
+            get all at once.
     """
     check_choice("demo_selection", method, DEMO_SELECTIONS)
     n, h = len(candidate_texts), len(holdout_texts)
@@ -176,8 +180,11 @@ def select_demos(
             chosen[i] = draw(np.random.default_rng(seed), exclude[i])
         return chosen
     if method == "random":
+        ids = range(n) if rows is None else [int(r) for r in rows]
         return (
-            np.stack([draw(np.random.default_rng([seed, i]), exclude[i]) for i in range(n)]).astype(np.int64)
+            np.stack([draw(np.random.default_rng([seed, row]), exclude[i]) for i, row in enumerate(ids)]).astype(
+                np.int64
+            )
             if n
             else np.zeros((0, num_demos), dtype=np.int64)
         )

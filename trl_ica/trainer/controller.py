@@ -10,6 +10,7 @@ from accelerate.utils import gather_object
 from ..scoring.distributed import num_processes
 from ..scoring.engine import ScoringBudget, score_requests
 from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
+from ..scoring.streamed import StreamedRequestBuilder
 from ..scoring.weighting import score_range
 from .recorder import RunRecorder
 from .state import ICAState, fingerprint
@@ -225,6 +226,7 @@ class ICAController:
             rows=indices,
         )
         scores = result.scores
+        self.state.grow(int(indices.max()) + 1 if len(indices) else 0)
         self.state.scores[indices] = scores
         low, high = score_range(scores)
         if num_processes() > 1:  # every process keeps the range of all the batches scored so far
@@ -234,9 +236,17 @@ class ICAController:
         return scores
 
     # Weights
-    def begin_step(self, model, micro_batches: list[np.ndarray], step: int, max_steps: int, units=None) -> None:
+    @property
+    def streamed(self) -> bool:
+        """Whether the training rows stream in (an IterableDataset): their requests are built as they arrive."""
+        return isinstance(self.builder, StreamedRequestBuilder)
+
+    def begin_step(
+        self, model, micro_batches: list[np.ndarray], step: int, max_steps: int, units=None, rows=None
+    ) -> None:
         """Start optimizer step `step` with the `ica_index` of each of this process's micro-batches of the step, and
-        (`units`, the same shape) each example's loss units: its loss tokens, or 1 per pair (the default).
+        (`units`, the same shape) each example's loss units: its loss tokens, or 1 per pair (the default). A streamed
+        training set also gives each micro-batch's `rows` (the rows ICA scores, as mappings).
 
         Every process calls it once per step, before the step's first micro-batch. A refresh due at `step` happens
         here, and then the step's weights are computed at once (online: the whole step is scored with the current
@@ -246,6 +256,10 @@ class ICAController:
         indices = np.concatenate([np.asarray(m, dtype=np.int64).reshape(-1) for m in micro_batches] or [[]])
         units = np.ones(len(indices)) if units is None else np.concatenate([np.reshape(u, -1) for u in units] or [[]])
         self._step_units = dict(zip(indices.tolist(), units.tolist()))
+        if self.streamed:
+            if rows is None:
+                raise ValueError("A streamed training set's step needs its rows (`rows`) to score them.")
+            self.builder.add(indices.tolist(), [r for part in rows for r in part])
         self.step_begun, self._step_members, self._step_weights = step, set(indices.tolist()), None
         self._step_of_one_micro_batch = False
         self.ready_demonstrations()
@@ -254,7 +268,7 @@ class ICAController:
             self._weigh_step(model, indices.astype(np.int64), step)
 
     def micro_batch_weights(
-        self, model, indices, step: int, max_steps: int, training_sums=None, units=None
+        self, model, indices, step: int, max_steps: int, training_sums=None, units=None, rows=None
     ) -> np.ndarray:
         """This process's weights of one micro-batch of the step begun by [`begin_step`], as the loss multiplies
         them (the scheme's weights times the step's [`loss_scale`]).
@@ -266,7 +280,8 @@ class ICAController:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         begun = step == self.step_begun and set(indices.tolist()) <= self._step_members
         if self._step_of_one_micro_batch or not begun:
-            self.begin_step(model, [indices], step, max_steps, None if units is None else [units])
+            self.begin_step(model, [indices], step, max_steps, None if units is None else [units],
+                            None if rows is None else [rows])  # fmt: skip
             self._step_of_one_micro_batch = True
         if self._step_weights is None:
             unconditioned = None
@@ -296,6 +311,11 @@ class ICAController:
 
     def resume(self, folder: str) -> None:
         """Continue from the state saved in checkpoint `folder`: its scores, and the demonstrations they used."""
+        if self.streamed:
+            raise ValueError(
+                f"Cannot resume ICA from {folder!r} on a streamed training set (an IterableDataset): its rows are "
+                "scored as they arrive, so the checkpoint cannot be checked against them. Start the run afresh."
+            )
         self.state, demo_indices = ICAState.load(folder, self.fingerprint(), self.reference_builder is not None)
         self.builder.demo_indices = demo_indices
 

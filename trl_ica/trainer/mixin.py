@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -18,6 +19,7 @@ from ..scoring.demonstrations import NEAREST_SELECTIONS
 from ..scoring.formats import PreferenceExample, read_row
 from ..scoring.ica import prepare_holdout_reference, prepare_ica
 from ..scoring.options import ICAScoringOptions
+from ..scoring.streamed import prepare_streamed_ica
 from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
 from .ica_args import ICAArguments
@@ -26,6 +28,22 @@ from .model_card import ICA_PAPER, base_model_name, complete_card
 logger = logging.getLogger(__name__)
 
 INDEX = "ica_index"
+ROW = "ica_row"  # a streamed row as ICA scores it (JSON), carried through TRL's preparation to the collator
+ROWS = "ica_rows"  # a batch's streamed rows, one mapping per `ica_index`
+#: The columns of a row in a format SFTTrainer trains on that ICA reads (see `formats.read_row`).
+ROW_COLUMNS = ("prompt", "completion", "messages", "conversations", "text")
+
+
+def streamed_row_view(row, formatting_func=None, text_field: str = "text") -> dict:
+    """One streamed row as ICA scores it, the way [`scoring_view`] maps a whole dataset: `formatting_func(row)` or
+    the `text_field` column as language modeling, else the row's prompt/completion, `messages` or `text`."""
+    if formatting_func is not None:
+        return {"text": formatting_func(row)}
+    if "input_ids" in row:
+        raise ValueError("Pre-tokenised rows in a streamed `train_dataset` are not supported by ICA; use a Dataset.")
+    if text_field != "text" and text_field in row and not set(ROW_COLUMNS) & set(row):
+        return {"text": row[text_field]}
+    return {k: row[k] for k in ROW_COLUMNS if k in row}
 
 
 def scoring_view(
@@ -63,12 +81,26 @@ def scoring_view(
     return dataset
 
 
-def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset", view=None) -> Dataset:
+def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset", view=None, row_view=None) -> Dataset:
     """`dataset` with an `ica_index` column (0..N-1): the stable id of each row, since TRL may drop rows. Its first
     row (as `view` gives the rows ICA scores) must be of the kind `trainer` trains on (preference pairs when
-    `pairs`), so a wrong dataset is refused before TRL meets it."""
+    `pairs`), so a wrong dataset is refused before TRL meets it.
+
+    A streamed dataset (`IterableDataset`) is indexed in stream order and each row also carries, as `ica_row`, what
+    `row_view(row)` gives ICA to score (trainers without `row_view` refuse streams)."""
     if dataset is None:
         raise ValueError(f"`{name}` is required: ICA weights the training examples.")
+    if isinstance(dataset, IterableDataset):
+        if row_view is None:
+            raise ValueError(f"{trainer} does not train on a streamed `{name}` (an IterableDataset); use a Dataset.")
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError(f"`{name}` is empty.")
+        if INDEX in first or ROW in first:
+            raise ValueError(f"`{name}` already has a column named {INDEX!r} or {ROW!r}, which ICA trainers reserve.")
+        if isinstance(read_row(row_view(first), 0, name), PreferenceExample):
+            raise ValueError(f"`{name}` streams preference pairs, but {trainer} trains on single responses.")
+        return dataset.map(lambda row, i: {INDEX: i, ROW: json.dumps(row_view(row))}, with_indices=True)
     if not isinstance(dataset, Dataset):
         raise ValueError(
             f"`{name}` must be a `datasets.Dataset` (ICA scores every row up front), got {type(dataset).__name__}."
@@ -112,7 +144,8 @@ def ica_args(args, model, config_class, name: str):
 
 class IndexedCollator:
     """Wraps a TRL collator: takes `ica_index` off each example before collation and returns it as a tensor with one
-    entry per sequence, in the order of the batch's rows (or of `seq_idx` in packed and padding-free batches)."""
+    entry per sequence, in the order of the batch's rows (or of `seq_idx` in packed and padding-free batches); a
+    streamed row's `ica_row` becomes the batch's `ica_rows`."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -120,11 +153,15 @@ class IndexedCollator:
     def __call__(self, examples):
         if not examples or INDEX not in examples[0]:
             return self.collator(examples)
+        rows = [json.loads(e[ROW]) for e in examples] if ROW in examples[0] else None
+        examples = [{k: v for k, v in e.items() if k != ROW} for e in examples]
         # a packed row carries the index of each sequence in it, in order (see `ICASFTTrainer._prepare_dataset`)
         ids = [i for e in examples for i in (e[INDEX] if isinstance(e[INDEX], list) else [e[INDEX]])]
         index = torch.tensor(ids, dtype=torch.long)
         batch = self.collator([{k: v for k, v in e.items() if k != INDEX} for e in examples])
         batch[INDEX] = index
+        if rows is not None:
+            batch[ROWS] = rows
         return batch
 
 
@@ -241,14 +278,19 @@ class ICATrainerMixin:
             ),
         )
         holdout_dataset = view(holdout_dataset, "holdout_dataset")
-        builder = prepare_ica(
-            self.model,
-            self.processing_class,
-            view(raw_train.remove_columns(INDEX), "train_dataset"),
-            holdout_dataset,
-            scoring,
-            **options,
-        )
+        if isinstance(raw_train, IterableDataset):
+            self._check_streamed(args)
+            streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
+            builder = prepare_streamed_ica(self.model, self.processing_class, holdout_dataset, scoring, **streamed)
+        else:
+            builder = prepare_ica(
+                self.model,
+                self.processing_class,
+                view(raw_train.remove_columns(INDEX), "train_dataset"),
+                holdout_dataset,
+                scoring,
+                **options,
+            )
         reference = None
         if args.ica_weighting == "holdout_quantile":
             reference = prepare_holdout_reference(
@@ -291,10 +333,26 @@ class ICATrainerMixin:
                 "train unweighted. Raise `gradient_accumulation_steps`, or use `ica_loss_reduction='token_mean'`."
             )
         if self._ica.online:
-            reuse = self._reusable_rows() if self._forward_is_engine_forward(args) else None
+            streamed = isinstance(raw_train, IterableDataset)  # no row is known before it arrives
+            reuse = self._reusable_rows() if not streamed and self._forward_is_engine_forward(args) else None
             if reuse is None:
                 reuse = np.zeros(len(builder.candidates), dtype=bool)
             self._ica.read_unconditioned_off_forward(reuse, args.gradient_accumulation_steps)
+
+    @staticmethod
+    def _check_streamed(args) -> None:
+        """What a streamed training set allows: online scoring only (R scorings need every row up front), no given
+        scores, no packing."""
+        if args.ica_refresh != "online":
+            raise ValueError(
+                f"A streamed `train_dataset` (an IterableDataset) is scored step by step as its rows arrive: set "
+                f"`ica_refresh='online'` (got {args.ica_refresh!r}, which scores every row before training), or "
+                "pass a Dataset."
+            )
+        if args.ica_scores_file is not None:
+            raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
+        if getattr(args, "packing", False):
+            raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
 
     def _forward_is_engine_forward(self, args) -> bool:
         """Whether a training forward can stand for the engine's no-grad forward of a row: not with packing (rows
@@ -328,6 +386,7 @@ class ICATrainerMixin:
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         seams.add_signature_column(self, INDEX)
+        seams.add_signature_column(self, ROW)
 
     def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
         """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)
@@ -366,7 +425,8 @@ class ICATrainerMixin:
         indexed = [b for b in batch_samples if isinstance(b, dict) and INDEX in b]
         micro_batches = [b[INDEX].cpu().numpy() for b in indexed]
         units = [self._loss_units(b) for b in indexed]
-        self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps, units)
+        rows = [b.pop(ROWS) for b in indexed] if indexed and ROWS in indexed[0] else None
+        self._ica.begin_step(self.model, micro_batches, self.state.global_step, self.state.max_steps, units, rows)
         self._log_ica_records()
         return batch_samples, num_items_in_batch
 
@@ -386,16 +446,17 @@ class ICATrainerMixin:
         return super().training_step(*args, **kwargs)
 
     def _ica_weights(
-        self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None, units=None
+        self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None, units=None, rows=None
     ) -> torch.Tensor:
         """This micro-batch's weights as a tensor on `like`'s device (`like`'s dtype unless `dtype` is given): the
         one path from the controller's weights to the tensor the loss is multiplied by, in every trainer.
 
         `training_sums()` gives log p(y | x) summed per example `(B,)` or per pair `(B, 2)` off the training forward;
         the controller calls it only under its online `"forward"` strategy (see [`ICAController`]). `units` are the
-        micro-batch's [`_loss_units`], used when it is a step of its own (a `compute_loss` outside `train()`)."""
+        micro-batch's [`_loss_units`] (and `rows`, its streamed rows), used when it is a step of its own (a
+        `compute_loss` outside `train()`)."""
         weights = self._ica.micro_batch_weights(
-            self.model, index, self.state.global_step, self.state.max_steps, training_sums, units
+            self.model, index, self.state.global_step, self.state.max_steps, training_sums, units, rows
         )
         self._log_ica_records()
         return torch.as_tensor(weights, dtype=dtype or like.dtype, device=like.device)

@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import SFTTrainer
 
 from .. import seams
-from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, loss_reaches, scoring_view
+from .mixin import INDEX, ROWS, ICATrainerMixin, add_index, ica_args, loss_reaches, scoring_view, streamed_row_view
 from .sft_config import ICASFTConfig
 
 TOKEN_INDEX = "ica_token_index"  # each token's example, carried through packing
@@ -26,13 +26,15 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
 
     The score of (x, y) is `log p(y | k holdout demos, x) - log p(y | x)` under the current model; scores become
     per-example weights (`ica_weighting`) that multiply each example's summed token loss before TRL's own reduction,
-    so the loss is `sum_i w_i * nll_i / num_tokens`. With all weights 1 it is exactly `SFTTrainer`'s loss, gradient
-    accumulation included. Only this reduction differs from the parent; evaluation loss is unweighted.
+    so the loss is `sum_i w_i * nll_i / num_tokens` (`ica_loss_reduction="weighted_mean"`: divided by the weighted
+    token count instead). With all weights 1 it is exactly `SFTTrainer`'s loss, gradient accumulation included. Only
+    this reduction differs from the parent; evaluation loss is unweighted.
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
             as [`~trl.SFTTrainer`]; `args` is an [`ICASFTConfig`], `train_dataset` a `datasets.Dataset` in a
-            prompt/completion or `messages` format.
+            format SFTTrainer trains on, or a `datasets.IterableDataset` with `ica_refresh="online"` (scored step
+            by step as its rows arrive).
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set in the training data's format; its rows are the in-context demonstrations.
 
@@ -69,7 +71,10 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             completion_only = getattr(self, "completion_only_loss", args.completion_only_loss)  # TRL's, once set
             return scoring_view(dataset, formatting_func, args.dataset_text_field, name, completion_only)
 
-        indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False, view=view)
+        def row_view(row):  # one streamed row, as `view` gives a dataset's
+            return streamed_row_view(row, formatting_func, args.dataset_text_field)
+
+        indexed = add_index(train_dataset, "ICASFTTrainer", pairs=False, view=view, row_view=row_view)
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         sequence_parallel = seams.sequence_sharding(self.accelerator).get("sp")
         if sequence_parallel is not None and "deepspeed" in sequence_parallel:
@@ -129,8 +134,10 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         units = self._loss_units(inputs)
         inputs.pop(INDEX)
+        rows = inputs.pop(ROWS, None)  # a streamed batch outside `train()` (`get_batch_samples` takes them in it)
         fired = []
-        hook = self._weighting_hook(model, index.cpu().numpy(), seams.packed_sequence_index(inputs), fired, units)
+        seq_idx = seams.packed_sequence_index(inputs)
+        hook = self._weighting_hook(model, index.cpu().numpy(), seq_idx, fired, units, rows)
         with hook:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -142,7 +149,9 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         return result
 
     @contextlib.contextmanager
-    def _weighting_hook(self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list, units=None):
+    def _weighting_hook(
+        self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list, units=None, rows=None
+    ):
         """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them;
         `fired` gets an entry when it did."""
 
@@ -153,7 +162,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             # Row of each position: the batch row, or (padding-free) the packed sequence the position belongs to
             owner = seq_idx[:, 1:].long() if seq_idx is not None else None
             sums = lambda: _row_sums(log_probs.detach(), owner, len(index))  # noqa: E731
-            w = self._ica_weights(index, log_probs, sums, units=units)
+            w = self._ica_weights(index, log_probs, sums, units=units, rows=rows)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
             fired.append(output.log_probs)
             return output

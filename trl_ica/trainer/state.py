@@ -72,6 +72,11 @@ class ICAState:
     def empty(cls, num_examples: int) -> ICAState:
         return cls(scores=np.full(num_examples, np.nan))
 
+    def grow(self, num_examples: int) -> None:
+        """Room for `num_examples` scores (NaN until scored): a streamed training set grows as its rows arrive."""
+        if num_examples > len(self.scores):
+            self.scores = np.concatenate([self.scores, np.full(num_examples - len(self.scores), np.nan)])
+
     def widen_range(self, low: float, high: float) -> None:
         """Extend `global_range` to include [low, high]."""
         if self.global_range is not None:

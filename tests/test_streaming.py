@@ -1,0 +1,78 @@
+"""A streamed `train_dataset` (a `datasets.IterableDataset`) is weighted online, step by step as its rows arrive.
+
+With the learning rate at 0 the model never changes, so each row's online score and `holdout_quantile` weight
+depend on the row alone: the streamed run must give every row the score and weight the same run on the Dataset
+gives it (the Dataset path is checked against naive references elsewhere).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from testing_utils import REGROUPED_ATOL, WEIGHT_ATOL, chat_row, tiny_llama
+
+from trl_ica import ICASFTConfig, ICASFTTrainer
+
+COMMON = dict(
+    report_to="none", use_cpu=True, bf16=False, save_strategy="no", per_device_train_batch_size=4, max_steps=3,
+    logging_steps=1, max_length=128, ica_refresh="online", ica_weighting="holdout_quantile", ica_num_demos=2,
+)  # fmt: skip
+
+
+def data():
+    train = [chat_row(f"What is {i} plus {i + 1}?", f"The answer is {2 * i + 1 + (i % 3 == 0)}.") for i in range(12)]
+    holdout = [chat_row(f"What is {i} plus 5?", f"The answer is {i + 5}.") for i in range(5)]
+    return Dataset.from_list(train), Dataset.from_list(holdout)
+
+
+def trainer(tokenizer, folder, train, holdout, seed=0, **fields):
+    model = tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = ICASFTConfig(str(folder), **{**COMMON, **fields})
+    return ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)
+
+
+def logged(folder):
+    rows = [json.loads(line) for line in open(folder / "ica" / "weights.jsonl")]
+    return {r["ica_index"]: (r["score"], r["weight"]) for r in rows}, rows
+
+
+@pytest.mark.parametrize("selection", ["fixed", "random"])
+def test_streamed_rows_get_the_scores_and_weights_of_the_same_rows_in_a_dataset(tokenizer, tmp_path, selection):
+    train, holdout = data()
+    runs = {}
+    for name, dataset in (("dataset", train), ("streamed", train.to_iterable_dataset())):
+        run = trainer(tokenizer, tmp_path / name, dataset, holdout, learning_rate=0.0, ica_demo_selection=selection)
+        run.train()
+        runs[name] = logged(tmp_path / name)
+    streamed, records = runs["streamed"]
+    assert len(records) == 12 and sorted(streamed) == list(range(12))  # 3 steps x 4 rows, each row once
+    assert [r["ica_index"] for r in records] == list(range(12))  # a stream is trained in its own order
+    reference, _ = runs["dataset"]
+    for i, (score, weight) in streamed.items():
+        assert score == pytest.approx(reference[i][0], abs=REGROUPED_ATOL), i
+        assert weight == pytest.approx(reference[i][1], abs=WEIGHT_ATOL), i
+    assert len({w for _, w in streamed.values()}) > 1  # the weights differ between rows, so equality means something
+
+
+def test_a_streamed_run_trains_with_its_weights(tokenizer, tmp_path):
+    train, holdout = data()
+    run = trainer(tokenizer, tmp_path, train.to_iterable_dataset(), holdout, learning_rate=0.1)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.train()
+    assert any(not torch.equal(before[n], p) for n, p in run.model.named_parameters())
+    _, records = logged(tmp_path)
+    assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
+    assert np.isfinite([r["score"] for r in records]).all()
+
+
+def test_a_streamed_dataset_is_refused_where_it_cannot_be_weighted(tokenizer, tmp_path):
+    train, holdout = data()
+    stream = train.to_iterable_dataset()
+    with pytest.raises(ValueError, match="set `ica_refresh='online'`"):
+        trainer(tokenizer, tmp_path, stream, holdout, ica_refresh=1)
+    with pytest.raises(ValueError, match="`demo_selection` must be one of \\['fixed', 'random', 'knn'\\]"):
+        trainer(tokenizer, tmp_path, stream, holdout, ica_demo_selection="knn_grouped")
+    with pytest.raises(ValueError, match="packed rows needs a Dataset"):
+        trainer(tokenizer, tmp_path, stream, holdout, packing=True)

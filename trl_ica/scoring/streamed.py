@@ -1,0 +1,108 @@
+"""Requests of training rows that arrive while training runs (a `datasets.IterableDataset`), scored step by step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .demonstrations import select_demos
+from .formats import PreferenceExample, SFTExample, read_dataset, read_row
+from .ica import ICARequestBuilder, resolve_embedder
+from .options import ICAScoringOptions
+
+#: Demonstration choices that give a row the same demonstrations whatever rows come with it: `fixed` (one shared
+#: draw), `random` (a draw seeded by the row's index), `knn` (its own nearest holdout rows). `knn_canonical` and
+#: `knn_grouped` compare all the candidates, which a stream never has at once.
+STREAMED_SELECTIONS = ("fixed", "random", "knn")
+
+
+class StreamedRequestBuilder(ICARequestBuilder):
+    """An [`ICARequestBuilder`] whose candidates are added as they arrive ([`add`]): each new row is read, given its
+    demonstrations and length-checked then. Only the rows of the latest [`add`] are kept; `demo_indices` grows with
+    the highest index seen (`-1` for a row not seen).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        holdout (`list[SFTExample]`): the read holdout.
+        options ([`ICAScoringOptions`]): what defines the score; `demo_selection` one of [`STREAMED_SELECTIONS`].
+        embed (`Callable`, *optional*): the embedder of `knn`.
+        max_length (`int`, *optional*): the longest conditioned request allowed, named by `argument` when exceeded.
+    """
+
+    def __init__(self, tokenizer, holdout, options: ICAScoringOptions, embed=None, max_length=None,
+                 argument: str = "max_length"):  # fmt: skip
+        if options.demo_selection not in STREAMED_SELECTIONS:
+            raise ValueError(
+                f"Rows that stream in (an IterableDataset) need demonstrations chosen row by row: `demo_selection` "
+                f"must be one of {list(STREAMED_SELECTIONS)}, got {options.demo_selection!r}, which compares every "
+                "row of the training set."
+            )
+        self.options = options
+        self.renderer = options.renderer(tokenizer)
+        self.tokenizer = tokenizer
+        self.candidates: dict[int, SFTExample] = {}
+        self.holdout = holdout
+        self._pending = None
+        self.pairs, self.width = False, 1
+        self.embed = embed
+        self.max_length, self.argument = max_length, argument
+        self.demo_indices = np.zeros((0, options.num_demos), dtype=np.int64)
+
+    def add(self, indices, rows) -> None:
+        """Read the rows `rows` (mappings, in a format SFTTrainer trains on) of the training examples `indices`,
+        choose the demonstrations of those not seen before and check their lengths. The rows of earlier calls are
+        forgotten (their demonstrations are kept)."""
+        indices = [int(i) for i in indices]
+        examples = [read_row(row, i, "train_dataset") for i, row in zip(indices, rows)]
+        if any(isinstance(e, PreferenceExample) for e in examples):
+            raise ValueError("A streamed `train_dataset` of preference pairs is not supported; pairs need a Dataset.")
+        self.candidates = dict(zip(indices, examples))
+        table = self.demo_indices
+        if max(indices, default=-1) >= len(table):
+            grown = np.full((max(indices) + 1, table.shape[1]), -1, dtype=np.int64)
+            grown[: len(table)] = table
+            table = grown
+        new = [i for i in dict.fromkeys(indices) if table[i, 0] < 0]
+        if new:
+            questions = [self.candidates[i].question for i in new]
+            holdout = [h.question for h in self.holdout]
+            k, selection, seed = self.options.num_demos, self.options.demo_selection, self.options.seed
+            table[new] = select_demos(questions, holdout, k, selection, seed, self.embed, rows=new)
+        self.demo_indices = table
+        if new:
+            self._check_new_lengths(new)
+
+    def _check_new_lengths(self, new: list[int]) -> None:
+        if self.max_length is None:
+            return
+        lengths = {i: self.conditioned(i).num_tokens for i in new}
+        too_long = [i for i, n in lengths.items() if n > self.max_length]
+        if too_long:
+            raise ValueError(
+                f"Streamed training rows {too_long[:5]} are longer than `{self.argument}`={self.max_length} tokens "
+                f"with their demonstrations (up to {max(lengths.values())}). Raise `{self.argument}` if the model's "
+                "context allows it, give fewer demonstrations (`ica_num_demos`), or use shorter holdout examples."
+            )
+
+    def check_lengths(self, max_length: int | None, argument: str = "max_length") -> None:
+        """Lengths are checked row by row as the rows arrive ([`add`])."""
+
+
+def prepare_streamed_ica(
+    model, tokenizer, holdout, options: ICAScoringOptions, *, max_length=None, max_length_argument="max_length",
+    show_progress: bool = False, compute_dtype=None,
+) -> StreamedRequestBuilder:  # fmt: skip
+    """The [`StreamedRequestBuilder`] of a training set that streams in: the holdout is read now, rows as they come."""
+    held = read_dataset(holdout, "holdout", tokenizer)
+    if isinstance(held[0], PreferenceExample):
+        held = [h.as_sft("chosen") for h in held]
+    if not options.num_demos <= len(held):
+        raise ValueError(
+            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {options.num_demos!r}."
+        )
+    embed = None
+    if options.demo_selection == "knn":
+        embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype)
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_length_argument = "the model's max_position_embeddings"
+    return StreamedRequestBuilder(tokenizer, held, options, embed, max_length, max_length_argument)
