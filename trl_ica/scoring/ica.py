@@ -207,13 +207,7 @@ def prepare_ica(
     choose them when first needed (see [`ICARequestBuilder.defer`])."""
     options = _options(options, settings)
     candidates = read_dataset(dataset, "dataset", tokenizer)
-    held = read_dataset(holdout, "holdout", tokenizer)
-    if isinstance(held[0], PreferenceExample):
-        held = [h.as_sft("chosen") for h in held]  # demonstrations show the holdout prompt with its chosen answer
-    if not options.num_demos <= len(held):
-        raise ValueError(
-            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {options.num_demos!r}."
-        )
+    held = read_holdout(holdout, tokenizer, options.num_demos)
     if max_length is None:
         config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length, max_length_argument = config, "the model's max_position_embeddings"
@@ -222,6 +216,17 @@ def prepare_ica(
         exclude=holdout_copies(candidates, held, options.num_demos), compute_dtype=compute_dtype,
         defer_demos=defer_demos,
     )  # fmt: skip
+
+
+def read_holdout(holdout, tokenizer, num_demos: int) -> list:
+    """The holdout's rows as demonstrations (of a preference holdout, each prompt with its chosen answer), refused
+    when it has fewer than `num_demos` rows."""
+    held = read_dataset(holdout, "holdout", tokenizer)
+    if isinstance(held[0], PreferenceExample):
+        held = [h.as_sft("chosen") for h in held]
+    if not num_demos <= len(held):
+        raise ValueError(f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {num_demos!r}.")
+    return held
 
 
 def holdout_copies(candidates, held, num_demos: int) -> np.ndarray | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .demonstrations import select_demos
-from .formats import PreferenceExample, SFTExample, read_dataset, read_row
-from .ica import ICARequestBuilder, resolve_embedder
+from .formats import PreferenceExample, SFTExample, read_row
+from .ica import ICARequestBuilder, read_holdout, resolve_embedder
 from .options import ICAScoringOptions
 
 #: Demonstration choices that give a row the same demonstrations whatever rows come with it: `fixed` (one shared
@@ -92,13 +92,7 @@ def prepare_streamed_ica(
     show_progress: bool = False, compute_dtype=None,
 ) -> StreamedRequestBuilder:  # fmt: skip
     """The [`StreamedRequestBuilder`] of a training set that streams in: the holdout is read now, rows as they come."""
-    held = read_dataset(holdout, "holdout", tokenizer)
-    if isinstance(held[0], PreferenceExample):
-        held = [h.as_sft("chosen") for h in held]
-    if not options.num_demos <= len(held):
-        raise ValueError(
-            f"`num_demos` must be an integer in [1, {len(held)}] (the holdout size), got {options.num_demos!r}."
-        )
+    held = read_holdout(holdout, tokenizer, options.num_demos)
     embed = None
     if options.demo_selection == "knn":
         embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype)
