@@ -510,6 +510,11 @@ class ICATrainerMixin:
             from ..plots import save_training_plots
 
             save_training_plots(self._ica.recorder.dir)
+        # Training ends with an all-gather (`Trainer.store_flos`). Under gloo (CPU processes) its worker thread
+        # releases the gathered tensors a moment later and needs the GIL for that; a process that frees its DDP
+        # model first holds the GIL in the process group's destructor, which joins that thread: both wait forever.
+        # The barrier releases the GIL while the other processes finish, so the tensors are released first.
+        self.accelerator.wait_for_everyone()
         return result
 
     def _save_checkpoint(self, model, trial):
