@@ -86,6 +86,19 @@ def test_script_streams_the_dataset_with_online_scoring(tmp_path, model_dir):
     assert [w["step"] for w in weights] == [0, 0, 1, 1] and [w["ica_index"] for w in weights] == [0, 1, 2, 3]
 
 
+def test_script_scores_with_a_scoring_model_of_its_own(tmp_path, model_dir, tokenizer):
+    """`--ica_scoring_model` scores with another model (here one of another seed), whose name the run records."""
+    from testing_utils import tiny_llama
+
+    scorer = tmp_path / "scorer"
+    tiny_llama(seed=5, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(scorer)
+    tokenizer.save_pretrained(scorer)
+    trainer = script(["sft", "--config", recipe(tmp_path, model_dir), "--ica_scoring_model", str(scorer)])
+    assert trainer.ica.scorer is None and trainer.ica.scorer_name == str(scorer)  # scored once, then freed
+    scored = [json.loads(line) for line in open(tmp_path / "run" / "ica" / "refresh-0.jsonl")]
+    assert len(scored) == 6 and {r["scoring_model"] for r in scored} == {str(scorer)}
+
+
 def test_script_honours_trls_options_and_ends_the_trainer(tmp_path, model_dir, monkeypatch, caplog):
     """A mixture beside `--dataset_name` is used with a warning, `--ignore_bias_buffers` reaches the model, an
     accelerate key in the YAML is named under a plain launch, and the trainer is ended after saving."""

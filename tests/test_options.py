@@ -8,15 +8,15 @@ import pytest
 from trl_ica import ICASFTConfig
 from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.trainer.ica_args import ICAArguments
-from trl_ica.trainer.state import NOT_FINGERPRINTED, STATE_FIELDS
+from trl_ica.trainer.state import NOT_FINGERPRINTED, SCORER_FIELD, STATE_FIELDS
 
 
 def test_every_ica_field_is_a_score_setting_a_state_setting_or_named_as_neither():
     """A new `ica_*` field must be placed: in the score's options (recorded and fingerprinted), in the saved state's
-    fingerprint, or in the list of fields that change no saved number."""
+    fingerprint, or in the list of fields that change no saved number (the scoring model is fingerprinted by name)."""
     fields = {f.name for f in dataclasses.fields(ICAArguments)}
     recorded = set(ICAScoringOptions().record())
-    placed = recorded | set(STATE_FIELDS) | set(NOT_FINGERPRINTED)
+    placed = recorded | set(STATE_FIELDS) | set(NOT_FINGERPRINTED) | {SCORER_FIELD}
     assert fields == placed, (fields - placed, placed - fields)
     assert not recorded & set(STATE_FIELDS) and not (recorded | set(STATE_FIELDS)) & set(NOT_FINGERPRINTED)
 

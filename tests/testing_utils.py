@@ -42,7 +42,7 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(vocab_size: int = 400, chat_template: str = CHATML):
     """A small byte-level BPE tokenizer with ChatML special tokens, trained offline in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -51,7 +51,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -59,7 +59,7 @@ def tiny_tokenizer():
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
     )
-    fast.chat_template = CHATML
+    fast.chat_template = chat_template
     return fast
 
 

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .demonstrations import (
     NEAREST_SELECTIONS,
@@ -435,6 +436,12 @@ def score_ica(
     max_batch_tokens: int | None = None,
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
+    if isinstance(model, str):  # a scoring model by name: loaded with its own tokenizer, on the accelerator if any
+        from .scorer import load_scoring_model
+
+        device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        scorer = load_scoring_model(model, tokenizer, device=device, argument="model")
+        model, tokenizer = scorer.model, scorer.tokenizer
     options = ICAScoringOptions(
         num_demos=num_demos, demo_selection=demo_selection, form=form, reduction=reduction, layout=layout,
         score_end=score_end, template=template, chat_template=chat_template, embedding_model=embedding_model,
@@ -457,8 +464,11 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
     """ICA score of every row of `dataset`: log p(y | k holdout demos, x) - log p(y | x) under `model`.
 
     Args:
-        model (`PreTrainedModel` or `PeftModel`): the current model (LoRA, 4-bit and accelerate-wrapped models work).
-        tokenizer: its tokenizer.
+        model (`PreTrainedModel`, `PeftModel` or `str`): the model that scores: the one being trained, or another
+            (a scoring model of its own; the tokenizers need not match the trained model's). LoRA, 4-bit and
+            accelerate-wrapped models work; a Hub id or folder is loaded in its checkpoint's dtype, with its
+            tokenizer unless `tokenizer` is given.
+        tokenizer: its tokenizer (None with a model name).
         dataset (`datasets.Dataset` or `list[dict]`): candidates in a TRL format: prompt/completion (standard or
             conversational) or `messages` (the final assistant turn is scored); or preference pairs (`chosen` and
             `rejected`, explicit or implicit prompt), scored by the change of the chosen-minus-rejected margin.

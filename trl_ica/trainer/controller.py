@@ -10,6 +10,7 @@ from accelerate.utils import gather_object
 from ..scoring.distributed import num_processes
 from ..scoring.engine import ScoringBudget, score_requests
 from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
+from ..scoring.scorer import ScoringModel, release
 from ..scoring.streamed import StreamedRequestBuilder
 from ..scoring.weighting import score_range
 from .recorder import RunRecorder
@@ -47,6 +48,8 @@ class ICAController:
         is_main_process (`bool`): only the main process writes files and shows progress bars.
         reference_builder ([`ICARequestBuilder`], *optional*): `holdout_quantile`: the holdout scored against itself.
         compute_dtype (`torch.dtype`, *optional*): the dtype scoring computes in (the training's).
+        scorer ([`ScoringModel`], *optional*): a fixed model that scores instead of the trained one. It scores the
+            training set once (R = 1) and is then freed, or online each step's rows, and the holdout once.
     """
 
     def __init__(
@@ -57,14 +60,17 @@ class ICAController:
         is_main_process: bool = True,
         reference_builder: ICARequestBuilder | None = None,
         compute_dtype=None,
+        scorer: ScoringModel | None = None,
     ):
         self.builder = builder
+        self.scorer = scorer
+        self.scorer_name = None if scorer is None else scorer.name
         self.reference_builder = reference_builder
         self.args = args
         self.is_main = is_main_process
         self.state = ICAState.empty(len(builder.candidates))
         self.weigher = StepWeigher(args)
-        self.recorder = RunRecorder(output_dir, is_main_process)
+        self.recorder = RunRecorder(output_dir, is_main_process, self.scorer_name)
         # How every scoring of the run calls the engine: the training's compute dtype, and one token budget whose
         # out-of-memory back-off holds for the rest of the run
         self.budget = ScoringBudget(args.ica_scoring_max_tokens)
@@ -124,10 +130,30 @@ class ICAController:
             if builder is not None:
                 builder.demo_indices  # noqa: B018 - the first access chooses them
 
+    def _scoring(self, model):
+        """The model that scores: the run's scoring model, else the trained `model`."""
+        if self.scorer is None:
+            return model
+        if self.scorer.model is None:
+            raise RuntimeError(f"The scoring model {self.scorer_name} was freed after its one scoring; nothing "
+                               "should score again.")  # fmt: skip
+        return self.scorer.model
+
+    def _release_scorer_if_done(self) -> None:
+        """Free the scoring model once every score it will ever give exists: the training set's (R = 1, or given)
+        and the holdout's own (`holdout_quantile`). Online it stays: rows are scored as they arrive."""
+        state = self.state
+        if self.scorer is None or self.online or not state.refreshes_done:
+            return
+        if self.reference_builder is not None and state.reference is None:
+            return
+        release(self.scorer)
+        self.scorer = None
+
     def _score_all(self, model, builder: ICARequestBuilder):
         """Every candidate of `builder` scored with the run's score options and budget (sharded over processes)."""
         return score_with(
-            model,
+            self._scoring(model),
             builder,
             show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
             **self.engine_options,
@@ -177,10 +203,13 @@ class ICAController:
         self.state.references_done += 1
 
     def _reference_due(self, step: int) -> bool:
+        """Whether the holdout's own scores are to be (re)computed at `step`: once with a fixed scoring model."""
         state = self.state
-        return self.reference_builder is not None and (
-            state.reference is None or step - state.reference_step >= self.args.ica_holdout_rescore_steps
-        )
+        if self.reference_builder is None:
+            return False
+        if state.reference is None:
+            return True
+        return self.scorer_name is None and step - state.reference_step >= self.args.ica_holdout_rescore_steps
 
     def batch_scores(self, model, indices: np.ndarray, unconditioned: np.ndarray | None = None) -> np.ndarray:
         """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
@@ -196,6 +225,7 @@ class ICAController:
             self._score_reference(model, step)
         width = self.builder.width
         # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
+        model = self._scoring(model)
         cond = score_requests(
             model,
             [r for i in indices for r in self.builder.requests(i, True)],
@@ -264,6 +294,7 @@ class ICAController:
         self._step_of_one_micro_batch = False
         self.ready_demonstrations()
         self._refresh_if_due(model, step, max_steps)
+        self._release_scorer_if_done()
         if len(indices) and self.strategy != "forward":
             self._weigh_step(model, indices.astype(np.int64), step)
 
@@ -304,7 +335,7 @@ class ICAController:
 
     # Checkpoints
     def fingerprint(self) -> dict[str, str]:
-        return fingerprint(self.builder, self.args)
+        return fingerprint(self.builder, self.args, self.scorer_name)
 
     def save(self, folder: str, step: int) -> None:
         self.state.save(folder, step, self.builder.demo_indices, self.fingerprint())

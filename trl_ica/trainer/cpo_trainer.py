@@ -46,6 +46,11 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
             implicit prompt).
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set; its prompts with their chosen answers are the in-context demonstrations.
+        scoring_model (`str` or `PreTrainedModel`, *optional*):
+            a fixed model that scores the examples instead of the model being trained (see `ica_scoring_model`, its
+            name-or-path form in the config); a loaded model is used in its own dtype, on the training device.
+        scoring_processing_class (*optional*):
+            the scoring model's tokenizer; by default loaded from where the scoring model was loaded from.
 
     Example:
 
@@ -75,13 +80,15 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         processing_class=None,
         *,
         holdout_dataset=None,
+        scoring_model=None,
+        scoring_processing_class=None,
         **kwargs,
     ):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
         indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
         self._ica_batch: _BatchWeights | None = None  # during a training `compute_loss` only
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
-        self._ica_setup(indexed, holdout_dataset, self.max_length)
+        self._ica_setup(indexed, holdout_dataset, self.max_length, scoring=(scoring_model, scoring_processing_class))
 
     def _training_sequences(self, row):
         return [

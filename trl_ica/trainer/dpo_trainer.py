@@ -36,6 +36,11 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set; its prompts with their chosen answers are the in-context demonstrations. An SFT-format
             holdout (prompt/completion or `messages`) works too.
+        scoring_model (`str` or `PreTrainedModel`, *optional*):
+            a fixed model that scores the examples instead of the model being trained (see `ica_scoring_model`, its
+            name-or-path form in the config); a loaded model is used in its own dtype, on the training device.
+        scoring_processing_class (*optional*):
+            the scoring model's tokenizer; by default loaded from where the scoring model was loaded from.
 
     Example:
 
@@ -61,12 +66,14 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         processing_class=None,
         *,
         holdout_dataset=None,
+        scoring_model=None,
+        scoring_processing_class=None,
         **kwargs,
     ):
         args = ica_args(args, model, ICADPOConfig, "ICA-DPO")
         indexed = add_index(train_dataset, "ICADPOTrainer", pairs=True)
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
-        self._ica_setup(indexed, holdout_dataset, args.max_length)
+        self._ica_setup(indexed, holdout_dataset, args.max_length, scoring=(scoring_model, scoring_processing_class))
 
     def _training_sequences(self, row):
         out = []

@@ -9,6 +9,7 @@ from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS
 from ..scoring.rendering import DEMO_LAYOUTS
+from ..scoring.scorer import check_fixed_scorer
 from ..scoring.weighting import WEIGHTINGS
 
 #: How the weighted per-example losses of an optimizer step are reduced (`ica_loss_reduction`).
@@ -101,6 +102,15 @@ class ICAArguments:
             demonstrations is refused before training, with the rows named.
         ica_seed (`int`, *optional*):
             seed of fixed and random demonstrations; defaults to `seed`.
+        ica_scoring_model (`str`, *optional*):
+            a model (Hub id or folder) that computes the scores instead of the model being trained, with its own
+            tokenizer and chat template (weights are per example, so the tokenizers need not match). It is loaded in
+            the training precision on the training device and never trained; the trainers' `scoring_model=` takes a
+            loaded model instead. Its scores do not change, so it scores once: with `ica_refresh=1` before training,
+            after which it is freed, or with `"online"` each step's rows as they arrive (what a streamed
+            `train_dataset` needs; it then stays loaded), the holdout's own scores once; `ica_refresh` > 1 is
+            refused. A larger scorer sees noise a small trained model cannot; a smaller one costs less than scoring
+            with the trained model (docs/benchmarks.md, "A scoring model of its own").
         ica_scores_file (`str`, *optional*):
             scores written by `trl-ica score --method ica` for these training rows, used as the one scoring of
             `ica_refresh=1` instead of scoring before training. The file's rows must be the training rows, in order,
@@ -164,6 +174,9 @@ class ICAArguments:
     )
     ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
+    ica_scoring_model: str | None = field(
+        default=None, metadata={"help": "A fixed model (Hub id or folder) that scores instead of the trained one."}
+    )
     ica_scores_file: str | None = field(
         default=None, metadata={"help": "`trl-ica score` output to use as the R = 1 scores instead of scoring."}
     )
@@ -225,6 +238,8 @@ class ICAArguments:
         steps = self.ica_holdout_rescore_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")
+        if self.ica_scoring_model is not None:
+            check_fixed_scorer(self.ica_scoring_model, refresh)
         for name in ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

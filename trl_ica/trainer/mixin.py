@@ -19,6 +19,7 @@ from ..scoring.demonstrations import NEAREST_SELECTIONS
 from ..scoring.formats import PreferenceExample, read_row
 from ..scoring.ica import prepare_holdout_reference, prepare_ica
 from ..scoring.options import ICAScoringOptions
+from ..scoring.scorer import ScoringModel, check_fixed_scorer, load_scoring_model, model_dtype
 from ..scoring.streamed import prepare_streamed_ica
 from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
@@ -244,7 +245,7 @@ class ICATrainerMixin:
         if self.is_world_process_zero() and os.path.isfile(path):
             parent, paper = self._ica_parent()
             complete_card(path, method=self._name, parent=parent, parent_paper=paper, base_model=base_model,
-                          options=self._ica.builder.options, args=self.args)  # fmt: skip
+                          options=self._ica.builder.options, args=self.args, scorer=self._ica.scorer_name)  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """`Trainer.save_model`; PEFT's `save_pretrained` rewrites the card's base model to the folder the model was
@@ -252,49 +253,51 @@ class ICATrainerMixin:
         super().save_model(output_dir, _internal_call)
         self._complete_card(output_dir or self.args.output_dir, base_model_name(self.model.config))
 
-    def _ica_setup(self, raw_train: Dataset, holdout_dataset, max_length: int | None, view=None) -> None:
+    def _ica_setup(
+        self, raw_train: Dataset, holdout_dataset, max_length: int | None, view=None, scoring=(None, None)
+    ) -> None:
         """Build the controller. `view` maps a dataset to the rows ICA scores (see [`scoring_view`]); by default the
-        rows themselves."""
+        rows themselves. `scoring` is the constructor's `(scoring_model, scoring_processing_class)`."""
         args: ICAArguments = self.args
         view = view or (lambda dataset, name: dataset)
         self.data_collator = IndexedCollator(self.data_collator)
         if holdout_dataset is None:
             raise ValueError("`holdout_dataset` is required: ICA scores examples against a clean holdout set.")
+        holdout_dataset = view(holdout_dataset, "holdout_dataset")
+        streamed = isinstance(raw_train, IterableDataset)
+        train_rows = None if streamed else view(raw_train.remove_columns(INDEX), "train_dataset")
+        scorer = self._scoring_model(*scoring, rows=train_rows)
+        # The model and tokenizer that score: a scoring model of its own renders rows with its own chat template
+        model, tokenizer = (scorer.model, scorer.tokenizer) if scorer else (self.model, self.processing_class)
         # What defines the score, built once: the same for the training rows and the holdout's own scores
-        scoring = ICAScoringOptions.from_config(args, chat_template=seams.training_chat_template(self))
+        chat_template = None if scorer else seams.training_chat_template(self)
+        score_options = ICAScoringOptions.from_config(args, chat_template=chat_template)
         options = dict(
             # Scoring sequences carry k demonstrations on top of the training row: they are bounded by the model's
             # context (or `ica_max_length`), not by the training `max_length`.
-            max_length=args.ica_max_length or _context_size(self.model, max_length),
+            max_length=args.ica_max_length or _context_size(model, max_length),
             max_length_argument="ica_max_length",
             show_progress=self.accelerator.is_main_process and not args.disable_tqdm,
             compute_dtype=training_compute_dtype(args),
             # kNN on the model's own embeddings waits for the first step under FSDP or DeepSpeed, which place and
             # shard the model only then: run now, it would embed every row on the CPU
             defer_demos=bool(
-                (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+                scorer is None
+                and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
                 and args.ica_demo_selection in NEAREST_SELECTIONS
                 and args.ica_embedding_model is None
             ),
         )
-        holdout_dataset = view(holdout_dataset, "holdout_dataset")
-        if isinstance(raw_train, IterableDataset):
+        if train_rows is None:
             self._check_streamed(args)
             streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
-            builder = prepare_streamed_ica(self.model, self.processing_class, holdout_dataset, scoring, **streamed)
+            builder = prepare_streamed_ica(model, tokenizer, holdout_dataset, score_options, **streamed)
         else:
-            builder = prepare_ica(
-                self.model,
-                self.processing_class,
-                view(raw_train.remove_columns(INDEX), "train_dataset"),
-                holdout_dataset,
-                scoring,
-                **options,
-            )
+            builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
         reference = None
         if args.ica_weighting == "holdout_quantile":
             reference = prepare_holdout_reference(
-                self.model, self.processing_class, holdout_dataset, scoring, pairs=builder.pairs, **options
+                model, tokenizer, holdout_dataset, score_options, pairs=builder.pairs, **options
             )
             if len(reference.candidates) < 10:
                 logger.warning(
@@ -310,9 +313,12 @@ class ICATrainerMixin:
             self.accelerator.is_main_process,
             reference_builder=reference,
             compute_dtype=training_compute_dtype(args),
+            scorer=scorer,
         )
         if args.ica_scores_file is not None:
-            expected = {"method": "ica", **scoring.comparable()}
+            expected = {"method": "ica", **score_options.comparable()}
+            if scorer is not None:  # the file must come from the same scoring model
+                expected["model"] = scorer.name
             scores = read_scores_file(args.ica_scores_file, raw_train.remove_columns(INDEX), expected)
             self._ica.use_scores(scores, f"ica_scores_file={args.ica_scores_file}")
         per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -333,11 +339,39 @@ class ICATrainerMixin:
                 "train unweighted. Raise `gradient_accumulation_steps`, or use `ica_loss_reduction='token_mean'`."
             )
         if self._ica.online:
-            streamed = isinstance(raw_train, IterableDataset)  # no row is known before it arrives
-            reuse = self._reusable_rows() if not streamed and self._forward_is_engine_forward(args) else None
+            # no row of a stream is known before it arrives; the training forward is not the scoring model's
+            known = train_rows is not None and scorer is None
+            reuse = self._reusable_rows() if known and self._forward_is_engine_forward(args) else None
             if reuse is None:
                 reuse = np.zeros(len(builder.candidates), dtype=bool)
             self._ica.read_unconditioned_off_forward(reuse, args.gradient_accumulation_steps)
+
+    def _scoring_model(self, model, tokenizer, rows=None) -> ScoringModel | None:
+        """The scoring model of the run: the constructor's `scoring_model`, else `ica_scoring_model` loaded in the
+        training precision (or the trained model's dtype) on the training device; None to score with the trained
+        model. `rows` (the training rows ICA reads) must be text: token ids are the trained model's tokenizer's."""
+        args = self.args
+        if model is None and tokenizer is not None:
+            raise ValueError("`scoring_processing_class` is the tokenizer of `scoring_model`, which is not given.")
+        if model is not None and args.ica_scoring_model is not None:
+            raise ValueError(
+                f"Give the scoring model once: `scoring_model` or `ica_scoring_model`={args.ica_scoring_model!r}."
+            )
+        model = model if model is not None else args.ica_scoring_model
+        if model is None:
+            return None
+        check_fixed_scorer(model, args.ica_refresh)
+        if isinstance(rows, Dataset) and "input_ids" in rows.column_names:
+            raise ValueError(
+                "A scoring model of its own renders the rows with its own tokenizer, but `train_dataset` is "
+                "pre-tokenised (`input_ids`) with the trained model's. Pass text rows, or score with the trained "
+                "model."
+            )
+        dtype = training_compute_dtype(args) or model_dtype(self.model)
+        scorer = load_scoring_model(model, tokenizer, dtype=dtype, device=self.accelerator.device,
+                                    trust_remote_code=getattr(args, "trust_remote_code", False))  # fmt: skip
+        logger.info("ICA scores with %s, not with the model being trained.", scorer.name)
+        return scorer
 
     @staticmethod
     def _check_streamed(args) -> None:

@@ -49,11 +49,13 @@ def base_model_name(config) -> str | None:
 
 
 def complete_card(
-    path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, options, args
+    path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, options, args,
+    scorer: str | None = None,
 ) -> None:
-    """Add to the card TRL wrote at `path`: the real base model, the score's `options` ([`ICAScoringOptions`]) and
-    the run's weighting and refresh (`args`), the parent method's citation and the files under `ica/`. The card is
-    written whole (to a temporary file, then moved into place)."""
+    """Add to the card TRL wrote at `path`: the real base model, the score's `options` ([`ICAScoringOptions`]), the
+    run's weighting and refresh (`args`), the model that scored (`scorer`; None: the trained model), the parent
+    method's citation and the files under `ica/`. The card is written whole (to a temporary file, then moved into
+    place)."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(path)
@@ -76,6 +78,7 @@ def complete_card(
                                            "ica_demo_layout")},
         "ica_weighting": args.ica_weighting,
         "ica_refresh": args.ica_refresh,
+        **({"ica_scoring_model": scorer} if scorer else {}),
     }  # fmt: skip
     score = "log p(y | k holdout demonstrations, x)" + (" - log p(y | x)" if options.form == "difference" else "")
     score += " per response token" if options.reduction == "mean" else ""
@@ -84,7 +87,7 @@ def complete_card(
         ICA_SECTION,
         "",
         f"Trained with {method}: TRL's {parent} loss with each training example weighted by its ICA score, "
-        f"{score} under the current model "
+        f"{score} under {'the current model' if scorer is None else f'the scoring model `{scorer}`'} "
         f"([arXiv {ICA_PAPER['id']}](https://huggingface.co/papers/{ICA_PAPER['id']})), computed by trl_ica.",
         "",
         "| setting | value |",

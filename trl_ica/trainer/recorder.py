@@ -46,11 +46,14 @@ class RunRecorder:
     The trainer drains, after each call into the controller, [`take_metrics`] (the step's `ica/*` scalars) and
     [`take_scoring_histograms`] (`ica/scores_all` at each scoring); [`take_step_histograms`] (`ica/scores`,
     `ica/weights` of the steps since) when it logs.
+
+    With a scoring model of its own (`scored_by`, its name), every scoring record names it as `scoring_model`.
     """
 
-    def __init__(self, output_dir: str, is_main_process: bool = True):
+    def __init__(self, output_dir: str, is_main_process: bool = True, scored_by: str | None = None):
         self.dir = os.path.join(output_dir, "ica")
         self.is_main = is_main_process
+        self.scored_by = {} if scored_by is None else {"scoring_model": scored_by}
         self._metrics: list[dict[str, float]] = []
         self._step_histograms: list[tuple[np.ndarray, np.ndarray]] = []
         self._scoring_histograms: list[dict[str, np.ndarray]] = []
@@ -73,6 +76,7 @@ class RunRecorder:
                 "logp_unconditioned": _number(result.logp_unconditioned[i]),
                 "num_tokens": int(result.num_tokens[i]),
                 "demo_indices": result.demo_indices[i].tolist(),
+                **self.scored_by,
             }
             if result.pair_logps is not None:
                 record.update(zip(PAIR_FIELDS, map(_number, result.pair_logps[i])))
@@ -90,7 +94,8 @@ class RunRecorder:
         """Scoring `k` of the holdout against itself (`holdout_quantile`): `holdout-<k>.jsonl`."""
         if self.is_main:
             records = [
-                {"holdout_index": i, "step": step, "score": float(score), "demo_indices": demos.tolist()}
+                {"holdout_index": i, "step": step, "score": float(score), "demo_indices": demos.tolist(),
+                 **self.scored_by}
                 for i, (score, demos) in enumerate(zip(result.scores, result.demo_indices))
             ]
             _write_lines(self._path(f"holdout-{k}.jsonl"), records)

@@ -37,6 +37,11 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             by step as its rows arrive).
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set in the training data's format; its rows are the in-context demonstrations.
+        scoring_model (`str` or `PreTrainedModel`, *optional*):
+            a fixed model that scores the examples instead of the model being trained (see `ica_scoring_model`, its
+            name-or-path form in the config); a loaded model is used in its own dtype, on the training device.
+        scoring_processing_class (*optional*):
+            the scoring model's tokenizer; by default loaded from where the scoring model was loaded from.
 
     Example:
 
@@ -60,6 +65,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         processing_class=None,
         *,
         holdout_dataset=None,
+        scoring_model=None,
+        scoring_processing_class=None,
         **kwargs,
     ):
         args = ica_args(args, model, ICASFTConfig, "ICA-SFT")
@@ -83,7 +90,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
                 "takes the loss the model computes inside its forward, which per-example weights cannot reach. "
                 "Train without sequence parallelism (sp_size=1)."
             )
-        self._ica_setup(indexed, holdout_dataset, args.max_length, view=view)
+        scoring = (scoring_model, scoring_processing_class)
+        self._ica_setup(indexed, holdout_dataset, args.max_length, view=view, scoring=scoring)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """SFTTrainer's preparation; with packing, the training rows keep which example each packed sequence came

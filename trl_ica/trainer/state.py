@@ -24,6 +24,8 @@ STATE_FIELDS = (
     "ica_max_length", "ica_loss_reduction",
 )  # fmt: skip
 NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
+#: Fingerprinted by the name of the model that scores (given as a name or a loaded model), not by this field.
+SCORER_FIELD = "ica_scoring_model"
 
 
 def _digest(items) -> str:
@@ -34,9 +36,12 @@ def _digest(items) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(builder, args) -> dict[str, str]:
-    """What saved state depends on: the training rows, the holdout, the score's options and the [`STATE_FIELDS`]."""
+def fingerprint(builder, args, scorer: str | None = None) -> dict[str, str]:
+    """What saved state depends on: the training rows, the holdout, the score's options, the [`STATE_FIELDS`] and the
+    scoring model (`scorer`, its name; None when the trained model scores)."""
     settings = {**builder.options.comparable(), **{name: getattr(args, name) for name in STATE_FIELDS}}
+    if scorer is not None:
+        settings["scoring model"] = scorer
     return {
         "training rows": _digest(builder.candidates),
         "holdout rows": _digest(builder.holdout),
