@@ -1,0 +1,95 @@
+"""Do a small and a larger scorer agree? The recommended SFT score (conditioned form per token, k = 3 fixed
+demonstrations as earlier turns) of one label-noise pool under SmolLM2-135M-Instruct and under
+Qwen2.5-Coder-0.5B-Instruct, per seed: the AUROC of each (clean rows over noisy ones), their rank correlation
+(Spearman), and how much the top halves they would select overlap and how clean each is.
+
+This is what fits a CPU of the question whether a small scorer can serve a larger trained model: training the 0.5B
+model itself costs about 30 s per optimizer step here (`benchmarks.scorer_cost`), so its quality runs are left to a
+GPU. SmolLM2's scores are read from the experiment's own results file where they are kept (else computed); the
+0.5B model's are kept in `--results`.
+
+    python -m benchmarks.scorer_agreement benchmarks/experiments/label_noise/other_task.json [--seeds 0 1 2 3 4]
+        [--results benchmarks/results/scorer_agreement/other_task.json]
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from benchmarks.common.results import check_settings
+from benchmarks.common.results import load as load_results
+from benchmarks.common.results import save as save_results
+from benchmarks.label_noise import make_data, pool_scores
+from benchmarks.run import load_experiment
+from trl_ica.cli.scenarios import auroc
+from trl_ica.selection.baselines import select_top
+
+SMALL, LARGE = "turns_conditioned", "qwen_turns_conditioned"
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 (ties, which float scores almost never have, broken by position)."""
+    return np.argsort(np.argsort(values, kind="stable"), kind="stable")
+
+
+def agreement(small: np.ndarray, large: np.ndarray, clean: np.ndarray) -> dict:
+    top_small, top_large = (set(select_top(s, 0.5).tolist()) for s in (small, large))
+    return {
+        "auroc_small": auroc(small, clean),
+        "auroc_large": auroc(large, clean),
+        "spearman": float(np.corrcoef(ranks(small), ranks(large))[0, 1]),
+        "top_half_overlap": len(top_small & top_large) / len(top_small),
+        "clean_share_small": float(clean[sorted(top_small)].mean()),
+        "clean_share_large": float(clean[sorted(top_large)].mean()),
+    }
+
+
+def table(results: dict) -> list[str]:
+    seeds = sorted(results.get("seeds", {}), key=int)
+    lines = [
+        "| seeds | AUROC, SmolLM2-135M | AUROC, Qwen2.5-Coder-0.5B | Spearman between the two | top halves shared | "
+        "clean share of the top half, 135M / 0.5B |",
+        "|---|---|---|---|---|---|",
+    ]
+    if not seeds:
+        return lines
+    rows = [results["seeds"][s] for s in seeds]
+
+    def stat(key):
+        values = np.array([r[key] for r in rows])
+        return f"{values.mean():.3f} ± {values.std():.3f}"
+
+    shares = f"{stat('clean_share_small')} / {stat('clean_share_large')}"
+    lines.append(f"| {len(seeds)} | {stat('auroc_small')} | {stat('auroc_large')} | {stat('spearman')} | "
+                 f"{stat('top_half_overlap')} | {shares} |")  # fmt: skip
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="a label_noise experiment file (its pool, holdout and seeds)")
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--results", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    experiment = load_experiment(args.experiment)
+    settings = argparse.Namespace(**experiment["settings"])
+    kept_small = load_results(experiment["results"])  # read only: the experiment's own file is not written here
+    results = load_results(args.results)
+    check_settings(results, experiment["settings"], args.results)
+    for seed in args.seeds or experiment["seeds"]:
+        if str(seed) in results.get("seeds", {}):
+            continue
+        rows, clean, holdout, _, _ = make_data(settings, seed)
+        small = pool_scores(kept_small, {SMALL}, rows, holdout, clean, seed)[SMALL]
+        large = pool_scores(results, {LARGE}, rows, holdout, clean, seed)[LARGE]
+        results.setdefault("seeds", {})[str(seed)] = agreement(small, large, clean)
+        save_results(results, args.results)
+        print(f"  [seed {seed}] {results['seeds'][str(seed)]}", flush=True)
+    print("\n".join(table(results)))
+
+
+if __name__ == "__main__":
+    main()
