@@ -76,3 +76,27 @@ def test_a_streamed_dataset_is_refused_where_it_cannot_be_weighted(tokenizer, tm
         trainer(tokenizer, tmp_path, stream, holdout, ica_demo_selection="knn_grouped")
     with pytest.raises(ValueError, match="packed rows needs a Dataset"):
         trainer(tokenizer, tmp_path, stream, holdout, packing=True)
+
+
+def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_the_whole_set(tokenizer):
+    """Rows that arrive a few at a time get the nearest holdout rows they get all at once, and the holdout is
+    embedded with the first rows only (not again at every step)."""
+    from trl_ica.scoring.demonstrations import select_demos
+    from trl_ica.scoring.options import ICAScoringOptions
+    from trl_ica.scoring.streamed import prepare_streamed_ica
+
+    calls = []
+
+    def embed(texts):  # deterministic: letter counts
+        calls.append(len(texts))
+        return np.array([[t.count(c) + 0.1 for c in "0123456789 ?"] for t in texts], dtype=np.float64)
+
+    train, holdout = data()
+    options = ICAScoringOptions(num_demos=2, demo_selection="knn", embedding_model=embed)
+    builder = prepare_streamed_ica(tiny_llama(vocab_size=len(tokenizer)), tokenizer, holdout, options)
+    for start in range(0, 12, 4):
+        builder.add(range(start, start + 4), [train[i] for i in range(start, start + 4)])
+    questions = [r["prompt"][0]["content"] for r in train]
+    held = [r["prompt"][0]["content"] for r in holdout]
+    np.testing.assert_array_equal(builder.demo_indices, select_demos(questions, held, 2, "knn", 0, embed))
+    assert calls[:4] == [5, 4, 4, 4]  # the holdout once, then each step's new rows

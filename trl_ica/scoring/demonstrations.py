@@ -120,6 +120,7 @@ def select_demos(
     embed: Embedder | None = None,
     exclude: np.ndarray | None = None,
     rows=None,
+    holdout_vectors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into the holdout of each candidate's demonstrations, `(len(candidate_texts), num_demos)` int64.
 
@@ -146,6 +147,9 @@ def select_demos(
         rows (`Sequence[int]`, *optional*): the candidates' ids in the whole training set, which seed the `"random"`
             draw of each (default: their positions here), so rows chosen a batch at a time get the draws they would
             get all at once.
+        holdout_vectors (`np.ndarray`, *optional*): `(len(holdout_texts), d)` embeddings of the holdout questions
+            already computed, used by the `"knn*"` methods instead of embedding them again (rows chosen a batch at
+            a time embed the holdout once).
     """
     check_choice("demo_selection", method, DEMO_SELECTIONS)
     n, h = len(candidate_texts), len(holdout_texts)
@@ -190,7 +194,11 @@ def select_demos(
         )
     if embed is None:
         raise ValueError(f"`demo_selection={method!r}` needs an embedder.")
-    cand, hold = _unit(embed(candidate_texts)), _unit(embed(holdout_texts))
+    if holdout_vectors is not None and np.shape(holdout_vectors)[0] != h:
+        raise ValueError(f"`holdout_vectors` must hold one row per holdout question ({h}), got "
+                         f"{np.shape(holdout_vectors)[0]}.")  # fmt: skip
+    hold = _unit(embed(holdout_texts) if holdout_vectors is None else holdout_vectors)
+    cand = _unit(embed(candidate_texts))
     own = np.flatnonzero(exclude >= 0)
     if method == "knn_grouped":
         return _grouped(cand, hold, num_demos, exclude, seed)

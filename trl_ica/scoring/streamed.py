@@ -20,6 +20,10 @@ class StreamedRequestBuilder(ICARequestBuilder):
     demonstrations and length-checked then. Only the rows of the latest [`add`] are kept; `demo_indices` grows with
     the highest index seen (`-1` for a row not seen).
 
+    `knn` embeds each row as it arrives and the holdout once, with the first rows: with the trained model's own
+    hidden states (the default embedder) a row that arrives later is compared with holdout embeddings of the model
+    as it was then, which saves embedding the whole holdout again at every step.
+
     Args:
         tokenizer: the model's tokenizer.
         holdout (`list[SFTExample]`): the read holdout.
@@ -46,6 +50,7 @@ class StreamedRequestBuilder(ICARequestBuilder):
         self.embed = embed
         self.max_length, self.argument = max_length, argument
         self.demo_indices = np.zeros((0, options.num_demos), dtype=np.int64)
+        self._holdout_vectors = None  # `knn`: the holdout's embeddings, computed with the first rows
 
     def add(self, indices, rows) -> None:
         """Read the rows `rows` (mappings, in a format SFTTrainer trains on) of the training examples `indices`,
@@ -66,7 +71,10 @@ class StreamedRequestBuilder(ICARequestBuilder):
             questions = [self.candidates[i].question for i in new]
             holdout = [h.question for h in self.holdout]
             k, selection, seed = self.options.num_demos, self.options.demo_selection, self.options.seed
-            table[new] = select_demos(questions, holdout, k, selection, seed, self.embed, rows=new)
+            if selection == "knn" and self._holdout_vectors is None:
+                self._holdout_vectors = np.asarray(self.embed(holdout))
+            table[new] = select_demos(questions, holdout, k, selection, seed, self.embed, rows=new,
+                                      holdout_vectors=self._holdout_vectors)  # fmt: skip
         self.demo_indices = table
         if new:
             self._check_new_lengths(new)
