@@ -107,6 +107,33 @@ def test_where_a_model_was_loaded_from(tmp_path):
     assert seams.loaded_from(config) == str(tmp_path), where("reported_as (not restored)")
 
 
+def test_a_whole_model_loads_while_a_zero3_config_is_registered(tmp_path):
+    """A scoring model loads whole on each process under DeepSpeed ZeRO-3's registered config, which is restored."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    class Zero3:
+        def is_zero3(self):
+            return True
+
+    tiny_llama().save_pretrained(tmp_path)
+    registered = Zero3()
+    set_hf_deepspeed_config(registered)
+    try:
+        with seams.whole_model_loading():
+            assert not is_deepspeed_zero3_enabled(), where("whole_model_loading")
+            AutoModelForCausalLM.from_pretrained(tmp_path)  # would need DeepSpeed to partition it
+        assert is_deepspeed_zero3_enabled(), where("whole_model_loading (not restored)")
+    finally:
+        unset_hf_deepspeed_config()
+    with seams.whole_model_loading():  # nothing registered: nothing to do
+        assert not is_deepspeed_zero3_enabled()
+
+
 def test_bitsandbytes_4bit_layers_are_recognised():
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(16, 16, quant_type="nf4")

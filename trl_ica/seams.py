@@ -242,6 +242,30 @@ def reported_as(config, name: str | None):
         config._name_or_path = previous
 
 
+@contextlib.contextmanager
+def whole_model_loading():
+    """Within the block `from_pretrained` loads a whole model on each process even while a DeepSpeed ZeRO-3 config is
+    registered (accelerate registers it for `zero3_init_flag`, `transformers.integrations.deepspeed.
+    set_hf_deepspeed_config`, and `from_pretrained` then partitions every model it loads): a scoring model is
+    replicated, not partitioned, since no DeepSpeed engine gathers its parameters. The registration is restored."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    names = ("_hf_deepspeed_config_weak_ref", "set_hf_deepspeed_config", "unset_hf_deepspeed_config")
+    if not all(hasattr(hf_deepspeed, name) for name in names):
+        seam = "transformers.integrations.deepspeed's registered ZeRO-3 config (`_hf_deepspeed_config_weak_ref`)"
+        raise SeamError(seam, "it, `set_hf_deepspeed_config` or `unset_hf_deepspeed_config` is gone")
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = reference() if reference is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 # --- bitsandbytes --------------------------------------------------------------------------------------------------
 
 

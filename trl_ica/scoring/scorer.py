@@ -53,9 +53,10 @@ def load_scoring_model(
             raise ValueError(f"`{argument}` must be a Hub id or a model folder, got an empty string.")
         path = resolve_model(model)
         check_model_path(path, argument)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
-        )
+        with seams.whole_model_loading():  # replicated on each process, also under DeepSpeed ZeRO-3
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
+            )
         name = model
     elif isinstance(model, PreTrainedModel):
         loaded, path = model, seams.loaded_from(model.config)
