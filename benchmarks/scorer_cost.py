@@ -51,6 +51,7 @@ class StepClock(TrainerCallback):
 
 def measure(name: str, rows, holdout, args) -> dict:
     model, tokenizer = load_model(qwen_05b_path() if name == QWEN_05B else name)
+    parameters = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", form="conditioned",
               reduction="mean", layout="turns", show_progress=False)  # fmt: skip
@@ -69,7 +70,7 @@ def measure(name: str, rows, holdout, args) -> dict:
         "scoring_seconds_per_1k": scoring * 1000 / len(rows),
         "training_step_seconds": step,
         "training_seconds_per_1k": step * 1000 / args.batch_size,
-        "parameters": sum(p.numel() for p in model.get_base_model().parameters()),
+        "parameters": parameters,
     }
 
 
