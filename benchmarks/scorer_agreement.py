@@ -3,10 +3,10 @@ demonstrations as earlier turns) of one label-noise pool under SmolLM2-135M-Inst
 Qwen2.5-Coder-0.5B-Instruct, per seed: the AUROC of each (clean rows over noisy ones), their rank correlation
 (Spearman), and how much the top halves they would select overlap and how clean each is.
 
-This is what fits a CPU of the question whether a small scorer can serve a larger trained model: training the 0.5B
-model itself costs about 30 s per optimizer step here (`benchmarks.scorer_cost`), so its quality runs are left to a
-GPU. SmolLM2's scores are read from the experiment's own results file where they are kept (else computed); the
-0.5B model's are kept in `--results`.
+This is the ranking half of the question whether a small scorer can serve a larger trained model; the other half,
+training the 0.5B model with each scorer's weights, is a training benchmark of its own. Both scores are read from
+the experiment's own results file where they are kept (else computed); the 0.5B model's are kept in `--results`
+too.
 
     python -m benchmarks.scorer_agreement benchmarks/experiments/label_noise/other_task.json [--seeds 0 1 2 3 4]
         [--results benchmarks/results/scorer_agreement/other_task.json]
@@ -83,6 +83,9 @@ def main():
         if str(seed) in results.get("seeds", {}):
             continue
         rows, clean, holdout, _, _ = make_data(settings, seed)
+        kept_large = kept_small.get("scores", {}).get(LARGE, {})  # the experiment's own runs may have them
+        if str(seed) in kept_large:
+            results.setdefault("scores", {}).setdefault(LARGE, {})[str(seed)] = kept_large[str(seed)]
         small = pool_scores(kept_small, {SMALL}, rows, holdout, clean, seed)[SMALL]
         large = pool_scores(results, {LARGE}, rows, holdout, clean, seed)[LARGE]
         results.setdefault("seeds", {})[str(seed)] = agreement(small, large, clean)
