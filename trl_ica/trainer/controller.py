@@ -132,12 +132,12 @@ class ICAController:
 
     def _scoring(self, model):
         """The model that scores: the run's scoring model, else the trained `model`."""
-        if self.scorer is None:
-            return model
-        if self.scorer.model is None:
+        if self.scorer is not None:
+            return self.scorer.model
+        if self.scorer_name is not None:  # freed: the trained model must never stand in for it
             raise RuntimeError(f"The scoring model {self.scorer_name} was freed after its one scoring; nothing "
                                "should score again.")  # fmt: skip
-        return self.scorer.model
+        return model
 
     def _release_scorer_if_done(self) -> None:
         """Free the scoring model once every score it will ever give exists: the training set's (R = 1, or given)
