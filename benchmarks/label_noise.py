@@ -31,7 +31,10 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   tokens, so the step size does not shrink with the mean weight;
 - `qwen_turns_quantile`, `qwen_turns_quantile_wmean`, `top_qwen_turns`: `ica_turns_quantile`, its `weighted_mean`
   run and `top_turns` with the scores of a scoring model of its own, Qwen2.5-Coder-0.5B-Instruct
-  (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained.
+  (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained;
+- with the setting `"model": "qwen2.5-coder-0.5b-instruct"` the 0.5B model is trained instead (a proxy for a larger
+  trained model): `ica_turns_quantile` and `top_turns` then use its own scores, and `smol_turns_quantile`,
+  `top_smol_turns` those of SmolLM2-135M (`ica_scoring_model`), a scorer a quarter its size.
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`); the scores are
 kept in the results file, so a method added later trains without scoring again. Reported: the
@@ -59,7 +62,7 @@ import numpy as np
 import torch
 
 from benchmarks.common.evaluation import evaluate
-from benchmarks.common.models import QWEN_05B, qwen_05b_path, top_layer_lora, training_settings
+from benchmarks.common.models import QWEN_05B, default_model_path, qwen_05b_path, top_layer_lora, training_settings
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
@@ -97,9 +100,11 @@ METHODS = (
     "qwen_turns_quantile",
     "qwen_turns_quantile_wmean",
     "top_qwen_turns",
+    "smol_turns_quantile",
+    "top_smol_turns",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
-TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns")
+TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns", "top_smol_turns")
 # The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the paper's layout,
 # which every method without `turns` in its name uses; both passes), `turns` (the demonstrations as earlier turns),
 # `knn` and `grouped` (other demonstrations, the conditioned pass), and `random` scores for the control.
@@ -113,20 +118,22 @@ SCORE_OF = {
     "random_weights_wmean": "random",
     "qwen_turns_quantile": "qwen_turns_conditioned", "qwen_turns_quantile_wmean": "qwen_turns_conditioned",
     "top_qwen_turns": "qwen_turns_conditioned",
+    "smol_turns_quantile": "smol_turns_conditioned", "top_smol_turns": "smol_turns_conditioned",
 }  # fmt: skip
-SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
+SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments (`model`: else the trained one)
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
     "turns": ({"turns_paper", "turns_conditioned"}, {"layout": "turns"}),
     "knn": ({"knn_conditioned"}, {"demo_selection": "knn", "form": "conditioned"}),
     "grouped": ({"grouped_conditioned"}, {"demo_selection": "knn_grouped", "form": "conditioned"}),
     "qwen_turns": ({"qwen_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": QWEN_05B}),
+    "smol_turns": ({"smol_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": DEFAULT_MODEL}),
 }
 
 
-def pool_scores(results, names, rows, holdout, clean, seed) -> dict:
+def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODEL) -> dict:
     """The pool's scores `names` for `seed`: kept in `results["scores"]` (so a rerun does not score again), else
-    computed by the scorings that give them (SmolLM2, k = 3, fixed demonstrations unless said), with their AUROC of
-    the clean rows over the noisy ones and their scoring time recorded."""
+    computed by the scorings that give them (the `trained` model unless said, k = 3, fixed demonstrations unless
+    said), with their AUROC of the clean rows over the noisy ones and their scoring time recorded."""
     from trl_ica.cli.scenarios import auroc
 
     kept = results.setdefault("scores", {})
@@ -135,7 +142,7 @@ def pool_scores(results, names, rows, holdout, clean, seed) -> dict:
         if not (names & gives) or all(str(seed) in kept.get(n, {}) for n in gives):
             continue
         options = dict(options)
-        model, tokenizer = load_model(qwen_05b_path() if options.pop("model", None) == QWEN_05B else DEFAULT_MODEL)
+        model, tokenizer = load_model(model_path(options.pop("model", trained)))
         start = time.perf_counter()
         out = score_ica(model, tokenizer, rows, holdout, num_demos=3, seed=seed, show_progress=False,
                         **{"demo_selection": "fixed", **options})  # fmt: skip
@@ -181,7 +188,18 @@ SETTINGS = {
     "qwen_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B),
     "qwen_turns_quantile_wmean": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B,
                                       ica_loss_reduction="weighted_mean"),  # fmt: skip
+    # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
+    "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
 }
+
+
+#: The models a run can train or score with, by the name the settings give.
+MODELS = (DEFAULT_MODEL, QWEN_05B)
+
+
+def model_path(name: str) -> str:
+    """The folder of model `name` (one of [`MODELS`]), converted once."""
+    return qwen_05b_path() if name == QWEN_05B else default_model_path()
 
 
 def make_data(args, seed):
@@ -200,7 +218,7 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(model_path(args.model))
     lora = top_layer_lora(model, args.top_layers)
     with tempfile.TemporaryDirectory() as out:
         common = training_settings(out, args, seed)
@@ -209,8 +227,8 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
                                  peft_config=lora)  # fmt: skip
         else:
             fields = {"ica_demo_selection": "fixed", "ica_demo_layout": "in_turn", **SETTINGS[method]}
-            if fields.get("ica_scoring_model") == QWEN_05B:
-                fields["ica_scoring_model"] = qwen_05b_path()
+            if "ica_scoring_model" in fields:
+                fields["ica_scoring_model"] = model_path(fields["ica_scoring_model"])
             # the paper's settings with the closing token scored are the base every method was measured from
             base = dict(ica_preset="paper", ica_score_end_token=True)
             config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **{**base, **fields})
@@ -228,6 +246,9 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
 
 SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_size", "lr", "top_layers", "n_train",
                 "n_holdout", "n_test", "top_fraction")  # fmt: skip
+#: Settings an experiment may leave out, with the value it then has: `model`, the trained model (the embedded
+#: SmolLM2-135M-Instruct, or QWEN_05B).
+OPTIONAL_SETTINGS = {"model": DEFAULT_MODEL}
 
 
 def table(results, methods, labels=None) -> list[str]:
@@ -360,9 +381,12 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
     """Every (method, seed) run not yet in `results_path`, each written there as it finishes; returns the results.
     `settings` holds the [`SETTING_KEYS`]; a results file made with other settings is refused."""
     unknown = sorted(set(methods) - set(METHODS))
-    if unknown or set(settings) != set(SETTING_KEYS):
-        raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)}: {sorted(settings)}.")
-    args = argparse.Namespace(**settings)
+    if unknown or not set(SETTING_KEYS) <= set(settings) <= {*SETTING_KEYS, *OPTIONAL_SETTINGS}:
+        raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)} and optional "
+                         f"{list(OPTIONAL_SETTINGS)}: {sorted(settings)}.")  # fmt: skip
+    if settings.get("model", DEFAULT_MODEL) not in MODELS:
+        raise SystemExit(f"settings model={settings['model']!r}: trained models are {list(MODELS)}.")
+    args = argparse.Namespace(**{**OPTIONAL_SETTINGS, **settings})
     results = load_results(results_path)
     check_settings(results, dict(settings), results_path)
     for seed in seeds:
@@ -370,7 +394,8 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
         if not todo:
             continue
         rows, clean, holdout, test, checker = make_data(args, seed)
-        scores = pool_scores(results, {SCORE_OF[m] for m in todo if m in SCORE_OF}, rows, holdout, clean, seed)
+        names = {SCORE_OF[m] for m in todo if m in SCORE_OF}
+        scores = pool_scores(results, names, rows, holdout, clean, seed, args.model)
         for method in todo:
             start = time.perf_counter()
             if method == "oracle":
@@ -436,6 +461,7 @@ def main():
         help="other_task: answers of `--noise-task`; shuffled: answers of other questions of the same task; "
         "mixture: whole rows of the `--noise-task` tasks (comma-separated)",
     )
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help="the trained model")
     parser.add_argument("--results", default=None)
     parser.add_argument("--keep-logs", default="", help="Folder for each ICA run's ica/ logs (<method>-seed<s>), "
                         "with trace.json and trace.png: the clean and noisy rows' scores and weights step by step, "
@@ -443,6 +469,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {k: getattr(args, k) for k in SETTING_KEYS}
+    if args.model != DEFAULT_MODEL:
+        settings["model"] = args.model
     results = run(settings, args.methods, args.seeds, args.results, args.keep_logs)
     print("\n".join(table(results, args.methods)))
     if args.results:
