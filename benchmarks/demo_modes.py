@@ -12,25 +12,22 @@ closing token), every row is scored with each way of choosing its demonstrations
 Reported per pool and mode: the AUROC of the paper's score (difference, sum) and of the conditioned form per token,
 the distinct demonstration lists, and the tokens the prefix tree runs as a share of the naive computation's.
 
-    python -m benchmarks.demo_modes [--scenarios ...] [--seeds 0] [--results benchmarks/results/demo_modes.json]
+    python -m benchmarks.run benchmarks/experiments/demo_modes/smollm2.json [--methods ...] [--seeds 0]
 
-Every finished (scenario, mode, seed) is kept in the JSON file (written whole) and skipped when run again; the file
-records the pool size and the model, and a run with others is refused.
+The experiment's methods are the modes, its scenarios the pools. Every finished (pool, mode, seed) is kept in the
+results file (written whole) and skipped when run again; a file made with other settings is refused.
 """
 
-import argparse
-import json
-import os
-import time
 import warnings
 
 import numpy as np
-import torch
 
-from benchmarks.layout import SCENARIOS, per_token, pool
-from trl_ica.cli.assets import DEFAULT_MODEL, load_model
+from benchmarks.common.models import DEFAULT_MODEL, load_model
+from benchmarks.common.pools import pool_table, run_pools
+from benchmarks.common.results import load as load_results
+from benchmarks.layout import SCENARIOS, per_token, pool  # noqa: F401 - its pools are the layout's
+from benchmarks.run import main as run_main
 from trl_ica.cli.scenarios import auroc
-from trl_ica.data_io import write_json
 from trl_ica.scoring.ica import prepare_ica, score_with
 from trl_ica.scoring.planner import token_counts
 
@@ -38,67 +35,65 @@ warnings.filterwarnings("ignore")
 MODES = ("knn", "knn_canonical", "knn_grouped", "fixed")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--n", type=int, default=160, help="pool rows (pairs: half of it)")
-    parser.add_argument("--results", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    results = json.load(open(args.results)) if args.results and os.path.isfile(args.results) else {}
-    settings = {"n": args.n, "model": DEFAULT_MODEL, "num_demos": 3, "layout": "in_turn", "score_end": True}
-    if results.setdefault("settings", settings) != settings:
-        raise SystemExit(f"{args.results} holds runs with other settings ({results['settings']}, asked {settings}).")
+METHODS = MODES
+SETTINGS = {"model": DEFAULT_MODEL, "num_demos": 3, "layout": "in_turn", "score_end": True}  # and the pool size `n`
+
+
+def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> None:
+    """An experiment file's scorings (its `methods` and `seeds` unless given), each kept as it finishes; then its
+    table."""
+    settings = experiment["settings"]
+    if set(settings) != {"n", *SETTINGS} or any(settings[k] != v for k, v in SETTINGS.items()):
+        raise SystemExit(f"demo_modes settings are the pool size `n` and {SETTINGS}, got {settings}.")
     model, tokenizer = load_model()
-    for seed in args.seeds:
-        for name in args.scenarios:
-            todo = [m for m in args.modes if str(seed) not in results.get(f"{name} {m}", {})]
-            if not todo:
-                continue
-            train, holdout, positive = pool(name, args.n // 2 if name == "pairs" else args.n, seed)
-            for mode in todo:
-                start = time.perf_counter()
-                builder = prepare_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=mode, seed=seed,
-                                      layout="in_turn", show_progress=False)  # fmt: skip
-                result = score_with(model, builder, show_progress=False)
-                cond, plain = per_token(result)
-                requests = [
-                    r for i in range(len(builder.candidates)) for c in (True, False) for r in builder.requests(i, c)
-                ]
-                counts = token_counts(requests)
-                record = {
-                    "difference_sum": auroc(result.scores, positive),
-                    "conditioned_mean": auroc(cond, positive),
-                    "distinct_lists": len({tuple(d) for d in builder.demo_indices}),
-                    "tree_share_of_naive": counts.tree / counts.naive,
-                    "flat_share_of_naive": counts.flat / counts.naive,
-                    "seconds": time.perf_counter() - start,
-                }
-                results.setdefault(f"{name} {mode}", {})[str(seed)] = record
-                if args.results:
-                    write_json(results, args.results)
-                print(f"  [seed {seed}] {name} {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items()),
-                      flush=True)  # fmt: skip
-    report(results, args.scenarios, args.modes)
+
+    def measure(data, mode, seed):
+        train, holdout, positive = data
+        builder = prepare_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=mode, seed=seed,
+                              layout="in_turn", show_progress=False)  # fmt: skip
+        result = score_with(model, builder, show_progress=False)
+        cond, _ = per_token(result)
+        requests = [r for i in range(len(builder.candidates)) for c in (True, False) for r in builder.requests(i, c)]
+        counts = token_counts(requests)
+        return {
+            "difference_sum": auroc(result.scores, positive),
+            "conditioned_mean": auroc(cond, positive),
+            "distinct_lists": len({tuple(d) for d in builder.demo_indices}),
+            "tree_share_of_naive": counts.tree / counts.naive,
+            "flat_share_of_naive": counts.flat / counts.naive,
+        }
+
+    run_pools(experiment, methods or experiment["methods"], seeds or experiment["seeds"],
+              lambda name, seed: pool(name, settings["n"], seed), measure)
+    print("\n".join(report_table(experiment)))
 
 
-def report(results, scenarios, modes):
-    header = (
-        "| pool | mode | AUROC difference, sum | AUROC conditioned, per token | distinct lists | tree / naive tokens"
-    )
-    print(f"\n{header} | seeds |")
-    print("|---|---|---|---|---|---|---|")
-    for name in scenarios:
-        for mode in modes:
-            runs = results.get(f"{name} {mode}", {})
-            if not runs:
-                continue
-            keys = ("difference_sum", "conditioned_mean", "distinct_lists", "tree_share_of_naive")
-            cells = [np.mean([r[k] for r in runs.values()]) for k in keys]
-            print(f"| {name} | {mode} | {cells[0]:.3f} | {cells[1]:.3f} | {cells[2]:.0f} | {cells[3]:.2f} "
-                  f"| {len(runs)} |")  # fmt: skip
+def report_table(experiment: dict) -> list[str]:
+    """Per pool and mode, the AUROC of both scores (in brackets: the change against exact kNN on the same pool), the
+    distinct demonstration lists and the tokens each engine runs as a share of the naive computation's, averaged
+    over the kept seeds."""
+    results = load_results(experiment["results"])
+
+    def mean(runs, key):
+        return float(np.mean([r[key] for r in runs.values()]))
+
+    def cells(runs, name):
+        knn = results.get(f"{name} knn")
+        out = []
+        for key in ("difference_sum", "conditioned_mean"):
+            change = "" if not knn or runs is knn else f" ({mean(runs, key) - mean(knn, key):+.3f})"
+            out.append(f"{mean(runs, key):.3f}{change}")
+        keys = ("distinct_lists", "tree_share_of_naive", "flat_share_of_naive")
+        return out + [f"{mean(runs, keys[0]):.0f}"] + [f"{mean(runs, k):.3f}" for k in keys[1:]]
+
+    header = ["demonstrations", "AUROC, difference, sum (paper)", "AUROC, conditioned, per token", "distinct lists",
+              "tree tokens / naive", "flat tokens / naive"]  # fmt: skip
+    lines = pool_table(experiment, header, cells)
+    return lines + ["", "(in brackets: the change against exact kNN.)"]
+
+
+def main(argv=None):
+    run_main(argv, __doc__, "benchmarks/experiments/demo_modes/smollm2.json")
 
 
 if __name__ == "__main__":

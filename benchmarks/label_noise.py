@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from benchmarks.common.evaluation import evaluate
-from benchmarks.common.models import QWEN_05B, default_model_path, qwen_05b_path, top_layer_lora, training_settings
+from benchmarks.common.models import MODELS, QWEN_05B, model_path, top_layer_lora, training_settings
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
@@ -191,15 +191,6 @@ SETTINGS = {
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
 }
-
-
-#: The models a run can train or score with, by the name the settings give.
-MODELS = (DEFAULT_MODEL, QWEN_05B)
-
-
-def model_path(name: str) -> str:
-    """The folder of model `name` (one of [`MODELS`]), converted once."""
-    return qwen_05b_path() if name == QWEN_05B else default_model_path()
 
 
 def make_data(args, seed):
@@ -384,9 +375,9 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
     if unknown or not set(SETTING_KEYS) <= set(settings) <= {*SETTING_KEYS, *OPTIONAL_SETTINGS}:
         raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)} and optional "
                          f"{list(OPTIONAL_SETTINGS)}: {sorted(settings)}.")  # fmt: skip
-    if settings.get("model", DEFAULT_MODEL) not in MODELS:
-        raise SystemExit(f"settings model={settings['model']!r}: trained models are {list(MODELS)}.")
     args = argparse.Namespace(**{**OPTIONAL_SETTINGS, **settings})
+    if args.model not in MODELS:
+        raise SystemExit(f"settings model={args.model!r}: the trained model is one of {list(MODELS)}.")
     results = load_results(results_path)
     check_settings(results, dict(settings), results_path)
     for seed in seeds:

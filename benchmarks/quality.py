@@ -1,28 +1,29 @@
 """End-to-end quality: does ICA weighting help a LoRA fine-tune of SmolLM2-135M-Instruct? (CPU, offline data)
 
 Scenarios, each over several seeds (a seed draws the data split and initialises the run):
-- `sft`: a noisy GSM8K pool (a `--noise` share corrupted: wrong final number, another problem's solution, truncated)
+- `sft`: a noisy GSM8K pool (a `noise` share corrupted: wrong final number, another problem's solution, truncated)
   with a clean holdout. Uniform SFT, ICA weights (one refresh, online, and the conditioned score form), a control
   with the same weighting of random scores (`random_weights`), and SFT on the top half of the pool by the ICA
   score, the conditioned score and the loss baseline, all for the same number of steps. Measured: the loss on
   clean test answers (nats/token) and the final-number accuracy of greedy answers to the test questions.
 - `domain`: a pool mixing five reasoning-gym tasks, a holdout of the target task (leg counting). Same methods;
   measured on the target task's test split: loss and accuracy by reasoning-gym's own `score_answer`.
-- `pref`: GSM8K preference pairs with a `--noise` share flipped. DPO and SimPO: stock, the oracle (the stock
+- `pref`: GSM8K preference pairs with a `noise` share flipped. DPO and SimPO: stock, the oracle (the stock
   trainer on the unflipped pairs only, same steps), ICA-weighted (`ica_*`: the paper's score; `_conditioned`: the
   per-token conditioned margin; `_turns`: demonstrations as earlier turns instead of in-turn; `_quantile`:
-  `holdout_quantile` weights instead of batch min-max) and `random_*` (batch min-max weights of random scores).
+  `holdout_quantile` weights instead of batch min-max; `_wmean`: `ica_loss_reduction="weighted_mean"`, each pair
+  counting 1) and `random_*` (batch min-max weights of random scores).
   Measured: preference accuracy on clean test pairs (DPO: implicit reward margin against the base model; SimPO:
   mean log-probability margin).
 
-    python -m benchmarks.quality [--scenarios sft domain pref] [--seeds 0 1 2] [--steps 12] [--plots docs] \
-        [--methods ...] [--results benchmarks/results/quality.json] [--plot-suffix _96]
+    python -m benchmarks.run benchmarks/experiments/quality/sft.json [--methods ...] [--seeds 0 1 2]
 
-Prints a markdown table per scenario (mean and standard deviation over seeds, the paired difference from the
-stock run of the same seed and, where the oracle ran, the share of the stock-to-oracle gap recovered) and writes
-one PNG per scenario. With `--results`, every finished run is kept in that JSON file with its wall time, and runs
-already in it are skipped: an interrupted run resumes, and new methods or seeds extend it. The file records the
-data and training settings; a run with other settings is refused (use another file).
+An experiment file names one scenario (`scenarios`), the data and training settings (`n_train`, `n_test`, `noise`,
+`steps`, `batch_size`, `lr`), the methods and seeds. Every finished run is kept in its results file with its wall
+time, and runs already in it are skipped: an interrupted run resumes, and new methods or seeds extend it; a file
+made with other settings is refused. The report gives, per method, the mean and standard deviation over seeds, the
+paired difference from the stock run of the same seed with the seeds it did better on and, where the oracle ran,
+the share of the stock-to-oracle gap recovered; the plot shows each seed's paired difference.
 """
 
 import argparse
@@ -32,14 +33,14 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 from benchmarks.common.data import reasoning_gym_mixture
 from benchmarks.common.evaluation import gsm8k_accuracy, reasoning_gym_accuracy, test_loss
 from benchmarks.common.models import lora
 from benchmarks.common.results import Results
+from benchmarks.run import main as run_main
 from trl_ica.cli.assets import load_model
-from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs
+from trl_ica.cli.scenarios import noisy_gsm8k, noisy_gsm8k_pairs
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import score_ica
@@ -56,7 +57,10 @@ PREF_METHODS = (
     "ica_dpo_conditioned_turns_quantile", "random_dpo",
     "simpo", "simpo_oracle", "ica_simpo", "ica_simpo_conditioned", "ica_simpo_conditioned_turns",
     "ica_simpo_conditioned_turns_quantile", "random_simpo",
+    "ica_dpo_conditioned_turns_wmean", "random_dpo_wmean", "ica_simpo_conditioned_turns_wmean", "random_simpo_wmean",
 )  # fmt: skip
+SCENARIOS = ("sft", "domain", "pref")
+METHODS = (*SFT_METHODS, *PREF_METHODS)
 CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the variant score (see the README)
 
 
@@ -77,12 +81,15 @@ def ica_fields(refresh, layout="in_turn"):
 def pref_ica_fields(method):
     """The `ica_*` fields of a preference method, read off its name: `_conditioned` (per-token conditioned margin),
     `_turns` (demonstrations as earlier turns; in-turn otherwise), `_quantile` (`holdout_quantile` weights;
-    batch min-max otherwise). `random_*` is the batch min-max control fed random scores."""
+    batch min-max otherwise), `_wmean` (`ica_loss_reduction="weighted_mean"`). `random_*` is the batch min-max
+    control fed random scores."""
     fields = ica_fields(1, "turns" if "_turns" in method else "in_turn")
     if "_conditioned" in method:
         fields.update(CONDITIONED)
     if method.endswith("_quantile"):
         fields["ica_weighting"] = "holdout_quantile"
+    if method.endswith("_wmean"):
+        fields["ica_loss_reduction"] = "weighted_mean"
     return fields
 
 
@@ -111,6 +118,7 @@ def train_sft(method, train, holdout, scores, seed, args):
 
 
 BEFORE = "before training"
+PREF_BEFORE = "before training (DPO margin / SimPO margin)"
 SETTING_KEYS = ("n_train", "n_test", "noise", "steps", "batch_size", "lr")  # what a results file's runs share
 
 
@@ -118,25 +126,14 @@ def run_sft_like(name, make_data, accuracy, args, results):
     methods = [m for m in args.methods if m in SFT_METHODS]
     for seed in args.seeds:
         todo = [m for m in methods if not results.has(name, m, seed)]
-        parts = seed == args.seeds[0] and args.parts  # print which part of the score moves, once
-        if not todo and results.has(name, BEFORE, seed) and not parts:
+        if not todo and results.has(name, BEFORE, seed):
             continue
-        train, holdout, test, labels, positive = make_data(seed)
+        train, holdout, test = make_data(seed)
         model, tokenizer = load_model()
         scores = None
-        if parts or any(m.startswith("top_half") for m in todo):
-            ica = score_ica(
-                model,
-                tokenizer,
-                train,
-                holdout,
-                num_demos=3,
-                demo_selection="fixed",
-                layout="in_turn",
-                show_progress=False,
-            )
-            if parts:
-                score_parts(name, ica, labels, positive)
+        if any(m.startswith("top_half") for m in todo):
+            ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", layout="in_turn",
+                            show_progress=False)  # fmt: skip
             scores = {  # the loss baseline is log p(y | x) per token, which the ICA pass without demos already has
                 "ica": ica.scores,
                 "conditioned": ica.logp_conditioned / ica.num_tokens,
@@ -153,30 +150,6 @@ def run_sft_like(name, make_data, accuracy, args, results):
         if not results.has(name, BEFORE, seed):  # `model` scored, untrained
             results.add(name, BEFORE, seed, loss=test_loss(model, tokenizer, test),
                         accuracy=accuracy(model.eval(), tokenizer, test))  # fmt: skip
-
-
-def score_parts(name, ica, labels, positive):
-    """Which part of the ICA score moves for which kind of example, and how each form ranks the positives."""
-    tokens = ica.num_tokens
-    forms = {
-        "ICA, sum (the paper's)": ica.scores,
-        "ICA per token": (ica.logp_conditioned - ica.logp_unconditioned) / tokens,
-        "log p(y | D, x) per token (conditioned)": ica.logp_conditioned / tokens,
-        "log p(y | x) per token (loss)": ica.logp_unconditioned / tokens,
-    }
-    labels = np.asarray(labels)
-    print(f"\n### {name}: the parts of the ICA score by kind of example (seed 0, fixed demos, k = 3)\n")
-    print("| kind | rows | log p(y \\| D, x) / token | log p(y \\| x) / token | ICA / token | ICA sum |")
-    print("|---|---|---|---|---|---|")
-    for kind in sorted(set(labels.tolist()), key=lambda k: (k != positive, k)):
-        m = labels == kind
-        print(f"| {kind} | {m.sum()} | {forms['log p(y | D, x) per token (conditioned)'][m].mean():.3f} | "
-              f"{forms['log p(y | x) per token (loss)'][m].mean():.3f} | {forms['ICA per token'][m].mean():+.4f} | "
-              f"{ica.scores[m].mean():+.2f} |")  # fmt: skip
-    print(f"\n| score form | AUROC, {positive} vs the rest |")
-    print("|---|---|")
-    for form, values in forms.items():
-        print(f"| {form.replace('|', chr(92) + '|')} | {auroc(values, labels == positive):.3f} |")
 
 
 def pair_accuracy(model, base, tokenizer, test, simpo):
@@ -200,7 +173,7 @@ def run_pref(args, results):
     from trl_ica import ICACPOTrainer, ICADPOConfig, ICADPOTrainer, ICASimPOConfig
 
     methods = [m for m in args.methods if m in PREF_METHODS]
-    before = "before training (DPO margin / SimPO margin)"
+    before = PREF_BEFORE
     for seed in args.seeds:
         todo = [m for m in methods if not results.has("pref", m, seed)]
         if not todo and results.has("pref", before, seed):
@@ -253,26 +226,27 @@ def oracle_of(method):
     return None if base is None or method.endswith("oracle") else f"{base}_oracle"
 
 
-def report(name, title, results, plots, raw=None, suffix=""):
+def table_lines(results, raw) -> list[str]:
     """Mean ± sd over seeds, and the mean paired difference from the stock run on the same seeds with the number of
     seeds on which the method did better (seeds differ more from each other than methods do, so the paired
-    difference is the comparison to read; the count is this benchmark's analogue of the paper's win rate)."""
+    difference is the comparison to read; the count is this benchmark's analogue of the paper's win rate).
+    `results` is `Results.table`'s `{method: {metric: [value per seed]}}`, `raw` the scenario's kept runs."""
     if not results:
-        print(f"\n### {title}\n\nNo results yet.")
-        return
+        return ["No results yet."]
     metrics = list(next(iter(results.values())))
-    print(f"\n### {title}\n")
     header = [f"{m} (mean ± sd)" for m in metrics] + [f"{m}: paired diff. from stock" for m in metrics]
-    oracles = raw is not None and any(oracle_of(m) in raw for m in results)
+    oracles = any(oracle_of(m) in raw for m in results)
     if oracles:
         header += [f"{m}: share of the gap to the oracle" for m in metrics]
-    print("| method | " + " | ".join(header) + " | seeds |")
-    print("|---|" + "---|" * (len(header) + 1))
+    per_seed = len(metrics) == 1  # room for each seed's value
+    if per_seed:
+        header += [f"{metrics[0]} per seed (in seed order)"]
+    lines = ["| method | " + " | ".join(header) + " | seeds |", "|---|" + "---|" * (len(header) + 1)]
     for method, values in results.items():
         cells = [f"{np.mean(values[m]):.4f} ± {np.std(values[m]):.4f}" for m in metrics]
         base = baseline_of(method)
         for m in metrics:
-            if base is None or base == method or raw is None or base not in raw:
+            if base is None or base == method or base not in raw:
                 cells.append("")
                 continue
             mine, theirs = raw[method][m], raw[base][m]
@@ -281,9 +255,47 @@ def report(name, title, results, plots, raw=None, suffix=""):
             cells.append(f"{diffs.mean():+.4f}, better on {wins}/{len(diffs)}" if len(diffs) else "")
         if oracles:
             cells += [gap_share(raw, method, m) for m in metrics]
-        print(f"| {method} | " + " | ".join(cells) + f" | {len(values[metrics[0]])} |")
-    if plots:
-        plot_differences(name, title, results, raw, metrics, plots, suffix)
+        if per_seed:
+            cells.append(", ".join(f"{v:.3f}" for v in values[metrics[0]]))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(values[metrics[0]])} |")
+    return lines
+
+
+def kept(experiment: dict):
+    """The experiment's kept runs: `(Results, {method: {metric: [value per seed]}}, raw runs)` of its scenario,
+    for its methods and the untrained model, over its seeds."""
+    (name,) = experiment["scenarios"]
+    results = Results(experiment["results"], experiment["settings"], METHODS)
+    table = results.table(name, experiment["seeds"])
+    shown = {*experiment["methods"], BEFORE, PREF_BEFORE}
+    return results, {m: v for m, v in table.items() if m in shown}, results.data.get(name, {})
+
+
+def report_table(experiment: dict) -> list[str]:
+    """The markdown table of an experiment's kept results (for `python -m benchmarks.report`)."""
+    _, table, raw = kept(experiment)
+    return table_lines(table, raw)
+
+
+def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> None:
+    """An experiment file's runs (its `methods` and `seeds` unless given), then its table and plot."""
+    (name,) = experiment["scenarios"]
+    args = argparse.Namespace(**experiment["settings"], methods=methods or experiment["methods"],
+                              seeds=seeds or experiment["seeds"])  # fmt: skip
+    results = Results(experiment["results"], experiment["settings"], METHODS)
+    if name == "sft":
+        data = noisy_gsm8k  # a `noise` share corrupted; the clean rows' corruption is "clean"
+        run_sft_like(name, lambda s: _without(data(args.n_train, 16, args.n_test, args.noise, s), "corruption"),
+                     gsm8k_accuracy, args, results)  # fmt: skip
+    elif name == "domain":
+        run_sft_like(name, lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task"),
+                     reasoning_gym_accuracy, args, results)  # fmt: skip
+    else:
+        run_pref(args, results)
+    _, table, raw = kept(experiment)
+    print("\n".join(table_lines(table, raw)))
+    if experiment.get("plot"):
+        plot_differences(experiment.get("description", name), table, raw, experiment["plot"])
 
 
 def gap_share(raw, method, metric):
@@ -298,16 +310,17 @@ def gap_share(raw, method, metric):
     return f"{(mine - stock) / (best - stock):+.0%}" if seeds and best != stock else ""
 
 
-def plot_differences(name, title, results, raw, metrics, folder, suffix=""):
+def plot_differences(title, results, raw, path):
     """Per metric: each method's difference from its stock run, one dot per seed and a bar at the mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if baseline_of(n) not in (None, n) and baseline_of(n) in (raw or {})]
+    names = [n for n in results if baseline_of(n) not in (None, n) and baseline_of(n) in raw]
     if not names:
         return
+    metrics = list(next(iter(results.values())))
     height = 1.6 + 0.42 * len(names)  # room for the title and the two-line axis label
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), height), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -325,65 +338,18 @@ def plot_differences(name, title, results, raw, metrics, folder, suffix=""):
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(folder, f"quality_{name}{suffix}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"\n![{title}]({os.path.basename(path)})")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=["sft", "domain", "pref"], choices=["sft", "domain", "pref"])
-    parser.add_argument("--methods", nargs="+", default=[*SFT_METHODS, *PREF_METHODS])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--n-train", type=int, default=48)
-    parser.add_argument("--n-test", type=int, default=24)
-    parser.add_argument("--noise", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--plots", default="docs", help="Folder for the PNGs; '' for none.")
-    parser.add_argument("--plot-suffix", default="", help="Added to the PNGs' names (quality_<scenario><suffix>.png).")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", default="", help="JSON file of per-seed results: runs already in it are "
-                        "skipped, new ones added (resume or extend a run).")  # fmt: skip
-    parser.add_argument("--no-parts", dest="parts", action="store_false", help="Skip the score-parts analysis.")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results = Results(args.results, {k: getattr(args, k) for k in SETTING_KEYS}, [*SFT_METHODS, *PREF_METHODS])
-    if "sft" in args.scenarios:
-        run_sft_like(
-            "sft",
-            lambda s: _without(noisy_gsm8k(args.n_train, 16, args.n_test, args.noise, s), "corruption", "clean"),
-            gsm8k_accuracy,
-            args,
-            results,
-        )
-    if "domain" in args.scenarios:
-        run_sft_like(
-            "domain",
-            lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task", "leg_counting"),
-            reasoning_gym_accuracy,
-            args,
-            results,
-        )
-    if "pref" in args.scenarios:
-        run_pref(args, results)
-    titles = {
-        "sft": f"Noisy GSM8K SFT: {args.n_train} rows, {args.noise:.0%} corrupted, {args.steps} LoRA steps of "
-        f"{args.batch_size}",
-        "domain": f"Reasoning-gym mixture, target leg counting: {args.steps} LoRA steps of {args.batch_size}",
-        "pref": f"GSM8K pairs: {args.n_train} pairs, {args.noise:.0%} flipped, {args.steps} LoRA steps of "
-        f"{args.batch_size}",
-    }
-    for name in args.scenarios:
-        table = results.table(name, args.seeds)
-        report(name, titles[name], table, args.plots, results.data.get(name), args.plot_suffix)
+def main(argv=None):
+    run_main(argv, __doc__, "benchmarks/experiments/quality/pref96.json")
 
 
-def _without(splits, column, positive):
+def _without(splits, column):
     train, holdout, test = splits
-    return train.remove_columns(column), holdout, test, train[column], positive
+    return train.remove_columns(column), holdout, test
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 An experiment file names its benchmark module (`"benchmark"`), the data and training `"settings"` every run shares,
 the `"methods"` and `"seeds"` to run, the `"results"` file they are kept in (per seed, resumable: a finished run is
-skipped, a file with other settings refused), and optionally the `"plot"` to draw and the `"labels"` the report
-gives the methods. `--methods` and `--seeds` run a subset; the table printed at the end covers every kept run.
+skipped, a file with other settings refused), and optionally the `"scenarios"` (pools) of a benchmark that has
+several, the `"plot"` to draw and the `"labels"` the report gives the methods and scenarios. `--methods` and
+`--seeds` run a subset; the table printed at the end covers every kept run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 
 #: The keys an experiment file must have, and those it may have.
 REQUIRED = ("benchmark", "settings", "methods", "seeds", "results")
-OPTIONAL = ("description", "plot", "labels")
+OPTIONAL = ("description", "scenarios", "plot", "labels")
 
 
 def load_experiment(path: str) -> dict:
@@ -29,6 +30,14 @@ def load_experiment(path: str) -> dict:
     unknown_methods = sorted(set(experiment["methods"]) - set(module.METHODS))
     if unknown_methods:
         raise SystemExit(f"{path}: methods {unknown_methods} are not methods of benchmarks.{experiment['benchmark']}.")
+    scenarios = getattr(module, "SCENARIOS", None)
+    if (scenarios is None) != ("scenarios" not in experiment):
+        need = f"needs `scenarios` of {list(scenarios)}" if scenarios else "has no scenarios; remove `scenarios`"
+        raise SystemExit(f"{path}: benchmarks.{experiment['benchmark']} {need}.")
+    unknown_scenarios = sorted(set(experiment.get("scenarios", ())) - set(scenarios or ()))
+    if unknown_scenarios:
+        raise SystemExit(f"{path}: scenarios {unknown_scenarios} are not scenarios of benchmarks."
+                         f"{experiment['benchmark']}: {list(scenarios)}.")  # fmt: skip
     return experiment
 
 
@@ -43,9 +52,10 @@ def benchmark_module(experiment: dict, path: str = "the experiment"):
     return module
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", help="An experiment file, e.g. benchmarks/experiments/label_noise/shuffled.json")
+def main(argv=None, description=__doc__, example="benchmarks/experiments/label_noise/shuffled.json"):
+    """The runner's command line; a benchmark module's own `main` calls it with its docstring and an example."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help=f"An experiment file, e.g. {example}")
     parser.add_argument("--methods", nargs="+", help="Run these of the experiment's methods only.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Run these seeds instead of the experiment's.")
     parser.add_argument("--keep-logs", default="", help="Folder for each weighted run's ica/ logs and traces.")

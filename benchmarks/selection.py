@@ -8,22 +8,26 @@ Two pools, one AUROC per method (larger score = selected):
 
 RHO-Loss's reference model is SmolLM2 fine-tuned with LoRA on the holdout (SFTTrainer, merged).
 
-    python -m benchmarks.selection [--scenarios gsm8k mixture] [--n 40] [--seed 0]
+    python -m benchmarks.run benchmarks/experiments/selection/smollm2.json [--methods ...] [--seeds 0]
+
+The settings are the GSM8K pool size `n` (the mixture has 16 rows per task), Data Whisperer's `max_new_tokens` and
+RHO-Loss's `rho_epochs`. Every finished (pool, method, seed) is kept in the results file with its AUROC and wall
+time (the times of methods that share the two cores with nothing else only); a file made with other settings is
+refused.
 """
 
-import argparse
 import tempfile
-import time
 import warnings
 
 import numpy as np
-import torch
 from trl import SFTConfig, SFTTrainer
 
 from benchmarks.common.data import reasoning_gym_mixture
+from benchmarks.common.models import load_model
 from benchmarks.common.models import lora as recipe_lora
+from benchmarks.common.pools import pool_table, run_pools
+from benchmarks.run import main as run_main
 from trl_ica import score_ica
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
 from trl_ica.selection.baselines import score_dataset
 from trl_ica.selection.whisperer import WhispererConfig, whisperer_scores
@@ -45,85 +49,87 @@ def reference_model(holdout, epochs):
         return trainer.model.merge_and_unload().eval()
 
 
-def run(name, train, holdout, positive, model, tokenizer, args):
-    print(f"\n### {name}: {len(train)} rows, {positive.mean():.0%} positive, {len(holdout)} holdout rows\n")
-    print("| method | AUROC | time (s) |")
-    print("|---|---|---|")
-    small = dict(num_demos=5, num_queries=3, batch_size=8, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    start = time.perf_counter()
-    rho_reference = reference_model(holdout, args.rho_epochs)
-    rho_train = time.perf_counter() - start
-    start = time.perf_counter()
-    ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn", layout="in_turn")
-    ica_time = time.perf_counter() - start
-    methods = [
-        ("ica (k=3 kNN demos, sum: the paper's)", lambda: ica.scores),
-        ("ica per token (same forwards)", lambda: (ica.logp_conditioned - ica.logp_unconditioned) / ica.num_tokens),
-        (
-            "whisperer, exact match, pool queries",
-            lambda: whisperer_scores(model, tokenizer, train, None, WhispererConfig(**small), show_progress=False),
-        ),
-        (
-            "whisperer, log-likelihood, pool queries",
-            lambda: whisperer_scores(
-                model, tokenizer, train, None, WhispererConfig(metric="log_likelihood", **small), show_progress=False
-            ),
-        ),
-        (
-            "whisperer, log-likelihood, holdout queries",
-            lambda: whisperer_scores(
-                model,
-                tokenizer,
-                train,
-                holdout,
-                WhispererConfig(metric="log_likelihood", **small),
-                show_progress=False,
-            ),  # fmt: skip
-        ),
-        ("oneshot (3 nearest holdout answers)", lambda: score_dataset("oneshot", model, tokenizer, train, holdout)),
-        (
-            f"rho (reference: LoRA on the holdout, {args.rho_epochs} epochs, +{rho_train:.0f} s)",
-            lambda: score_dataset("rho", model, tokenizer, train, reference_model=rho_reference),
-        ),
-        ("loss (mean log p(y | x))", lambda: score_dataset("loss", model, tokenizer, train)),
-        ("ifd", lambda: score_dataset("ifd", model, tokenizer, train)),
-        ("random", lambda: score_dataset("random", None, None, train, seed=args.seed)),
-    ]
-    for label, fn in methods:
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start + (ica_time if label.startswith("ica (") else 0)
-        extra = ""
-        if hasattr(out, "summary"):
-            summary = out.summary()
-            extra = f" ({summary['prompts']} prompts, {summary['unparsed_prompts']} unparsed, " + (
-                f"{summary['missing_answers']} answers missing, {summary['tied_rows']} tied rows)"
-            )
-            out = out.scores
-        print(f"| {label}{extra} | {auroc(out, positive):.3f} | {seconds:.0f} |", flush=True)
+SCENARIOS = ("gsm8k", "mixture")
+METHODS = ("ica", "ica_per_token", "whisperer_exact_pool", "whisperer_ll_pool", "whisperer_ll_holdout", "oneshot",
+           "rho", "loss", "ifd", "random")  # fmt: skip
+SETTING_KEYS = ("n", "max_new_tokens", "rho_epochs")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=["gsm8k", "mixture"], choices=["gsm8k", "mixture"])
-    parser.add_argument("--n", type=int, default=40, help="GSM8K pool size; the mixture has 16 rows per task.")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--rho-epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def scenario(name, n, seed):
+    """(pool, holdout, positive): noisy GSM8K (clean rows positive) or the task mixture (leg counting positive)."""
+    if name == "gsm8k":
+        train, holdout, _ = noisy_gsm8k(n_train=n, n_holdout=16, n_test=0, noise=0.4, seed=seed)
+        return train.remove_columns("corruption"), holdout, np.array(train["corruption"]) == "clean"
+    train, holdout, _ = reasoning_gym_mixture(seed=seed)
+    return train.remove_columns("task"), holdout, np.array(train["task"]) == "leg_counting"
+
+
+def scorers(model, tokenizer, train, holdout, settings, seed):
+    """`{method: () -> scores}`; ICA's two forms share one scoring, RHO-Loss's reference is trained on first use."""
+    small = dict(num_demos=5, num_queries=3, batch_size=8, max_new_tokens=settings["max_new_tokens"], seed=seed)
+    cache = {}
+
+    def ica():
+        if "ica" not in cache:
+            cache["ica"] = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn",
+                                     layout="in_turn", show_progress=False)  # fmt: skip
+        return cache["ica"]
+
+    def whisperer(metric, queries):
+        config = WhispererConfig(metric=metric, **small)
+        return lambda: whisperer_scores(model, tokenizer, train, queries, config, show_progress=False)
+
+    return {
+        "ica": lambda: ica().scores,
+        "ica_per_token": lambda: (ica().logp_conditioned - ica().logp_unconditioned) / ica().num_tokens,
+        "whisperer_exact_pool": whisperer("exact_match", None),
+        "whisperer_ll_pool": whisperer("log_likelihood", None),
+        "whisperer_ll_holdout": whisperer("log_likelihood", holdout),
+        "oneshot": lambda: score_dataset("oneshot", model, tokenizer, train, holdout),
+        "rho": lambda: score_dataset("rho", model, tokenizer, train,
+                                     reference_model=reference_model(holdout, settings["rho_epochs"])),  # fmt: skip
+        "loss": lambda: score_dataset("loss", model, tokenizer, train),
+        "ifd": lambda: score_dataset("ifd", model, tokenizer, train),
+        "random": lambda: score_dataset("random", None, None, train, seed=seed),
+    }
+
+
+def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> None:
+    """An experiment file's scorings (its `methods` and `seeds` unless given), each kept as it finishes; then its
+    table."""
+    settings = experiment["settings"]
+    if set(settings) != set(SETTING_KEYS):
+        raise SystemExit(f"selection settings are {list(SETTING_KEYS)}, got {sorted(settings)}.")
     model, tokenizer = load_model()
-    if "gsm8k" in args.scenarios:
-        train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=16, n_test=0, noise=0.4, seed=args.seed)
-        clean = np.array(train["corruption"]) == "clean"
-        run("Noisy GSM8K, clean vs corrupted", train.remove_columns("corruption"), holdout, clean, model, tokenizer,
-            args)  # fmt: skip
-    if "mixture" in args.scenarios:
-        train, holdout, _ = reasoning_gym_mixture(seed=args.seed)
-        target = np.array(train["task"]) == "leg_counting"
-        run("Reasoning-gym mixture, target task (leg counting) vs the rest", train.remove_columns("task"), holdout,
-            target, model, tokenizer, args)  # fmt: skip
+
+    def make_pool(name, seed):
+        train, holdout, positive = scenario(name, settings["n"], seed)
+        return scorers(model, tokenizer, train, holdout, settings, seed), positive
+
+    def measure(data, method, seed):
+        score, positive = data
+        out, record = score[method](), {}
+        if hasattr(out, "summary"):  # Data Whisperer: how many rows its prompts could tell apart
+            record = {k: out.summary()[k] for k in ("distinct_scores", "tied_rows")}
+            out = out.scores
+        return {"auroc": auroc(out, positive), **record}
+
+    run_pools(experiment, methods or experiment["methods"], seeds or experiment["seeds"], make_pool, measure)
+    print("\n".join(report_table(experiment)))
+
+
+def report_table(experiment: dict) -> list[str]:
+    """Per pool, each method's AUROC averaged over the kept seeds."""
+
+    def cells(runs, pool):
+        tied = all(r.get("distinct_scores") == 1 for r in runs.values())
+        return [f"{np.mean([r['auroc'] for r in runs.values()]):.3f}" + (" (every row tied)" if tied else "")]
+
+    return pool_table(experiment, ["method", "AUROC"], cells)
+
+
+def main(argv=None):
+    run_main(argv, __doc__, "benchmarks/experiments/selection/smollm2.json")
 
 
 if __name__ == "__main__":

