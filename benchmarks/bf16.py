@@ -14,8 +14,6 @@ records its settings and refuses a run with other ones.
 """
 
 import argparse
-import json
-import os
 import time
 import warnings
 
@@ -23,9 +21,10 @@ import numpy as np
 import torch
 
 from benchmarks.common.results import check_settings
+from benchmarks.common.results import load as load_results
+from benchmarks.common.results import save as save_results
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
-from trl_ica.data_io import write_json
 from trl_ica.scoring.ica import prepare_ica, score_with
 
 warnings.filterwarnings("ignore")
@@ -47,7 +46,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    results = load_results(args.results)
     check_settings(results, settings, args.results)  # refuses a file of runs with other settings
     results.setdefault("runs", {})
     train, holdout, _ = noisy_gsm8k(args.n, args.n_holdout, 8, seed=0)
@@ -69,7 +68,7 @@ def main():
                                 compute_dtype=compute).scores  # fmt: skip
             results["runs"][key] = {"seconds": time.perf_counter() - start, "scores": scores.tolist(),
                                     "auroc": auroc(scores, clean)}  # fmt: skip
-            write_json(results, args.results)
+            save_results(results, args.results)
             print(key, f"{results['runs'][key]['seconds']:.1f} s", f"AUROC {results['runs'][key]['auroc']:.3f}")
     print("| setting | precision | Spearman vs float32 | largest gap | AUROC | seconds |")
     print("|---|---|---|---|---|---|")

@@ -122,10 +122,11 @@ def main():
     if args.worker:
         return worker(args.worker[0], args.n, args.n_holdout, args.steps, args.worker[1])
     from benchmarks.common.results import check_settings
-    from trl_ica.data_io import write_json
+    from benchmarks.common.results import load as load_results
+    from benchmarks.common.results import save as save_results
 
     settings = {"n": args.n, "n_holdout": args.n_holdout, "steps": args.steps, "malloc_mmap_threshold": 131072}
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    results = load_results(args.results)
     check_settings(results, settings, args.results)  # refuses a file of runs with other settings
     results.setdefault("runs", {})
     for kind in RUNS:
@@ -137,7 +138,7 @@ def main():
         subprocess.run(command, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         results["runs"][kind] = json.load(open(output))
         os.remove(output)
-        write_json(results, args.results)
+        save_results(results, args.results)
         print(kind, results["runs"][kind], flush=True)
     stock = results["runs"]["stock"]["training_peak_gib"]
     print("| run | peak outside scoring (GiB) | x stock | scoring peak (GiB) | scoring rise (GiB) | seconds |")

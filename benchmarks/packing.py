@@ -15,8 +15,6 @@ and refuses a run with other ones.
 """
 
 import argparse
-import json
-import os
 import tempfile
 import time
 import warnings
@@ -92,16 +90,17 @@ def main():
     if args.steps < 2:
         raise SystemExit("`--steps` must be at least 2: the first step holds the scoring and is reported apart.")
     from benchmarks.common.results import check_settings
-    from trl_ica.data_io import write_json
+    from benchmarks.common.results import load as load_results
+    from benchmarks.common.results import save as save_results
 
     settings = {"n": args.n, "n_holdout": args.n_holdout, "steps": args.steps, "accumulation": args.accumulation}
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    results = load_results(args.results)
     check_settings(results, settings, args.results)
     results.setdefault("runs", {})
     for kind in RUNS:
         if kind not in results["runs"]:
             results["runs"][kind] = run(kind, args.n, args.n_holdout, args.steps, args.accumulation)
-            write_json(results, args.results)
+            save_results(results, args.results)
             print(kind, results["runs"][kind], flush=True)
     base = results["runs"]["stock_packed"]
     print("| run | rows | tokens per step | s per step (after the first) | x packed SFTTrainer | tokens/s | "

@@ -20,7 +20,6 @@ records its settings and refuses a run with other ones.
 
 import argparse
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -29,9 +28,11 @@ import numpy as np
 import torch
 
 from benchmarks.common.models import lora as recipe_lora
+from benchmarks.common.results import check_settings
+from benchmarks.common.results import load as load_results
+from benchmarks.common.results import save as save_results
 from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
-from trl_ica.data_io import write_json
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.ica import prepare_ica
 from trl_ica.scoring.planner import LogProbRequest, token_counts
@@ -87,16 +88,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"n": args.n, "n_holdout": args.n_holdout, "threads": args.threads, "num_demos": 3}
-    results = {"settings": settings}
-    if args.results and os.path.exists(args.results):
-        with open(args.results) as f:
-            results = json.load(f)
-        if results.get("settings") != settings:
-            raise SystemExit(f"{args.results} holds results for {results.get('settings')}, not {settings}.")
+    results = load_results(args.results)
+    check_settings(results, settings, args.results)  # refuses a file of runs with other settings
 
     def save():
-        if args.results:
-            write_json(results, args.results)
+        save_results(results, args.results)
 
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=args.n_holdout, n_test=1, noise=0.0, seed=0)

@@ -30,15 +30,9 @@ from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
 from benchmarks.run import main as run_main
 from trl_ica.cli.scenarios import LABEL_NOISE_TASKS as TASK_CONFIGS  # small numbers: short answers
+from trl_ica.cli.scenarios import chat_row
 
 warnings.filterwarnings("ignore")
-
-
-def chat(question, answer):
-    return {
-        "prompt": [{"role": "user", "content": question}],
-        "completion": [{"role": "assistant", "content": answer}],
-    }
 
 
 def make_data(task, n_train, n_test, noise, seed, noise_kind="other_row"):
@@ -52,14 +46,14 @@ def make_data(task, n_train, n_test, noise, seed, noise_kind="other_row"):
         pool = [str(e["answer"]) for e in train]
     else:  # an answer of another task: the wrong kind of answer (a pipeline that mixed up its sources)
         pool = [str(e["answer"]) for e in reasoning_gym.create_dataset(noise_kind, size=n_train, seed=seed + 1)]
-    clean = [chat(e["question"], str(e["answer"])) for e in train]
+    clean = [chat_row(e["question"], str(e["answer"])) for e in train]
     noisy = []
     for e in train:
         answer = str(e["answer"])
         if rng.random() < noise:  # another row's answer: fluent, in format, wrong
             answer = rng.choice([a for a in pool if a != answer] or [answer + "0"])
-        noisy.append(chat(e["question"], answer))
-    test = Dataset.from_list([{**chat(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
+        noisy.append(chat_row(e["question"], answer))
+    test = Dataset.from_list([{**chat_row(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
     checker = reasoning_gym.create_dataset(task, size=1, seed=0, **config)
     return Dataset.from_list(clean), Dataset.from_list(noisy), test, checker
 

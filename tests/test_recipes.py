@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from testing_utils import tiny_llama
+from testing_utils import chat_row, tiny_llama
 
 from trl_ica import ICASFTConfig
 from trl_ica.cli.launch import main
@@ -184,11 +184,7 @@ def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monke
 
 
 def _sft_rows(n, offset=0):
-    return [
-        {"prompt": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}],
-         "completion": [{"role": "assistant", "content": f"It is {2 * i + 1}."}]}
-        for i in range(offset, offset + n)
-    ]  # fmt: skip
+    return [chat_row(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.") for i in range(offset, offset + n)]
 
 
 def test_script_loads_data_the_way_trl_scripts_do(model_dir, tmp_path):

@@ -74,8 +74,8 @@ def test_experiment_files_are_checked(tmp_path):
     bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "result": "x.json"}')
     with pytest.raises(SystemExit, match=r"missing keys \['results'\], unknown keys \['result'\]"):
         load_experiment(str(bad))
-    bad.write_text('{"benchmark": "layout", "settings": {}, "methods": ["turns/end"], "seeds": [0], "results": "x.json", '
-                   '"scenarios": ["gsm8k", "nope"]}')  # fmt: skip
+    bad.write_text('{"benchmark": "layout", "settings": {}, "methods": ["turns/end"], "seeds": [0], '
+                   '"results": "x.json", "scenarios": ["gsm8k", "nope"]}')  # fmt: skip
     with pytest.raises(SystemExit, match=r"scenarios \['nope'\] are not scenarios of benchmarks.layout"):
         load_experiment(str(bad))
     bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "results": "x.json", '

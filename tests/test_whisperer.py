@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from reference import naive_whisperer
-from testing_utils import WEIGHT_ATOL, four_bit_tiny_llama, tiny_llama
+from testing_utils import WEIGHT_ATOL, chat_row, four_bit_tiny_llama, tiny_llama
 
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.selection.baselines import score_dataset
@@ -23,12 +23,7 @@ def _rows(n, offset=0):
     rows = []
     for i in range(offset, offset + n):
         answer = f"{i} plus {i + 1} is {2 * i + 1}." + " So" * (i % 4) + f"\n#### {2 * i + 1}"
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": f"What is {i} plus {i + 1}?" + " Quick." * (i % 3)}],
-                "completion": [{"role": "assistant", "content": answer}],
-            }
-        )
+        rows.append(chat_row(f"What is {i} plus {i + 1}?" + " Quick." * (i % 3), answer))
     return rows
 
 
