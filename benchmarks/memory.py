@@ -140,15 +140,25 @@ def main():
         os.remove(output)
         save_results(results, args.results)
         print(kind, results["runs"][kind], flush=True)
+    print("\n".join(results_table(results)))
+
+
+LABELS = {"stock": "SFTTrainer", "ica_once": "ICASFTTrainer, scored once", "ica_online": "ICASFTTrainer, online"}
+
+
+def results_table(results: dict) -> list[str]:
+    """Per run: the peak resident memory outside and while scoring, against the stock trainer's (for
+    `python -m benchmarks.report`)."""
     stock = results["runs"]["stock"]["training_peak_gib"]
-    print("| run | peak outside scoring (GiB) | x stock | scoring peak (GiB) | scoring rise (GiB) | seconds |")
-    print("|---|---|---|---|---|---|")
+    lines = ["| run | peak outside scoring (GiB) | x stock | peak while scoring (GiB) | scoring's rise (GiB) | "
+             "seconds |", "|---|---|---|---|---|---|"]  # fmt: skip
     for kind in RUNS:
         run = results["runs"][kind]
-        scoring = "-" if run["scoring_peak_gib"] is None else f"{run['scoring_peak_gib']:.2f}"
-        rise = "-" if run["scoring_rise_gib"] is None else f"{run['scoring_rise_gib']:.2f}"
-        print(f"| {kind} | {run['training_peak_gib']:.2f} | {run['training_peak_gib'] / stock:.2f} | {scoring} | "
-              f"{rise} | {run['seconds']:.0f} |")  # fmt: skip
+        scoring = "" if run["scoring_peak_gib"] is None else f"{run['scoring_peak_gib']:.2f}"
+        rise = "" if run["scoring_rise_gib"] is None else f"{run['scoring_rise_gib']:.2f}"
+        lines.append(f"| {LABELS[kind]} | {run['training_peak_gib']:.2f} | {run['training_peak_gib'] / stock:.2f} | "
+                     f"{scoring} | {rise} | {run['seconds']:.0f} |")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

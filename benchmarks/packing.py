@@ -102,15 +102,26 @@ def main():
             results["runs"][kind] = run(kind, args.n, args.n_holdout, args.steps, args.accumulation)
             save_results(results, args.results)
             print(kind, results["runs"][kind], flush=True)
+    print("\n".join(results_table(results)))
+
+
+LABELS = {"stock_packed": "packed SFTTrainer", "ica_packed": "packed ICASFTTrainer",
+          "ica_unpacked": "unpacked ICASFTTrainer"}  # fmt: skip
+
+
+def results_table(results: dict) -> list[str]:
+    """Per run: rows, tokens and seconds per step against packed `SFTTrainer`, and the first step's excess (for
+    `python -m benchmarks.report`)."""
     base = results["runs"]["stock_packed"]
-    print("| run | rows | tokens per step | s per step (after the first) | x packed SFTTrainer | tokens/s | "
-          "first step's excess (s) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| run | rows | tokens per step | s per step (after the first) | x packed SFTTrainer | tokens/s | "
+             "first step's excess (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind in RUNS:
         r = results["runs"][kind]
         ratio = r["median_step_seconds_after_first"] / base["median_step_seconds_after_first"]
-        print(f"| {kind} | {r['rows']} | {r['tokens_per_step']:.0f} | {r['median_step_seconds_after_first']:.1f} | "
-              f"{ratio:.2f} | {r['tokens_per_second']:.0f} | {r['first_step_excess_seconds']:.1f} |")  # fmt: skip
+        lines.append(f"| {LABELS[kind]} | {r['rows']} | {r['tokens_per_step']:.0f} | "
+                     f"{r['median_step_seconds_after_first']:.1f} | {ratio:.2f} | {r['tokens_per_second']:.0f} | "
+                     f"{r['first_step_excess_seconds']:.1f} |")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

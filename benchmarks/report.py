@@ -2,13 +2,17 @@
 
 Each experiment file under benchmarks/experiments/ has a block in docs/benchmarks.md between
 `<!-- report: <suite>/<name> -->` and `<!-- /report -->`; its contents are the experiment's table, rebuilt from its
-results file. `--check` changes nothing and exits 1 when a block is out of date or missing.
+results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) have a block
+`<!-- report: timing/<module> -->`, rebuilt by the module's `results_table`. `--check` changes nothing and exits 1
+when a block is out of date or missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib
+import json
 import os
 import re
 import sys
@@ -20,23 +24,49 @@ EXPERIMENTS = os.path.join(ROOT, "benchmarks", "experiments")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
+#: The kept results of the benchmarks that take flags, by module: their tables are rebuilt by
+#: `benchmarks.<module>.results_table` from the file's contents (a folder's path is passed as is).
+RESULT_TABLES = {
+    "bf16": "benchmarks/results/bf16.json",
+    "memory": "benchmarks/results/memory.json",
+    "packing": "benchmarks/results/packing.json",
+    "scoring": "benchmarks/results/scoring.json",
+    "scorer_cost": "benchmarks/results/scorer_cost.json",
+    "scorer_agreement": "benchmarks/results/scorer_agreement",
+}
+
+
 def experiments() -> dict[str, str]:
     """`{"<suite>/<name>": path}` of every experiment file."""
     paths = sorted(glob.glob(os.path.join(EXPERIMENTS, "*", "*.json")))
     return {os.path.relpath(p, EXPERIMENTS)[: -len(".json")]: p for p in paths}
 
 
+def tables() -> dict[str, list[str]]:
+    """`{block key: the table's lines}` of every experiment and every timing benchmark's kept results."""
+    out = {}
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # results paths are relative to the repository root
+    try:
+        for key, path in experiments().items():
+            experiment = load_experiment(path)
+            out[key] = benchmark_module(experiment, path).report_table(experiment)
+        for name, path in RESULT_TABLES.items():
+            module = importlib.import_module(f"benchmarks.{name}")
+            if os.path.isdir(path):
+                out[f"timing/{name}"] = module.results_table(path)
+                continue
+            with open(path) as f:
+                out[f"timing/{name}"] = module.results_table(json.load(f))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
 def rebuilt(text: str) -> tuple[str, list[str]]:
-    """`text` with every report block rebuilt, and the experiments that have no block in it."""
+    """`text` with every report block rebuilt, and the keys that have no block in it."""
     missing = []
-    for key, path in experiments().items():
-        experiment = load_experiment(path)
-        cwd = os.getcwd()
-        os.chdir(ROOT)  # results paths are relative to the repository root
-        try:
-            lines = benchmark_module(experiment, path).report_table(experiment)
-        finally:
-            os.chdir(cwd)
+    for key, lines in tables().items():
         block = f"<!-- report: {key} -->\n" + "\n".join(lines) + "\n<!-- /report -->"
         pattern = re.compile(rf"<!-- report: {re.escape(key)} -->\n.*?<!-- /report -->", re.S)
         if not pattern.search(text):

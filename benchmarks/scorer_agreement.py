@@ -46,25 +46,39 @@ def agreement(small: np.ndarray, large: np.ndarray, clean: np.ndarray) -> dict:
     }
 
 
-def table(results: dict) -> list[str]:
-    seeds = sorted(results.get("seeds", {}), key=int)
+#: The pools measured, by their results file's name, as the table names them.
+POOLS = {"other_task": "answers of another task (wrong kind)", "shuffled": "answers of other sums (right kind)"}
+
+
+def table(files: dict) -> list[str]:
+    """Per pool (`{results file's name: its results}`): both scorers' AUROC, their rank correlation, the share of
+    the top halves they share and how clean each top half is, mean ± sd over the seeds."""
     lines = [
-        "| seeds | AUROC, SmolLM2-135M | AUROC, Qwen2.5-Coder-0.5B | Spearman between the two | top halves shared | "
-        "clean share of the top half, 135M / 0.5B |",
-        "|---|---|---|---|---|---|",
+        "| pool | AUROC, SmolLM2-135M | AUROC, Qwen2.5-Coder-0.5B | Spearman between the two | top halves shared | "
+        "clean share of the top half, 135M / 0.5B | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
-    if not seeds:
-        return lines
-    rows = [results["seeds"][s] for s in seeds]
+    for name, results in files.items():
+        rows = [results["seeds"][s] for s in sorted(results.get("seeds", {}), key=int)]
+        if not rows:
+            continue
 
-    def stat(key):
-        values = np.array([r[key] for r in rows])
-        return f"{values.mean():.3f} ± {values.std():.3f}"
+        def stat(key, rows=rows, spread=True):
+            values = np.array([r[key] for r in rows])
+            return f"{values.mean():.3f}" + (f" ± {values.std():.3f}" if spread else "")
 
-    shares = f"{stat('clean_share_small')} / {stat('clean_share_large')}"
-    lines.append(f"| {len(seeds)} | {stat('auroc_small')} | {stat('auroc_large')} | {stat('spearman')} | "
-                 f"{stat('top_half_overlap')} | {shares} |")  # fmt: skip
+        shares = f"{stat('clean_share_small', spread=False)} / {stat('clean_share_large', spread=False)}"
+        lines.append(f"| {POOLS.get(name, name)} | {stat('auroc_small')} | {stat('auroc_large')} | {stat('spearman')} "
+                     f"| {stat('top_half_overlap')} | {shares} | {len(rows)} |")  # fmt: skip
     return lines
+
+
+def results_table(folder: str) -> list[str]:
+    """The table of every results file in `folder` (for `python -m benchmarks.report`)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
+    return table({os.path.basename(p)[: -len(".json")]: load_results(p) for p in paths})
 
 
 def main():
@@ -91,7 +105,7 @@ def main():
         results.setdefault("seeds", {})[str(seed)] = agreement(small, large, clean)
         save_results(results, args.results)
         print(f"  [seed {seed}] {results['seeds'][str(seed)]}", flush=True)
-    print("\n".join(table(results)))
+    print("\n".join(table({os.path.basename(args.results)[: -len(".json")]: results})))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def measure(name: str, rows, holdout, args) -> dict:
     }
 
 
-def table(results: dict) -> list[str]:
+def results_table(results: dict) -> list[str]:
+    """Per model: scoring and a LoRA epoch in seconds per 1,000 rows, and their ratio (for
+    `python -m benchmarks.report`)."""
     done = [m for m in MODELS if m in results]
     lines = [
         "| model | parameters | ICA scoring, s per 1,000 rows | LoRA epoch, s per 1,000 rows | scoring / epoch |",
@@ -85,14 +87,6 @@ def table(results: dict) -> list[str]:
         share = r["scoring_seconds_per_1k"] / r["training_seconds_per_1k"]
         lines.append(f"| {MODELS[m]} | {r['parameters'] / 1e6:.0f}M | {r['scoring_seconds_per_1k']:.0f} | "
                      f"{r['training_seconds_per_1k']:.0f} | {share:.2f} |")  # fmt: skip
-    if len(done) == 2:
-        small, large = (results[m] for m in MODELS)
-        score = small["scoring_seconds_per_1k"]
-        lines += [
-            "",
-            f"Scoring with the 135M model costs {score / large['scoring_seconds_per_1k']:.2f} of scoring with the "
-            f"0.5B model, and {score / large['training_seconds_per_1k']:.2f} of a LoRA epoch of the 0.5B model.",
-        ]
     return lines
 
 
@@ -114,7 +108,12 @@ def main():
             results[name] = measure(name, rows, holdout, args)
             save_results(results, args.results)
             print(f"{MODELS[name]}: {results[name]}", flush=True)
-    print("\n".join(table(results)))
+    print("\n".join(results_table(results)))
+    if all(m in results for m in MODELS):
+        small, large = (results[m] for m in MODELS)
+        score = small["scoring_seconds_per_1k"]
+        print(f"Scoring with the 135M model costs {score / large['scoring_seconds_per_1k']:.2f} of scoring with the "
+              f"0.5B model, and {score / large['training_seconds_per_1k']:.2f} of a LoRA epoch of the 0.5B model.")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ records its settings and refuses a run with other ones.
 """
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -132,7 +131,36 @@ def main():
         if f"{label} | LoRA epoch" not in results:
             results[f"{label} | LoRA epoch"] = {"seconds": epoch_seconds(model, tokenizer, data)}
             save()
-    print(json.dumps(results, indent=1))
+    print("\n".join(results_table(results)))
+
+
+#: The order the table lists the (demonstrations, sharing) pairs in.
+ROWS = (("knn", "naive"), ("knn", "flat"), ("knn", "tree"), ("knn_canonical", "tree"), ("knn_grouped", "tree"),
+        ("fixed", "flat"))  # fmt: skip
+
+
+def results_table(results: dict) -> list[str]:
+    """Per kind of response and (demonstrations, sharing): throughput, the speed-up over naive (for other
+    demonstrations than exact kNN, naive time taken at exact kNN's naive tokens per second), the bound (naive tokens
+    over the tokens the mode runs), the share of the bound reached and one scoring as a multiple of a LoRA epoch (for
+    `python -m benchmarks.report`)."""
+    lines = ["| responses | demonstrations | mode | distinct lists | pieces run | ex/s | speed-up over naive | "
+             "bound | reached | scoring / LoRA epoch |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label in ("GSM8K solutions", "short answers"):
+        naive = results[f"{label} | knn | naive"]
+        naive_rate = naive["naive_tokens"] / naive["seconds"]  # tokens per second at batch 1, no sharing
+        epoch = results[f"{label} | LoRA epoch"]["seconds"]
+        for i, (selection, mode) in enumerate(ROWS):
+            r = results.get(f"{label} | {selection} | {mode}")
+            if r is None:
+                continue
+            speedup = r["naive_tokens"] / naive_rate / r["seconds"]
+            bound = r["naive_tokens"] / r["tokens"]
+            pieces, reached = ("", "") if mode == "naive" else (str(r["pieces"]), f"{speedup / bound:.2f}")
+            lines.append(f"| {label if i == 0 else ''} | {selection} | {mode} | {r['distinct_demo_lists']} | "
+                         f"{pieces} | {r['examples_per_second']:.2f} | {speedup:.2f}x | {bound:.2f}x | {reached} | "
+                         f"{r['seconds'] / epoch:.2f} |")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":
