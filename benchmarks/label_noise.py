@@ -361,11 +361,15 @@ def plot(results, methods, path, title):
 
 
 def title_of(settings) -> str:
-    """The plot's title for a run's settings."""
+    """The plot's title for a run's settings, naming the trained model where it is not the default."""
     if settings["noise_kind"] == "mixture":
         others = len(settings["noise_task"].split(","))
-        return f"{settings['task']}, {settings['noise']:.0%} of the pool rows of {others} other tasks"
-    return f"{settings['task']}, {settings['noise']:.0%} of the rows with {LABEL_NOISE_KINDS[settings['noise_kind']]}"
+        title = f"{settings['task']}, {settings['noise']:.0%} of the pool rows of {others} other tasks"
+    else:
+        kind = LABEL_NOISE_KINDS[settings["noise_kind"]]
+        title = f"{settings['task']}, {settings['noise']:.0%} of the rows with {kind}"
+    model = settings.get("model", DEFAULT_MODEL)
+    return title if model == DEFAULT_MODEL else f"{model} trained\n{title}"
 
 
 def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict:
