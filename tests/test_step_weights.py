@@ -11,15 +11,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from testing_utils import GRAD_TOL, LOGP_ATOL, STEP_ROWS, WEIGHT_ATOL, step_trainer
+from testing_utils import GRAD_TOL, LOGP_ATOL, STEP_ROWS, minmax_weight_atol, step_trainer
 
 SPLITS = [(16, 1), (4, 4), (1, 16)]
 
 
 def _weights(folder):
+    """`(weights, scores, records)` of a one-step run: by example index, and the number of records."""
     with open(folder / "ica" / "weights.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    return {r["ica_index"]: r["weight"] for r in rows}, len(rows)
+    return {r["ica_index"]: r["weight"] for r in rows}, {r["ica_index"]: r["score"] for r in rows}, len(rows)
 
 
 @pytest.mark.parametrize("refresh", [1, "online"])
@@ -31,20 +32,26 @@ def test_one_step_gets_the_same_weights_and_update_however_it_is_split(tokenizer
         trainer = step_trainer(kind, tokenizer, folder, batch, accumulation, ica_refresh=refresh)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
-        weights, records = _weights(folder)
+        weights, scores, records = _weights(folder)
         assert records == STEP_ROWS and sorted(weights) == list(range(STEP_ROWS))  # one record per example of the step
         after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        runs.append((weights, before, after))
-    reference, before, after = runs[0]
+        runs.append((weights, scores, before, after))
+    reference, reference_scores, before, after = runs[0]
     values = np.array([reference[i] for i in range(STEP_ROWS)])
+    score_values = [reference_scores[i] for i in range(STEP_ROWS)]
+    # A summed difference score; a pair's is two of them (chosen and rejected)
+    score_atol = LOGP_ATOL if kind == "sft" else 2 * LOGP_ATOL
     # Min-max over the 16 rows of the step: exactly one 0 and one 1, the rest in between
     assert np.isclose(values, 0).sum() == 1 and np.isclose(values, 1).sum() == 1
     moved = max((after[n] - before[n]).abs().max().item() for n in before)
     assert moved > 1e-3  # the step changed the parameters, so equal results below mean something
-    for (batch, accumulation), (weights, _, params) in zip(SPLITS[1:], runs[1:]):
-        # Online at 16 x 1, log p(y | x) comes from the training forward, elsewhere from the engine: fp32 apart
+    for (batch, accumulation), (weights, scores, _, params) in zip(SPLITS[1:], runs[1:]):
+        # Online at 16 x 1, log p(y | x) comes from the training forward, elsewhere from the engine: fp32 apart, and
+        # min-max divides that difference by the step's score range
         split = f"{batch}x{accumulation}"
-        np.testing.assert_allclose([weights[i] for i in range(STEP_ROWS)], values, atol=WEIGHT_ATOL, err_msg=split)
+        np.testing.assert_allclose([scores[i] for i in range(STEP_ROWS)], score_values, atol=score_atol, err_msg=split)
+        weight_atol = minmax_weight_atol(score_values, score_atol)
+        np.testing.assert_allclose([weights[i] for i in range(STEP_ROWS)], values, atol=weight_atol, err_msg=split)
         for name in after:
             torch.testing.assert_close(params[name], after[name], **GRAD_TOL, msg=f"{split} {name}")
 

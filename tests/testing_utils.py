@@ -255,9 +255,15 @@ MEAN_LOGP_ATOL = 1e-5
 #: The same requests scored by the same forward in other groups (shards, processes in lockstep, a shuffled order):
 #: only the padding and batch shape change, a few ulp per token of a short response.
 REGROUPED_ATOL = 1e-5
-#: A weight in [0, 1] computed from the same scores another way (min-max divides the score's error by the batch's
-#: score range, which is at least ~0.1 here).
+#: A weight in [0, 1] computed from the same scores another way.
 WEIGHT_ATOL = 1e-5
+
+
+def minmax_weight_atol(scores, score_atol: float) -> float:
+    """The bound on a batch min-max weight `(s - min) / (max - min)` when each of `scores` may move by `score_atol`
+    (computed through another forward): the numerator and the range each move by up to `2 * score_atol`, so to first
+    order the weight moves by up to `4 * score_atol / (max - min)`."""
+    return 4 * score_atol / (max(scores) - min(scores))
 #: A loss (a mean of per-token NLLs, each <= ~10) computed from the same logits through another reduction.
 LOSS_ATOL = 1e-5
 #: Gradients, and parameters after one SGD step, computed through other reductions or micro-batch splits: float32
