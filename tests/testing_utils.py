@@ -257,6 +257,11 @@ MEAN_LOGP_ATOL = 1e-5
 REGROUPED_ATOL = 1e-5
 #: A weight in [0, 1] computed from the same scores another way.
 WEIGHT_ATOL = 1e-5
+#: A loss (a mean of per-token NLLs, each <= ~10) computed from the same logits through another reduction.
+LOSS_ATOL = 1e-5
+#: Gradients, and parameters after one SGD step, computed through other reductions or micro-batch splits: float32
+#: accumulation over a few hundred tokens; relative for large entries, absolute for those near 0.
+GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
 
 
 def minmax_weight_atol(scores, score_atol: float) -> float:
@@ -264,8 +269,3 @@ def minmax_weight_atol(scores, score_atol: float) -> float:
     (computed through another forward): the numerator and the range each move by up to `2 * score_atol`, so to first
     order the weight moves by up to `4 * score_atol / (max - min)`."""
     return 4 * score_atol / (max(scores) - min(scores))
-#: A loss (a mean of per-token NLLs, each <= ~10) computed from the same logits through another reduction.
-LOSS_ATOL = 1e-5
-#: Gradients, and parameters after one SGD step, computed through other reductions or micro-batch splits: float32
-#: accumulation over a few hundred tokens; relative for large entries, absolute for those near 0.
-GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
