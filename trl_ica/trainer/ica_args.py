@@ -62,9 +62,11 @@ class ICAArguments:
         ica_loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
             how the weighted losses of an optimizer step (all its micro-batches and processes) are reduced.
             `"token_mean"`: the trainer's own divisor, `sum_i w_i * nll_i / sum_i n_i` (n_i: example i's loss
-            tokens; a pair counts 1), so lower weights also take smaller steps. `"weighted_mean"`: `sum_i w_i * nll_i
-            / sum_i w_i * n_i`, which keeps the step size whatever the mean weight. Both equal the stock loss with
-            all weights 1. Under `"weighted_mean"` a step of one example trains on it unweighted.
+            tokens; a pair counts 1), so lower weights scale the step's loss down. `"weighted_mean"`:
+            `sum_i w_i * nll_i / sum_i w_i * n_i`, which keeps the loss at the stock loss's scale whatever the mean
+            weight (AdamW cancels a scale shared by every step, so the two differ in how steps weigh against each
+            other). Both equal the stock loss with all weights 1. Under `"weighted_mean"` a step of one example
+            trains on it unweighted.
         ica_refresh (`int` or `str`, *optional*, defaults to `1`):
             R, the number of scorings spread over training (R = 1: once before training), or `"online"` (each optimizer
             step scored at its start with the current parameters).
