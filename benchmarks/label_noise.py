@@ -34,7 +34,8 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained;
 - with the setting `"model": "qwen2.5-coder-0.5b-instruct"` the 0.5B model is trained instead (a proxy for a larger
   trained model): `ica_turns_quantile` and `top_turns` then use its own scores, and `smol_turns_quantile`,
-  `top_smol_turns` those of SmolLM2-135M (`ica_scoring_model`), a scorer a quarter its size.
+  `top_smol_turns` those of SmolLM2-135M (`ica_scoring_model`), a scorer a quarter its size
+  (`smol_turns_quantile_wmean`: that run under `ica_loss_reduction="weighted_mean"`).
 
 The pool is scored once per seed and the scores given to each ICA run (`ICAController.use_scores`); the scores are
 kept in the results file, so a method added later trains without scoring again. Reported: the
@@ -101,6 +102,7 @@ METHODS = (
     "qwen_turns_quantile_wmean",
     "top_qwen_turns",
     "smol_turns_quantile",
+    "smol_turns_quantile_wmean",
     "top_smol_turns",
 )
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
@@ -119,6 +121,7 @@ SCORE_OF = {
     "qwen_turns_quantile": "qwen_turns_conditioned", "qwen_turns_quantile_wmean": "qwen_turns_conditioned",
     "top_qwen_turns": "qwen_turns_conditioned",
     "smol_turns_quantile": "smol_turns_conditioned", "top_smol_turns": "smol_turns_conditioned",
+    "smol_turns_quantile_wmean": "smol_turns_conditioned",
 }  # fmt: skip
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments (`model`: else the trained one)
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
@@ -186,10 +189,14 @@ SETTINGS = {
     "random_weights_wmean": dict(ica_loss_reduction="weighted_mean"),
     # scored by another model than the one trained (its name stands for its converted folder, `qwen_05b_path`)
     "qwen_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B),
-    "qwen_turns_quantile_wmean": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B,
-                                      ica_loss_reduction="weighted_mean"),  # fmt: skip
+    "qwen_turns_quantile_wmean": dict(
+        QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B, ica_loss_reduction="weighted_mean"
+    ),  # fmt: skip
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
+    "smol_turns_quantile_wmean": dict(
+        QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL, ica_loss_reduction="weighted_mean"
+    ),  # fmt: skip
 }
 
 
