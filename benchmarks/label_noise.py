@@ -3,7 +3,9 @@
 A reasoning-gym task (default `basic_arithmetic`, one-digit operands) whose pool has a `--noise` share of answers
 replaced by answers of another task (`--noise-kind other_task`, default `family_relationships`: the wrong kind of
 answer, as when a data pipeline mixes its sources) or by the answers of other questions of the same task
-(`--noise-kind shuffled`: wrong answers of the right kind); a clean holdout and test split of the task.
+(`--noise-kind shuffled`: wrong answers of the right kind); a clean holdout and test split of the task. Or GSM8K
+(`--task gsm8k --noise-kind corrupted --noise-task ""`): a wrong final number, another problem's solution or the first
+half of the solution, evenly mixed, measured by the final number of greedy answers.
 SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for every method:
 
 - `uniform`: stock SFT on the noisy pool; `oracle`: stock SFT on its clean rows only;
@@ -62,13 +64,13 @@ import warnings
 import numpy as np
 import torch
 
-from benchmarks.common.evaluation import evaluate
+from benchmarks.common.evaluation import evaluate, gsm8k_accuracy, test_loss
 from benchmarks.common.models import MODELS, QWEN_05B, model_path, top_layer_lora, training_settings
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
 from trl_ica.cli.assets import DEFAULT_MODEL, load_model
-from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, reasoning_gym_label_noise
+from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, noisy_gsm8k, reasoning_gym_label_noise
 from trl_ica.data_io import write_json
 from trl_ica.scoring.ica import score_ica
 from trl_ica.selection.baselines import select_top
@@ -200,10 +202,30 @@ SETTINGS = {
 }
 
 
+#: The noise kinds: reasoning-gym's ([`LABEL_NOISE_KINDS`]) and GSM8K's own (`task` "gsm8k", `noise_kind`
+#: "corrupted", `noise_task` ""): a wrong final number, another problem's solution or the first half of the
+#: solution, evenly mixed ([`noisy_gsm8k`]).
+NOISE_KINDS = {**LABEL_NOISE_KINDS, "corrupted": "wrong, mismatched or truncated answers"}
+
+
+def check_task(settings):
+    """Refuse a GSM8K setting that is not GSM8K's own noise, and the reverse."""
+    gsm8k = settings["task"] == "gsm8k"
+    if gsm8k != (settings["noise_kind"] == "corrupted") or (gsm8k and settings["noise_task"]):
+        raise SystemExit(f"settings task={settings['task']!r}, noise_kind={settings['noise_kind']!r}, noise_task="
+                         f"{settings['noise_task']!r}: GSM8K is trained with its own noise only (task 'gsm8k', "
+                         "noise_kind 'corrupted', noise_task ''), and 'corrupted' applies to GSM8K only.")  # fmt: skip
+
+
 def make_data(args, seed):
-    """The pool, holdout and test split of [`reasoning_gym_label_noise`], and the task's answer checker."""
+    """The pool, holdout and test split of [`reasoning_gym_label_noise`] (or [`noisy_gsm8k`] for the task "gsm8k"),
+    the pool's clean mask, and the task's answer checker (None for GSM8K: its final number is compared)."""
     import reasoning_gym
 
+    if args.task == "gsm8k":
+        train, holdout, test = noisy_gsm8k(args.n_train, args.n_holdout, args.n_test, args.noise, seed)
+        clean = np.array([c == "clean" for c in train["corruption"]])
+        return train.remove_columns("corruption"), clean, holdout, test, None
     train, holdout, test, clean = reasoning_gym_label_noise(
         args.task, args.noise_task, args.noise, args.noise_kind, args.n_train, args.n_holdout, args.n_test, seed
     )
@@ -373,7 +395,7 @@ def title_of(settings) -> str:
         others = len(settings["noise_task"].split(","))
         title = f"{settings['task']}, {settings['noise']:.0%} of the pool rows of {others} other tasks"
     else:
-        kind = LABEL_NOISE_KINDS[settings["noise_kind"]]
+        kind = NOISE_KINDS[settings["noise_kind"]]
         title = f"{settings['task']}, {settings['noise']:.0%} of the rows with {kind}"
     model = settings.get("model", DEFAULT_MODEL)
     return title if model == DEFAULT_MODEL else f"{model} trained\n{title}"
@@ -386,6 +408,7 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
     if unknown or not set(SETTING_KEYS) <= set(settings) <= {*SETTING_KEYS, *OPTIONAL_SETTINGS}:
         raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)} and optional "
                          f"{list(OPTIONAL_SETTINGS)}: {sorted(settings)}.")  # fmt: skip
+    check_task(settings)
     args = argparse.Namespace(**{**OPTIONAL_SETTINGS, **settings})
     if args.model not in MODELS:
         raise SystemExit(f"settings model={args.model!r}: the trained model is one of {list(MODELS)}.")
@@ -412,7 +435,10 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
             if keep and weights:
                 trace(keep, weights, clean, f"{method}, seed {seed}")
-            loss, accuracy = evaluate(model, tokenizer, test, checker)
+            if checker is None:  # GSM8K
+                loss, accuracy = test_loss(model, tokenizer, test), gsm8k_accuracy(model, tokenizer, test)
+            else:
+                loss, accuracy = evaluate(model, tokenizer, test, checker)
             seconds = time.perf_counter() - start
             run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
             if weights:  # the mean weight the clean and the noisy rows were trained with
@@ -459,9 +485,10 @@ def main():
     parser.add_argument(
         "--noise-kind",
         default="other_task",
-        choices=list(LABEL_NOISE_KINDS),
+        choices=list(NOISE_KINDS),
         help="other_task: answers of `--noise-task`; shuffled: answers of other questions of the same task; "
-        "mixture: whole rows of the `--noise-task` tasks (comma-separated)",
+        "mixture: whole rows of the `--noise-task` tasks (comma-separated); corrupted: GSM8K's own (`--task gsm8k "
+        '--noise-task ""`)',
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help="the trained model")
     parser.add_argument("--results", default=None)

@@ -120,3 +120,15 @@ def test_pool_benchmarks_resume_and_refuse_other_settings(tmp_path, capsys):
                          "|  | y | 2 runs | 2 |"]  # fmt: skip
     with pytest.raises(SystemExit, match="other settings"):
         run_pools({**experiment, "settings": {"n": 5}}, ["x"], [0], make_pool, measure)
+
+
+def test_label_noise_keeps_gsm8k_to_its_own_noise():
+    """GSM8K's corruptions come from its own generator: mixing it with reasoning-gym's noise kinds is refused."""
+    from benchmarks.label_noise import SETTING_KEYS, run
+
+    base = dict.fromkeys(SETTING_KEYS, 0)
+    for task, kind, other in (("gsm8k", "shuffled", ""), ("basic_arithmetic", "corrupted", ""),
+                              ("gsm8k", "corrupted", "family_relationships")):  # fmt: skip
+        settings = {**base, "task": task, "noise_kind": kind, "noise_task": other}
+        with pytest.raises(SystemExit, match=f"task={task!r}, noise_kind={kind!r}, noise_task={other!r}"):
+            run(settings, [], [])
