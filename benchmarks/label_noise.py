@@ -54,6 +54,7 @@ on against the holdout's median score (`trace.json`, `trace.png`): how a rescore
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -193,12 +194,12 @@ SETTINGS = {
     "qwen_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B),
     "qwen_turns_quantile_wmean": dict(
         QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B, ica_loss_reduction="weighted_mean"
-    ),  # fmt: skip
+    ),
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
     "smol_turns_quantile_wmean": dict(
         QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL, ica_loss_reduction="weighted_mean"
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -219,18 +220,23 @@ def check_task(settings):
 
 def make_data(args, seed):
     """The pool, holdout and test split of [`reasoning_gym_label_noise`] (or [`noisy_gsm8k`] for the task "gsm8k"),
-    the pool's clean mask, and the task's answer checker (None for GSM8K: its final number is compared)."""
+    the pool's clean mask, and `measure(model, tokenizer, test)`: the clean test loss and the accuracy by the task's
+    own answer check (GSM8K: the final number)."""
     import reasoning_gym
 
     if args.task == "gsm8k":
         train, holdout, test = noisy_gsm8k(args.n_train, args.n_holdout, args.n_test, args.noise, seed)
         clean = np.array([c == "clean" for c in train["corruption"]])
-        return train.remove_columns("corruption"), clean, holdout, test, None
+
+        def measure(model, tokenizer, test):
+            return test_loss(model, tokenizer, test), gsm8k_accuracy(model, tokenizer, test)
+
+        return train.remove_columns("corruption"), clean, holdout, test, measure
     train, holdout, test, clean = reasoning_gym_label_noise(
         args.task, args.noise_task, args.noise, args.noise_kind, args.n_train, args.n_holdout, args.n_test, seed
     )
     checker = reasoning_gym.create_dataset(args.task, size=1, seed=0, **LABEL_NOISE_TASKS.get(args.task, {}))
-    return train, clean, holdout, test, checker
+    return train, clean, holdout, test, functools.partial(evaluate, checker=checker)
 
 
 def train(method, rows, holdout, scores, seed, args, keep=None):
@@ -418,7 +424,7 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
         todo = [m for m in methods if str(seed) not in results.get(m, {})]
         if not todo:
             continue
-        rows, clean, holdout, test, checker = make_data(args, seed)
+        rows, clean, holdout, test, measure = make_data(args, seed)
         names = {SCORE_OF[m] for m in todo if m in SCORE_OF}
         scores = pool_scores(results, names, rows, holdout, clean, seed, args.model)
         for method in todo:
@@ -435,10 +441,7 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
             if keep and weights:
                 trace(keep, weights, clean, f"{method}, seed {seed}")
-            if checker is None:  # GSM8K
-                loss, accuracy = test_loss(model, tokenizer, test), gsm8k_accuracy(model, tokenizer, test)
-            else:
-                loss, accuracy = evaluate(model, tokenizer, test, checker)
+            loss, accuracy = measure(model, tokenizer, test)
             seconds = time.perf_counter() - start
             run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
             if weights:  # the mean weight the clean and the noisy rows were trained with
