@@ -238,6 +238,11 @@ def train(task: str, script_args, training_args, model_args, dataset_args=None):
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub as {trainer.hub_model_id}.")
+    # Only the main process writes; the others would reach `end()` and exit while gloo's worker thread may still be
+    # releasing the tensors of training's last collectives, which needs the GIL and aborts the process ("terminate
+    # called without an active exception") once the interpreter is shutting down. Waiting here, with the GIL
+    # released, until the main process has saved gives that thread the time.
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group, as TRL's scripts
         trainer.end()
     return trainer
