@@ -34,6 +34,11 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `qwen_turns_quantile`, `qwen_turns_quantile_wmean`, `top_qwen_turns`: `ica_turns_quantile`, its `weighted_mean`
   run and `top_turns` with the scores of a scoring model of its own, Qwen2.5-Coder-0.5B-Instruct
   (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained;
+- `oracle_wrong_answer`, `oracle_other_question`, `oracle_truncated` (GSM8K): stock SFT on the pool without one kind
+  of corrupted row, what removing that kind alone is worth; `uniform_subset`: stock SFT on a random subset of the
+  oracle's size, which separates removing the noise from training fewer rows more often;
+- with the setting `"metrics": "answer"` (GSM8K) runs are measured by the full-answer loss, the loss of the
+  final-answer span and the probability of ending early, all teacher-forced, instead of loss and greedy accuracy;
 - with the setting `"model": "qwen2.5-coder-0.5b-instruct"` the 0.5B model is trained instead (a proxy for a larger
   trained model): `ica_turns_quantile` and `top_turns` then use its own scores, and `smol_turns_quantile`,
   `top_smol_turns` those of SmolLM2-135M (`ica_scoring_model`), a scorer a quarter its size
@@ -54,7 +59,6 @@ on against the holdout's median score (`trace.json`, `trace.png`): how a rescore
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -65,7 +69,7 @@ import warnings
 import numpy as np
 import torch
 
-from benchmarks.common.evaluation import evaluate, gsm8k_accuracy, test_loss
+from benchmarks.common.evaluation import evaluate, gsm8k_accuracy, gsm8k_answer_metrics, test_loss
 from benchmarks.common.models import MODELS, QWEN_05B, model_path, top_layer_lora, training_settings
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
@@ -107,7 +111,16 @@ METHODS = (
     "smol_turns_quantile",
     "smol_turns_quantile_wmean",
     "top_smol_turns",
+    "oracle_wrong_answer",
+    "oracle_other_question",
+    "oracle_truncated",
+    "uniform_subset",
 )
+#: Stock SFT on the pool without one kind of corrupted row (GSM8K): what removing that kind alone is worth.
+KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": "other_question",
+                "oracle_truncated": "truncated"}  # fmt: skip
+#: Stock SFT trained without scores or weights, on the rows `rows_of` picks.
+STOCK = ("uniform", "oracle", "uniform_subset", *KIND_ORACLES)
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
 TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns", "top_smol_turns")
 # The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the paper's layout,
@@ -220,23 +233,32 @@ def check_task(settings):
 
 def make_data(args, seed):
     """The pool, holdout and test split of [`reasoning_gym_label_noise`] (or [`noisy_gsm8k`] for the task "gsm8k"),
-    the pool's clean mask, and `measure(model, tokenizer, test)`: the clean test loss and the accuracy by the task's
-    own answer check (GSM8K: the final number)."""
+    each pool row's kind (`"clean"`, else its corruption: GSM8K's [`CORRUPTIONS`], or `"noisy"`), and
+    `measure(model, tokenizer, test)`: a dict of the clean test loss and the accuracy by the task's own answer check
+    (GSM8K: the final number), or under the setting `"metrics": "answer"` (GSM8K) the full-answer loss, the loss of
+    the final-answer span and the probability of ending early ([`gsm8k_answer_metrics`]) instead."""
     import reasoning_gym
 
     if args.task == "gsm8k":
         train, holdout, test = noisy_gsm8k(args.n_train, args.n_holdout, args.n_test, args.noise, seed)
-        clean = np.array([c == "clean" for c in train["corruption"]])
+        kinds = np.array(train["corruption"])
 
         def measure(model, tokenizer, test):
-            return test_loss(model, tokenizer, test), gsm8k_accuracy(model, tokenizer, test)
+            if getattr(args, "metrics", "accuracy") == "answer":
+                return gsm8k_answer_metrics(model, tokenizer, test)
+            return dict(loss=test_loss(model, tokenizer, test), accuracy=gsm8k_accuracy(model, tokenizer, test))
 
-        return train.remove_columns("corruption"), clean, holdout, test, measure
+        return train.remove_columns("corruption"), kinds, holdout, test, measure
     train, holdout, test, clean = reasoning_gym_label_noise(
         args.task, args.noise_task, args.noise, args.noise_kind, args.n_train, args.n_holdout, args.n_test, seed
     )
     checker = reasoning_gym.create_dataset(args.task, size=1, seed=0, **LABEL_NOISE_TASKS.get(args.task, {}))
-    return train, clean, holdout, test, functools.partial(evaluate, checker=checker)
+
+    def measure(model, tokenizer, test):
+        loss, accuracy = evaluate(model, tokenizer, test, checker)
+        return dict(loss=loss, accuracy=accuracy)
+
+    return train, np.where(clean, "clean", "noisy"), holdout, test, measure
 
 
 def train(method, rows, holdout, scores, seed, args, keep=None):
@@ -248,7 +270,7 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
     lora = top_layer_lora(model, args.top_layers)
     with tempfile.TemporaryDirectory() as out:
         common = training_settings(out, args, seed)
-        if method in ("uniform", "oracle") or method in TOP:
+        if method in STOCK or method in TOP:
             trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
@@ -274,41 +296,51 @@ SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_siz
                 "n_holdout", "n_test", "top_fraction")  # fmt: skip
 #: Settings an experiment may leave out, with the value it then has: `model`, the trained model (the embedded
 #: SmolLM2-135M-Instruct, or QWEN_05B).
-OPTIONAL_SETTINGS = {"model": DEFAULT_MODEL}
+#: `metrics`: `"accuracy"` (the clean test loss and greedy accuracy) or `"answer"` (GSM8K: the test loss, the
+#: final-answer span's loss and the probability of ending early, all teacher-forced; no generation).
+OPTIONAL_SETTINGS = {"model": DEFAULT_MODEL, "metrics": "accuracy"}
 
 
 def table(results, methods, labels=None) -> list[str]:
-    """The results as markdown: per method, the clean test loss and accuracy (mean ± std over the seeds that have
-    uniform and oracle runs), the share of the noise gap it recovers per seed and of the means, and its wins over
-    uniform training; then the mean weights of the clean and noisy rows and the scores' AUROC. `labels` names the
-    methods (default: their keys)."""
+    """The results as markdown: per method, each measure of the run (the clean test loss and accuracy, or the test
+    loss, the final-answer span's loss and the probability of ending early) as mean ± std over the seeds that have
+    uniform and oracle runs, the share of the loss's noise gap it recovers per seed and of the means, and its wins over
+    uniform training; then, per measure, every method's paired difference from uniform training in paired standard
+    deviations (the oracle's is the noise gap a method can recover: under 3 the pool cannot rank methods), the mean
+    weights of the clean and noisy rows and the scores' AUROC. `labels` names the methods (default: their keys)."""
     labels = labels or {}
     runs_of = {k: v for k, v in results.items() if k not in ("settings", "scores")}
     seeds = sorted({s for m in runs_of.values() for s in m}, key=int)
     both = [s for s in seeds if s in runs_of.get("uniform", {}) and s in runs_of.get("oracle", {})]
+    if not both:
+        done = {m: len(r) for m, r in runs_of.items() if r}
+        return [f"No seed has both a uniform and an oracle run yet (runs kept: {done or 'none'})."]
+    measures = [m for m in MEASURES if m in runs_of["uniform"][both[0]]]
     lines = [
-        "| method | seeds | clean test loss (nats/token) | accuracy | share of the noise gap recovered: per seed / of "
-        "the means | seeds better than uniform |",
-        "|---|---|---|---|---|---|",
+        f"| method | seeds | {' | '.join(MEASURES[m] for m in measures)} | share of the loss's noise gap recovered: "
+        "per seed / of the means | seeds better than uniform |",
+        "|---|---|" + "---|" * len(measures) + "---|---|",
     ]
     for method in methods:
         runs = runs_of.get(method, {})
         done = [s for s in both if s in runs]
         if not done:
             continue
-        loss = np.array([runs[s]["loss"] for s in done])
-        acc = np.array([runs[s]["accuracy"] for s in done])
+        values = {m: np.array([runs[s][m] for s in done]) for m in measures}
+        loss = values["loss"]
         uniform = np.array([runs_of["uniform"][s]["loss"] for s in done])
         oracle = np.array([runs_of["oracle"][s]["loss"] for s in done])
         share = (uniform - loss) / (uniform - oracle)
         pooled = (uniform.mean() - loss.mean()) / (uniform.mean() - oracle.mean())  # steady where a seed's gap is ~0
         wins = int((loss < uniform).sum())
-        lines.append(f"| {labels.get(method, method)} | {len(done)} | {loss.mean():.3f} ± {loss.std():.3f} | "
-                     f"{acc.mean():.3f} ± {acc.std():.3f} | {share.mean():+.2f} ± {share.std():.2f} / {pooled:+.2f} "
-                     f"| {wins} of {len(done)} |")  # fmt: skip
+        shown = " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" if m != "accuracy" else f"{v.mean():.3f} ± {v.std():.3f}"
+                           for m, v in values.items())  # fmt: skip
+        lines.append(f"| {labels.get(method, method)} | {len(done)} | {shown} | {share.mean():+.2f} ± "
+                     f"{share.std():.2f} / {pooled:+.2f} | {wins} of {len(done)} |")  # fmt: skip
     lines.append("")
     lines.append(f"(Rebuilt by `python -m benchmarks.report`: mean ± standard deviation over each method's seeds "
                  f"among {', '.join(both)}.)")  # fmt: skip
+    lines += paired_lines(runs_of, methods, [m for m in measures if m != "accuracy"], labels)
     for method in methods:
         runs = [r for r in runs_of.get(method, {}).values() if "weight_clean" in r]
         if runs:
@@ -319,6 +351,39 @@ def table(results, methods, labels=None) -> list[str]:
         values = np.array(list(results[key].values()))
         lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
     return lines
+
+
+#: What a run measures on the clean test rows, as the tables name it (lower is better for each but accuracy).
+MEASURES = {
+    "loss": "clean test loss (nats/token)",
+    "accuracy": "accuracy",
+    "span_loss": "final-answer span loss (nats/token)",
+    "early_end": "P(end) at a line end",
+}
+
+
+def paired_lines(runs_of, methods, measures, labels) -> list[str]:
+    """Per measure, a table of each method's mean difference from uniform training on the same seeds, its paired
+    standard deviation, their ratio and the seeds on which it was lower: the oracle's ratio says whether the pool can
+    rank methods by that measure (3 or more in size), a method's whether it moved the measure beyond seed noise."""
+    uniform = runs_of.get("uniform", {})
+    lines = []
+    for measure in measures:
+        rows = []
+        for method in methods:
+            seeds = [s for s in runs_of.get(method, {}) if s in uniform and measure in runs_of[method][s]]
+            if method == "uniform" or len(seeds) < 2:
+                continue
+            diff = np.array([runs_of[method][s][measure] - uniform[s][measure] for s in seeds])
+            sd = diff.std(ddof=1)
+            ratio = f"{diff.mean() / sd:+.1f}" if sd > 0 else "n/a"
+            rows.append(f"| {labels.get(method, method)} | {len(seeds)} | {diff.mean():+.4f} | {sd:.4f} | {ratio} | "
+                        f"{int((diff < 0).sum())} of {len(seeds)} |")  # fmt: skip
+        if rows:
+            lines += ["", f"{MEASURES[measure]}, minus uniform training's on the same seed:", "",
+                      "| method | seeds | mean difference | paired sd | in paired sd | seeds lower |",
+                      "|---|---|---|---|---|---|", *rows]  # fmt: skip
+    return lines + ([""] if lines else [])
 
 
 def trace(folder, weights, clean, title):
@@ -424,13 +489,22 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
         todo = [m for m in methods if str(seed) not in results.get(m, {})]
         if not todo:
             continue
-        rows, clean, holdout, test, measure = make_data(args, seed)
+        rows, kinds, holdout, test, measure = make_data(args, seed)
+        clean = kinds == "clean"
         names = {SCORE_OF[m] for m in todo if m in SCORE_OF}
         scores = pool_scores(results, names, rows, holdout, clean, seed, args.model)
         for method in todo:
             start = time.perf_counter()
             if method == "oracle":
                 data = rows.select(np.flatnonzero(clean))
+            elif method in KIND_ORACLES:
+                if KIND_ORACLES[method] not in set(kinds):
+                    raise SystemExit(f"{method} drops the pool's {KIND_ORACLES[method]!r} rows; this pool has none.")
+                data = rows.select(np.flatnonzero(kinds != KIND_ORACLES[method]))
+            elif method == "uniform_subset":  # the oracle's number of rows, drawn at random from the whole pool
+                subset = np.random.default_rng(seed).choice(len(rows), int(clean.sum()), replace=False)
+                data = rows.select(np.sort(subset))
+                results.setdefault(f"clean share {method}", {})[str(seed)] = float(clean[subset].mean())
             elif method in TOP:
                 keep = select_top(scores[SCORE_OF[method]], args.top_fraction)
                 data = rows.select(keep)
@@ -441,9 +515,9 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
             if keep and weights:
                 trace(keep, weights, clean, f"{method}, seed {seed}")
-            loss, accuracy = measure(model, tokenizer, test)
+            metrics = measure(model, tokenizer, test)
             seconds = time.perf_counter() - start
-            run = dict(loss=loss, accuracy=accuracy, seconds=seconds)
+            run = dict(**metrics, seconds=seconds)
             if weights:  # the mean weight the clean and the noisy rows were trained with
                 index = np.array([w["ica_index"] for w in weights])
                 weight = np.array([w["weight"] for w in weights])
@@ -452,7 +526,8 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
                 )
             results.setdefault(method, {})[str(seed)] = run
             save_results(results, results_path)
-            print(f"  [seed {seed}] {method}: loss {loss:.4f}, accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"  [seed {seed}] {method}: {shown} ({seconds:.0f} s)", flush=True)
     return results
 
 

@@ -51,8 +51,8 @@ def pool(name, n, seed):
         kind = "shuffled" if name.endswith("shuffled") else "other_task"
         args = SimpleNamespace(task="basic_arithmetic", noise_task="family_relationships", noise=0.5, noise_kind=kind,
                                n_train=n, n_holdout=32, n_test=0)  # fmt: skip
-        train, clean, holdout, _, _ = make_data(args, seed)
-        return train, holdout, clean
+        train, kinds, holdout, _, _ = make_data(args, seed)
+        return train, holdout, kinds == "clean"
     if name == "mixture":
         train, holdout, _ = reasoning_gym_mixture(n_per_task=n // 5, n_holdout=16, n_test=0, seed=seed)
         return train.remove_columns("task"), holdout, np.array(train["task"]) == "leg_counting"

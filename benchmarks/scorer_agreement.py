@@ -96,7 +96,8 @@ def main():
     for seed in args.seeds or experiment["seeds"]:
         if str(seed) in results.get("seeds", {}):
             continue
-        rows, clean, holdout, _, _ = make_data(settings, seed)
+        rows, kinds, holdout, _, _ = make_data(settings, seed)
+        clean = kinds == "clean"
         kept_large = kept_small.get("scores", {}).get(LARGE, {})  # the experiment's own runs may have them
         if str(seed) in kept_large:
             results.setdefault("scores", {}).setdefault(LARGE, {})[str(seed)] = kept_large[str(seed)]

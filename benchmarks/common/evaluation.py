@@ -87,3 +87,67 @@ def median_step(trainer, batches, repeats) -> float:
         times.append(time.perf_counter() - start)
         model.zero_grad()
     return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def gsm8k_answer_metrics(model, tokenizer, test, batch_size: int = 16) -> dict[str, float]:
+    """Three teacher-forced measures of the gold test solutions, from one forward of each rendered test row:
+
+    - `loss`: mean NLL per answer token (nats), the closing token included, as training scores it;
+    - `span_loss`: mean NLL per token of the final-answer line (`#### N`) given the gold solution before it: what a
+      wrong final number in training teaches, which the full-answer mean dilutes over ~130 tokens;
+    - `early_end`: the mean probability of the closing token (the chat template's end of turn) at each line end of
+      the solution before its last line: what training on truncated solutions teaches.
+    Rows are rendered with the chat template as SFT trains them; the positions come from the tokenizer's character
+    offsets (a line end is the token that ends where a newline starts)."""
+    model.eval()
+    device = next(model.parameters()).device
+    close = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    totals = dict(loss=[0.0, 0], span_loss=[0.0, 0], early_end=[0.0, 0])
+    rows = list(zip(test["prompt"], test["completion"]))
+    for start in range(0, len(rows), batch_size):
+        encoded = []
+        for prompt, completion in rows[start : start + batch_size]:
+            answer = completion[-1]["content"]
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+            if not text.startswith(head + answer):
+                raise ValueError("The chat template does not render the answer right after the generation prompt.")
+            enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+            encoded.append((enc["input_ids"], enc["offset_mapping"], len(head), answer))
+        width = max(len(ids) for ids, *_ in encoded)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([x[0] + [pad] * (width - len(x[0])) for x in encoded], device=device)
+        mask = torch.tensor([[1] * len(x[0]) + [0] * (width - len(x[0])) for x in encoded], device=device)
+        # logits from the earliest answer token of the batch on (the system turn and questions need none)
+        first = min(next(i for i, (a, _) in enumerate(x[1]) if a >= x[2]) for x in encoded) - 1
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        for row, (tokens, offsets, begin, answer) in enumerate(encoded):
+            logp = _Shifted(logits[row], first)
+            end = begin + len(answer)
+            # the answer's tokens and its closing token: every token from the answer's start to the first close
+            answer_pos = [i for i, (a, _) in enumerate(offsets) if a >= begin]
+            answer_pos = answer_pos[: next(k for k, i in enumerate(answer_pos) if tokens[i] == close) + 1]
+            span_start = begin + answer.rfind("####") if "####" in answer else end
+            nll = [-float(logp(i - 1)[tokens[i]]) for i in answer_pos]
+            totals["loss"][0] += sum(nll)
+            totals["loss"][1] += len(nll)
+            span = [v for i, v in zip(answer_pos, nll) if span_start <= offsets[i][0] < end]
+            totals["span_loss"][0] += sum(span)
+            totals["span_loss"][1] += len(span)
+            line_ends = {begin + k for k, ch in enumerate(answer[: answer.rfind("\n")]) if ch == "\n"}
+            ends = [i for i in answer_pos if offsets[i][1] in line_ends and offsets[i][0] < offsets[i][1]]
+            for i in ends:
+                totals["early_end"][0] += float(logp(i)[close].exp())
+                totals["early_end"][1] += 1
+    return {k: (s / n if n else float("nan")) for k, (s, n) in totals.items()}
+
+
+class _Shifted:
+    """Log-probabilities of the next token at a position of the full sequence, from logits that start at `first`."""
+
+    def __init__(self, logits, first: int):
+        self.logits, self.first = logits, first
+
+    def __call__(self, position: int) -> torch.Tensor:
+        return torch.log_softmax(self.logits[position - self.first].float(), dim=-1)
