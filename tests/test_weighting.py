@@ -110,3 +110,59 @@ def test_holdout_cutoff_outside_its_range_is_refused(cutoff):
 def test_holdout_quantile_refuses_nan_and_a_missing_reference(scores, reference, message):
     with pytest.raises(ValueError, match=message):
         compute_weights(scores, "holdout_quantile", reference=reference)
+
+
+def _mixture(share, n_pool, n_holdout, gap, seed):
+    """A holdout of N(0, 1) scores and a pool whose `share` is N(0, 1) (holdout-like) and the rest N(-gap, 1)."""
+    rng = np.random.default_rng(seed)
+    clean = int(round(share * n_pool))
+    pool = np.concatenate([rng.normal(0, 1, clean), rng.normal(-gap, 1, n_pool - clean)])
+    return pool, rng.normal(0, 1, n_holdout), np.arange(n_pool) < clean
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
+def test_holdout_share_recovers_the_mixture_share(share):
+    """pi = P_pool(s >= t) / P_holdout(s >= t) at the holdout's median t. Its standard error: the pool's share above
+    t is a binomial proportion (q = share / 2), and t itself is a sample median (sd 1.2533 / sqrt(n_holdout) for unit
+    normal scores), which moves that share by share * phi(0) per unit; the ratio doubles both. The noise, 5 sd below,
+    puts ~3e-7 of its rows above t."""
+    from trl_ica.scoring.weighting import holdout_share
+
+    n_pool, n_holdout = 4000, 400
+    q = share / 2
+    se = 2 * np.sqrt(q * (1 - q) / n_pool + (share * 0.39894 * 1.2533 / np.sqrt(n_holdout)) ** 2)
+    for seed in range(3):
+        pool, holdout, _ = _mixture(share, n_pool, n_holdout, 5.0, seed)
+        assert abs(holdout_share(pool, holdout) - share) < 4 * se
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6, 0.9, 1.0])
+def test_holdout_posterior_keeps_holdout_like_rows_whole_and_drops_the_others(share):
+    """Against the true posterior of the mixture and against `holdout_quantile`, which spreads holdout-like rows
+    over [0, 1] (mean 1/2), averaged over three draws: a holdout of 300 moves its own median by ~0.07 sd, which moves
+    one draw's weights by several hundredths."""
+    from scipy.stats import norm
+
+    clean_means, other_means, errors = [], [], []
+    for seed in range(3):
+        pool, holdout, clean = _mixture(share, 3000, 300, 4.0, seed)
+        weights = compute_weights(pool, "holdout_posterior", reference=holdout, pool=pool)
+        truth = share * norm.pdf(pool) / (share * norm.pdf(pool) + (1 - share) * norm.pdf(pool, -4.0))
+        assert np.all((weights >= 0) & (weights <= 1))
+        order = np.argsort(pool)
+        assert np.all(np.diff(weights[order]) >= -1e-12)  # a higher score is never less holdout-like
+        quantile = compute_weights(pool, "holdout_quantile", reference=holdout)
+        assert abs(quantile[clean].mean() - 0.5) < 0.05
+        clean_means.append(weights[clean].mean())
+        other_means.append(weights[~clean].mean() if share < 1 else 0.0)
+        errors.append(np.abs(weights - truth).mean())
+    assert np.mean(clean_means) > 0.85 and np.mean(other_means) < 0.12 and np.mean(errors) < 0.08
+
+
+def test_holdout_posterior_needs_the_pool_and_a_spread_holdout():
+    with pytest.raises(ValueError, match="every training row's"):
+        compute_weights([0.0, 1.0], "holdout_posterior", reference=[0.0, 1.0])
+    with pytest.raises(ValueError, match="all equal"):
+        compute_weights([0.0, 1.0], "holdout_posterior", reference=[1.0, 1.0, 1.0], pool=[0.0, 1.0])
+    with pytest.raises(ValueError, match="at least 2 finite holdout's own scores, got 1"):
+        compute_weights([0.0, 1.0], "holdout_posterior", reference=[1.0], pool=[0.0, 1.0])

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-WEIGHTINGS = ("batch_minmax", "global_minmax", "holdout_quantile", "softmax", "rank", "none")
+WEIGHTINGS = ("batch_minmax", "global_minmax", "holdout_quantile", "holdout_posterior", "softmax", "rank", "none")
 #: Schemes whose weights depend only on the scores of one batch.
 BATCH_WEIGHTINGS = ("batch_minmax", "softmax", "rank")
+#: Schemes that compare a score with every score of the training set (not known online, row by row).
+POOL_WEIGHTINGS = ("holdout_posterior",)
 
 
 def _clean(scores, where: str) -> np.ndarray:
@@ -99,6 +101,73 @@ def quantile_weights(scores, reference, cutoff: float = 1.0, where: str = "rows"
     return np.minimum((below + at_or_below) / (2.0 * ref.size * cutoff), 1.0)
 
 
+def _isotonic(values: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in squared error (pool-adjacent-violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return np.concatenate([np.full(int(c), t / c) for t, c in blocks]) if blocks else np.zeros(0)
+
+
+def holdout_share(pool, reference, quantile: float = 0.5) -> float:
+    """The share pi of the training set that scores like the holdout, estimated from the upper tail: rows unlike the
+    holdout score below it (what the scores are for), so above the holdout's `quantile` the training set holds
+    pi * (1 - quantile) of its rows from the holdout-like part and almost nothing else:
+    pi = P_pool(s >= t) / P_holdout(s >= t) at t = that quantile, capped at 1. Other rows scoring above t make it an
+    overestimate (the weights then err towards keeping rows)."""
+    pool = np.asarray(pool, dtype=np.float64).reshape(-1)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    threshold = np.quantile(ref, quantile)
+    above_ref = np.mean(ref >= threshold)
+    return float(min(1.0, np.mean(pool >= threshold) / above_ref)) if above_ref > 0 else 1.0
+
+
+def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarray:
+    """The probability that a row is holdout-like given its score, up to the holdout's median: the training set's
+    scores `pool` are read as a mixture, pi * f_holdout + (1 - pi) * f_other, with f_holdout the density of the
+    holdout's own scores (`reference`), so P(holdout-like | s) = pi * f_holdout(s) / f_pool(s). Rows unlike the holdout
+    score below it, so a row at the holdout's median score is taken as holdout-like: the weight is the ratio
+    f_holdout / f_pool at the row's score over its value at that median, capped at 1, which is the posterior wherever
+    no other rows reach the median (pi = f_pool / f_holdout there: [`holdout_share`] estimates it from the tail).
+    Both densities are Gaussian kernel estimates with one bandwidth (Silverman's rule on the holdout's scores), and the
+    ratio is made non-decreasing in the score (a higher score is never less holdout-like). Rows that score like the
+    holdout keep weight 1 and rows below it fall to 0, where `holdout_quantile` spreads clean rows over [0, 1]; a pool
+    without other rows keeps every weight near 1. Normalising at the median rather than by an estimated pi keeps the
+    holdout's own sampling noise (its median moves by ~1.25 sd / sqrt(n)) from scaling every weight down.
+
+    Args:
+        scores (`array-like`): the scores to weight (rows of `pool`, or others).
+        reference (`array-like`): the holdout's own scores, at least 2 and not all equal.
+        pool (`array-like`): every training row's score, the mixture the holdout is compared with.
+    """
+    s = _clean(scores, where)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    pool = np.asarray(pool, dtype=np.float64).reshape(-1)
+    for name, values in (("holdout's own", ref), ("training set's", pool)):
+        if values.size < 2 or not np.isfinite(values).all():
+            raise ValueError(f"`weighting='holdout_posterior'` needs at least 2 finite {name} scores, got "
+                             f"{values.size} ({int((~np.isfinite(values)).sum())} not finite).")  # fmt: skip
+    spread = min(ref.std(ddof=1), (np.quantile(ref, 0.75) - np.quantile(ref, 0.25)) / 1.349) or ref.std(ddof=1)
+    if not spread > 0:
+        raise ValueError("`weighting='holdout_posterior'`: the holdout's own scores are all equal, so they give no "
+                         "density to compare with.")  # fmt: skip
+    bandwidth = 0.9 * spread * ref.size ** (-0.2)
+
+    def density(at, sample):
+        z = (at[:, None] - sample[None, :]) / bandwidth
+        return np.exp(-0.5 * z * z).mean(axis=1)
+
+    median = float(np.median(ref))
+    grid = np.sort(np.unique(np.concatenate([pool, s, [median]])))
+    curve = _isotonic(density(grid, ref) / np.maximum(density(grid, pool), 1e-300))
+    at_median = curve[np.searchsorted(grid, median)]
+    return np.interp(s, grid, np.minimum(curve / at_median, 1.0))
+
+
 def compute_weights(
     scores,
     scheme: str = "batch_minmax",
@@ -107,6 +176,7 @@ def compute_weights(
     global_range: tuple[float, float] | None = None,
     reference=None,
     cutoff: float = 1.0,
+    pool=None,
     where: str = "rows",
 ) -> np.ndarray:
     """Per-example weights (float64) of one batch of `scores`.
@@ -118,6 +188,8 @@ def compute_weights(
             `"global_minmax"`: min-max against `global_range`, the (min, max) over the whole scored dataset.
             `"holdout_quantile"`: where each score falls among `reference`, the holdout's own scores
             ([`quantile_weights`]), at full weight from the `cutoff` share of them up.
+            `"holdout_posterior"`: the probability that a row is holdout-like given its score, with the training set's
+            scores `pool` read as a mixture of holdout-like rows and others ([`posterior_weights`]).
             `"softmax"`: `n * softmax(s / temperature)` within the batch (mean 1).
             `"rank"`: rank within the batch scaled to [0, 1].
             `"none"`: all 1 (scores are only logged).
@@ -125,6 +197,7 @@ def compute_weights(
         global_range (`tuple[float, float]`, *optional*): required for `"global_minmax"`.
         reference (`array-like`, *optional*): required for `"holdout_quantile"`.
         cutoff (`float`, *optional*, defaults to `1.0`): for `"holdout_quantile"`.
+        pool (`array-like`, *optional*): every training row's score, required for `"holdout_posterior"`.
         where (`str`): how errors name the rows.
     """
     if scheme not in WEIGHTINGS:
@@ -139,6 +212,12 @@ def compute_weights(
         if reference is None:
             raise ValueError("`weighting='holdout_quantile'` needs the holdout's own scores (`reference`).")
         return quantile_weights(scores, reference, cutoff, where=where)
+    if scheme == "holdout_posterior":
+        _clean(scores, where)  # NaN names its rows first
+        if reference is None or pool is None:
+            raise ValueError("`weighting='holdout_posterior'` needs the holdout's own scores (`reference`) and every "
+                             "training row's (`pool`).")  # fmt: skip
+        return posterior_weights(scores, reference, pool, where=where)
     if scheme == "softmax":
         return softmax_weights(scores, temperature, where=where)
     if scheme == "rank":

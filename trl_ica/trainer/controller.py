@@ -80,6 +80,8 @@ class ICAController:
         # Online: rows whose training forward computes exactly their unconditioned request, and the strategy
         self.reuse_unconditioned = np.zeros(len(builder.candidates), dtype=bool)
         self.strategy = "engine"
+        # `ica_weight_mode="sampling"`: the weights pick the rows drawn ([`pool_weights`]); the loss is the stock one
+        self.sampling = getattr(args, "ica_weight_mode", "loss") == "sampling"
         self.step_begun: int | None = None  # the optimizer step `begin_step` was last called for
         self._step_members: set[int] = set()  # its examples on this process
         self._step_weights: dict[int, float] | None = None  # their weights; None while they wait for the forward
@@ -265,6 +267,25 @@ class ICAController:
         self.state.widen_range(low, high)
         return scores
 
+    # Sampling
+    def pool_weights(self) -> tuple[np.ndarray, tuple[int, int]]:
+        """`ica_weight_mode="sampling"`: the weight of every training example (by `ica_index`) under the run's
+        weighting, from the current scores, and a version that changes with every scoring of the training set or
+        the holdout (the sampler redraws when it does)."""
+        state = self.state
+        if not state.refreshes_done:
+            raise RuntimeError("The sampling weights were asked for before the training set was scored.")
+        weights = self.weigher.pool(state)
+        return weights, (state.refreshes_done, state.references_done)
+
+    def before_sampled_step(self, model, step: int, max_steps: int) -> None:
+        """`ica_weight_mode="sampling"`: called by the sampler before it draws the rows of optimizer step `step`, on
+        every process at the same draw: a scoring due at `step` happens here, so that the step's rows are drawn
+        from its weights (the first scoring, at step 0, before any row is drawn)."""
+        self.ready_demonstrations()
+        self._refresh_if_due(model, step, max_steps)
+        self._release_scorer_if_done()
+
     # Weights
     @property
     def streamed(self) -> bool:
@@ -330,8 +351,10 @@ class ICAController:
         result = self.weigher(scores, indices, step, self.state, units)
         scale = loss_scale(result.weights, result.units, self.args.ica_loss_reduction)
         logged_scale = scale if self.args.ica_loss_reduction == "weighted_mean" else None
+        # the weights written are the scheme's: under sampling, how likely each row was to be drawn
         self.recorder.step(step, result.indices, result.scores, result.weights, self.state.reference, logged_scale)
-        self._step_weights = dict(zip(indices.tolist(), (result.weights[result.mine] * scale).tolist()))
+        loss_weights = np.ones(len(indices)) if self.sampling else result.weights[result.mine] * scale
+        self._step_weights = dict(zip(indices.tolist(), loss_weights.tolist()))
 
     # Checkpoints
     def fingerprint(self) -> dict[str, str]:

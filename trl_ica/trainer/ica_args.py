@@ -10,10 +10,12 @@ from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS
 from ..scoring.rendering import DEMO_LAYOUTS
 from ..scoring.scorer import check_fixed_scorer
-from ..scoring.weighting import WEIGHTINGS
+from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS
 
 #: How the weighted per-example losses of an optimizer step are reduced (`ica_loss_reduction`).
 LOSS_REDUCTIONS = ("token_mean", "weighted_mean")
+#: Where the weights act (`ica_weight_mode`): on each example's loss, or on how often it is drawn.
+WEIGHT_MODES = ("loss", "sampling")
 
 
 @dataclass
@@ -46,7 +48,10 @@ class ICAArguments:
             (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch of
             gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score falls
             among the holdout's own scores (each holdout row scored with demonstrations from the rest of the holdout):
-            the share of them it beats, whatever else is in its batch.
+            the share of them it beats, whatever else is in its batch. `"holdout_posterior"` weights it by the
+            probability that it is holdout-like given its score, the training set's scores read as a mixture of
+            holdout-like rows and others (its share estimated too): clean rows keep weights near 1, rows unlike the
+            holdout go to 0. It needs every row's score, so it is refused online.
         ica_holdout_cutoff (`float`, *optional*, defaults to `1.0`):
             with `"holdout_quantile"`: the share of the holdout's own scores an example must beat for full weight;
             below it the weight falls in proportion, to 0 below every holdout score. `1.0`: the weight is the share
@@ -57,6 +62,16 @@ class ICAArguments:
             `ica_refresh=R`, at every refresh). At 1 each step's rows are compared with holdout scores of the same
             model; a larger value saves scorings of the holdout but compares the rows with an older model's scores,
             which cost a measured run most of its gain (docs/benchmarks.md).
+        ica_weight_mode (`str`, *optional*, defaults to `"loss"`):
+            where the weights act. `"loss"`: each example's loss is multiplied by its weight. `"sampling"`: the
+            weights become sampling probabilities through the trainer's sampler: an epoch draws as many rows as the
+            training set has, each about `n * w / sum(w)` times, shuffled as the stock sampler shuffles; every batch is
+            full, the loss is the stock loss, and a row of weight 0 is never drawn (costs no compute). A refresh
+            (`ica_refresh` > 1) redraws the rest of the epoch from the new weights. It needs weights that compare a row
+            with the holdout or the whole training set, not with its batch: an unset `ica_weighting` becomes
+            `"holdout_posterior"`, and `"batch_minmax"`, `"softmax"` and `"rank"` are refused, as are online scoring
+            (no weight exists before a row is drawn), packing (the sampler draws packed sequences, not examples),
+            a streamed `train_dataset` (no sampler) and `train_sampling_strategy` other than `"random"`.
         ica_temperature (`float`, *optional*, defaults to `1.0`):
             temperature of `"softmax"` weighting.
         ica_loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
@@ -141,6 +156,11 @@ class ICAArguments:
     ica_holdout_rescore_steps: int = field(
         default=1, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
     )
+    ica_weight_mode: str = field(
+        default="loss",
+        metadata={"help": "Weights multiply each example's loss, or set how often it is drawn.",
+                  "choices": list(WEIGHT_MODES)},
+    )  # fmt: skip
     ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
     ica_loss_reduction: str = field(
         default="token_mean",
@@ -183,6 +203,40 @@ class ICAArguments:
         default=None, metadata={"help": "`trl-ica score` output to use as the R = 1 scores instead of scoring."}
     )
 
+    def _check_weight_mode(self) -> None:
+        """`ica_weight_mode="sampling"` draws rows by weights fixed before they are drawn: refuse what cannot give
+        those, naming the field and the reason."""
+        if self.ica_weight_mode != "sampling":
+            return
+        if self.ica_weighting in BATCH_WEIGHTINGS:
+            raise ValueError(
+                f"`ica_weight_mode='sampling'` draws rows by their weights before any batch exists, but "
+                f"`ica_weighting={self.ica_weighting!r}` compares the rows of one batch. Use 'holdout_posterior' "
+                "(the default under sampling), 'holdout_quantile' or 'global_minmax'."
+            )
+        if self.ica_refresh == "online":
+            raise ValueError(
+                "`ica_weight_mode='sampling'` needs every row's weight before the epoch is drawn, but "
+                "`ica_refresh='online'` scores rows only once they are drawn. Use a numeric `ica_refresh` (R "
+                "scorings, each redrawing the rest of the epoch), or `ica_weight_mode='loss'`."
+            )
+        if getattr(self, "packing", False):
+            raise ValueError(
+                "`ica_weight_mode='sampling'` draws examples, but with `packing=True` the sampler draws packed "
+                "sequences of several examples. Set `packing=False`, or use `ica_weight_mode='loss'`."
+            )
+        strategy = getattr(self, "train_sampling_strategy", "random")
+        if strategy != "random":
+            raise ValueError(
+                f"`ica_weight_mode='sampling'` replaces the random sampler, but `train_sampling_strategy` is "
+                f"{strategy!r}, which orders the rows its own way. Use 'random', or `ica_weight_mode='loss'`."
+            )
+        if self.ica_loss_reduction != "token_mean":
+            raise ValueError(
+                f"`ica_loss_reduction={self.ica_loss_reduction!r}` divides a weighted loss by its weights, but under "
+                "`ica_weight_mode='sampling'` the loss is the stock one (every weight 1). Leave it at 'token_mean'."
+            )
+
     def choose_precision(self) -> None:
         """bf16 where the device supports it and fp32 elsewhere, when the user left both `bf16` and `fp16` unset.
 
@@ -197,8 +251,11 @@ class ICAArguments:
     def validate_ica(self, kind: str) -> None:
         """Fill the fields left unset from `ica_preset` for `kind` (`"sft"` or `"preference"`), then check and
         normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""
+        if self.ica_weight_mode == "sampling" and self.ica_weighting is None:
+            self.ica_weighting = "holdout_posterior"  # sampling needs weights of the whole training set
         apply_preset(self, kind)
         choices = (
+            ("ica_weight_mode", WEIGHT_MODES),
             ("ica_demo_selection", DEMO_SELECTIONS),
             ("ica_weighting", WEIGHTINGS),
             ("ica_reduction", REDUCTIONS),
@@ -227,6 +284,13 @@ class ICAArguments:
         self.ica_refresh = refresh
         if (self.ica_demo_template is None) != (self.ica_query_template is None):
             raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
+        if refresh == "online" and self.ica_weighting in POOL_WEIGHTINGS:
+            raise ValueError(
+                f"`ica_weighting={self.ica_weighting!r}` compares a row's score with every training row's, which "
+                "online scoring does not have (rows are scored as they are drawn): use 'holdout_quantile', or a "
+                "numeric `ica_refresh`."
+            )
+        self._check_weight_mode()
         if not isinstance(self.ica_score_end_token, bool):
             raise ValueError(f"`ica_score_end_token` must be True or False, got {self.ica_score_end_token!r}.")
         cutoff = self.ica_holdout_cutoff

@@ -25,6 +25,7 @@ from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
 from .ica_args import ICAArguments
 from .model_card import ICA_PAPER, base_model_name, complete_card
+from .sampling import WeightedEpochSampler, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -295,14 +296,15 @@ class ICATrainerMixin:
         else:
             builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
         reference = None
-        if args.ica_weighting == "holdout_quantile":
+        if args.ica_weighting in ("holdout_quantile", "holdout_posterior"):
             reference = prepare_holdout_reference(
                 model, tokenizer, holdout_dataset, score_options, pairs=builder.pairs, **options
             )
-            if len(reference.candidates) < 10:
+            if args.ica_weighting == "holdout_quantile" and len(reference.candidates) < 10:
                 logger.warning(
-                    "ica_weighting='holdout_quantile' with a holdout of %d rows: weights take only %d distinct values "
+                    "ica_weighting=%r with a holdout of %d rows: weights take only %d distinct values "
                     "(the share of the holdout's scores each example beats).",
+                    args.ica_weighting,
                     len(reference.candidates),
                     2 * len(reference.candidates) + 1,
                 )
@@ -385,6 +387,11 @@ class ICATrainerMixin:
             )
         if args.ica_scores_file is not None:
             raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
+        if args.ica_weight_mode == "sampling":
+            raise ValueError(
+                "`ica_weight_mode='sampling'` draws rows through the trainer's sampler, which a streamed "
+                "`train_dataset` (an IterableDataset) does not use: pass a Dataset, or use `ica_weight_mode='loss'`."
+            )
         if getattr(args, "packing", False):
             raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
 
@@ -421,6 +428,36 @@ class ICATrainerMixin:
         super()._set_signature_columns_if_needed()
         seams.add_signature_column(self, INDEX)
         seams.add_signature_column(self, ROW)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The stock sampler, or under `ica_weight_mode="sampling"` a [`WeightedEpochSampler`] that draws each epoch's
+        rows by their ICA weights, seeded as the stock sampler is (`data_seed`, else the run's seed)."""
+        if not self._ica.sampling:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        index = dataset[INDEX]
+        if index and isinstance(index[0], list):
+            raise ValueError("`ica_weight_mode='sampling'` draws examples, but the training rows are packed sequences "
+                             "of several (`packing=True`); set `packing=False`.")  # fmt: skip
+        index = np.asarray(index, dtype=np.int64)
+        args = self.args
+        processes = self.accelerator.num_processes
+        step_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+
+        def weights():
+            pool, version = self._ica.pool_weights()
+            return pool[index], version
+
+        def before_step(step: int) -> None:
+            self._ica.before_sampled_step(self.model, step, self.state.max_steps)
+            self._log_ica_records()
+
+        # the stock sampler's seed: accelerate seeds its `SeedableRandomSampler` with `data_seed`, else the seed the
+        # run set (torch's initial seed when the dataloader is prepared, which is now)
+        seed = args.data_seed if args.data_seed is not None else torch.random.initial_seed()
+        per_epoch = steps_per_epoch(len(index), args.per_device_train_batch_size, processes,
+                                    args.gradient_accumulation_steps, args.dataloader_drop_last)  # fmt: skip
+        return WeightedEpochSampler(len(index), weights, seed, step_rows, before_step, per_epoch)
 
     def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
         """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)

@@ -21,7 +21,7 @@ STATE_FILE = "ica_state.npz"
 #: came from, the preset the settings were filled from) change no saved number.
 STATE_FIELDS = (
     "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
-    "ica_max_length", "ica_loss_reduction",
+    "ica_max_length", "ica_loss_reduction", "ica_weight_mode",
 )  # fmt: skip
 NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
 #: Fingerprinted by the name of the model that scores (given as a name or a loaded model), not by this field.

@@ -10,7 +10,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from ..scoring.distributed import num_processes
-from ..scoring.weighting import BATCH_WEIGHTINGS, compute_weights
+from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, compute_weights
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,22 @@ class StepWeigher:
         self.cutoff = args.ica_holdout_cutoff
         self._warned_single = False
 
+    def pool(self, state) -> np.ndarray:
+        """The weight of every training example at once (`ica_weight_mode="sampling"`): the schemes that weigh a
+        score against the holdout or the whole training set give each row the weight it would get in any batch."""
+        if self.scheme in BATCH_WEIGHTINGS:
+            raise ValueError(f"`ica_weighting={self.scheme!r}` weighs the rows of a batch; it gives no weight to a "
+                             "row on its own.")  # fmt: skip
+        return compute_weights(
+            state.scores,
+            self.scheme,
+            global_range=state.global_range,
+            reference=state.reference,
+            cutoff=self.cutoff,
+            pool=state.scores,
+            where="training examples (ica_index)",
+        )
+
     def __call__(self, scores, indices, step: int, state, units=None) -> StepWeights:
         """The weights of this process's examples `indices` and every other process's. `state` ([`ICAState`])
         gives the score range (`global_minmax`) and the holdout's scores (`holdout_quantile`); `units` are the
@@ -84,6 +100,7 @@ class StepWeigher:
             global_range=state.global_range,
             reference=state.reference,
             cutoff=self.cutoff,
+            pool=state.scores if scheme in POOL_WEIGHTINGS else None,
             where=f"training examples (ica_index) {all_indices.tolist()}, rows",
         )
         return StepWeights(all_indices, all_scores, all_units, weights, mine)
