@@ -97,18 +97,21 @@ def main():
             f,
         )
 
-    # 3. Training: ICA-SFT with one refresh and online, ICA-DPO online
+    # 3. Training: ICA-SFT with one refresh, online and sampled by its weights; ICA-DPO online
     runs = {}
     for name, trainer_class, config_class, data, fields in (
         ("sft_refresh", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train), {}),
         ("sft_online", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train), {"ica_refresh": "online"}),
         ("dpo_online", ICADPOTrainer, ICADPOConfig, Dataset.from_list(pair_data()), {"ica_refresh": "online"}),
+        # the rows drawn by their weights, rescored before step 1: the scoring runs inside the sampler on both
+        ("sft_sampling", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train),
+         {"ica_weight_mode": "sampling", "ica_weighting": "global_minmax", "ica_refresh": 2}),
     ):
         out = os.path.join(args.out, name)
         policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         trainer = trainer_class(
             policy,
-            args=config_class(output_dir=out, **COMMON, **fields),
+            args=config_class(output_dir=out, **{**COMMON, **fields}),
             train_dataset=data,
             processing_class=tokenizer,
             holdout_dataset=Dataset.from_list(holdout),

@@ -92,7 +92,7 @@ def test_lockstep_scores_equal_local_scores(launched):
 def test_two_process_trainers_train_with_weights_over_the_global_batch(launched):
     _, out, _, runs = launched
     assert runs["num_processes"] == 2
-    for name in ("sft_refresh", "sft_online", "dpo_online"):
+    for name in ("sft_refresh", "sft_online", "dpo_online", "sft_sampling"):
         for rank in runs["runs"]:
             assert rank[name]["global_step"] == 2 and rank[name]["changed"], (name, rank[name])
             assert all(np.isfinite(rank[name]["losses"])) and rank[name]["losses"]
@@ -110,6 +110,28 @@ def test_two_process_trainers_train_with_weights_over_the_global_batch(launched)
             expected = (scores - scores.min()) / np.ptp(scores)
             np.testing.assert_allclose([r["weight"] for r in batch], expected, atol=1e-12)
             assert not np.isin(expected, [0.0, 1.0]).all(), "a case that per-process min-max would also pass"
+
+
+def test_two_processes_draw_one_weighted_order_and_deal_it_out(launched):
+    """`ica_weight_mode="sampling"` on 2 processes: both draw the one order of the weights (batches of 2 dealt out in
+    turn), and the scoring before step 1 (inside the sampler, on both) redraws the rest of the epoch from it."""
+    from trl_ica.scoring.weighting import compute_weights, score_range
+    from trl_ica.trainer.sampling import epoch_order
+
+    _, out, _, _ = launched
+    folder = out / "sft_sampling" / "ica"
+    orders = []
+    for k in (0, 1):
+        scores = np.array([r["score"] for r in sorted(map(json.loads, open(folder / f"refresh-{k}.jsonl")),
+                                                       key=lambda r: r["ica_index"])])  # fmt: skip
+        weights = compute_weights(scores, "global_minmax", global_range=score_range(scores))
+        assert 0 < (weights > 0).sum() < 7  # a row of weight 0 exists, so the draw is not the plain permutation
+        orders.append(epoch_order(weights, 0, 0))  # seed 0, epoch 0: the run's seed, as the stock sampler takes it
+    records = [json.loads(line) for line in open(folder / "weights.jsonl")]
+    step0 = [r["ica_index"] for r in records if r["step"] == 0]
+    step1 = [r["ica_index"] for r in records if r["step"] == 1]
+    assert step0 == orders[0][:4]  # process 0's batch, then process 1's: positions 0-1 and 2-3
+    assert step1[:3] == orders[1][4:7]  # the rescored order from position 4 (process 1's batch padded after)
 
 
 @pytest.mark.parametrize("refresh", [1, "online"])
