@@ -34,6 +34,11 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `qwen_turns_quantile`, `qwen_turns_quantile_wmean`, `top_qwen_turns`: `ica_turns_quantile`, its `weighted_mean`
   run and `top_turns` with the scores of a scoring model of its own, Qwen2.5-Coder-0.5B-Instruct
   (`ica_scoring_model`; the holdout's own scores by the same model), while SmolLM2 is trained;
+- `ica_posterior`: the recommended score with `ica_weighting="holdout_posterior"` (holdout-like rows keep weight
+  about 1, the others go to 0); `ica_sampling`, `ica_quantile_sampling`: the recommended score's posterior or
+  `holdout_quantile` weights as sampling probabilities (`ica_weight_mode="sampling"`: full batches, the stock loss);
+  `shuffled_posterior`, `shuffled_sampling`, `shuffled_quantile_sampling`: the same runs with the scores dealt to
+  other rows at random, the control whose weights have exactly the method's spread;
 - `oracle_wrong_answer`, `oracle_other_question`, `oracle_truncated` (GSM8K): stock SFT on the pool without one kind
   of corrupted row, what removing that kind alone is worth; `uniform_subset`: stock SFT on a random subset of the
   oracle's size, which separates removing the noise from training fewer rows more often;
@@ -115,6 +120,12 @@ METHODS = (
     "oracle_other_question",
     "oracle_truncated",
     "uniform_subset",
+    "ica_posterior",
+    "ica_sampling",
+    "ica_quantile_sampling",
+    "shuffled_posterior",
+    "shuffled_sampling",
+    "shuffled_quantile_sampling",
 )
 #: Stock SFT on the pool without one kind of corrupted row (GSM8K): what removing that kind alone is worth.
 KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": "other_question",
@@ -138,6 +149,9 @@ SCORE_OF = {
     "top_qwen_turns": "qwen_turns_conditioned",
     "smol_turns_quantile": "smol_turns_conditioned", "top_smol_turns": "smol_turns_conditioned",
     "smol_turns_quantile_wmean": "smol_turns_conditioned",
+    "ica_posterior": "turns_conditioned", "ica_sampling": "turns_conditioned",
+    "ica_quantile_sampling": "turns_conditioned", "shuffled_posterior": "shuffled_turns_conditioned",
+    "shuffled_sampling": "shuffled_turns_conditioned", "shuffled_quantile_sampling": "shuffled_turns_conditioned",
 }  # fmt: skip
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments (`model`: else the trained one)
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
@@ -157,6 +171,10 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
 
     kept = results.setdefault("scores", {})
     scores = {"random": np.random.default_rng(seed).random(len(rows))}
+    # `shuffled_<name>`: the scores <name> dealt to other rows at random, a control whose weights have exactly the
+    # spread of <name>'s (the same multiset) and carry none of its information
+    shuffled = {n for n in names if n.startswith("shuffled_")}
+    names = (names - shuffled) | {n.removeprefix("shuffled_") for n in shuffled}
     for scoring, (gives, options) in SCORINGS.items():
         if not (names & gives) or all(str(seed) in kept.get(n, {}) for n in gives):
             continue
@@ -177,6 +195,9 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
             results.setdefault(f"auroc {name}", {})[str(seed)] = auroc(v, clean)
             print(f"  [seed {seed}] {name}: AUROC clean vs noisy {auroc(v, clean):.3f}", flush=True)
     scores.update({n: np.array(kept[n][str(seed)]) for n in names if n != "random"})
+    for name in shuffled:
+        base = scores[name.removeprefix("shuffled_")]
+        scores[name] = base[np.random.default_rng([seed, 1]).permutation(len(base))]
     return scores
 
 
@@ -208,6 +229,16 @@ SETTINGS = {
     "qwen_turns_quantile_wmean": dict(
         QUANTILE, ica_demo_layout="turns", ica_scoring_model=QWEN_05B, ica_loss_reduction="weighted_mean"
     ),
+    # the recommended score with the weights that keep clean rows whole, as loss weights or as sampling
+    # probabilities; `shuffled_*`: the same weights dealt to other rows (the control of the same spread)
+    "ica_posterior": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns"),
+    "ica_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
+                         ica_weight_mode="sampling"),
+    "ica_quantile_sampling": dict(QUANTILE, ica_demo_layout="turns", ica_weight_mode="sampling"),
+    "shuffled_posterior": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns"),
+    "shuffled_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
+                              ica_weight_mode="sampling"),
+    "shuffled_quantile_sampling": dict(QUANTILE, ica_demo_layout="turns", ica_weight_mode="sampling"),
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
     "smol_turns_quantile_wmean": dict(
@@ -344,9 +375,13 @@ def table(results, methods, labels=None) -> list[str]:
     for method in methods:
         runs = [r for r in runs_of.get(method, {}).values() if "weight_clean" in r]
         if runs:
-            clean, noisy = np.mean([r["weight_clean"] for r in runs]), np.mean([r["weight_noisy"] for r in runs])
-            lines.append(f"- {labels.get(method, method)}: mean weight of the clean rows {clean:.3f}, of the noisy "
-                         f"{noisy:.3f} ({len(runs)} seeds)")  # fmt: skip
+            shown = {key: [r[key] for r in runs if r[key] is not None] for key in ("weight_clean", "weight_noisy")}
+            shown = {key: f"{np.mean(v):.3f}" if v else "none trained" for key, v in shown.items()}
+            line = (f"- {labels.get(method, method)}: mean weight of the clean rows {shown['weight_clean']}, of the "
+                    f"noisy {shown['weight_noisy']}")  # fmt: skip
+            if all("noisy_share_trained" in r for r in runs):
+                line += f"; noisy share of the rows trained {np.mean([r['noisy_share_trained'] for r in runs]):.3f}"
+            lines.append(f"{line} ({len(runs)} seeds)")
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
@@ -384,6 +419,10 @@ def paired_lines(runs_of, methods, measures, labels) -> list[str]:
                       "| method | seeds | mean difference | paired sd | in paired sd | seeds lower |",
                       "|---|---|---|---|---|---|", *rows]  # fmt: skip
     return lines + ([""] if lines else [])
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
 
 
 def trace(folder, weights, clean, title):
@@ -518,12 +557,12 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             metrics = measure(model, tokenizer, test)
             seconds = time.perf_counter() - start
             run = dict(**metrics, seconds=seconds)
-            if weights:  # the mean weight the clean and the noisy rows were trained with
+            if weights:  # the mean weight the clean and the noisy rows were trained with (None: none trained)
                 index = np.array([w["ica_index"] for w in weights])
                 weight = np.array([w["weight"] for w in weights])
-                run.update(
-                    weight_clean=float(weight[clean[index]].mean()), weight_noisy=float(weight[~clean[index]].mean())
-                )
+                run.update(weight_clean=_mean_or_none(weight[clean[index]]),
+                           weight_noisy=_mean_or_none(weight[~clean[index]]),
+                           noisy_share_trained=float((~clean[index]).mean()))  # fmt: skip
             results.setdefault(method, {})[str(seed)] = run
             save_results(results, results_path)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
