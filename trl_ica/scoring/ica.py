@@ -11,6 +11,7 @@ its own question, which the conditioned form keeps (see docs/scores.md, "Which s
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -95,6 +96,16 @@ class ICARequestBuilder:
             self.demo_indices = demo_indices
         self.pairs = isinstance(candidates[0], PreferenceExample)
         self.width = 2 if self.pairs else 1  # requests per candidate
+        if self.renderer.span is not None:
+            if self.pairs:
+                raise ValueError("`ica_score_span` scores a span of single responses; preference pairs are scored "
+                                 "whole (their margin). Leave it unset for pairs.")  # fmt: skip
+            lacking = [i for i, h in enumerate(holdout) if self.renderer.span_tokens(h) is None]
+            if lacking:
+                raise ValueError(
+                    f"`ica_score_span`={self.renderer.span!r}: holdout rows {lacking[:5]} ({len(lacking)} of "
+                    f"{len(holdout)}) have no such span in their response; every clean holdout response needs one."
+                )
 
     def pair_requests(self, i: int, conditioned: bool) -> list[LogProbRequest]:
         """[chosen, rejected] requests of pair i. Both share demonstrations and prompt: unless the demonstration
@@ -140,6 +151,21 @@ class ICARequestBuilder:
         if self.pairs:
             return self.pair_requests(i, conditioned)
         return [self.conditioned(i) if conditioned else self.unconditioned(i)]
+
+    @functools.cached_property
+    def spanless(self) -> np.ndarray:
+        """Under `ica_score_span`: which candidates' responses lack the span (their requests score one token only so
+        as to be valid; their score is -inf, below every response that has it). All False without a span."""
+        if self.renderer.span is None or self.pairs:
+            return np.zeros(len(self.candidates), dtype=bool)
+        return np.array([self.renderer.span_tokens(c) is None for c in self.candidates])
+
+    def mark_spanless(self, result: ICAScores, indices) -> ICAScores:
+        """`result` (the scores of candidates `indices`) with the spanless ones at -inf."""
+        missing = self.spanless[np.asarray(indices, dtype=np.int64)]
+        if missing.any():
+            result.scores = np.where(missing, -np.inf, result.scores)
+        return result
 
     def conditioned(self, i: int) -> LogProbRequest:
         return self.renderer.conditioned(self.candidates[i], [self.holdout[j] for j in self.demo_indices[i]])
@@ -362,7 +388,8 @@ def score_with(
         )
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), plain = passes[0], (passes[1][0] if len(passes) > 1 else None)
-    return assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form, rows=indices)
+    result = assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form, rows=indices)
+    return builder.mark_spanless(result, indices)
 
 
 def assemble_scores(
@@ -434,8 +461,10 @@ def score_ica(
     show_progress: bool = True,
     distributed: str | None = None,
     max_batch_tokens: int | None = None,
+    span: str | None = None,
 ) -> ICAScores:
-    """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments."""
+    """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments
+    (`span`: score only that span of each response, see [`ICAScoringOptions`])."""
     if isinstance(model, str):  # a scoring model by name: loaded with its own tokenizer, on the accelerator if any
         from .scorer import load_scoring_model
 
@@ -445,7 +474,7 @@ def score_ica(
     options = ICAScoringOptions(
         num_demos=num_demos, demo_selection=demo_selection, form=form, reduction=reduction, layout=layout,
         score_end=score_end, template=template, chat_template=chat_template, embedding_model=embedding_model,
-        seed=seed,
+        seed=seed, span=span,
     )  # fmt: skip
     builder = prepare_ica(
         model, tokenizer, dataset, holdout, options, max_length=max_length, show_progress=show_progress

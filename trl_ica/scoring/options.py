@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .demonstrations import DEMO_SELECTIONS, check_choice
-from .rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS, ICAPromptTemplate, Renderer
+from .rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS, ICAPromptTemplate, Renderer, check_span
 
 #: How token log-probabilities are reduced: summed over the response (the paper's) or averaged per token.
 REDUCTIONS = ("sum", "mean")
@@ -33,6 +33,9 @@ class ICAScoringOptions:
         chat_template (`str`, *optional*): a chat template that overrides the tokenizer's.
         embedding_model (`str` or callable, *optional*): the kNN encoder; None for the model's own hidden states.
         seed (`int`): seed of the seeded selections.
+        span (`str`, *optional*): score only a span of each response rather than all of it (see [`Renderer`]):
+            `"last_line"`, or a regular expression whose last match in the response is the span (e.g.
+            `"#### .*"` for a final answer). None: the whole response.
     """
 
     num_demos: int = 3
@@ -45,8 +48,10 @@ class ICAScoringOptions:
     chat_template: str | None = None
     embedding_model: str | Callable | None = None
     seed: int = 0
+    span: str | None = None
 
     def __post_init__(self):
+        check_span(self.span)
         check_choice("demo_selection", self.demo_selection, DEMO_SELECTIONS)
         check_choice("form", self.form, FORMS)
         check_choice("reduction", self.reduction, REDUCTIONS)
@@ -86,6 +91,7 @@ class ICAScoringOptions:
             chat_template=chat_template,
             embedding_model=args.ica_embedding_model,
             seed=args.seed if args.ica_seed is None else args.ica_seed,
+            span=getattr(args, "ica_score_span", None),
         )
 
     @property
@@ -94,7 +100,7 @@ class ICAScoringOptions:
         return self.demo_selection in SEEDED_SELECTIONS
 
     def renderer(self, tokenizer) -> Renderer:
-        return Renderer(tokenizer, self.template, self.chat_template, self.layout, self.score_end)
+        return Renderer(tokenizer, self.template, self.chat_template, self.layout, self.score_end, self.span)
 
     def record(self) -> dict:
         """The settings under the trainers' `ica_*` names, as JSON values: what `trl-ica score` writes beside its
@@ -113,6 +119,7 @@ class ICAScoringOptions:
             "ica_demo_template": None if self.template is None else self.template.demo,
             "ica_query_template": None if self.template is None else self.template.query,
             "ica_seed": self.seed,
+            "ica_score_span": self.span,
         }
 
     def comparable(self) -> dict:

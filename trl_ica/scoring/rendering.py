@@ -15,6 +15,7 @@ with it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .formats import SFTExample, TokenExample
@@ -24,6 +25,33 @@ from .planner import LogProbRequest
 DEMO_LAYOUTS = ("in_turn", "turns")
 #: The layout every entry point (trainers, `score_ica`, the command line) uses unless told otherwise.
 DEFAULT_DEMO_LAYOUT = "turns"
+#: `span` values with a meaning of their own; any other string is a regular expression.
+LAST_LINE = "last_line"
+
+
+def check_span(span) -> None:
+    """`span` is None, `"last_line"` or a regular expression that compiles."""
+    if span is None or span == LAST_LINE:
+        return
+    if not isinstance(span, str) or not span:
+        raise ValueError(f"`ica_score_span` must be None, {LAST_LINE!r} or a regular expression, got {span!r}.")
+    try:
+        re.compile(span)
+    except re.error as error:
+        raise ValueError(f"`ica_score_span`={span!r} is not a valid regular expression: {error}.") from None
+
+
+def span_chars(response: str, span: str) -> tuple[int, int] | None:
+    """The characters `[start, end)` of `response` that `span` scores: its last line (trailing newlines aside), or
+    the last match of the regular expression; None when the response has no such span (the pattern does not occur,
+    or the response is blank)."""
+    if span == LAST_LINE:
+        body = response.rstrip("\n")
+        return (body.rfind("\n") + 1, len(body)) if body.strip() else None
+    matches = [m for m in re.finditer(span, response) if m.end() > m.start()]
+    return (matches[-1].start(), matches[-1].end()) if matches else None
+
+
 _USER = "\x00ICA_USER\x00"
 _ASSISTANT = "\x00ICA_ASSISTANT\x00"
 
@@ -100,6 +128,11 @@ class Renderer:
             `"turns"` or `"in_turn"`: where a conversational row's demonstrations go (see the module docstring).
         score_end (`bool`, *optional*, defaults to `True`):
             score the token that closes each response (end of turn or EOS), as TRL trains it.
+        span (`str`, *optional*): score only part of each response, with the rest of it as context: `"last_line"`
+            or a regular expression whose last match is the span ([`span_chars`]). The tokens are those of the whole
+            response as training tokenises it, split at the first token that reaches the span; the closing token is
+            scored with a span that ends the response. A response without the span is scored -inf (it lacks what the
+            holdout's responses have; see [`ICARequestBuilder.spanless`]). Rows with a prompt only.
     """
 
     def __init__(
@@ -109,7 +142,9 @@ class Renderer:
         chat_template: str | None = None,
         layout: str = DEFAULT_DEMO_LAYOUT,
         score_end: bool = True,
+        span: str | None = None,
     ):
+        check_span(span)
         if layout not in DEMO_LAYOUTS:
             raise ValueError(f"`layout` must be one of {list(DEMO_LAYOUTS)}, got {layout!r}.")
         if not isinstance(score_end, bool):
@@ -119,6 +154,7 @@ class Renderer:
         self.chat_template = chat_template
         self.layout = layout
         self.score_end = score_end
+        self.span = span
         leading = self.tokenizer("", add_special_tokens=True)["input_ids"]
         self.bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
 
@@ -163,7 +199,7 @@ class Renderer:
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
         else:
             prefix, context = self.bos, self.ids(example.prompt)
-        return LogProbRequest(prefix, *self._split_lead(example, context, p))
+        return self._spanned(example, LogProbRequest(prefix, *self._split_lead(example, context, p)), p)
 
     def _response_ids(self, example: SFTExample, p: Pieces) -> tuple[int, ...]:
         return self.ids(example.response + p.tail) if self.score_end else self.ids(example.response)
@@ -198,14 +234,47 @@ class Renderer:
                 )
             p = self.pieces(example, demos)
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
-            return LogProbRequest(prefix, context, self._response_ids(example, p))
+            return self._spanned(example, LogProbRequest(prefix, context, self._response_ids(example, p)), p)
         p = self.pieces(example)
         template = self.template_for(example)
         prefix_ids = self.ids(p.head + template.render_demos(demos))
         if not example.conversational:
             prefix_ids = self.bos + prefix_ids
         query = "" if example.language_modeling else template.render_query(example.question)
-        return LogProbRequest(prefix_ids, *self._split_lead(example, self._context_ids(example, query, p), p))
+        request = LogProbRequest(prefix_ids, *self._split_lead(example, self._context_ids(example, query, p), p))
+        return self._spanned(example, request, p)
+
+    def span_tokens(self, example: SFTExample, p: Pieces | None = None) -> tuple[int, int] | None:
+        """`(k, j)`: the response tokens `[k, j)` (of [`_response_ids`]) that `span` scores, or None without a span."""
+        if example.language_modeling:
+            raise ValueError("`ica_score_span` scores part of a response after a prompt; language-modeling rows have "
+                             "no prompt. Use prompt/completion or conversational rows, or no span.")  # fmt: skip
+        chars = span_chars(example.response, self.span)
+        if chars is None:
+            return None
+        tail = (p.tail if p is not None else self.pieces(example).tail) if self.score_end else ""
+        text = example.response + tail
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        start, end = chars
+        if end == len(example.response.rstrip("\n")):  # a span that ends the response takes its closing too
+            end = len(text)
+        k = next(i for i, (_, stop) in enumerate(offsets) if stop > start)
+        j = max(i for i, (first, _) in enumerate(offsets) if first < end) + 1
+        return k, j
+
+    def _spanned(self, example: SFTExample, request: LogProbRequest, p: Pieces) -> LogProbRequest:
+        """`request` with only the span scored: the response tokens before it join the context, those after it
+        are dropped (nothing after them is scored); unchanged without a `span`."""
+        if self.span is None:
+            return request
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("`ica_score_span` needs a fast tokenizer (character offsets) to find the span's tokens.")
+        found = self.span_tokens(example, p)
+        if found is None:  # no span: a one-token request keeps it valid; the builder scores the row -inf
+            return LogProbRequest(request.prefix, request.context + request.response[:-1], request.response[-1:])
+        k, j = found
+        return LogProbRequest(request.prefix, request.context + request.response[:k], request.response[k:j])
 
     def _context_ids(self, example: SFTExample, user_text: str, p: Pieces) -> tuple[int, ...]:
         if not example.conversational:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS
-from ..scoring.rendering import DEMO_LAYOUTS
+from ..scoring.rendering import DEMO_LAYOUTS, check_span
 from ..scoring.scorer import check_fixed_scorer
 from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS
 
@@ -107,6 +107,13 @@ class ICAArguments:
         ica_score_end_token (`bool`, *optional*, defaults to the preset's):
             recommended: `True`; paper: `False` (only the response's own tokens). Score the token that closes each
             response (the chat template's end of turn, or EOS for standard rows) with it, as TRL trains it.
+        ica_score_span (`str`, *optional*):
+            score only a span of each response, the rest of the response given as context: `"last_line"`, or a
+            regular expression whose last match in the response is the span (`"#### .*"`: GSM8K's final answer). A
+            wrong final number changes a few of a solution's ~130 tokens, which a score averaged over the whole
+            response hardly sees; the span's log-probability given the demonstrations and the solution before it
+            does. A response without the span scores -inf (weight 0); every holdout response must have one. SFT
+            rows with a prompt only (not language modeling, not pairs). None: the whole response.
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default the token budget decides.
         ica_scoring_max_tokens (`int`, *optional*):
@@ -189,6 +196,9 @@ class ICAArguments:
     )
     ica_score_end_token: bool | None = field(
         default=None, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
+    )
+    ica_score_span: str | None = field(
+        default=None, metadata={"help": "Score only this span of each response: 'last_line' or a regex."}
     )
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_scoring_max_tokens: int | None = field(
@@ -291,6 +301,12 @@ class ICAArguments:
                 "numeric `ica_refresh`."
             )
         self._check_weight_mode()
+        check_span(self.ica_score_span)
+        if self.ica_score_span is not None and kind == "preference":
+            raise ValueError(
+                f"`ica_score_span`={self.ica_score_span!r} scores a span of single responses; preference pairs are "
+                "scored by their whole margin. Leave it unset."
+            )
         if not isinstance(self.ica_score_end_token, bool):
             raise ValueError(f"`ica_score_end_token` must be True or False, got {self.ica_score_end_token!r}.")
         cutoff = self.ica_holdout_cutoff
