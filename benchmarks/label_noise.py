@@ -39,6 +39,9 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
   `holdout_quantile` weights as sampling probabilities (`ica_weight_mode="sampling"`: full batches, the stock loss);
   `shuffled_posterior`, `shuffled_sampling`, `shuffled_quantile_sampling`: the same runs with the scores dealt to
   other rows at random, the control whose weights have exactly the method's spread;
+- `span_quantile`, `span_sampling`, `top_span`, `shuffled_span_sampling` (GSM8K): the conditioned score of the
+  final-answer line alone (`ica_score_span="#### .*"`, rows without one at -inf) as `holdout_quantile` loss weights,
+  as posterior sampling weights, as top-share selection, and the sampling control;
 - `oracle_wrong_answer`, `oracle_other_question`, `oracle_truncated` (GSM8K): stock SFT on the pool without one kind
   of corrupted row, what removing that kind alone is worth; `uniform_subset`: stock SFT on a random subset of the
   oracle's size, which separates removing the noise from training fewer rows more often;
@@ -126,6 +129,10 @@ METHODS = (
     "shuffled_posterior",
     "shuffled_sampling",
     "shuffled_quantile_sampling",
+    "span_quantile",
+    "span_sampling",
+    "shuffled_span_sampling",
+    "top_span",
 )
 #: Stock SFT on the pool without one kind of corrupted row (GSM8K): what removing that kind alone is worth.
 KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": "other_question",
@@ -133,7 +140,7 @@ KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": 
 #: Stock SFT trained without scores or weights, on the rows `rows_of` picks.
 STOCK = ("uniform", "oracle", "uniform_subset", *KIND_ORACLES)
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
-TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns", "top_smol_turns")
+TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns", "top_smol_turns", "top_span")
 # The pool scores each method trains with (or selects by), scored once per seed: `in_turn` (the paper's layout,
 # which every method without `turns` in its name uses; both passes), `turns` (the demonstrations as earlier turns),
 # `knn` and `grouped` (other demonstrations, the conditioned pass), and `random` scores for the control.
@@ -152,7 +159,11 @@ SCORE_OF = {
     "ica_posterior": "turns_conditioned", "ica_sampling": "turns_conditioned",
     "ica_quantile_sampling": "turns_conditioned", "shuffled_posterior": "shuffled_turns_conditioned",
     "shuffled_sampling": "shuffled_turns_conditioned", "shuffled_quantile_sampling": "shuffled_turns_conditioned",
+    "span_quantile": "span_conditioned", "span_sampling": "span_conditioned", "top_span": "span_conditioned",
+    "shuffled_span_sampling": "shuffled_span_conditioned",
 }  # fmt: skip
+#: The span GSM8K's final answer is scored by (`ica_score_span`).
+GSM8K_SPAN = "#### .*"
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments (`model`: else the trained one)
     "in_turn": ({"paper", "conditioned", "loss"}, {"layout": "in_turn"}),
     "turns": ({"turns_paper", "turns_conditioned"}, {"layout": "turns"}),
@@ -160,13 +171,17 @@ SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
     "grouped": ({"grouped_conditioned"}, {"demo_selection": "knn_grouped", "form": "conditioned"}),
     "qwen_turns": ({"qwen_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": QWEN_05B}),
     "smol_turns": ({"smol_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": DEFAULT_MODEL}),
+    # GSM8K: the final-answer line alone (`ica_score_span`), per token; rows without one score -inf
+    "span": ({"span_conditioned"},
+             {"layout": "turns", "form": "conditioned", "reduction": "mean", "span": GSM8K_SPAN}),
 }
 
 
-def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODEL) -> dict:
+def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODEL, kinds=None) -> dict:
     """The pool's scores `names` for `seed`: kept in `results["scores"]` (so a rerun does not score again), else
     computed by the scorings that give them (the `trained` model unless said, k = 3, fixed demonstrations unless
-    said), with their AUROC of the clean rows over the noisy ones and their scoring time recorded."""
+    said), with their AUROC of the clean rows over the noisy ones and their scoring time recorded; with `kinds` (each
+    row's kind of noise) also the AUROC of the clean rows over each kind (`auroc <score> <kind>`)."""
     from trl_ica.cli.scenarios import auroc
 
     kept = results.setdefault("scores", {})
@@ -185,7 +200,8 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
                         **{"demo_selection": "fixed", **options})  # fmt: skip
         results.setdefault(f"scoring seconds {scoring}", {})[str(seed)] = time.perf_counter() - start
         prefix = "" if scoring == "in_turn" else f"{scoring}_"
-        values = {f"{prefix}conditioned": out.logp_conditioned / out.num_tokens}
+        # a span score's rows without the span are -inf in `scores` (the mean form's own value)
+        values = {f"{prefix}conditioned": out.scores if "span" in options else out.logp_conditioned / out.num_tokens}
         if options.get("form") != "conditioned":
             values[f"{prefix}paper"] = out.scores
         if scoring == "in_turn":
@@ -194,6 +210,9 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
             kept.setdefault(name, {})[str(seed)] = [float(x) for x in v]
             results.setdefault(f"auroc {name}", {})[str(seed)] = auroc(v, clean)
             print(f"  [seed {seed}] {name}: AUROC clean vs noisy {auroc(v, clean):.3f}", flush=True)
+            for kind in sorted(set(kinds) - {"clean"}) if kinds is not None and len(set(kinds)) > 2 else ():
+                mask = clean | (kinds == kind)
+                results.setdefault(f"auroc {name} {kind}", {})[str(seed)] = auroc(np.asarray(v)[mask], clean[mask])
     scores.update({n: np.array(kept[n][str(seed)]) for n in names if n != "random"})
     for name in shuffled:
         base = scores[name.removeprefix("shuffled_")]
@@ -239,6 +258,12 @@ SETTINGS = {
     "shuffled_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
                               ica_weight_mode="sampling"),
     "shuffled_quantile_sampling": dict(QUANTILE, ica_demo_layout="turns", ica_weight_mode="sampling"),
+    # GSM8K: scored by the final-answer line (`ica_score_span`), as loss weights or sampling probabilities
+    "span_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_score_span=GSM8K_SPAN),
+    "span_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
+                          ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
+    "shuffled_span_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
+                                   ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
     "smol_turns_quantile_wmean": dict(
@@ -531,7 +556,7 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
         rows, kinds, holdout, test, measure = make_data(args, seed)
         clean = kinds == "clean"
         names = {SCORE_OF[m] for m in todo if m in SCORE_OF}
-        scores = pool_scores(results, names, rows, holdout, clean, seed, args.model)
+        scores = pool_scores(results, names, rows, holdout, clean, seed, args.model, kinds)
         for method in todo:
             start = time.perf_counter()
             if method == "oracle":

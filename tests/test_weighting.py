@@ -166,3 +166,12 @@ def test_holdout_posterior_needs_the_pool_and_a_spread_holdout():
         compute_weights([0.0, 1.0], "holdout_posterior", reference=[1.0, 1.0, 1.0], pool=[0.0, 1.0])
     with pytest.raises(ValueError, match="at least 2 finite holdout's own scores, got 1"):
         compute_weights([0.0, 1.0], "holdout_posterior", reference=[1.0], pool=[0.0, 1.0])
+
+
+def test_holdout_posterior_gives_minus_infinity_weight_zero():
+    """A row without the span `ica_score_span` scores gets -inf: weight 0, and it does not enter the pool's density."""
+    pool, holdout, _ = _mixture(0.5, 400, 100, 4.0, 0)
+    with_missing = np.concatenate([pool, [-np.inf, -np.inf]])
+    weights = compute_weights(with_missing, "holdout_posterior", reference=holdout, pool=with_missing)
+    assert weights[-2:].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(weights[:-2], compute_weights(pool, "holdout_posterior", reference=holdout, pool=pool))

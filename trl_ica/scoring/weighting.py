@@ -142,11 +142,15 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
     Args:
         scores (`array-like`): the scores to weight (rows of `pool`, or others).
         reference (`array-like`): the holdout's own scores, at least 2 and not all equal.
-        pool (`array-like`): every training row's score, the mixture the holdout is compared with.
+        pool (`array-like`): every training row's score, the mixture the holdout is compared with (its -inf
+            scores, rows without a scored span, are left out of it).
+    A score of -inf gets weight 0 and +inf weight 1.
     """
-    s = _clean(scores, where)
+    raw = np.asarray(scores, dtype=np.float64).reshape(-1)
+    s = _clean(raw, where)
     ref = np.asarray(reference, dtype=np.float64).reshape(-1)
     pool = np.asarray(pool, dtype=np.float64).reshape(-1)
+    pool = pool[np.isfinite(pool)]  # -inf: rows that lack what is scored (`ica_score_span`), weighted 0 below
     for name, values in (("holdout's own", ref), ("training set's", pool)):
         if values.size < 2 or not np.isfinite(values).all():
             raise ValueError(f"`weighting='holdout_posterior'` needs at least 2 finite {name} scores, got "
@@ -165,7 +169,8 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
     grid = np.sort(np.unique(np.concatenate([pool, s, [median]])))
     curve = _isotonic(density(grid, ref) / np.maximum(density(grid, pool), 1e-300))
     at_median = curve[np.searchsorted(grid, median)]
-    return np.interp(s, grid, np.minimum(curve / at_median, 1.0))
+    weights = np.interp(s, grid, np.minimum(curve / at_median, 1.0))
+    return np.where(raw == -np.inf, 0.0, np.where(raw == np.inf, 1.0, weights))
 
 
 def compute_weights(

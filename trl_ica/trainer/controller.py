@@ -172,9 +172,11 @@ class ICAController:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != self.state.scores.shape:
             raise ValueError(f"{source}: {scores.size} scores for {self.state.scores.size} training examples.")
-        bad = np.flatnonzero(~np.isfinite(scores))
+        # -inf is a score (a response without the span `ica_score_span` scores); NaN is a broken one
+        bad = np.flatnonzero(np.isnan(scores) | (scores == np.inf))
         if bad.size:
-            raise ValueError(f"{source}: the scores of rows {bad[:5].tolist()} are not finite numbers.")
+            raise ValueError(f"{source}: the scores of rows {bad[:5].tolist()} are NaN or +inf; scores are numbers, "
+                             "or -inf for a response without the scored span.")  # fmt: skip
         self.state.scores, self.state.global_range, self.state.refreshes_done = scores, score_range(scores), 1
         self.recorder.given_scores(scores, source)
 
