@@ -114,3 +114,37 @@ def test_an_sft_run_weights_by_the_span_score(tokenizer, tmp_path, refresh):
     if refresh == 1:  # scored before training, with the untrained model: check against the first scoring
         first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
         assert [r["num_tokens"] for r in first] == expected.num_tokens.tolist()
+
+
+def test_cli_score_span_equals_the_library_and_records_the_span(tmp_path, tokenizer):
+    from trl_ica.cli.main import main
+
+    model_dir = tmp_path / "model"
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train, holdout = rows()
+    train.to_json(tmp_path / "train.jsonl")
+    holdout.to_json(tmp_path / "holdout.jsonl")
+    out = tmp_path / "scored.jsonl"
+    main(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
+          "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(out), "--num-demos", "2", "--demo-selection",
+          "fixed", "--form", "conditioned", "--reduction", "sum", "--score-span", FINAL])  # fmt: skip
+    scored = [json.loads(line)["score"] for line in open(out)]
+    expected = score_with(model, builder(tokenizer, model, FINAL), show_progress=False).scores
+    assert scored[6] is None and np.isneginf(expected[6])  # JSON has no -inf: the row without the span is null
+    np.testing.assert_allclose(scored[:6], expected[:6], atol=LOGP_ATOL)
+    # read back as a trainer reads a scores file: null is -inf again, and the span is part of what must match
+    from trl_ica.data_io import read_scores_file, scores_meta_path
+
+    assert json.load(open(scores_meta_path(str(out))))["ica_score_span"] == FINAL
+    again = read_scores_file(str(out), train, {"ica_score_span": FINAL})
+    assert np.isneginf(again[6]) and np.allclose(again[:6], expected[:6], atol=LOGP_ATOL)
+    with pytest.raises(ValueError, match="scored with other settings"):
+        read_scores_file(str(out), train, {"ica_score_span": None})
+    main(["select", "--scores", str(out), "--ratio", "0.5", "--mode", "bottom", "--output", str(tmp_path / "b.jsonl")])
+    bottom = [json.loads(line)["completion"] for line in open(tmp_path / "b.jsonl")]
+    assert train[6]["completion"] in bottom and len(bottom) == 3  # half of 7 rows; the one without an answer is last
+    with pytest.raises(ValueError, match="applies to `method='ica'` only"):
+        main(["score", "--method", "loss", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
+              "--output", str(tmp_path / "loss.jsonl"), "--score-span", FINAL])  # fmt: skip

@@ -189,4 +189,9 @@ def read_scores_file(path: str, dataset: Dataset, expected: dict, argument: str 
                 f"`{argument}`={path!r}: row {i} is not training row {i} (columns {differ} differ); the file must "
                 "hold the training rows in their order."
             )
-    return np.asarray(scored["score"], dtype=np.float64)
+    values = scored["score"]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing and meta.get("ica_score_span") is None:
+        raise ValueError(f"`{argument}`={path!r}: rows {missing[:5]} have no score.")
+    # JSON has no -inf: a response without the span `ica_score_span` scores is written as null
+    return np.asarray([-np.inf if v is None else v for v in values], dtype=np.float64)

@@ -56,6 +56,11 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
         choices=["true", "false"],
         help="ica: score the end-of-turn (or EOS) token after each response, as TRL trains it.",
     )
+    parser.add_argument(
+        "--score-span",
+        help="ica: score only this span of each response, the rest as context: 'last_line', or a regular expression "
+        "whose last match is the span (e.g. '#### .*' for GSM8K's final answer); a response without it scores -inf.",
+    )
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
     parser.add_argument("--batch-size", type=int, help="Most sequences per forward.")
@@ -112,6 +117,7 @@ def scoring_options(args):
         score_end=args.score_end_token == "true",
         embedding_model=args.embedding_model,
         seed=args.seed,
+        span=args.score_span,
     )
 
 
@@ -223,7 +229,9 @@ def run_select(args) -> dict:
     scored = load_rows(args.scores, argument="--scores")
     if SCORE_COLUMN not in scored.column_names:
         raise ValueError(f"`--scores` {args.scores!r} has no {SCORE_COLUMN!r} column; make it with `trl-ica score`.")
-    keep = select_top(scored[SCORE_COLUMN], args.ratio, mode=args.mode, threshold=args.threshold)
+    # null: a response without the span `--score-span` scored (JSON has no -inf), ranked below every score
+    values = [float("-inf") if v is None else v for v in scored[SCORE_COLUMN]]
+    keep = select_top(values, args.ratio, mode=args.mode, threshold=args.threshold)
     subset = scored.select(keep)
     if not args.keep_score:
         subset = subset.remove_columns(SCORE_COLUMN)

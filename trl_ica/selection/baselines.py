@@ -176,6 +176,7 @@ def score_dataset(
     score_end: bool = True,
     embedding_model=None,
     seed: int = 0,
+    span: str | None = None,
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
     whisperer: WhispererConfig | None = None,
@@ -190,13 +191,16 @@ def score_dataset(
         holdout: clean examples, needed by `ica` and `oneshot`; for `whisperer`, optional: the questions to answer.
         reference_model: for `rho`, a model fine-tuned on the holdout set.
         num_demos (`int`): k demonstrations for `ica`; holdout queries per example for `oneshot`.
-        demo_selection, reduction, form, layout, score_end, embedding_model: as in [`compute_ica_scores`].
+        demo_selection, reduction, form, layout, score_end, embedding_model, span: as in [`compute_ica_scores`]
+            (`span`: `ica` only).
         seed (`int`): seed of `random` and of fixed/random demonstrations.
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
         max_batch_tokens (`int`, *optional*): the scoring token budget of the log-probability methods (see
             [`score_requests`]).
     """
     check_choice("method", method, list(METHODS))
+    if span is not None and method != "ica":
+        raise ValueError(f"`span` ({span!r}) applies to `method='ica'` only, got {method!r}.")
     if method in ("ica", "oneshot") and holdout is None:
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
     common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)
@@ -217,6 +221,7 @@ def score_dataset(
             score_end=score_end,
             embedding_model=embedding_model,
             seed=seed,
+            span=span,
             **common,
         ).scores
     if method == "oneshot":
