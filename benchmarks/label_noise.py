@@ -422,6 +422,10 @@ MEASURES = {
 }
 
 
+#: Measures compared in the paired tables by their logarithm (a difference of logs is a log ratio).
+LOG_MEASURES = ("early_end",)
+
+
 def paired_lines(runs_of, methods, measures, labels) -> list[str]:
     """Per measure, a table of each method's mean difference from uniform training on the same seeds, its paired
     standard deviation, their ratio and the seeds on which it was lower: the oracle's ratio says whether the pool can
@@ -434,13 +438,17 @@ def paired_lines(runs_of, methods, measures, labels) -> list[str]:
             seeds = [s for s in runs_of.get(method, {}) if s in uniform and measure in runs_of[method][s]]
             if method == "uniform" or len(seeds) < 2:
                 continue
-            diff = np.array([runs_of[method][s][measure] - uniform[s][measure] for s in seeds])
+            # a probability that moves by orders of magnitude between seeds is compared as a log ratio
+            ours = np.array([runs_of[method][s][measure] for s in seeds])
+            theirs = np.array([uniform[s][measure] for s in seeds])
+            diff = np.log(ours) - np.log(theirs) if measure in LOG_MEASURES else ours - theirs
             sd = diff.std(ddof=1)
             ratio = f"{diff.mean() / sd:+.1f}" if sd > 0 else "n/a"
             rows.append(f"| {labels.get(method, method)} | {len(seeds)} | {diff.mean():+.4f} | {sd:.4f} | {ratio} | "
                         f"{int((diff < 0).sum())} of {len(seeds)} |")  # fmt: skip
         if rows:
-            lines += ["", f"{MEASURES[measure]}, minus uniform training's on the same seed:", "",
+            name = f"ln {MEASURES[measure]}" if measure in LOG_MEASURES else MEASURES[measure]
+            lines += ["", f"{name}, minus uniform training's on the same seed:", "",
                       "| method | seeds | mean difference | paired sd | in paired sd | seeds lower |",
                       "|---|---|---|---|---|---|", *rows]  # fmt: skip
     return lines + ([""] if lines else [])
