@@ -11,7 +11,6 @@ its own question, which the conditioned form keeps (see docs/scores.md, "Which s
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
@@ -152,17 +151,18 @@ class ICARequestBuilder:
             return self.pair_requests(i, conditioned)
         return [self.conditioned(i) if conditioned else self.unconditioned(i)]
 
-    @functools.cached_property
-    def spanless(self) -> np.ndarray:
-        """Under `ica_score_span`: which candidates' responses lack the span (their requests score one token only so
-        as to be valid; their score is -inf, below every response that has it). All False without a span."""
+    def spanless(self, indices) -> np.ndarray:
+        """Under `ica_score_span`: which of the candidates `indices` lack the span in their response (their requests
+        score one token only so as to be valid; their score is -inf, below every response that has it). All False
+        without a span."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.renderer.span is None or self.pairs:
-            return np.zeros(len(self.candidates), dtype=bool)
-        return np.array([self.renderer.span_tokens(c) is None for c in self.candidates])
+            return np.zeros(len(indices), dtype=bool)
+        return np.array([self.renderer.span_tokens(self.candidates[i]) is None for i in indices.tolist()], dtype=bool)
 
     def mark_spanless(self, result: ICAScores, indices) -> ICAScores:
         """`result` (the scores of candidates `indices`) with the spanless ones at -inf."""
-        missing = self.spanless[np.asarray(indices, dtype=np.int64)]
+        missing = self.spanless(indices)
         if missing.any():
             result.scores = np.where(missing, -np.inf, result.scores)
         return result

@@ -259,8 +259,7 @@ class ICAController:
             self.builder.options.form,
             rows=indices,
         )
-        if hasattr(self.builder, "mark_spanless"):  # streamed rows are scored whole
-            result = self.builder.mark_spanless(result, indices)
+        result = self.builder.mark_spanless(result, indices)
         scores = result.scores
         self.state.grow(int(indices.max()) + 1 if len(indices) else 0)
         self.state.scores[indices] = scores
