@@ -16,9 +16,9 @@ and refuses a run with other ones.
 
 import argparse
 import tempfile
-import time
 import warnings
 
+from benchmarks.common.evaluation import timed_training
 from benchmarks.common.models import lora as recipe_lora
 
 warnings.filterwarnings("ignore")
@@ -28,7 +28,6 @@ RUNS = ("stock_packed", "ica_packed", "ica_unpacked")
 def run(kind: str, n: int, n_holdout: int, steps: int, accumulation: int) -> dict:
     import numpy as np
     import torch
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
@@ -54,18 +53,7 @@ def run(kind: str, n: int, n_holdout: int, steps: int, accumulation: int) -> dic
         trainer = ICASFTTrainer(model, args=ICASFTConfig(**common), train_dataset=train, processing_class=tokenizer,
                                 holdout_dataset=holdout, peft_config=lora)  # fmt: skip
 
-    marks = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    seconds = np.diff(marks)
+    seconds = timed_training(trainer)
     rows = len(trainer.train_dataset)
     tokens = int(sum(len(r["input_ids"]) for r in trainer.train_dataset))
     per_step = tokens / rows * 4 * accumulation  # 4 rows per micro-batch, on average

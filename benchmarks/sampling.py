@@ -17,9 +17,9 @@ and refuses a run with other ones.
 
 import argparse
 import tempfile
-import time
 import warnings
 
+from benchmarks.common.evaluation import timed_training
 from benchmarks.common.models import lora as recipe_lora
 
 warnings.filterwarnings("ignore")
@@ -31,7 +31,6 @@ LABELS = {"stock": "SFTTrainer", "ica_loss": "ICASFTTrainer, loss weights",
 def run(kind: str, n: int, steps: int) -> dict:
     import numpy as np
     import torch
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
@@ -59,18 +58,7 @@ def run(kind: str, n: int, steps: int) -> dict:
                                 holdout_dataset=holdout, peft_config=lora)  # fmt: skip
         trainer.ica.use_scores(np.random.default_rng(0).random(n), "benchmarks.sampling random scores")
 
-    marks = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    seconds = np.diff(marks)
+    seconds = timed_training(trainer)
     tokens = float(np.mean([len(r["input_ids"]) for r in trainer.train_dataset])) * 4
     median = float(np.median(seconds[1:]))
     return {"step_seconds": [float(s) for s in seconds], "median_step_seconds_after_first": median,

@@ -72,6 +72,25 @@ def evaluate(model, tokenizer, test, checker) -> tuple[float, float]:
     return loss, float(np.mean([s == 1.0 for s in scores]))
 
 
+def timed_training(trainer) -> np.ndarray:
+    """Train `trainer` and return the wall seconds of each optimizer step (the first from the start of training, so
+    it holds whatever happens before the first step)."""
+    from transformers import TrainerCallback
+
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return np.diff(marks)
+
+
 def median_step(trainer, batches, repeats) -> float:
     """Median wall time of one optimizer step's micro-batches through the trainer's own `get_batch_samples` and
     `training_step` (no optimizer update), over `repeats` steps after a warm-up."""
