@@ -30,6 +30,7 @@ RESULT_TABLES = {
     "bf16": "benchmarks/results/bf16.json",
     "memory": "benchmarks/results/memory.json",
     "packing": "benchmarks/results/packing.json",
+    "sampling": "benchmarks/results/sampling.json",
     "scoring": "benchmarks/results/scoring.json",
     "scorer_cost": "benchmarks/results/scorer_cost.json",
     "scorer_agreement": "benchmarks/results/scorer_agreement",
