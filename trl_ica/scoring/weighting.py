@@ -113,6 +113,10 @@ def _isotonic(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full(int(c), t / c) for t, c in blocks]) if blocks else np.zeros(0)
 
 
+#: Points at which `holdout_posterior` evaluates the two score densities (then interpolated to each score).
+GRID_POINTS = 1024
+
+
 def holdout_share(pool, reference, quantile: float = 0.5) -> float:
     """The share pi of the training set that scores like the holdout, estimated from the upper tail: rows unlike the
     holdout score below it (what the scores are for), so above the holdout's `quantile` the training set holds
@@ -161,12 +165,17 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
                          "density to compare with.")  # fmt: skip
     bandwidth = 0.9 * spread * ref.size ** (-0.2)
 
-    def density(at, sample):
-        z = (at[:, None] - sample[None, :]) / bandwidth
-        return np.exp(-0.5 * z * z).mean(axis=1)
+    def density(at, sample):  # in blocks of the grid: memory of 64 x len(sample) at most
+        out = np.empty(len(at))
+        for start in range(0, len(at), 64):
+            z = (at[start : start + 64, None] - sample[None, :]) / bandwidth
+            out[start : start + 64] = np.exp(-0.5 * z * z).mean(axis=1)
+        return out
 
     median = float(np.median(ref))
-    grid = np.sort(np.unique(np.concatenate([pool, s, [median]])))
+    # a fixed grid (the densities are smooth at the bandwidth's scale) rather than every score: linear in the rows
+    low, high = min(pool.min(), s.min(), median), max(pool.max(), s.max(), median)
+    grid = np.unique(np.concatenate([np.linspace(low, high, GRID_POINTS), [median]]))
     curve = _isotonic(density(grid, ref) / np.maximum(density(grid, pool), 1e-300))
     at_median = curve[np.searchsorted(grid, median)]
     weights = np.interp(s, grid, np.minimum(curve / at_median, 1.0))

@@ -278,8 +278,11 @@ class ICAController:
         state = self.state
         if not state.refreshes_done:
             raise RuntimeError("The sampling weights were asked for before the training set was scored.")
-        weights = self.weigher.pool(state)
-        return weights, (state.refreshes_done, state.references_done)
+        return self.weigher.pool(state), self.weights_version()
+
+    def weights_version(self) -> tuple[int, int]:
+        """What the pool's weights depend on, counted: the scorings of the training set and of the holdout."""
+        return self.state.refreshes_done, self.state.references_done
 
     def before_sampled_step(self, model, step: int, max_steps: int) -> None:
         """`ica_weight_mode="sampling"`: called by the sampler before it draws the rows of optimizer step `step`, on

@@ -457,7 +457,8 @@ class ICATrainerMixin:
         seed = args.data_seed if args.data_seed is not None else torch.random.initial_seed()
         per_epoch = steps_per_epoch(len(index), args.per_device_train_batch_size, processes,
                                     args.gradient_accumulation_steps, args.dataloader_drop_last)  # fmt: skip
-        return WeightedEpochSampler(len(index), weights, seed, step_rows, before_step, per_epoch)
+        return WeightedEpochSampler(len(index), weights, seed, step_rows, before_step, per_epoch,
+                                    version=self._ica.weights_version)
 
     def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
         """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)

@@ -61,6 +61,8 @@ class WeightedEpochSampler(Sampler[int]):
         num_rows (`int`): rows of the training dataset the trainer iterates.
         weights (`Callable[[], tuple[np.ndarray, int]]`): the current weight of each dataset row and a version
             number that changes whenever the weights do (a refresh).
+        version (`Callable[[], object]`): that version alone, cheap: checked before every draw, while the weights
+            are computed only when it changes.
         seed (`int`): the stock sampler's seed (`data_seed`, else the run's seed).
         step_rows (`int`): rows one optimizer step draws over every process (`per_device_train_batch_size *
             gradient_accumulation_steps * processes`); the weights must keep at least this many rows.
@@ -78,8 +80,10 @@ class WeightedEpochSampler(Sampler[int]):
         step_rows: int,
         before_step: Callable[[int], None] | None = None,
         steps_per_epoch: int = 1,
+        version: Callable[[], object] | None = None,
     ):
         self.num_rows, self.weights, self.seed, self.step_rows = num_rows, weights, int(seed), step_rows
+        self.version = version if version is not None else (lambda: weights()[1])
         self.before_step, self.steps_per_epoch = before_step, steps_per_epoch
         self.epoch = 0
 
@@ -115,7 +119,7 @@ class WeightedEpochSampler(Sampler[int]):
         for position in range(self.num_rows):
             if position % self.step_rows == 0 and self.before_step is not None:
                 self.before_step(epoch * self.steps_per_epoch + position // self.step_rows)
-            if order is None or self.weights()[1] != version:
+            if order is None or self.version() != version:
                 weights, version = self.checked_weights()  # a refresh: the rest of the epoch from the new weights
                 order = epoch_order(weights, self.seed, epoch)
             yield order[position]
