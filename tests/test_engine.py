@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from reference import naive_log_prob
-from testing_utils import LOGP_ATOL, REGROUPED_ATOL, tiny_llama
+from reference import naive_log_prob, naive_token_log_probs
+from testing_utils import LOGP_ATOL, REGROUPED_ATOL, TOKEN_LOGP_ATOL, tiny_llama
 
 from trl_ica.scoring.engine import ScoringBudget, _Scorer, score_requests
 from trl_ica.scoring.planner import LogProbRequest, choose_sharing, plan_prefixes, sharing_costs, token_counts
@@ -34,6 +34,18 @@ def test_fused_equals_naive(llama, batch_size):
     np.testing.assert_allclose(fused.sums, naive, atol=LOGP_ATOL, rtol=0)
     assert fused.sums.dtype == np.float64
     assert fused.counts.tolist() == [len(r.response) for r in requests]
+
+
+@pytest.mark.parametrize("sharing", ["tree", "flat", "none"])
+def test_per_token_log_probs_equal_naive(llama, sharing):
+    requests = random_requests()
+    fused = score_requests(llama, requests, batch_size=3, sharing=sharing, per_token=True, show_progress=False)
+    assert len(fused.tokens) == len(requests)
+    for request, tokens, total in zip(requests, fused.tokens, fused.sums):
+        assert tokens.dtype == np.float32 and tokens.shape == (len(request.response),)
+        np.testing.assert_allclose(tokens, naive_token_log_probs(llama, request), atol=TOKEN_LOGP_ATOL, rtol=0)
+        np.testing.assert_allclose(tokens.astype(np.float64).sum(), total, atol=LOGP_ATOL, rtol=0)
+    assert score_requests(llama, requests, show_progress=False).tokens is None
 
 
 def test_results_follow_caller_order(llama):
@@ -74,11 +86,11 @@ def test_halves_batch_on_out_of_memory(llama, monkeypatch):
     original = _Scorer.score_batch
     seen = []
 
-    def flaky(self, reqs, rows, state):
+    def flaky(self, reqs, rows, state, per_token=False):
         seen.append(len(rows))
         if len(rows) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, reqs, rows, state)
+        return original(self, reqs, rows, state, per_token)
 
     monkeypatch.setattr(_Scorer, "score_batch", flaky)
     budget = ScoringBudget()
@@ -94,7 +106,7 @@ def test_halves_batch_on_out_of_memory(llama, monkeypatch):
 
 
 def test_other_errors_are_not_swallowed(llama, monkeypatch):
-    def broken(self, reqs, rows, state):
+    def broken(self, reqs, rows, state, per_token=False):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(_Scorer, "score_batch", broken)

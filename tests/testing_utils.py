@@ -250,6 +250,8 @@ def write_recipe_data(folder, preference):
 #: log-softmax (about 1e-6 at |log p| <= 10) when the reduction order changes, and a response has at most ~100 scored
 #: tokens here.
 LOGP_ATOL = 1e-4
+#: One token's log-prob: a few float32 ulp of the log-softmax, about 1e-6 at |log p| <= 10.
+TOKEN_LOGP_ATOL = 1e-5
 #: A per-token mean of such a sum (the responses compared this way have about ten tokens or more).
 MEAN_LOGP_ATOL = 1e-5
 #: The same requests scored by the same forward in other groups (shards, processes in lockstep, a shuffled order):

@@ -55,10 +55,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LogProbs:
-    """Summed response log-probabilities (`float64`, shape `(N,)`) and response token counts (`int64`, `(N,)`)."""
+    """Summed response log-probabilities (`float64`, shape `(N,)`) and response token counts (`int64`, `(N,)`);
+    with `per_token=True`, also each response's token log-probabilities (`tokens`: N `float32` arrays, `counts[i]`
+    long, in response order), whose float64 sums are `sums`."""
 
     sums: np.ndarray
     counts: np.ndarray
+    tokens: list | None = None
 
 
 class PrefixState(NamedTuple):
@@ -133,8 +136,11 @@ class _Scorer:
             )
         return PrefixState(layers, out.last_hidden_state[:, -1], length)
 
-    def score_batch(self, requests: Sequence[LogProbRequest], rows: list[int], state: PrefixState | None) -> list:
-        """Score `rows` of `requests` against a shared prefix state (or none), returning one sum per row."""
+    def score_batch(
+        self, requests: Sequence[LogProbRequest], rows: list[int], state: PrefixState | None, per_token: bool = False
+    ) -> tuple[list, list | None]:
+        """Score `rows` of `requests` against a shared prefix state (or none): one sum per row, and (`per_token`)
+        one array of token log-probabilities per row, else None."""
         conts = [requests[i].context + requests[i].response for i in rows]
         B, L = len(rows), max(len(c) for c in conts)
         ids, mask = padded_batch(conts, self.pad_id, self.device)
@@ -176,7 +182,10 @@ class _Scorer:
         sums = torch.zeros(B, dtype=torch.float64, device=lp.device).index_add_(
             0, torch.tensor(owner, device=lp.device), lp.double()
         )
-        return sums.tolist()
+        tokens = None
+        if per_token:  # `lp` runs row by row, each row's response tokens in order
+            tokens = np.split(lp.float().cpu().numpy(), np.cumsum([len(requests[i].response) for i in rows])[:-1])
+        return sums.tolist(), tokens
 
 
 DEFAULT_TOKENS = {"cpu": 2048}  # elsewhere (an accelerator): ACCELERATOR_TOKENS
@@ -235,6 +244,7 @@ def score_requests(
     sharing: str = "auto",
     compute_dtype: torch.dtype | None = None,
     forward_overhead: float | str | None = None,
+    per_token: bool = False,
 ) -> LogProbs:
     """Summed log-probabilities of each request's response, computed with shared-prefix KV reuse.
 
@@ -264,6 +274,8 @@ def score_requests(
             ([`measure_forward_overhead`]); the default is fixed so that a run's scores never depend on timing.
         compute_dtype (`torch.dtype`, *optional*): run the model under autocast to this dtype when its weights are
             of another floating type (what mixed-precision training does); the log-sum-exp is float32 either way.
+        per_token (`bool`, *optional*, defaults to `False`): also return each response's token log-probabilities
+            (`LogProbs.tokens`), from the same forwards.
 
     Returns:
         [`LogProbs`] aligned with `requests`.
@@ -297,7 +309,7 @@ def score_requests(
         raise ValueError(f"`forward_overhead` must be None, a number >= 0 or 'measure', got {forward_overhead!r}.")
     options = dict(
         batch_size=batch_size, budget=budget, desc=desc, sharing=sharing, compute_dtype=compute_dtype,
-        forward_overhead=forward_overhead,
+        forward_overhead=forward_overhead, per_token=per_token,
     )  # fmt: skip
     if mode == "local":
         return _score_requests(model, requests, None, show_progress=show_progress, **options)
@@ -312,20 +324,25 @@ def score_requests(
             **options,
         )  # fmt: skip
     sums = np.full(len(requests), np.nan)
-    for positions, values in gather_object([(mine, local.sums)]):
+    tokens = [None] * len(requests) if per_token else None
+    for positions, values, arrays in gather_object([(mine, local.sums, local.tokens)]):
         sums[positions] = values
-    return LogProbs(sums, np.array([len(r.response) for r in requests], dtype=np.int64))
+        if per_token:
+            for position, array in zip(positions, arrays):
+                tokens[position] = array
+    return LogProbs(sums, np.array([len(r.response) for r in requests], dtype=np.int64), tokens)
 
 
 def _score_requests(
     model, requests, lockstep: ForwardLockstep | None, *, batch_size, budget, show_progress, desc, sharing,
-    compute_dtype, forward_overhead,
+    compute_dtype, forward_overhead, per_token,
 ) -> LogProbs:  # fmt: skip
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([len(r.response) for r in requests], dtype=np.int64)
+    tokens = [None] * n if per_token else None
     if n == 0 and lockstep is None:
-        return LogProbs(sums, counts)
+        return LogProbs(sums, counts, tokens)
 
     device = next(unwrap_causal_lm(model).parameters()).device
     budget.resolve(device)
@@ -368,10 +385,14 @@ def _score_requests(
                 LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response)
                 for r in map(requests.__getitem__, idx)
             ]
-            sums[idx] = _score_group(scorer, group, state, batch_size, budget, lockstep, bar)
+            group_sums, group_tokens = _score_group(scorer, group, state, batch_size, budget, lockstep, bar, per_token)
+            sums[idx] = group_sums
+            if per_token:
+                for i, array in zip(idx, group_tokens):
+                    tokens[i] = array
         scorer.finish()
     bar.close()
-    return LogProbs(sums, counts)
+    return LogProbs(sums, counts, tokens)
 
 
 _WARNED_UNSHARED: set[str] = set()
@@ -433,11 +454,15 @@ def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None =
     return known[key]
 
 
-def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockstep, bar) -> np.ndarray:
-    """Sums of `group` (requests continuing from one prefix state, or none), in batches under the row cap and the
-    token budget; longest first, so that memory errors come early. On one the budget is halved for good and the batch
-    retried (unless processes are in step, where one process cannot retry alone)."""
+def _score_group(
+    scorer, group, state, batch_size, budget: ScoringBudget, lockstep, bar, per_token: bool = False
+) -> tuple[np.ndarray, list | None]:
+    """Sums of `group` (requests continuing from one prefix state, or none), and with `per_token` their token
+    log-probabilities, in batches under the row cap and the token budget; longest first, so that memory errors come
+    early. On one the budget is halved for good and the batch retried (unless processes are in step, where one
+    process cannot retry alone)."""
     sums = np.zeros(len(group), dtype=np.float64)
+    tokens = [None] * len(group) if per_token else None
     lengths = [len(r.context) + len(r.response) for r in group]
     order = sorted(range(len(group)), key=lambda i: -lengths[i])
     prefix = 0 if state is None else state.length
@@ -445,7 +470,7 @@ def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockst
     while pos < len(order):
         batch = order[pos : batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
         try:
-            values = scorer.score_batch(group, batch, state)
+            values, arrays = scorer.score_batch(group, batch, state, per_token)
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_oom(error):
                 raise
@@ -466,8 +491,11 @@ def _score_group(scorer, group, state, batch_size, budget: ScoringBudget, lockst
                 torch.cuda.empty_cache()
             continue
         sums[batch] = values
+        if per_token:
+            for i, array in zip(batch, arrays):
+                tokens[i] = array
         pos += len(batch)
         bar.update(len(batch))
-    return sums
+    return sums, tokens
 
 

@@ -50,6 +50,8 @@ class ICAScores:
             log p(y_l | D, x), log p(y_w | x), log p(y_l | x). `logp_conditioned` and `logp_unconditioned` then hold
             the chosen-minus-rejected margins and `num_tokens` the chosen and rejected tokens together.
         pair_tokens (`np.ndarray`, *optional*): preference pairs only, `(N, 2)` int64 chosen and rejected tokens.
+        token_logps (`list[np.ndarray]`, *optional*): with `per_token=True`, each response's token log-probs with
+            the demonstrations (`float32`, `num_tokens[i]` long), whose sums are `logp_conditioned`.
     """
 
     scores: np.ndarray
@@ -61,6 +63,7 @@ class ICAScores:
     form: str = "difference"
     pair_logps: np.ndarray | None = None
     pair_tokens: np.ndarray | None = None
+    token_logps: list | None = None
 
 
 def reduce_scores(conditioned, unconditioned, num_tokens, reduction: str, form: str = "difference") -> np.ndarray:
@@ -362,11 +365,15 @@ def score_with(
     distributed: str | None = None,
     max_batch_tokens=None,
     compute_dtype=None,
+    per_token: bool = False,
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
     `form="difference"` the pass without. `form` and `reduction` are the builder's options unless given (to read
     another score off the same requests). `batch_size`, `max_batch_tokens`, `distributed` and `compute_dtype` go to
-    [`score_requests`]."""
+    [`score_requests`]; `per_token` keeps the pass with demonstrations' token log-probs (`token_logps`, examples
+    only)."""
+    if per_token and builder.pairs:
+        raise ValueError("`per_token` keeps the token log-probs of single responses; preference pairs have two.")
     form = builder.options.form if form is None else form
     reduction = builder.options.reduction if reduction is None else reduction
     check_choice("reduction", reduction, REDUCTIONS)
@@ -385,10 +392,14 @@ def score_with(
             desc=f"ICA scoring ({label} demonstrations)",
             distributed=distributed,
             compute_dtype=compute_dtype,
+            per_token=per_token and conditioned,
         )
+        if conditioned:
+            token_logps = out.tokens
         passes.append((out.sums.reshape(-1, builder.width), out.counts.reshape(-1, builder.width)))
     (cond, counts), plain = passes[0], (passes[1][0] if len(passes) > 1 else None)
     result = assemble_scores(cond, plain, counts, builder.demo_indices[indices], reduction, form, rows=indices)
+    result.token_logps = token_logps
     return builder.mark_spanless(result, indices)
 
 

@@ -245,3 +245,30 @@ def score_range(scores) -> tuple[float, float]:
     s = np.asarray(scores, dtype=np.float64)
     s = s[np.isfinite(s)]
     return (float(s.min()), float(s.max())) if s.size else (0.0, 0.0)
+
+
+def check_token_quantile(quantile) -> None:
+    """`ica_token_quantile` is None or a number in (0, 1)."""
+    if quantile is None:
+        return
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 < quantile < 1:
+        raise ValueError(f"`ica_token_quantile` must be None or a number in (0, 1), got {quantile!r}.")
+
+
+def token_threshold(reference_tokens, quantile: float) -> float:
+    """The token log-probability under which a training token leaves the loss: the `quantile` of every token
+    log-probability of the holdout's own responses, each scored with demonstrations from the rest of the holdout
+    (leave-one-out), so that a share `quantile` of clean tokens falls under it."""
+    check_token_quantile(quantile)
+    values = np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1) for t in reference_tokens] or [[]])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("The holdout's own responses gave no finite token log-probabilities to set the token "
+                         "threshold from.")  # fmt: skip
+    return float(np.quantile(values, quantile))
+
+
+def token_keep(token_logps, threshold: float) -> list[np.ndarray]:
+    """For each response, which of its tokens stay in the loss: those whose log-probability with the
+    demonstrations is at least `threshold` ([`token_threshold`])."""
+    return [np.asarray(t) >= threshold for t in token_logps]

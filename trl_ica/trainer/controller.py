@@ -12,7 +12,7 @@ from ..scoring.engine import ScoringBudget, score_requests
 from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
 from ..scoring.scorer import ScoringModel, release
 from ..scoring.streamed import StreamedRequestBuilder
-from ..scoring.weighting import score_range
+from ..scoring.weighting import score_range, token_keep, token_threshold
 from .recorder import RunRecorder
 from .state import ICAState, fingerprint
 from .weigher import StepWeigher, loss_scale
@@ -82,6 +82,10 @@ class ICAController:
         self.strategy = "engine"
         # `ica_weight_mode="sampling"`: the weights pick the rows drawn ([`pool_weights`]); the loss is the stock one
         self.sampling = getattr(args, "ica_weight_mode", "loss") == "sampling"
+        # `ica_token_quantile`: scorings keep each response's token log-probs, and tokens under the holdout's
+        # quantile leave the loss ([`token_masks`])
+        self.token_quantile = getattr(args, "ica_token_quantile", None)
+        self._threshold: tuple[int, float] | None = None  # (references_done, threshold)
         self.step_begun: int | None = None  # the optimizer step `begin_step` was last called for
         self._step_members: set[int] = set()  # its examples on this process
         self._step_weights: dict[int, float] | None = None  # their weights; None while they wait for the forward
@@ -153,11 +157,13 @@ class ICAController:
         self.scorer = None
 
     def _score_all(self, model, builder: ICARequestBuilder):
-        """Every candidate of `builder` scored with the run's score options and budget (sharded over processes)."""
+        """Every candidate of `builder` scored with the run's score options and budget (sharded over processes),
+        with their token log-probs under `ica_token_quantile`."""
         return score_with(
             self._scoring(model),
             builder,
             show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
+            per_token=self.token_quantile is not None,
             **self.engine_options,
         )
 
@@ -192,6 +198,7 @@ class ICAController:
             return
         result = self._score_all(model, self.builder)
         state.scores, state.global_range, state.last_scored_step = result.scores, score_range(result.scores), step
+        state.tokens = result.token_logps
         self._score_reference(model, step)
         self.recorder.scoring(state.refreshes_done, step, result)
         state.refreshes_done += 1
@@ -203,6 +210,7 @@ class ICAController:
             return
         result = self._score_all(model, self.reference_builder)
         self.state.reference, self.state.reference_step = result.scores, step
+        self.state.reference_tokens = result.token_logps
         self.recorder.holdout_scoring(self.state.references_done, step, result)
         self.state.references_done += 1
 
@@ -269,6 +277,28 @@ class ICAController:
             low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
         self.state.widen_range(low, high)
         return scores
+
+    # Token masks
+    def token_threshold(self) -> float | None:
+        """`ica_token_quantile`: the token log-prob under which a training token leaves the loss, from the
+        holdout's latest own scoring; None without token masks or before that scoring."""
+        state = self.state
+        if self.token_quantile is None or state.reference_tokens is None:
+            return None
+        if self._threshold is None or self._threshold[0] != state.references_done:
+            self._threshold = (state.references_done, token_threshold(state.reference_tokens, self.token_quantile))
+        return self._threshold[1]
+
+    def token_masks(self, indices) -> list[np.ndarray] | None:
+        """`ica_token_quantile`: for each example of `indices`, which of its scored response tokens stay in the loss
+        (those the model with demonstrations finds at least as likely as the threshold); None without token
+        masks."""
+        threshold = self.token_threshold()
+        if threshold is None:
+            return None
+        if self.state.tokens is None:
+            raise RuntimeError("Token masks were asked for before the training set's tokens were scored.")
+        return token_keep([self.state.tokens[i] for i in np.asarray(indices).reshape(-1).tolist()], threshold)
 
     # Sampling
     def pool_weights(self) -> tuple[np.ndarray, tuple[int, int]]:

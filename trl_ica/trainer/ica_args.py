@@ -10,7 +10,7 @@ from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS
 from ..scoring.rendering import DEMO_LAYOUTS, check_span
 from ..scoring.scorer import check_fixed_scorer
-from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS
+from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS, check_token_quantile
 
 #: How the weighted per-example losses of an optimizer step are reduced (`ica_loss_reduction`).
 LOSS_REDUCTIONS = ("token_mean", "weighted_mean")
@@ -114,6 +114,13 @@ class ICAArguments:
             response hardly sees; the span's log-probability given the demonstrations and the solution before it
             does. A response without the span scores -inf (weight 0); every holdout response must have one. SFT
             rows with a prompt only (not language modeling, not pairs). None: the whole response.
+        ica_token_quantile (`float`, *optional*):
+            SFT: drop from the loss the response tokens that the model, with the row's demonstrations in context,
+            finds less likely than this quantile of the holdout's own tokens (each holdout response scored with
+            demonstrations from the rest of the holdout), e.g. `0.01`. The token log-probs come from the scoring
+            pass with demonstrations, so masks are refreshed with the scores; a dropped token's loss is 0 and it
+            still counts in the loss divisor, as a row of weight 0 does. Works with any `ica_weighting` (`"none"`:
+            masks alone) and either `ica_weight_mode`; not online, with a span or with given scores. None: no mask.
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default the token budget decides.
         ica_scoring_max_tokens (`int`, *optional*):
@@ -200,6 +207,10 @@ class ICAArguments:
     ica_score_span: str | None = field(
         default=None, metadata={"help": "Score only this span of each response: 'last_line' or a regex."}
     )
+    ica_token_quantile: float | None = field(
+        default=None,
+        metadata={"help": "SFT: drop tokens less likely with demonstrations than this quantile of the holdout's."},
+    )
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_scoring_max_tokens: int | None = field(
         default=None, metadata={"help": "Token positions per scoring forward, prefixes included."}
@@ -245,6 +256,29 @@ class ICAArguments:
             raise ValueError(
                 f"`ica_loss_reduction={self.ica_loss_reduction!r}` divides a weighted loss by its weights, but under "
                 "`ica_weight_mode='sampling'` the loss is the stock one (every weight 1). Leave it at 'token_mean'."
+            )
+
+    def _check_token_quantile(self, kind: str) -> None:
+        """`ica_token_quantile` masks the tokens of single responses, from the scoring of the whole training set."""
+        check_token_quantile(self.ica_token_quantile)
+        if self.ica_token_quantile is None:
+            return
+        value = f"`ica_token_quantile`={self.ica_token_quantile!r}"
+        if kind == "preference":
+            raise ValueError(f"{value} masks tokens of an SFT response; preference losses compare whole responses. "
+                             "Leave it unset.")  # fmt: skip
+        if self.ica_refresh == "online":
+            raise ValueError(f"{value} sets its threshold from the holdout's tokens scored with the training set, "
+                             "which online scoring does not do. Use a numeric `ica_refresh`.")  # fmt: skip
+        if self.ica_score_span is not None:
+            raise ValueError(
+                f"{value} masks every token of a response, but `ica_score_span`={self.ica_score_span!r} scores only "
+                "a span of it. Use one of the two."
+            )
+        if self.ica_scores_file is not None:
+            raise ValueError(
+                f"{value} needs each response's token log-probs from the scoring, which the scores file "
+                f"`ica_scores_file`={self.ica_scores_file!r} does not hold. Let the trainer score, or unset one."
             )
 
     def choose_precision(self) -> None:
@@ -307,6 +341,7 @@ class ICAArguments:
                 f"`ica_score_span`={self.ica_score_span!r} scores a span of single responses; preference pairs are "
                 "scored by their whole margin. Leave it unset."
             )
+        self._check_token_quantile(kind)
         if not isinstance(self.ica_score_end_token, bool):
             raise ValueError(f"`ica_score_end_token` must be True or False, got {self.ica_score_end_token!r}.")
         cutoff = self.ica_holdout_cutoff

@@ -296,7 +296,16 @@ class ICATrainerMixin:
         else:
             builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
         reference = None
-        if args.ica_weighting in ("holdout_quantile", "holdout_posterior"):
+        token_masks = getattr(args, "ica_token_quantile", None) is not None
+        trained_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        scoring_tokenizer = None if scorer is None else getattr(scorer.tokenizer, "tokenizer", scorer.tokenizer)
+        if token_masks and scorer is not None and scoring_tokenizer.get_vocab() != trained_tokenizer.get_vocab():
+            raise ValueError(
+                f"`ica_token_quantile` masks the training tokens by the scoring model's tokens, but the scoring model "
+                f"{scorer.name} has another vocabulary than the trained model's tokenizer. Score with a model of the "
+                "same tokenizer, or unset `ica_token_quantile`."
+            )
+        if args.ica_weighting in ("holdout_quantile", "holdout_posterior") or token_masks:
             reference = prepare_holdout_reference(
                 model, tokenizer, holdout_dataset, score_options, pairs=builder.pairs, **options
             )

@@ -145,7 +145,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         rows = inputs.pop(ROWS, None)  # a streamed batch outside `train()` (`get_batch_samples` takes them in it)
         fired = []
         seq_idx = seams.packed_sequence_index(inputs)
-        hook = self._weighting_hook(model, index.cpu().numpy(), seq_idx, fired, units, rows)
+        keep = lambda: self._token_keep(inputs, index.cpu().numpy(), units)  # noqa: E731 - after the weights
+        hook = self._weighting_hook(model, index.cpu().numpy(), seq_idx, fired, units, rows, keep)
         with hook:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -156,12 +157,39 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             )
         return result
 
+    def _token_keep(self, batch, index: np.ndarray, units) -> torch.Tensor | None:
+        """`ica_token_quantile`: a `(B, T-1)` 0/1 tensor over the shifted label positions, 0 at the loss tokens
+        that leave the loss ([`ICAController.token_masks`]); None without token masks. Each example's mask covers
+        its scored response tokens, in order, which are its loss tokens (position 0 and packed sequence starts are
+        never predicted)."""
+        masks = self._ica.token_masks(index)
+        if masks is None:
+            return None
+        if "labels" not in batch:
+            raise ValueError("`ica_token_quantile` masks the loss tokens of the batch's `labels`, which this collator "
+                             f"does not produce (keys {sorted(batch)}).")  # fmt: skip
+        predicted = batch["labels"][:, 1:] != -100
+        scored = np.array([len(m) for m in masks])
+        wrong = np.flatnonzero(scored != np.asarray(units))
+        if wrong.size:
+            raise seams.SeamError(
+                "SFTTrainer's tokenisation of a row (trl.trainer.sft_trainer), which ICA renders again to score it",
+                f"training examples (ica_index) {index[wrong][:5].tolist()} have {np.asarray(units)[wrong][:5]} loss "
+                f"tokens but {scored[wrong][:5]} scored tokens, so the token masks cannot be placed",
+            )
+        keep = torch.ones(predicted.shape, dtype=torch.float32, device=predicted.device)
+        flat = torch.from_numpy(np.concatenate(masks or [np.zeros(0, bool)]).astype(np.float32))
+        keep[predicted] = flat.to(keep.device)  # row-major order is example order, packed or not
+        dropped = int(scored.sum() - flat.sum().item())
+        self._log_ica({"ica/masked_token_share": dropped / max(1, int(scored.sum()))})
+        return keep
+
     @contextlib.contextmanager
     def _weighting_hook(
-        self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list, units=None, rows=None
+        self, model, index: np.ndarray, seq_idx: torch.Tensor | None, fired: list, units=None, rows=None, keep=None
     ):
-        """Scale the fused head's per-token log-probs by their example's weight, right before TRL reduces them;
-        `fired` gets an entry when it did."""
+        """Scale the fused head's per-token log-probs by their example's weight (and by `keep()`, the token masks,
+        read once the weights exist), right before TRL reduces them; `fired` gets an entry when it did."""
 
         def hook(module, args, kwargs, output):
             log_probs = seams.fused_log_probs(kwargs, output)  # (B, T-1), zero where the label is -100
@@ -172,6 +200,9 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             sums = lambda: _row_sums(log_probs.detach(), owner, len(index))  # noqa: E731
             w = self._ica_weights(index, log_probs, sums, units=units, rows=rows)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
+            mask = keep() if keep is not None else None
+            if mask is not None:
+                output.log_probs = output.log_probs * mask.to(log_probs.dtype)
             fired.append(output.log_probs)
             return output
 

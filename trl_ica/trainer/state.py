@@ -21,7 +21,7 @@ STATE_FILE = "ica_state.npz"
 #: came from, the preset the settings were filled from) change no saved number.
 STATE_FIELDS = (
     "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
-    "ica_max_length", "ica_loss_reduction", "ica_weight_mode",
+    "ica_max_length", "ica_loss_reduction", "ica_weight_mode", "ica_token_quantile",
 )  # fmt: skip
 NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
 #: Fingerprinted by the name of the model that scores (given as a name or a loaded model), not by this field.
@@ -62,6 +62,10 @@ class ICAState:
         references_done (`int`): scorings of the holdout so far.
         last_scored_step (`int` or None): the step of the latest scoring of the whole training set.
         resumed_step (`int` or None): the checkpoint's step, when the run resumed from one.
+        tokens (`list[np.ndarray]` or None): `ica_token_quantile`: each training example's token log-probs with
+            its demonstrations, from the latest scoring.
+        reference_tokens (`list[np.ndarray]` or None): `ica_token_quantile`: the holdout's own, from its latest
+            scoring.
     """
 
     scores: np.ndarray
@@ -72,6 +76,8 @@ class ICAState:
     references_done: int = 0
     last_scored_step: int | None = None
     resumed_step: int | None = None
+    tokens: list | None = None
+    reference_tokens: list | None = None
 
     @classmethod
     def empty(cls, num_examples: int) -> ICAState:
@@ -103,6 +109,8 @@ class ICAState:
                 reference=self.reference if self.reference is not None else np.zeros(0),
                 reference_step=-1 if self.reference_step is None else self.reference_step,
                 references_done=self.references_done,
+                **_flat("tokens", self.tokens),
+                **_flat("reference_tokens", self.reference_tokens),
             )
 
     @classmethod
@@ -140,9 +148,26 @@ class ICAState:
             global_range=None if np.isnan(low) else (float(low), float(high)),
             resumed_step=int(saved["step"]),
         )
+        state.tokens = _unflat(saved, "tokens")
         if with_reference and saved["reference"].size:
             state.reference = saved["reference"]
             state.reference_step = int(saved["reference_step"])
             state.references_done = int(saved["references_done"])
+            state.reference_tokens = _unflat(saved, "reference_tokens")
         logger.info("Restored ICA state from %s (%d scoring(s) done).", folder, state.refreshes_done)
         return state, saved["demo_indices"]
+
+
+def _flat(name: str, arrays: list | None) -> dict:
+    """Per-row arrays as one array and their lengths, for `np.savez`; nothing when None."""
+    if arrays is None:
+        return {}
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    flat = np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays] or [np.zeros(0, np.float32)])
+    return {name: flat, f"{name}_lengths": lengths}
+
+
+def _unflat(saved, name: str) -> list | None:
+    if name not in saved:
+        return None
+    return np.split(saved[name], np.cumsum(saved[f"{name}_lengths"])[:-1])
