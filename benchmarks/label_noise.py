@@ -42,6 +42,9 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `span_quantile`, `span_sampling`, `top_span`, `shuffled_span_sampling` (GSM8K): the conditioned score of the
   final-answer line alone (`ica_score_span="#### .*"`, rows without one at -inf) as `holdout_quantile` loss weights,
   as posterior sampling weights, as top-share selection, and the sampling control;
+- `token_mask`, `sampling_token_mask`, `shuffled_token_mask`: every row (or the rows `ica_sampling` draws) with
+  the tokens the model with demonstrations finds less likely than the holdout's 1st percentile dropped from the
+  loss (`ica_token_quantile=0.01`), and the control that drops as many tokens of each row at random positions;
 - `oracle_wrong_answer`, `oracle_other_question`, `oracle_truncated` (GSM8K): stock SFT on the pool without one kind
   of corrupted row, what removing that kind alone is worth; `uniform_subset`: stock SFT on a random subset of the
   oracle's size, which separates removing the noise from training fewer rows more often;
@@ -133,6 +136,9 @@ METHODS = (
     "span_sampling",
     "shuffled_span_sampling",
     "top_span",
+    "token_mask",
+    "shuffled_token_mask",
+    "sampling_token_mask",
 )
 #: Stock SFT on the pool without one kind of corrupted row (GSM8K): what removing that kind alone is worth.
 KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": "other_question",
@@ -264,6 +270,13 @@ SETTINGS = {
                           ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
     "shuffled_span_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
                                    ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
+    # token masks (`ica_token_quantile`): every row trained, its tokens under the holdout's 1st percentile with the
+    # demonstrations dropped; alone, on sampled rows, and the control that drops as many tokens of each row at
+    # random positions. The trainer scores itself: the masks need each token's log-prob, which given scores lack.
+    "token_mask": dict(CONDITIONED, ica_weighting="none", ica_demo_layout="turns", ica_token_quantile=0.01),
+    "shuffled_token_mask": dict(CONDITIONED, ica_weighting="none", ica_demo_layout="turns", ica_token_quantile=0.01),
+    "sampling_token_mask": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
+                                ica_weight_mode="sampling", ica_token_quantile=0.01),
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
     "smol_turns_quantile_wmean": dict(
@@ -340,12 +353,34 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
                                     holdout_dataset=holdout, peft_config=lora)  # fmt: skip
             if method in SCORE_OF:  # scored once before training; the others score themselves
                 trainer.ica.use_scores(scores[SCORE_OF[method]], f"bench_label_noise {method}")
+            if method.startswith("shuffled_token"):
+                shuffle_token_masks(trainer.ica, seed)
         trainer.train()
+        masks = None
+        if isinstance(trainer, ICASFTTrainer) and trainer.ica.token_quantile is not None:
+            masks = trainer.ica.token_masks(np.arange(len(rows)))  # as the last scoring left them
         logged = os.path.join(out, "ica", "weights.jsonl")  # every trained row's weight, for the report
         if keep and os.path.isdir(os.path.join(out, "ica")):  # the run's ica/ folder: scores, weights, holdout
             shutil.copytree(os.path.join(out, "ica"), keep, dirs_exist_ok=True)
         weights = [json.loads(line) for line in open(logged)] if os.path.isfile(logged) else []
-    return trainer.model.eval(), tokenizer, weights
+    return trainer.model.eval(), tokenizer, weights, masks
+
+
+def shuffle_token_masks(controller, seed: int) -> None:
+    """The control of token masks: each row loses as many tokens as its mask drops, at random positions (the same
+    positions at every step of a run)."""
+    masks = controller.token_masks
+    cache = {}
+
+    def shuffled(indices):
+        out = masks(indices)
+        if out is None:
+            return None
+        version = controller.state.refreshes_done
+        return [cache.setdefault((version, int(i)), np.random.default_rng([seed, int(i)]).permutation(m))
+                for i, m in zip(np.asarray(indices).reshape(-1), out)]  # fmt: skip
+
+    controller.token_masks = shuffled
 
 
 SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_size", "lr", "top_layers", "n_train",
@@ -407,6 +442,13 @@ def table(results, methods, labels=None) -> list[str]:
             if all("noisy_share_trained" in r for r in runs):
                 line += f"; noisy share of the rows trained {np.mean([r['noisy_share_trained'] for r in runs]):.3f}"
             lines.append(f"{line} ({len(runs)} seeds)")
+    for method in methods:
+        runs = [r for r in runs_of.get(method, {}).values() if any(k.startswith("masked_share_") for k in r)]
+        if runs:
+            kinds = sorted({k.removeprefix("masked_share_") for r in runs for k in r if k.startswith("masked_share_")})
+            shown = ", ".join(f"{kind} {np.mean([r[f'masked_share_{kind}'] for r in runs]):.3f}" for kind in kinds)
+            lines.append(f"- {labels.get(method, method)}: share of each kind's tokens the masks dropped: {shown} "
+                         f"({len(runs)} seeds)")  # fmt: skip
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
@@ -584,7 +626,7 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             else:
                 data = rows
             keep = os.path.join(keep_logs, f"{method}-seed{seed}") if keep_logs else None
-            model, tokenizer, weights = train(method, data, holdout, scores, seed, args, keep)
+            model, tokenizer, weights, masks = train(method, data, holdout, scores, seed, args, keep)
             if keep and weights:
                 trace(keep, weights, clean, f"{method}, seed {seed}")
             metrics = measure(model, tokenizer, test)
@@ -596,6 +638,11 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
                 run.update(weight_clean=_mean_or_none(weight[clean[index]]),
                            weight_noisy=_mean_or_none(weight[~clean[index]]),
                            noisy_share_trained=float((~clean[index]).mean()))  # fmt: skip
+            if masks is not None:  # the share of each kind's tokens the last scoring's masks dropped
+                for kind in sorted(set(kinds)):
+                    rows_of_kind = [m for m, k in zip(masks, kinds) if k == kind]
+                    dropped = sum(int((~m).sum()) for m in rows_of_kind)
+                    run[f"masked_share_{kind}"] = dropped / max(1, sum(m.size for m in rows_of_kind))
             results.setdefault(method, {})[str(seed)] = run
             save_results(results, results_path)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
