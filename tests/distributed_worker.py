@@ -82,6 +82,9 @@ def main():
     if rank == 0:
         budget.back_off(100)
     agreed = score_requests(model, own, max_batch_tokens=budget, show_progress=False, distributed="lockstep")
+    # Token log-probs, sharded: every process gets every request's, in the caller's order
+    shared = [LogProbRequest((5, 6), (7,) * (1 + j), tuple(range(10, 12 + j))) for j in range(5)]
+    per_token = score_requests(model, shared, batch_size=1, show_progress=False, per_token=True)
     with open(os.path.join(args.out, f"calls-{rank}.json"), "w") as f:
         json.dump(
             {
@@ -93,6 +96,7 @@ def main():
                 "scores": result.scores.tolist(),
                 "budget_after": budget.tokens,
                 "agreed_sums": agreed.sums.tolist(),
+                "token_logps": [t.tolist() for t in per_token.tokens],
             },
             f,
         )

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from distributed_worker import sft_data
-from testing_utils import GRAD_TOL, REGROUPED_ATOL
+from testing_utils import GRAD_TOL, REGROUPED_ATOL, TOKEN_LOGP_ATOL
 
 from trl_ica import score_ica
+from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.planner import LogProbRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -63,6 +65,19 @@ def test_two_process_scores_equal_one_process_scores(launched):
     for rank in ranks:  # every process gets every row's score
         np.testing.assert_allclose(rank["scores"], single, atol=REGROUPED_ATOL, rtol=0)
     assert np.ptp(single) > 0
+
+
+def test_sharded_token_log_probs_reach_every_process_in_order(launched):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _, ranks, _ = launched
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    shared = [LogProbRequest((5, 6), (7,) * (1 + j), tuple(range(10, 12 + j))) for j in range(5)]
+    single = score_requests(model, shared, batch_size=1, show_progress=False, per_token=True).tokens
+    for rank in ranks:
+        assert [len(t) for t in rank["token_logps"]] == [len(r.response) for r in shared]
+        for got, want in zip(rank["token_logps"], single):
+            np.testing.assert_allclose(got, want, atol=TOKEN_LOGP_ATOL, rtol=0)
 
 
 def test_processes_make_the_same_model_calls_in_the_same_order(launched):
