@@ -6,13 +6,12 @@ r = 16 on all linear layers: every micro-batch's forward and backward, no optimi
 - the stock step (SFTTrainer);
 - the floor: the stock step plus one no-grad forward over what the conditioned pass must run, each distinct
   demonstration prefix once plus the step's rows (timed as the engine's conditioned pass, which runs exactly that);
-- the online ICA step, for each demonstration choice, score form and online strategy asked for (`forward` reads
-  log p(y | x) off the training forward where it can, which needs one micro-batch per step; `engine` scores it).
+- the online ICA step, for each demonstration choice and score form asked for (both passes in the engine).
 
 Every time is the median of `--repeats` steps after one warm-up, all measured in one run.
 
     python -m benchmarks.online [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed knn]
-        [--forms difference conditioned] [--strategies forward engine]
+        [--forms difference conditioned]
 """
 
 import argparse
@@ -21,7 +20,6 @@ import statistics
 import time
 import warnings
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
@@ -62,7 +60,6 @@ def main():
     parser.add_argument(
         "--forms", nargs="+", default=["difference", "conditioned"], choices=["difference", "conditioned"]
     )
-    parser.add_argument("--strategies", nargs="+", default=["forward"], choices=["forward", "engine"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = default_model_path()
@@ -90,10 +87,10 @@ def main():
         f"{args.batch_size} rows x {args.accumulation} micro-batches ({tokens} tokens), LoRA r=16 all-linear, "
         f"{args.threads} threads, median of {args.repeats}"
     )
-    print("| trainer | demos | form | strategy | step (s) | / stock | floor (s) | / floor |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| SFTTrainer | | | | {t_stock:.2f} | 1.00 | | |", flush=True)
-    for selection, form, strategy in itertools.product(args.selections, args.forms, args.strategies):
+    print("| trainer | demos | form | step (s) | / stock | floor (s) | / floor |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| SFTTrainer | | | {t_stock:.2f} | 1.00 | | |", flush=True)
+    for selection, form in itertools.product(args.selections, args.forms):
         fields = dict(
             ica_preset="paper",  # the paper's score and weights, the closing token scored, as measured
             ica_score_end_token=True,
@@ -109,15 +106,13 @@ def main():
             model(), args=ICASFTConfig(**common, **fields), train_dataset=train, processing_class=tokenizer,
             holdout_dataset=holdout, peft_config=lora,
         )  # fmt: skip
-        if strategy == "engine":  # no row's log p(y | x) is read off its training forward
-            ica.ica.read_unconditioned_off_forward(np.zeros(len(train), dtype=bool), args.accumulation)
         ica_batches = micro_batches(ica, args.batch_size, args.accumulation)
         indices = [i for b in ica_batches for i in b["ica_index"].tolist()]
         t_cond, prefixes = median_conditioned_pass(ica, indices, args.repeats)
         floor = t_stock + t_cond
         t = median_step(ica, ica_batches, args.repeats)
         print(
-            f"| ICASFTTrainer online | {selection} ({prefixes} prefixes) | {form} | {ica.ica.strategy} | {t:.2f} "
+            f"| ICASFTTrainer online | {selection} ({prefixes} prefixes) | {form} | {t:.2f} "
             f"| {t / t_stock:.2f} | {floor:.2f} | {t / floor:.2f} |",
             flush=True,
         )

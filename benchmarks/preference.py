@@ -151,12 +151,11 @@ def cost(path, tokenizer, args):
         online = make(
             ica_cls, ica_cfg, max_steps=1, ica_refresh="online", ica_demo_selection="fixed", ica_demo_layout="in_turn"
         )
-        reused = online.ica.reuse_unconditioned.mean()
         ica_rows = [online.train_dataset[i] for i in range(args.batch_size)]
         t_online = median_step(online, online._prepare_inputs(online.data_collator(ica_rows)), args.repeats)
         print(
             f"| {name} | {t_stock_epoch:.1f} | {t_ica_epoch:.1f} | {t_ica_epoch / t_stock_epoch:.2f} | {t_step:.2f} | "
-            f"{t_floor:.2f} | {t_online:.2f} | {t_online / t_floor:.2f} (log p(y\\|x) reused for {reused:.0%}) |",
+            f"{t_floor:.2f} | {t_online:.2f} | {t_online / t_floor:.2f} |",
             flush=True,
         )
 

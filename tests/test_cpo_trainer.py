@@ -11,6 +11,7 @@ from testing_utils import (
     LOSS_ATOL,
     SUMMED_DIFFERENCE,
     WEIGHT_ATOL,
+    assert_requests_are_the_training_sequences,
     assert_weight_zero_drops_a_pair,
     conv_pair,
     dpo_pairs,
@@ -150,7 +151,7 @@ def test_online_scores_match_the_engine(tokenizer, tmp_path, mode):
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
-def test_online_reuses_the_training_forward_for_standard_pairs(tmp_path):
+def test_online_scores_of_standard_pairs_equal_the_engines(tmp_path):
     from datasets import Dataset
     from testing_utils import tiny_tokenizer
 
@@ -167,7 +168,7 @@ def test_online_reuses_the_training_forward_for_standard_pairs(tmp_path):
     trainer = cpo_trainer(
         tokenizer, tmp_path, model=model, train=train, holdout=holdout, ica_refresh="online", learning_rate=0.0
     )
-    assert trainer.ica.reuse_unconditioned.all()
+    assert_requests_are_the_training_sequences(trainer)
     trainer.train()
     got = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     np.testing.assert_allclose([r["score"] for r in got], expected[[r["ica_index"] for r in got]], atol=LOGP_ATOL)

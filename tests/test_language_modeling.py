@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, tiny_llama
+from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -105,7 +105,7 @@ def test_language_modeling_data_trains_like_sfttrainer_with_unit_weights(tokeniz
     finally:
         for key in extra:
             COMMON.pop(key)
-    assert ours.ica.reuse_unconditioned.all()  # the training forward is log p(text)
+    assert_requests_are_the_training_sequences(ours)  # the training forward is log p(text)
     mine = dict(ours.model.named_parameters())
     for name, p in stock.model.named_parameters():
         assert torch.equal(p, mine[name]), name

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, tiny_llama
+from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -76,7 +76,7 @@ def test_the_positions_scored_are_the_ones_trl_trains_on(tokenizer, tmp_path, co
     read = [[(v != -100) if key == "labels" else bool(v) for v in row[key]][1:] for row in view]
     assert read == trained  # TRL's label rule, read the same way
     ours.train()
-    assert ours.ica.reuse_unconditioned.all()  # the training forward is log p(answer | prompt)
+    assert_requests_are_the_training_sequences(ours)  # the training forward is log p(answer | prompt)
     mine = dict(ours.model.named_parameters())
     for name, p in stock.model.named_parameters():
         assert torch.equal(p, mine[name]), name

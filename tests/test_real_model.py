@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from reference import naive_log_prob, naive_token_log_probs
+from testing_utils import assert_requests_are_the_training_sequences
 
 from trl_ica import score_ica
 from trl_ica.scoring.ica import prepare_ica
@@ -147,4 +148,4 @@ def test_real_tokenizer_unconditioned_requests_match_trl_tokenisation(smollm, gs
         max_steps=1,
     )
     trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)
-    assert trainer.ica.reuse_unconditioned.all()
+    assert_requests_are_the_training_sequences(trainer)

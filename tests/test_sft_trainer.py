@@ -167,27 +167,29 @@ def test_scores_before_training_equal_compute_ica_scores(tokenizer, tmp_path):
     np.testing.assert_allclose(first, expected, atol=LOGP_ATOL)
 
 
-def test_online_reuses_the_training_forward_and_matches_the_engine(tokenizer, tmp_path):
+def test_online_scores_equal_the_engines(tokenizer, tmp_path):
     model = model_for(tokenizer)
     train, holdout = data()
     expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
     trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3)
-    assert trainer.ica.reuse_unconditioned.all()
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
 
 
-def test_online_with_dropout_scores_both_passes_in_the_engine(tokenizer, tmp_path):
-    """A training forward with dropout is not the eval-mode computation of log p(y | D, x): its log p(y | x) is not
-    reused, so the online scores are the engine's difference (the scores a dropout-free scoring gives)."""
-    # attention dropout, applied inside attention in training mode only; the engine scores in eval mode
-    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, attention_dropout=0.5).train()
+@pytest.mark.parametrize("noise", [dict(attention_dropout=0.5), dict(neftune_noise_alpha=5.0)])
+def test_online_scores_carry_no_training_noise(tokenizer, tmp_path, noise):
+    """Train-mode noise (attention dropout, applied inside attention in training mode only; NEFTune's noise on the
+    input embeddings) never reaches the online scores: both passes run in the engine, in eval mode, so the scores
+    are those of a noise-free scoring."""
+    config = {k: v for k, v in noise.items() if k != "neftune_noise_alpha"}
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config).train()
     train, holdout = data()
     expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
-    trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3)
-    assert not trainer.ica.reuse_unconditioned.any()
+    fields = {k: v for k, v in noise.items() if k == "neftune_noise_alpha"}
+    trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3,
+                          **fields)  # fmt: skip
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
@@ -307,7 +309,6 @@ def test_messages_dataset_trains_and_falls_back_when_prompt_tokens_carry_loss(to
         ica_refresh="online",
         max_steps=2,
     )
-    assert not trainer.ica.reuse_unconditioned.any()  # TRL trains on every token of a `messages` row by default
     trainer.train()
     trained = {r["ica_index"] for r in map(json.loads, open(tmp_path / "ica" / "weights.jsonl"))}
     assert np.isfinite(trainer.ica.state.scores[list(trained)]).all()
@@ -503,22 +504,28 @@ def test_a_loss_computed_inside_the_forward_stops_the_step(tokenizer, tmp_path, 
         ica_trainer(tokenizer, tmp_path, max_steps=1).train()
 
 
+def test_fsdp1_is_refused_by_name(tokenizer, tmp_path, monkeypatch):
+    """Under FSDP1 the root's flattened parameters are gathered by the root's forward only, which scoring skips."""
+    from types import SimpleNamespace
+
+    setup = ICASFTTrainer._ica_setup
+
+    def as_fsdp(self, *args, **kwargs):
+        self.is_fsdp_enabled = True
+        monkeypatch.setattr(self.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=1), raising=False)
+        return setup(self, *args, **kwargs)
+
+    monkeypatch.setattr(ICASFTTrainer, "_ica_setup", as_fsdp)
+    with pytest.raises(ValueError, match=r"FSDP2 only, but this run uses FSDP version 1 \(TRL's `fsdp1`"):
+        ica_trainer(tokenizer, tmp_path)
+
+
 def test_deepspeed_sequence_parallelism_is_refused(tokenizer, tmp_path, monkeypatch):
     import trl_ica.seams as seams
 
     monkeypatch.setattr(seams, "sequence_sharding", lambda accelerator: {"sp": "sp_size=2, sp_backend='deepspeed'"})
     with pytest.raises(ValueError, match=r"DeepSpeed sequence parallelism \(sp_size=2.*Train without sequence"):
         ica_trainer(tokenizer, tmp_path)
-
-
-def test_context_parallel_online_scores_log_p_y_x_in_the_engine(tokenizer, tmp_path, monkeypatch):
-    """Each process holds a share of every row's tokens under context parallelism: summing its share of the training
-    forward would not be log p(y | x), so online scoring computes it."""
-    import trl_ica.seams as seams
-
-    assert ica_trainer(tokenizer, tmp_path / "a", ica_refresh="online").ica.reuse_unconditioned.all()
-    monkeypatch.setattr(seams, "sequence_sharding", lambda accelerator: {"cp": "cp_size=2"})
-    assert not ica_trainer(tokenizer, tmp_path / "b", ica_refresh="online").ica.reuse_unconditioned.any()
 
 
 def test_scores_and_weights_reach_tensorboard_as_histograms(tokenizer, tmp_path, monkeypatch):

@@ -271,3 +271,32 @@ def minmax_weight_atol(scores, score_atol: float) -> float:
     (computed through another forward): the numerator and the range each move by up to `2 * score_atol`, so to first
     order the weight moves by up to `4 * score_atol / (max - min)`."""
     return 4 * score_atol / (max(scores) - min(scores))
+
+
+def training_sequences(trainer, row) -> list[tuple[list[int], list[int]]]:
+    """A prepared training row of `trainer` as TRL trains it: `(token ids, positions whose token the loss
+    predicts)` for an SFT row, or for the chosen and the rejected answer of a pair."""
+    from trl_ica import ICACPOTrainer, ICADPOTrainer
+
+    if isinstance(trainer, ICADPOTrainer):
+        out = []
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = (row["prompt_ids"] + row[key])[: trainer.args.max_length]
+            out.append((ids, list(range(len(row["prompt_ids"]), len(ids)))))
+        return out
+    if isinstance(trainer, ICACPOTrainer):
+        return [(row[f"{key}_input_ids"], [i for i, label in enumerate(row[f"{key}_labels"]) if label != -100])
+                for key in ("chosen", "rejected")]  # fmt: skip
+    # position 0 is never predicted (the loss reads shifted labels), whatever its label says
+    return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100 and i > 0])]
+
+
+def assert_requests_are_the_training_sequences(trainer):
+    """Every training row's unconditioned scoring request is exactly its training sequence, and the scored response
+    exactly the tokens the training loss predicts: ICA renders the rows again and must get TRL's tokens."""
+    builder = trainer.ica.builder
+    for row in trainer.train_dataset:
+        requests = builder.requests(row["ica_index"], False)
+        for (ids, positions), request in zip(training_sequences(trainer, row), requests, strict=True):
+            assert list(ids) == list(request.prefix + request.context + request.response), row["ica_index"]
+            assert list(positions) == list(range(len(ids) - len(request.response), len(ids))), row["ica_index"]

@@ -8,8 +8,8 @@ import numpy as np
 from accelerate.utils import gather_object
 
 from ..scoring.distributed import num_processes
-from ..scoring.engine import ScoringBudget, score_requests
-from ..scoring.ica import ICARequestBuilder, assemble_scores, score_with
+from ..scoring.engine import ScoringBudget
+from ..scoring.ica import ICARequestBuilder, score_with
 from ..scoring.scorer import ScoringModel, release
 from ..scoring.streamed import StreamedRequestBuilder
 from ..scoring.weighting import score_range, token_keep, token_threshold
@@ -33,13 +33,9 @@ class ICAController:
     accumulation and processes, so the same step gets the same weights however it is split into micro-batches. Each
     micro-batch then reads its weights with [`micro_batch_weights`].
 
-    Online scoring has two strategies, chosen once at set-up ([`read_unconditioned_off_forward`]):
-
-    - `"engine"`: [`begin_step`] scores the whole step, log p(y | D, x) and log p(y | x), before its first forward.
-    - `"forward"`: with one micro-batch per step, the difference form, and rows whose training forward computes
-      exactly their unconditioned request, the step's weights wait for that forward and read log p(y | x) off it,
-      saving the engine's pass without demonstrations: 14 % of an online step (4 rows of SmolLM2-135M on a CPU,
-      docs/benchmarks.md, "Online ICASFTTrainer step time").
+    Online, [`begin_step`] scores the whole step with the current model, in eval mode and without gradients, before
+    its first forward: log p(y | D, x), and log p(y | x) for the difference form. Nothing is read off the training
+    forward, whose train-mode noise (dropout, NEFTune's embedding noise, router jitter) the scores must not carry.
 
     Args:
         builder ([`ICARequestBuilder`]): requests of the training examples, indexed by their `ica_index`.
@@ -75,11 +71,10 @@ class ICAController:
         # out-of-memory back-off holds for the rest of the run
         self.budget = ScoringBudget(args.ica_scoring_max_tokens)
         self.engine_options = dict(
-            batch_size=args.ica_scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype
-        )
-        # Online: rows whose training forward computes exactly their unconditioned request, and the strategy
-        self.reuse_unconditioned = np.zeros(len(builder.candidates), dtype=bool)
-        self.strategy = "engine"
+            batch_size=args.ica_scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype,
+            sharing=getattr(args, "ica_scoring_sharing", "auto"),
+            forward_overhead=getattr(args, "ica_scoring_overhead", None),
+        )  # fmt: skip
         # `ica_weight_mode="sampling"`: the weights pick the rows drawn ([`pool_weights`]); the loss is the stock one
         self.sampling = getattr(args, "ica_weight_mode", "loss") == "sampling"
         # `ica_token_quantile`: scorings keep each response's token log-probs, and tokens under the holdout's
@@ -88,7 +83,7 @@ class ICAController:
         self._threshold: tuple[int, float] | None = None  # (references_done, threshold)
         self.step_begun: int | None = None  # the optimizer step `begin_step` was last called for
         self._step_members: set[int] = set()  # its examples on this process
-        self._step_weights: dict[int, float] | None = None  # their weights; None while they wait for the forward
+        self._step_weights: dict[int, float] | None = None  # their weights
         self._step_units: dict[int, float] = {}  # their loss units (tokens, or 1 per pair)
         self._step_of_one_micro_batch = False  # begun by `micro_batch_weights`, outside the training loop
         self._warned_schedule = False
@@ -96,23 +91,6 @@ class ICAController:
     @property
     def online(self) -> bool:
         return self.args.ica_refresh == "online"
-
-    def read_unconditioned_off_forward(self, reuse: np.ndarray, micro_batches_per_step: int) -> None:
-        """Choose the online strategy: `"forward"` when a step is one micro-batch, the score is the difference form
-        and some rows' training forward computes exactly their unconditioned request (`reuse`, a boolean mask over
-        the training rows); `"engine"` otherwise."""
-        reuse = np.asarray(reuse, dtype=bool)
-        if reuse.shape != self.reuse_unconditioned.shape:
-            raise ValueError(f"`reuse` must have one entry per training row, {self.reuse_unconditioned.shape}; "
-                             f"got {reuse.shape}.")  # fmt: skip
-        self.reuse_unconditioned = reuse
-        forward = (
-            self.online
-            and micro_batches_per_step == 1
-            and self.builder.options.form == "difference"
-            and bool(reuse.any())
-        )
-        self.strategy = "forward" if forward else "engine"
 
     # When to score
     def refresh_steps(self, max_steps: int) -> list[int]:
@@ -223,59 +201,25 @@ class ICAController:
             return True
         return self.scorer_name is None and step - state.reference_step >= self.args.ica_holdout_rescore_steps
 
-    def batch_scores(self, model, indices: np.ndarray, unconditioned: np.ndarray | None = None) -> np.ndarray:
-        """Scores of the batch's examples: stored ones, or (online) scored now with the current model.
-
-        `unconditioned` holds log p(y | x) read off the training forward, `(B,)` for examples or `(B, 2)` [chosen,
-        rejected] for pairs, NaN where it could not be read; those are scored here (for the difference form; the
-        conditioned form does not need them).
-        """
+    def batch_scores(self, model, indices: np.ndarray) -> np.ndarray:
+        """Scores of the batch's examples: stored ones, or (online) scored now with the current model."""
         if not self.online:
             return self.state.scores[indices]
         step = self.step_begun or 0
         if self._reference_due(step):
             self._score_reference(model, step)
-        width = self.builder.width
         # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
-        model = self._scoring(model)
-        cond = score_requests(
-            model,
-            [r for i in indices for r in self.builder.requests(i, True)],
-            show_progress=False,
-            distributed="lockstep",
-            **self.engine_options,
-        )
-        shape = (len(indices), width)
-        plain = np.full(shape, np.nan) if unconditioned is None else np.array(unconditioned, dtype=np.float64)
-        plain = plain.reshape(shape)
-        missing = np.argwhere(np.isnan(plain)) if self.builder.options.form == "difference" else np.empty((0, 2), int)
-        extra = score_requests(  # every process calls it, with or without work, to stay in step
-            model,
-            [self.builder.requests(indices[row], False)[col] for row, col in missing],
-            show_progress=False,
-            distributed="lockstep",
-            **self.engine_options,
-        )
-        if len(missing):
-            plain[tuple(missing.T)] = extra.sums
-        result = assemble_scores(
-            cond.sums.reshape(shape),
-            plain,
-            cond.counts.reshape(shape),
-            self.builder.demo_indices[indices],
-            self.builder.options.reduction,
-            self.builder.options.form,
-            rows=indices,
-        )
-        result = self.builder.mark_spanless(result, indices)
+        result = score_with(self._scoring(model), self.builder, indices, show_progress=False, distributed="lockstep",
+                            **self.engine_options)  # fmt: skip
         scores = result.scores
         self.state.grow(int(indices.max()) + 1 if len(indices) else 0)
         self.state.scores[indices] = scores
-        low, high = score_range(scores)
+        low, high = score_range(scores) if len(scores) else (np.inf, -np.inf)  # nothing scored: no range
         if num_processes() > 1:  # every process keeps the range of all the batches scored so far
             ranges = gather_object([(low, high)])
             low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        self.state.widen_range(low, high)
+        if low <= high:
+            self.state.widen_range(low, high)
         return scores
 
     # Token masks
@@ -337,54 +281,44 @@ class ICAController:
 
         Every process calls it once per step, before the step's first micro-batch. A refresh due at `step` happens
         here, and then the step's weights are computed at once (online: the whole step is scored with the current
-        model, demonstration prefixes shared across its micro-batches), except under the `"forward"` strategy, where
-        they wait for the micro-batch's forward ([`micro_batch_weights`]).
+        model, demonstration prefixes shared across its micro-batches).
         """
         indices = np.concatenate([np.asarray(m, dtype=np.int64).reshape(-1) for m in micro_batches] or [[]])
         units = np.ones(len(indices)) if units is None else np.concatenate([np.reshape(u, -1) for u in units] or [[]])
         self._step_units = dict(zip(indices.tolist(), units.tolist()))
         if self.streamed:
-            if rows is None:
+            if rows is None and len(indices):
                 raise ValueError("A streamed training set's step needs its rows (`rows`) to score them.")
-            self.builder.add(indices.tolist(), [r for part in rows for r in part])
+            # a process whose stream has run out still takes part: its kNN embeddings are kept in step
+            self.builder.add(indices.tolist(), [r for part in rows or () for r in part])
         self.step_begun, self._step_members, self._step_weights = step, set(indices.tolist()), None
         self._step_of_one_micro_batch = False
         self.ready_demonstrations()
         self._refresh_if_due(model, step, max_steps)
         self._release_scorer_if_done()
-        if len(indices) and self.strategy != "forward":
+        if len(indices) or num_processes() > 1:  # the others' scoring and weighing are collective
             self._weigh_step(model, indices.astype(np.int64), step)
 
-    def micro_batch_weights(
-        self, model, indices, step: int, max_steps: int, training_sums=None, units=None, rows=None
-    ) -> np.ndarray:
+    def micro_batch_weights(self, model, indices, step: int, max_steps: int, units=None, rows=None) -> np.ndarray:
         """This process's weights of one micro-batch of the step begun by [`begin_step`], as the loss multiplies
-        them (the scheme's weights times the step's [`loss_scale`]).
-
-        Under the `"forward"` strategy they are computed here, with log p(y | x) of the reusable rows from
-        `training_sums()` (summed per example `(B,)` or per pair `(B, 2)` off the training forward). A micro-batch of
-        no begun step (a `compute_loss` called outside the training loop) is a step of its own, with its `units`.
-        """
+        them (the scheme's weights times the step's [`loss_scale`]). A micro-batch of no begun step (a
+        `compute_loss` called outside the training loop) is a step of its own, with its `units`."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         begun = step == self.step_begun and set(indices.tolist()) <= self._step_members
         if self._step_of_one_micro_batch or not begun:
             self.begin_step(model, [indices], step, max_steps, None if units is None else [units],
                             None if rows is None else [rows])  # fmt: skip
             self._step_of_one_micro_batch = True
-        if self._step_weights is None:
-            unconditioned = None
-            if training_sums is not None:
-                sums = np.asarray(training_sums(), dtype=np.float64)
-                reuse = self.reuse_unconditioned[indices].reshape(-1, *([1] * (sums.ndim - 1)))
-                unconditioned = np.where(reuse, sums, np.nan)
-            self._weigh_step(model, indices, step, unconditioned)
         return np.array([self._step_weights[i] for i in indices.tolist()], dtype=np.float64)
 
-    def _weigh_step(self, model, indices: np.ndarray, step: int, unconditioned=None) -> None:
+    def _weigh_step(self, model, indices: np.ndarray, step: int) -> None:
         """The one path from scores to weights: the step's scores, weighted over every process's examples, recorded."""
-        scores = self.batch_scores(model, indices, unconditioned)
+        scores = self.batch_scores(model, indices)
         units = [self._step_units.get(i, 1.0) for i in indices.tolist()]
         result = self.weigher(scores, indices, step, self.state, units)
+        if not len(result.indices):  # no process had an example: the end of a stream
+            self._step_weights = {}
+            return
         scale = loss_scale(result.weights, result.units, self.args.ica_loss_reduction)
         logged_scale = scale if self.args.ica_loss_reduction == "weighted_mean" else None
         # the weights written are the scheme's: under sampling, how likely each row was to be drawn

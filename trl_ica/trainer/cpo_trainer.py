@@ -90,12 +90,6 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, self.max_length, scoring=(scoring_model, scoring_processing_class))
 
-    def _training_sequences(self, row):
-        return [
-            (row[f"{key}_input_ids"], [i for i, label in enumerate(row[f"{key}_labels"]) if label != -100])
-            for key in ("chosen", "rejected")
-        ]
-
     def _log_ica(self, metrics: dict[str, float]) -> None:
         self.store_metrics(metrics, train_eval="train")
 
@@ -117,8 +111,8 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         return result
 
     def concatenated_forward(self, model, batch):
-        """TRL's forward; in a training step it also looks up the pairs' weights (reading log p(y | x) off this
-        forward when online) and weights the NLL term: `sum_i w_i * nll_i / chosen_tokens`."""
+        """TRL's forward; in a training step it also looks up the pairs' weights and weights the NLL term:
+        `sum_i w_i * nll_i / chosen_tokens`."""
         out = super().concatenated_forward(model, batch)
         if self._ica_batch is None:
             return out
@@ -126,13 +120,7 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss, rest = seams.cpo_forward_outputs(out)
         labels = seams.cpo_labels(self, batch, chosen_logits.device)[:, 1:]
 
-        def training_sums():  # (B, 2)
-            logps = torch.cat([chosen_logps, rejected_logps]).detach().double()
-            if self.loss_type in ("ipo", "simpo"):  # TRL averages over the response tokens for these
-                logps = logps * (labels != -100).sum(1)
-            return logps.cpu().numpy().reshape(2, -1).T
-
-        w = self._ica_batch.weights = self._ica_weights(index, chosen_logps, training_sums)
+        w = self._ica_batch.weights = self._ica_weights(index, chosen_logps)
         if self.cpo_alpha != 0:
             chosen_labels = labels[: len(index)]
             token_nll = F.cross_entropy(

@@ -75,13 +75,6 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length, scoring=(scoring_model, scoring_processing_class))
 
-    def _training_sequences(self, row):
-        out = []
-        for key in ("chosen_ids", "rejected_ids"):
-            ids = (row["prompt_ids"] + row[key])[: self.args.max_length]
-            out.append((ids, range(len(row["prompt_ids"]), len(ids))))
-        return out
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss with pair i weighted by its ICA weight w_i. The weight enters in two places:
 
@@ -127,10 +120,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
             log_probs = seams.fused_log_probs(kwargs, output)  # (2B, T-1): chosen rows, then rejected rows
             if policy or log_probs is None:
                 return None
-            w = self._ica_weights(
-                index, log_probs, lambda: log_probs.detach().double().sum(1).cpu().numpy().reshape(2, -1).T,
-                dtype=torch.float32,
-            )  # fmt: skip
+            w = self._ica_weights(index, log_probs, dtype=torch.float32)
             policy.update(log_probs=log_probs, weights=w)
             seams.dpo_set_pair_factor(output, log_probs, w, wpo=self.args.use_weighting)
             return output

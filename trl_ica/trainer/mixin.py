@@ -206,21 +206,6 @@ def training_compute_dtype(args) -> torch.dtype | None:
     return None
 
 
-def active_dropout(model) -> list[str]:
-    """Where the model applies dropout in training mode: `torch.nn.Dropout` modules with p > 0 (LoRA's
-    `lora_dropout` among them) and config fields of the form `*dropout` / `*pdrop` above 0 (attention dropout is
-    applied inside the attention function). A training forward with dropout is not the engine's eval-mode forward,
-    so its log-probabilities are not reused as scores."""
-    found = sorted({name.split(".")[-2] if "." in name else name for name, m in model.named_modules()
-                    if isinstance(m, torch.nn.Dropout) and m.p > 0})  # fmt: skip
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, value in sorted(vars(config).items() if config is not None else []):
-        if key.endswith(("dropout", "pdrop")) and isinstance(value, float) and value > 0:
-            found.append(f"config.{key}={value}")
-    return found
-
-
 class ICATrainerMixin:
     """Shared by the ICA trainers; the subclass applies the weights where its parent reduces the loss."""
 
@@ -260,6 +245,17 @@ class ICATrainerMixin:
         """Build the controller. `view` maps a dataset to the rows ICA scores (see [`scoring_view`]); by default the
         rows themselves. `scoring` is the constructor's `(scoring_model, scoring_processing_class)`."""
         args: ICAArguments = self.args
+        enabled = getattr(self, "is_fsdp_enabled", False)
+        fsdp = getattr(self.accelerator.state, "fsdp_plugin", None) if enabled else None
+        version = getattr(fsdp, "fsdp_version", 1)
+        if fsdp is not None and version != 2:
+            raise ValueError(
+                f"ICA scoring runs under FSDP2 only, but this run uses FSDP version {version} (TRL's `fsdp1` "
+                "configuration): the engine calls the backbone and the LM head directly, and under FSDP1 the "
+                "parameters the root module flattens (embeddings, final norm, LM head) are gathered only by the "
+                "root's own forward. Launch with FSDP2 (`fsdp_version: 2`, TRL's `fsdp2` configuration) or "
+                "DeepSpeed ZeRO-3."
+            )
         view = view or (lambda dataset, name: dataset)
         self.data_collator = IndexedCollator(self.data_collator)
         if holdout_dataset is None:
@@ -349,13 +345,6 @@ class ICATrainerMixin:
                 "single example (per_device_train_batch_size=1 x gradient_accumulation_steps=1 x 1 process) would "
                 "train unweighted. Raise `gradient_accumulation_steps`, or use `ica_loss_reduction='token_mean'`."
             )
-        if self._ica.online:
-            # no row of a stream is known before it arrives; the training forward is not the scoring model's
-            known = train_rows is not None and scorer is None
-            reuse = self._reusable_rows() if known and self._forward_is_engine_forward(args) else None
-            if reuse is None:
-                reuse = np.zeros(len(builder.candidates), dtype=bool)
-            self._ica.read_unconditioned_off_forward(reuse, args.gradient_accumulation_steps)
 
     def _scoring_model(self, model, tokenizer, rows=None) -> ScoringModel | None:
         """The scoring model of the run: the constructor's `scoring_model`, else `ica_scoring_model` loaded in the
@@ -404,29 +393,6 @@ class ICATrainerMixin:
         if getattr(args, "packing", False):
             raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
 
-    def _forward_is_engine_forward(self, args) -> bool:
-        """Whether a training forward can stand for the engine's no-grad forward of a row: not with packing (rows
-        share sequences), sequence sharding (a process sees part of a row) or dropout (the engine runs without)."""
-        sharded = seams.sequence_sharding(self.accelerator)
-        dropout = active_dropout(self.model)
-        if getattr(args, "packing", False):
-            logger.info("Online ICA with packing: log p(y | x) is scored by the engine, not read off packed rows.")
-        elif sharded:
-            logger.info(
-                "Online ICA: each row's tokens are split between processes (%s), so log p(y | x) is scored by the "
-                "engine rather than summed off one process's share of the training forward.",
-                ", ".join(sharded.values()),
-            )
-        elif dropout:
-            logger.info(
-                "Online ICA: the training forward applies dropout (%s), so log p(y | x) is scored by the engine "
-                "with dropout off, like log p(y | D, x), rather than read off the training forward.",
-                ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else ""),
-            )
-        else:
-            return True
-        return False
-
     @property
     def ica(self) -> ICAController:
         """The run's [`ICAController`]: its `state` (current scores, refreshes done), its `builder` (the requests and
@@ -469,36 +435,6 @@ class ICATrainerMixin:
         return WeightedEpochSampler(len(index), weights, seed, step_rows, before_step, per_epoch,
                                     version=self._ica.weights_version)
 
-    def _training_sequences(self, row) -> list[tuple[list[int], list[int]]]:
-        """The token ids a tokenised training row trains on and the positions that carry loss, one (ids, positions)
-        per scoring request of the example (chosen then rejected for pairs). Each trainer knows its columns."""
-        raise NotImplementedError(f"{type(self).__name__} must define `_training_sequences` to score online.")
-
-    def _reusable_rows(self) -> np.ndarray:
-        """Examples whose training sequences are exactly their unconditioned requests, with loss on the response alone.
-
-        For those, online scoring reads log p(y | x) off the training forward; the others get an extra no-grad pass.
-        """
-        builder = self._ica.builder
-        reuse = np.zeros(len(builder.candidates), dtype=bool)
-        for row in self.train_dataset:
-            requests = builder.requests(row[INDEX], False)
-            sequences = self._training_sequences(row)
-            reuse[row[INDEX]] = all(
-                list(ids) == list(r.prefix + r.context + r.response)
-                and list(positions) == list(range(len(ids) - len(r.response), len(ids)))
-                for (ids, positions), r in zip(sequences, requests, strict=True)
-            )
-        if not reuse.all():
-            logger.warning(
-                "Online ICA: %d of %d training examples are tokenised or masked differently from their scoring "
-                "requests (e.g. loss on prompt tokens, truncation, another chat rendering, "
-                "`ica_score_end_token=False`); their log p(y | x) costs an extra forward.",
-                int((~reuse).sum()),
-                len(reuse),
-            )
-        return reuse
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples`, which fetches every micro-batch of an optimizer step before the first one
         runs; the ICA weights of the whole step are computed here ([`ICAController.begin_step`])."""
@@ -526,18 +462,13 @@ class ICATrainerMixin:
             )
         return super().training_step(*args, **kwargs)
 
-    def _ica_weights(
-        self, index: np.ndarray, like: torch.Tensor, training_sums=None, dtype=None, units=None, rows=None
-    ) -> torch.Tensor:
+    def _ica_weights(self, index: np.ndarray, like: torch.Tensor, dtype=None, units=None, rows=None) -> torch.Tensor:
         """This micro-batch's weights as a tensor on `like`'s device (`like`'s dtype unless `dtype` is given): the
-        one path from the controller's weights to the tensor the loss is multiplied by, in every trainer.
-
-        `training_sums()` gives log p(y | x) summed per example `(B,)` or per pair `(B, 2)` off the training forward;
-        the controller calls it only under its online `"forward"` strategy (see [`ICAController`]). `units` are the
-        micro-batch's [`_loss_units`] (and `rows`, its streamed rows), used when it is a step of its own (a
+        one path from the controller's weights to the tensor the loss is multiplied by, in every trainer. `units`
+        are the micro-batch's [`_loss_units`] (and `rows`, its streamed rows), used when it is a step of its own (a
         `compute_loss` outside `train()`)."""
         weights = self._ica.micro_batch_weights(
-            self.model, index, self.state.global_step, self.state.max_steps, training_sums, units, rows
+            self.model, index, self.state.global_step, self.state.max_steps, units, rows
         )
         self._log_ica_records()
         return torch.as_tensor(weights, dtype=dtype or like.dtype, device=like.device)

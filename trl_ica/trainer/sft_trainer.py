@@ -114,10 +114,6 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
 
         return packed.map(sequence_index, remove_columns=[TOKEN_INDEX])
 
-    def _training_sequences(self, row):
-        # position 0 is never predicted (the loss reads shifted labels), whatever its label says
-        return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100 and i > 0])]
-
     def _loss_units(self, batch):
         """Each example's loss tokens: the positions whose label is not -100, after the shift (position 0 is never
         predicted), per row or (padding-free, packed) per sequence of `seq_idx`."""
@@ -197,8 +193,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
                 return None
             # Row of each position: the batch row, or (padding-free) the packed sequence the position belongs to
             owner = seq_idx[:, 1:].long() if seq_idx is not None else None
-            sums = lambda: _row_sums(log_probs.detach(), owner, len(index))  # noqa: E731
-            w = self._ica_weights(index, log_probs, sums, units=units, rows=rows)
+            w = self._ica_weights(index, log_probs, units=units, rows=rows)
             output.log_probs = log_probs * (w[owner] if owner is not None else w[:, None])
             mask = keep() if keep is not None else None
             if mask is not None:
@@ -212,10 +207,3 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         finally:
             handle.remove()
 
-
-def _row_sums(log_probs: torch.Tensor, owner: torch.Tensor | None, rows: int) -> np.ndarray:
-    """Per-example summed log-probs (float64, `(rows,)`) from `(B, T-1)` log-probs and the row of each position."""
-    if owner is None:
-        return log_probs.double().sum(1).cpu().numpy()
-    out = torch.zeros(rows, dtype=torch.float64, device=log_probs.device)
-    return out.index_add_(0, owner.reshape(-1), log_probs.double().reshape(-1)).cpu().numpy()
