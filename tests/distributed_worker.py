@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from testing_utils import step_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,6 +135,23 @@ def main():
             if state.is_main_process:
                 params = {n: p.detach() for n, p in trainer.model.named_parameters()}
                 torch.save(params, os.path.join(out, "params.pt"))
+    # 5. A streamed training set with kNN demonstrations on the model's own embeddings: each process embeds its own
+    # new rows (the processes' rows differ), with the model fixed (learning rate 0) so one embedding serves as the
+    # reference; each process writes the demonstrations its rows got
+    out = os.path.join(args.out, "streamed_knn")
+    streamed = ICASFTTrainer(
+        AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
+        args=ICASFTConfig(output_dir=out, **{**COMMON, "ica_refresh": "online", "ica_demo_selection": "knn",
+                                             "learning_rate": 0.0, "max_steps": 3}),
+        train_dataset=IterableDataset.from_generator(lambda: iter(train)),
+        processing_class=tokenizer,
+        holdout_dataset=Dataset.from_list(holdout),
+    )  # fmt: skip
+    streamed.train()
+    table = streamed.ica.builder.demo_indices
+    seen = {int(i): table[i].tolist() for i in range(len(table)) if table[i, 0] >= 0}
+    with open(os.path.join(args.out, f"streamed-{rank}.json"), "w") as f:
+        json.dump(seen, f)
     gathered = gather_object([runs])
     if state.is_main_process:
         with open(os.path.join(args.out, "runs.json"), "w") as f:

@@ -80,6 +80,27 @@ def test_sharded_token_log_probs_reach_every_process_in_order(launched):
             np.testing.assert_allclose(got, want, atol=TOKEN_LOGP_ATOL, rtol=0)
 
 
+def test_streamed_knn_rows_get_their_own_demonstrations_on_every_process(launched):
+    """Each process embeds the rows it streams; every row's demonstrations are those one process chooses for it
+    with the same (untrained) model's embeddings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_ica.scoring.demonstrations import model_embeddings, select_demos
+
+    model_dir, out, _, _ = launched
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, holdout = sft_data()
+    questions, held = [r["prompt"][0]["content"] for r in train], [r["prompt"][0]["content"] for r in holdout]
+    embed = lambda texts: model_embeddings(model, tokenizer, texts)  # noqa: E731
+    expected = select_demos(questions, held, 2, "knn", embed=embed)
+    ranks = [json.loads((out / f"streamed-{r}.json").read_text()) for r in range(2)]
+    assert all(ranks) and len(set(ranks[0]) | set(ranks[1])) > len(ranks[0])  # the processes streamed other rows
+    for seen in ranks:
+        for index, demos in seen.items():
+            assert demos == expected[int(index)].tolist(), index
+
+
 def test_processes_make_the_same_model_calls_in_the_same_order(launched):
     _, _, (r0, r1), _ = launched
     for key in ("sharded", "lockstep"):

@@ -322,3 +322,28 @@ def test_measured_forward_overhead_is_taken_once_per_model(llama, monkeypatch):
         score_requests(llama, requests, show_progress=False, forward_overhead=-1)
     naive = np.array([naive_log_prob(llama, r) for r in requests])
     np.testing.assert_allclose(fused, naive, atol=LOGP_ATOL, rtol=0)
+
+
+def test_the_head_chunk_counts_the_vocabulary_of_a_partitioned_head():
+    """DeepSpeed ZeRO-3 leaves each process an empty local weight; the vocabulary comes from the layer itself."""
+    from trl_ica.scoring.models import head_rows
+
+    head = torch.nn.Linear(8, 300, bias=False)
+    assert head_rows(head) == 300
+    head.weight = torch.nn.Parameter(torch.empty(0))
+    head.weight.ds_shape = torch.Size([300, 8])
+    assert head_rows(head) == 300
+    del head.out_features
+    assert head_rows(head) == 300  # from ZeRO-3's record of the full shape
+
+
+def test_fsdp2_offloaded_parameters_compute_on_the_processs_device(llama, monkeypatch):
+    """Under FSDP2 with CPU offload the shards rest on the CPU; the forward runs on the process's accelerator."""
+    import accelerate
+
+    import trl_ica.scoring.models as models
+
+    assert models.execution_device(llama).type == "cpu"
+    monkeypatch.setattr(models, "fsdp2_sharded", lambda model: True)
+    monkeypatch.setattr(accelerate, "PartialState", lambda: type("State", (), {"device": torch.device("meta")})())
+    assert models.execution_device(llama) == torch.device("meta")

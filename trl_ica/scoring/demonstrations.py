@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import unsharded_ancestors, zero3_gathered
-from .models import backbone_and_head, eval_mode, unwrap_causal_lm
+from .models import backbone_and_head, eval_mode, execution_device, unwrap_causal_lm
 
 DEMO_SELECTIONS = ("knn", "knn_canonical", "knn_grouped", "fixed", "random")
 NEAREST_SELECTIONS = ("knn", "knn_canonical", "knn_grouped")  # the ones that need an embedder
@@ -55,7 +55,8 @@ def model_embeddings(
     autocast to `compute_dtype` when given. Under several processes (`distributed` as in [`score_requests`]:
     `"shard"` by default there) the batches are dealt out between the processes, each of which makes the same number
     of forwards (one-token ones when it has run out), as sharded models need, and every process gets every
-    embedding.
+    embedding; under `"lockstep"` each process embeds its own `texts` (possibly none) and gets their embeddings,
+    making as many forwards as the process with the most batches; every process must call it.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -66,18 +67,25 @@ def model_embeddings(
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     _, backbone, _ = backbone_and_head(model)
-    device = next(unwrap_causal_lm(model).parameters()).device
+    device = execution_device(model)
     max_tokens = ScoringBudget(max_batch_tokens, "max_batch_tokens").resolve(device)
     ids = [tok(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]
     batches = _embedding_batches([len(x) for x in ids], batch_size, max_tokens)
     mode = resolve_mode(distributed)
     rank, world = (0, 1) if mode == "local" else (PartialState().process_index, PartialState().num_processes)
-    mine = batches[rank::world]
+    mine = batches if mode == "lockstep" else batches[rank::world]
+    steps = -(-len(batches) // world)
+    if mode == "lockstep":  # the processes' own texts differ: agree on the most forwards any of them makes
+        import torch.distributed as dist
+
+        count = torch.tensor([len(mine)], dtype=torch.long, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        steps = int(count)
     autocast = autocast_to(device, compute_dtype, next(backbone.parameters()).dtype)
     rows, pooled = [], []
     bar = tqdm(total=sum(map(len, mine)), desc="Embedding", disable=not show_progress, leave=False)
     with eval_mode(model), unsharded_ancestors(model, backbone), zero3_gathered(model), autocast:
-        for step in range(-(-len(batches) // world)):
+        for step in range(steps):
             batch = mine[step] if step < len(mine) else None
             if batch is None:  # every process makes as many forwards as the one with the most batches
                 backbone(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
@@ -92,7 +100,7 @@ def model_embeddings(
     config = unwrap_causal_lm(model).config
     hidden_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
     local = (rows, np.concatenate(pooled) if pooled else np.zeros((0, hidden_size), dtype=np.float32))
-    parts = [local] if mode == "local" else gather_object([local])
+    parts = [local] if mode in ("local", "lockstep") else gather_object([local])
     out = np.zeros((len(texts), hidden_size), dtype=np.float32)
     for part_rows, values in parts:
         out[part_rows] = values

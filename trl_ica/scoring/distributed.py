@@ -13,6 +13,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from .models import execution_device
+
 DISTRIBUTED_MODES = ("shard", "lockstep", "local")
 
 
@@ -95,7 +97,7 @@ def unsharded_ancestors(model: torch.nn.Module, *called: torch.nn.Module):
     targets = {id(m) for m in called}
     outer = [m for m in sharded if id(m) not in targets and targets & {id(sub) for sub in m.modules()}]
     if outer:  # the outermost sharded module around the backbone (modules() walks from the outside in): a model
-        device = next(p for p in model.parameters()).device
+        device = execution_device(model)
         with torch.no_grad():
             outer[0](input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     for module in outer:

@@ -33,12 +33,13 @@ from .models import (
     autocast_to,
     backbone_and_head,
     eval_mode,
+    execution_device,
     head_chunk,
     head_log_probs,
+    head_rows,
     is_oom,
     pad_id,
     padded_batch,
-    unwrap_causal_lm,
 )
 from .planner import (
     ACCELERATOR_OVERHEAD,
@@ -81,7 +82,7 @@ class _Scorer:
         self.lockstep = lockstep
         config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
         self.hidden_size = config.hidden_size
-        self.head_chunk = head_chunk(self.head.weight.shape[0])
+        self.head_chunk = head_chunk(head_rows(self.head))
         self.compute_dtype = compute_dtype
         self.cache_argument = seams.cache_argument(self.backbone)
         kinds = seams.attention_layer_types(self.lm.config)
@@ -171,10 +172,11 @@ class _Scorer:
             sel_rows += [b] * n
             sel_pos += range(start - first, start + n - first)
             owner += [b] * n
-        sel_rows_t = torch.tensor(sel_rows, device=self.device)
-        sel_pos_t = torch.tensor(sel_pos, device=self.device)
+        # Under a split `device_map` the hidden states come back on the last layer's device, not the inputs'
+        sel_rows_t = torch.tensor(sel_rows, device=hidden.device)
+        sel_pos_t = torch.tensor(sel_pos, device=hidden.device)
         hsel = hidden[sel_rows_t, sel_pos_t]
-        targets = ids[sel_rows_t, sel_pos_t + first]
+        targets = ids.to(hidden.device)[sel_rows_t, sel_pos_t + first]
         lp = head_log_probs(
             self.lm, self.head, hsel.to(self.head.weight.device), targets.to(self.head.weight.device), self.head_chunk
         )
@@ -300,7 +302,7 @@ def score_requests(
     else:
         budget = ScoringBudget(max_batch_tokens, "max_batch_tokens")
     mode = resolve_mode(distributed)
-    device = next(unwrap_causal_lm(model).parameters()).device
+    device = execution_device(model)
     if sharing not in SHARINGS:
         raise ValueError(f"`sharing` must be one of {list(SHARINGS)}, got {sharing!r}.")
     if not (forward_overhead is None or forward_overhead == "measure" or (
@@ -344,7 +346,7 @@ def _score_requests(
     if n == 0 and lockstep is None:
         return LogProbs(sums, counts, tokens)
 
-    device = next(unwrap_causal_lm(model).parameters()).device
+    device = execution_device(model)
     budget.resolve(device)
     scorer = _Scorer(model, device, lockstep, compute_dtype)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)

@@ -21,6 +21,36 @@ def unwrap_causal_lm(model):
     return model
 
 
+def fsdp2_sharded(model) -> bool:
+    """Whether any module of `model` is sharded by FSDP2 (`fully_shard`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def execution_device(model) -> torch.device:
+    """Where `model` computes: its first parameter's device, except under FSDP2 with CPU offload, where the shards
+    rest on the CPU and every forward gathers them on the process's accelerator (accelerate's `PartialState`)."""
+    lm = unwrap_causal_lm(model)
+    device = next(lm.parameters()).device
+    if device.type == "cpu" and fsdp2_sharded(lm):
+        from accelerate import PartialState
+
+        return PartialState().device
+    return device
+
+
+def head_rows(head) -> int:
+    """The LM head's vocabulary: its `out_features` (a `Linear` keeps it when DeepSpeed ZeRO-3 partitions the
+    weight, whose local shape is then 0), else the weight's full shape (`ds_shape` under ZeRO-3)."""
+    rows = getattr(head, "out_features", None)
+    if isinstance(rows, int) and rows > 0:
+        return rows
+    return int(getattr(head.weight, "ds_shape", head.weight.shape)[0])
+
+
 def backbone_and_head(model):
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
@@ -66,7 +96,7 @@ def head_log_probs(lm, head, hidden: torch.Tensor, targets: torch.Tensor, chunk:
     large vocabulary is biased (about +2e-5 nats per token over 49k entries, always the same sign, so a sum over
     hundreds of tokens drifts by 1e-3), while its float32 `logsumexp` is not (see docs/benchmarks.md). Logits of a
     bf16 or fp16 head are raised to float32 before the log-sum-exp."""
-    chunk = chunk or head_chunk(head.weight.shape[0])
+    chunk = chunk or head_chunk(head_rows(head))
     scale, softcap = seams.logit_transform(lm.config)
     out = []
     for start in range(0, hidden.size(0), chunk):

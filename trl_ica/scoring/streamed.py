@@ -67,13 +67,19 @@ class StreamedRequestBuilder(ICARequestBuilder):
             grown[: len(table)] = table
             table = grown
         new = [i for i in dict.fromkeys(indices) if table[i, 0] < 0]
-        if new:
-            questions = [self.candidates[i].question for i in new]
-            holdout = [h.question for h in self.holdout]
-            k, selection, seed = self.options.num_demos, self.options.demo_selection, self.options.seed
-            if selection == "knn" and self._holdout_vectors is None:
+        questions = [self.candidates[i].question for i in new]
+        holdout = [h.question for h in self.holdout]
+        k, selection, seed = self.options.num_demos, self.options.demo_selection, self.options.seed
+        embed = self.embed
+        if selection == "knn":
+            # Every process embeds at every step, its own new rows or none: the model's embedding forwards are
+            # kept in step between processes (collective under sharded models), never dealt out between them
+            if self._holdout_vectors is None:
                 self._holdout_vectors = np.asarray(self.embed(holdout))
-            table[new] = select_demos(questions, holdout, k, selection, seed, self.embed, rows=new,
+            vectors = np.asarray(self.embed(questions))
+            embed = lambda texts: vectors  # noqa: E731 - select_demos asks for `questions` only
+        if new:
+            table[new] = select_demos(questions, holdout, k, selection, seed, embed, rows=new,
                                       holdout_vectors=self._holdout_vectors)  # fmt: skip
         self.demo_indices = table
         if new:
@@ -103,7 +109,8 @@ def prepare_streamed_ica(
     held = read_holdout(holdout, tokenizer, options.num_demos)
     embed = None
     if options.demo_selection == "knn":
-        embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype)
+        embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype,
+                                 distributed="lockstep")  # fmt: skip
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length_argument = "the model's max_position_embeddings"

@@ -28,7 +28,7 @@ from transformers import StoppingCriteriaList
 
 from .. import seams
 from ..scoring.formats import PreferenceExample, read_dataset
-from ..scoring.models import backbone_and_head, eval_mode, head_log_probs, pad_id
+from ..scoring.models import backbone_and_head, eval_mode, execution_device, head_log_probs, pad_id
 from .attention import AttentionProbe
 from .metrics import AnswersDone, Metric, final_number, split_answers
 from .prompts import build_prompts, credit, demo_weights
@@ -113,7 +113,7 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     # Generation budgets come from the reference answers' lengths: tokenise each reference once, not per prompt
     reference_lengths = [] if teacher_forced else [len(builder.renderer.ids(q.response)) for q in queries]
-    device = next(p for p in model.parameters()).device
+    device = execution_device(model)
     probe = AttentionProbe(layers[layer].self_attn)
     totals = np.zeros(len(pool), dtype=np.float64)
     counts = np.zeros(len(pool), dtype=np.int64)
