@@ -70,6 +70,17 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
         help="Token positions per scoring forward, each sequence's demonstration prefix included (default: 16384 on "
         "an accelerator, 2048 on the CPU).",
     )
+    parser.add_argument(
+        "--scoring-sharing",
+        default="auto",
+        choices=["auto", "tree", "flat", "none"],
+        help="ica: how demonstration prefixes share their KV cache (default: the cheapest by the cost model).",
+    )
+    parser.add_argument(
+        "--forward-overhead",
+        help="ica: the cost model's fixed cost per forward in tokens, or 'measure' (default: 32 on the CPU, 256 on "
+        "an accelerator; raise it under QLoRA, ZeRO-3 or FSDP, where every forward dequantises or gathers weights).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     whisperer = parser.add_argument_group("whisperer")
     whisperer.add_argument("--metric", default="exact_match", choices=list(METRICS))
@@ -157,6 +168,7 @@ def run_score(args) -> dict:
     for flag, value in (("--batch-size", args.batch_size), ("--scoring-max-tokens", args.scoring_max_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"`{flag}` must be a positive integer, got {value}.")
+    overhead = forward_overhead(args.forward_overhead)
 
     # Under `accelerate launch` this joins the process group (gloo on a CPU-only machine): ICA and the
     # log-probability baselines then split the rows between the processes; the main process writes the outputs.
@@ -193,6 +205,8 @@ def run_score(args) -> dict:
             **{f.name: getattr(options, f.name) for f in dataclasses.fields(options) if "template" not in f.name},
             batch_size=args.batch_size,
             max_batch_tokens=args.scoring_max_tokens,
+            sharing=args.scoring_sharing,
+            forward_overhead=overhead,
         )
     seconds = time.perf_counter() - start
     plot = os.path.splitext(args.output)[0] + ".png"
@@ -309,3 +323,16 @@ def main(argv=None) -> None:
         run_data(args)
     else:
         run_select(args)
+
+
+def forward_overhead(value: str | None):
+    """`--forward-overhead`: None, `"measure"` or a number of tokens >= 0."""
+    if value is None or value == "measure":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise ValueError(f"`--forward-overhead` must be a number of tokens >= 0 or 'measure', got {value!r}.")
+    return number

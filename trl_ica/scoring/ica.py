@@ -192,12 +192,16 @@ class ICARequestBuilder:
 
 
 def resolve_embedder(
-    model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool, compute_dtype=None
+    model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool, compute_dtype=None,
+    distributed: str | None = None,
 ) -> Embedder:
+    """The embedder of kNN demonstrations: the model's own hidden states ([`model_embeddings`], `distributed` as
+    there), a sentence-transformers encoder by name, or a callable."""
     if embedding_model is None:
         return lambda texts: model_embeddings(
-            model, tokenizer, texts, show_progress=show_progress, compute_dtype=compute_dtype
-        )
+            model, tokenizer, texts, show_progress=show_progress, compute_dtype=compute_dtype,
+            distributed=distributed,
+        )  # fmt: skip
     if isinstance(embedding_model, str):
         return sentence_embedder(embedding_model)
     if callable(embedding_model):
@@ -366,12 +370,14 @@ def score_with(
     max_batch_tokens=None,
     compute_dtype=None,
     per_token: bool = False,
+    sharing: str = "auto",
+    forward_overhead=None,
 ) -> ICAScores:
     """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
     `form="difference"` the pass without. `form` and `reduction` are the builder's options unless given (to read
-    another score off the same requests). `batch_size`, `max_batch_tokens`, `distributed` and `compute_dtype` go to
-    [`score_requests`]; `per_token` keeps the pass with demonstrations' token log-probs (`token_logps`, examples
-    only)."""
+    another score off the same requests). `batch_size`, `max_batch_tokens`, `distributed`, `compute_dtype`,
+    `sharing` and `forward_overhead` go to [`score_requests`]; `per_token` keeps the pass with demonstrations'
+    token log-probs (`token_logps`, examples only)."""
     if per_token and builder.pairs:
         raise ValueError("`per_token` keeps the token log-probs of single responses; preference pairs have two.")
     form = builder.options.form if form is None else form
@@ -393,6 +399,8 @@ def score_with(
             distributed=distributed,
             compute_dtype=compute_dtype,
             per_token=per_token and conditioned,
+            sharing=sharing,
+            forward_overhead=forward_overhead,
         )
         if conditioned:
             token_logps = out.tokens
@@ -473,6 +481,8 @@ def score_ica(
     distributed: str | None = None,
     max_batch_tokens: int | None = None,
     span: str | None = None,
+    sharing: str = "auto",
+    forward_overhead=None,
 ) -> ICAScores:
     """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments
     (`span`: score only that span of each response, see [`ICAScoringOptions`])."""
@@ -497,6 +507,8 @@ def score_ica(
         show_progress=show_progress,
         distributed=distributed,
         max_batch_tokens=max_batch_tokens,
+        sharing=sharing,
+        forward_overhead=forward_overhead,
     )
 
 
@@ -525,6 +537,11 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         batch_size (`int`, *optional*): most sequences per forward (token-budgeted by default).
         max_batch_tokens (`int`, *optional*): token positions per forward, counting for each sequence the shared
             demonstration prefix it attends to and its own tokens; 16384 on an accelerator, 2048 on the CPU.
+        sharing (`str`, *optional*, defaults to `"auto"`): how demonstration prefixes share their KV cache:
+            `"tree"`, `"flat"`, `"none"`, or `"auto"` (the cheapest by the cost model); see [`score_requests`].
+        forward_overhead (`float` or `"measure"`, *optional*): the cost model's fixed cost per forward, in tokens
+            (default 32 on the CPU, 256 on an accelerator); raise it where each forward gathers or dequantises
+            every weight (QLoRA, ZeRO-3, FSDP), or `"measure"` it. See [`score_requests`].
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
         layout (`str`, *optional*, defaults to `"turns"`): for conversational rows, `"turns"` (each demonstration an

@@ -179,6 +179,8 @@ def score_dataset(
     span: str | None = None,
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
+    sharing: str = "auto",
+    forward_overhead=None,
     whisperer: WhispererConfig | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
@@ -197,10 +199,15 @@ def score_dataset(
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
         max_batch_tokens (`int`, *optional*): the scoring token budget of the log-probability methods (see
             [`score_requests`]).
+        sharing, forward_overhead: how `ica` shares demonstration prefixes, and the cost model's fixed cost per
+            forward (see [`compute_ica_scores`]).
     """
     check_choice("method", method, list(METHODS))
     if span is not None and method != "ica":
         raise ValueError(f"`span` ({span!r}) applies to `method='ica'` only, got {method!r}.")
+    if (sharing != "auto" or forward_overhead is not None) and method != "ica":
+        raise ValueError(f"`sharing` ({sharing!r}) and `forward_overhead` ({forward_overhead!r}) choose how `ica` "
+                         f"shares demonstration prefixes; `method={method!r}` has none.")  # fmt: skip
     if method in ("ica", "oneshot") and holdout is None:
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
     common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)
@@ -222,6 +229,8 @@ def score_dataset(
             embedding_model=embedding_model,
             seed=seed,
             span=span,
+            sharing=sharing,
+            forward_overhead=forward_overhead,
             **common,
         ).scores
     if method == "oneshot":

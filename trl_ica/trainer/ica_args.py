@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS
+from ..scoring.planner import SHARINGS
 from ..scoring.rendering import DEMO_LAYOUTS, check_span
 from ..scoring.scorer import check_fixed_scorer
 from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS, check_token_quantile
@@ -127,6 +128,15 @@ class ICAArguments:
             token positions one scoring forward may hold: for each sequence, the demonstration prefix it attends to
             plus its own padded tokens. Defaults to 16384 on an accelerator and 2048 on the CPU. After an out-of-memory
             error the budget is halved for the rest of the run, on every process.
+        ica_scoring_sharing (`str`, *optional*, defaults to `"auto"`):
+            how demonstration prefixes share their KV cache: `"tree"` (the common start of different prefixes runs
+            once, in the most forwards), `"flat"` (whole prefixes used more than once run once), `"none"` (every
+            sequence whole, in the fewest forwards), or `"auto"`, the cheapest by a cost model that charges each
+            forward `ica_scoring_overhead` tokens. The scores are the same up to rounding.
+        ica_scoring_overhead (`float` or `str`, *optional*):
+            that fixed cost per scoring forward, in tokens' worth of compute; by default 32 on the CPU and 256 on an
+            accelerator. Where every forward dequantises (QLoRA) or gathers (ZeRO-3, FSDP) every weight, a forward
+            costs far more: raise it (e.g. 1000) or give `"measure"` (timed once per run on the model).
         ica_max_length (`int`, *optional*):
             longest conditioned sequence allowed (demonstrations included); defaults to the model's context size
             (`max_position_embeddings`). The training `max_length` does not bound it: a row longer than this with its
@@ -214,6 +224,13 @@ class ICAArguments:
     ica_scoring_batch_size: int | None = field(default=None, metadata={"help": "Sequences per scoring forward."})
     ica_scoring_max_tokens: int | None = field(
         default=None, metadata={"help": "Token positions per scoring forward, prefixes included."}
+    )
+    ica_scoring_sharing: str = field(
+        default="auto",
+        metadata={"help": "How demonstration prefixes share their KV cache.", "choices": list(SHARINGS)},
+    )
+    ica_scoring_overhead: float | str | None = field(
+        default=None, metadata={"help": "Fixed cost of a scoring forward in tokens, or 'measure'."}
     )
     ica_max_length: int | None = field(default=None, metadata={"help": "Longest conditioned sequence allowed."})
     ica_seed: int | None = field(default=None, metadata={"help": "Seed of fixed/random demos; default `seed`."})
@@ -357,6 +374,20 @@ class ICAArguments:
             raise ValueError(f"`ica_holdout_rescore_steps` must be a positive integer, got {steps!r}.")
         if self.ica_scoring_model is not None:
             check_fixed_scorer(self.ica_scoring_model, refresh)
+        if self.ica_scoring_sharing not in SHARINGS:
+            raise ValueError(f"`ica_scoring_sharing` must be one of {list(SHARINGS)}, got "
+                             f"{self.ica_scoring_sharing!r}.")  # fmt: skip
+        overhead = self.ica_scoring_overhead
+        if isinstance(overhead, str) and overhead != "measure":
+            try:
+                overhead = self.ica_scoring_overhead = float(overhead)  # from the command line
+            except ValueError:
+                overhead = -1.0
+        if not (overhead is None or overhead == "measure" or (
+            isinstance(overhead, (int, float)) and not isinstance(overhead, bool) and overhead >= 0
+        )):  # fmt: skip
+            raise ValueError(f"`ica_scoring_overhead` must be None, a number of tokens >= 0 or 'measure', got "
+                             f"{self.ica_scoring_overhead!r}.")  # fmt: skip
         for name in ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

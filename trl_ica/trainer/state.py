@@ -23,7 +23,10 @@ STATE_FIELDS = (
     "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
     "ica_max_length", "ica_loss_reduction", "ica_weight_mode", "ica_token_quantile",
 )  # fmt: skip
-NOT_FINGERPRINTED = ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scores_file", "ica_preset")
+NOT_FINGERPRINTED = (
+    "ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scoring_sharing", "ica_scoring_overhead",
+    "ica_scores_file", "ica_preset",
+)  # fmt: skip
 #: Fingerprinted by the name of the model that scores (given as a name or a loaded model), not by this field.
 SCORER_FIELD = "ica_scoring_model"
 
