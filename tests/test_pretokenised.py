@@ -88,3 +88,41 @@ def test_a_mask_of_several_runs_is_refused_with_the_reason(tokenizer):
     with pytest.raises(ValueError, match=r"dataset row 1: the positions that carry loss \(`completion_mask`\) are"):
         score_ica(model_for(tokenizer), tokenizer, Dataset.from_list(rows), tokenised(tokenizer, 4, offset=20),
                   num_demos=1, demo_selection="fixed", show_progress=False)  # fmt: skip
+
+
+def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
+    """`dataset_kwargs={"skip_prepare_dataset": True}`: TRL trains the pre-tokenised rows as they are; ICA scores the
+    same ids, and with unit weights the run is SFTTrainer's."""
+    train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
+    settings = dict(COMMON, dataset_kwargs={"skip_prepare_dataset": True})
+    torch.manual_seed(0)
+    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    stock.train()
+    torch.manual_seed(0)
+    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", **settings)
+    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
+                         holdout_dataset=holdout)  # fmt: skip
+    ours.train()
+    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
+        h["loss"] for h in ours.state.log_history if "loss" in h
+    ]
+    mine = dict(ours.model.named_parameters())
+    for name, p in stock.model.named_parameters():
+        assert torch.equal(p, mine[name]), name
+    scored = ours.ica.builder.requests(0, False)[0]
+    row = train[0]
+    start = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert list(scored.response) == row["input_ids"][start:]  # the answer's own ids, as the labels mark them
+
+
+def test_rows_prepared_beforehand_are_weighted(tokenizer, tmp_path):
+    train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
+    args = ICASFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, **COMMON)
+    trainer = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
+                            holdout_dataset=holdout)  # fmt: skip
+    trainer.train()
+    weights = [h["ica/weight_mean"] for h in trainer.state.log_history if "loss" in h]
+    assert len(weights) == 3 and all(w < 1 for w in weights)
+    with pytest.raises(ValueError, match="already packed"):
+        ICASFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, packing=True)

@@ -36,8 +36,8 @@ class ICASFTConfig(ICAArguments, SFTConfig):
         if self.padding_free and self.max_length is not None and not self.packing:
             raise ValueError(
                 f"`padding_free=True` with `max_length`={self.max_length}: TRL enforces `max_length` there only by "
-                "packing, which ICA cannot use. Set `max_length=None` (truncate long rows beforehand if needed), or "
-                "`padding_free=False`."
+                "packing. Set `packing=True` (TRL's `bfd` packing, weighted per example), `max_length=None` (truncate "
+                "long rows beforehand if needed), or `padding_free=False`."
             )
         if self.loss_type != "nll":
             raise ValueError(f"ICA weighting supports `loss_type='nll'`, got {self.loss_type!r}.")
@@ -46,8 +46,9 @@ class ICASFTConfig(ICAArguments, SFTConfig):
                 f"ICA weighting does not support `label_smoothing_factor`={self.label_smoothing_factor}: the label "
                 "smoothing loss path cannot carry per-example weights. Set it to 0."
             )
-        if (self.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        if (self.dataset_kwargs or {}).get("skip_prepare_dataset") and self.packing:
             raise ValueError(
-                "ICA needs the raw prompt/response rows to score them: "
-                "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported."
+                "`dataset_kwargs={'skip_prepare_dataset': True}` with `packing=True`: TRL then trains the rows as "
+                "they come, already packed, and which example each packed sequence came from is lost, so it has no "
+                "weight. Pack with TRL's preparation (drop `skip_prepare_dataset`), or set `packing=False`."
             )
