@@ -209,7 +209,7 @@ CLEAR = {
     ),
     "ICASFTConfig: padding_free with max_length": (
         lambda t, tok: ICASFTConfig(str(t), use_cpu=True, bf16=False, padding_free=True, max_length=512),
-        r"`padding_free=True` with `max_length`=512: .*Set `max_length=None`",
+        r"`padding_free=True` with `max_length`=512: .*Set `packing=True` .*`max_length=None`",
     ),
     "ICASFTTrainer: a demonstration template on chat rows under the default layout": (
         lambda t, tok: sft_trainer(
