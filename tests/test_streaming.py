@@ -56,6 +56,25 @@ def test_streamed_rows_get_the_scores_and_weights_of_the_same_rows_in_a_dataset(
     assert len({w for _, w in streamed.values()}) > 1  # the weights differ between rows, so equality means something
 
 
+def test_a_stream_at_the_default_settings_scores_each_row_as_it_arrives(tokenizer, tmp_path):
+    """No `ica_*` field set: a streamed run scores each row once, when its step comes, as an online run does."""
+    train, holdout = data()
+    runs = {}
+    for name, fields in (("default", {}), ("online", {"ica_refresh": "online"})):
+        model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
+        config = ICASFTConfig(str(tmp_path / name), learning_rate=0.1, **settings, **fields)
+        run = ICASFTTrainer(model, args=config, train_dataset=train.to_iterable_dataset(), processing_class=tokenizer,
+                            holdout_dataset=holdout)  # fmt: skip
+        run.train()
+        runs[name] = logged(tmp_path / name)[1]
+    assert [r["ica_index"] for r in runs["default"]] == list(range(12))  # each row scored once, at its step
+    for a, b in zip(runs["default"], runs["online"], strict=True):
+        assert a["step"] == b["step"] and a["score"] == pytest.approx(b["score"], abs=REGROUPED_ATOL)
+        assert a["weight"] == pytest.approx(b["weight"], abs=WEIGHT_ATOL)
+    assert len({r["weight"] for r in runs["default"]}) > 1
+
+
 def test_a_streamed_run_trains_with_its_weights(tokenizer, tmp_path):
     train, holdout = data()
     run = trainer(tokenizer, tmp_path, train.to_iterable_dataset(), holdout, learning_rate=0.1)
@@ -70,8 +89,10 @@ def test_a_streamed_run_trains_with_its_weights(tokenizer, tmp_path):
 def test_a_streamed_dataset_is_refused_where_it_cannot_be_weighted(tokenizer, tmp_path):
     train, holdout = data()
     stream = train.to_iterable_dataset()
-    with pytest.raises(ValueError, match="set `ica_refresh='online'`"):
-        trainer(tokenizer, tmp_path, stream, holdout, ica_refresh=1)
+    with pytest.raises(ValueError, match=r"`ica_refresh`=2 rescores every row that many times. Use `ica_refresh=1`"):
+        trainer(tokenizer, tmp_path, stream, holdout, ica_refresh=2)
+    with pytest.raises(ValueError, match="`ica_weighting='holdout_posterior'` compares a row's score with every"):
+        trainer(tokenizer, tmp_path, stream, holdout, ica_refresh=1, ica_weighting="holdout_posterior")
     with pytest.raises(ValueError, match="`demo_selection` must be one of \\['fixed', 'random', 'knn'\\]"):
         trainer(tokenizer, tmp_path, stream, holdout, ica_demo_selection="knn_grouped")
     with pytest.raises(ValueError, match="packed rows needs a Dataset"):

@@ -140,12 +140,6 @@ def cache_argument(module) -> str:
     )
 
 
-def output_cache(output):
-    """The cache a forward returned (`output.cache` from transformers 5.25, else `output.past_key_values`)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 SHAREABLE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -375,13 +375,19 @@ class ICATrainerMixin:
 
     @staticmethod
     def _check_streamed(args) -> None:
-        """What a streamed training set allows: online scoring only (R scorings need every row up front), no given
+        """What a streamed training set allows: each row scored as it arrives (`ica_refresh=1`, the default, means
+        that on a stream, as `"online"` does; R > 1 scorings of the whole set need every row up front), no given
         scores, no packing."""
+        if args.ica_refresh == 1:
+            logger.info("A streamed `train_dataset`: each row is scored once, as it arrives, by the model of its step "
+                        "(ica_refresh=1 on a stream is ica_refresh='online').")  # fmt: skip
+            args.ica_refresh = "online"
+            args.validate_ica("sft")  # what online scoring refuses (pool weightings, token masks) is refused here
         if args.ica_refresh != "online":
             raise ValueError(
-                f"A streamed `train_dataset` (an IterableDataset) is scored step by step as its rows arrive: set "
-                f"`ica_refresh='online'` (got {args.ica_refresh!r}, which scores every row before training), or "
-                "pass a Dataset."
+                f"A streamed `train_dataset` (an IterableDataset) is scored step by step as its rows arrive, but "
+                f"`ica_refresh`={args.ica_refresh!r} rescores every row that many times. Use `ica_refresh=1` (the "
+                "default: each row scored once, as it arrives) or 'online', or pass a Dataset."
             )
         if args.ica_scores_file is not None:
             raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
