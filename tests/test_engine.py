@@ -271,7 +271,10 @@ def test_bf16_scoring_equals_the_plain_bf16_forward(how):
         # bf16 rounding on this machine, measured: the plain forward against itself regrouped
         longest = max(requests, key=lambda r: r.num_tokens)
         noise = max(abs(regrouped_log_prob(model, r, longest) - n) for r, n in zip(requests, naive))
-    tolerance = 4 * noise + 4 * torch.finfo(torch.bfloat16).eps * np.abs(naive)
+    # the engine regroups the same sums (prefix caches, other batch shapes): its gap is of the size of that noise
+    # (about 1x here), so a few times it bounds it; a rounding bound relative to the sum (eps x 166 nats) would let
+    # through gaps 30 times the real ones
+    tolerance = 4 * noise
     assert noise > 0 and (np.abs(fused - naive) <= tolerance).all(), (np.abs(fused - naive).max(), noise)
 
 
