@@ -447,8 +447,11 @@ def table(results, methods, labels=None) -> list[str]:
         if runs:
             kinds = sorted({k.removeprefix("masked_share_") for r in runs for k in r if k.startswith("masked_share_")})
             shown = ", ".join(f"{kind} {np.mean([r[f'masked_share_{kind}'] for r in runs]):.3f}" for kind in kinds)
-            lines.append(f"- {labels.get(method, method)}: share of each kind's tokens the masks dropped: {shown} "
-                         f"({len(runs)} seeds)")  # fmt: skip
+            aurocs = ", ".join(f"{kind} {np.mean([r[f'auroc_kept_{kind}'] for r in runs]):.3f}" for kind in kinds
+                               if all(f"auroc_kept_{kind}" in r for r in runs))  # fmt: skip
+            aurocs = f"; AUROC of the share of a row's tokens kept, clean over each kind: {aurocs}" if aurocs else ""
+            lines.append(f"- {labels.get(method, method)}: share of each kind's tokens the masks dropped: {shown}"
+                         f"{aurocs} ({len(runs)} seeds)")  # fmt: skip
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
@@ -639,10 +642,16 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
                            weight_noisy=_mean_or_none(weight[~clean[index]]),
                            noisy_share_trained=float((~clean[index]).mean()))  # fmt: skip
             if masks is not None:  # the share of each kind's tokens the last scoring's masks dropped
+                from trl_ica.cli.scenarios import auroc
+
+                kept = np.array([m.mean() if m.size else 1.0 for m in masks])  # a row's share of tokens kept
                 for kind in sorted(set(kinds)):
                     rows_of_kind = [m for m, k in zip(masks, kinds) if k == kind]
                     dropped = sum(int((~m).sum()) for m in rows_of_kind)
                     run[f"masked_share_{kind}"] = dropped / max(1, sum(m.size for m in rows_of_kind))
+                    if kind != "clean":  # how well the share of a row's tokens kept tells clean rows from this kind
+                        both = clean | (kinds == kind)
+                        run[f"auroc_kept_{kind}"] = auroc(kept[both], clean[both])
             results.setdefault(method, {})[str(seed)] = run
             save_results(results, results_path)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
