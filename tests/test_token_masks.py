@@ -1,6 +1,8 @@
 """`ica_token_quantile`: the response tokens that the model with demonstrations finds less likely than the holdout's
 own tokens leave the SFT loss."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,32 @@ def test_packed_examples_get_their_own_masks(tokenizer, tmp_path):
     expected = np.concatenate(ica.token_masks(index))
     assert keep[predicted].bool().tolist() == expected.tolist() and not expected.all()
     assert bool((keep[~predicted] == 1).all())
+
+
+def test_a_row_truncated_by_max_length_keeps_the_start_of_its_mask(tokenizer, tmp_path, monkeypatch):
+    """Training keeps the first `max_length` tokens of a long row; its loss tokens get the start of its mask. Tokens
+    that are not the scored ones stop the step, naming the example."""
+    import trl_ica.seams as seams
+
+    trainer = masked_trainer(tokenizer, tmp_path, max_length=20)
+    lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset))]
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    trainer.compute_loss(trainer.model.train(), dict(batch))
+    index = batch["ica_index"].tolist()
+    trained = loss_tokens(batch)
+    scored = [list(trainer.ica.builder.conditioned(i).response) for i in index]
+    assert max(lengths) == 20 and any(len(t) < len(r) for t, r in zip(trained, scored))  # some rows were cut
+    assert all(r[: len(t)] == t for t, r in zip(trained, scored))
+    keep = trainer._token_keep(batch, np.array(index), [len(t) for t in trained])
+    predicted = batch["labels"][:, 1:] != -100
+    masks = trainer.ica.token_masks(index)
+    assert keep[predicted].bool().tolist() == np.concatenate([m[: len(t)] for m, t in zip(masks, trained)]).tolist()
+    conditioned = trainer.ica.builder.conditioned
+    shifted = lambda i: dataclasses.replace(conditioned(i), response=conditioned(i).response[1:] + (0,))  # noqa: E731
+    monkeypatch.setattr(trainer.ica.builder, "conditioned", shifted)
+    with pytest.raises(seams.SeamError, match=r"the loss tokens of training examples \(ica_index\) \[0, 1, 2, 3\]"):
+        trainer._token_keep(batch, np.array(index), [len(t) for t in trained])
 
 
 def test_no_token_masked_trains_exactly_like_sfttrainer(tokenizer, tmp_path, monkeypatch):

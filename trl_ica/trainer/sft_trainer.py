@@ -155,9 +155,10 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
 
     def _token_keep(self, batch, index: np.ndarray, units) -> torch.Tensor | None:
         """`ica_token_quantile`: a `(B, T-1)` 0/1 tensor over the shifted label positions, 0 at the loss tokens
-        that leave the loss ([`ICAController.token_masks`]); None without token masks. Each example's mask covers
-        its scored response tokens, in order, which are its loss tokens (position 0 and packed sequence starts are
-        never predicted)."""
+        that leave the loss ([`ICAController.token_masks`]); None without token masks. Each example's loss tokens
+        (position 0 and packed sequence starts are never predicted) are its scored response tokens, or their start
+        when training truncated the row (`max_length`, which keeps the start): checked token by token, and a
+        mismatch stops the step naming the examples."""
         masks = self._ica.token_masks(index)
         if masks is None:
             return None
@@ -165,19 +166,27 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             raise ValueError("`ica_token_quantile` masks the loss tokens of the batch's `labels`, which this collator "
                              f"does not produce (keys {sorted(batch)}).")  # fmt: skip
         predicted = batch["labels"][:, 1:] != -100
-        scored = np.array([len(m) for m in masks])
-        wrong = np.flatnonzero(scored != np.asarray(units))
-        if wrong.size:
+        counts = np.asarray(units, dtype=np.int64)
+        # the loss tokens run row by row, which is example order, packed or not
+        targets = np.split(batch["input_ids"][:, 1:][predicted].cpu().numpy(), np.cumsum(counts)[:-1])
+        wrong = [
+            n for n, (i, trained) in enumerate(zip(index.tolist(), targets))
+            if len(trained) > len(masks[n]) or list(self._ica.builder.conditioned(i).response[: len(trained)])
+            != trained.tolist()
+        ]  # fmt: skip
+        if wrong:
             raise seams.SeamError(
                 "SFTTrainer's tokenisation of a row (trl.trainer.sft_trainer), which ICA renders again to score it",
-                f"training examples (ica_index) {index[wrong][:5].tolist()} have {np.asarray(units)[wrong][:5]} loss "
-                f"tokens but {scored[wrong][:5]} scored tokens, so the token masks cannot be placed",
+                f"the loss tokens of training examples (ica_index) {index[wrong][:5].tolist()} ({counts[wrong][:5]}) "
+                f"are not their scored response tokens ({[len(masks[n]) for n in wrong[:5]]}), so the token masks "
+                "cannot be placed",
             )
+        placed = [m[: len(t)] for m, t in zip(masks, targets)]
         keep = torch.ones(predicted.shape, dtype=torch.float32, device=predicted.device)
-        flat = torch.from_numpy(np.concatenate(masks or [np.zeros(0, bool)]).astype(np.float32))
-        keep[predicted] = flat.to(keep.device)  # row-major order is example order, packed or not
-        dropped = int(scored.sum() - flat.sum().item())
-        self._log_ica({"ica/masked_token_share": dropped / max(1, int(scored.sum()))})
+        flat = torch.from_numpy(np.concatenate(placed or [np.zeros(0, bool)]).astype(np.float32))
+        keep[predicted] = flat.to(keep.device)
+        dropped = int(counts.sum() - flat.sum().item())
+        self._log_ica({"ica/masked_token_share": dropped / max(1, int(counts.sum()))})
         return keep
 
     @contextlib.contextmanager
