@@ -191,6 +191,7 @@ def test_state_without_token_masks_saves_and_loads_none(tmp_path):
         (dict(ica_token_quantile=0.01, ica_refresh="online"), "online scoring does not do"),
         (dict(ica_token_quantile=0.01, ica_score_span="last_line"), "scores only a span"),
         (dict(ica_token_quantile=0.01, ica_scores_file="scores.jsonl"), "does not hold"),
+        (dict(ica_token_quantile=0.01, ica_preset="paper"), "`ica_score_end_token=False` leaves that token unscored"),
     ],
 )
 def test_what_token_masks_cannot_use_is_refused_by_name(tmp_path, fields, message):

@@ -121,7 +121,9 @@ class ICAArguments:
             demonstrations from the rest of the holdout), e.g. `0.01`. The token log-probs come from the scoring
             pass with demonstrations, so masks are refreshed with the scores; a dropped token's loss is 0 and it
             still counts in the loss divisor, as a row of weight 0 does. Works with any `ica_weighting` (`"none"`:
-            masks alone) and either `ica_weight_mode`; not online, with a span or with given scores. None: no mask.
+            masks alone) and either `ica_weight_mode`; not online, with a span, with given scores or with
+            `ica_score_end_token=False`. A row that training truncates (`max_length`) keeps the start of its mask.
+            None: no mask.
         ica_scoring_batch_size (`int`, *optional*):
             most sequences per scoring forward; by default the token budget decides.
         ica_scoring_max_tokens (`int`, *optional*):
@@ -291,6 +293,12 @@ class ICAArguments:
             raise ValueError(
                 f"{value} masks every token of a response, but `ica_score_span`={self.ica_score_span!r} scores only "
                 "a span of it. Use one of the two."
+            )
+        if self.ica_score_end_token is False:
+            raise ValueError(
+                f"{value} masks every loss token, the closing token of each response among them, but "
+                "`ica_score_end_token=False` leaves that token unscored. Set `ica_score_end_token=True` (the "
+                "recommended preset's)."
             )
         if self.ica_scores_file is not None:
             raise ValueError(
