@@ -73,14 +73,14 @@ def test_unknown_flags_and_yaml_keys_are_refused_by_name(tmp_path, model_dir):
 
 
 def test_script_streams_the_dataset_with_online_scoring(tmp_path, model_dir):
-    """`--dataset_streaming` loads the training file as a stream, which trains weighted online; scored once before
-    training it is refused, by the trainer, with the reason."""
+    """`--dataset_streaming` loads the training file as a stream, which trains weighted at the default settings, each
+    row scored as it arrives; R > 1 scorings of the whole set are refused, by the trainer, with the reason."""
     from datasets import IterableDataset
 
     config = recipe(tmp_path, model_dir)
-    with pytest.raises(ValueError, match="set `ica_refresh='online'`"):
-        script(["sft", "--config", config, "--dataset_streaming", "true"])
-    trainer = script(["sft", "--config", config, "--dataset_streaming", "true", "--ica_refresh", "online"])
+    with pytest.raises(ValueError, match="rescores every row that many times"):
+        script(["sft", "--config", config, "--dataset_streaming", "true", "--ica_refresh", "2"])
+    trainer = script(["sft", "--config", config, "--dataset_streaming", "true"])
     assert isinstance(trainer.train_dataset, IterableDataset)
     weights = [json.loads(line) for line in open(tmp_path / "run" / "ica" / "weights.jsonl")]
     assert [w["step"] for w in weights] == [0, 0, 1, 1] and [w["ica_index"] for w in weights] == [0, 1, 2, 3]

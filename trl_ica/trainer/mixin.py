@@ -378,6 +378,15 @@ class ICATrainerMixin:
         """What a streamed training set allows: each row scored as it arrives (`ica_refresh=1`, the default, means
         that on a stream, as `"online"` does; R > 1 scorings of the whole set need every row up front), no given
         scores, no packing."""
+        if args.ica_scores_file is not None:
+            raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
+        if args.ica_weight_mode == "sampling":
+            raise ValueError(
+                "`ica_weight_mode='sampling'` draws rows through the trainer's sampler, which a streamed "
+                "`train_dataset` (an IterableDataset) does not use: pass a Dataset, or use `ica_weight_mode='loss'`."
+            )
+        if getattr(args, "packing", False):
+            raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
         if args.ica_refresh == 1:
             logger.info("A streamed `train_dataset`: each row is scored once, as it arrives, by the model of its step "
                         "(ica_refresh=1 on a stream is ica_refresh='online').")  # fmt: skip
@@ -389,15 +398,6 @@ class ICATrainerMixin:
                 f"`ica_refresh`={args.ica_refresh!r} rescores every row that many times. Use `ica_refresh=1` (the "
                 "default: each row scored once, as it arrives) or 'online', or pass a Dataset."
             )
-        if args.ica_scores_file is not None:
-            raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
-        if args.ica_weight_mode == "sampling":
-            raise ValueError(
-                "`ica_weight_mode='sampling'` draws rows through the trainer's sampler, which a streamed "
-                "`train_dataset` (an IterableDataset) does not use: pass a Dataset, or use `ica_weight_mode='loss'`."
-            )
-        if getattr(args, "packing", False):
-            raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
 
     @property
     def ica(self) -> ICAController:
