@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences, tiny_llama
+from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences, assert_trains_like, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
@@ -104,12 +104,7 @@ def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
     ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
                          holdout_dataset=holdout)  # fmt: skip
     ours.train()
-    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
-        h["loss"] for h in ours.state.log_history if "loss" in h
-    ]
-    mine = dict(ours.model.named_parameters())
-    for name, p in stock.model.named_parameters():
-        assert torch.equal(p, mine[name]), name
+    assert_trains_like(stock, ours)
     scored = ours.ica.builder.requests(0, False)[0]
     row = train[0]
     start = next(i for i, label in enumerate(row["labels"]) if label != -100)

@@ -1,14 +1,12 @@
 """`ica_token_quantile`: the response tokens that the model with demonstrations finds less likely than the holdout's
 own tokens leave the SFT loss."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from reference import naive_token_log_probs
-from testing_utils import LOSS_ATOL, TOKEN_LOGP_ATOL, chat_row, tiny_llama
+from testing_utils import LOSS_ATOL, TOKEN_LOGP_ATOL, assert_trains_like, chat_row, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICADPOConfig, ICASFTConfig, ICASFTTrainer
@@ -135,9 +133,8 @@ def test_a_row_truncated_by_max_length_keeps_the_start_of_its_mask(tokenizer, tm
     predicted = batch["labels"][:, 1:] != -100
     masks = trainer.ica.token_masks(index)
     assert keep[predicted].bool().tolist() == np.concatenate([m[: len(t)] for m, t in zip(masks, trained)]).tolist()
-    conditioned = trainer.ica.builder.conditioned
-    shifted = lambda i: dataclasses.replace(conditioned(i), response=conditioned(i).response[1:] + (0,))  # noqa: E731
-    monkeypatch.setattr(trainer.ica.builder, "conditioned", shifted)
+    scored_ids = trainer._scored_ids
+    monkeypatch.setattr(trainer, "_scored_ids", lambda i: scored_ids(i)[1:] + (0,))  # a response one token off
     with pytest.raises(seams.SeamError, match=r"the loss tokens of training examples \(ica_index\) \[0, 1, 2, 3\]"):
         trainer._token_keep(batch, np.array(index), [len(t) for t in trained])
 
@@ -153,12 +150,7 @@ def test_no_token_masked_trains_exactly_like_sfttrainer(tokenizer, tmp_path, mon
     ours = masked_trainer(tokenizer, tmp_path / "b")
     monkeypatch.setattr(ours.ica, "token_threshold", lambda: -np.inf)  # every token kept: masks of ones
     ours.train()
-    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
-        h["loss"] for h in ours.state.log_history if "loss" in h
-    ]
-    mine = dict(ours.model.named_parameters())
-    for name, p in stock.model.named_parameters():
-        assert torch.equal(p, mine[name]), name
+    assert_trains_like(stock, ours)
     assert [h["ica/masked_token_share"] for h in ours.state.log_history if "loss" in h] == [0.0] * 3
 
 

@@ -300,3 +300,15 @@ def assert_requests_are_the_training_sequences(trainer):
         for (ids, positions), request in zip(training_sequences(trainer, row), requests, strict=True):
             assert list(ids) == list(request.prefix + request.context + request.response), row["ica_index"]
             assert list(positions) == list(range(len(ids) - len(request.response), len(ids))), row["ica_index"]
+
+
+def assert_trains_like(stock, ours):
+    """`ours` logged the same training losses as `stock` and ended with bit-identical parameters."""
+    import torch
+
+    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
+        h["loss"] for h in ours.state.log_history if "loss" in h
+    ]
+    mine = dict(ours.model.named_parameters())
+    for name, p in stock.model.named_parameters():
+        assert torch.equal(p, mine[name]), name

@@ -171,8 +171,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         targets = np.split(batch["input_ids"][:, 1:][predicted].cpu().numpy(), np.cumsum(counts)[:-1])
         wrong = [
             n for n, (i, trained) in enumerate(zip(index.tolist(), targets))
-            if len(trained) > len(masks[n]) or list(self._ica.builder.conditioned(i).response[: len(trained)])
-            != trained.tolist()
+            if len(trained) > len(masks[n]) or list(self._scored_ids(i)[: len(trained)]) != trained.tolist()
         ]  # fmt: skip
         if wrong:
             raise seams.SeamError(
@@ -188,6 +187,14 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         dropped = int(counts.sum() - flat.sum().item())
         self._log_ica({"ica/masked_token_share": dropped / max(1, int(counts.sum()))})
         return keep
+
+    def _scored_ids(self, index: int) -> tuple[int, ...]:
+        """The response token ids ICA scores for training example `index`, rendered once per run (the same with or
+        without demonstrations) rather than at every step."""
+        cache = self.__dict__.setdefault("_ica_scored_ids", {})
+        if index not in cache:
+            cache[index] = self._ica.builder.unconditioned(index).response
+        return cache[index]
 
     @contextlib.contextmanager
     def _weighting_hook(
