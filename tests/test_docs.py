@@ -114,3 +114,18 @@ def test_readme_python_examples_import_what_exists():
             if isinstance(node, ast.ImportFrom) and node.module == "trl_ica":
                 for alias in node.names:
                     assert hasattr(trl_ica, alias.name), alias.name
+
+
+def test_every_public_name_loads_and_is_listed():
+    """`trl_ica` loads its names on first use: each one in `__all__` resolves to the object its module defines, and
+    `dir()` lists them (editors and `from trl_ica import *` see the same names)."""
+    import importlib
+
+    import trl_ica
+
+    assert sorted(trl_ica._LAZY) == sorted(trl_ica.__all__)
+    for name, module in trl_ica._LAZY.items():
+        assert getattr(trl_ica, name) is getattr(importlib.import_module(f"trl_ica.{module}"), name)
+    assert set(trl_ica.__all__) <= set(dir(trl_ica))
+    with pytest.raises(AttributeError, match="nonsense"):
+        trl_ica.nonsense  # noqa: B018
