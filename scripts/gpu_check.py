@@ -273,7 +273,8 @@ def quantized_llama(shape, device, smoke):
 
 def section_planner(device, smoke):
     module = engine()
-    from trl_ica.scoring.planner import ACCELERATOR_OVERHEAD, DEFAULT_OVERHEAD, choose_sharing, sharing_costs
+    from trl_ica.scoring.models import heavy_forward
+    from trl_ica.scoring.planner import choose_sharing, default_overhead, sharing_costs
 
     out = {}
     for name in ("1b_bf16", "8b_bf16", "1b_4bit"):
@@ -288,7 +289,7 @@ def section_planner(device, smoke):
             tokens = module.ScoringBudget().resolve(device)
             with torch.no_grad():
                 overhead = module.measure_forward_overhead(module._Scorer(model, device))
-            default = DEFAULT_OVERHEAD.get(device.type, ACCELERATOR_OVERHEAD)
+            default = default_overhead(device.type, heavy_forward(model))
             row = {"measured_overhead_tokens": overhead, "default_overhead_tokens": default,
                    "costs": sharing_costs(reqs, tokens)}  # fmt: skip
             speed = {}

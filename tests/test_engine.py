@@ -226,6 +226,12 @@ def test_four_bit_model(tmp_path):
     )
     layers = [m for m in quantized.modules() if "4bit" in type(m).__name__]
     assert layers
+    # every forward dequantises: on an accelerator the planner charges it the heavier per-forward cost
+    from trl_ica.scoring.models import heavy_forward
+    from trl_ica.scoring.planner import default_overhead
+
+    assert heavy_forward(quantized) and not heavy_forward(tiny_llama())
+    assert default_overhead("cuda", True) > default_overhead("cuda", False) > default_overhead("cpu", True)
     requests = random_requests(8)
     fused = score_requests(quantized, requests, show_progress=False).sums
     # Scoring must not repack the 4-bit weights for CPU inference (that would break later training)
@@ -281,20 +287,22 @@ def test_bf16_scoring_equals_the_plain_bf16_forward(how):
 @pytest.mark.parametrize("sharing", ["tree", "flat", "none"])
 def test_sharing_costs_count_the_forwards_and_tokens_the_engine_runs(llama, sharing):
     """The cost model's `(forwards, tokens)` for each way of sharing are those the engine then runs (backbone calls,
-    and the unpadded tokens they take), under a token budget small enough to split groups into several batches."""
+    and the positions they run, padding included), under a token budget small enough to split groups into several
+    batches."""
     requests = tree_requests(7)
-    calls = []
+    calls, unpadded = [], []
 
     def count(module, args, kwargs, output):
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-        own = ids.numel() if mask is None else int(mask[:, -ids.shape[1] :].sum())
-        calls.append(own)
+        calls.append(ids.numel())
+        unpadded.append(ids.numel() if mask is None else int(mask[:, -ids.shape[1] :].sum()))
 
     hook = llama.model.register_forward_hook(count, with_kwargs=True)
     score_requests(llama, requests, max_batch_tokens=64, sharing=sharing, show_progress=False)
     hook.remove()
     forwards, tokens = sharing_costs(requests, 64)[sharing]
     assert (len(calls), sum(calls)) == (forwards, tokens)
+    assert sum(unpadded) < tokens  # these batches pad: a count of real tokens alone would be short
 
 
 def test_choose_sharing_weighs_tokens_against_forwards():

@@ -37,17 +37,17 @@ from .models import (
     head_chunk,
     head_log_probs,
     head_rows,
+    heavy_forward,
     is_oom,
     pad_id,
     padded_batch,
 )
 from .planner import (
-    ACCELERATOR_OVERHEAD,
-    DEFAULT_OVERHEAD,
     SHARINGS,
     LogProbRequest,
     batch_end,
     choose_sharing,
+    default_overhead,
     plan_prefixes,
 )
 
@@ -272,8 +272,10 @@ def score_requests(
         forward_overhead (`float` or `"measure"`, *optional*): that fixed cost, in tokens' worth of compute. By
             default 32 on the CPU (measured for SmolLM2-135M on two cores: 29-31) and 256 on an accelerator (a
             GPU's bf16 peak over its memory bandwidth, 150-300 from an A100 to an H200: the tokens a forward could
-            compute while it reads the weights once). `"measure"` times the model once per device and dtype
-            ([`measure_forward_overhead`]); the default is fixed so that a run's scores never depend on timing.
+            compute while it reads the weights once), 1024 there for a 4-bit or FSDP/ZeRO-3-sharded model (every
+            forward dequantises or gathers every weight; an estimate, [`default_overhead`]). `"measure"` times the
+            model once per device and dtype ([`measure_forward_overhead`]); the default is fixed so that a run's
+            scores never depend on timing.
         compute_dtype (`torch.dtype`, *optional*): run the model under autocast to this dtype when its weights are
             of another floating type (what mixed-precision training does); the log-sum-exp is float32 either way.
         per_token (`bool`, *optional*, defaults to `False`): also return each response's token log-probabilities
@@ -363,7 +365,7 @@ def _score_requests(
             if forward_overhead == "measure":
                 overhead = measure_forward_overhead(scorer, lockstep)
             elif forward_overhead is None:
-                overhead = DEFAULT_OVERHEAD.get(device.type, ACCELERATOR_OVERHEAD)
+                overhead = default_overhead(device.type, heavy_forward(model))
             else:
                 overhead = float(forward_overhead)
             sharing = choose_sharing(requests, budget.tokens, batch_size, overhead)

@@ -30,6 +30,15 @@ def fsdp2_sharded(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def heavy_forward(model) -> bool:
+    """Whether every forward of `model` dequantises its weights (bitsandbytes 4-bit) or gathers them from other
+    processes (FSDP2, DeepSpeed ZeRO-3): a fixed cost per forward that many more tokens would share."""
+    lm = unwrap_causal_lm(model)
+    if getattr(lm, "is_loaded_in_4bit", False) or fsdp2_sharded(lm):
+        return True
+    return any(hasattr(p, "ds_id") or type(p).__name__ == "Params4bit" for p in lm.parameters())
+
+
 def execution_device(model) -> torch.device:
     """Where `model` computes: its first parameter's device, except under FSDP2 with CPU offload, where the shards
     rest on the CPU and every forward gathers them on the process's accelerator (accelerate's `PartialState`)."""

@@ -46,14 +46,16 @@ def batch_end(order: list[int], start: int, lengths, batch_size: int | None, max
     return min(len(order), start + rows)
 
 
-def _batches(lengths: list[int], prefix: int, batch_size: int | None, max_tokens: int) -> int:
-    """How many forwards `_score_group` makes for continuations of `lengths` after a `prefix`."""
+def _batches(lengths: list[int], prefix: int, batch_size: int | None, max_tokens: int) -> tuple[int, int]:
+    """The forwards `_score_group` makes for continuations of `lengths` after a `prefix`, and the positions they run:
+    each batch's rows padded to its longest."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    count = pos = 0
+    count = pos = padded = 0
     while pos < len(order):
-        pos = batch_end(order, pos, lengths, batch_size, max_tokens, prefix)
-        count += 1
-    return count
+        end = batch_end(order, pos, lengths, batch_size, max_tokens, prefix)
+        padded += (end - pos) * lengths[order[pos]]
+        count, pos = count + 1, end
+    return count, padded
 
 
 SHARINGS = ("auto", "tree", "flat", "none")
@@ -64,12 +66,26 @@ DEFAULT_OVERHEAD = {"cpu": 32.0}  # elsewhere (an accelerator): ACCELERATOR_OVER
 
 ACCELERATOR_OVERHEAD = 256.0
 
+#: On an accelerator, the per-forward cost of a model whose every forward dequantises its weights (4-bit) or gathers
+#: them from other processes (FSDP, ZeRO-3): an estimate of about four weight reads, not a measurement;
+#: `scripts/gpu_check.py` measures it (`forward_overhead="measure"` uses the measurement).
+HEAVY_FORWARD_OVERHEAD = 1024.0
+
+
+def default_overhead(device_type: str, heavy_forward: bool) -> float:
+    """The per-forward cost `score_requests` charges when none is given: measured on the CPU, else the accelerator's,
+    four times that for a model whose forwards dequantise or gather every weight (`heavy_forward`)."""
+    if device_type in DEFAULT_OVERHEAD:
+        return DEFAULT_OVERHEAD[device_type]
+    return HEAVY_FORWARD_OVERHEAD if heavy_forward else ACCELERATOR_OVERHEAD
+
 
 def sharing_costs(
     requests: Sequence[LogProbRequest], max_tokens: int, batch_size: int | None = None
 ) -> dict[str, tuple[int, int]]:
     """`(forwards, tokens)` each way of sharing would run for `requests` under the token budget: prefix pieces at
-    batch 1 plus the batched continuations ([`score_requests`], `sharing`)."""
+    batch 1 plus the batched continuations ([`score_requests`], `sharing`), each batch's rows counted padded to its
+    longest."""
     out = {}
     for sharing in ("tree", "flat"):
         plan = plan_prefixes([r.prefix for r in requests], tree=sharing == "tree")
@@ -80,11 +96,10 @@ def sharing_costs(
                 continue
             lengths = [len(requests[i].prefix) - len(node) + len(requests[i].context) + len(requests[i].response)
                        for i in idx]  # fmt: skip
-            forwards += _batches(lengths, len(node), batch_size, max_tokens)
-            tokens += sum(lengths)
+            batches, padded = _batches(lengths, len(node), batch_size, max_tokens)
+            forwards, tokens = forwards + batches, tokens + padded
         out[sharing] = (forwards, tokens)
-    whole = [r.num_tokens for r in requests]
-    out["none"] = (_batches(whole, 0, batch_size, max_tokens), sum(whole))
+    out["none"] = _batches([r.num_tokens for r in requests], 0, batch_size, max_tokens)
     return out
 
 
