@@ -23,8 +23,8 @@ import torch
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
+from trl_ica.embedded import load_model
 from trl_ica.scoring.ica import prepare_ica, score_with
 
 warnings.filterwarnings("ignore")

@@ -85,9 +85,9 @@ from benchmarks.common.models import MODELS, QWEN_05B, model_path, top_layer_lor
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
-from trl_ica.cli.assets import DEFAULT_MODEL, load_model
 from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, noisy_gsm8k, reasoning_gym_label_noise
 from trl_ica.data_io import write_json
+from trl_ica.embedded import DEFAULT_MODEL, load_model
 from trl_ica.scoring.ica import score_ica
 from trl_ica.selection.baselines import select_top
 

@@ -42,8 +42,8 @@ def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
     import trl_ica.scoring.demonstrations as demonstrations
     import trl_ica.scoring.engine as engine
     from trl_ica import ICASFTConfig, ICASFTTrainer
-    from trl_ica.cli.assets import load_model
     from trl_ica.cli.scenarios import noisy_gsm8k
+    from trl_ica.embedded import load_model
 
     torch.set_num_threads(2)
     state = {"scoring": 0, "peak": {"training": 0, "scoring": 0}, "before_scoring": [], "stop": False}

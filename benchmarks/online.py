@@ -27,8 +27,8 @@ from trl import SFTConfig, SFTTrainer
 from benchmarks.common.evaluation import median_step
 from benchmarks.common.models import lora as recipe_lora
 from trl_ica import ICASFTConfig, ICASFTTrainer
-from trl_ica.cli.assets import default_model_path
 from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.embedded import default_model_path
 from trl_ica.scoring.engine import score_requests
 
 warnings.filterwarnings("ignore")

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.embedded import load_model
 from trl_ica.scoring.ica import prepare_ica
 
 REPEATS = 5

@@ -23,8 +23,8 @@ from trl import DPOConfig, DPOTrainer
 from benchmarks.common.evaluation import median_step
 from benchmarks.common.models import lora as recipe_lora
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
-from trl_ica.cli.assets import default_model_path
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k_pairs
+from trl_ica.embedded import default_model_path
 from trl_ica.selection.baselines import oneshot_scores
 
 warnings.filterwarnings("ignore")

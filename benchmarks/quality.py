@@ -39,8 +39,8 @@ from benchmarks.common.evaluation import gsm8k_accuracy, reasoning_gym_accuracy,
 from benchmarks.common.models import lora
 from benchmarks.common.results import Results
 from benchmarks.run import main as run_main
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k, noisy_gsm8k_pairs
+from trl_ica.embedded import load_model
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import score_ica

@@ -34,8 +34,8 @@ def run(kind: str, n: int, steps: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
-    from trl_ica.cli.assets import load_model
     from trl_ica.cli.scenarios import noisy_gsm8k
+    from trl_ica.embedded import load_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

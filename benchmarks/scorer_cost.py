@@ -28,8 +28,8 @@ from benchmarks.common.models import QWEN_05B, lora, qwen_05b_path
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
-from trl_ica.cli.assets import DEFAULT_MODEL, load_model
 from trl_ica.cli.scenarios import reasoning_gym_label_noise
+from trl_ica.embedded import DEFAULT_MODEL, load_model
 from trl_ica.scoring.ica import score_ica
 
 warnings.filterwarnings("ignore")

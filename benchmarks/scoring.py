@@ -30,8 +30,8 @@ from benchmarks.common.models import lora as recipe_lora
 from benchmarks.common.results import check_settings
 from benchmarks.common.results import load as load_results
 from benchmarks.common.results import save as save_results
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.embedded import load_model
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.ica import prepare_ica
 from trl_ica.scoring.planner import LogProbRequest, token_counts

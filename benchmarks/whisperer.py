@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from benchmarks.common.reference import naive_whisperer
-from trl_ica.cli.assets import load_model
 from trl_ica.cli.scenarios import noisy_gsm8k
+from trl_ica.embedded import load_model
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.selection.whisperer import Metric, WhispererConfig, build_prompts, split_answers, whisperer_scores
 

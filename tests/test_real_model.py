@@ -30,7 +30,7 @@ FP32_FACTOR = 8.0
 def _load(dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_ica.cli.assets import default_model_path
+    from trl_ica.embedded import default_model_path
 
     path = default_model_path()
     # float64 runs eager attention: PyTorch's CPU SDPA kernel rounds in float64 at about 1e-7 relative for some

@@ -48,7 +48,7 @@ def recipe_dir(tmp_path_factory):
 
 
 def test_there_is_a_lora_qlora_and_full_recipe_for_each_trainer_and_it_runs_as_shipped():
-    from trl_ica.cli.assets import DEFAULT_MODEL
+    from trl_ica.embedded import DEFAULT_MODEL
 
     names = {os.path.basename(r) for r in RECIPES}
     assert names == {f"{t}_{k}.yaml" for t in ("sft", "dpo", "simpo") for k in ("lora", "qlora", "full")}
@@ -168,15 +168,15 @@ def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir)
 def test_card_names_the_hub_model_the_embedded_default_came_from(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from trl_ica.cli import assets
+    from trl_ica import embedded
     from trl_ica.embedded import EMBEDDED_BASE
     from trl_ica.trainer.model_card import base_model_name
 
     monkeypatch.setenv("TRL_ICA_CACHE", str(tmp_path))
-    embedded = tmp_path / "SmolLM2-135M-Instruct-0123abcd"
-    embedded.mkdir()
-    monkeypatch.setattr(assets, "default_model_path", lambda: pytest.fail("a model card must not convert a model"))
-    assert base_model_name(SimpleNamespace(_name_or_path=str(embedded))) == EMBEDDED_BASE
+    converted = tmp_path / "SmolLM2-135M-Instruct-0123abcd"
+    converted.mkdir()
+    monkeypatch.setattr(embedded, "default_model_path", lambda: pytest.fail("a model card must not convert a model"))
+    assert base_model_name(SimpleNamespace(_name_or_path=str(converted))) == EMBEDDED_BASE
     assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "other"))) == str(tmp_path / "other")
     (tmp_path / "local").mkdir()
     assert base_model_name(SimpleNamespace(_name_or_path=str(tmp_path / "local"))) is None  # a folder, not a Hub id

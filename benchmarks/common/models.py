@@ -8,7 +8,7 @@ import tempfile
 
 from peft import LoraConfig
 
-from trl_ica.cli.assets import DEFAULT_MODEL, default_model_path, load_model  # noqa: F401 - re-exported
+from trl_ica.embedded import DEFAULT_MODEL, default_model_path, load_model  # noqa: F401 - re-exported
 
 #: Every linear layer of a Llama-style decoder layer.
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,8 +53,7 @@ def qwen_05b_path() -> str:
     import sys
     import zipfile
 
-    from trl_ica.cli.assets import convert_gguf
-    from trl_ica.embedded import cache_dir
+    from trl_ica.embedded import cache_dir, convert_gguf
 
     target = os.path.join(cache_dir(), f"bench-Qwen2.5-Coder-0.5B-Instruct-{_QWEN_SHA}")
     if os.path.isfile(os.path.join(target, "config.json")):

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..data_io import write_json
+from ..embedded import DEFAULT_MODEL, resolve_model
 from ..plots import plot_score_histogram
 from ..presets import preset_settings
-from .assets import DEFAULT_MODEL, resolve_model
 from .scenarios import LABEL_NOISE_KINDS, auroc, reasoning_gym_label_noise
 
 #: The ICA trainer's defaults (`trl_ica.presets`), which the label-noise benchmark supports for this noise.

@@ -170,7 +170,7 @@ def load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
-    from .assets import check_model_path, resolve_model
+    from ..embedded import check_model_path, resolve_model
 
     if model_args.model_name_or_path is None:
         raise ValueError("`--model_name_or_path` is required (`smollm2-135m-instruct` is the embedded default).")

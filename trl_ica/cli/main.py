@@ -147,10 +147,10 @@ def run_score(args) -> dict:
     from accelerate import PartialState
 
     from ..data_io import check_output, load_rows, scores_meta_path, write_json, write_rows
+    from ..embedded import load_model
     from ..plots import plot_score_histogram
     from ..selection.baselines import score_dataset
     from ..selection.whisperer import WhispererConfig, whisperer_scores
-    from .assets import load_model
 
     fill_from_preset(args)
     options = scoring_options(args)

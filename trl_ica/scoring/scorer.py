@@ -46,7 +46,7 @@ def load_scoring_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-    from ..cli.assets import check_model_path, resolve_model
+    from ..embedded import check_model_path, resolve_model
 
     if isinstance(model, str):
         if not model.strip():
