@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*script):
+def launch(*script, timeout=900):
     """`accelerate launch` with two processes; on a machine without GPUs they run on the CPU with gloo (torchrun)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -34,7 +34,7 @@ def launch(*script):
         "--dynamo_backend", "no", *script,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
@@ -116,6 +116,21 @@ def test_a_scoring_budget_backed_off_on_one_process_holds_on_all(launched):
     assert [r["budget_after"] for r in ranks] == [50, 50]
     for r in ranks:  # the smaller batches give the same sums
         np.testing.assert_allclose(r["agreed_sums"], r["local_sums"], atol=REGROUPED_ATOL, rtol=0)
+
+
+def test_an_out_of_memory_error_on_one_process_backs_off_or_stops_every_process(model_dir, tmp_path):
+    """An error injected inside rank 1's forwards (tests/oom_worker.py); a process left waiting would hang the launch
+    until its time limit."""
+    launch(os.path.join(os.path.dirname(__file__), "oom_worker.py"), "--model", str(model_dir), "--out", str(tmp_path),
+           timeout=300)  # fmt: skip
+    ranks = [json.loads((tmp_path / f"oom-{r}.json").read_text()) for r in range(2)]
+    # rank 1 failed inside its forward of all six rows (6 x 17 positions) and halved that; rank 0 took the same budget
+    assert ranks[0]["budget_after"] == ranks[1]["budget_after"] == 6 * 17 // 2
+    for rank in ranks:  # rank 1's retry ran smaller batches: the same sums up to regrouping
+        np.testing.assert_allclose(rank["retried"], rank["reference"], atol=REGROUPED_ATOL, rtol=0)
+    # a single sequence cannot be retried: both processes stopped with the error, neither waits for the other
+    assert "Out of memory" in ranks[1]["stopped"] and "a single sequence" in ranks[1]["stopped"]
+    assert "Another process ran out of memory" in ranks[0]["stopped"]
 
 
 def test_lockstep_scores_equal_local_scores(launched):

@@ -9,6 +9,7 @@ Both keep the ranks' model calls in step (see [`ForwardLockstep`]), which sharde
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,26 +36,40 @@ def resolve_mode(distributed: str | None) -> str:
     return "shard" if distributed is None else distributed
 
 
+#: What a process reports at a lockstep step about its last batch: nothing; an out-of-memory error it retries with a
+#: smaller batch; one it cannot retry (it stops, and so must every process).
+NO_FAILURE, RETRY, STOP = 0, 1, 2
+
+
+class StepAgreement(NamedTuple):
+    """What the processes agreed on before a step: the LM-head calls each makes (-1 once none has work left), the
+    worst failure any reported ([`NO_FAILURE`], [`RETRY`], [`STOP`]) and the smallest scoring budget of all."""
+
+    head_calls: int
+    failure: int
+    budget: int
+
+
 class ForwardLockstep:
     """Keeps the model calls of every process in the same order, so sharded parameters gather without deadlock.
 
     Under DeepSpeed ZeRO-3 each module call gathers that module's parameters from every rank: ranks must make the
     same calls in the same order, even when they score different numbers of sequences and tokens. Scoring proceeds in
     steps of one backbone forward followed by some LM-head calls. Before each step the ranks agree (one `all_reduce`
-    of two integers) on whether anyone still has work and on the most head calls anyone needs; a rank with less to do
-    pads with one-token forwards and one-row head calls.
+    of four integers) on whether anyone still has work, on the most head calls anyone needs, and on whether any ran
+    out of memory in its last batch (and the smallest token budget, which every rank then takes); a rank with less to
+    do pads with one-token forwards and one-row head calls.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def step(self, has_work: bool, head_calls: int) -> int:
-        """The head calls every rank makes in this step, or -1 once no rank has work left."""
-        flags = torch.tensor([int(has_work), head_calls], dtype=torch.long, device=self.device)
+    def step(self, has_work: bool, head_calls: int, failure: int = NO_FAILURE, budget: int = 0) -> StepAgreement:
+        """Agree with every rank before a step ([`StepAgreement`]); every rank must call it."""
+        flags = torch.tensor([int(has_work), head_calls, failure, -budget], dtype=torch.long, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if not flags[0]:
-            return -1
-        return int(flags[1])
+        work, calls, worst, smallest = (int(x) for x in flags)
+        return StepAgreement(calls if work else -1, worst, -smallest)
 
 
 @contextlib.contextmanager

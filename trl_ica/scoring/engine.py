@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .. import seams
-from .distributed import ForwardLockstep, resolve_mode, unsharded_ancestors
+from .distributed import RETRY, STOP, ForwardLockstep, StepAgreement, resolve_mode, unsharded_ancestors
 from .models import (
     autocast_to,
     backbone_and_head,
@@ -41,6 +41,7 @@ from .models import (
     is_oom,
     pad_id,
     padded_batch,
+    sharded_forward,
 )
 from .planner import (
     SHARINGS,
@@ -74,12 +75,21 @@ class PrefixState(NamedTuple):
     length: int
 
 
+class PeerOutOfMemoryError(torch.OutOfMemoryError):
+    """Raised on every other process when one ran out of memory scoring and could not retry: all stop together."""
+
+
 class _Scorer:
-    def __init__(self, model, device, lockstep: ForwardLockstep | None = None, compute_dtype=None):
+    def __init__(self, model, device, lockstep: ForwardLockstep | None = None, compute_dtype=None, budget=None):
         self.lm, self.backbone, self.head = backbone_and_head(model)
         self.device = device
         self.pad_id = pad_id(self.lm)
         self.lockstep = lockstep
+        self.budget = budget if budget is not None else ScoringBudget()
+        self.failure = 0  # reported at the next lockstep step: RETRY after an out-of-memory error this rank retries
+        # a rank can leave a forward for an out-of-memory error and still meet the others at the next step only
+        # when the forward itself makes no collective calls
+        self.can_fail_alone = lockstep is None or not sharded_forward(model)
         config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
         self.hidden_size = config.hidden_size
         self.head_chunk = head_chunk(head_rows(self.head))
@@ -102,7 +112,32 @@ class _Scorer:
 
     def _in_step(self, head_calls: int) -> int:
         """Before a backbone forward: the LM-head calls every process makes after it (this one's own without sync)."""
-        return head_calls if self.lockstep is None else self.lockstep.step(True, head_calls)
+        if self.lockstep is None:
+            return head_calls
+        return self._agreed(self.lockstep.step(True, head_calls, self.failure, self.budget.tokens or 0)).head_calls
+
+    def _agreed(self, agreement: StepAgreement) -> StepAgreement:
+        """Act on what a step's agreement says of the others: after any process's out-of-memory error every process
+        takes the smallest budget of all; after one no process can retry, every process stops."""
+        if agreement.failure == STOP:
+            raise PeerOutOfMemoryError(
+                "Another process ran out of memory scoring and cannot retry, so every process stops. Lower the "
+                f"scoring token budget (`ica_scoring_max_tokens`, `--scoring-max-tokens`), currently "
+                f"{self.budget.tokens}, or give fewer or shorter demonstrations."
+            )
+        if agreement.failure == RETRY:
+            if agreement.budget < self.budget.tokens:
+                logger.warning("A process ran out of memory scoring; the scoring budget is now %d positions on every "
+                               "process.", agreement.budget)  # fmt: skip
+            self.budget.tokens, self.budget.backed_off = min(self.budget.tokens, agreement.budget), True
+        self.failure = 0
+        return agreement
+
+    def stop_together(self) -> None:
+        """Before raising an out-of-memory error no retry can mend: tell the other processes at their next step,
+        so that they stop too instead of waiting (possible only when forwards make no collective calls)."""
+        if self.lockstep is not None and self.can_fail_alone:
+            self.lockstep.step(False, 0, STOP, self.budget.tokens or 0)
 
     def _pad_head_calls(self, done: int, wanted: int) -> None:
         for _ in range(wanted - done):  # match processes that score more tokens in this step
@@ -112,7 +147,10 @@ class _Scorer:
         """With lockstep, run one-token dummy steps until every process has run out of work."""
         if self.lockstep is None:
             return
-        while (head_calls := self.lockstep.step(False, 0)) >= 0:
+        while True:
+            head_calls = self._agreed(self.lockstep.step(False, 0, self.failure, self.budget.tokens or 0)).head_calls
+            if head_calls < 0:
+                break
             self.backbone(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=False)
             self._pad_head_calls(0, head_calls)
 
@@ -121,12 +159,17 @@ class _Scorer:
         head_calls = self._in_step(0)
         start = parent.length if parent is not None else 0
         cache = seams.full_cache(parent.layers if parent is not None else None)  # the parent's tensors stay as is
-        out = self.backbone(
-            input_ids=torch.tensor([segment], device=self.device),
-            position_ids=torch.arange(start, start + len(segment), device=self.device)[None],
-            use_cache=True,
-            **{self.cache_argument: cache},
-        )
+        try:
+            out = self.backbone(
+                input_ids=torch.tensor([segment], device=self.device),
+                position_ids=torch.arange(start, start + len(segment), device=self.device)[None],
+                use_cache=True,
+                **{self.cache_argument: cache},
+            )
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if is_oom(error):  # one prefix at batch 1: nothing smaller to retry
+                self.stop_together()
+            raise
         self._pad_head_calls(0, head_calls)
         layers = seams.cache_key_values(cache)
         length = start + len(segment)
@@ -350,7 +393,7 @@ def _score_requests(
 
     device = execution_device(model)
     budget.resolve(device)
-    scorer = _Scorer(model, device, lockstep, compute_dtype)
+    scorer = _Scorer(model, device, lockstep, compute_dtype, budget)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
     with (
         torch.no_grad(),
@@ -463,8 +506,9 @@ def _score_group(
 ) -> tuple[np.ndarray, list | None]:
     """Sums of `group` (requests continuing from one prefix state, or none), and with `per_token` their token
     log-probabilities, in batches under the row cap and the token budget; longest first, so that memory errors come
-    early. On one the budget is halved for good and the batch retried (unless processes are in step, where one
-    process cannot retry alone)."""
+    early. On one the budget is halved for good and the batch retried; under lockstep every process learns of it at
+    the next step and takes the same budget. Where no retry can help (one sequence, or a sharded model whose
+    forward the other processes are still inside), every process that can be told stops with the error."""
     sums = np.zeros(len(group), dtype=np.float64)
     tokens = [None] * len(group) if per_token else None
     lengths = [len(r.context) + len(r.response) for r in group]
@@ -475,18 +519,22 @@ def _score_group(
         batch = order[pos : batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
         try:
             values, arrays = scorer.score_batch(group, batch, state, per_token)
+        except PeerOutOfMemoryError:
+            raise  # another process's error, already agreed on: nothing to tell the others
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_oom(error):
                 raise
             held = len(batch) * (prefix + lengths[batch[0]])
-            if len(batch) == 1 or lockstep is not None:
+            if len(batch) == 1 or not scorer.can_fail_alone:
+                scorer.stop_together()
+                reason = "a single sequence" if len(batch) == 1 else "a sharded model's processes cannot retry alone"
                 raise torch.OutOfMemoryError(
-                    f"Out of memory scoring {len(batch)} sequence(s) of {held} token positions in all "
-                    f"({'a single sequence' if len(batch) == 1 else 'processes kept in step cannot retry alone'}). "
+                    f"Out of memory scoring {len(batch)} sequence(s) of {held} token positions in all ({reason}). "
                     "Lower the scoring token budget (`ica_scoring_max_tokens`, `--scoring-max-tokens`), currently "
                     f"{budget.tokens}, or give fewer or shorter demonstrations."
                 ) from error
             budget.back_off(held)
+            scorer.failure = RETRY  # under lockstep the others learn of it at the next step and take this budget too
             logger.warning(
                 "Out of memory scoring %d sequences (%d token positions); the scoring budget is now %d positions.",
                 len(batch), held, budget.tokens,

@@ -540,8 +540,8 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         sharing (`str`, *optional*, defaults to `"auto"`): how demonstration prefixes share their KV cache:
             `"tree"`, `"flat"`, `"none"`, or `"auto"` (the cheapest by the cost model); see [`score_requests`].
         forward_overhead (`float` or `"measure"`, *optional*): the cost model's fixed cost per forward, in tokens
-            (default 32 on the CPU, 256 on an accelerator); raise it where each forward gathers or dequantises
-            every weight (QLoRA, ZeRO-3, FSDP), or `"measure"` it. See [`score_requests`].
+            (default 32 on the CPU, 256 on an accelerator, 1024 there where each forward gathers or dequantises every
+            weight: QLoRA, ZeRO-3, FSDP), or `"measure"` it. See [`score_requests`].
         template ([`ICAPromptTemplate`], *optional*): the demonstration wording.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
         layout (`str`, *optional*, defaults to `"turns"`): for conversational rows, `"turns"` (each demonstration an

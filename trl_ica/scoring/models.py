@@ -30,13 +30,20 @@ def fsdp2_sharded(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def sharded_forward(model) -> bool:
+    """Whether a forward of `model` gathers parameters from other processes (FSDP2, DeepSpeed ZeRO-3): then every
+    process must make the same model calls, and one that stops inside a forward leaves the others waiting."""
+    lm = unwrap_causal_lm(model)
+    return fsdp2_sharded(lm) or any(hasattr(p, "ds_id") for p in lm.parameters())
+
+
 def heavy_forward(model) -> bool:
     """Whether every forward of `model` dequantises its weights (bitsandbytes 4-bit) or gathers them from other
-    processes (FSDP2, DeepSpeed ZeRO-3): a fixed cost per forward that many more tokens would share."""
+    processes ([`sharded_forward`]): a fixed cost per forward that many more tokens would share."""
     lm = unwrap_causal_lm(model)
-    if getattr(lm, "is_loaded_in_4bit", False) or fsdp2_sharded(lm):
+    if getattr(lm, "is_loaded_in_4bit", False) or any(type(p).__name__ == "Params4bit" for p in lm.parameters()):
         return True
-    return any(hasattr(p, "ds_id") or type(p).__name__ == "Params4bit" for p in lm.parameters())
+    return sharded_forward(lm)
 
 
 def execution_device(model) -> torch.device:
