@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from trl_ica.scoring.weighting import WEIGHTINGS, compute_weights, rank_weights, score_range
+from trl_ica.scoring.weighting import WEIGHTINGS, compute_weights, score_range
 
 
 def test_batch_minmax():
     np.testing.assert_allclose(compute_weights([1.0, 3.0, 2.0]), [0.0, 1.0, 0.5])
 
 
-@pytest.mark.parametrize("scheme", ["batch_minmax", "softmax", "rank", "none"])
+@pytest.mark.parametrize("scheme", ["batch_minmax", "none"])
 def test_equal_scores_and_single_score_give_uniform_weights(scheme):
     np.testing.assert_allclose(compute_weights([2.5, 2.5, 2.5], scheme), [1.0, 1.0, 1.0])
     np.testing.assert_allclose(compute_weights([-7.0], scheme), [1.0])
@@ -20,18 +20,6 @@ def test_global_minmax_uses_dataset_range_and_clips():
     )
     with pytest.raises(ValueError, match="global_range"):
         compute_weights([1.0], "global_minmax")
-
-
-def test_softmax_has_mean_one_and_follows_temperature():
-    w = compute_weights([0.0, 1.0], "softmax", temperature=0.5)
-    assert w.mean() == pytest.approx(1.0)
-    assert w[1] / w[0] == pytest.approx(np.exp(2.0))
-    with pytest.raises(ValueError, match="temperature"):
-        compute_weights([0.0, 1.0], "softmax", temperature=0)
-
-
-def test_rank_with_ties():
-    np.testing.assert_allclose(rank_weights([3.0, 1.0, 3.0, 2.0]), [(2.5) / 3, 0.0, 2.5 / 3, 1 / 3])
 
 
 def test_infinite_scores_take_the_extremes():

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-WEIGHTINGS = ("batch_minmax", "global_minmax", "holdout_quantile", "holdout_posterior", "softmax", "rank", "none")
+WEIGHTINGS = ("batch_minmax", "global_minmax", "holdout_quantile", "holdout_posterior", "none")
 #: Schemes whose weights depend only on the scores of one batch.
-BATCH_WEIGHTINGS = ("batch_minmax", "softmax", "rank")
+BATCH_WEIGHTINGS = ("batch_minmax",)
 #: Schemes that compare a score with every score of the training set (not known online, row by row).
 POOL_WEIGHTINGS = ("holdout_posterior",)
 
@@ -42,32 +42,6 @@ def minmax_weights(scores, low: float | None = None, high: float | None = None, 
     if not high - low > 1e-12 * max(1.0, abs(high), abs(low)):
         return np.ones_like(s)
     return np.clip((s - low) / (high - low), 0.0, 1.0)
-
-
-def softmax_weights(scores, temperature: float = 1.0, where: str = "rows") -> np.ndarray:
-    """n * softmax(s / temperature): mean weight 1, ratios exp(gap / temperature)."""
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
-    s = _clean(scores, where)
-    if s.size == 0:
-        return s
-    z = (s - s.max()) / temperature
-    e = np.exp(z)
-    return s.size * e / e.sum()
-
-
-def rank_weights(scores, where: str = "rows") -> np.ndarray:
-    """Rank / (n - 1) in [0, 1], ties sharing their average rank; one score (or all equal) gives 1."""
-    s = _clean(scores, where)
-    n = s.size
-    if n == 0:
-        return s
-    if n == 1 or np.ptp(s) == 0:
-        return np.ones_like(s)
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # position of each distinct value in sorted order
-    ranks = (first + (counts - 1) / 2)[inverse]
-    return ranks / (n - 1)
 
 
 def quantile_weights(scores, reference, cutoff: float = 1.0, where: str = "rows") -> np.ndarray:
@@ -186,7 +160,6 @@ def compute_weights(
     scores,
     scheme: str = "batch_minmax",
     *,
-    temperature: float = 1.0,
     global_range: tuple[float, float] | None = None,
     reference=None,
     cutoff: float = 1.0,
@@ -204,10 +177,7 @@ def compute_weights(
             ([`quantile_weights`]), at full weight from the `cutoff` share of them up.
             `"holdout_posterior"`: the probability that a row is holdout-like given its score, with the training set's
             scores `pool` read as a mixture of holdout-like rows and others ([`posterior_weights`]).
-            `"softmax"`: `n * softmax(s / temperature)` within the batch (mean 1).
-            `"rank"`: rank within the batch scaled to [0, 1].
             `"none"`: all 1 (scores are only logged).
-        temperature (`float`, *optional*, defaults to `1.0`): for `"softmax"`.
         global_range (`tuple[float, float]`, *optional*): required for `"global_minmax"`.
         reference (`array-like`, *optional*): required for `"holdout_quantile"`.
         cutoff (`float`, *optional*, defaults to `1.0`): for `"holdout_quantile"`.
@@ -232,10 +202,6 @@ def compute_weights(
             raise ValueError("`weighting='holdout_posterior'` needs the holdout's own scores (`reference`) and every "
                              "training row's (`pool`).")  # fmt: skip
         return posterior_weights(scores, reference, pool, where=where)
-    if scheme == "softmax":
-        return softmax_weights(scores, temperature, where=where)
-    if scheme == "rank":
-        return rank_weights(scores, where=where)
     _clean(scores, where)  # NaN is still an error under "none"
     return np.ones(np.asarray(scores).size, dtype=np.float64)
 

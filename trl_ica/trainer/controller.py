@@ -29,7 +29,7 @@ class ICAController:
 
     Weights are computed per optimizer step: the trainer calls [`begin_step`] with every micro-batch of the step
     before the first one runs, and that is the one place a refresh is triggered. The schemes that compare scores
-    within a batch (`batch_minmax`, `softmax`, `rank`) compare all the examples of the step, over gradient
+    within a batch (`batch_minmax`) compare all the examples of the step, over gradient
     accumulation and processes, so the same step gets the same weights however it is split into micro-batches. Each
     micro-batch then reads its weights with [`micro_batch_weights`].
 

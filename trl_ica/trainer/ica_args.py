@@ -45,9 +45,9 @@ class ICAArguments:
             sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
         ica_weighting (`str`, *optional*, defaults to the preset's):
             recommended: `"holdout_quantile"` for SFT, `"batch_minmax"` for pairs; paper: `"batch_minmax"`.
-            `"batch_minmax"` (the paper's), `"global_minmax"`, `"softmax"`, `"rank"` or `"none"`. The batch schemes
-            (`"batch_minmax"`, `"softmax"`, `"rank"`) compare the examples of one optimizer step: every micro-batch of
-            gradient accumulation on every process. `"holdout_quantile"` weights each example by where its score falls
+            `"batch_minmax"` (the paper's), `"global_minmax"`, `"holdout_quantile"`, `"holdout_posterior"` or
+            `"none"`. `"batch_minmax"` compares the examples of one optimizer step: every micro-batch of gradient
+            accumulation on every process. `"holdout_quantile"` weights each example by where its score falls
             among the holdout's own scores (each holdout row scored with demonstrations from the rest of the holdout):
             the share of them it beats, whatever else is in its batch. `"holdout_posterior"` weights it by the
             probability that it is holdout-like given its score, the training set's scores read as a mixture of
@@ -70,11 +70,9 @@ class ICAArguments:
             full, the loss is the stock loss, and a row of weight 0 is never drawn (costs no compute). A refresh
             (`ica_refresh` > 1) redraws the rest of the epoch from the new weights. It needs weights that compare a row
             with the holdout or the whole training set, not with its batch: an unset `ica_weighting` becomes
-            `"holdout_posterior"`, and `"batch_minmax"`, `"softmax"` and `"rank"` are refused, as are online scoring
+            `"holdout_posterior"`, and `"batch_minmax"` is refused, as are online scoring
             (no weight exists before a row is drawn), packing (the sampler draws packed sequences, not examples),
             a streamed `train_dataset` (no sampler) and `train_sampling_strategy` other than `"random"`.
-        ica_temperature (`float`, *optional*, defaults to `1.0`):
-            temperature of `"softmax"` weighting.
         ica_loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
             how the weighted losses of an optimizer step (all its micro-batches and processes) are reduced.
             `"token_mean"`: the trainer's own divisor, `sum_i w_i * nll_i / sum_i n_i` (n_i: example i's loss
@@ -129,7 +127,9 @@ class ICAArguments:
         ica_scoring_max_tokens (`int`, *optional*):
             token positions one scoring forward may hold: for each sequence, the demonstration prefix it attends to
             plus its own padded tokens. Defaults to 16384 on an accelerator and 2048 on the CPU. After an out-of-memory
-            error the budget is halved for the rest of the run, on every process.
+            error the budget is halved for the rest of the run, on every process (they learn of it at the next
+            scoring step and retry together; under FSDP and ZeRO-3, whose forwards gather parameters, the error stops
+            every process with a message naming this setting).
         ica_scoring_sharing (`str`, *optional*, defaults to `"auto"`):
             how demonstration prefixes share their KV cache: `"tree"` (the common start of different prefixes runs
             once, in the most forwards), `"flat"` (whole prefixes used more than once run once), `"none"` (every
@@ -137,8 +137,8 @@ class ICAArguments:
             forward `ica_scoring_overhead` tokens. The scores are the same up to rounding.
         ica_scoring_overhead (`float` or `str`, *optional*):
             that fixed cost per scoring forward, in tokens' worth of compute; by default 32 on the CPU and 256 on an
-            accelerator. Where every forward dequantises (QLoRA) or gathers (ZeRO-3, FSDP) every weight, a forward
-            costs far more: raise it (e.g. 1000) or give `"measure"` (timed once per run on the model).
+            accelerator, 1024 there where every forward dequantises (QLoRA) or gathers (ZeRO-3, FSDP) every weight
+            (an estimate: `scripts/gpu_check.py` measures it); `"measure"` times it once per run on the model.
         ica_max_length (`int`, *optional*):
             longest conditioned sequence allowed (demonstrations included); defaults to the model's context size
             (`max_position_embeddings`). The training `max_length` does not bound it: a row longer than this with its
@@ -187,7 +187,6 @@ class ICAArguments:
         metadata={"help": "Weights multiply each example's loss, or set how often it is drawn.",
                   "choices": list(WEIGHT_MODES)},
     )  # fmt: skip
-    ica_temperature: float = field(default=1.0, metadata={"help": "Temperature of softmax weighting."})
     ica_loss_reduction: str = field(
         default="token_mean",
         metadata={"help": "Divide the weighted loss by the step's tokens, or by its weighted tokens.",
@@ -343,8 +342,6 @@ class ICAArguments:
             )
         if not isinstance(self.ica_num_demos, int) or self.ica_num_demos < 1:
             raise ValueError(f"`ica_num_demos` must be a positive integer, got {self.ica_num_demos!r}.")
-        if not self.ica_temperature > 0:
-            raise ValueError(f"`ica_temperature` must be > 0, got {self.ica_temperature!r}.")
         refresh = self.ica_refresh
         if isinstance(refresh, str) and refresh.strip().isdigit():
             refresh = int(refresh)

@@ -20,7 +20,7 @@ STATE_FILE = "ica_state.npz"
 #: become weights and enter the loss, and when scoring happens. The others (the scoring budget, where given scores
 #: came from, the preset the settings were filled from) change no saved number.
 STATE_FIELDS = (
-    "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_temperature", "ica_refresh",
+    "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_refresh",
     "ica_max_length", "ica_loss_reduction", "ica_weight_mode", "ica_token_quantile",
 )  # fmt: skip
 NOT_FINGERPRINTED = (

@@ -43,12 +43,11 @@ class StepWeigher:
     (the schemes that compare a batch's scores compare all of them), and each process keeps its own weights.
 
     Args:
-        args ([`ICAArguments`]): `ica_weighting`, `ica_temperature`, `ica_holdout_cutoff`.
+        args ([`ICAArguments`]): `ica_weighting`, `ica_holdout_cutoff`.
     """
 
     def __init__(self, args):
         self.scheme = args.ica_weighting
-        self.temperature = args.ica_temperature
         self.cutoff = args.ica_holdout_cutoff
         self._warned_single = False
 
@@ -96,7 +95,6 @@ class StepWeigher:
         weights = compute_weights(
             all_scores,
             scheme,
-            temperature=self.temperature,
             global_range=state.global_range,
             reference=state.reference,
             cutoff=self.cutoff,
