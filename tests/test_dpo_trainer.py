@@ -255,3 +255,25 @@ def test_a_step_the_weights_do_not_reach_stops_instead_of_training_unweighted(to
     seam = r"relies on `DPOTrainer.compute_loss` calling the policy.*\(trl 1\.\d+.*did not reach the loss"
     with pytest.raises(RuntimeError, match=seam):
         dpo_trainer(tokenizer, tmp_path, peft_config=tiny_lora(), max_steps=1).train()
+
+
+@pytest.mark.parametrize("moved", ["factor_not_applied", "other_factor"])
+def test_a_step_whose_pair_factor_trl_stopped_applying_stops(tokenizer, tmp_path, monkeypatch, moved):
+    """The policy forward still sets the factor, but TRL no longer multiplies the pair losses by it (or multiplies by
+    another value than the weights): the hook fired, yet the step would train unweighted, so it stops."""
+    from trl_ica import seams
+
+    original = seams._OutOfPlaceProduct.__torch_function__.__func__
+
+    def moved_seam(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.mul_, torch.Tensor.__imul__) and type(args[0]) is torch.Tensor:
+            if moved == "factor_not_applied":
+                return args[0]  # TRL dropped the product
+            args = (args[0], args[1].as_subclass(torch.Tensor).sqrt().as_subclass(cls))  # another factor
+        return original(cls, func, types, args, kwargs)
+
+    monkeypatch.setattr(seams._OutOfPlaceProduct, "__torch_function__", classmethod(moved_seam))
+    seam = r"relies on `DPOTrainer.compute_loss` calling the policy.*did not reach the loss"
+    trainer = dpo_trainer(tokenizer, tmp_path, peft_config=tiny_lora(), max_steps=1, ica_weighting="batch_minmax")
+    with pytest.raises(RuntimeError, match=seam):
+        trainer.train()

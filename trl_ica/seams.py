@@ -483,13 +483,25 @@ def dpo_set_pair_factor(output, log_probs: torch.Tensor, weights: torch.Tensor, 
     `(2B, T-1)` output, chosen rows first. TRL applies the factor in place, which autograd refuses for the hinge
     loss (`relu` keeps its output for the backward); [`_OutOfPlaceProduct`] makes that one product out of place."""
     label_mask, log_sum_sq_probs = dpo_weighting_fields(output, wpo)
+    _APPLIED_FACTORS.clear()  # a new forward: the products of this step's loss are recorded afresh
     shift = torch.cat([torch.log(weights), torch.zeros_like(weights)])[:, None]
     base = (log_sum_sq_probs if wpo else log_probs.detach()).float()
     output.log_sum_sq_probs = torch.where(label_mask, base - shift, base).as_subclass(_OutOfPlaceProduct)
 
 
+#: The factors TRL multiplied a loss by, since the last [`dpo_set_pair_factor`] ([`dpo_applied_factors`]).
+_APPLIED_FACTORS: list[torch.Tensor] = []
+
+
+def dpo_applied_factors() -> list[torch.Tensor]:
+    """The per-pair factors `DPOTrainer.compute_loss` multiplied a loss by (`per_sequence_loss *= factor`) since the
+    policy's forward set them ([`dpo_set_pair_factor`]), one per loss type: empty when TRL did not apply them."""
+    return list(_APPLIED_FACTORS)
+
+
 class _OutOfPlaceProduct(torch.Tensor):
-    """A tensor whose descendants turn `loss *= factor` into `loss = loss * factor`, returning a plain tensor.
+    """A tensor whose descendants turn `loss *= factor` into `loss = loss * factor`, returning a plain tensor, and
+    record `factor` ([`dpo_applied_factors`]).
 
     TRL scales each pair's loss in place with a factor computed from `log_sum_sq_probs`; in place, the product breaks
     the backward of losses that keep their output (the hinge loss's `relu`). Every other operation behaves as usual.
@@ -499,7 +511,9 @@ class _OutOfPlaceProduct(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func in (torch.Tensor.mul_, torch.Tensor.__imul__) and type(args[0]) is torch.Tensor:
             target, factor = args
-            return target * factor.as_subclass(torch.Tensor)
+            factor = factor.as_subclass(torch.Tensor)
+            _APPLIED_FACTORS.append(factor.detach())
+            return target * factor
         return super().__torch_function__(func, types, args, kwargs or {})
 
 

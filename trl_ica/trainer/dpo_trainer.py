@@ -94,7 +94,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         with seams.dpo_loss_terms(self, loss_types, loss_weights, use_weighting=True):
             with self._policy_weights(model, index.cpu().numpy(), policy):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not policy:
+        if not policy or not self._factors_applied(policy):
             raise self.unweighted_error(
                 "`DPOTrainer.compute_loss` calling the policy with `fused_lm_head=True` and scaling each pair's loss "
                 "by a factor of its `log_sum_sq_probs` (trl.trainer.dpo_trainer), which `seams.dpo_set_pair_factor` "
@@ -108,6 +108,30 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         for weight in sft:
             loss = loss + sft_loss * weight
         return (loss, outputs) if return_outputs else loss
+
+    def _factors_applied(self, policy: dict) -> bool:
+        """Whether TRL multiplied each preference term's per-pair losses by the factor the weights set, this step.
+
+        The identity relied on: TRL's factor is `exp(mean_t(log_probs - log_sum_sq_probs))` over a row's completion
+        tokens, chosen row times rejected row; with `log_sum_sq_probs` set to `log_probs - log w_i` on the chosen row
+        and to `log_probs` on the rejected one, it is `exp(log w_i) * exp(0) = w_i`. Without WPO (`use_weighting`)
+        each recorded factor must be the weights, up to float32's rounding of that mean (a few ulp of the largest
+        |log-prob|); with WPO it is TRL's own factor times them, so only its application is checked."""
+        factors = seams.dpo_applied_factors()
+        preference_terms = sum(1 for t in self.loss_types if t != "sft")
+        if len(factors) < preference_terms:
+            return False
+        if self.args.use_weighting:
+            return True
+        weights = policy["weights"].detach().float()
+        scale = float(policy["log_probs"].detach().float().abs().max()) + float(
+            torch.log(weights[weights > 0]).abs().max() if (weights > 0).any() else 0.0
+        )
+        rtol = 16 * torch.finfo(torch.float32).eps * max(1.0, scale)
+        return all(
+            f.shape == weights.shape and torch.allclose(f.float().to(weights.device), weights, rtol=rtol, atol=0)
+            for f in factors
+        )
 
     @contextlib.contextmanager
     def _policy_weights(self, model, index: np.ndarray, policy: dict):
