@@ -39,6 +39,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.multiprocess
 def test_knn_embeddings_of_a_zero3_partitioned_model_equal_the_plain_model(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

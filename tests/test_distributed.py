@@ -17,7 +17,7 @@ from trl_ica import score_ica
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.planner import LogProbRequest
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.multiprocess]
 
 
 def free_port() -> int:

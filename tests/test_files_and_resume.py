@@ -51,6 +51,7 @@ def test_an_error_while_writing_leaves_the_old_file_and_no_partial_one(tmp_path)
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.jsonl"]
 
 
+@pytest.mark.multiprocess
 def test_sigterm_at_any_point_of_a_write_leaves_a_whole_file_or_none(tmp_path):
     """A process rewriting 100k rows is killed at spread-out moments; every time, the file on disk is either absent
     or the whole dataset, never a prefix of it."""

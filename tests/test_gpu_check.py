@@ -9,6 +9,8 @@ import site
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py")
 
 
@@ -22,6 +24,7 @@ def smoke(tmp_path, sections, python=(sys.executable,), env=None):
     return report["sections"]
 
 
+@pytest.mark.multiprocess
 def test_gpu_check_smoke_runs_and_reports(tmp_path):
     sections = ["precision", "planner", "qlora", "fsdp2", "zero3", "lora_step"]  # attention: the CPU tests cover it
     report = smoke(tmp_path, sections)
@@ -62,6 +65,7 @@ def bare_site(tmp_path, missing):
     return folder
 
 
+@pytest.mark.multiprocess
 def test_gpu_check_runs_without_trl_datasets_and_the_optional_packages(tmp_path):
     """As on the GPU image: no trl, datasets, bitsandbytes or deepspeed, and trl_ica not installed (run from the
     checkout). The engine imports and scores; the sections that need a missing package say which."""
@@ -75,6 +79,7 @@ def test_gpu_check_runs_without_trl_datasets_and_the_optional_packages(tmp_path)
     assert "bitsandbytes" in report["qlora"]["skipped"] and "deepspeed" in report["zero3"]["skipped"]
 
 
+@pytest.mark.multiprocess
 def test_gpu_check_refuses_an_unknown_section():
     command = [sys.executable, SCRIPT, "--smoke", "--sections", "nonsense"]
     done = subprocess.run(command, capture_output=True, text=True)

@@ -41,6 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_trl_ica_sft_launches_processes_from_the_yaml_and_trls_named_config(tmp_path, model_dir):
     """`num_processes: 2` in the recipe and `--accelerate_config multi_gpu` (TRL's own) start two processes on the
     CPU, as `trl sft` would: each step weights the global batch of 2 processes x 2 rows."""

@@ -98,6 +98,7 @@ def test_recipe_trains_two_steps_as_shipped(recipe, model_dir, recipe_dir, monke
         assert getattr(base, "is_loaded_in_4bit", False)
 
 
+@pytest.mark.multiprocess
 def test_readme_launch_line_runs_as_written(model_dir, recipe_dir):
     """The README's `accelerate launch` line of the LoRA SFT recipe, in a subprocess, with the tiny model."""
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
@@ -126,6 +127,7 @@ def test_four_bit_without_bitsandbytes_names_the_extra(model_dir, recipe_dir, mo
         main(["sft", "--config", "recipes/sft_qlora.yaml", "--model_name_or_path", str(model_dir), "--max_steps", "1"])
 
 
+@pytest.mark.multiprocess
 def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir):
     from trl_ica.cli import main as cli
 

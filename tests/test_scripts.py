@@ -32,6 +32,7 @@ def test_benchmarks_import_each_other_as_a_package():
         assert "sys.path" not in source and "from reference import" not in source, path
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow  # about 6 s a script (importing torch and transformers): run once, on the lowest versions
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_script_starts(script):
@@ -40,6 +41,7 @@ def test_script_starts(script):
     assert "usage" in done.stdout.lower()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_starts(name):
