@@ -313,10 +313,10 @@ def score_requests(
             fewest, widest forwards. `"auto"` picks the cheapest by [`choose_sharing`]: tokens run plus a fixed cost
             per forward (`forward_overhead`). The results are the same up to floating-point rounding.
         forward_overhead (`float` or `"measure"`, *optional*): that fixed cost, in tokens' worth of compute. By
-            default 32 on the CPU (measured for SmolLM2-135M on two cores: 29-31) and 256 on an accelerator (a
-            GPU's bf16 peak over its memory bandwidth, 150-300 from an A100 to an H200: the tokens a forward could
-            compute while it reads the weights once), 1024 there for a 4-bit or FSDP/ZeRO-3-sharded model (every
-            forward dequantises or gathers every weight; an estimate, [`default_overhead`]). `"measure"` times the
+            default 32 on the CPU and 256 on an accelerator (a GPU's bf16 peak over its memory bandwidth: the tokens
+            a forward could compute while it reads the weights once), 1024 there for a 4-bit or FSDP/ZeRO-3-sharded
+            model (every forward dequantises or gathers every weight), [`default_overhead`]; docs/benchmarks.md says
+            where each comes from. `"measure"` times the
             model once per device and dtype ([`measure_forward_overhead`]); the default is fixed so that a run's
             scores never depend on timing.
         compute_dtype (`torch.dtype`, *optional*): run the model under autocast to this dtype when its weights are
