@@ -11,20 +11,21 @@ package index:
     PYTHONPATH=/tmp/site python3 scripts/gpu_check.py --output gpu_check.json
     python scripts/gpu_check.py --smoke --output smoke.json        # tiny shapes on the CPU: the script itself runs
 
-Each section runs in a process of its own under a time guard (`--guard`), so a section that hangs, runs out of memory
-or crashes is recorded and the others still run; the report (one JSON file, rewritten whole after each section)
-holds each section's figures, its `error`, or the reason it was `skipped`. Every comparison of the engine with a plain
-forward reports the gap beside the plain forward's own regrouping noise (the same sequence right-padded beside a
-longer one), and fails when the gap exceeds `TOLERANCE_FACTOR` times that noise (floored at float32's rounding of the
-sum). The exit status is non-zero when a section failed or erred.
+Each section runs in a process of its own under a time guard (`--guard`), and all of them within `--budget` seconds
+(450 by default), so a section that hangs, runs out of memory or crashes is recorded and the others still run; the
+report (one JSON file, rewritten whole after each section) holds each section's figures, its `error`, or the reason it
+was `skipped`. Every comparison of the engine with a plain forward reports the gap beside the plain forward's own
+regrouping noise (the same sequence right-padded beside a longer one), and fails when the gap exceeds
+`TOLERANCE_FACTOR` times that noise (floored at float32's rounding of the sum). The exit status is non-zero when a
+section failed or erred.
 
 Sections:
 
 - `precision`: a 1B-shaped Llama in bf16 weights and in float32 weights under bf16 autocast, each against the plain
   forward of the same precision, and the dtype its layers ran in.
-- `attention`: sdpa, eager, flex_attention and flash_attention_2 in bf16, each with forced `tree`, `flat` and `none`
-  sharing, on a model with a sliding layer (window shorter than the shared prefix) and a full one, continuations of 1
-  to 200 tokens padded in batches.
+- `attention_sdpa`, `attention_eager`, `attention_flex`, `attention_fa2`: each attention implementation in bf16
+  with forced `tree`, `flat` and `none` sharing, on a model with a sliding layer (window shorter than the shared
+  prefix) and a full one, continuations of 1 to 200 tokens padded in batches.
 - `memory_8b`: an 8B-shaped Llama (bf16) scoring 16 continuations of a 3,000-token prefix: peak memory against the
   weights, per token of the scoring budget.
 - `planner`: each sharing mode's measured throughput against the mode the cost model picks, at 1B and 8B shapes in
@@ -197,34 +198,29 @@ def mixed_window_model(implementation, device, dtype, smoke):
         return Qwen2ForCausalLM(config).to(dtype).eval()
 
 
-def section_attention(device, smoke):
-    score_requests = engine().score_requests
-    dtype = torch.float32 if smoke else torch.bfloat16
-    out = {}
-    for implementation in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
-        try:
-            if implementation == "flash_attention_2":
-                need("flash_attn", "flash_attention_2")
-                if device.type != "cuda":
-                    raise Skip("flash_attention_2 runs on CUDA only")
-            if implementation == "flex_attention" and smoke:
-                raise Skip("--smoke: flex_attention compiles for about a minute on a CPU")
-            model = mixed_window_model(implementation, device, dtype, smoke)
-            # a shared start longer than the window, then per-group prefixes; continuations of 1-200 tokens
-            reqs = requests(random.Random(1), 12, 200 if not smoke else 40, (1, 200) if not smoke else (1, 20), 1024,
-                            groups=3, shared_start=100 if not smoke else 24)  # fmt: skip
-            row = {}
-            for sharing in ("tree", "flat", "none"):
-                sums = score_requests(model, reqs, show_progress=False, sharing=sharing, batch_size=4).sums
-                row[sharing] = compare(model, reqs, sums)
-            row["dtype"] = str(dtype)
-            row["ok"] = all(row[s]["ok"] for s in ("tree", "flat", "none"))
-            out[implementation] = row
-        except Skip as reason:
-            out[implementation] = {"skipped": str(reason)}
-        except Exception as error:  # noqa: BLE001 - recorded, the other implementations still run
-            out[implementation] = {"error": f"{type(error).__name__}: {error}", "ok": False}
-    return out
+def attention(implementation: str):
+    """The section comparing the engine with a plain forward under one attention implementation, in bf16 (float32 in
+    `--smoke`), with each sharing mode forced."""
+
+    def section(device, smoke):
+        dtype = torch.float32 if smoke else torch.bfloat16
+        if implementation == "flash_attention_2":
+            need("flash_attn", "flash_attention_2")
+            if device.type != "cuda":
+                raise Skip("flash_attention_2 runs on CUDA only")
+        if implementation == "flex_attention" and smoke:
+            raise Skip("--smoke: flex_attention compiles for about a minute on a CPU")
+        model = mixed_window_model(implementation, device, dtype, smoke)
+        # a shared start longer than the window, then per-group prefixes; continuations of 1-200 tokens
+        reqs = requests(random.Random(1), 12, 200 if not smoke else 40, (1, 200) if not smoke else (1, 20), 1024,
+                        groups=3, shared_start=100 if not smoke else 24)  # fmt: skip
+        out = {"dtype": str(dtype)}
+        for sharing in ("tree", "flat", "none"):
+            sums = engine().score_requests(model, reqs, show_progress=False, sharing=sharing, batch_size=4).sums
+            out[sharing] = compare(model, reqs, sums)
+        return out
+
+    return section
 
 
 def section_memory_8b(device, smoke):
@@ -461,9 +457,12 @@ def section_online_memory(device, smoke):
 
 SECTIONS = {
     "precision": (section_precision, 45),
-    "attention": (section_attention, 120),
+    "attention_sdpa": (attention("sdpa"), 30),
+    "attention_eager": (attention("eager"), 30),
+    "attention_flex": (attention("flex_attention"), 90),
+    "attention_fa2": (attention("flash_attention_2"), 30),
     "memory_8b": (section_memory_8b, 45),
-    "planner": (section_planner, 100),
+    "planner": (section_planner, 90),
     "qlora": (section_qlora, 30),
     "fsdp2": (section_fsdp2, 30),
     "zero3": (section_zero3, 30),
@@ -539,7 +538,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script itself runs")
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--guard", type=float, default=None,
-                        help="seconds each section may run (default: each section's own, 30-120 s)")
+                        help="seconds each section may run (default: each section's own, 20-90 s)")
+    parser.add_argument("--budget", type=float, default=450,
+                        help="seconds all sections together may run; a section that no longer fits is skipped")
     parser.add_argument("--wheels", metavar="DIR", help="download the optional packages' wheels to DIR and stop")
     parser.add_argument("--run-section", help=argparse.SUPPRESS)
     parser.add_argument("--section-output", help=argparse.SUPPRESS)
@@ -557,10 +558,15 @@ def main():
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "smoke": args.smoke,
               "installed": {m: importlib.util.find_spec(m) is not None for m in OPTIONAL}, "sections": {}}  # fmt: skip
+    deadline = time.perf_counter() + args.budget
     for name in args.sections:
-        guard = args.guard or SECTIONS[name][1] * (3 if args.smoke else 1)
+        guard = min(args.guard or SECTIONS[name][1] * (3 if args.smoke else 1), deadline - time.perf_counter())
         start = time.perf_counter()
-        report["sections"][name] = section = run_guarded(name, args.smoke, guard)
+        if guard < 5:
+            section = {"skipped": f"the run's time budget (--budget {args.budget:.0f} s) was spent"}
+        else:
+            section = run_guarded(name, args.smoke, guard)
+        report["sections"][name] = section
         section["section_seconds"] = time.perf_counter() - start
         print(name, json.dumps(section, default=str)[:400], flush=True)
         temporary = args.output + ".tmp"

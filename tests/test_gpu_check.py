@@ -16,8 +16,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py"
 
 def smoke(tmp_path, sections, python=(sys.executable,), env=None):
     output = tmp_path / "report.json"
-    done = subprocess.run([*python, SCRIPT, "--smoke", "--output", str(output), "--sections", *sections],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)  # fmt: skip
+    command = [*python, SCRIPT, "--smoke", "--output", str(output), "--budget", "1800", "--sections", *sections]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     report = json.loads(output.read_text())
     assert list(report["sections"]) == sections
@@ -80,6 +80,15 @@ def test_gpu_check_runs_without_trl_datasets_and_the_optional_packages(tmp_path)
 
 
 @pytest.mark.multiprocess
+@pytest.mark.multiprocess
+def test_sections_past_the_time_budget_are_skipped_with_the_reason(tmp_path):
+    output = tmp_path / "report.json"
+    command = [sys.executable, SCRIPT, "--smoke", "--budget", "0", "--output", str(output), "--sections", "precision"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--budget 0 s" in json.loads(output.read_text())["sections"]["precision"]["skipped"]
+
+
 def test_gpu_check_refuses_an_unknown_section():
     command = [sys.executable, SCRIPT, "--smoke", "--sections", "nonsense"]
     done = subprocess.run(command, capture_output=True, text=True)
