@@ -139,8 +139,13 @@ def compare(model, reqs, fused, context=contextlib.nullcontext) -> dict:
         naive = [plain(model, r) for r in reqs]
         longest = max(reqs, key=lambda r: r.num_tokens)
         noise = max(abs(plain(model, r, longest) - n) for r, n in zip(reqs, naive) if r is not longest)
-    gap = max(abs(float(a) - b) for a, b in zip(fused, naive))
-    floor = 1e-6 * max(r.num_tokens for r in reqs)  # float32's rounding of a sum of that many terms, about
+    return judged(max(abs(float(a) - b) for a, b in zip(fused, naive)), noise, reqs)
+
+
+def judged(gap: float, noise: float, reqs) -> dict:
+    """A gap to the reference beside the regrouping noise it is judged by (floored at float32's rounding of a sum of
+    the longest request's terms, about 1e-6 each)."""
+    floor = 1e-6 * max(r.num_tokens for r in reqs)
     return {"largest_gap": gap, "regrouping_noise": noise, "ok": gap <= TOLERANCE_FACTOR * max(noise, floor)}
 
 
@@ -363,10 +368,7 @@ def section_fsdp2(device, smoke):
             fully_shard(layer, mesh=mesh, **policy)
         fully_shard(model, mesh=mesh, **policy)
         sums = engine().score_requests(model, reqs, show_progress=False).sums
-        gap = float(abs(sums - expected).max())
-        floor = 1e-6 * max(r.num_tokens for r in reqs)
-        out["cpu_offload" if offload else "plain"] = {"largest_gap": gap, "regrouping_noise": noise,
-                                                      "ok": gap <= TOLERANCE_FACTOR * max(noise, floor)}  # fmt: skip
+        out["cpu_offload" if offload else "plain"] = judged(float(abs(sums - expected).max()), noise, reqs)
         del model
     return out
 
@@ -386,9 +388,7 @@ def section_zero3(device, smoke):
     model = llama("1b", device, reference.dtype, smoke)
     wrapped, *_ = deepspeed.initialize(model=model, config=config, model_parameters=None)
     sums = engine().score_requests(wrapped.module, reqs, show_progress=False).sums
-    gap = float(abs(sums - expected).max())
-    floor = 1e-6 * max(r.num_tokens for r in reqs)
-    return {"largest_gap": gap, "regrouping_noise": noise, "ok": gap <= TOLERANCE_FACTOR * max(noise, floor)}
+    return judged(float(abs(sums - expected).max()), noise, reqs)
 
 
 def section_device_map(device, smoke):
@@ -409,9 +409,7 @@ def section_device_map(device, smoke):
     del reference
     split = dispatch_model(model, device_map=placement)
     sums = engine().score_requests(split, reqs, show_progress=False).sums
-    gap = float(abs(sums - expected).max())
-    return {"second_device": str(second), "largest_gap": gap, "regrouping_noise": noise,
-            "ok": gap <= TOLERANCE_FACTOR * max(noise, 1e-6 * max(r.num_tokens for r in reqs))}  # fmt: skip
+    return {"second_device": str(second), **judged(float(abs(sums - expected).max()), noise, reqs)}
 
 
 def section_lora_step(device, smoke):
