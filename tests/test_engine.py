@@ -48,6 +48,25 @@ def test_per_token_log_probs_equal_naive(llama, sharing):
     assert score_requests(llama, requests, show_progress=False).tokens is None
 
 
+@pytest.mark.parametrize("sharing", ["tree", "flat", "none"])
+def test_only_the_scored_positions_of_a_response_are_scored(llama, sharing):
+    """A response whose `scored` positions leave some tokens out (a tool's result between assistant turns): those
+    tokens are read as context, and the sums and token log-probs are the naive ones at the scored positions."""
+    rng = random.Random(1)
+    requests = [
+        LogProbRequest(r.prefix, r.context, r.response, tuple(sorted(rng.sample(range(len(r.response)),
+                                                                         rng.randint(1, len(r.response))))))
+        for r in random_requests()
+    ]  # fmt: skip
+    assert any(r.num_scored < len(r.response) for r in requests)
+    fused = score_requests(llama, requests, batch_size=3, sharing=sharing, per_token=True, show_progress=False)
+    assert fused.counts.tolist() == [len(r.scored) for r in requests]
+    for request, tokens, total in zip(requests, fused.tokens, fused.sums):
+        naive = np.array(naive_token_log_probs(llama, request))[list(request.scored)]
+        np.testing.assert_allclose(tokens, naive, atol=TOKEN_LOGP_ATOL, rtol=0)
+        np.testing.assert_allclose(total, naive.sum(), atol=LOGP_ATOL, rtol=0)
+
+
 def test_results_follow_caller_order(llama):
     requests = random_requests()
     order = np.random.default_rng(0).permutation(len(requests))
@@ -66,6 +85,9 @@ def test_request_validation():
         LogProbRequest((1,), (2,), ())
     with pytest.raises(ValueError, match="at least one prefix or context"):
         LogProbRequest((), (), (3,))
+    for scored in [(), (2,), (1, 0), (0, 0)]:
+        with pytest.raises(ValueError, match=r"scored must be increasing positions of the 2 response tokens"):
+            LogProbRequest((1,), (), (3, 4), scored)
 
 
 def test_restores_mode_and_builds_no_graph(llama):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import REGROUPED_ATOL, WEIGHT_ATOL, chat_row, tiny_llama
+from testing_utils import REGROUPED_ATOL, WEIGHT_ATOL, chat_row, minmax_weight_atol, tiny_llama
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
 
@@ -121,3 +121,55 @@ def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_
     held = [r["prompt"][0]["content"] for r in holdout]
     np.testing.assert_array_equal(builder.demo_indices, select_demos(questions, held, 2, "knn", 0, embed))
     assert calls[:4] == [5, 4, 4, 4]  # the holdout once, then each step's new rows
+
+
+def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_of_their_step(tokenizer, tmp_path):
+    """A DPO run on a stream of pairs with no `ica_*` field set scores each pair once, at its step: with the
+    learning rate at 0 (the model never changes) every pair gets the score `score_ica` gives it by hand with the
+    run's own settings, and each step's weights are its pairs' batch min-max (DPO's default weighting)."""
+    from testing_utils import dpo_pairs
+
+    from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
+    from trl_ica.scoring.options import ICAScoringOptions
+
+    train, holdout = dpo_pairs(12)
+    settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    ref = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
+    config = ICADPOConfig(str(tmp_path), learning_rate=0.0, **settings)
+    run = ICADPOTrainer(model, ref, args=config, train_dataset=train.to_iterable_dataset(), processing_class=tokenizer,
+                        holdout_dataset=holdout)  # fmt: skip
+    run.train()
+    _, records = logged(tmp_path)
+    assert [r["ica_index"] for r in records] == list(range(12))  # each pair scored once, at its step, in order
+    assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
+    options = ICAScoringOptions.from_config(config)
+    by_hand = score_ica(
+        tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer, train, holdout,
+        num_demos=options.num_demos, demo_selection=options.demo_selection, form=options.form,
+        reduction=options.reduction, seed=options.seed, show_progress=False,
+    ).scores  # fmt: skip
+    np.testing.assert_allclose([r["score"] for r in records], by_hand, atol=REGROUPED_ATOL, rtol=0)
+    for step in range(3):
+        scores = by_hand[4 * step : 4 * step + 4]
+        expected = (scores - scores.min()) / (scores.max() - scores.min())
+        got = [r["weight"] for r in records[4 * step : 4 * step + 4]]
+        np.testing.assert_allclose(got, expected, atol=minmax_weight_atol(scores, REGROUPED_ATOL), rtol=0)
+
+
+def test_a_stream_of_pairs_is_refused_by_simpo_and_a_stream_of_the_wrong_kind_by_name(tokenizer, tmp_path):
+    from testing_utils import dpo_pairs
+
+    from trl_ica import ICACPOTrainer, ICADPOConfig, ICADPOTrainer, ICASimPOConfig
+
+    pairs, holdout = dpo_pairs(8)
+    settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"ICACPOTrainer does not train on a streamed `train_dataset`"):
+        ICACPOTrainer(model, args=ICASimPOConfig(str(tmp_path), **settings), train_dataset=pairs.to_iterable_dataset(),
+                      processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    single, _ = data()
+    with pytest.raises(ValueError, match=r"`train_dataset` streams single responses, but ICADPOTrainer trains on"):
+        ICADPOTrainer(model, model, args=ICADPOConfig(str(tmp_path), **settings),
+                      train_dataset=single.to_iterable_dataset(), processing_class=tokenizer,
+                      holdout_dataset=holdout)  # fmt: skip

@@ -30,6 +30,19 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+#: ChatML that renders a row's `tools`, assistant tool calls and tool turns, and marks assistant turns with
+#: `{% generation %}` (what TRL's `assistant_only_loss` reads).
+TOOL_CHATML = (
+    "{%- if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{%- if message['content'] %}{{ message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{%- endfor %}"
+    "{{ '<|im_end|>\n' }}{% endgeneration %}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
 _CORPUS = [
     "What is 12 plus 7? The answer is 19.",
     "Name a color of the sky. Blue.",
@@ -293,13 +306,15 @@ def training_sequences(trainer, row) -> list[tuple[list[int], list[int]]]:
 
 def assert_requests_are_the_training_sequences(trainer):
     """Every training row's unconditioned scoring request is exactly its training sequence, and the scored response
-    exactly the tokens the training loss predicts: ICA renders the rows again and must get TRL's tokens."""
+    exactly the tokens the training loss predicts (all of the response, or its `scored` positions): ICA renders the
+    rows again and must get TRL's tokens."""
     builder = trainer.ica.builder
     for row in trainer.train_dataset:
         requests = builder.requests(row["ica_index"], False)
         for (ids, positions), request in zip(training_sequences(trainer, row), requests, strict=True):
             assert list(ids) == list(request.prefix + request.context + request.response), row["ica_index"]
-            assert list(positions) == list(range(len(ids) - len(request.response), len(ids))), row["ica_index"]
+            start = len(ids) - len(request.response)
+            assert list(positions) == [start + k for k in request.positions], row["ica_index"]
 
 
 def assert_trains_like(stock, ours):

@@ -202,7 +202,8 @@ def run_score(args) -> dict:
             holdout,
             reference_model=reference,
             # the score's settings as `scoring_options` reads them off the flags (the template is the default)
-            **{f.name: getattr(options, f.name) for f in dataclasses.fields(options) if "template" not in f.name},
+            **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+               if "template" not in f.name and f.name != "assistant_only"},  # fmt: skip
             batch_size=args.batch_size,
             max_batch_tokens=args.scoring_max_tokens,
             sharing=args.scoring_sharing,

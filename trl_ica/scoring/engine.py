@@ -195,7 +195,7 @@ class _Scorer:
         else:
             kwargs = {"use_cache": False}
         position_ids = torch.arange(P, P + L, device=self.device).expand(B, -1)
-        scored = sum(len(requests[i].response) for i in rows)
+        scored = sum(requests[i].num_scored for i in rows)
         own_head_calls = -(-scored // self.head_chunk)
         head_calls = self._in_step(own_head_calls)
         hidden = self.backbone(
@@ -210,10 +210,10 @@ class _Scorer:
             first = 1
         sel_rows, sel_pos, owner = [], [], []
         for b, i in enumerate(rows):
-            start = len(requests[i].context)
-            n = len(requests[i].response)
+            start = len(requests[i].context) - first
+            n = requests[i].num_scored
             sel_rows += [b] * n
-            sel_pos += range(start - first, start + n - first)
+            sel_pos += [start + k for k in requests[i].positions]
             owner += [b] * n
         # Under a split `device_map` the hidden states come back on the last layer's device, not the inputs'
         sel_rows_t = torch.tensor(sel_rows, device=hidden.device)
@@ -229,7 +229,7 @@ class _Scorer:
         )
         tokens = None
         if per_token:  # `lp` runs row by row, each row's response tokens in order
-            tokens = np.split(lp.float().cpu().numpy(), np.cumsum([len(requests[i].response) for i in rows])[:-1])
+            tokens = np.split(lp.float().cpu().numpy(), np.cumsum([requests[i].num_scored for i in rows])[:-1])
         return sums.tolist(), tokens
 
 
@@ -377,7 +377,7 @@ def score_requests(
         if per_token:
             for position, array in zip(positions, arrays):
                 tokens[position] = array
-    return LogProbs(sums, np.array([len(r.response) for r in requests], dtype=np.int64), tokens)
+    return LogProbs(sums, np.array([r.num_scored for r in requests], dtype=np.int64), tokens)
 
 
 def _score_requests(
@@ -386,7 +386,7 @@ def _score_requests(
 ) -> LogProbs:  # fmt: skip
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
-    counts = np.array([len(r.response) for r in requests], dtype=np.int64)
+    counts = np.array([r.num_scored for r in requests], dtype=np.int64)
     tokens = [None] * n if per_token else None
     if n == 0 and lockstep is None:
         return LogProbs(sums, counts, tokens)
@@ -413,7 +413,7 @@ def _score_requests(
                 overhead = float(forward_overhead)
             sharing = choose_sharing(requests, budget.tokens, batch_size, overhead)
         if sharing == "none":
-            requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
+            requests = [LogProbRequest((), r.prefix + r.context, r.response, r.scored) for r in requests]
         plan = plan_prefixes([r.prefix for r in requests], tree=sharing == "tree")
         stack: list[tuple[tuple[int, ...], PrefixState]] = []  # the pieces above the current one, with their states
         for node in plan.nodes:
@@ -429,7 +429,7 @@ def _score_requests(
                 continue
             # Each request continues from this piece: the rest of its own prefix, its context, its response
             group = [
-                LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response)
+                LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response, r.scored)
                 for r in map(requests.__getitem__, idx)
             ]
             group_sums, group_tokens = _score_group(scorer, group, state, batch_size, budget, lockstep, bar, per_token)

@@ -10,6 +10,7 @@ token of it. A pre-tokenised row (`input_ids`, with the positions that carry los
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,16 +34,30 @@ class SFTExample:
             content of the first user message; for a language-modeling row, the text.
         language_modeling (`bool`):
             a `text` row: the prompt is empty and the whole text is scored.
+        completion (`tuple[dict]`, *optional*):
+            the messages of the response when it is not one assistant message of text: several messages (an
+            assistant turn, a tool's result, another assistant turn), or tool calls, or a row with `tools`. The chat
+            template renders them after the prompt exactly as training does; `response` is then their text, for
+            embeddings and duplicate checks.
+        tools (`tuple[dict]`, *optional*): the row's `tools` column (TRL's tool-calling format), which the chat
+            template renders with the row.
     """
 
     prompt: str | Messages
     response: str
     question: str
     language_modeling: bool = False
+    completion: tuple[dict, ...] | None = None
+    tools: tuple[dict, ...] | None = None
 
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
+
+    @property
+    def structured(self) -> bool:
+        """The response is rendered from messages by the chat template: several messages, tool calls or `tools`."""
+        return self.completion is not None
 
 
 @dataclass(frozen=True)
@@ -87,27 +102,78 @@ def _read_tokens(row: Mapping[str, Any], where: str) -> TokenExample:
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """One preference row: a prompt with a chosen and a rejected response (same fields as [`SFTExample`])."""
+    """One preference row: a prompt with a chosen and a rejected response (same fields as [`SFTExample`]; the
+    `*_messages` are the responses' messages when they are structured, as [`SFTExample.completion`])."""
 
     prompt: str | Messages
     chosen: str
     rejected: str
     question: str
+    chosen_messages: tuple[dict, ...] | None = None
+    rejected_messages: tuple[dict, ...] | None = None
+    tools: tuple[dict, ...] | None = None
 
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
 
     def as_sft(self, which: str = "chosen") -> SFTExample:
-        return SFTExample(self.prompt, getattr(self, which), self.question)
+        messages = getattr(self, f"{which}_messages")
+        return SFTExample(self.prompt, getattr(self, which), self.question, completion=messages, tools=self.tools)
+
+
+def _is_message(m: Any) -> bool:
+    # an assistant turn that calls tools may have no `content` (or None in a `datasets` column)
+    return isinstance(m, Mapping) and "role" in m and ("content" in m or bool(m.get("tool_calls")))
 
 
 def _is_messages(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(_is_message(m) for m in value)
+
+
+def _plain_reply(messages: Messages) -> bool:
+    """One assistant message of text and nothing else: the response the placeholder rendering handles."""
     return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+        len(messages) == 1
+        and messages[0]["role"] == "assistant"
+        and isinstance(messages[0].get("content"), str)
+        and not messages[0].get("tool_calls")
     )
+
+
+def _message_text(message: Mapping[str, Any], where: str) -> str:
+    """A message's text, its tool calls written as JSON after it: what embeddings and duplicate checks read."""
+    content = message.get("content")
+    text = "" if content is None else _content_text(content, where)
+    calls = message.get("tool_calls") or []
+    return "\n".join([text] * bool(text) + [json.dumps(c, sort_keys=True, default=str) for c in calls])
+
+
+def _structured_response(messages: Messages, where: str) -> tuple[tuple[dict, ...], str]:
+    """The messages of a structured response, and their text: they need at least one assistant turn, the one
+    kind of message whose tokens ICA (and TRL's `assistant_only_loss`) trains on."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(
+            f"{where}: the completion has no assistant message (roles {[m['role'] for m in messages]}); there is "
+            "nothing the model says to score."
+        )
+    texts = [_message_text(m, where) for m in messages]
+    return tuple(dict(m) for m in messages), "\n".join(t for t in texts if t)
+
+
+def _read_tools(row: Mapping[str, Any], where: str) -> tuple[dict, ...] | None:
+    """The row's `tools` (a list of JSON schemas, or that list as a JSON string, as TRL reads it), or None."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: `tools` is a string but not JSON ({error}).") from None
+    if not isinstance(tools, Sequence) or not all(isinstance(t, Mapping) for t in tools):
+        raise ValueError(f"{where}: `tools` must be a list of tool schemas (dicts), got {type(tools).__name__}.")
+    return tuple(dict(t) for t in tools) or None
 
 
 def _first_user_content(messages: Messages, where: str) -> str:
@@ -144,14 +210,28 @@ def _check_prompt(prompt: str, where: str) -> str:
     return prompt
 
 
-def _split_conversation(messages: Messages, where: str) -> tuple[Messages, str]:
+def _split_conversation(messages: Messages, where: str) -> tuple[Messages, Messages]:
+    """`(prompt, response)`: the response is the last turn of the conversation, every message after its last user
+    message (one assistant reply, or the tool calls, tool results and answer of an agent's turn)."""
     if not messages or messages[-1]["role"] != "assistant":
         last = messages[-1]["role"] if messages else "nothing"
         raise ValueError(
             f"{where}: the conversation ends with {last!r}, not with an assistant turn, so it has no response to "
-            "score. ICA scores the final assistant turn of a `messages` row."
+            "score. ICA scores the final turn of a `messages` row."
         )
-    return [dict(m) for m in messages[:-1]], _content_text(messages[-1]["content"], where)
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"{where}: the conversation has no user message; ICA needs a question to condition on.")
+    return [dict(m) for m in messages[: users[-1] + 1]], list(messages[users[-1] + 1 :])
+
+
+def _conversational_example(prompt: Messages, completion: Messages, tools, where: str) -> SFTExample:
+    question = _first_user_content(prompt, where)
+    if tools is None and _plain_reply(completion):
+        response = _content_text(completion[0]["content"], where)
+        return SFTExample(prompt, _check_response(response, where), question)
+    messages, text = _structured_response(completion, where)
+    return SFTExample(prompt, _check_response(text, where), question, completion=messages, tools=tools)
 
 
 def read_row(
@@ -181,15 +261,7 @@ def read_row(
         if isinstance(prompt, str) and isinstance(completion, str):
             return SFTExample(_check_prompt(prompt, where), _check_response(completion, where), prompt)
         if _is_messages(prompt) and _is_messages(completion):
-            if len(completion) != 1 or completion[0]["role"] != "assistant":
-                raise ValueError(
-                    f"{where}: `completion` must hold exactly one assistant message, got roles "
-                    f"{[m['role'] for m in completion]}."
-                )
-            response = _content_text(completion[0]["content"], where)
-            return SFTExample(
-                [dict(m) for m in prompt], _check_response(response, where), _first_user_content(prompt, where)
-            )
+            return _conversational_example([dict(m) for m in prompt], list(completion), _read_tools(row, where), where)
         raise ValueError(
             f"{where}: `prompt` and `completion` must both be strings or both be lists of messages, got "
             f"{type(prompt).__name__} and {type(completion).__name__}."
@@ -197,15 +269,24 @@ def read_row(
 
     if "messages" in keys:
         if not _is_messages(row["messages"]):
-            raise ValueError(f"{where}: `messages` must be a list of {{'role', 'content'}} dicts.")
-        prompt, response = _split_conversation(row["messages"], where)
-        return SFTExample(prompt, _check_response(response, where), _first_user_content(prompt, where))
+            raise ValueError(
+                f"{where}: `messages` must be a list of {{'role', 'content'}} dicts (an assistant turn may carry "
+                "`tool_calls` instead of `content`)."
+            )
+        prompt, completion = _split_conversation(row["messages"], where)
+        return _conversational_example(prompt, completion, _read_tools(row, where), where)
 
     if "text" in keys:
         text = row["text"]
         if not isinstance(text, str):
             raise ValueError(f"{where}: `text` must be a string, got {type(text).__name__}.")
         return SFTExample("", _check_response(text, where), text, language_modeling=True)
+    if "prompt" in keys:
+        raise ValueError(
+            f"{where}: a prompt-only row (`prompt` without `completion`, `chosen` or `rejected`) has no response, so "
+            "nothing to score or to weight. ICA trainers take rows with responses: `prompt` + `completion`, "
+            "`messages`, `text`, or (preference) `prompt` + `chosen` + `rejected`."
+        )
     raise ValueError(
         f"{where}: unsupported columns {sorted(keys)}. Expected `prompt` + `completion`, `messages`, `text`, or "
         "(preference) `prompt` + `chosen` + `rejected`."
@@ -238,13 +319,19 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
         )
     if not (_is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected)):
         raise ValueError(f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all lists of messages.")
-    texts = []
-    for label, completion in (("chosen", chosen), ("rejected", rejected)):
-        if len(completion) != 1 or completion[0]["role"] != "assistant":
-            raise ValueError(f"{where}: `{label}` must hold exactly one assistant message after the prompt.")
-        texts.append(_check_response(_content_text(completion[0]["content"], where), f"{where} ({label})"))
     prompt = [dict(m) for m in prompt]
-    return PreferenceExample(prompt, texts[0], texts[1], _first_user_content(prompt, where))
+    tools = _read_tools(row, where)
+    sides = [_conversational_example(prompt, list(c), tools, f"{where} ({label})")
+             for label, c in (("chosen", chosen), ("rejected", rejected))]  # fmt: skip
+    return PreferenceExample(
+        prompt,
+        sides[0].response,
+        sides[1].response,
+        sides[0].question,
+        chosen_messages=sides[0].completion,
+        rejected_messages=sides[1].completion,
+        tools=tools,
+    )
 
 
 def _row_format(row: Mapping[str, Any]) -> str:

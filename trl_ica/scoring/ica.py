@@ -118,7 +118,7 @@ class ICARequestBuilder:
         for example in (pair.as_sft("chosen"), pair.as_sft("rejected")):
             req = self.renderer.conditioned(example, demos) if conditioned else self.renderer.unconditioned(example)
             if not (conditioned and self._demo_prefix_shared):
-                req = LogProbRequest(req.prefix + req.context, (), req.response)
+                req = LogProbRequest(req.prefix + req.context, (), req.response, req.scored)
             out.append(req)
         return out
 

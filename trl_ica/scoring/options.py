@@ -36,6 +36,8 @@ class ICAScoringOptions:
         span (`str`, *optional*): score only a span of each response rather than all of it (see [`Renderer`]):
             `"last_line"`, or a regular expression whose last match in the response is the span (e.g.
             `"#### .*"` for a final answer). None: the whole response.
+        assistant_only (`bool`): `SFTConfig.assistant_only_loss`: a response of several messages or tool calls is
+            scored on its assistant tokens only, as that loss covers them (see [`Renderer`]).
     """
 
     num_demos: int = 3
@@ -49,6 +51,7 @@ class ICAScoringOptions:
     embedding_model: str | Callable | None = None
     seed: int = 0
     span: str | None = None
+    assistant_only: bool = False
 
     def __post_init__(self):
         check_span(self.span)
@@ -62,6 +65,8 @@ class ICAScoringOptions:
             )
         if not isinstance(self.score_end, bool):
             raise ValueError(f"`score_end` must be True or False, got {self.score_end!r}.")
+        if not isinstance(self.assistant_only, bool):
+            raise ValueError(f"`assistant_only` must be True or False, got {self.assistant_only!r}.")
         if self.template is not None and not isinstance(self.template, ICAPromptTemplate):
             raise ValueError(f"`template` must be an ICAPromptTemplate, got {type(self.template).__name__}.")
         encoder = self.embedding_model
@@ -92,6 +97,7 @@ class ICAScoringOptions:
             embedding_model=args.ica_embedding_model,
             seed=args.seed if args.ica_seed is None else args.ica_seed,
             span=getattr(args, "ica_score_span", None),
+            assistant_only=bool(getattr(args, "assistant_only_loss", False)),
         )
 
     @property
@@ -100,7 +106,9 @@ class ICAScoringOptions:
         return self.demo_selection in SEEDED_SELECTIONS
 
     def renderer(self, tokenizer) -> Renderer:
-        return Renderer(tokenizer, self.template, self.chat_template, self.layout, self.score_end, self.span)
+        return Renderer(
+            tokenizer, self.template, self.chat_template, self.layout, self.score_end, self.span, self.assistant_only
+        )
 
     def record(self) -> dict:
         """The settings under the trainers' `ica_*` names, as JSON values: what `trl-ica score` writes beside its
@@ -120,6 +128,8 @@ class ICAScoringOptions:
             "ica_query_template": None if self.template is None else self.template.query,
             "ica_seed": self.seed,
             "ica_score_span": self.span,
+            # TRL's own field, recorded only when it changes the scored tokens (so earlier records still match)
+            **({"assistant_only_loss": True} if self.assistant_only else {}),
         }
 
     def comparable(self) -> dict:

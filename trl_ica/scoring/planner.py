@@ -18,17 +18,42 @@ class LogProbRequest:
         prefix (`tuple[int, ...]`): leading tokens that other requests may share; run once per distinct prefix.
         context (`tuple[int, ...]`): the request's own unscored tokens (its prompt).
         response (`tuple[int, ...]`): the scored tokens.
+        scored (`tuple[int, ...]`, *optional*): the positions of `response` that are scored, in order, when not all
+            of them are (a conversation's assistant turns between tool results); the others are read as context.
     """
 
     prefix: tuple[int, ...]
     context: tuple[int, ...]
     response: tuple[int, ...]
+    scored: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.response:
             raise ValueError("LogProbRequest.response is empty: there is nothing to score.")
         if not self.prefix and not self.context:
             raise ValueError("LogProbRequest needs at least one prefix or context token to predict the response from.")
+        if self.scored is not None:
+            n = len(self.response)
+            positions = list(self.scored)
+            if not positions or positions != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] < n:
+                raise ValueError(
+                    f"LogProbRequest.scored must be increasing positions of the {n} response tokens, at least one, "
+                    f"got {self.scored!r}."
+                )
+
+    @property
+    def positions(self) -> Sequence[int]:
+        """The scored positions of `response`."""
+        return range(len(self.response)) if self.scored is None else self.scored
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.positions)
+
+    @property
+    def scored_ids(self) -> tuple[int, ...]:
+        """The scored tokens."""
+        return self.response if self.scored is None else tuple(self.response[k] for k in self.scored)
 
     @property
     def num_tokens(self) -> int:

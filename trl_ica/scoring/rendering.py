@@ -133,6 +133,10 @@ class Renderer:
             response as training tokenises it, split at the first token that reaches the span; the closing token is
             scored with a span that ends the response. A response without the span is scored -inf (it lacks what the
             holdout's responses have; see [`ICARequestBuilder.spanless`]). Rows with a prompt only.
+        assistant_only (`bool`, *optional*, defaults to `False`):
+            `SFTConfig.assistant_only_loss`: of a structured response ([`SFTExample.completion`]: several messages,
+            tool calls), score only the assistant tokens, as the chat template's `{% generation %}` marks them for
+            TRL; otherwise every token of it, as TRL's completion loss covers them.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class Renderer:
         layout: str = DEFAULT_DEMO_LAYOUT,
         score_end: bool = True,
         span: str | None = None,
+        assistant_only: bool = False,
     ):
         check_span(span)
         if layout not in DEMO_LAYOUTS:
@@ -155,6 +160,9 @@ class Renderer:
         self.layout = layout
         self.score_end = score_end
         self.span = span
+        if not isinstance(assistant_only, bool):
+            raise ValueError(f"`assistant_only_loss` must be True or False, got {assistant_only!r}.")
+        self.assistant_only = assistant_only
         leading = self.tokenizer("", add_special_tokens=True)["input_ids"]
         self.bos = tuple(leading)  # tokens the tokenizer puts before plain text (e.g. BOS), as TRL's tokenisation has
 
@@ -194,6 +202,8 @@ class Renderer:
         """log p(y | x): the prompt as TRL trains on it."""
         if isinstance(example, TokenExample):
             return LogProbRequest((), example.ids[: example.start], example.ids[example.start : example.end])
+        if example.structured:
+            return self._structured(example, ())
         p = self.pieces(example)
         if example.conversational:
             prefix, context = self.ids(p.head), self._context_ids(example, example.question, p)
@@ -223,6 +233,8 @@ class Renderer:
                 raise ValueError("Pre-tokenised rows need a pre-tokenised holdout (`input_ids`) for demonstrations.")
             prefix = tuple(t for d in demos for t in d.ids[: d.end])
             return LogProbRequest(prefix, example.ids[: example.start], example.ids[example.start : example.end])
+        if example.structured:
+            return self._structured(example, demos)
         if example.conversational and self.layout == "turns":
             if self.template is not None:
                 raise ValueError(
@@ -243,6 +255,94 @@ class Renderer:
         query = "" if example.language_modeling else template.render_query(example.question)
         request = LogProbRequest(prefix_ids, *self._split_lead(example, self._context_ids(example, query, p), p))
         return self._spanned(example, request, p)
+
+    def _structured(self, example: SFTExample, demos) -> LogProbRequest:
+        """A structured response (several messages, tool calls, `tools`), rendered as TRL renders a conversational
+        prompt/completion row: the prompt with the generation prompt, then the whole conversation, the response being
+        what the second adds to the first. The demonstrations are earlier turns of the same conversation (a
+        structured demonstration: its own turns and tool calls whole, its tools beside the row's)."""
+        self._check_structured(example)
+        messages = [dict(m) for m in example.prompt]
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user]["content"] = _USER
+        messages[first_user:first_user] = [m for d in demos for m in self._demo_turns(d)]
+        tools = list(example.tools or ())
+        for d in demos:
+            tools += [t for t in d.tools or () if t not in tools]
+        prompt_text = self._render(messages, tools, generation_prompt=True)
+        whole = self._render(messages + list(example.completion), tools, generation_prompt=False)
+        if not whole.startswith(prompt_text) or prompt_text.count(_USER) != 1:
+            raise ValueError(
+                "The chat template renders the prompt alone (with the generation prompt) differently from the start "
+                "of the whole conversation, or does not render message contents verbatim, so ICA cannot tell the "
+                "response's tokens of a structured row (several messages or tool calls) from its prompt's."
+            )
+        head, mid = prompt_text.split(_USER)
+        response = self.ids(whole[len(prompt_text) :])
+        if demos:  # the same tokens scored with and without demonstrations
+            plain = self._structured(example, ())
+            if plain.response != response:
+                raise ValueError(
+                    "The chat template renders a structured row's response (several messages or tool calls) with "
+                    "different tokens after earlier turns than without them, so the conditioned and unconditioned "
+                    "scores would not score the same tokens."
+                )
+            return LogProbRequest(self.ids(head), self.ids(example.question + mid), response, plain.scored)
+        return LogProbRequest(
+            self.ids(head), self.ids(example.question + mid), response, self._loss_positions(example, response)
+        )
+
+    def _check_structured(self, example: SFTExample) -> None:
+        what = "A row whose response is several messages, tool calls or has `tools`"
+        if self.layout != "turns":
+            raise ValueError(f"{what} gets its demonstrations as earlier turns: set `ica_demo_layout='turns'` (the "
+                             f"default), not {self.layout!r}.")  # fmt: skip
+        if self.template is not None:
+            raise ValueError(f"{what} gets its demonstrations as chat turns, which a demonstration template "
+                             "(`ica_demo_template`) does not write; drop the template.")  # fmt: skip
+        if self.span is not None:
+            raise ValueError(f"{what} is scored over the tokens training covers; `ica_score_span`={self.span!r} "
+                             "scores part of a text response. Leave it unset.")  # fmt: skip
+        if not self.score_end:
+            raise ValueError(f"{what} is scored over every token training covers, the turns' closing tokens among "
+                             "them; `ica_score_end_token=False` cannot leave them out. Set it to True.")  # fmt: skip
+
+    def _demo_turns(self, demo: SFTExample) -> list[dict]:
+        if demo.structured:  # the demonstration's own conversation, its system message aside
+            return [dict(m) for m in demo.prompt if m["role"] != "system"] + [dict(m) for m in demo.completion]
+        return [{"role": "user", "content": demo.question}, {"role": "assistant", "content": demo.response}]
+
+    def _render(self, messages: list[dict], tools: list[dict], generation_prompt: bool) -> str:
+        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            self.pieces(SFTExample(messages, "", ""))  # raises the error that names the missing chat template
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=self.chat_template,
+        )  # fmt: skip
+
+    def _loss_positions(self, example: SFTExample, response: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The response tokens the loss covers: every one (None), or under `assistant_only` those the chat
+        template's assistant mask marks in the whole conversation, as TRL builds its labels."""
+        if not self.assistant_only:
+            return None
+        out = self.tokenizer.apply_chat_template(
+            [*example.prompt, *example.completion], tools=list(example.tools or ()) or None, tokenize=True,
+            return_dict=True, return_assistant_tokens_mask=True, chat_template=self.chat_template,
+        )  # fmt: skip
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        n = len(response)
+        if ids[-n:] != list(response):
+            raise ValueError(
+                "The chat template's tokens of a whole conversation do not end with the response's tokens as ICA "
+                "renders it, so `assistant_only_loss`'s mask cannot be placed on them."
+            )
+        positions = tuple(k for k in range(n) if mask[len(ids) - n + k])
+        if not positions:
+            raise ValueError(
+                "`assistant_only_loss=True`, but the chat template marks no assistant token in a row's response: "
+                "it needs the `{% generation %}` keyword around assistant turns (as TRL requires)."
+            )
+        return positions
 
     def span_tokens(self, example: SFTExample, p: Pieces | None = None) -> tuple[int, int] | None:
         """`(k, j)`: the response tokens `[k, j)` (of [`_response_ids`]) that `span` scores, or None without a span."""

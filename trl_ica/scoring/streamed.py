@@ -26,14 +26,15 @@ class StreamedRequestBuilder(ICARequestBuilder):
 
     Args:
         tokenizer: the model's tokenizer.
-        holdout (`list[SFTExample]`): the read holdout.
+        holdout (`list[SFTExample]`): the read holdout (of a preference holdout, each prompt with its chosen answer).
         options ([`ICAScoringOptions`]): what defines the score; `demo_selection` one of [`STREAMED_SELECTIONS`].
         embed (`Callable`, *optional*): the embedder of `knn`.
         max_length (`int`, *optional*): the longest conditioned request allowed, named by `argument` when exceeded.
+        pairs (`bool`, *optional*, defaults to `False`): the rows are preference pairs, scored by their margin.
     """
 
     def __init__(self, tokenizer, holdout, options: ICAScoringOptions, embed=None, max_length=None,
-                 argument: str = "max_length"):  # fmt: skip
+                 argument: str = "max_length", pairs: bool = False):  # fmt: skip
         if options.demo_selection not in STREAMED_SELECTIONS:
             raise ValueError(
                 f"Rows that stream in (an IterableDataset) need demonstrations chosen row by row: `demo_selection` "
@@ -46,20 +47,24 @@ class StreamedRequestBuilder(ICARequestBuilder):
         self.candidates: dict[int, SFTExample] = {}
         self.holdout = holdout
         self._pending = None
-        self.pairs, self.width = False, 1
+        self.pairs, self.width = pairs, 2 if pairs else 1
         self.embed = embed
         self.max_length, self.argument = max_length, argument
         self.demo_indices = np.zeros((0, options.num_demos), dtype=np.int64)
         self._holdout_vectors = None  # `knn`: the holdout's embeddings, computed with the first rows
 
     def add(self, indices, rows) -> None:
-        """Read the rows `rows` (mappings, in a format SFTTrainer trains on) of the training examples `indices`,
-        choose the demonstrations of those not seen before and check their lengths. The rows of earlier calls are
-        forgotten (their demonstrations are kept)."""
+        """Read the rows `rows` (mappings: rows SFTTrainer trains on, or preference pairs) of the training examples
+        `indices`, choose the demonstrations of those not seen before and check their lengths. The rows of earlier
+        calls are forgotten (their demonstrations are kept)."""
         indices = [int(i) for i in indices]
         examples = [read_row(row, i, "train_dataset") for i, row in zip(indices, rows)]
-        if any(isinstance(e, PreferenceExample) for e in examples):
-            raise ValueError("A streamed `train_dataset` of preference pairs is not supported; pairs need a Dataset.")
+        wrong = [i for i, e in zip(indices, examples) if isinstance(e, PreferenceExample) != self.pairs]
+        if wrong:
+            wanted = "preference pairs" if self.pairs else "single responses"
+            raise ValueError(
+                f"Streamed `train_dataset` rows {wrong[:5]} are not {wanted}, as the stream's first row is."
+            )
         self.candidates = dict(zip(indices, examples))
         table = self.demo_indices
         if max(indices, default=-1) >= len(table):
@@ -88,7 +93,7 @@ class StreamedRequestBuilder(ICARequestBuilder):
     def _check_new_lengths(self, new: list[int]) -> None:
         if self.max_length is None:
             return
-        lengths = {i: self.conditioned(i).num_tokens for i in new}
+        lengths = {i: max(r.num_tokens for r in self.requests(i, True)) for i in new}
         too_long = [i for i, n in lengths.items() if n > self.max_length]
         if too_long:
             raise ValueError(
@@ -103,9 +108,10 @@ class StreamedRequestBuilder(ICARequestBuilder):
 
 def prepare_streamed_ica(
     model, tokenizer, holdout, options: ICAScoringOptions, *, max_length=None, max_length_argument="max_length",
-    show_progress: bool = False, compute_dtype=None,
+    show_progress: bool = False, compute_dtype=None, pairs: bool = False,
 ) -> StreamedRequestBuilder:  # fmt: skip
-    """The [`StreamedRequestBuilder`] of a training set that streams in: the holdout is read now, rows as they come."""
+    """The [`StreamedRequestBuilder`] of a training set that streams in (of preference pairs when `pairs`): the
+    holdout is read now, rows as they come."""
     held = read_holdout(holdout, tokenizer, options.num_demos)
     embed = None
     if options.demo_selection == "knn":
@@ -114,4 +120,4 @@ def prepare_streamed_ica(
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length_argument = "the model's max_position_embeddings"
-    return StreamedRequestBuilder(tokenizer, held, options, embed, max_length, max_length_argument)
+    return StreamedRequestBuilder(tokenizer, held, options, embed, max_length, max_length_argument, pairs)

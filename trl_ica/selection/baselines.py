@@ -66,7 +66,8 @@ def _response_alone(renderer: Renderer, example: SFTExample) -> LogProbRequest:
     if example.conversational:
         return renderer.unconditioned(dataclasses.replace(example, question=""))
     start = renderer.bos or (renderer.tokenizer.eos_token_id,)
-    return LogProbRequest(start, (), renderer.unconditioned(example).response)
+    plain = renderer.unconditioned(example)
+    return LogProbRequest(start, (), plain.response, plain.scored)
 
 
 def ifd_scores(

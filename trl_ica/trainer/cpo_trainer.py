@@ -61,6 +61,8 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
     ```
     """
 
+    _ica_pairs = True
+
     _tag_names = ["trl", "cpo", "ica"]
 
     @property
@@ -85,6 +87,14 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
         **kwargs,
     ):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
+        for name, dataset in (("train_dataset", train_dataset), ("holdout_dataset", holdout_dataset)):
+            if "tools" in (getattr(dataset, "column_names", None) or ()):
+                raise ValueError(
+                    f"`{name}` has a `tools` column, which TRL's CPOTrainer does not give the chat template "
+                    "(trl.experimental.cpo renders each row without it), so ICA could not score the tokens it trains "
+                    "on. Drop the column to train on the conversations without the tool schemas, or use "
+                    "ICADPOTrainer, which renders them."
+                )
         indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
         self._ica_batch: _BatchWeights | None = None  # during a training `compute_loss` only
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)

@@ -10,7 +10,7 @@ from trl import DPOTrainer
 
 from .. import seams
 from .dpo_config import ICADPOConfig
-from .mixin import INDEX, ICATrainerMixin, add_index, ica_args
+from .mixin import INDEX, ICATrainerMixin, add_index, ica_args, streamed_row_view
 
 
 class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
@@ -32,7 +32,8 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
     Args:
         model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
             as [`~trl.DPOTrainer`]; `args` is an [`ICADPOConfig`], `train_dataset` a `datasets.Dataset` of preference
-            pairs (standard or conversational, explicit or implicit prompt).
+            pairs (standard or conversational, explicit or implicit prompt, tool calls and `tools` included), or a
+            `datasets.IterableDataset` of them (each pair scored once, at its step, by the model of that step).
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set; its prompts with their chosen answers are the in-context demonstrations. An SFT-format
             holdout (prompt/completion or `messages`) works too.
@@ -51,6 +52,8 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
     >>> trainer.train()
     ```
     """
+
+    _ica_pairs = True
 
     _tag_names = ["trl", "dpo", "ica"]
     _name = "ICA-DPO"
@@ -71,7 +74,7 @@ class ICADPOTrainer(ICATrainerMixin, DPOTrainer):
         **kwargs,
     ):
         args = ica_args(args, model, ICADPOConfig, "ICA-DPO")
-        indexed = add_index(train_dataset, "ICADPOTrainer", pairs=True)
+        indexed = add_index(train_dataset, "ICADPOTrainer", pairs=True, row_view=streamed_row_view)
         super().__init__(model, ref_model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)
         self._ica_setup(indexed, holdout_dataset, args.max_length, scoring=(scoring_model, scoring_processing_class))
 

@@ -33,12 +33,13 @@ INDEX = "ica_index"
 ROW = "ica_row"  # a streamed row as ICA scores it (JSON), carried through TRL's preparation to the collator
 ROWS = "ica_rows"  # a batch's streamed rows, one mapping per `ica_index`
 #: The columns of a row in a format SFTTrainer trains on that ICA reads (see `formats.read_row`).
-ROW_COLUMNS = ("prompt", "completion", "messages", "conversations", "text")
+ROW_COLUMNS = ("prompt", "completion", "messages", "conversations", "text", "chosen", "rejected", "tools")
 
 
 def streamed_row_view(row, formatting_func=None, text_field: str = "text") -> dict:
     """One streamed row as ICA scores it, the way [`scoring_view`] maps a whole dataset: `formatting_func(row)` or
-    the `text_field` column as language modeling, else the row's prompt/completion, `messages` or `text`."""
+    the `text_field` column as language modeling, else the row's prompt/completion, `messages`, `text` or preference
+    pair, with its `tools`."""
     if formatting_func is not None:
         return {"text": formatting_func(row)}
     if "input_ids" in row:
@@ -100,8 +101,9 @@ def add_index(dataset, trainer: str, pairs: bool, name: str = "train_dataset", v
             raise ValueError(f"`{name}` is empty.")
         if INDEX in first or ROW in first:
             raise ValueError(f"`{name}` already has a column named {INDEX!r} or {ROW!r}, which ICA trainers reserve.")
-        if isinstance(read_row(row_view(first), 0, name), PreferenceExample):
-            raise ValueError(f"`{name}` streams preference pairs, but {trainer} trains on single responses.")
+        if isinstance(read_row(row_view(first), 0, name), PreferenceExample) != pairs:
+            wanted, got = ("preference pairs", "single responses") if pairs else ("single responses", "pairs")
+            raise ValueError(f"`{name}` streams {got}, but {trainer} trains on {wanted}.")
         return dataset.map(lambda row, i: {INDEX: i, ROW: json.dumps(row_view(row))}, with_indices=True)
     if not isinstance(dataset, Dataset):
         raise ValueError(
@@ -210,6 +212,7 @@ class ICATrainerMixin:
     """Shared by the ICA trainers; the subclass applies the weights where its parent reduces the loss."""
 
     _paper = ICA_PAPER  # the paper TRL's model card names and cites; the parent method's is added below it
+    _ica_pairs = False  # trains on preference pairs (DPO, CPO) rather than single responses
 
     def _ica_parent(self) -> tuple[str, dict]:
         """The parent TRL method's name and paper (`_name`, `_paper` of the first TRL class in the MRO)."""
@@ -286,9 +289,10 @@ class ICATrainerMixin:
             ),
         )
         if train_rows is None:
-            self._check_streamed(args)
+            self._check_streamed(args, "preference" if self._ica_pairs else "sft")
             streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
-            builder = prepare_streamed_ica(model, tokenizer, holdout_dataset, score_options, **streamed)
+            builder = prepare_streamed_ica(model, tokenizer, holdout_dataset, score_options, pairs=self._ica_pairs,
+                                           **streamed)  # fmt: skip
         else:
             builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
         reference = None
@@ -374,7 +378,7 @@ class ICATrainerMixin:
         return scorer
 
     @staticmethod
-    def _check_streamed(args) -> None:
+    def _check_streamed(args, kind: str) -> None:
         """What a streamed training set allows: each row scored as it arrives (`ica_refresh=1`, the default, means
         that on a stream, as `"online"` does; R > 1 scorings of the whole set need every row up front), no given
         scores, no packing."""
@@ -391,7 +395,7 @@ class ICATrainerMixin:
             logger.info("A streamed `train_dataset`: each row is scored once, as it arrives, by the model of its step "
                         "(ica_refresh=1 on a stream is ica_refresh='online').")  # fmt: skip
             args.ica_refresh = "online"
-            args.validate_ica("sft")  # what online scoring refuses (pool weightings, token masks) is refused here
+            args.validate_ica(kind)  # what online scoring refuses (pool weightings, token masks) is refused here
         if args.ica_refresh != "online":
             raise ValueError(
                 f"A streamed `train_dataset` (an IterableDataset) is scored step by step as its rows arrive, but "

@@ -33,8 +33,8 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs:
             as [`~trl.SFTTrainer`]; `args` is an [`ICASFTConfig`], `train_dataset` a `datasets.Dataset` in a
-            format SFTTrainer trains on, or a `datasets.IterableDataset` with `ica_refresh="online"` (scored step
-            by step as its rows arrive).
+            format SFTTrainer trains on (tool calls and `tools` included), or a `datasets.IterableDataset` (each row
+            scored once, at its step, by the model of that step).
         holdout_dataset (`datasets.Dataset` or `list[dict]`):
             small clean set in the training data's format; its rows are the in-context demonstrations.
         scoring_model (`str` or `PreTrainedModel`, *optional*):
@@ -193,7 +193,7 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         without demonstrations) rather than at every step."""
         cache = self.__dict__.setdefault("_ica_scored_ids", {})
         if index not in cache:
-            cache[index] = self._ica.builder.unconditioned(index).response
+            cache[index] = self._ica.builder.unconditioned(index).scored_ids
         return cache[index]
 
     @contextlib.contextmanager
