@@ -26,6 +26,7 @@ from benchmarks.common.results import save as save_results
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
 from trl_ica.embedded import load_model
 from trl_ica.scoring.ica import prepare_ica, score_with
+from trl_ica.scoring.options import ICAScoringOptions
 
 warnings.filterwarnings("ignore")
 SETTINGS = {"conditioned_mean": ("conditioned", "mean"), "difference_sum": ("difference", "sum")}
@@ -52,8 +53,14 @@ def main():
     train, holdout, _ = noisy_gsm8k(args.n, args.n_holdout, 8, seed=0)
     clean = np.array([c == "clean" for c in train["corruption"]])
     model, tokenizer = load_model()
-    builder = prepare_ica(model, tokenizer, train.remove_columns("corruption"), holdout, num_demos=3,
-                          show_progress=False)  # fmt: skip
+    builder = prepare_ica(
+        model,
+        tokenizer,
+        train.remove_columns("corruption"),
+        holdout,
+        ICAScoringOptions(num_demos=3, form="difference", reduction="sum"),
+        show_progress=False,
+    )
     for name, (form, reduction) in SETTINGS.items():
         for precision in PRECISIONS:
             key = f"{name}/{precision}"

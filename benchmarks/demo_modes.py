@@ -29,6 +29,7 @@ from benchmarks.layout import SCENARIOS, per_token, pool  # noqa: F401 - its poo
 from benchmarks.run import main as run_main
 from trl_ica.cli.scenarios import auroc
 from trl_ica.scoring.ica import prepare_ica, score_with
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import token_counts
 
 warnings.filterwarnings("ignore")
@@ -49,8 +50,16 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
 
     def measure(data, mode, seed):
         train, holdout, positive = data
-        builder = prepare_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=mode, seed=seed,
-                              layout="in_turn", show_progress=False)  # fmt: skip
+        builder = prepare_ica(
+            model,
+            tokenizer,
+            train,
+            holdout,
+            ICAScoringOptions(
+                num_demos=3, demo_selection=mode, seed=seed, layout="in_turn", form="difference", reduction="sum"
+            ),
+            show_progress=False,
+        )
         result = score_with(model, builder, show_progress=False)
         cond, _ = per_token(result)
         requests = [r for i in range(len(builder.candidates)) for c in (True, False) for r in builder.requests(i, c)]
@@ -63,8 +72,13 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
             "flat_share_of_naive": counts.flat / counts.naive,
         }
 
-    run_pools(experiment, methods or experiment["methods"], seeds or experiment["seeds"],
-              lambda name, seed: pool(name, settings["n"], seed), measure)
+    run_pools(
+        experiment,
+        methods or experiment["methods"],
+        seeds or experiment["seeds"],
+        lambda name, seed: pool(name, settings["n"], seed),
+        measure,
+    )
     print("\n".join(report_table(experiment)))
 
 

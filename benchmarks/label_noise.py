@@ -89,6 +89,7 @@ from trl_ica.cli.scenarios import LABEL_NOISE_KINDS, LABEL_NOISE_TASKS, noisy_gs
 from trl_ica.data_io import write_json
 from trl_ica.embedded import DEFAULT_MODEL, load_model
 from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.selection.baselines import select_top
 
 warnings.filterwarnings("ignore")
@@ -202,8 +203,9 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
         options = dict(options)
         model, tokenizer = load_model(model_path(options.pop("model", trained)))
         start = time.perf_counter()
-        out = score_ica(model, tokenizer, rows, holdout, num_demos=3, seed=seed, show_progress=False,
-                        **{"demo_selection": "fixed", **options})  # fmt: skip
+        settings = {"demo_selection": "fixed", "form": "difference", "reduction": "sum", **options}
+        out = score_ica(model, tokenizer, rows, holdout, ICAScoringOptions(num_demos=3, seed=seed, **settings),
+                        show_progress=False)  # fmt: skip
         results.setdefault(f"scoring seconds {scoring}", {})[str(seed)] = time.perf_counter() - start
         prefix = "" if scoring == "in_turn" else f"{scoring}_"
         # a span score's rows without the span are -inf in `scores` (the mean form's own value)

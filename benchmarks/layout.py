@@ -38,6 +38,7 @@ from benchmarks.label_noise import make_data
 from benchmarks.run import main as run_main
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k, noisy_gsm8k_pairs
 from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 warnings.filterwarnings("ignore")
 SCENARIOS = ("label_noise", "label_noise_shuffled", "mixture", "gsm8k", "pairs")
@@ -94,9 +95,22 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
         layout, end = variant.split("/")
         if layout == "standard":
             train, holdout = as_standard(train), as_standard(holdout)
-        result = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=settings["demo_selection"],
-                           layout="in_turn" if layout == "standard" else layout, score_end=end == "end", seed=seed,
-                           show_progress=False)  # fmt: skip
+        result = score_ica(
+            model,
+            tokenizer,
+            train,
+            holdout,
+            ICAScoringOptions(
+                num_demos=3,
+                demo_selection=settings["demo_selection"],
+                layout="in_turn" if layout == "standard" else layout,
+                score_end=end == "end",
+                seed=seed,
+                form="difference",
+                reduction="sum",
+            ),
+            show_progress=False,
+        )
         cond, plain = per_token(result)
         return {
             "difference_sum": auroc(result.scores, positive),
@@ -104,8 +118,13 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
             "conditioned_mean": auroc(cond, positive),
         }
 
-    run_pools(experiment, methods or experiment["methods"], seeds or experiment["seeds"],
-              lambda name, seed: pool(name, settings["n"], seed), measure)
+    run_pools(
+        experiment,
+        methods or experiment["methods"],
+        seeds or experiment["seeds"],
+        lambda name, seed: pool(name, settings["n"], seed),
+        measure,
+    )
     print("\n".join(report_table(experiment)))
 
 

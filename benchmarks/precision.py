@@ -18,6 +18,7 @@ import torch
 from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.embedded import load_model
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 REPEATS = 5
 
@@ -31,7 +32,12 @@ def main():
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=5, n_test=1, noise=0.0, seed=0)
     builder = prepare_ica(
-        model, tokenizer, train.remove_columns("corruption"), holdout, layout="in_turn", show_progress=False
+        model,
+        tokenizer,
+        train.remove_columns("corruption"),
+        holdout,
+        ICAScoringOptions(layout="in_turn", form="difference", reduction="sum"),
+        show_progress=False,
     )
     ways = {
         "log_softmax (float32)": lambda x, t: x.log_softmax(-1).gather(-1, t[:, None])[:, 0],

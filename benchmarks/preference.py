@@ -25,6 +25,7 @@ from benchmarks.common.models import lora as recipe_lora
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k_pairs
 from trl_ica.embedded import default_model_path
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.selection.baselines import oneshot_scores
 
 warnings.filterwarnings("ignore")
@@ -39,7 +40,15 @@ def quality(model, tokenizer, args):
     print("|---|---|---|")
     rng = np.random.default_rng(args.seed)
     for selection in args.selections:
-        result = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection=selection, layout="in_turn")
+        result = score_ica(
+            model,
+            tokenizer,
+            train,
+            holdout,
+            ICAScoringOptions(
+                num_demos=3, demo_selection=selection, layout="in_turn", form="difference", reduction="sum"
+            ),
+        )
         tokens = result.pair_tokens
         cond, plain = result.pair_logps[:, :2] / tokens, result.pair_logps[:, 2:] / tokens
         per_token = (cond[:, 0] - cond[:, 1]) - (plain[:, 0] - plain[:, 1])  # the score with reduction="mean"

@@ -44,6 +44,7 @@ from trl_ica.embedded import load_model
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import select_top
 
@@ -132,8 +133,16 @@ def run_sft_like(name, make_data, accuracy, args, results):
         model, tokenizer = load_model()
         scores = None
         if any(m.startswith("top_half") for m in todo):
-            ica = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="fixed", layout="in_turn",
-                            show_progress=False)  # fmt: skip
+            ica = score_ica(
+                model,
+                tokenizer,
+                train,
+                holdout,
+                ICAScoringOptions(
+                    num_demos=3, demo_selection="fixed", layout="in_turn", form="difference", reduction="sum"
+                ),
+                show_progress=False,
+            )
             scores = {  # the loss baseline is log p(y | x) per token, which the ICA pass without demos already has
                 "ica": ica.scores,
                 "conditioned": ica.logp_conditioned / ica.num_tokens,

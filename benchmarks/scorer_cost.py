@@ -31,6 +31,7 @@ from benchmarks.common.results import save as save_results
 from trl_ica.cli.scenarios import reasoning_gym_label_noise
 from trl_ica.embedded import DEFAULT_MODEL, load_model
 from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 warnings.filterwarnings("ignore")
 MODELS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct", QWEN_05B: "Qwen2.5-Coder-0.5B-Instruct"}
@@ -53,8 +54,14 @@ def measure(name: str, rows, holdout, args) -> dict:
     model, tokenizer = load_model(qwen_05b_path() if name == QWEN_05B else name)
     parameters = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    score_ica(model, tokenizer, rows, holdout, num_demos=3, demo_selection="fixed", form="conditioned",
-              reduction="mean", layout="turns", show_progress=False)  # fmt: skip
+    score_ica(
+        model,
+        tokenizer,
+        rows,
+        holdout,
+        ICAScoringOptions(num_demos=3, demo_selection="fixed", form="conditioned", reduction="mean", layout="turns"),
+        show_progress=False,
+    )
     scoring = time.perf_counter() - start
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
@@ -112,8 +119,10 @@ def main():
     if all(m in results for m in MODELS):
         small, large = (results[m] for m in MODELS)
         score = small["scoring_seconds_per_1k"]
-        print(f"Scoring with the 135M model costs {score / large['scoring_seconds_per_1k']:.2f} of scoring with the "
-              f"0.5B model, and {score / large['training_seconds_per_1k']:.2f} of a LoRA epoch of the 0.5B model.")
+        print(
+            f"Scoring with the 135M model costs {score / large['scoring_seconds_per_1k']:.2f} of scoring with the "
+            f"0.5B model, and {score / large['training_seconds_per_1k']:.2f} of a LoRA epoch of the 0.5B model."
+        )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.embedded import load_model
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest, token_counts
 
 warnings.filterwarnings("ignore")
@@ -103,7 +104,12 @@ def main():
         reference = None
         for selection in SELECTIONS:
             builder = prepare_ica(
-                model, tokenizer, data, hold, demo_selection=selection, layout="in_turn", show_progress=False
+                model,
+                tokenizer,
+                data,
+                hold,
+                ICAScoringOptions(demo_selection=selection, layout="in_turn", form="difference", reduction="sum"),
+                show_progress=False,
             )
             requests = [builder.conditioned(i) for i in range(len(data))]
             requests += [builder.unconditioned(i) for i in range(len(data))]

@@ -29,6 +29,7 @@ from benchmarks.common.pools import pool_table, run_pools
 from benchmarks.run import main as run_main
 from trl_ica import score_ica
 from trl_ica.cli.scenarios import auroc, noisy_gsm8k
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.selection.baselines import score_dataset
 from trl_ica.selection.whisperer import WhispererConfig, whisperer_scores
 
@@ -71,8 +72,16 @@ def scorers(model, tokenizer, train, holdout, settings, seed):
 
     def ica():
         if "ica" not in cache:
-            cache["ica"] = score_ica(model, tokenizer, train, holdout, num_demos=3, demo_selection="knn",
-                                     layout="in_turn", show_progress=False)  # fmt: skip
+            cache["ica"] = score_ica(
+                model,
+                tokenizer,
+                train,
+                holdout,
+                ICAScoringOptions(
+                    num_demos=3, demo_selection="knn", layout="in_turn", form="difference", reduction="sum"
+                ),
+                show_progress=False,
+            )
         return cache["ica"]
 
     def whisperer(metric, queries):
@@ -86,11 +95,12 @@ def scorers(model, tokenizer, train, holdout, settings, seed):
         "whisperer_ll_pool": whisperer("log_likelihood", None),
         "whisperer_ll_holdout": whisperer("log_likelihood", holdout),
         "oneshot": lambda: score_dataset("oneshot", model, tokenizer, train, holdout),
-        "rho": lambda: score_dataset("rho", model, tokenizer, train,
-                                     reference_model=reference_model(holdout, settings["rho_epochs"])),  # fmt: skip
+        "rho": lambda: score_dataset(
+            "rho", model, tokenizer, train, reference_model=reference_model(holdout, settings["rho_epochs"])
+        ),  # fmt: skip
         "loss": lambda: score_dataset("loss", model, tokenizer, train),
         "ifd": lambda: score_dataset("ifd", model, tokenizer, train),
-        "random": lambda: score_dataset("random", None, None, train, seed=seed),
+        "random": lambda: score_dataset("random", None, None, train, options=ICAScoringOptions(seed=seed)),
     }
 
 

@@ -23,6 +23,7 @@ import trl_ica.scoring.models as models
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli.scenarios import chat_row, pair_row
 from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 
 COMMON = dict(
@@ -63,7 +64,15 @@ def main():
     calls: list[str] = []
     record_calls(model, calls)
     # 1. Sharded ICA scoring (the default under a multi-process launch): 7 rows over 2 processes, one per forward
-    result = score_ica(model, tokenizer, train, holdout, num_demos=2, batch_size=1, show_progress=False)
+    result = score_ica(
+        model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, form="difference", reduction="sum"),
+        batch_size=1,
+        show_progress=False,
+    )
     sharded_calls = list(calls)
 
     # 2. Lockstep: each process scores different requests; three scored tokens per LM-head call, so the processes
@@ -108,8 +117,13 @@ def main():
         ("sft_online", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train), {"ica_refresh": "online"}),
         ("dpo_online", ICADPOTrainer, ICADPOConfig, Dataset.from_list(pair_data()), {"ica_refresh": "online"}),
         # the rows drawn by their weights, rescored before step 1: the scoring runs inside the sampler on both
-        ("sft_sampling", ICASFTTrainer, ICASFTConfig, Dataset.from_list(train),
-         {"ica_weight_mode": "sampling", "ica_weighting": "global_minmax", "ica_refresh": 2}),
+        (
+            "sft_sampling",
+            ICASFTTrainer,
+            ICASFTConfig,
+            Dataset.from_list(train),
+            {"ica_weight_mode": "sampling", "ica_weighting": "global_minmax", "ica_refresh": 2},
+        ),
     ):
         out = os.path.join(args.out, name)
         policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

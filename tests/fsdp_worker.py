@@ -23,13 +23,14 @@ from testing_utils import tiny_llama, tiny_tokenizer  # noqa: E402
 
 from trl_ica import score_ica  # noqa: E402
 from trl_ica.scoring.ica import prepare_ica, score_with  # noqa: E402
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.weighting import compute_weights  # noqa: E402
 
 
 def train_steps(model, tokenizer, train, holdout, distributed):
     """Score every row, then three steps of 4 rows, each scored online and trained with min-max weights; the same
     rows on every process (FSDP2 averages the processes' gradients, so the update is the one-process update)."""
-    builder = prepare_ica(model, tokenizer, train, holdout, num_demos=2, show_progress=False)
+    builder = prepare_ica(model, tokenizer, train, holdout, ICAScoringOptions(num_demos=2), show_progress=False)
     first = score_with(model, builder, form="conditioned", reduction="mean", batch_size=2, show_progress=False,
                        distributed=distributed).scores  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -79,9 +80,10 @@ def main():
     fully_shard(sharded, mesh=mesh)
     local_shapes = [tuple(p.to_local().shape) for p in sharded.parameters()]
     train, holdout = sft_data()
-    options = dict(num_demos=2, batch_size=1, show_progress=False)  # kNN demos: embeddings run sharded too
-    ours = score_ica(sharded, tokenizer, train, holdout, **options)  # rows split between the two processes
-    reference = score_ica(plain, tokenizer, train, holdout, distributed="local", **options)
+    options = ICAScoringOptions(num_demos=2, form="difference", reduction="sum")  # kNN: embeddings run sharded too
+    run = dict(batch_size=1, show_progress=False)
+    ours = score_ica(sharded, tokenizer, train, holdout, options, **run)  # rows split between the two processes
+    reference = score_ica(plain, tokenizer, train, holdout, options, distributed="local", **run)
     trained = train_steps(sharded, tokenizer, train, holdout, distributed=None)
     alone = train_steps(plain, tokenizer, train, holdout, distributed="local")
     with open(os.path.join(sys.argv[1], f"fsdp-{rank}.json"), "w") as f:

@@ -14,6 +14,7 @@ from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer, sc
 from trl_ica.cli import main as cli
 from trl_ica.embedded import convert_gguf
 from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 
 SFT = [chat_row(f"What is {i} plus 1?", f"It is {i + 1}.") for i in range(6)]
@@ -153,8 +154,19 @@ CLEAR = {
     ),
     "score: --scoring-max-tokens 0": (
         lambda t, tok: cli(
-            ["score", "--method", "loss", "--model", "smollm2-135m-instruct", "--dataset",
-             write_lines(t / "d.jsonl", SFT), "--scoring-max-tokens", "0", "--output", str(t / "o.jsonl")]
+            [
+                "score",
+                "--method",
+                "loss",
+                "--model",
+                "smollm2-135m-instruct",
+                "--dataset",
+                write_lines(t / "d.jsonl", SFT),
+                "--scoring-max-tokens",
+                "0",
+                "--output",
+                str(t / "o.jsonl"),
+            ]
         ),  # fmt: skip
         "`--scoring-max-tokens` must be a positive integer, got 0",
     ),
@@ -171,29 +183,65 @@ CLEAR = {
         "`batch_size` must be a positive integer or None, got 0",
     ),
     "scoring: an empty prompt": (
-        lambda t, tok: score_ica(tiny_llama(), tok, [SFT[0], {"prompt": " ", "completion": "x"}], HOLDOUT),
+        lambda t, tok: score_ica(
+            tiny_llama(),
+            tok,
+            [SFT[0], {"prompt": " ", "completion": "x"}],
+            HOLDOUT,
+            ICAScoringOptions(form="difference", reduction="sum"),
+        ),
         r"dataset row 1: the prompt is empty",
     ),
     "scoring: an implicit-prompt pair with nothing in common": (
-        lambda t, tok: score_ica(tiny_llama(), tok, [{"chosen": "yes", "rejected": "no"}], HOLDOUT),
+        lambda t, tok: score_ica(
+            tiny_llama(),
+            tok,
+            [{"chosen": "yes", "rejected": "no"}],
+            HOLDOUT,
+            ICAScoringOptions(form="difference", reduction="sum"),
+        ),
         "dataset row 0: no `prompt` column, and `chosen` and `rejected` share no leading part",
     ),
     "scoring: a DatasetDict": (
-        lambda t, tok: score_ica(tiny_llama(), tok, DatasetDict(train=Dataset.from_list(SFT)), HOLDOUT),
+        lambda t, tok: score_ica(
+            tiny_llama(),
+            tok,
+            DatasetDict(train=Dataset.from_list(SFT)),
+            HOLDOUT,
+            ICAScoringOptions(form="difference", reduction="sum"),
+        ),
         r"`dataset` is a DatasetDict of splits \['train'\]; pass one split, e.g. `dataset\['train'\]`",
     ),
     "scoring: a pandas DataFrame": (
-        lambda t, tok: score_ica(tiny_llama(), tok, Dataset.from_list(SFT).to_pandas(), HOLDOUT),
+        lambda t, tok: score_ica(
+            tiny_llama(),
+            tok,
+            Dataset.from_list(SFT).to_pandas(),
+            HOLDOUT,
+            ICAScoringOptions(form="difference", reduction="sum"),
+        ),
         r"`dataset` is a pandas DataFrame; convert it with `datasets.Dataset.from_pandas",
     ),
     "scoring: a model that produces NaN, conditioned form": (
         lambda t, tok: score_ica(
-            nan_model(tok), tok, SFT, HOLDOUT, form="conditioned", reduction="mean", show_progress=False
+            nan_model(tok),
+            tok,
+            SFT,
+            HOLDOUT,
+            ICAScoringOptions(form="conditioned", reduction="mean"),
+            show_progress=False,
         ),  # fmt: skip
         r"log-probabilities with demonstrations are not finite for 6 rows \(\[0, 1, 2, 3, 4\]\)",
     ),
     "scoring: a model that produces NaN, difference form": (
-        lambda t, tok: score_ica(nan_model(tok), tok, SFT, HOLDOUT, show_progress=False),
+        lambda t, tok: score_ica(
+            nan_model(tok),
+            tok,
+            SFT,
+            HOLDOUT,
+            ICAScoringOptions(form="difference", reduction="sum"),
+            show_progress=False,
+        ),
         "the model produced NaN or inf",
     ),
     "ICADPOTrainer on SFT rows": (

@@ -241,8 +241,9 @@ def test_settings_that_cannot_score_a_structured_response_are_refused(tool_token
 def test_a_completion_without_an_assistant_turn_is_refused(tool_tokenizer):
     bad = [{"prompt": [user("Hi")], "completion": [user("Anyone?")]}]
     with pytest.raises(ValueError, match=r"row 0: the completion has no assistant message \(roles \['user'\]\)"):
+        options = ICAScoringOptions(num_demos=1)
         prepare_ica(tiny_llama_for(tool_tokenizer), tool_tokenizer, Dataset.from_list(bad),
-                    rows(several_messages, 2, offset=20), num_demos=1, show_progress=False)  # fmt: skip
+                    rows(several_messages, 2, offset=20), options, show_progress=False)  # fmt: skip
 
 
 # --- every dataset kind TRL documents, against every ICA trainer ------------------------------------------------

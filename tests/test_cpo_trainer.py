@@ -22,6 +22,7 @@ from testing_utils import (
 )
 
 from trl_ica import ICACPOConfig, ICACPOTrainer, ICASimPOConfig, score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_length=256)
 MODES = {"simpo": (ICASimPOConfig, {}), "cpo": (ICACPOConfig, dict(loss_type="sigmoid", cpo_alpha=1.0))}
@@ -143,7 +144,8 @@ def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
 def test_online_scores_match_the_engine(tokenizer, tmp_path, mode):
     model = tiny_llama_for(tokenizer)
     train, holdout = dpo_pairs()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    options = ICAScoringOptions(form="difference", reduction="sum")
+    expected = score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
     trainer = cpo_trainer(tokenizer, tmp_path, mode, model=model, ica_refresh="online", learning_rate=0.0)
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
@@ -164,7 +166,9 @@ def test_online_scores_of_standard_pairs_equal_the_engines(tmp_path):
     ]
     model = tiny_llama_for(tokenizer)
     train, holdout = Dataset.from_list(rows), Dataset.from_list(rows[:3])
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    expected = score_ica(
+        model, tokenizer, train, holdout, ICAScoringOptions(form="difference", reduction="sum"), show_progress=False
+    ).scores
     trainer = cpo_trainer(
         tokenizer, tmp_path, model=model, train=train, holdout=holdout, ica_refresh="online", learning_rate=0.0
     )

@@ -15,6 +15,7 @@ from testing_utils import GRAD_TOL, REGROUPED_ATOL, TOKEN_LOGP_ATOL
 
 from trl_ica import score_ica
 from trl_ica.scoring.engine import score_requests
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.multiprocess]
@@ -61,7 +62,15 @@ def test_two_process_scores_equal_one_process_scores(launched):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, holdout = sft_data()
-    single = score_ica(model, tokenizer, train, holdout, num_demos=2, batch_size=1, show_progress=False).scores
+    single = score_ica(
+        model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, form="difference", reduction="sum"),
+        batch_size=1,
+        show_progress=False,
+    ).scores
     for rank in ranks:  # every process gets every row's score
         np.testing.assert_allclose(rank["scores"], single, atol=REGROUPED_ATOL, rtol=0)
     assert np.ptp(single) > 0
@@ -259,6 +268,7 @@ def test_fsdp2_sharded_model_scores_and_trains_like_the_unsharded_model(tmp_path
         moved = max(np.abs(np.subtract(a, b)).max() for a, b in zip(alone["parameters"], out["initial"]))
         gap = max(np.abs(np.subtract(a, b)).max() for a, b in zip(trained["parameters"], alone["parameters"]))
         assert moved > 1e-3 and gap < 1e-3 * moved
+
 
 def test_the_ddp_accelerate_config_launches_the_lora_recipe_on_two_processes(model_dir, tmp_path):
     from testing_utils import write_recipe_data

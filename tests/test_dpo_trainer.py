@@ -23,6 +23,7 @@ from testing_utils import (
 from trl import DPOConfig, DPOTrainer
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(
     report_to="none",
@@ -155,7 +156,8 @@ def test_weight_zero_removes_a_pairs_gradient(tokenizer, tmp_path, monkeypatch):
 def test_online_scores_equal_the_engines(tokenizer, tmp_path):
     model = tiny_llama_for(tokenizer)
     train, holdout = dpo_pairs()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    options = ICAScoringOptions(form="difference", reduction="sum")
+    expected = score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
     trainer = dpo_trainer(
         tokenizer, tmp_path, model=model, peft_config=tiny_lora(), ica_refresh="online", learning_rate=0.0
     )
@@ -169,7 +171,9 @@ def test_online_scores_equal_the_engines(tokenizer, tmp_path):
 def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(tokenizer, tmp_path):
     model = tiny_llama_for(tokenizer)
     train, holdout = dpo_pairs()
-    expected = score_ica(model, tokenizer, train, holdout, form="conditioned", show_progress=False).scores
+    expected = score_ica(
+        model, tokenizer, train, holdout, ICAScoringOptions(form="conditioned", reduction="sum"), show_progress=False
+    ).scores
     trainer = dpo_trainer(
         tokenizer, tmp_path, model=model, peft_config=tiny_lora(), ica_refresh="online", learning_rate=0.0,
         ica_score_form="conditioned",
@@ -183,7 +187,9 @@ def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(toke
 def test_refresh_writes_pair_scores_and_logs_trl_and_ica_metrics(tokenizer, tmp_path):
     model = tiny_llama_for(tokenizer)
     train, holdout = dpo_pairs()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False)
+    expected = score_ica(
+        model, tokenizer, train, holdout, ICAScoringOptions(form="difference", reduction="sum"), show_progress=False
+    )
     trainer = dpo_trainer(tokenizer, tmp_path, model=model, precompute_ref_log_probs=True, max_steps=4, ica_refresh=2)
     trainer.train()
     first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]

@@ -16,6 +16,7 @@ from testing_utils import SUMMED_DIFFERENCE, chat_row, tiny_llama
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
 from trl_ica.data_io import write_json, write_rows, written_whole
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, logging_steps=1, seed=0, per_device_train_batch_size=4)
 
@@ -146,8 +147,22 @@ def test_holdout_rows_in_the_training_set_are_not_their_own_demonstrations(chat_
     held = holdout(5)
     train = Dataset.from_list(list(rows(6)) + [held[1], held[3]])
     with pytest.warns(UserWarning, match=r"2 of 8 training examples also appear in the holdout \(rows \[6, 7\]\)"):
-        result = score_ica(chat_model, tokenizer, train, held, num_demos=3, show_progress=False)
+        result = score_ica(
+            chat_model,
+            tokenizer,
+            train,
+            held,
+            ICAScoringOptions(num_demos=3, form="difference", reduction="sum"),
+            show_progress=False,
+        )
     assert 1 not in result.demo_indices[6] and 3 not in result.demo_indices[7]
     with pytest.warns(UserWarning, match="also appear in the holdout"):
-        fixed = score_ica(chat_model, tokenizer, train, held, num_demos=3, demo_selection="fixed", show_progress=False)
+        fixed = score_ica(
+            chat_model,
+            tokenizer,
+            train,
+            held,
+            ICAScoringOptions(num_demos=3, demo_selection="fixed", form="difference", reduction="sum"),
+            show_progress=False,
+        )
     assert 1 not in fixed.demo_indices[6] and 3 not in fixed.demo_indices[7]

@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.scoring.formats import read_dataset
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.rendering import Renderer
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=3,
@@ -36,8 +37,14 @@ def test_text_rows_score_the_whole_text_against_holdout_texts(tokenizer):
     few-shot demonstrations before it; the scores equal a naive forward of those token ids."""
     train, holdout = Dataset.from_dict({"text": texts(3)}), Dataset.from_dict({"text": texts(4, offset=20)})
     model = model_for(tokenizer)
-    out = score_ica(model, tokenizer, train, holdout, num_demos=2, demo_selection="fixed", form="difference",
-                    reduction="sum", show_progress=False)  # fmt: skip
+    out = score_ica(
+        model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, demo_selection="fixed", form="difference", reduction="sum"),
+        show_progress=False,
+    )
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = tokenizer.eos_token
     for row, text in enumerate(texts(3)):

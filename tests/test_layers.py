@@ -10,7 +10,7 @@ BASE = {"seams", "embedded", "data_io", "plots", "presets"}
 #: what each part of the package may import (its own part always)
 ALLOWED = {
     "base": BASE,
-    "scoring": {"seams", "embedded"},
+    "scoring": {"seams", "embedded", "presets"},
     "selection": {"scoring", "seams", "embedded"},
     "trainer": {"scoring", *BASE},
     "cli": {"scoring", "selection", "trainer", *BASE},

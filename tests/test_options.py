@@ -49,3 +49,29 @@ def test_options_from_a_config_record_its_fields():
 def test_bad_options_are_refused_once_by_name(field, value, message):
     with pytest.raises(ValueError, match=message):
         ICAScoringOptions(**{field: value})
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_the_functional_api_and_the_trainers_share_their_defaults_and_the_papers_preset(kind):
+    """`ICAScoringOptions()` (what `score_ica`, `compute_ica_scores`, `score_dataset` and `trl-ica score` use unset)
+    is the score a trainer config defines at its defaults; `from_preset("paper")` is `ica_preset="paper"`'s."""
+    from trl_ica import ICADPOConfig
+
+    config = ICASFTConfig if kind == "sft" else ICADPOConfig
+    for preset, options in (("recommended", ICAScoringOptions()), ("paper", ICAScoringOptions.from_preset("paper"))):
+        args = config("out", use_cpu=True, bf16=False, ica_preset=preset, seed=0)
+        assert ICAScoringOptions.from_config(args) == options, preset
+    assert ICAScoringOptions.from_preset("paper", reduction="mean").reduction == "mean"  # a field given wins
+
+
+def test_the_scoring_functions_take_the_options_object_and_only_it():
+    from trl_ica import compute_ica_scores, score_ica
+
+    with pytest.raises(ValueError, match=r"`options` must be an ICAScoringOptions .* got dict"):
+        score_ica(None, None, [], [], {"num_demos": 2})
+    with pytest.raises(TypeError, match="num_demos"):
+        score_ica(None, None, [], [], num_demos=2)
+    with pytest.raises(ValueError, match=r"`compute_ica_scores` got unknown settings \['num_demo'\]"):
+        compute_ica_scores(None, None, [], [], num_demo=2)
+    with pytest.raises(ValueError, match=r"`num_demos` must be a positive integer"):
+        compute_ica_scores(None, None, [], [], num_demos=0)

@@ -6,6 +6,7 @@ from testing_utils import LOGP_ATOL, pair_rows
 from trl_ica import score_ica
 from trl_ica.scoring.formats import read_row
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import token_counts
 from trl_ica.scoring.rendering import Renderer
 
@@ -14,8 +15,17 @@ from trl_ica.scoring.rendering import Renderer
 @pytest.mark.parametrize("selection", ["fixed", "knn"])
 def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, tokenizer, fmt, selection):
     data, holdout = pair_rows(fmt), pair_rows(fmt)[:4]
-    result = score_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
-    builder = prepare_ica(chat_model, tokenizer, data, holdout, demo_selection=selection, show_progress=False)
+    result = score_ica(
+        chat_model,
+        tokenizer,
+        data,
+        holdout,
+        ICAScoringOptions(demo_selection=selection, form="difference", reduction="sum"),
+        show_progress=False,
+    )
+    builder = prepare_ica(
+        chat_model, tokenizer, data, holdout, ICAScoringOptions(demo_selection=selection), show_progress=False
+    )
     renderer = Renderer(tokenizer)
     expected = []
     for i, row in enumerate(data):
@@ -32,7 +42,9 @@ def test_pair_scores_equal_the_naive_four_sequence_computation(chat_model, token
 
 def test_pairs_share_demonstrations_and_prompt(chat_model, tokenizer):
     data = pair_rows("conversational")
-    builder = prepare_ica(chat_model, tokenizer, data, data[:4], demo_selection="knn", show_progress=False)
+    builder = prepare_ica(
+        chat_model, tokenizer, data, data[:4], ICAScoringOptions(demo_selection="knn"), show_progress=False
+    )
     chosen, rejected = builder.pair_requests(0, conditioned=True)
     assert chosen.prefix == rejected.prefix and chosen.response != rejected.response
     shared = token_counts([r for i in range(len(data)) for r in builder.pair_requests(i, True)]).shared
@@ -41,7 +53,14 @@ def test_pairs_share_demonstrations_and_prompt(chat_model, tokenizer):
 
 def test_mean_reduction_for_pairs(chat_model, tokenizer):
     data = pair_rows("conversational")
-    r = score_ica(chat_model, tokenizer, data, data[:4], reduction="mean", show_progress=False)
+    r = score_ica(
+        chat_model,
+        tokenizer,
+        data,
+        data[:4],
+        ICAScoringOptions(reduction="mean", form="difference"),
+        show_progress=False,
+    )
     lp, n = r.pair_logps, r.pair_tokens
     np.testing.assert_allclose(
         r.scores, (lp[:, 0] / n[:, 0] - lp[:, 1] / n[:, 1]) - (lp[:, 2] / n[:, 0] - lp[:, 3] / n[:, 1])
@@ -51,7 +70,14 @@ def test_mean_reduction_for_pairs(chat_model, tokenizer):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model, tokenizer, reduction):
     data = pair_rows("conversational")
-    r = score_ica(chat_model, tokenizer, data, data[:4], form="conditioned", reduction=reduction, show_progress=False)
+    r = score_ica(
+        chat_model,
+        tokenizer,
+        data,
+        data[:4],
+        ICAScoringOptions(form="conditioned", reduction=reduction),
+        show_progress=False,
+    )
     builder = prepare_ica(chat_model, tokenizer, data, data[:4], show_progress=False)
     expected = []
     for i in range(len(data)):
@@ -66,7 +92,12 @@ def test_conditioned_form_for_pairs_is_the_margin_with_demonstrations(chat_model
 def test_demonstrations_show_the_chosen_answer(tokenizer, chat_model):
     data = pair_rows("conversational")
     builder = prepare_ica(
-        chat_model, tokenizer, data, data[:2], demo_selection="fixed", num_demos=2, show_progress=False
+        chat_model,
+        tokenizer,
+        data,
+        data[:2],
+        ICAScoringOptions(demo_selection="fixed", num_demos=2),
+        show_progress=False,
     )
     text = tokenizer.decode(list(builder.pair_requests(3, True)[0].prefix))
     assert "The answer is 1." in text and "The answer is 0." not in text  # holdout 0: chosen "1", rejected "0"

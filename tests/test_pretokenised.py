@@ -9,6 +9,7 @@ from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences,
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.trainer.mixin import scoring_view
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=3,
@@ -36,8 +37,14 @@ def test_scores_equal_a_naive_forward_of_the_token_ids(tokenizer):
     """log p(answer | prompt) from the row's ids; with demonstrations, the holdout rows' ids before them."""
     train, holdout = tokenised(tokenizer, 3), tokenised(tokenizer, 4, offset=20)
     model = model_for(tokenizer).eval()
-    out = score_ica(model, tokenizer, train, holdout, num_demos=2, demo_selection="fixed", form="difference",
-                    reduction="sum", show_progress=False)  # fmt: skip
+    out = score_ica(
+        model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, demo_selection="fixed", form="difference", reduction="sum"),
+        show_progress=False,
+    )
     for row in range(3):
         ids, start = train[row]["input_ids"], train[row]["completion_mask"].index(1)
         demos = [t for j in out.demo_indices[row] for t in holdout[int(j)]["input_ids"]]
@@ -86,8 +93,9 @@ def test_a_mask_of_several_runs_is_refused_with_the_reason(tokenizer):
     rows = tokenised(tokenizer, 2).to_list()
     rows[1]["completion_mask"] = [0, 1] + [0] * (len(rows[1]["input_ids"]) - 3) + [1]
     with pytest.raises(ValueError, match=r"dataset row 1: the positions that carry loss \(`completion_mask`\) are"):
+        options = ICAScoringOptions(num_demos=1, demo_selection="fixed", form="difference", reduction="sum")
         score_ica(model_for(tokenizer), tokenizer, Dataset.from_list(rows), tokenised(tokenizer, 4, offset=20),
-                  num_demos=1, demo_selection="fixed", show_progress=False)  # fmt: skip
+                  options, show_progress=False)  # fmt: skip
 
 
 def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):

@@ -15,6 +15,7 @@ from testing_utils import assert_requests_are_the_training_sequences
 
 from trl_ica import score_ica
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 
 pytestmark = pytest.mark.slow
@@ -89,11 +90,11 @@ def _naive_at_seam(model, builder, n):
 def scored(request, smollm, smollm64, gsm8k):
     """Fused float32 and float64 scores, the naive float32 and float64 references, and the request builder."""
     (model, tokenizer), train = smollm, gsm8k[0]
-    kwargs = dict(demo_selection=request.param, show_progress=False)
-    builder = prepare_ica(model, tokenizer, train, gsm8k[1], **kwargs)
+    options = ICAScoringOptions(demo_selection=request.param, form="difference", reduction="sum")
+    builder = prepare_ica(model, tokenizer, train, gsm8k[1], options, show_progress=False)
     return dict(
-        fused32=score_ica(model, tokenizer, train, gsm8k[1], **kwargs),
-        fused64=score_ica(smollm64, tokenizer, train, gsm8k[1], **kwargs),
+        fused32=score_ica(model, tokenizer, train, gsm8k[1], options, show_progress=False),
+        fused64=score_ica(smollm64, tokenizer, train, gsm8k[1], options, show_progress=False),
         naive32=_naive(model, builder, len(train)),
         **dict(zip(("naive64", "seams"), _naive_at_seam(smollm64, builder, len(train)))),
     )

@@ -7,6 +7,7 @@ from testing_utils import LOGP_ATOL, chat_row
 from trl_ica import compute_ica_scores, score_ica
 from trl_ica.scoring.demonstrations import group_candidates, select_demos
 from trl_ica.scoring.ica import prepare_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 
 def make_data(n=9, h=5):
@@ -24,9 +25,10 @@ def make_data(n=9, h=5):
 )  # fmt: skip
 def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer, selection, layout, score_end):
     train, holdout = make_data()
-    options = dict(demo_selection=selection, layout=layout, score_end=score_end, show_progress=False)
-    result = score_ica(chat_model, tokenizer, train, holdout, **options)
-    builder = prepare_ica(chat_model, tokenizer, train, holdout, **options)
+    options = ICAScoringOptions(demo_selection=selection, layout=layout, score_end=score_end, form="difference",
+                                reduction="sum")  # fmt: skip
+    result = score_ica(chat_model, tokenizer, train, holdout, options, show_progress=False)
+    builder = prepare_ica(chat_model, tokenizer, train, holdout, options, show_progress=False)
     assert builder.renderer.layout == layout and builder.renderer.score_end == score_end
     cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
     plain = np.array([naive_log_prob(chat_model, builder.unconditioned(i)) for i in range(len(train))])
@@ -39,8 +41,16 @@ def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer,
 
 def test_mean_reduction_divides_by_response_tokens(chat_model, tokenizer):
     train, holdout = make_data()
-    total = score_ica(chat_model, tokenizer, train, holdout, show_progress=False)
-    mean = compute_ica_scores(chat_model, tokenizer, train, holdout, reduction="mean", show_progress=False)
+    total = score_ica(
+        chat_model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(form="difference", reduction="sum"),
+        show_progress=False,
+    )
+    mean = compute_ica_scores(chat_model, tokenizer, train, holdout, form="difference", reduction="mean",
+                              show_progress=False)
     np.testing.assert_allclose(mean, total.scores / total.num_tokens)
 
 
@@ -48,7 +58,12 @@ def test_mean_reduction_divides_by_response_tokens(chat_model, tokenizer):
 def test_conditioned_form_is_the_naive_log_prob_with_demonstrations_alone(chat_model, tokenizer, reduction):
     train, holdout = make_data()
     result = score_ica(
-        chat_model, tokenizer, train, holdout, form="conditioned", reduction=reduction, show_progress=False
+        chat_model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(form="conditioned", reduction=reduction),
+        show_progress=False,
     )
     builder = prepare_ica(chat_model, tokenizer, train, holdout, show_progress=False)
     cond = np.array([naive_log_prob(chat_model, builder.conditioned(i)) for i in range(len(train))])
@@ -217,7 +232,12 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
     ]
     train = [chat_row("Tom buys more apples; how many apples now?", "ok"), chat_row("Capital city of Italy?", "ok")]
     builder = prepare_ica(
-        chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=encoder, show_progress=False
+        chat_model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, embedding_model=encoder),
+        show_progress=False,
     )
     assert builder.demo_indices[0, 0] == 0  # the apples question first
     assert set(builder.demo_indices[1]) == {1, 3}  # the two capital-city questions
@@ -257,10 +277,17 @@ def test_deferred_demonstrations_are_chosen_and_checked_on_first_use(chat_model,
         calls.append(len(texts))
         return model_embeddings(chat_model, tokenizer, texts)
 
-    now = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed, show_progress=False)
+    now = prepare_ica(
+        chat_model,
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, embedding_model=embed),
+        show_progress=False,
+    )
     calls.clear()
-    later = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed,
-                        show_progress=False, defer_demos=True)  # fmt: skip
+    options = ICAScoringOptions(num_demos=2, embedding_model=embed)
+    later = prepare_ica(chat_model, tokenizer, train, holdout, options, show_progress=False, defer_demos=True)
     assert calls == []
     assert [r.response for r in later.requests(0, False)] == [r.response for r in now.requests(0, False)]
     assert calls == []  # requests without demonstrations do not need them
@@ -268,7 +295,8 @@ def test_deferred_demonstrations_are_chosen_and_checked_on_first_use(chat_model,
     assert len(calls) == 2  # candidates and holdout, once
     later.demo_indices  # noqa: B018
     assert len(calls) == 2
-    short = prepare_ica(chat_model, tokenizer, train, holdout, num_demos=2, embedding_model=embed, max_length=40,
-                        show_progress=False, defer_demos=True)  # fmt: skip
+    options = ICAScoringOptions(num_demos=2, embedding_model=embed)
+    short = prepare_ica(chat_model, tokenizer, train, holdout, options, max_length=40, show_progress=False,
+                        defer_demos=True)  # fmt: skip
     with pytest.raises(ValueError, match="longer than `max_length`=40"):
         short.requests(0, True)

@@ -22,6 +22,7 @@ from trl_ica import (
     compute_ica_scores,
     score_ica,
 )
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
@@ -70,8 +71,9 @@ def naive_scores(scorer_dir, train, holdout, **settings):
 
     model = AutoModelForCausalLM.from_pretrained(scorer_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(scorer_dir)
-    return score_ica(model, tokenizer, train, holdout, num_demos=2, demo_selection="fixed", show_progress=False,
-                     **settings).scores  # fmt: skip
+    options = ICAScoringOptions(**{"num_demos": 2, "demo_selection": "fixed", "form": "difference",
+                                   "reduction": "sum", **settings})  # fmt: skip
+    return score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
 
 
 def read_lines(path):
@@ -95,8 +97,14 @@ def test_sft_weights_with_the_scoring_models_scores_and_frees_it(tokenizer, tmp_
     np.testing.assert_allclose([r["score"] for r in records], expected, atol=LOGP_ATOL, rtol=0)
     assert {r["scoring_model"] for r in records} == {scorer_dir}
     # under the trained model (and its tokenizer) the same rows have other log-probabilities, by whole nats
-    own = score_ica(trained_model(tokenizer).eval(), tokenizer, train, holdout, num_demos=2, demo_selection="fixed",
-                    reduction="mean", show_progress=False)  # fmt: skip
+    own = score_ica(
+        trained_model(tokenizer).eval(),
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(num_demos=2, demo_selection="fixed", reduction="mean", form="difference"),
+        show_progress=False,
+    )
     logp = np.array([r["logp_conditioned"] for r in records])
     assert np.abs(own.logp_conditioned - logp).min() > 1.0
     weights = read_lines(tmp_path / "ica" / "weights.jsonl")
@@ -162,7 +170,7 @@ def test_preference_trainers_score_pairs_with_the_scoring_model(tokenizer, tmp_p
 def test_compute_ica_scores_loads_a_scoring_model_by_name(scorer_dir):
     train, holdout = sft_data()
     by_name = compute_ica_scores(scorer_dir, None, train, holdout, num_demos=2, demo_selection="fixed",
-                                 show_progress=False)  # fmt: skip
+                                 form="difference", reduction="sum", show_progress=False)  # fmt: skip
     expected = naive_scores(scorer_dir, train, holdout)
     np.testing.assert_allclose(by_name, expected, atol=LOGP_ATOL, rtol=0)
 

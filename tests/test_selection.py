@@ -9,6 +9,7 @@ from testing_utils import LOGP_ATOL, MEAN_LOGP_ATOL, chat_row, pair_rows, tiny_l
 from trl_ica.cli import main
 from trl_ica.scoring.demonstrations import model_embeddings, select_demos
 from trl_ica.scoring.formats import read_dataset
+from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import METHODS, score_dataset, select_top
@@ -67,7 +68,8 @@ def test_ifd_is_the_ratio_of_perplexities_with_and_without_the_prompt(chat_model
 
 def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tokenizer):
     rows, held = sft_rows(), holdout_rows()
-    scores = score_dataset("oneshot", chat_model, tokenizer, rows, held, num_demos=2, show_progress=False)
+    scores = score_dataset("oneshot", chat_model, tokenizer, rows, held, ICAScoringOptions(num_demos=2),
+                           show_progress=False)  # fmt: skip
     examples, hold = read_dataset(rows), read_dataset(held)
     embed = lambda texts: model_embeddings(chat_model, tokenizer, texts, show_progress=False)  # noqa: E731
     nearest = select_demos([e.question for e in examples], [h.question for h in hold], 2, "knn", 0, embed)
@@ -88,7 +90,8 @@ def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tok
 
 def test_oneshot_with_a_preference_holdout_uses_the_margin(chat_model, tokenizer):
     rows = pair_rows("conversational")
-    scores = score_dataset("oneshot", chat_model, tokenizer, rows[3:], rows[:3], num_demos=1, show_progress=False)
+    scores = score_dataset("oneshot", chat_model, tokenizer, rows[3:], rows[:3], ICAScoringOptions(num_demos=1),
+                           show_progress=False)  # fmt: skip
     examples, hold = read_dataset(rows[3:]), read_dataset(rows[:3])
     embed = lambda texts: model_embeddings(chat_model, tokenizer, texts, show_progress=False)  # noqa: E731
     nearest = select_demos([e.question for e in examples], [h.question for h in hold], 1, "knn", 0, embed)
@@ -121,9 +124,9 @@ def test_rho_is_the_loss_reduction_of_the_reference_model(chat_model, tokenizer)
 
 def test_random_is_seeded_and_methods_check_their_inputs(chat_model, tokenizer):
     rows = sft_rows()
-    a, b = (score_dataset("random", None, None, rows, seed=s) for s in (1, 1))
+    a, b = (score_dataset("random", None, None, rows, options=ICAScoringOptions(seed=s)) for s in (1, 1))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, score_dataset("random", None, None, rows, seed=2))
+    assert not np.array_equal(a, score_dataset("random", None, None, rows, options=ICAScoringOptions(seed=2)))
     with pytest.raises(ValueError, match="`method` must be one of"):
         score_dataset("nuggets", chat_model, tokenizer, rows)
     with pytest.raises(ValueError, match="`method='ica'` needs a holdout"):
@@ -204,10 +207,9 @@ def test_cli_conditioned_form_equals_the_library(tmp_path, tokenizer):
         ]
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    expected = score_dataset(
-        "ica", model, tokenizer, sft_rows(6), holdout_rows(), form="conditioned", reduction="mean", show_progress=False
-    )
-    paper = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
+    expected = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
+    paper = ICAScoringOptions.from_preset("paper")
+    paper = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), paper, show_progress=False)
     got = [json.loads(line)["score"] for line in open(out)]
     np.testing.assert_allclose(got, expected, atol=LOGP_ATOL)
     assert not np.allclose(got, paper, atol=1e-2)

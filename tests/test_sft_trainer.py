@@ -20,6 +20,7 @@ from testing_utils import (
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(
     report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, dataloader_drop_last=False
@@ -160,7 +161,8 @@ def test_refresh_writes_scores_and_logs_metrics(tokenizer, tmp_path):
 def test_scores_before_training_equal_compute_ica_scores(tokenizer, tmp_path):
     model = model_for(tokenizer)
     train, holdout = data()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    paper = ICAScoringOptions(form="difference", reduction="sum")
+    expected = score_ica(model, tokenizer, train, holdout, paper, show_progress=False).scores
     trainer = ica_trainer(tokenizer, tmp_path, model=model, max_steps=1)
     trainer.train()
     first = [json.loads(line)["score"] for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
@@ -170,7 +172,9 @@ def test_scores_before_training_equal_compute_ica_scores(tokenizer, tmp_path):
 def test_online_scores_equal_the_engines(tokenizer, tmp_path):
     model = model_for(tokenizer)
     train, holdout = data()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    expected = score_ica(
+        model, tokenizer, train, holdout, ICAScoringOptions(form="difference", reduction="sum"), show_progress=False
+    ).scores
     trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3)
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
@@ -186,7 +190,9 @@ def test_online_scores_carry_no_training_noise(tokenizer, tmp_path, noise):
     config = {k: v for k, v in noise.items() if k != "neftune_noise_alpha"}
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config).train()
     train, holdout = data()
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False).scores
+    expected = score_ica(
+        model, tokenizer, train, holdout, ICAScoringOptions(form="difference", reduction="sum"), show_progress=False
+    ).scores
     fields = {k: v for k, v in noise.items() if k == "neftune_noise_alpha"}
     trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3,
                           **fields)  # fmt: skip
@@ -206,8 +212,8 @@ def test_conditioned_form_with_summed_log_probs_warns(tmp_path):
 def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, tmp_path, refresh):
     model = model_for(tokenizer)
     train, holdout = data()
-    form = dict(form="conditioned", reduction="mean")
-    expected = score_ica(model, tokenizer, train, holdout, show_progress=False, **form).scores
+    options = ICAScoringOptions(form="conditioned", reduction="mean")
+    expected = score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
     trainer = ica_trainer(
         tokenizer, tmp_path, model=model, ica_refresh=refresh, learning_rate=0.0, max_steps=3,
         ica_score_form="conditioned", ica_reduction="mean",

@@ -14,6 +14,7 @@ from datasets import Dataset
 from testing_utils import REGROUPED_ATOL, WEIGHT_ATOL, chat_row, minmax_weight_atol, tiny_llama
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
+from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(
     report_to="none", use_cpu=True, bf16=False, save_strategy="no", per_device_train_batch_size=4, max_steps=3,
@@ -103,7 +104,6 @@ def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_
     """Rows that arrive a few at a time get the nearest holdout rows they get all at once, and the holdout is
     embedded with the first rows only (not again at every step)."""
     from trl_ica.scoring.demonstrations import select_demos
-    from trl_ica.scoring.options import ICAScoringOptions
     from trl_ica.scoring.streamed import prepare_streamed_ica
 
     calls = []
@@ -130,7 +130,6 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     from testing_utils import dpo_pairs
 
     from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
-    from trl_ica.scoring.options import ICAScoringOptions
 
     train, holdout = dpo_pairs(12)
     settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
@@ -145,10 +144,19 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
     options = ICAScoringOptions.from_config(config)
     by_hand = score_ica(
-        tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer, train, holdout,
-        num_demos=options.num_demos, demo_selection=options.demo_selection, form=options.form,
-        reduction=options.reduction, seed=options.seed, show_progress=False,
-    ).scores  # fmt: skip
+        tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        tokenizer,
+        train,
+        holdout,
+        ICAScoringOptions(
+            num_demos=options.num_demos,
+            demo_selection=options.demo_selection,
+            form=options.form,
+            reduction=options.reduction,
+            seed=options.seed,
+        ),
+        show_progress=False,
+    ).scores
     np.testing.assert_allclose([r["score"] for r in records], by_hand, atol=REGROUPED_ATOL, rtol=0)
     for step in range(3):
         scores = by_hand[4 * step : 4 * step + 4]

@@ -105,10 +105,12 @@ def run(args) -> dict:
     )
 
     from ..scoring.ica import score_ica
+    from ..scoring.options import ICAScoringOptions
 
-    scores = score_ica(model, tokenizer, train, holdout, num_demos=args.num_demos, demo_selection="fixed",
-                       layout=RECOMMENDED["ica_demo_layout"], score_end=RECOMMENDED["ica_score_end_token"],
-                       seed=args.seed)  # fmt: skip
+    # the recommended rendering with the paper's summed difference: its parts give the other scores compared
+    options = ICAScoringOptions(num_demos=args.num_demos, demo_selection="fixed", form="difference", reduction="sum",
+                                seed=args.seed)  # fmt: skip
+    scores = score_ica(model, tokenizer, train, holdout, options)
     conditioned = scores.logp_conditioned / scores.num_tokens
     summary = {
         "auroc_conditioned_per_token": auroc(conditioned, clean),

@@ -4,7 +4,6 @@ noisy GSM8K files the recipes train on) and `sft`/`dpo`/`simpo` (the training sc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -60,6 +59,12 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
         "--score-span",
         help="ica: score only this span of each response, the rest as context: 'last_line', or a regular expression "
         "whose last match is the span (e.g. '#### .*' for GSM8K's final answer); a response without it scores -inf.",
+    )
+    parser.add_argument(
+        "--assistant-only-loss",
+        action="store_true",
+        help="ica: of a response of several messages or tool calls, score only the assistant turns' tokens, as "
+        "training with TRL's `assistant_only_loss=True` covers them (the chat template needs `{% generation %}`).",
     )
     parser.add_argument("--embedding-model", help="sentence-transformers encoder for kNN.")
     parser.add_argument("--label-column", help="Column to split the histogram by (default: none).")
@@ -129,6 +134,7 @@ def scoring_options(args):
         embedding_model=args.embedding_model,
         seed=args.seed,
         span=args.score_span,
+        assistant_only=args.assistant_only_loss,
     )
 
 
@@ -200,10 +206,8 @@ def run_score(args) -> dict:
             tokenizer,
             dataset,
             holdout,
+            options,
             reference_model=reference,
-            # the score's settings as `scoring_options` reads them off the flags (the template is the default)
-            **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-               if "template" not in f.name and f.name != "assistant_only"},  # fmt: skip
             batch_size=args.batch_size,
             max_batch_tokens=args.scoring_max_tokens,
             sharing=args.scoring_sharing,

@@ -1,11 +1,13 @@
 """Reading TRL dataset rows as (prompt, response) pairs.
 
 ICA scores a response given its prompt. The formats are TRL's own (https://huggingface.co/docs/trl/dataset_formats):
-prompt/completion, standard or conversational, and `messages` conversations, whose final assistant turn is the
-response. ShareGPT-style `conversations` rows are converted the way TRL converts them. A language-modeling row (`text`)
-is a response with an empty prompt: its score is log p(text | demonstrations) - log p(text), as TRL trains on every
-token of it. A pre-tokenised row (`input_ids`, with the positions that carry loss from `labels`, a `loss_mask` or
-`completion_mask`, or every position) is scored on its own token ids ([`TokenExample`]).
+prompt/completion, standard or conversational, and `messages` conversations, whose last turn (every message after the
+last user message) is the response; a response of several messages, tool calls or a row's `tools` is kept as messages
+([`SFTExample.completion`]) for the chat template to render. ShareGPT-style `conversations` rows are converted the way
+TRL converts them. A language-modeling row (`text`) is a response with an empty prompt: its score is
+log p(text | demonstrations) - log p(text), as TRL trains on every token of it. A pre-tokenised row (`input_ids`,
+with the positions that carry loss from `labels`, a `loss_mask` or `completion_mask`, or every position) is scored on
+its own token ids ([`TokenExample`]).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ its own question, which the conditioned form keeps (see docs/scores.md, "Which s
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +31,6 @@ from .engine import score_requests
 from .formats import PreferenceExample, read_dataset
 from .options import FORMS, REDUCTIONS, ICAScoringOptions
 from .planner import LogProbRequest
-from .rendering import DEFAULT_DEMO_LAYOUT, ICAPromptTemplate
 
 
 @dataclass
@@ -212,12 +213,15 @@ def resolve_embedder(
     )
 
 
-def _options(options: ICAScoringOptions | None, settings: dict) -> ICAScoringOptions:
-    """`options`, or options built from `settings` (the keyword form); not both."""
+def _options(options: ICAScoringOptions | None) -> ICAScoringOptions:
+    """`options`, or the recommended ones when None."""
     if options is None:
-        return ICAScoringOptions(**settings)
-    if settings:
-        raise ValueError(f"Give `options` or the settings {sorted(settings)}, not both.")
+        return ICAScoringOptions()
+    if not isinstance(options, ICAScoringOptions):
+        raise ValueError(
+            f"`options` must be an ICAScoringOptions (or None for the recommended settings), got "
+            f"{type(options).__name__}; `compute_ica_scores` takes the settings as keywords."
+        )
     return options
 
 
@@ -233,13 +237,12 @@ def prepare_ica(
     show_progress: bool = True,
     compute_dtype=None,
     defer_demos: bool = False,
-    **settings,
 ) -> ICARequestBuilder:
     """Read and check the data, choose demonstrations and return the [`ICARequestBuilder`]. The score is defined by
-    `options` ([`ICAScoringOptions`]), or by its fields given as keywords (`num_demos=3, demo_selection="knn", ...`).
+    `options` ([`ICAScoringOptions`]; None: the recommended settings).
     `compute_dtype`: the autocast dtype of the model's own kNN embeddings (see [`model_embeddings`]); `defer_demos`:
     choose them when first needed (see [`ICARequestBuilder.defer`])."""
-    options = _options(options, settings)
+    options = _options(options)
     candidates = read_dataset(dataset, "dataset", tokenizer)
     held = read_holdout(holdout, tokenizer, options.num_demos)
     if max_length is None:
@@ -326,14 +329,13 @@ def prepare_holdout_reference(
     show_progress: bool = True,
     compute_dtype=None,
     defer_demos: bool = False,
-    **settings,
 ) -> ICARequestBuilder:
     """Requests that score every holdout row as a candidate, its demonstrations chosen as for the training rows but
     from the rest of the holdout (a row never sees itself): the scores clean, on-target examples get, which
     `weighting="holdout_quantile"` weights the training rows against. `pairs` scores the holdout's pairs (a
     preference holdout is then required); otherwise each holdout row (or pair's prompt with its chosen answer).
-    `options` (or its fields as keywords) as in [`prepare_ica`]."""
-    options = _options(options, settings)
+    `options` as in [`prepare_ica`]."""
+    options = _options(options)
     num_demos = options.num_demos
     held = read_dataset(holdout, "holdout", tokenizer)
     held_pairs = isinstance(held[0], PreferenceExample)
@@ -464,39 +466,27 @@ def score_ica(
     tokenizer,
     dataset,
     holdout,
+    options: ICAScoringOptions | None = None,
     *,
-    num_demos: int = 3,
-    demo_selection: str = "knn",
-    reduction: str = "sum",
-    form: str = "difference",
     batch_size: int | None = None,
-    template: ICAPromptTemplate | None = None,
-    chat_template: str | None = None,
-    layout: str = DEFAULT_DEMO_LAYOUT,
-    score_end: bool = True,
-    embedding_model: str | Embedder | None = None,
-    seed: int = 0,
     max_length: int | None = None,
     show_progress: bool = True,
     distributed: str | None = None,
     max_batch_tokens: int | None = None,
-    span: str | None = None,
     sharing: str = "auto",
     forward_overhead=None,
 ) -> ICAScores:
-    """ICA scores of every row of `dataset` with their parts; see [`compute_ica_scores`] for the arguments
-    (`span`: score only that span of each response, see [`ICAScoringOptions`])."""
+    """ICA scores of every row of `dataset` with their parts. `options` ([`ICAScoringOptions`]) defines the score;
+    None gives the recommended settings, the trainers' defaults (`ICAScoringOptions.from_preset("paper")` the
+    paper's). The other arguments say how to run it; see [`compute_ica_scores`], which takes the settings as
+    keywords."""
     if isinstance(model, str):  # a scoring model by name: loaded with its own tokenizer, on the accelerator if any
         from .scorer import load_scoring_model
 
         device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         scorer = load_scoring_model(model, tokenizer, device=device, argument="model")
         model, tokenizer = scorer.model, scorer.tokenizer
-    options = ICAScoringOptions(
-        num_demos=num_demos, demo_selection=demo_selection, form=form, reduction=reduction, layout=layout,
-        score_end=score_end, template=template, chat_template=chat_template, embedding_model=embedding_model,
-        seed=seed, span=span,
-    )  # fmt: skip
+    options = _options(options)
     builder = prepare_ica(
         model, tokenizer, dataset, holdout, options, max_length=max_length, show_progress=show_progress
     )
@@ -513,7 +503,9 @@ def score_ica(
 
 
 def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarray:
-    """ICA score of every row of `dataset`: log p(y | k holdout demos, x) - log p(y | x) under `model`.
+    """ICA score of every row of `dataset` under `model`: by default the recommended score, log p(y | k holdout
+    demos, x) per response token; with `form="difference", reduction="sum"` the paper's, that minus log p(y | x).
+    The one keyword form of the settings: each is a field of [`ICAScoringOptions`], checked there.
 
     Args:
         model (`PreTrainedModel`, `PeftModel` or `str`): the model that scores: the one being trained, or another
@@ -522,14 +514,14 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
             tokenizer unless `tokenizer` is given.
         tokenizer: its tokenizer (None with a model name).
         dataset (`datasets.Dataset` or `list[dict]`): candidates in a TRL format: prompt/completion (standard or
-            conversational) or `messages` (the final assistant turn is scored); or preference pairs (`chosen` and
+            conversational) or `messages` (the last turn is scored); or preference pairs (`chosen` and
             `rejected`, explicit or implicit prompt), scored by the change of the chosen-minus-rejected margin.
         holdout: clean examples in the same format, used as demonstrations.
         num_demos (`int`, *optional*, defaults to `3`): k demonstrations per candidate.
         demo_selection (`str`, *optional*, defaults to `"knn"`): `"knn"`, `"fixed"` or `"random"` (see
             [`select_demos`]).
-        reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over response tokens, or `"mean"` per token.
-        form (`str`, *optional*, defaults to `"difference"`): `"difference"`, the paper's score above; or
+        reduction (`str`, *optional*, defaults to `"mean"`): `"sum"` over response tokens, or `"mean"` per token.
+        form (`str`, *optional*, defaults to `"conditioned"`): `"difference"`, the paper's score above; or
             `"conditioned"`, log p(y | D, x) alone (for pairs the chosen-minus-rejected margin with demonstrations),
             which skips the pass without demonstrations. The difference finds examples off the holdout's
             distribution; the conditioned form (best with `reduction="mean"`) also finds responses that do not fit
@@ -569,4 +561,12 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
     >>> scores = compute_ica_scores(model, tokenizer, train_dataset, holdout_dataset, num_demos=3)
     ```
     """
-    return score_ica(model, tokenizer, dataset, holdout, **kwargs).scores
+    fields = {f.name for f in dataclasses.fields(ICAScoringOptions)}
+    running = set(inspect.signature(score_ica).parameters) - {"model", "tokenizer", "dataset", "holdout", "options"}
+    unknown = sorted(set(kwargs) - fields - running)
+    if unknown:
+        raise ValueError(f"`compute_ica_scores` got unknown settings {unknown}; it takes the fields of "
+                         f"ICAScoringOptions {sorted(fields)} and {sorted(running)}.")  # fmt: skip
+    options = ICAScoringOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    run = {k: v for k, v in kwargs.items() if k not in fields}
+    return score_ica(model, tokenizer, dataset, holdout, options, **run).scores

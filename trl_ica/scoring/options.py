@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..presets import scoring_settings
 from .demonstrations import DEMO_SELECTIONS, check_choice
 from .rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS, ICAPromptTemplate, Renderer, check_span
 
@@ -20,7 +21,8 @@ SEEDED_SELECTIONS = ("knn_grouped", "fixed", "random")
 
 @dataclass(frozen=True)
 class ICAScoringOptions:
-    """The settings that define an ICA score; every choice is checked here, once.
+    """The settings that define an ICA score; every choice is checked here, once. The defaults are the recommended
+    settings, the trainers' own (`ica_preset="recommended"`); [`from_preset`] gives the paper's.
 
     Args:
         num_demos (`int`): k, holdout demonstrations per candidate.
@@ -42,8 +44,8 @@ class ICAScoringOptions:
 
     num_demos: int = 3
     demo_selection: str = "knn"
-    form: str = "difference"
-    reduction: str = "sum"
+    form: str = "conditioned"
+    reduction: str = "mean"
     layout: str = DEFAULT_DEMO_LAYOUT
     score_end: bool = True
     template: ICAPromptTemplate | None = None
@@ -77,6 +79,14 @@ class ICAScoringOptions:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+
+    @classmethod
+    def from_preset(cls, preset: str = "recommended", **fields) -> ICAScoringOptions:
+        """The options of `preset` (`"recommended"` or `"paper"`: the paper's summed difference, demonstrations in
+        the user turn, the response's own tokens), with `fields` given explicitly winning over it."""
+        names = {"ica_score_form": "form", "ica_reduction": "reduction", "ica_demo_layout": "layout",
+                 "ica_score_end_token": "score_end"}  # fmt: skip
+        return cls(**{**{names[k]: v for k, v in scoring_settings(preset).items()}, **fields})
 
     @classmethod
     def from_config(cls, args, chat_template: str | None = None) -> ICAScoringOptions:

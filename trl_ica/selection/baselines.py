@@ -15,8 +15,9 @@ from ..scoring.demonstrations import check_choice, select_demos
 from ..scoring.engine import score_requests
 from ..scoring.formats import PreferenceExample, SFTExample, read_dataset
 from ..scoring.ica import resolve_embedder, score_ica
+from ..scoring.options import ICAScoringOptions
 from ..scoring.planner import LogProbRequest
-from ..scoring.rendering import DEFAULT_DEMO_LAYOUT, Renderer
+from ..scoring.rendering import Renderer
 from .whisperer import WhispererConfig, whisperer_scores
 
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
@@ -167,17 +168,9 @@ def score_dataset(
     tokenizer,
     dataset,
     holdout=None,
+    options: ICAScoringOptions | None = None,
     *,
     reference_model=None,
-    num_demos: int = 3,
-    demo_selection: str = "knn",
-    reduction: str = "sum",
-    form: str = "difference",
-    layout: str = DEFAULT_DEMO_LAYOUT,
-    score_end: bool = True,
-    embedding_model=None,
-    seed: int = 0,
-    span: str | None = None,
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
     sharing: str = "auto",
@@ -193,10 +186,9 @@ def score_dataset(
         dataset: rows in a TRL format (SFT or preference; `ifd` and `rho` take SFT rows).
         holdout: clean examples, needed by `ica` and `oneshot`; for `whisperer`, optional: the questions to answer.
         reference_model: for `rho`, a model fine-tuned on the holdout set.
-        num_demos (`int`): k demonstrations for `ica`; holdout queries per example for `oneshot`.
-        demo_selection, reduction, form, layout, score_end, embedding_model, span: as in [`compute_ica_scores`]
-            (`span`: `ica` only).
-        seed (`int`): seed of `random` and of fixed/random demonstrations.
+        options ([`ICAScoringOptions`], *optional*): the ICA score of `ica` (None: the recommended settings); the
+            other methods read from it what they share with ICA: `num_demos` (`oneshot`'s holdout queries per
+            example), `embedding_model` (`oneshot`'s nearest holdout rows) and `seed` (`random`).
         whisperer ([`WhispererConfig`]): settings of `whisperer` (default: its defaults with `seed`/`batch_size`).
         max_batch_tokens (`int`, *optional*): the scoring token budget of the log-probability methods (see
             [`score_requests`]).
@@ -204,8 +196,11 @@ def score_dataset(
             forward (see [`compute_ica_scores`]).
     """
     check_choice("method", method, list(METHODS))
-    if span is not None and method != "ica":
-        raise ValueError(f"`span` ({span!r}) applies to `method='ica'` only, got {method!r}.")
+    if options is not None and not isinstance(options, ICAScoringOptions):
+        raise ValueError(f"`options` must be an ICAScoringOptions or None, got {type(options).__name__}.")
+    options = options or ICAScoringOptions()
+    if options.span is not None and method != "ica":
+        raise ValueError(f"`options.span` ({options.span!r}) applies to `method='ica'` only, got {method!r}.")
     if (sharing != "auto" or forward_overhead is not None) and method != "ica":
         raise ValueError(f"`sharing` ({sharing!r}) and `forward_overhead` ({forward_overhead!r}) choose how `ica` "
                          f"shares demonstration prefixes; `method={method!r}` has none.")  # fmt: skip
@@ -213,7 +208,7 @@ def score_dataset(
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
     common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)
     if method == "whisperer":
-        config = whisperer or WhispererConfig(seed=seed, **({"batch_size": batch_size} if batch_size else {}))
+        config = whisperer or WhispererConfig(seed=options.seed, **({"batch_size": batch_size} if batch_size else {}))
         return whisperer_scores(model, tokenizer, dataset, holdout, config, show_progress=show_progress).scores
     if method == "ica":
         return score_ica(
@@ -221,22 +216,15 @@ def score_dataset(
             tokenizer,
             dataset,
             holdout,
-            num_demos=num_demos,
-            demo_selection=demo_selection,
-            reduction=reduction,
-            form=form,
-            layout=layout,
-            score_end=score_end,
-            embedding_model=embedding_model,
-            seed=seed,
-            span=span,
+            options,
             sharing=sharing,
             forward_overhead=forward_overhead,
             **common,
         ).scores
     if method == "oneshot":
         return oneshot_scores(
-            model, tokenizer, dataset, holdout, num_queries=num_demos, embedding_model=embedding_model, **common
+            model, tokenizer, dataset, holdout, num_queries=options.num_demos, embedding_model=options.embedding_model,
+            **common,
         )
     if method == "rho":
         return rho_scores(model, tokenizer, dataset, reference_model, **common)
@@ -244,7 +232,7 @@ def score_dataset(
         return loss_scores(model, tokenizer, dataset, **common)
     if method == "ifd":
         return ifd_scores(model, tokenizer, dataset, **common)
-    return random_scores(dataset, seed)
+    return random_scores(dataset, options.seed)
 
 
 SELECT_MODES = ("top", "bottom", "threshold")
