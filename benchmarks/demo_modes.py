@@ -3,8 +3,6 @@
 For each labelled pool of `benchmarks/layout.py` (SmolLM2-135M-Instruct, k = 3, the default in-turn layout and
 closing token), every row is scored with each way of choosing its demonstrations:
 - `knn`: the k nearest holdout questions, most similar first (the paper's);
-- `knn_canonical`: the same k in one order shared by every row (the holdout rows most often among the nearest
-  first), so rows with overlapping neighbours share the start of their prefix;
 - `knn_grouped`: rows grouped by embedding (ceil(sqrt(N)) groups), each group the k holdout questions nearest its
   centre: one prefix per group;
 - `fixed`: one seeded set for every row (the cheapest, and the reference for throughput).
@@ -33,7 +31,7 @@ from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import token_counts
 
 warnings.filterwarnings("ignore")
-MODES = ("knn", "knn_canonical", "knn_grouped", "fixed")
+MODES = ("knn", "knn_grouped", "fixed")
 
 
 METHODS = MODES

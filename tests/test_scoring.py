@@ -103,23 +103,6 @@ def embedder_of(vectors: dict):
     return lambda texts: np.array([vectors[t] for t in texts])
 
 
-def test_knn_canonical_keeps_the_nearest_in_one_shared_order():
-    cand, hold, _ = clustered()
-    names = [f"c{i}" for i in range(len(cand))], [f"h{i}" for i in range(len(hold))]
-    embed = embedder_of(dict(zip(names[0] + names[1], np.concatenate([cand, hold]))))
-    knn = select_demos(names[0], names[1], 3, "knn", embed=embed)
-    canonical = select_demos(names[0], names[1], 3, "knn_canonical", embed=embed)
-    assert all(set(a) == set(b) for a, b in zip(knn, canonical))  # the same k nearest
-    assert (canonical != knn).any()  # most-similar-first is not that order
-    # One order for every candidate: no two candidates put two rows the other way round
-    before = {(int(a), int(b)) for row in canonical for i, a in enumerate(row) for b in row[i + 1 :]}
-    assert not any((b, a) in before for a, b in before)
-    # the rows most often among the nearest come first
-    counts = np.bincount(knn.ravel(), minlength=len(hold))
-    assert all(counts[row[0]] >= counts[row[1]] >= counts[row[2]] for row in canonical)
-    assert len({tuple(r) for r in canonical}) <= len({tuple(r) for r in knn})
-
-
 def test_knn_grouped_gives_each_cluster_the_holdout_rows_nearest_its_centre():
     cand, hold, truth = clustered(clusters=4, per_cluster=12)  # 48 candidates: ceil(sqrt(48)) = 7 groups
     names = [f"c{i}" for i in range(len(cand))], [f"h{i}" for i in range(len(hold))]
@@ -248,7 +231,7 @@ def test_knn_with_a_named_sentence_transformers_encoder(chat_model, tokenizer):
     assert (builder.demo_indices == expected).all()
 
 
-@pytest.mark.parametrize("method", ["knn", "knn_canonical", "knn_grouped", "fixed", "random"])
+@pytest.mark.parametrize("method", ["knn", "knn_grouped", "fixed", "random"])
 def test_excluded_rows_are_never_their_own_demonstration(method):
     texts = [f"question {i}" for i in range(6)]
     embed = lambda t: np.eye(6)[: len(t)] + 0.1  # noqa: E731  every row nearest to itself

@@ -12,8 +12,10 @@ from tqdm.auto import tqdm
 from .distributed import unsharded_ancestors, zero3_gathered
 from .models import backbone_and_head, eval_mode, execution_device, unwrap_causal_lm
 
-DEMO_SELECTIONS = ("knn", "knn_canonical", "knn_grouped", "fixed", "random")
-NEAREST_SELECTIONS = ("knn", "knn_canonical", "knn_grouped")  # the ones that need an embedder
+#: An exact-kNN variant in one order shared by every candidate was measured and left out: `knn_grouped` shares more
+#: of the prefixes and ranks as well (docs/benchmarks.md, "Choosing the demonstrations").
+DEMO_SELECTIONS = ("knn", "knn_grouped", "fixed", "random")
+NEAREST_SELECTIONS = ("knn", "knn_grouped")  # the ones that need an embedder
 Embedder = Callable[[list[str]], np.ndarray]
 
 
@@ -138,8 +140,6 @@ def select_demos(
         num_demos (`int`): k, at most the holdout size.
         method (`str`, *optional*, defaults to `"knn"`):
             `"knn"`: the k holdout questions nearest by cosine similarity, most similar first (ties: lower index).
-            `"knn_canonical"`: the same k, in one order shared by every candidate (the holdout rows most often among
-            the k nearest first), so that candidates with overlapping neighbours share the start of their prefix.
             `"knn_grouped"`: the candidates are grouped by embedding (spherical k-means, `ceil(sqrt(N))` groups,
             seeded) and each group gets the k holdout questions nearest its centre, most similar first: one
             prefix per group.
@@ -212,13 +212,7 @@ def select_demos(
         return _grouped(cand, hold, num_demos, exclude, seed)
     sims = cand @ hold.T  # (N, H)
     sims[own, exclude[own]] = -np.inf
-    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)
-    if method == "knn_canonical":
-        # One order of the holdout for everyone: the rows most often among the nearest first (ties: lower index)
-        rank = np.empty(h, dtype=np.int64)
-        rank[np.lexsort((np.arange(h), -np.bincount(nearest.ravel(), minlength=h)))] = np.arange(h)
-        nearest = np.take_along_axis(nearest, np.argsort(rank[nearest], axis=1, kind="stable"), axis=1)
-    return nearest
+    return np.argsort(-sims, axis=1, kind="stable")[:, :num_demos].astype(np.int64)
 
 
 def _unit(vectors) -> np.ndarray:

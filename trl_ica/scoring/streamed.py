@@ -10,8 +10,8 @@ from .ica import ICARequestBuilder, read_holdout, resolve_embedder
 from .options import ICAScoringOptions
 
 #: Demonstration choices that give a row the same demonstrations whatever rows come with it: `fixed` (one shared
-#: draw), `random` (a draw seeded by the row's index), `knn` (its own nearest holdout rows). `knn_canonical` and
-#: `knn_grouped` compare all the candidates, which a stream never has at once.
+#: draw), `random` (a draw seeded by the row's index), `knn` (its own nearest holdout rows). `knn_grouped` compares
+#: all the candidates, which a stream never has at once.
 STREAMED_SELECTIONS = ("fixed", "random", "knn")
 
 

@@ -37,10 +37,9 @@ class ICAArguments:
         ica_num_demos (`int`, *optional*, defaults to `3`):
             k, the holdout demonstrations put in context for each example.
         ica_demo_selection (`str`, *optional*, defaults to `"knn"`):
-            `"knn"` (the nearest holdout prompts, most similar first), `"knn_canonical"` (the same, in one order shared
-            by every example, so that prefixes share their start), `"knn_grouped"` (examples grouped by embedding, each
-            group the holdout prompts nearest its centre: one prefix per group), `"fixed"` (one seeded set for
-            everyone) or `"random"` (seeded per example).
+            `"knn"` (the nearest holdout prompts, most similar first), `"knn_grouped"` (examples grouped by
+            embedding, each group the holdout prompts nearest its centre: one prefix per group), `"fixed"` (one
+            seeded set for everyone) or `"random"` (seeded per example).
         ica_embedding_model (`str`, *optional*):
             sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
         ica_weighting (`str`, *optional*, defaults to the preset's):
