@@ -179,8 +179,10 @@ SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
     "qwen_turns": ({"qwen_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": QWEN_05B}),
     "smol_turns": ({"smol_turns_conditioned"}, {"layout": "turns", "form": "conditioned", "model": DEFAULT_MODEL}),
     # GSM8K: the final-answer line alone (`ica_score_span`), per token; rows without one score -inf
-    "span": ({"span_conditioned"},
-             {"layout": "turns", "form": "conditioned", "reduction": "mean", "span": GSM8K_SPAN}),
+    "span": (
+        {"span_conditioned"},
+        {"layout": "turns", "form": "conditioned", "reduction": "mean", "span": GSM8K_SPAN},
+    ),
 }
 
 
@@ -259,26 +261,43 @@ SETTINGS = {
     # the recommended score with the weights that keep clean rows whole, as loss weights or as sampling
     # probabilities; `shuffled_*`: the same weights dealt to other rows (the control of the same spread)
     "ica_posterior": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns"),
-    "ica_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
-                         ica_weight_mode="sampling"),
+    "ica_sampling": dict(
+        CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns", ica_weight_mode="sampling"
+    ),
     "ica_quantile_sampling": dict(QUANTILE, ica_demo_layout="turns", ica_weight_mode="sampling"),
     "shuffled_posterior": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns"),
-    "shuffled_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
-                              ica_weight_mode="sampling"),
+    "shuffled_sampling": dict(
+        CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns", ica_weight_mode="sampling"
+    ),
     "shuffled_quantile_sampling": dict(QUANTILE, ica_demo_layout="turns", ica_weight_mode="sampling"),
     # GSM8K: scored by the final-answer line (`ica_score_span`), as loss weights or sampling probabilities
     "span_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_score_span=GSM8K_SPAN),
-    "span_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
-                          ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
-    "shuffled_span_sampling": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
-                                   ica_weight_mode="sampling", ica_score_span=GSM8K_SPAN),
+    "span_sampling": dict(
+        CONDITIONED,
+        ica_weighting="holdout_posterior",
+        ica_demo_layout="turns",
+        ica_weight_mode="sampling",
+        ica_score_span=GSM8K_SPAN,
+    ),
+    "shuffled_span_sampling": dict(
+        CONDITIONED,
+        ica_weighting="holdout_posterior",
+        ica_demo_layout="turns",
+        ica_weight_mode="sampling",
+        ica_score_span=GSM8K_SPAN,
+    ),
     # token masks (`ica_token_quantile`): every row trained, its tokens under the holdout's 1st percentile with the
     # demonstrations dropped; alone, on sampled rows, and the control that drops as many tokens of each row at
     # random positions. The trainer scores itself: the masks need each token's log-prob, which given scores lack.
     "token_mask": dict(CONDITIONED, ica_weighting="none", ica_demo_layout="turns", ica_token_quantile=0.01),
     "shuffled_token_mask": dict(CONDITIONED, ica_weighting="none", ica_demo_layout="turns", ica_token_quantile=0.01),
-    "sampling_token_mask": dict(CONDITIONED, ica_weighting="holdout_posterior", ica_demo_layout="turns",
-                                ica_weight_mode="sampling", ica_token_quantile=0.01),
+    "sampling_token_mask": dict(
+        CONDITIONED,
+        ica_weighting="holdout_posterior",
+        ica_demo_layout="turns",
+        ica_weight_mode="sampling",
+        ica_token_quantile=0.01,
+    ),
     # the small model scoring for a larger trained one (settings `"model": QWEN_05B`)
     "smol_turns_quantile": dict(QUANTILE, ica_demo_layout="turns", ica_scoring_model=DEFAULT_MODEL),
     "smol_turns_quantile_wmean": dict(

@@ -55,7 +55,10 @@ def run_once(model, requests, mode: str):
         requests = [LogProbRequest((), r.prefix + r.context, r.response) for r in requests]
     start = time.perf_counter()
     out = score_requests(
-        model, requests, batch_size=1 if mode == "naive" else None, show_progress=False,
+        model,
+        requests,
+        batch_size=1 if mode == "naive" else None,
+        show_progress=False,
         sharing=mode if mode in ("tree", "flat") else "none",
     )
     return out.sums, time.perf_counter() - start

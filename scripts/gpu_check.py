@@ -401,8 +401,13 @@ def section_device_map(device, smoke):
     reqs = requests(random.Random(8), 12, 256, (1, 64), model.config.vocab_size, groups=3)
     half = model.config.num_hidden_layers // 2
     second = 1 if gpus > 1 else "cpu"
-    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": second, "lm_head": second,
-                 **{f"model.layers.{i}": 0 if i < half else second for i in range(model.config.num_hidden_layers)}}
+    placement = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.norm": second,
+        "lm_head": second,
+        **{f"model.layers.{i}": 0 if i < half else second for i in range(model.config.num_hidden_layers)},
+    }
     reference = llama("1b", device, torch.bfloat16, smoke)
     expected = engine().score_requests(reference, reqs, show_progress=False).sums
     noise = compare(reference, reqs, expected)["regrouping_noise"]
@@ -535,10 +540,15 @@ def main():
     parser.add_argument("--output", default="gpu_check.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script itself runs")
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
-    parser.add_argument("--guard", type=float, default=None,
-                        help="seconds each section may run (default: each section's own, 20-90 s)")
-    parser.add_argument("--budget", type=float, default=450,
-                        help="seconds all sections together may run; a section that no longer fits is skipped")
+    parser.add_argument(
+        "--guard", type=float, default=None, help="seconds each section may run (default: each section's own, 20-90 s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=450,
+        help="seconds all sections together may run; a section that no longer fits is skipped",
+    )
     parser.add_argument("--wheels", metavar="DIR", help="download the optional packages' wheels to DIR and stop")
     parser.add_argument("--run-section", help=argparse.SUPPRESS)
     parser.add_argument("--section-output", help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1
 .venv/bin/python -m ruff check trl_ica tests scripts benchmarks
+.venv/bin/python -m ruff format --check trl_ica tests scripts benchmarks
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ "${TRL_ICA_LATEST:-1}" != 0 ]; then
     VENV=.venv-latest VERSIONS=latest bash scripts/setup.sh

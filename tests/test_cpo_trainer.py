@@ -33,8 +33,15 @@ def cpo_trainer(tokenizer, tmp_path, mode="simpo", model=None, train=None, holdo
     default_train, default_holdout = dpo_pairs()
     args = config(
         output_dir=str(tmp_path),
-        **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-2,
-           **fields, **kwargs},  # fmt: skip
+        **{
+            **COMMON,
+            **SUMMED_DIFFERENCE,
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-2,
+            **fields,
+            **kwargs,
+        },  # fmt: skip
     )
     return ICACPOTrainer(
         model or tiny_llama_for(tokenizer),

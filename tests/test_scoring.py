@@ -49,8 +49,9 @@ def test_mean_reduction_divides_by_response_tokens(chat_model, tokenizer):
         ICAScoringOptions(form="difference", reduction="sum"),
         show_progress=False,
     )
-    mean = compute_ica_scores(chat_model, tokenizer, train, holdout, form="difference", reduction="mean",
-                              show_progress=False)
+    mean = compute_ica_scores(
+        chat_model, tokenizer, train, holdout, form="difference", reduction="mean", show_progress=False
+    )
     np.testing.assert_allclose(mean, total.scores / total.num_tokens)
 
 

@@ -45,10 +45,15 @@ def test_the_trainer_scores_with_the_sharing_and_overhead_asked_for(tokenizer, t
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(ica_scoring_sharing="deep"), r"`ica_scoring_sharing` must be one of \['auto', 'tree', 'flat', 'none'\], "
-                                           "got 'deep'"),
-        (dict(ica_scoring_overhead=-1), "`ica_scoring_overhead` must be None, a number of tokens >= 0 or 'measure', "
-                                        "got -1"),
+        (
+            dict(ica_scoring_sharing="deep"),
+            r"`ica_scoring_sharing` must be one of \['auto', 'tree', 'flat', 'none'\], "
+            "got 'deep'",
+        ),
+        (
+            dict(ica_scoring_overhead=-1),
+            "`ica_scoring_overhead` must be None, a number of tokens >= 0 or 'measure', got -1",
+        ),
         (dict(ica_scoring_overhead="fast"), "got 'fast'"),
     ],
 )

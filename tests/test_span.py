@@ -60,9 +60,12 @@ def test_span_score_is_the_spans_log_prob_given_everything_before_it(tokenizer, 
     result = score_with(model, spanned, show_progress=False)
     for i in range(6):
         full, part = whole.conditioned(i), spanned.conditioned(i)
-        assert part.prefix + part.context + part.response == (full.prefix + full.context + full.response)[
-            : len(part.prefix) + len(part.context) + len(part.response)
-        ]
+        assert (
+            part.prefix + part.context + part.response
+            == (full.prefix + full.context + full.response)[
+                : len(part.prefix) + len(part.context) + len(part.response)
+            ]
+        )
         k = len(part.context) - len(full.context)
         text = tokenizer.decode(list(part.response))
         assert text.startswith(f"#### {2 * i + 1}") and tokenizer.eos_token in text

@@ -162,8 +162,10 @@ def test_a_run_logs_its_masked_share_and_resumes_with_its_tokens(tokenizer, tmp_
     saved = trainer.ica.state
     resumed = masked_trainer(tokenizer, tmp_path, save_strategy="steps", save_steps=2, max_steps=3)
     resumed.ica.resume(str(tmp_path / "checkpoint-2"))
-    for before, after in ((saved.tokens, resumed.ica.state.tokens), (saved.reference_tokens,
-                                                                     resumed.ica.state.reference_tokens)):
+    for before, after in (
+        (saved.tokens, resumed.ica.state.tokens),
+        (saved.reference_tokens, resumed.ica.state.reference_tokens),
+    ):
         assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
     assert resumed.ica.token_threshold() == trainer.ica.token_threshold()
 

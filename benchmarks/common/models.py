@@ -71,8 +71,10 @@ def qwen_05b_path() -> str:
                         digest.update(block)
                         out.write(block)
         if os.path.getsize(gguf) != _QWEN_SIZE or not digest.hexdigest().startswith(_QWEN_SHA):
-            raise RuntimeError(f"The assembled Qwen2.5-Coder-0.5B GGUF is not the expected file ({_QWEN_SIZE} bytes, "
-                               f"sha256 {_QWEN_SHA}...); got {os.path.getsize(gguf)} bytes, {digest.hexdigest()[:8]}.")
+            raise RuntimeError(
+                f"The assembled Qwen2.5-Coder-0.5B GGUF is not the expected file ({_QWEN_SIZE} bytes, "
+                f"sha256 {_QWEN_SHA}...); got {os.path.getsize(gguf)} bytes, {digest.hexdigest()[:8]}."
+            )
         return convert_gguf(gguf, target)
 
 

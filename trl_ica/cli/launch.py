@@ -113,9 +113,7 @@ def make_parser(task: str):
     from trl import DatasetMixtureConfig
 
     config_cls, _ = _classes(task)
-    return TrlParser(
-        (_script_arguments(), config_cls, _model_config(), DatasetMixtureConfig), prog=f"trl-ica {task}"
-    )
+    return TrlParser((_script_arguments(), config_cls, _model_config(), DatasetMixtureConfig), prog=f"trl-ica {task}")
 
 
 def load_training_data(script_args, training_args, dataset_args):

@@ -549,5 +549,3 @@ def _score_group(
         pos += len(batch)
         bar.update(len(batch))
     return sums, tokens
-
-

@@ -85,18 +85,15 @@ class ICARequestBuilder:
         tokenizer: the model's tokenizer.
         candidates (`list[SFTExample]` or `list[PreferenceExample]`): the examples (or pairs) to score.
         holdout (`list[SFTExample]`): the clean holdout examples (of a preference holdout, prompt and chosen).
-        demo_indices (`np.ndarray`): `(len(candidates), k)` holdout rows per candidate.
         options ([`ICAScoringOptions`]): what defines the score; the requests are rendered by its [`Renderer`].
     """
 
-    def __init__(self, tokenizer, candidates, holdout, demo_indices, options: ICAScoringOptions):
+    def __init__(self, tokenizer, candidates, holdout, options: ICAScoringOptions):
         self.options = options
         self.renderer = options.renderer(tokenizer)
         self.candidates = candidates
         self.holdout = holdout
-        self._pending = None  # (choose, max_length, argument) of demonstrations chosen on first use
-        if demo_indices is not None:
-            self.demo_indices = demo_indices
+        self._pending = None  # (choose, max_length, argument) of demonstrations chosen on first use ([`defer`])
         self.pairs = isinstance(candidates[0], PreferenceExample)
         self.width = 2 if self.pairs else 1  # requests per candidate
         if self.renderer.span is not None:
@@ -193,7 +190,11 @@ class ICARequestBuilder:
 
 
 def resolve_embedder(
-    model, tokenizer, embedding_model: str | Embedder | None, show_progress: bool, compute_dtype=None,
+    model,
+    tokenizer,
+    embedding_model: str | Embedder | None,
+    show_progress: bool,
+    compute_dtype=None,
     distributed: str | None = None,
 ) -> Embedder:
     """The embedder of kNN demonstrations: the model's own hidden states ([`model_embeddings`], `distributed` as
@@ -310,7 +311,7 @@ def _build_requests(
             options.seed, embed, exclude,
         )  # fmt: skip
 
-    builder = ICARequestBuilder(tokenizer, candidates, held, None, options)
+    builder = ICARequestBuilder(tokenizer, candidates, held, options)
     builder.defer(choose, max_length, max_length_argument)
     if not defer_demos:
         builder.demo_indices  # noqa: B018 - chosen and length-checked now

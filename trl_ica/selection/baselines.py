@@ -71,9 +71,7 @@ def _response_alone(renderer: Renderer, example: SFTExample) -> LogProbRequest:
     return LogProbRequest(start, (), plain.response, plain.scored)
 
 
-def ifd_scores(
-    model, tokenizer, dataset, *, batch_size=None, show_progress=True, max_batch_tokens=None
-) -> np.ndarray:
+def ifd_scores(model, tokenizer, dataset, *, batch_size=None, show_progress=True, max_batch_tokens=None) -> np.ndarray:
     """Instruction-Following Difficulty, ppl(y | x) / ppl(y) (per-token perplexities), of SFT examples."""
     examples = read_dataset(dataset, "dataset")
     if isinstance(examples[0], PreferenceExample):
@@ -139,7 +137,11 @@ def oneshot_scores(
         renderer.conditioned(t, [as_demo[i]]) for i in range(len(examples)) for j in nearest[i] for t in targets[j]
     ]
     with_demo = score_requests(
-        model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens, show_progress=show_progress,
+        model,
+        requests,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        show_progress=show_progress,
         desc="One-Shot (with the example)",
     ).sums.reshape(len(examples), num_queries, -1)
     base = score_requests(
@@ -223,7 +225,12 @@ def score_dataset(
         ).scores
     if method == "oneshot":
         return oneshot_scores(
-            model, tokenizer, dataset, holdout, num_queries=options.num_demos, embedding_model=options.embedding_model,
+            model,
+            tokenizer,
+            dataset,
+            holdout,
+            num_queries=options.num_demos,
+            embedding_model=options.embedding_model,
             **common,
         )
     if method == "rho":

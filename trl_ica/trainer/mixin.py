@@ -442,8 +442,9 @@ class ICATrainerMixin:
         seed = args.data_seed if args.data_seed is not None else torch.random.initial_seed()
         per_epoch = steps_per_epoch(len(index), args.per_device_train_batch_size, processes,
                                     args.gradient_accumulation_steps, args.dataloader_drop_last)  # fmt: skip
-        return WeightedEpochSampler(len(index), weights, seed, step_rows, before_step, per_epoch,
-                                    version=self._ica.weights_version)
+        return WeightedEpochSampler(
+            len(index), weights, seed, step_rows, before_step, per_epoch, version=self._ica.weights_version
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples`, which fetches every micro-batch of an optimizer step before the first one

@@ -39,7 +39,6 @@ SIMPO_PAPER = {
 ICA_SECTION = "## ICA weighting"
 
 
-
 def base_model_name(config) -> str | None:
     """The Hub id of the base model, or None for a local folder that is not the embedded default."""
     path = seams.loaded_from(config)
@@ -49,7 +48,14 @@ def base_model_name(config) -> str | None:
 
 
 def complete_card(
-    path: str, *, method: str, parent: str, parent_paper: dict, base_model: str | None, options, args,
+    path: str,
+    *,
+    method: str,
+    parent: str,
+    parent_paper: dict,
+    base_model: str | None,
+    options,
+    args,
     scorer: str | None = None,
 ) -> None:
     """Add to the card TRL wrote at `path`: the real base model, the score's `options` ([`ICAScoringOptions`]), the

@@ -94,8 +94,13 @@ class RunRecorder:
         """Scoring `k` of the holdout against itself (`holdout_quantile`): `holdout-<k>.jsonl`."""
         if self.is_main:
             records = [
-                {"holdout_index": i, "step": step, "score": float(score), "demo_indices": demos.tolist(),
-                 **self.scored_by}
+                {
+                    "holdout_index": i,
+                    "step": step,
+                    "score": float(score),
+                    "demo_indices": demos.tolist(),
+                    **self.scored_by,
+                }
                 for i, (score, demos) in enumerate(zip(result.scores, result.demo_indices))
             ]
             _write_lines(self._path(f"holdout-{k}.jsonl"), records)

@@ -222,4 +222,3 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
             yield
         finally:
             handle.remove()
-
