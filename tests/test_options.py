@@ -7,7 +7,7 @@ import pytest
 
 from trl_ica import ICASFTConfig
 from trl_ica.scoring.options import ICAScoringOptions
-from trl_ica.trainer.ica_args import ICAArguments
+from trl_ica.trainer.ica_args import ICAArguments, scoring_options
 from trl_ica.trainer.state import NOT_FINGERPRINTED, SCORER_FIELD, STATE_FIELDS
 
 
@@ -25,7 +25,7 @@ def test_options_from_a_config_record_its_fields():
     args = ICASFTConfig("out", use_cpu=True, ica_num_demos=2, ica_demo_selection="fixed", seed=7,
                         ica_demo_layout="in_turn", ica_demo_template="Q {prompt} A {response}\n",
                         ica_query_template="Q {prompt} A")  # fmt: skip
-    options = ICAScoringOptions.from_config(args)
+    options = scoring_options(args)
     record = options.record()
     for name, value in record.items():
         expected = 7 if name == "ica_seed" else getattr(args, name)
@@ -60,7 +60,7 @@ def test_the_functional_api_and_the_trainers_share_their_defaults_and_the_papers
     config = ICASFTConfig if kind == "sft" else ICADPOConfig
     for preset, options in (("recommended", ICAScoringOptions()), ("paper", ICAScoringOptions.from_preset("paper"))):
         args = config("out", use_cpu=True, bf16=False, ica_preset=preset, seed=0)
-        assert ICAScoringOptions.from_config(args) == options, preset
+        assert scoring_options(args) == options, preset
     assert ICAScoringOptions.from_preset("paper", reduction="mean").reduction == "mean"  # a field given wins
 
 

@@ -130,6 +130,7 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     from testing_utils import dpo_pairs
 
     from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
+    from trl_ica.trainer.ica_args import scoring_options
 
     train, holdout = dpo_pairs(12)
     settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
@@ -142,7 +143,7 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     _, records = logged(tmp_path)
     assert [r["ica_index"] for r in records] == list(range(12))  # each pair scored once, at its step, in order
     assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
-    options = ICAScoringOptions.from_config(config)
+    options = scoring_options(config)
     by_hand = score_ica(
         tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
         tokenizer,

@@ -1,6 +1,6 @@
-"""What defines an ICA score, in one frozen object built once (from a trainer config or the command line) and
-passed down: the scoring functions read it, and a scores file's record, a checkpoint's fingerprint and the model
-card are written from it."""
+"""What defines an ICA score, in one frozen object built once (from a trainer config, the command line or
+`compute_ica_scores`'s keywords) and passed down: the scoring functions read it, and a scores file's record, a
+checkpoint's fingerprint and the model card are written from it."""
 
 from __future__ import annotations
 
@@ -87,28 +87,6 @@ class ICAScoringOptions:
         names = {"ica_score_form": "form", "ica_reduction": "reduction", "ica_demo_layout": "layout",
                  "ica_score_end_token": "score_end"}  # fmt: skip
         return cls(**{**{names[k]: v for k, v in scoring_settings(preset).items()}, **fields})
-
-    @classmethod
-    def from_config(cls, args, chat_template: str | None = None) -> ICAScoringOptions:
-        """The options of a trainer config's `ica_*` fields (after `ica_preset` has filled them); the seed is
-        `ica_seed`, else the run's `seed`."""
-        template = None
-        if args.ica_demo_template is not None:
-            template = ICAPromptTemplate(args.ica_demo_template, args.ica_query_template)
-        return cls(
-            num_demos=args.ica_num_demos,
-            demo_selection=args.ica_demo_selection,
-            form=args.ica_score_form,
-            reduction=args.ica_reduction,
-            layout=args.ica_demo_layout,
-            score_end=args.ica_score_end_token,
-            template=template,
-            chat_template=chat_template,
-            embedding_model=args.ica_embedding_model,
-            seed=args.seed if args.ica_seed is None else args.ica_seed,
-            span=getattr(args, "ica_score_span", None),
-            assistant_only=bool(getattr(args, "assistant_only_loss", False)),
-        )
 
     @property
     def seeded(self) -> bool:

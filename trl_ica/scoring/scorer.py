@@ -93,15 +93,3 @@ def release(scorer: ScoringModel | None) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     logger.info("The scoring model %s is freed: its scores are final.", scorer.name)
-
-
-def check_fixed_scorer(scorer, refresh) -> None:
-    """Refuse what a fixed scorer cannot do: rescoring (`ica_refresh` > 1) would compute the same scores again."""
-    if not isinstance(scorer, str) and scorer is not None and not hasattr(scorer, "config"):
-        raise ValueError(f"`ica_scoring_model` must be a Hub id or a model folder, got {type(scorer).__name__}.")
-    if refresh != "online" and refresh != 1:
-        raise ValueError(
-            f"`ica_refresh`={refresh!r} rescores the training set during training, but a scoring model of its own "
-            "(`ica_scoring_model`) is never trained: every scoring would give the same scores. Use `ica_refresh=1` "
-            "(score once before training), or 'online' for a streamed train_dataset."
-        )

@@ -7,11 +7,45 @@ from dataclasses import dataclass, field
 
 from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
-from ..scoring.options import FORMS, REDUCTIONS
+from ..scoring.options import FORMS, REDUCTIONS, ICAScoringOptions
 from ..scoring.planner import SHARINGS
-from ..scoring.rendering import DEMO_LAYOUTS, check_span
-from ..scoring.scorer import check_fixed_scorer
+from ..scoring.rendering import DEMO_LAYOUTS, ICAPromptTemplate, check_span
 from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS, check_token_quantile
+
+
+def check_fixed_scorer(scorer, refresh) -> None:
+    """Refuse what a fixed scorer cannot do: rescoring (`ica_refresh` > 1) would compute the same scores again."""
+    if not isinstance(scorer, str) and scorer is not None and not hasattr(scorer, "config"):
+        raise ValueError(f"`ica_scoring_model` must be a Hub id or a model folder, got {type(scorer).__name__}.")
+    if refresh != "online" and refresh != 1:
+        raise ValueError(
+            f"`ica_refresh`={refresh!r} rescores the training set during training, but a scoring model of its own "
+            "(`ica_scoring_model`) is never trained: every scoring would give the same scores. Use `ica_refresh=1` "
+            "(score once before training), or 'online' for a streamed train_dataset."
+        )
+
+
+def scoring_options(args, chat_template: str | None = None) -> ICAScoringOptions:
+    """The [`ICAScoringOptions`] of a trainer config's `ica_*` fields (after `ica_preset` has filled them): the seed
+    is `ica_seed`, else the run's `seed`; `assistant_only_loss` is SFTConfig's."""
+    template = None
+    if args.ica_demo_template is not None:
+        template = ICAPromptTemplate(args.ica_demo_template, args.ica_query_template)
+    return ICAScoringOptions(
+        num_demos=args.ica_num_demos,
+        demo_selection=args.ica_demo_selection,
+        form=args.ica_score_form,
+        reduction=args.ica_reduction,
+        layout=args.ica_demo_layout,
+        score_end=args.ica_score_end_token,
+        template=template,
+        chat_template=chat_template,
+        embedding_model=args.ica_embedding_model,
+        seed=args.seed if args.ica_seed is None else args.ica_seed,
+        span=getattr(args, "ica_score_span", None),
+        assistant_only=bool(getattr(args, "assistant_only_loss", False)),
+    )
+
 
 #: How the weighted per-example losses of an optimizer step are reduced (`ica_loss_reduction`).
 LOSS_REDUCTIONS = ("token_mean", "weighted_mean")

@@ -18,12 +18,11 @@ from ..data_io import read_scores_file
 from ..scoring.demonstrations import NEAREST_SELECTIONS
 from ..scoring.formats import PreferenceExample, read_row
 from ..scoring.ica import prepare_holdout_reference, prepare_ica
-from ..scoring.options import ICAScoringOptions
-from ..scoring.scorer import ScoringModel, check_fixed_scorer, load_scoring_model, model_dtype
+from ..scoring.scorer import ScoringModel, load_scoring_model, model_dtype
 from ..scoring.streamed import prepare_streamed_ica
 from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
-from .ica_args import ICAArguments
+from .ica_args import ICAArguments, check_fixed_scorer, scoring_options
 from .model_card import ICA_PAPER, base_model_name, complete_card
 from .sampling import WeightedEpochSampler, steps_per_epoch
 
@@ -271,7 +270,7 @@ class ICATrainerMixin:
         model, tokenizer = (scorer.model, scorer.tokenizer) if scorer else (self.model, self.processing_class)
         # What defines the score, built once: the same for the training rows and the holdout's own scores
         chat_template = None if scorer else seams.training_chat_template(self)
-        score_options = ICAScoringOptions.from_config(args, chat_template=chat_template)
+        score_options = scoring_options(args, chat_template=chat_template)
         options = dict(
             # Scoring sequences carry k demonstrations on top of the training row: they are bounded by the model's
             # context (or `ica_max_length`), not by the training `max_length`.
