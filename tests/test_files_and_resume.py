@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 from datasets import Dataset
@@ -52,33 +50,45 @@ def test_an_error_while_writing_leaves_the_old_file_and_no_partial_one(tmp_path)
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.jsonl"]
 
 
+#: A process that writes 1000 rows with `write_rows` and is killed by SIGTERM at a chosen point: halfway through
+#: writing the temporary file, just before it is moved onto the output, or just after.
+KILLED_WRITER = """
+import os, signal, sys
+from datasets import Dataset
+from trl_ica.data_io import write_rows
+
+point, path = sys.argv[1], sys.argv[2]
+rows = Dataset.from_list([{"i": i, "text": "x" * 40} for i in range(1000)])
+die = lambda: os.kill(os.getpid(), signal.SIGTERM)
+replace, to_json = os.replace, Dataset.to_json
+if point == "writing":
+    Dataset.to_json = lambda self, target, **kw: (to_json(self.select(range(500)), target, **kw), die())
+elif point == "before_replace":
+    os.replace = lambda a, b: die()
+else:
+    os.replace = lambda a, b: (replace(a, b), die())
+write_rows(rows, path)
+"""
+
+
 @pytest.mark.multiprocess
-def test_sigterm_at_any_point_of_a_write_leaves_a_whole_file_or_none(tmp_path):
-    """A process rewriting 100k rows is killed at spread-out moments; every time, the file on disk is either absent
-    or the whole dataset, never a prefix of it."""
-    writer = textwrap.dedent(f"""
-        from datasets import Dataset
-        from trl_ica.data_io import write_rows
-        rows = Dataset.from_list([{{"i": i, "text": "x" * 40}} for i in range(100_000)])
-        print("ready", flush=True)
-        while True:
-            write_rows(rows, {str(tmp_path / "scores.jsonl")!r})
-    """)
-    seen = set()
-    for delay in (0.05, 0.3, 0.7, 1.1, 1.6):
-        process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-        path = tmp_path / "scores.jsonl"
-        if path.exists():
-            lines = path.read_text().splitlines()
-            assert len(lines) == 100_000 and json.loads(lines[-1])["i"] == 99_999
-            seen.add("whole")
-        else:
-            seen.add("absent")
-    assert "whole" in seen  # the kills did not all land before the first write finished
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replacing"])
+@pytest.mark.parametrize("point", ["writing", "before_replace", "after_replace"])
+def test_sigterm_at_any_point_of_a_write_leaves_a_whole_file_or_none(tmp_path, point, existing):
+    """Killed while the rows are written or before the move, the output is what it was (absent, or the old whole
+    file); killed after the move, it is the whole new file; never a part of one."""
+    path = tmp_path / "scores.jsonl"
+    if existing:
+        write_rows(Dataset.from_list([{"i": -1, "text": "old"}]), str(path))
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, point, str(path)], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM, done.stderr.decode()[-2000:]
+    if point == "after_replace":
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1000 and [json.loads(line)["i"] for line in lines] == list(range(1000))
+    elif existing:
+        assert path.read_text().splitlines() == ['{"i":-1,"text":"old"}']
+    else:
+        assert not path.exists()
 
 
 def test_json_output_is_one_array(tmp_path):

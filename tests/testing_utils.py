@@ -77,7 +77,11 @@ def tiny_tokenizer(vocab_size: int = 400, chat_template: str = CHATML):
 
 
 def four_bit_tiny_llama(tokenizer, folder):
-    """A tiny Llama saved to `folder` and loaded back with real bitsandbytes NF4 4-bit quantisation (CPU)."""
+    """A tiny Llama saved to `folder` and loaded back with real bitsandbytes NF4 4-bit quantisation (CPU); the one
+    place a test that needs bitsandbytes (the `qlora` extra) is skipped without it."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes", reason="4-bit tests need bitsandbytes (the `qlora` extra)")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama(
