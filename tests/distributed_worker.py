@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from testing_utils import step_trainer
+from testing_utils import CPU_ARGS, step_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_ica.scoring.engine as engine
@@ -27,10 +27,15 @@ from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.planner import LogProbRequest
 
 COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
-    per_device_train_batch_size=2, ica_num_demos=2, ica_scoring_batch_size=1,
-    ica_score_form="difference", ica_reduction="sum", ica_weighting="batch_minmax",
-)  # fmt: skip
+    CPU_ARGS,
+    max_steps=2,
+    per_device_train_batch_size=2,
+    ica_num_demos=2,
+    ica_scoring_batch_size=1,
+    ica_score_form="difference",
+    ica_reduction="sum",
+    ica_weighting="batch_minmax",
+)
 
 
 def sft_data():

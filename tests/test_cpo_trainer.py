@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from testing_utils import (
+    CPU_ARGS,
     GRAD_TOL,
     LOGP_ATOL,
     LOSS_ATOL,
@@ -24,7 +25,7 @@ from testing_utils import (
 from trl_ica import ICACPOConfig, ICACPOTrainer, ICASimPOConfig, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
 
-COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_length=256)
+COMMON = dict(CPU_ARGS, max_length=256)
 MODES = {"simpo": (ICASimPOConfig, {}), "cpo": (ICACPOConfig, dict(loss_type="sigmoid", cpo_alpha=1.0))}
 
 

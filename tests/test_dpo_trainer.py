@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from testing_utils import (
+    CPU_ARGS,
     GRAD_TOL,
     LOGP_ATOL,
     LOSS_ATOL,
@@ -25,15 +26,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
 
-COMMON = dict(
-    report_to="none",
-    bf16=False,
-    use_cpu=True,
-    save_strategy="no",
-    logging_steps=1,
-    seed=0,
-    dataloader_drop_last=False,
-)
+COMMON = dict(CPU_ARGS, dataloader_drop_last=False)
 
 
 def dpo_trainer(tokenizer, tmp_path, model=None, ref_model=None, peft_config=None, **kwargs):

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 from datasets import Dataset
-from testing_utils import SUMMED_DIFFERENCE, chat_row, tiny_llama
+from testing_utils import CPU_ARGS, SUMMED_DIFFERENCE, chat_row, tiny_llama
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.cli import main as cli
 from trl_ica.data_io import write_json, write_rows, written_whole
 from trl_ica.scoring.options import ICAScoringOptions
 
-COMMON = dict(report_to="none", bf16=False, use_cpu=True, logging_steps=1, seed=0, per_device_train_batch_size=4)
+COMMON = dict(CPU_ARGS, per_device_train_batch_size=4)
 
 
 def rows(n=12, offset=0):

@@ -3,13 +3,12 @@
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import chat_row, force_weights, tiny_llama
+from testing_utils import CPU_ARGS, chat_row, force_weights, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
 
-COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=3,
-              per_device_train_batch_size=2, learning_rate=1e-2, max_length=64)  # fmt: skip
+COMMON = dict(CPU_ARGS, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, max_length=64)
 
 
 def data():

@@ -5,15 +5,20 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, assert_requests_are_the_training_sequences, assert_trains_like, tiny_llama
+from testing_utils import (
+    CPU_ARGS,
+    LOGP_ATOL,
+    assert_requests_are_the_training_sequences,
+    assert_trains_like,
+    tiny_llama,
+)
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.trainer.mixin import scoring_view
 
-COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=3,
-              per_device_train_batch_size=4, learning_rate=1e-2)  # fmt: skip
+COMMON = dict(CPU_ARGS, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
 
 
 def tokenised(tokenizer, n=12, offset=0, column="completion_mask"):

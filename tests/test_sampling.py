@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from testing_utils import chat_row, dpo_pairs, tiny_llama
+from testing_utils import CPU_ARGS, chat_row, dpo_pairs, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer
 from trl_ica.trainer.sampling import WeightedEpochSampler, epoch_order, steps_per_epoch, systematic_counts
 
-COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
-    dataloader_drop_last=False, ica_demo_selection="fixed",
-)  # fmt: skip
+COMMON = dict(CPU_ARGS, dataloader_drop_last=False, ica_demo_selection="fixed")
 
 
 def data(n=12):

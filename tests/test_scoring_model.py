@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, chat_row, dpo_pairs, tiny_llama, tiny_tokenizer
+from testing_utils import CPU_ARGS, LOGP_ATOL, chat_row, dpo_pairs, tiny_llama, tiny_tokenizer
 
 from trl_ica import (
     ICACPOTrainer,
@@ -24,10 +24,7 @@ from trl_ica import (
 )
 from trl_ica.scoring.options import ICAScoringOptions
 
-COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=2,
-    per_device_train_batch_size=4, learning_rate=0.05, dataloader_drop_last=False,
-)  # fmt: skip
+COMMON = dict(CPU_ARGS, max_steps=2, per_device_train_batch_size=4, learning_rate=0.05, dataloader_drop_last=False)
 # The score: conditioned, per token, fixed demonstrations (the default's form; fixed keeps the test small)
 SCORE = dict(ica_score_form="difference", ica_reduction="mean", ica_num_demos=2, ica_demo_selection="fixed")
 # Another tokenizer and chat template than the trained model's: rows must be rendered by the scorer's own

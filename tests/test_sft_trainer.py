@@ -6,6 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from testing_utils import (
+    CPU_ARGS,
     GRAD_TOL,
     LOGP_ATOL,
     LOSS_ATOL,
@@ -22,9 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
 
-COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, dataloader_drop_last=False
-)
+COMMON = dict(CPU_ARGS, dataloader_drop_last=False)
 
 
 def data(n=12):

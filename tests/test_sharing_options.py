@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pytest
 from datasets import Dataset
-from testing_utils import REGROUPED_ATOL, chat_row, tiny_llama
+from testing_utils import CPU_ARGS, REGROUPED_ATOL, chat_row, tiny_llama
 
 import trl_ica.scoring.ica as ica_module
 from trl_ica import ICASFTConfig, ICASFTTrainer
 
-COMMON = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0, max_steps=1,
-              per_device_train_batch_size=4, ica_num_demos=2, ica_demo_selection="knn")  # fmt: skip
+COMMON = dict(CPU_ARGS, max_steps=1, per_device_train_batch_size=4, ica_num_demos=2, ica_demo_selection="knn")
 
 
 def data():

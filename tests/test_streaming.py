@@ -11,15 +11,20 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import REGROUPED_ATOL, WEIGHT_ATOL, chat_row, minmax_weight_atol, tiny_llama
+from testing_utils import CPU_ARGS, REGROUPED_ATOL, WEIGHT_ATOL, chat_row, minmax_weight_atol, tiny_llama
 
 from trl_ica import ICASFTConfig, ICASFTTrainer
 from trl_ica.scoring.options import ICAScoringOptions
 
 COMMON = dict(
-    report_to="none", use_cpu=True, bf16=False, save_strategy="no", per_device_train_batch_size=4, max_steps=3,
-    logging_steps=1, max_length=128, ica_refresh="online", ica_weighting="holdout_quantile", ica_num_demos=2,
-)  # fmt: skip
+    CPU_ARGS,
+    per_device_train_batch_size=4,
+    max_steps=3,
+    max_length=128,
+    ica_refresh="online",
+    ica_weighting="holdout_quantile",
+    ica_num_demos=2,
+)
 
 
 def data():
@@ -101,9 +106,10 @@ def test_a_streamed_dataset_is_refused_where_it_cannot_be_weighted(tokenizer, tm
 
 
 def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_the_whole_set(tokenizer):
-    """Rows that arrive a few at a time get the nearest holdout rows they get all at once, and the holdout is
-    embedded with the first rows only (not again at every step)."""
-    from trl_ica.scoring.demonstrations import select_demos
+    """Rows that arrive a few at a time get the nearest holdout rows they get all at once (a row that is also a
+    holdout row kept out of its own, as a Dataset's scoring does), and the holdout is embedded with the first rows
+    only (not again at every step)."""
+    from trl_ica.scoring.ica import prepare_ica
     from trl_ica.scoring.streamed import prepare_streamed_ica
 
     calls = []
@@ -114,13 +120,16 @@ def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_
 
     train, holdout = data()
     options = ICAScoringOptions(num_demos=2, demo_selection="knn", embedding_model=embed)
-    builder = prepare_streamed_ica(tiny_llama(vocab_size=len(tokenizer)), tokenizer, holdout, options)
-    for start in range(0, 12, 4):
-        builder.add(range(start, start + 4), [train[i] for i in range(start, start + 4)])
-    questions = [r["prompt"][0]["content"] for r in train]
-    held = [r["prompt"][0]["content"] for r in holdout]
-    np.testing.assert_array_equal(builder.demo_indices, select_demos(questions, held, 2, "knn", 0, embed))
-    assert calls[:4] == [5, 4, 4, 4]  # the holdout once, then each step's new rows
+    model = tiny_llama(vocab_size=len(tokenizer))
+    builder = prepare_streamed_ica(model, tokenizer, holdout, options)
+    with pytest.warns(UserWarning, match=r"1 of 4 training examples also appear in the holdout \(rows \[0\]\)"):
+        for start in range(0, 12, 4):
+            builder.add(range(start, start + 4), [train[i] for i in range(start, start + 4)])
+    assert calls == [5, 4, 4, 4]  # the holdout once, then each step's new rows
+    with pytest.warns(UserWarning, match="also appear in the holdout"):
+        whole = prepare_ica(model, tokenizer, train, holdout, options, show_progress=False).demo_indices
+    np.testing.assert_array_equal(builder.demo_indices, whole)
+    assert 4 not in builder.demo_indices[4]  # training row 4 is holdout row 4
 
 
 def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_of_their_step(tokenizer, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from reference import naive_token_log_probs
-from testing_utils import LOSS_ATOL, TOKEN_LOGP_ATOL, assert_trains_like, chat_row, tiny_llama
+from testing_utils import CPU_ARGS, LOSS_ATOL, TOKEN_LOGP_ATOL, assert_trains_like, chat_row, tiny_llama
 from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICADPOConfig, ICASFTConfig, ICASFTTrainer
@@ -14,10 +14,14 @@ from trl_ica.scoring.weighting import token_keep, token_threshold
 from trl_ica.trainer.state import ICAState
 
 COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
-    dataloader_drop_last=False, ica_demo_selection="fixed", ica_num_demos=2, per_device_train_batch_size=4,
-    learning_rate=1e-2, max_steps=3,
-)  # fmt: skip
+    CPU_ARGS,
+    dataloader_drop_last=False,
+    ica_demo_selection="fixed",
+    ica_num_demos=2,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    max_steps=3,
+)
 QUANTILE = 0.2  # high enough that the tiny model's clean-looking rows lose tokens too
 
 

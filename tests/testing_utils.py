@@ -142,11 +142,20 @@ SUMMED_DIFFERENCE = dict(ica_score_form="difference", ica_reduction="sum", ica_w
 
 # One optimizer step over STEP_ROWS rows, split in different ways (test_step_weights.py, test_distributed.py)
 STEP_ROWS = 16
+#: The CPU training arguments every test trainer starts from (no reports, no bf16, no checkpoints unless a test
+#: asks, a log line per step, seed 0).
+CPU_ARGS = dict(report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0)
 STEP_COMMON = dict(
-    report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=1,
-    optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, dataloader_drop_last=False,
-    ica_demo_selection="fixed", **SUMMED_DIFFERENCE,
-)  # fmt: skip
+    CPU_ARGS,
+    max_steps=1,
+    optim="sgd",
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    dataloader_drop_last=False,
+    ica_demo_selection="fixed",
+    **SUMMED_DIFFERENCE,
+)
 
 
 def step_sft_rows():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .demonstrations import select_demos
 from .formats import PreferenceExample, SFTExample, read_row
-from .ica import ICARequestBuilder, read_holdout, resolve_embedder
+from .ica import ICARequestBuilder, holdout_copies, read_holdout, resolve_embedder
 from .options import ICAScoringOptions
 
 #: Demonstration choices that give a row the same demonstrations whatever rows come with it: `fixed` (one shared
@@ -52,6 +54,7 @@ class StreamedRequestBuilder(ICARequestBuilder):
         self.max_length, self.argument = max_length, argument
         self.demo_indices = np.zeros((0, options.num_demos), dtype=np.int64)
         self._holdout_vectors = None  # `knn`: the holdout's embeddings, computed with the first rows
+        self._copies_warned = False
 
     def add(self, indices, rows) -> None:
         """Read the rows `rows` (mappings: rows SFTTrainer trains on, or preference pairs) of the training examples
@@ -84,7 +87,17 @@ class StreamedRequestBuilder(ICARequestBuilder):
             vectors = np.asarray(self.embed(questions))
             embed = lambda texts: vectors  # noqa: E731 - select_demos asks for `questions` only
         if new:
-            table[new] = select_demos(questions, holdout, k, selection, seed, embed, rows=new,
+            # a row that is also a holdout row is kept out of its own demonstrations, as in a Dataset's scoring (the
+            # warning that says so is given once per run, not at every step)
+            with warnings.catch_warnings(record=not self._copies_warned) as caught:
+                if self._copies_warned:
+                    warnings.simplefilter("ignore")
+                exclude = holdout_copies([self.candidates[i] for i in new], self.holdout, k)
+            if caught:
+                self._copies_warned = True
+                warnings.warn(str(caught[0].message) + " (streamed rows: counted in the first step that has any)",
+                              stacklevel=2)  # fmt: skip
+            table[new] = select_demos(questions, holdout, k, selection, seed, embed, exclude, rows=new,
                                       holdout_vectors=self._holdout_vectors)  # fmt: skip
         self.demo_indices = table
         if new:
