@@ -75,3 +75,19 @@ def test_the_scoring_functions_take_the_options_object_and_only_it():
         compute_ica_scores(None, None, [], [], num_demo=2)
     with pytest.raises(ValueError, match=r"`num_demos` must be a positive integer"):
         compute_ica_scores(None, None, [], [], num_demos=0)
+
+
+def test_the_training_options_hold_every_state_field_and_read_the_config_once():
+    from trl_ica.trainer.ica_args import training_options
+
+    args = ICASFTConfig("out", use_cpu=True, bf16=False, ica_refresh=2, ica_holdout_cutoff=0.25, disable_tqdm=True)
+    training = training_options(args)
+    assert training.record() == {name: getattr(args, name) for name in STATE_FIELDS}
+    assert (training.refresh, training.holdout_cutoff, training.show_progress, training.online) == (
+        2,
+        0.25,
+        False,
+        False,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        training.refresh = 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from accelerate.utils import gather_object
@@ -16,6 +17,9 @@ from ..scoring.weighting import score_range, token_keep, token_threshold
 from .recorder import RunRecorder
 from .state import ICAState, fingerprint
 from .weigher import StepWeigher, loss_scale
+
+if TYPE_CHECKING:
+    from .ica_args import ICATrainingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class ICAController:
 
     Args:
         builder ([`ICARequestBuilder`]): requests of the training examples, indexed by their `ica_index`.
-        args ([`ICAArguments`]): the validated `ica_*` fields.
+        training ([`ICATrainingOptions`]): how scores become training (weighting, refresh, budget, ...).
         output_dir (`str`): where the `ica/` files are written.
         is_main_process (`bool`): only the main process writes files and shows progress bars.
         reference_builder ([`ICARequestBuilder`], *optional*): `holdout_quantile`: the holdout scored against itself.
@@ -51,7 +55,7 @@ class ICAController:
     def __init__(
         self,
         builder: ICARequestBuilder,
-        args,
+        training: ICATrainingOptions,
         output_dir: str,
         is_main_process: bool = True,
         reference_builder: ICARequestBuilder | None = None,
@@ -62,24 +66,23 @@ class ICAController:
         self.scorer = scorer
         self.scorer_name = None if scorer is None else scorer.name
         self.reference_builder = reference_builder
-        self.args = args
+        self.training = training
         self.is_main = is_main_process
         self.state = ICAState.empty(len(builder.candidates))
-        self.weigher = StepWeigher(args)
+        self.weigher = StepWeigher(training.weighting, training.holdout_cutoff)
         self.recorder = RunRecorder(output_dir, is_main_process, self.scorer_name)
         # How every scoring of the run calls the engine: the training's compute dtype, and one token budget whose
         # out-of-memory back-off holds for the rest of the run
-        self.budget = ScoringBudget(args.ica_scoring_max_tokens)
+        self.budget = ScoringBudget(training.scoring_max_tokens)
         self.engine_options = dict(
-            batch_size=args.ica_scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype,
-            sharing=getattr(args, "ica_scoring_sharing", "auto"),
-            forward_overhead=getattr(args, "ica_scoring_overhead", None),
+            batch_size=training.scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype,
+            sharing=training.scoring_sharing, forward_overhead=training.scoring_overhead,
         )  # fmt: skip
         # `ica_weight_mode="sampling"`: the weights pick the rows drawn ([`pool_weights`]); the loss is the stock one
-        self.sampling = getattr(args, "ica_weight_mode", "loss") == "sampling"
+        self.sampling = training.weight_mode == "sampling"
         # `ica_token_quantile`: scorings keep each response's token log-probs, and tokens under the holdout's
         # quantile leave the loss ([`token_masks`])
-        self.token_quantile = getattr(args, "ica_token_quantile", None)
+        self.token_quantile = training.token_quantile
         self._threshold: tuple[int, float] | None = None  # (references_done, threshold)
         self.step_begun: int | None = None  # the optimizer step `begin_step` was last called for
         self._step_members: set[int] = set()  # its examples on this process
@@ -90,13 +93,13 @@ class ICAController:
 
     @property
     def online(self) -> bool:
-        return self.args.ica_refresh == "online"
+        return self.training.online
 
     # When to score
     def refresh_steps(self, max_steps: int) -> list[int]:
         """The optimizer steps at which the R scorings happen: evenly spread, the first before training. A run of
         fewer than R steps scores once at each of its steps (never twice at one step), with a warning."""
-        refresh = self.args.ica_refresh
+        refresh = self.training.refresh
         steps = sorted({round(k * max_steps / refresh) for k in range(refresh)} - {max(1, max_steps)})
         if len(steps) < refresh and not self._warned_schedule:
             logger.warning(
@@ -140,7 +143,7 @@ class ICAController:
         return score_with(
             self._scoring(model),
             builder,
-            show_progress=self.is_main and not getattr(self.args, "disable_tqdm", False),
+            show_progress=self.is_main and self.training.show_progress,
             per_token=self.token_quantile is not None,
             **self.engine_options,
         )
@@ -148,10 +151,10 @@ class ICAController:
     def use_scores(self, scores, source: str) -> None:
         """Take `scores` (one per training example, by `ica_index`) as the run's one scoring (`ica_refresh=1`)
         instead of scoring before training; written to `ica/refresh-0.jsonl` with their `source`."""
-        if self.online or self.args.ica_refresh != 1:
+        if self.online or self.training.refresh != 1:
             raise ValueError(
                 f"Given scores replace the one scoring before training, so they need `ica_refresh=1`, got "
-                f"{self.args.ica_refresh!r}."
+                f"{self.training.refresh!r}."
             )
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != self.state.scores.shape:
@@ -169,7 +172,7 @@ class ICAController:
         state = self.state
         if not self.online and self.reference_builder is not None and state.reference is None and state.refreshes_done:
             self._score_reference(model, step)  # given scores (`use_scores`): the holdout's own are still needed
-        if self.online or state.refreshes_done >= self.args.ica_refresh or step == state.last_scored_step:
+        if self.online or state.refreshes_done >= self.training.refresh or step == state.last_scored_step:
             return
         schedule = self.refresh_steps(max_steps)
         if state.refreshes_done >= len(schedule) or step < schedule[state.refreshes_done]:
@@ -199,7 +202,7 @@ class ICAController:
             return False
         if state.reference is None:
             return True
-        return self.scorer_name is None and step - state.reference_step >= self.args.ica_holdout_rescore_steps
+        return self.scorer_name is None and step - state.reference_step >= self.training.holdout_rescore_steps
 
     def batch_scores(self, model, indices: np.ndarray) -> np.ndarray:
         """Scores of the batch's examples: stored ones, or (online) scored now with the current model."""
@@ -319,8 +322,8 @@ class ICAController:
         if not len(result.indices):  # no process had an example: the end of a stream
             self._step_weights = {}
             return
-        scale = loss_scale(result.weights, result.units, self.args.ica_loss_reduction)
-        logged_scale = scale if self.args.ica_loss_reduction == "weighted_mean" else None
+        scale = loss_scale(result.weights, result.units, self.training.loss_reduction)
+        logged_scale = scale if self.training.loss_reduction == "weighted_mean" else None
         # the weights written are the scheme's: under sampling, how likely each row was to be drawn
         self.recorder.step(step, result.indices, result.scores, result.weights, self.state.reference, logged_scale)
         loss_weights = np.ones(len(indices)) if self.sampling else result.weights[result.mine] * scale
@@ -328,7 +331,7 @@ class ICAController:
 
     # Checkpoints
     def fingerprint(self) -> dict[str, str]:
-        return fingerprint(self.builder, self.args, self.scorer_name)
+        return fingerprint(self.builder, self.training, self.scorer_name)
 
     def save(self, folder: str, step: int) -> None:
         self.state.save(folder, step, self.builder.demo_indices, self.fingerprint())

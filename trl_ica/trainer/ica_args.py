@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..presets import PRESETS, apply_preset
 from ..scoring.demonstrations import DEMO_SELECTIONS
@@ -44,6 +44,46 @@ def scoring_options(args, chat_template: str | None = None) -> ICAScoringOptions
         seed=args.seed if args.ica_seed is None else args.ica_seed,
         span=getattr(args, "ica_score_span", None),
         assistant_only=bool(getattr(args, "assistant_only_loss", False)),
+    )
+
+
+@dataclass(frozen=True)
+class ICATrainingOptions:
+    """How a run turns scores into training: the `ica_*` fields besides the score's own ([`ICAScoringOptions`]),
+    read once from a validated config ([`training_options`]) so that the controller and the weigher hold these and
+    not the whole config. Each field is the config field `ica_<name>` (`show_progress` is `not disable_tqdm`)."""
+
+    weighting: str
+    holdout_cutoff: float
+    holdout_rescore_steps: int
+    refresh: int | str
+    max_length: int | None
+    loss_reduction: str
+    weight_mode: str
+    token_quantile: float | None
+    scoring_batch_size: int | None
+    scoring_max_tokens: int | None
+    scoring_sharing: str
+    scoring_overhead: float | str | None
+    show_progress: bool = True
+
+    @property
+    def online(self) -> bool:
+        return self.refresh == "online"
+
+    def record(self) -> dict:
+        """The fields saved state depends on, under their config names (`STATE_FIELDS`): a checkpoint's fingerprint."""
+        from .state import STATE_FIELDS
+
+        return {name: getattr(self, name.removeprefix("ica_")) for name in STATE_FIELDS}
+
+
+def training_options(args) -> ICATrainingOptions:
+    """The [`ICATrainingOptions`] of a validated trainer config (after `ica_preset` has filled it)."""
+    names = [f.name for f in fields(ICATrainingOptions) if f.name != "show_progress"]
+    return ICATrainingOptions(
+        **{name: getattr(args, f"ica_{name}") for name in names},
+        show_progress=not getattr(args, "disable_tqdm", False),
     )
 
 

@@ -22,7 +22,7 @@ from ..scoring.scorer import ScoringModel, load_scoring_model, model_dtype
 from ..scoring.streamed import prepare_streamed_ica
 from ..scoring.weighting import BATCH_WEIGHTINGS
 from .controller import ICAController
-from .ica_args import ICAArguments, check_fixed_scorer, scoring_options
+from .ica_args import ICAArguments, check_fixed_scorer, scoring_options, training_options
 from .model_card import ICA_PAPER, base_model_name, complete_card
 from .sampling import WeightedEpochSampler, steps_per_epoch
 
@@ -318,7 +318,7 @@ class ICATrainerMixin:
                 )
         self._ica = ICAController(
             builder,
-            args,
+            training_options(args),
             args.output_dir,
             self.accelerator.is_main_process,
             reference_builder=reference,

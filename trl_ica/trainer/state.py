@@ -39,10 +39,10 @@ def _digest(items) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(builder, args, scorer: str | None = None) -> dict[str, str]:
+def fingerprint(builder, training, scorer: str | None = None) -> dict[str, str]:
     """What saved state depends on: the training rows, the holdout, the score's options, the [`STATE_FIELDS`] and the
     scoring model (`scorer`, its name; None when the trained model scores)."""
-    settings = {**builder.options.comparable(), **{name: getattr(args, name) for name in STATE_FIELDS}}
+    settings = {**builder.options.comparable(), **training.record()}
     if scorer is not None:
         settings["scoring model"] = scorer
     return {

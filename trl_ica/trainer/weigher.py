@@ -43,12 +43,13 @@ class StepWeigher:
     (the schemes that compare a batch's scores compare all of them), and each process keeps its own weights.
 
     Args:
-        args ([`ICAArguments`]): `ica_weighting`, `ica_holdout_cutoff`.
+        scheme (`str`): `ica_weighting`.
+        cutoff (`float`, *optional*, defaults to `1.0`): `ica_holdout_cutoff`.
     """
 
-    def __init__(self, args):
-        self.scheme = args.ica_weighting
-        self.cutoff = args.ica_holdout_cutoff
+    def __init__(self, scheme: str, cutoff: float = 1.0):
+        self.scheme = scheme
+        self.cutoff = cutoff
         self._warned_single = False
 
     def pool(self, state) -> np.ndarray:
