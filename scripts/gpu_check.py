@@ -289,7 +289,7 @@ def section_planner(device, smoke):
             reqs = knn_shaped(random.Random(3), model.config.vocab_size, smoke)
             tokens = module.ScoringBudget().resolve(device)
             with torch.no_grad():
-                overhead = module.measure_forward_overhead(module._Scorer(model, device))
+                overhead = module.measure_forward_overhead(module._ForwardRunner(model, device))
             default = default_overhead(device.type, heavy_forward(model))
             row = {"measured_overhead_tokens": overhead, "default_overhead_tokens": default,
                    "costs": sharing_costs(reqs, tokens)}  # fmt: skip

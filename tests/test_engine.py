@@ -7,7 +7,7 @@ import torch
 from reference import naive_log_prob, naive_token_log_probs
 from testing_utils import LOGP_ATOL, REGROUPED_ATOL, TOKEN_LOGP_ATOL, tiny_llama
 
-from trl_ica.scoring.engine import ScoringBudget, _Scorer, score_requests
+from trl_ica.scoring.engine import ScoringBudget, _ForwardRunner, score_requests
 from trl_ica.scoring.planner import LogProbRequest, choose_sharing, plan_prefixes, sharing_costs, token_counts
 
 
@@ -105,7 +105,7 @@ def test_restores_mode_and_builds_no_graph(llama):
 
 def test_halves_batch_on_out_of_memory(llama, monkeypatch):
     requests = random_requests()
-    original = _Scorer.score_batch
+    original = _ForwardRunner.score_batch
     seen = []
 
     def flaky(self, reqs, rows, state, per_token=False):
@@ -114,7 +114,7 @@ def test_halves_batch_on_out_of_memory(llama, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, reqs, rows, state, per_token)
 
-    monkeypatch.setattr(_Scorer, "score_batch", flaky)
+    monkeypatch.setattr(_ForwardRunner, "score_batch", flaky)
     budget = ScoringBudget()
     fused = score_requests(llama, requests, batch_size=8, max_batch_tokens=budget, show_progress=False)
     naive = np.array([naive_log_prob(llama, r) for r in requests])
@@ -131,7 +131,7 @@ def test_other_errors_are_not_swallowed(llama, monkeypatch):
     def broken(self, reqs, rows, state, per_token=False):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(_Scorer, "score_batch", broken)
+    monkeypatch.setattr(_ForwardRunner, "score_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         score_requests(llama, random_requests(4), show_progress=False)
 
@@ -197,13 +197,13 @@ def test_prefix_tree_scores_equal_naive_and_each_piece_runs_once(llama, monkeypa
     sharing = "tree" if prefix_tree else "flat"
     requests = tree_requests(3)
     pieces = []
-    original = _Scorer.prefix_state
+    original = _ForwardRunner.prefix_state
 
     def spy(self, segment, parent=None):
         pieces.append(len(segment))
         return original(self, segment, parent)
 
-    monkeypatch.setattr(_Scorer, "prefix_state", spy)
+    monkeypatch.setattr(_ForwardRunner, "prefix_state", spy)
     fused = score_requests(llama, requests, batch_size=batch_size, show_progress=False, sharing=sharing)
     naive = np.array([naive_log_prob(llama, r) for r in requests])
     np.testing.assert_allclose(fused.sums, naive, atol=LOGP_ATOL, rtol=0)

@@ -79,7 +79,7 @@ class PeerOutOfMemoryError(torch.OutOfMemoryError):
     """Raised on every other process when one ran out of memory scoring and could not retry: all stop together."""
 
 
-class _Scorer:
+class _ForwardRunner:
     def __init__(self, model, device, lockstep: ForwardLockstep | None = None, compute_dtype=None, budget=None):
         self.lm, self.backbone, self.head = backbone_and_head(model)
         self.device = device
@@ -393,20 +393,20 @@ def _score_requests(
 
     device = execution_device(model)
     budget.resolve(device)
-    scorer = _Scorer(model, device, lockstep, compute_dtype, budget)
+    runner = _ForwardRunner(model, device, lockstep, compute_dtype, budget)
     bar = tqdm(total=n, desc=desc, disable=not show_progress, leave=False)
     with (
         torch.no_grad(),
         eval_mode(model),
-        unsharded_ancestors(model, scorer.backbone, scorer.head),
-        scorer.compute(),
+        unsharded_ancestors(model, runner.backbone, runner.head),
+        runner.compute(),
     ):
-        if not scorer.shares_prefixes:
-            _warn_unshared(scorer)
+        if not runner.shares_prefixes:
+            _warn_unshared(runner)
             sharing = "none"
         elif sharing == "auto":
             if forward_overhead == "measure":
-                overhead = measure_forward_overhead(scorer, lockstep)
+                overhead = measure_forward_overhead(runner, lockstep)
             elif forward_overhead is None:
                 overhead = default_overhead(device.type, heavy_forward(model))
             else:
@@ -422,7 +422,7 @@ def _score_requests(
             state = None
             if node:
                 parent, parent_state = stack[-1] if stack and plan.tree else ((), None)
-                state = scorer.prefix_state(node[len(parent) :], parent_state)
+                state = runner.prefix_state(node[len(parent) :], parent_state)
                 stack.append((node, state))
             idx = plan.requests[node]
             if not idx:
@@ -432,12 +432,12 @@ def _score_requests(
                 LogProbRequest(node, r.prefix[len(node) :] + r.context, r.response, r.scored)
                 for r in map(requests.__getitem__, idx)
             ]
-            group_sums, group_tokens = _score_group(scorer, group, state, batch_size, budget, lockstep, bar, per_token)
+            group_sums, group_tokens = _score_group(runner, group, state, batch_size, budget, lockstep, bar, per_token)
             sums[idx] = group_sums
             if per_token:
                 for i, array in zip(idx, group_tokens):
                     tokens[i] = array
-        scorer.finish()
+        runner.finish()
     bar.close()
     return LogProbs(sums, counts, tokens)
 
@@ -445,46 +445,46 @@ def _score_requests(
 _WARNED_UNSHARED: set[str] = set()
 
 
-def _warn_unshared(scorer: _Scorer) -> None:
-    name = type(scorer.lm).__name__
+def _warn_unshared(runner: _ForwardRunner) -> None:
+    name = type(runner.lm).__name__
     if name not in _WARNED_UNSHARED:
         _WARNED_UNSHARED.add(name)
         logger.warning(
             "%s has %s layers, whose cache cannot be shared exactly between sequences: each scored sequence runs "
             "whole, demonstrations included (same scores, more compute).",
             name,
-            "/".join(scorer.unshareable),
+            "/".join(runner.unshareable),
         )
 
 
 _OVERHEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): overhead}
 
 
-def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None = None) -> float:
-    """The fixed cost of one forward of the scorer's model, in tokens' worth of compute: a forward of `n` tokens
+def measure_forward_overhead(runner: _ForwardRunner, lockstep: ForwardLockstep | None = None) -> float:
+    """The fixed cost of one forward of the runner's model, in tokens' worth of compute: a forward of `n` tokens
     costs about `overhead + n`. Measured once per model, device and dtype, by timing a one-token forward against a
     256-token one (each the fastest of three, after a warm-up); under several processes the largest measurement of
     any process is used, so that all choose alike. On an accelerator this is the kernel launches and, under 4-bit
     quantisation, the dequantisation of every weight, so it can be worth hundreds of tokens; on a CPU a few."""
-    known = _OVERHEADS.setdefault(scorer.lm, {})
-    key = (str(scorer.device), str(scorer.compute_dtype))
+    known = _OVERHEADS.setdefault(runner.lm, {})
+    key = (str(runner.device), str(runner.compute_dtype))
     if key not in known:
         import time
 
         def timed(length: int) -> float:
-            ids = torch.full((1, length), scorer.pad_id, dtype=torch.long, device=scorer.device)
+            ids = torch.full((1, length), runner.pad_id, dtype=torch.long, device=runner.device)
             best = float("inf")
             for _ in range(3):
-                if scorer.device.type == "cuda":
-                    torch.cuda.synchronize(scorer.device)
+                if runner.device.type == "cuda":
+                    torch.cuda.synchronize(runner.device)
                 start = time.perf_counter()
-                scorer.backbone(input_ids=ids, use_cache=False)
-                if scorer.device.type == "cuda":
-                    torch.cuda.synchronize(scorer.device)
+                runner.backbone(input_ids=ids, use_cache=False)
+                if runner.device.type == "cuda":
+                    torch.cuda.synchronize(runner.device)
                 best = min(best, time.perf_counter() - start)
             return best
 
-        config = scorer.lm.config
+        config = runner.lm.config
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         length = min(256, getattr(config, "max_position_embeddings", None) or 256)
         timed(8)  # warm-up
@@ -494,7 +494,7 @@ def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None =
         if lockstep is not None:
             import torch.distributed as dist
 
-            value = torch.tensor([overhead], dtype=torch.float64, device=scorer.device)
+            value = torch.tensor([overhead], dtype=torch.float64, device=runner.device)
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
             overhead = float(value)
         known[key] = overhead
@@ -502,7 +502,7 @@ def measure_forward_overhead(scorer: _Scorer, lockstep: ForwardLockstep | None =
 
 
 def _score_group(
-    scorer, group, state, batch_size, budget: ScoringBudget, lockstep, bar, per_token: bool = False
+    runner, group, state, batch_size, budget: ScoringBudget, lockstep, bar, per_token: bool = False
 ) -> tuple[np.ndarray, list | None]:
     """Sums of `group` (requests continuing from one prefix state, or none), and with `per_token` their token
     log-probabilities, in batches under the row cap and the token budget; longest first, so that memory errors come
@@ -518,15 +518,15 @@ def _score_group(
     while pos < len(order):
         batch = order[pos : batch_end(order, pos, lengths, batch_size, budget.tokens, prefix)]
         try:
-            values, arrays = scorer.score_batch(group, batch, state, per_token)
+            values, arrays = runner.score_batch(group, batch, state, per_token)
         except PeerOutOfMemoryError:
             raise  # another process's error, already agreed on: nothing to tell the others
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_oom(error):
                 raise
             held = len(batch) * (prefix + lengths[batch[0]])
-            if len(batch) == 1 or not scorer.can_fail_alone:
-                scorer.stop_together()
+            if len(batch) == 1 or not runner.can_fail_alone:
+                runner.stop_together()
                 reason = "a single sequence" if len(batch) == 1 else "a sharded model's processes cannot retry alone"
                 raise torch.OutOfMemoryError(
                     f"Out of memory scoring {len(batch)} sequence(s) of {held} token positions in all ({reason}). "
@@ -534,7 +534,7 @@ def _score_group(
                     f"{budget.tokens}, or give fewer or shorter demonstrations."
                 ) from error
             budget.back_off(held)
-            scorer.failure = RETRY  # under lockstep the others learn of it at the next step and take this budget too
+            runner.failure = RETRY  # under lockstep the others learn of it at the next step and take this budget too
             logger.warning(
                 "Out of memory scoring %d sequences (%d token positions); the scoring budget is now %d positions.",
                 len(batch), held, budget.tokens,
