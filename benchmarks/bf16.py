@@ -53,15 +53,10 @@ def main():
     train, holdout, _ = noisy_gsm8k(args.n, args.n_holdout, 8, seed=0)
     clean = np.array([c == "clean" for c in train["corruption"]])
     model, tokenizer = load_model()
-    builder = prepare_ica(
-        model,
-        tokenizer,
-        train.remove_columns("corruption"),
-        holdout,
-        ICAScoringOptions(num_demos=3, form="difference", reduction="sum"),
-        show_progress=False,
-    )
+    rows = train.remove_columns("corruption")
     for name, (form, reduction) in SETTINGS.items():
+        options = ICAScoringOptions(num_demos=3, form=form, reduction=reduction)
+        builder = prepare_ica(model, tokenizer, rows, holdout, options, show_progress=False)
         for precision in PRECISIONS:
             key = f"{name}/{precision}"
             if key in results["runs"]:
@@ -71,8 +66,7 @@ def main():
                 scorer = scorer.to(torch.bfloat16)
             compute = torch.bfloat16 if precision == "bf16_autocast" else None
             start = time.perf_counter()
-            scores = score_with(scorer, builder, form=form, reduction=reduction, show_progress=False,
-                                compute_dtype=compute).scores  # fmt: skip
+            scores = score_with(scorer, builder, show_progress=False, compute_dtype=compute).scores
             results["runs"][key] = {"seconds": time.perf_counter() - start, "scores": scores.tolist(),
                                     "auroc": auroc(scores, clean)}  # fmt: skip
             save_results(results, args.results)

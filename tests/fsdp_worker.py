@@ -31,14 +31,12 @@ def train_steps(model, tokenizer, train, holdout, distributed):
     """Score every row, then three steps of 4 rows, each scored online and trained with min-max weights; the same
     rows on every process (FSDP2 averages the processes' gradients, so the update is the one-process update)."""
     builder = prepare_ica(model, tokenizer, train, holdout, ICAScoringOptions(num_demos=2), show_progress=False)
-    first = score_with(model, builder, form="conditioned", reduction="mean", batch_size=2, show_progress=False,
-                       distributed=distributed).scores  # fmt: skip
+    first = score_with(model, builder, batch_size=2, show_progress=False, distributed=distributed).scores
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     weights = []
     for step in range(3):
         rows = [(step * 4 + j) % len(train) for j in range(4)]
-        scores = score_with(model, builder, rows, form="conditioned", reduction="mean", batch_size=2,
-                            show_progress=False, distributed=distributed).scores  # fmt: skip
+        scores = score_with(model, builder, rows, batch_size=2, show_progress=False, distributed=distributed).scores
         w = compute_weights(scores, "batch_minmax")
         weights.append(w.tolist())
         chats = [train[i]["prompt"] + train[i]["completion"] for i in rows]

@@ -365,8 +365,6 @@ def score_with(
     builder: ICARequestBuilder,
     indices=None,
     *,
-    reduction: str | None = None,
-    form: str | None = None,
     batch_size=None,
     show_progress=True,
     distributed: str | None = None,
@@ -376,17 +374,13 @@ def score_with(
     sharing: str = "auto",
     forward_overhead=None,
 ) -> ICAScores:
-    """Score `indices` (default: all) of a builder's candidates (or pairs): the pass with demonstrations, and for
-    `form="difference"` the pass without. `form` and `reduction` are the builder's options unless given (to read
-    another score off the same requests). `batch_size`, `max_batch_tokens`, `distributed`, `compute_dtype`,
-    `sharing` and `forward_overhead` go to [`score_requests`]; `per_token` keeps the pass with demonstrations'
-    token log-probs (`token_logps`, examples only)."""
+    """Score `indices` (default: all) of a builder's candidates (or pairs) by the builder's options: the pass with
+    demonstrations, and for `form="difference"` the pass without. `batch_size`, `max_batch_tokens`, `distributed`,
+    `compute_dtype`, `sharing` and `forward_overhead` go to [`score_requests`]; `per_token` keeps the pass with
+    demonstrations' token log-probs (`token_logps`, examples only)."""
     if per_token and builder.pairs:
         raise ValueError("`per_token` keeps the token log-probs of single responses; preference pairs have two.")
-    form = builder.options.form if form is None else form
-    reduction = builder.options.reduction if reduction is None else reduction
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("form", form, FORMS)
+    form, reduction = builder.options.form, builder.options.reduction
     indices = list(range(len(builder.candidates))) if indices is None else list(indices)
     passes = []
     for conditioned in (True, False) if form == "difference" else (True,):
