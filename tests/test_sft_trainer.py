@@ -223,7 +223,7 @@ def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, t
     np.testing.assert_allclose(scores, expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
     low, high = scores[:4].min(), scores[:4].max()  # batch min-max of the first batch
     # float64 min-max of the logged scores, as the trainer computes it
-    np.testing.assert_allclose([r["weight"] for r in rows[:4]], (scores[:4] - low) / (high - low), atol=1e-6)
+    np.testing.assert_allclose([r["weight"] for r in rows[:4]], (scores[:4] - low) / (high - low), atol=WEIGHT_ATOL)
     if refresh == 1:
         first = [json.loads(line) for line in open(tmp_path / "ica" / "refresh-0.jsonl")]
         assert all(r["logp_unconditioned"] is None for r in first)  # not computed: written as null, not NaN

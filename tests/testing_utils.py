@@ -287,6 +287,14 @@ REGROUPED_ATOL = 1e-5
 WEIGHT_ATOL = 1e-5
 #: A loss (a mean of per-token NLLs, each <= ~10) computed from the same logits through another reduction.
 LOSS_ATOL = 1e-5
+#: A Data Whisperer query score (a mean token log-prob of a short answer, or a metric of it) and an example's mean
+#: of them, computed in batches against the naive batch-1 loop: float32 reductions over other shapes move a
+#: log-prob by a few 1e-6 relative; 1e-4 relative leaves a margin of about ten, and the absolute floor covers scores
+#: near 0.
+QUERY_SCORE_TOL = dict(rtol=1e-4, atol=1e-7)
+#: The same, through a 4-bit model: bitsandbytes' matmuls round differently at other batch shapes, about 1e-4
+#: relative per layer over a few layers, so 1e-3 relative (1e-3 nats of a mean log-prob near 1).
+FOUR_BIT_QUERY_SCORE_TOL = dict(rtol=1e-3, atol=1e-7)
 #: Gradients, and parameters after one SGD step, computed through other reductions or micro-batch splits: float32
 #: accumulation over a few hundred tokens; relative for large entries, absolute for those near 0.
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
