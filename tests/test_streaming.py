@@ -134,12 +134,11 @@ def test_streamed_knn_embeds_the_holdout_once_and_chooses_the_demonstrations_of_
 
 def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_of_their_step(tokenizer, tmp_path):
     """A DPO run on a stream of pairs with no `ica_*` field set scores each pair once, at its step: with the
-    learning rate at 0 (the model never changes) every pair gets the score `score_ica` gives it by hand with the
-    run's own settings, and each step's weights are its pairs' batch min-max (DPO's default weighting)."""
+    learning rate at 0 (the model never changes) every pair gets the score `score_ica` gives it by hand at its own
+    defaults, and each step's weights are its pairs' batch min-max (DPO's default weighting)."""
     from testing_utils import dpo_pairs
 
     from trl_ica import ICADPOConfig, ICADPOTrainer, score_ica
-    from trl_ica.trainer.ica_args import scoring_options
 
     train, holdout = dpo_pairs(12)
     settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
@@ -152,21 +151,9 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     _, records = logged(tmp_path)
     assert [r["ica_index"] for r in records] == list(range(12))  # each pair scored once, at its step, in order
     assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
-    options = scoring_options(config)
-    by_hand = score_ica(
-        tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
-        tokenizer,
-        train,
-        holdout,
-        ICAScoringOptions(
-            num_demos=options.num_demos,
-            demo_selection=options.demo_selection,
-            form=options.form,
-            reduction=options.reduction,
-            seed=options.seed,
-        ),
-        show_progress=False,
-    ).scores
+    # score_ica at its defaults: the same score the trainer's defaults define
+    by_hand = score_ica(tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer, train,
+                        holdout, show_progress=False).scores  # fmt: skip
     np.testing.assert_allclose([r["score"] for r in records], by_hand, atol=REGROUPED_ATOL, rtol=0)
     for step in range(3):
         scores = by_hand[4 * step : 4 * step + 4]
