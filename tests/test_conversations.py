@@ -211,6 +211,10 @@ def test_dpo_scores_tool_calling_pairs_on_the_tokens_trl_trains_on(tool_tokenize
 def test_simpo_refuses_a_tools_column_and_trains_on_several_message_answers(tool_tokenizer, tmp_path):
     settings = dict(STEP_COMMON, per_device_train_batch_size=4, max_steps=1, max_length=1024)
     train, holdout = rows(tool_pair, 4), rows(tool_pair, 4, offset=20)
+    kwargs = train.add_column("chat_template_kwargs", [{"greeting": "Hi."}] * 4).remove_columns("tools")
+    with pytest.raises(ValueError, match=r"has a `chat_template_kwargs` column, which TRL's CPOTrainer does not"):
+        ICACPOTrainer(tiny_llama_for(tool_tokenizer), args=ICASimPOConfig(str(tmp_path), **settings),
+                      train_dataset=kwargs, processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
     with pytest.raises(ValueError, match=r"`train_dataset` has a `tools` column, which TRL's CPOTrainer does not"):
         ICACPOTrainer(tiny_llama_for(tool_tokenizer), args=ICASimPOConfig(str(tmp_path), **settings),
                       train_dataset=train, processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
@@ -332,3 +336,30 @@ def test_the_docs_table_of_dataset_kinds_is_the_tested_one():
     expected = {kind: tuple("trains" if r is None else "refused" for r in outcome)
                 for kind, outcome in KIND_OUTCOMES.items()}  # fmt: skip
     assert {k: tuple(c.split(":")[0].split(" (")[0] for c in v) for k, v in documented.items()} == expected
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_a_rows_chat_template_kwargs_reach_the_template_as_in_training(kind, tmp_path):
+    """`chat_template_kwargs` (e.g. `enable_thinking`) are the chat template's variables for that row, which TRL
+    passes when it tokenises: ICA renders the row with them, so its requests are TRL's training sequences."""
+    template = "{%- if greeting %}{{ '<|im_start|>system\\n' + greeting + '<|im_end|>\\n' }}{%- endif %}" + TOOL_CHATML
+    tokenizer = tiny_tokenizer(chat_template=template)
+
+    def row(i, j):
+        base = _kind_rows("preference, conversational" if kind == "dpo" else "prompt-completion, conversational", i, j)
+        return {**base, "chat_template_kwargs": {"greeting": f"Be brief {i}."}}
+
+    train = Dataset.from_list([row(i, i + 1) for i in range(4)])
+    holdout = Dataset.from_list([row(i, 7) for i in range(3)])
+    settings = dict(STEP_COMMON, per_device_train_batch_size=2, max_steps=1, ica_num_demos=1)
+    if kind == "sft":
+        trainer = ICASFTTrainer(tiny_llama_for(tokenizer), args=ICASFTConfig(str(tmp_path), **settings),
+                                train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    else:
+        trainer = ICADPOTrainer(tiny_llama_for(tokenizer), tiny_llama_for(tokenizer).eval(),
+                                args=ICADPOConfig(str(tmp_path), **settings), train_dataset=train,
+                                processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    assert_requests_are_the_training_sequences(trainer)
+    request = trainer.ica.builder.requests(2, True)[0]
+    assert "Be brief 2." in tokenizer.decode(request.prefix + request.context)
+    trainer.train()

@@ -43,6 +43,8 @@ class SFTExample:
             embeddings and duplicate checks.
         tools (`tuple[dict]`, *optional*): the row's `tools` column (TRL's tool-calling format), which the chat
             template renders with the row.
+        template_kwargs (`dict`, *optional*): the row's `chat_template_kwargs` column (e.g. `enable_thinking`),
+            given to the chat template as TRL gives it.
     """
 
     prompt: str | Messages
@@ -51,6 +53,7 @@ class SFTExample:
     language_modeling: bool = False
     completion: tuple[dict, ...] | None = None
     tools: tuple[dict, ...] | None = None
+    template_kwargs: dict | None = None
 
     @property
     def conversational(self) -> bool:
@@ -114,6 +117,7 @@ class PreferenceExample:
     chosen_messages: tuple[dict, ...] | None = None
     rejected_messages: tuple[dict, ...] | None = None
     tools: tuple[dict, ...] | None = None
+    template_kwargs: dict | None = None
 
     @property
     def conversational(self) -> bool:
@@ -121,7 +125,8 @@ class PreferenceExample:
 
     def as_sft(self, which: str = "chosen") -> SFTExample:
         messages = getattr(self, f"{which}_messages")
-        return SFTExample(self.prompt, getattr(self, which), self.question, completion=messages, tools=self.tools)
+        return SFTExample(self.prompt, getattr(self, which), self.question, completion=messages, tools=self.tools,
+                          template_kwargs=self.template_kwargs)  # fmt: skip
 
 
 def _is_message(m: Any) -> bool:
@@ -178,6 +183,16 @@ def _read_tools(row: Mapping[str, Any], where: str) -> tuple[dict, ...] | None:
     return tuple(dict(t) for t in tools) or None
 
 
+def _read_template_kwargs(row: Mapping[str, Any], where: str) -> dict | None:
+    """The row's `chat_template_kwargs` (a dict of the chat template's extra variables, as TRL reads it), or None."""
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: `chat_template_kwargs` must be a dict, got {type(kwargs).__name__}.")
+    return dict(kwargs) or None
+
+
 def _first_user_content(messages: Messages, where: str) -> str:
     for message in messages:
         if message["role"] == "user":
@@ -227,13 +242,17 @@ def _split_conversation(messages: Messages, where: str) -> tuple[Messages, Messa
     return [dict(m) for m in messages[: users[-1] + 1]], list(messages[users[-1] + 1 :])
 
 
-def _conversational_example(prompt: Messages, completion: Messages, tools, where: str) -> SFTExample:
+def _conversational_example(prompt: Messages, completion: Messages, row: Mapping[str, Any], where: str) -> SFTExample:
+    """A conversational row's example: a plain reply, or (several messages, tool calls, or a row with `tools` or
+    `chat_template_kwargs`) a structured one, which the chat template renders whole."""
     question = _first_user_content(prompt, where)
-    if tools is None and _plain_reply(completion):
+    tools, kwargs = _read_tools(row, where), _read_template_kwargs(row, where)
+    if tools is None and kwargs is None and _plain_reply(completion):
         response = _content_text(completion[0]["content"], where)
         return SFTExample(prompt, _check_response(response, where), question)
     messages, text = _structured_response(completion, where)
-    return SFTExample(prompt, _check_response(text, where), question, completion=messages, tools=tools)
+    return SFTExample(prompt, _check_response(text, where), question, completion=messages, tools=tools,
+                      template_kwargs=kwargs)  # fmt: skip
 
 
 def read_row(
@@ -263,7 +282,7 @@ def read_row(
         if isinstance(prompt, str) and isinstance(completion, str):
             return SFTExample(_check_prompt(prompt, where), _check_response(completion, where), prompt)
         if _is_messages(prompt) and _is_messages(completion):
-            return _conversational_example([dict(m) for m in prompt], list(completion), _read_tools(row, where), where)
+            return _conversational_example([dict(m) for m in prompt], list(completion), row, where)
         raise ValueError(
             f"{where}: `prompt` and `completion` must both be strings or both be lists of messages, got "
             f"{type(prompt).__name__} and {type(completion).__name__}."
@@ -276,7 +295,7 @@ def read_row(
                 "`tool_calls` instead of `content`)."
             )
         prompt, completion = _split_conversation(row["messages"], where)
-        return _conversational_example(prompt, completion, _read_tools(row, where), where)
+        return _conversational_example(prompt, completion, row, where)
 
     if "text" in keys:
         text = row["text"]
@@ -322,8 +341,7 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
     if not (_is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected)):
         raise ValueError(f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all lists of messages.")
     prompt = [dict(m) for m in prompt]
-    tools = _read_tools(row, where)
-    sides = [_conversational_example(prompt, list(c), tools, f"{where} ({label})")
+    sides = [_conversational_example(prompt, list(c), row, f"{where} ({label})")
              for label, c in (("chosen", chosen), ("rejected", rejected))]  # fmt: skip
     return PreferenceExample(
         prompt,
@@ -332,7 +350,8 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
         sides[0].question,
         chosen_messages=sides[0].completion,
         rejected_messages=sides[1].completion,
-        tools=tools,
+        tools=sides[0].tools,
+        template_kwargs=sides[0].template_kwargs,
     )
 
 

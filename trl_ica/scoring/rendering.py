@@ -269,8 +269,9 @@ class Renderer:
         tools = list(example.tools or ())
         for d in demos:
             tools += [t for t in d.tools or () if t not in tools]
-        prompt_text = self._render(messages, tools, generation_prompt=True)
-        whole = self._render(messages + list(example.completion), tools, generation_prompt=False)
+        kwargs = example.template_kwargs or {}
+        prompt_text = self._render(messages, tools, generation_prompt=True, **kwargs)
+        whole = self._render(messages + list(example.completion), tools, generation_prompt=False, **kwargs)
         if not whole.startswith(prompt_text) or prompt_text.count(_USER) != 1:
             raise ValueError(
                 "The chat template renders the prompt alone (with the generation prompt) differently from the start "
@@ -293,7 +294,7 @@ class Renderer:
         )
 
     def _check_structured(self, example: SFTExample) -> None:
-        what = "A row whose response is several messages, tool calls or has `tools`"
+        what = "A row whose response is several messages or tool calls, or that has `tools` or `chat_template_kwargs`,"
         if self.layout != "turns":
             raise ValueError(f"{what} gets its demonstrations as earlier turns: set `ica_demo_layout='turns'` (the "
                              f"default), not {self.layout!r}.")  # fmt: skip
@@ -312,12 +313,12 @@ class Renderer:
             return [dict(m) for m in demo.prompt if m["role"] != "system"] + [dict(m) for m in demo.completion]
         return [{"role": "user", "content": demo.question}, {"role": "assistant", "content": demo.response}]
 
-    def _render(self, messages: list[dict], tools: list[dict], generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], tools: list[dict], generation_prompt: bool, **template_kwargs) -> str:
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             self.pieces(SFTExample(messages, "", ""))  # raises the error that names the missing chat template
         return self.tokenizer.apply_chat_template(
             messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt,
-            chat_template=self.chat_template,
+            chat_template=self.chat_template, **template_kwargs,
         )  # fmt: skip
 
     def _loss_positions(self, example: SFTExample, response: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -328,6 +329,7 @@ class Renderer:
         out = self.tokenizer.apply_chat_template(
             [*example.prompt, *example.completion], tools=list(example.tools or ()) or None, tokenize=True,
             return_dict=True, return_assistant_tokens_mask=True, chat_template=self.chat_template,
+            **(example.template_kwargs or {}),
         )  # fmt: skip
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
         n = len(response)

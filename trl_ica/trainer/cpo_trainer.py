@@ -88,13 +88,14 @@ class ICACPOTrainer(ICATrainerMixin, CPOTrainer):
     ):
         args = ica_args(args, model, ICACPOConfig, "ICA-CPO")
         for name, dataset in (("train_dataset", train_dataset), ("holdout_dataset", holdout_dataset)):
-            if "tools" in (getattr(dataset, "column_names", None) or ()):
-                raise ValueError(
-                    f"`{name}` has a `tools` column, which TRL's CPOTrainer does not give the chat template "
-                    "(trl.experimental.cpo renders each row without it), so ICA could not score the tokens it trains "
-                    "on. Drop the column to train on the conversations without the tool schemas, or use "
-                    "ICADPOTrainer, which renders them."
-                )
+            for column in ("tools", "chat_template_kwargs"):
+                if column in (getattr(dataset, "column_names", None) or ()):
+                    raise ValueError(
+                        f"`{name}` has a `{column}` column, which TRL's CPOTrainer does not give the chat template "
+                        "(trl.experimental.cpo renders each row without it), so ICA could not score the tokens it "
+                        "trains on. Drop the column to train and score the conversations without it, or use "
+                        "ICADPOTrainer, which renders it."
+                    )
         indexed = add_index(train_dataset, "ICACPOTrainer", pairs=True)
         self._ica_batch: _BatchWeights | None = None  # during a training `compute_loss` only
         super().__init__(model, args, data_collator, indexed, eval_dataset, processing_class, **kwargs)

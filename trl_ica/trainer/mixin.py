@@ -32,7 +32,9 @@ INDEX = "ica_index"
 ROW = "ica_row"  # a streamed row as ICA scores it (JSON), carried through TRL's preparation to the collator
 ROWS = "ica_rows"  # a batch's streamed rows, one mapping per `ica_index`
 #: The columns of a row in a format SFTTrainer trains on that ICA reads (see `formats.read_row`).
-ROW_COLUMNS = ("prompt", "completion", "messages", "conversations", "text", "chosen", "rejected", "tools")
+ROW_COLUMNS = (
+    "prompt", "completion", "messages", "conversations", "text", "chosen", "rejected", "tools", "chat_template_kwargs",
+)  # fmt: skip
 
 
 def streamed_row_view(row, formatting_func=None, text_field: str = "text") -> dict:
