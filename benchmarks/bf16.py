@@ -67,8 +67,11 @@ def main():
             compute = torch.bfloat16 if precision == "bf16_autocast" else None
             start = time.perf_counter()
             scores = score_with(scorer, builder, show_progress=False, compute_dtype=compute).scores
-            results["runs"][key] = {"seconds": time.perf_counter() - start, "scores": scores.tolist(),
-                                    "auroc": auroc(scores, clean)}  # fmt: skip
+            results["runs"][key] = {
+                "seconds": time.perf_counter() - start,
+                "scores": scores.tolist(),
+                "auroc": auroc(scores, clean),
+            }
             save_results(results, args.results)
             print(key, f"{results['runs'][key]['seconds']:.1f} s", f"AUROC {results['runs'][key]['auroc']:.3f}")
     print("\n".join(results_table(results)))
@@ -78,15 +81,19 @@ def main():
 LABELS = {
     "conditioned_mean": "conditioned, per-token mean (the recipes')",
     "difference_sum": "difference, summed (the paper's)",
-    "float32": "float32", "bf16_weights": "bf16 weights", "bf16_autocast": "bf16 autocast",
-}  # fmt: skip
+    "float32": "float32",
+    "bf16_weights": "bf16 weights",
+    "bf16_autocast": "bf16 autocast",
+}
 
 
 def results_table(results: dict) -> list[str]:
     """Per score and precision: the rank agreement with float32's scores, the largest score gap, the AUROC and the
     time (for `python -m benchmarks.report`)."""
-    lines = ["| score | precision | Spearman vs float32 | largest score gap | AUROC clean vs corrupted | seconds |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| score | precision | Spearman vs float32 | largest score gap | AUROC clean vs corrupted | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in SETTINGS:
         reference = np.array(results["runs"][f"{name}/float32"]["scores"])
         for precision in PRECISIONS:
@@ -94,8 +101,10 @@ def results_table(results: dict) -> list[str]:
             scores = np.array(run["scores"])
             first = LABELS[name] if precision == PRECISIONS[0] else ""
             gap = np.abs(scores - reference).max()
-            lines.append(f"| {first} | {LABELS[precision]} | {spearman(scores, reference):.4f} | {gap:.3f} | "
-                         f"{run['auroc']:.3f} | {run['seconds']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {first} | {LABELS[precision]} | {spearman(scores, reference):.4f} | {gap:.3f} | "
+                f"{run['auroc']:.3f} | {run['seconds']:.0f} |"
+            )
     return lines
 
 

@@ -98,8 +98,14 @@ def report_table(experiment: dict) -> list[str]:
         keys = ("distinct_lists", "tree_share_of_naive", "flat_share_of_naive")
         return out + [f"{mean(runs, keys[0]):.0f}"] + [f"{mean(runs, k):.3f}" for k in keys[1:]]
 
-    header = ["demonstrations", "AUROC, difference, sum (paper)", "AUROC, conditioned, per token", "distinct lists",
-              "tree tokens / naive", "flat tokens / naive"]  # fmt: skip
+    header = [
+        "demonstrations",
+        "AUROC, difference, sum (paper)",
+        "AUROC, conditioned, per token",
+        "distinct lists",
+        "tree tokens / naive",
+        "flat tokens / naive",
+    ]
     lines = pool_table(experiment, header, cells)
     return lines + ["", "(in brackets: the change against exact kNN.)"]
 

@@ -142,8 +142,11 @@ METHODS = (
     "sampling_token_mask",
 )
 #: Stock SFT on the pool without one kind of corrupted row (GSM8K): what removing that kind alone is worth.
-KIND_ORACLES = {"oracle_wrong_answer": "wrong_answer", "oracle_other_question": "other_question",
-                "oracle_truncated": "truncated"}  # fmt: skip
+KIND_ORACLES = {
+    "oracle_wrong_answer": "wrong_answer",
+    "oracle_other_question": "other_question",
+    "oracle_truncated": "truncated",
+}
 #: Stock SFT trained without scores or weights, on the rows `rows_of` picks.
 STOCK = ("uniform", "oracle", "uniform_subset", *KIND_ORACLES)
 # Stock SFT on the rows a score ranks in its top `--top-fraction`.
@@ -152,23 +155,41 @@ TOP = ("top_conditioned", "top_ica", "top_loss", "top_turns", "top_qwen_turns", 
 # which every method without `turns` in its name uses; both passes), `turns` (the demonstrations as earlier turns),
 # `knn` and `grouped` (other demonstrations, the conditioned pass), and `random` scores for the control.
 SCORE_OF = {
-    "ica": "paper", "ica_conditioned": "conditioned", "ica_conditioned_quantile": "conditioned",
-    "ica_cutoff": "conditioned", "loss_weights": "loss", "random_weights": "random",
-    "top_conditioned": "conditioned", "top_ica": "paper", "top_loss": "loss", "top_turns": "turns_conditioned",
-    "ica_turns_quantile": "turns_conditioned", "ica_turns_cutoff": "turns_conditioned", "ica_turns": "turns_paper",
-    "ica_knn_quantile": "knn_conditioned", "ica_grouped_quantile": "grouped_conditioned",
-    "ica_turns_quantile_wmean": "turns_conditioned", "ica_conditioned_quantile_wmean": "conditioned",
+    "ica": "paper",
+    "ica_conditioned": "conditioned",
+    "ica_conditioned_quantile": "conditioned",
+    "ica_cutoff": "conditioned",
+    "loss_weights": "loss",
+    "random_weights": "random",
+    "top_conditioned": "conditioned",
+    "top_ica": "paper",
+    "top_loss": "loss",
+    "top_turns": "turns_conditioned",
+    "ica_turns_quantile": "turns_conditioned",
+    "ica_turns_cutoff": "turns_conditioned",
+    "ica_turns": "turns_paper",
+    "ica_knn_quantile": "knn_conditioned",
+    "ica_grouped_quantile": "grouped_conditioned",
+    "ica_turns_quantile_wmean": "turns_conditioned",
+    "ica_conditioned_quantile_wmean": "conditioned",
     "random_weights_wmean": "random",
-    "qwen_turns_quantile": "qwen_turns_conditioned", "qwen_turns_quantile_wmean": "qwen_turns_conditioned",
+    "qwen_turns_quantile": "qwen_turns_conditioned",
+    "qwen_turns_quantile_wmean": "qwen_turns_conditioned",
     "top_qwen_turns": "qwen_turns_conditioned",
-    "smol_turns_quantile": "smol_turns_conditioned", "top_smol_turns": "smol_turns_conditioned",
+    "smol_turns_quantile": "smol_turns_conditioned",
+    "top_smol_turns": "smol_turns_conditioned",
     "smol_turns_quantile_wmean": "smol_turns_conditioned",
-    "ica_posterior": "turns_conditioned", "ica_sampling": "turns_conditioned",
-    "ica_quantile_sampling": "turns_conditioned", "shuffled_posterior": "shuffled_turns_conditioned",
-    "shuffled_sampling": "shuffled_turns_conditioned", "shuffled_quantile_sampling": "shuffled_turns_conditioned",
-    "span_quantile": "span_conditioned", "span_sampling": "span_conditioned", "top_span": "span_conditioned",
+    "ica_posterior": "turns_conditioned",
+    "ica_sampling": "turns_conditioned",
+    "ica_quantile_sampling": "turns_conditioned",
+    "shuffled_posterior": "shuffled_turns_conditioned",
+    "shuffled_sampling": "shuffled_turns_conditioned",
+    "shuffled_quantile_sampling": "shuffled_turns_conditioned",
+    "span_quantile": "span_conditioned",
+    "span_sampling": "span_conditioned",
+    "top_span": "span_conditioned",
     "shuffled_span_sampling": "shuffled_span_conditioned",
-}  # fmt: skip
+}
 #: The span GSM8K's final answer is scored by (`ica_score_span`).
 GSM8K_SPAN = "#### .*"
 SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments (`model`: else the trained one)
@@ -206,8 +227,9 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
         model, tokenizer = load_model(model_path(options.pop("model", trained)))
         start = time.perf_counter()
         settings = {"demo_selection": "fixed", "form": "difference", "reduction": "sum", **options}
-        out = score_ica(model, tokenizer, rows, holdout, ICAScoringOptions(num_demos=3, seed=seed, **settings),
-                        show_progress=False)  # fmt: skip
+        out = score_ica(
+            model, tokenizer, rows, holdout, ICAScoringOptions(num_demos=3, seed=seed, **settings), show_progress=False
+        )
         results.setdefault(f"scoring seconds {scoring}", {})[str(seed)] = time.perf_counter() - start
         prefix = "" if scoring == "in_turn" else f"{scoring}_"
         # a span score's rows without the span are -inf in `scores` (the mean form's own value)
@@ -316,9 +338,11 @@ def check_task(settings):
     """Refuse a GSM8K setting that is not GSM8K's own noise, and the reverse."""
     gsm8k = settings["task"] == "gsm8k"
     if gsm8k != (settings["noise_kind"] == "corrupted") or (gsm8k and settings["noise_task"]):
-        raise SystemExit(f"settings task={settings['task']!r}, noise_kind={settings['noise_kind']!r}, noise_task="
-                         f"{settings['noise_task']!r}: GSM8K is trained with its own noise only (task 'gsm8k', "
-                         "noise_kind 'corrupted', noise_task ''), and 'corrupted' applies to GSM8K only.")  # fmt: skip
+        raise SystemExit(
+            f"settings task={settings['task']!r}, noise_kind={settings['noise_kind']!r}, noise_task="
+            f"{settings['noise_task']!r}: GSM8K is trained with its own noise only (task 'gsm8k', "
+            "noise_kind 'corrupted', noise_task ''), and 'corrupted' applies to GSM8K only."
+        )
 
 
 def make_data(args, seed):
@@ -361,8 +385,9 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
     with tempfile.TemporaryDirectory() as out:
         common = training_settings(out, args, seed)
         if method in STOCK or method in TOP:
-            trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
-                                 peft_config=lora)  # fmt: skip
+            trainer = SFTTrainer(
+                model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer, peft_config=lora
+            )
         else:
             fields = {"ica_demo_selection": "fixed", "ica_demo_layout": "in_turn", **SETTINGS[method]}
             if "ica_scoring_model" in fields:
@@ -370,8 +395,14 @@ def train(method, rows, holdout, scores, seed, args, keep=None):
             # the paper's settings with the closing token scored are the base every method was measured from
             base = dict(ica_preset="paper", ica_score_end_token=True)
             config = ICASFTConfig(**common, ica_num_demos=3, ica_seed=seed, **{**base, **fields})
-            trainer = ICASFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer,
-                                    holdout_dataset=holdout, peft_config=lora)  # fmt: skip
+            trainer = ICASFTTrainer(
+                model,
+                args=config,
+                train_dataset=rows,
+                processing_class=tokenizer,
+                holdout_dataset=holdout,
+                peft_config=lora,
+            )
             if method in SCORE_OF:  # scored once before training; the others score themselves
                 trainer.ica.use_scores(scores[SCORE_OF[method]], f"bench_label_noise {method}")
             if method.startswith("shuffled_token"):
@@ -398,14 +429,28 @@ def shuffle_token_masks(controller, seed: int) -> None:
         if out is None:
             return None
         version = controller.state.refreshes_done
-        return [cache.setdefault((version, int(i)), np.random.default_rng([seed, int(i)]).permutation(m))
-                for i, m in zip(np.asarray(indices).reshape(-1), out)]  # fmt: skip
+        return [
+            cache.setdefault((version, int(i)), np.random.default_rng([seed, int(i)]).permutation(m))
+            for i, m in zip(np.asarray(indices).reshape(-1), out)
+        ]
 
     controller.token_masks = shuffled
 
 
-SETTING_KEYS = ("task", "noise_task", "noise", "noise_kind", "steps", "batch_size", "lr", "top_layers", "n_train",
-                "n_holdout", "n_test", "top_fraction")  # fmt: skip
+SETTING_KEYS = (
+    "task",
+    "noise_task",
+    "noise",
+    "noise_kind",
+    "steps",
+    "batch_size",
+    "lr",
+    "top_layers",
+    "n_train",
+    "n_holdout",
+    "n_test",
+    "top_fraction",
+)
 #: Settings an experiment may leave out, with the value it then has: `model`, the trained model (the embedded
 #: SmolLM2-135M-Instruct, or QWEN_05B).
 #: `metrics`: `"accuracy"` (the clean test loss and greedy accuracy) or `"answer"` (GSM8K: the test loss, the
@@ -445,21 +490,29 @@ def table(results, methods, labels=None) -> list[str]:
         share = (uniform - loss) / (uniform - oracle)
         pooled = (uniform.mean() - loss.mean()) / (uniform.mean() - oracle.mean())  # steady where a seed's gap is ~0
         wins = int((loss < uniform).sum())
-        shown = " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" if m != "accuracy" else f"{v.mean():.3f} ± {v.std():.3f}"
-                           for m, v in values.items())  # fmt: skip
-        lines.append(f"| {labels.get(method, method)} | {len(done)} | {shown} | {share.mean():+.2f} ± "
-                     f"{share.std():.2f} / {pooled:+.2f} | {wins} of {len(done)} |")  # fmt: skip
+        shown = " | ".join(
+            f"{v.mean():.4f} ± {v.std():.4f}" if m != "accuracy" else f"{v.mean():.3f} ± {v.std():.3f}"
+            for m, v in values.items()
+        )
+        lines.append(
+            f"| {labels.get(method, method)} | {len(done)} | {shown} | {share.mean():+.2f} ± "
+            f"{share.std():.2f} / {pooled:+.2f} | {wins} of {len(done)} |"
+        )
     lines.append("")
-    lines.append(f"(Rebuilt by `python -m benchmarks.report`: mean ± standard deviation over each method's seeds "
-                 f"among {', '.join(both)}.)")  # fmt: skip
+    lines.append(
+        f"(Rebuilt by `python -m benchmarks.report`: mean ± standard deviation over each method's seeds "
+        f"among {', '.join(both)}.)"
+    )
     lines += paired_lines(runs_of, methods, [m for m in measures if m != "accuracy"], labels)
     for method in methods:
         runs = [r for r in runs_of.get(method, {}).values() if "weight_clean" in r]
         if runs:
             shown = {key: [r[key] for r in runs if r[key] is not None] for key in ("weight_clean", "weight_noisy")}
             shown = {key: f"{np.mean(v):.3f}" if v else "none trained" for key, v in shown.items()}
-            line = (f"- {labels.get(method, method)}: mean weight of the clean rows {shown['weight_clean']}, of the "
-                    f"noisy {shown['weight_noisy']}")  # fmt: skip
+            line = (
+                f"- {labels.get(method, method)}: mean weight of the clean rows {shown['weight_clean']}, of the "
+                f"noisy {shown['weight_noisy']}"
+            )
             if all("noisy_share_trained" in r for r in runs):
                 line += f"; noisy share of the rows trained {np.mean([r['noisy_share_trained'] for r in runs]):.3f}"
             lines.append(f"{line} ({len(runs)} seeds)")
@@ -468,11 +521,16 @@ def table(results, methods, labels=None) -> list[str]:
         if runs:
             kinds = sorted({k.removeprefix("masked_share_") for r in runs for k in r if k.startswith("masked_share_")})
             shown = ", ".join(f"{kind} {np.mean([r[f'masked_share_{kind}'] for r in runs]):.3f}" for kind in kinds)
-            aurocs = ", ".join(f"{kind} {np.mean([r[f'auroc_kept_{kind}'] for r in runs]):.3f}" for kind in kinds
-                               if all(f"auroc_kept_{kind}" in r for r in runs))  # fmt: skip
+            aurocs = ", ".join(
+                f"{kind} {np.mean([r[f'auroc_kept_{kind}'] for r in runs]):.3f}"
+                for kind in kinds
+                if all(f"auroc_kept_{kind}" in r for r in runs)
+            )
             aurocs = f"; AUROC of the share of a row's tokens kept, clean over each kind: {aurocs}" if aurocs else ""
-            lines.append(f"- {labels.get(method, method)}: share of each kind's tokens the masks dropped: {shown}"
-                         f"{aurocs} ({len(runs)} seeds)")  # fmt: skip
+            lines.append(
+                f"- {labels.get(method, method)}: share of each kind's tokens the masks dropped: {shown}"
+                f"{aurocs} ({len(runs)} seeds)"
+            )
     for key in sorted(k for k in results if k.startswith(("auroc ", "clean share "))):
         values = np.array(list(results[key].values()))
         lines.append(f"- {key}: {values.mean():.3f} ± {values.std():.3f} over {values.size} seeds")
@@ -510,13 +568,20 @@ def paired_lines(runs_of, methods, measures, labels) -> list[str]:
             diff = np.log(ours) - np.log(theirs) if measure in LOG_MEASURES else ours - theirs
             sd = diff.std(ddof=1)
             ratio = f"{diff.mean() / sd:+.1f}" if sd > 0 else "n/a"
-            rows.append(f"| {labels.get(method, method)} | {len(seeds)} | {diff.mean():+.4f} | {sd:.4f} | {ratio} | "
-                        f"{int((diff < 0).sum())} of {len(seeds)} |")  # fmt: skip
+            rows.append(
+                f"| {labels.get(method, method)} | {len(seeds)} | {diff.mean():+.4f} | {sd:.4f} | {ratio} | "
+                f"{int((diff < 0).sum())} of {len(seeds)} |"
+            )
         if rows:
             name = f"ln {MEASURES[measure]}" if measure in LOG_MEASURES else MEASURES[measure]
-            lines += ["", f"{name}, minus uniform training's on the same seed:", "",
-                      "| method | seeds | mean difference | paired sd | in paired sd | seeds lower |",
-                      "|---|---|---|---|---|---|", *rows]  # fmt: skip
+            lines += [
+                "",
+                f"{name}, minus uniform training's on the same seed:",
+                "",
+                "| method | seeds | mean difference | paired sd | in paired sd | seeds lower |",
+                "|---|---|---|---|---|---|",
+                *rows,
+            ]
     return lines + ([""] if lines else [])
 
 
@@ -615,8 +680,10 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
     `settings` holds the [`SETTING_KEYS`]; a results file made with other settings is refused."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not set(SETTING_KEYS) <= set(settings) <= {*SETTING_KEYS, *OPTIONAL_SETTINGS}:
-        raise SystemExit(f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)} and optional "
-                         f"{list(OPTIONAL_SETTINGS)}: {sorted(settings)}.")  # fmt: skip
+        raise SystemExit(
+            f"Unknown methods {unknown} or settings other than {list(SETTING_KEYS)} and optional "
+            f"{list(OPTIONAL_SETTINGS)}: {sorted(settings)}."
+        )
     check_task(settings)
     args = argparse.Namespace(**{**OPTIONAL_SETTINGS, **settings})
     if args.model not in MODELS:
@@ -659,9 +726,11 @@ def run(settings: dict, methods, seeds, results_path=None, keep_logs="") -> dict
             if weights:  # the mean weight the clean and the noisy rows were trained with (None: none trained)
                 index = np.array([w["ica_index"] for w in weights])
                 weight = np.array([w["weight"] for w in weights])
-                run.update(weight_clean=_mean_or_none(weight[clean[index]]),
-                           weight_noisy=_mean_or_none(weight[~clean[index]]),
-                           noisy_share_trained=float((~clean[index]).mean()))  # fmt: skip
+                run.update(
+                    weight_clean=_mean_or_none(weight[clean[index]]),
+                    weight_noisy=_mean_or_none(weight[~clean[index]]),
+                    noisy_share_trained=float((~clean[index]).mean()),
+                )
             if masks is not None:  # the share of each kind's tokens the last scoring's masks dropped
                 from trl_ica.cli.scenarios import auroc
 
@@ -719,9 +788,13 @@ def main():
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help="the trained model")
     parser.add_argument("--results", default=None)
-    parser.add_argument("--keep-logs", default="", help="Folder for each ICA run's ica/ logs (<method>-seed<s>), "
-                        "with trace.json and trace.png: the clean and noisy rows' scores and weights step by step, "
-                        "against the holdout's scores.")  # fmt: skip
+    parser.add_argument(
+        "--keep-logs",
+        default="",
+        help="Folder for each ICA run's ica/ logs (<method>-seed<s>), "
+        "with trace.json and trace.png: the clean and noisy rows' scores and weights step by step, "
+        "against the holdout's scores.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {k: getattr(args, k) for k in SETTING_KEYS}

@@ -50,8 +50,15 @@ def pool(name, n, seed):
     matter."""
     if name.startswith("label_noise"):
         kind = "shuffled" if name.endswith("shuffled") else "other_task"
-        args = SimpleNamespace(task="basic_arithmetic", noise_task="family_relationships", noise=0.5, noise_kind=kind,
-                               n_train=n, n_holdout=32, n_test=0)  # fmt: skip
+        args = SimpleNamespace(
+            task="basic_arithmetic",
+            noise_task="family_relationships",
+            noise=0.5,
+            noise_kind=kind,
+            n_train=n,
+            n_holdout=32,
+            n_test=0,
+        )
         train, kinds, holdout, _, _ = make_data(args, seed)
         return train, holdout, kinds == "clean"
     if name == "mixture":

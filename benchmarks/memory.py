@@ -78,21 +78,42 @@ def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
     train = train.remove_columns("corruption")
     lora = recipe_lora(dropout=0.05)
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench-memory-"), max_steps=steps, per_device_train_batch_size=4,
+        output_dir=tempfile.mkdtemp(prefix="bench-memory-"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
         gradient_accumulation_steps=4,
-        max_length=1024, learning_rate=1e-4, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-        disable_tqdm=True, logging_steps=steps, gradient_checkpointing=True,
-    )  # fmt: skip
+        max_length=1024,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        logging_steps=steps,
+        gradient_checkpointing=True,
+    )
     if kind == "stock":
-        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora)  # fmt: skip
+        trainer = SFTTrainer(
+            model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora
+        )
     else:
         config = ICASFTConfig(
-            **common, ica_num_demos=3, ica_demo_layout="turns", ica_reduction="mean", ica_score_form="conditioned",
-            ica_weighting="holdout_quantile", ica_refresh="online" if kind == "ica_online" else "1",
-        )  # fmt: skip
-        trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout, peft_config=lora)  # fmt: skip
+            **common,
+            ica_num_demos=3,
+            ica_demo_layout="turns",
+            ica_reduction="mean",
+            ica_score_form="conditioned",
+            ica_weighting="holdout_quantile",
+            ica_refresh="online" if kind == "ica_online" else "1",
+        )
+        trainer = ICASFTTrainer(
+            model,
+            args=config,
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+            peft_config=lora,
+        )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -103,10 +124,11 @@ def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
         "training_peak_gib": state["peak"]["training"] / gib,
         "scoring_peak_gib": state["peak"]["scoring"] / gib if state["peak"]["scoring"] else None,
         "scoring_rise_gib": (state["peak"]["scoring"] - min(state["before_scoring"])) / gib
-        if state["before_scoring"] else None,
+        if state["before_scoring"]
+        else None,
         "budget_tokens": engine.DEFAULT_TOKENS["cpu"],
         "seconds": seconds,
-    }  # fmt: skip
+    }
     with open(output, "w") as f:
         json.dump(result, f)
 
@@ -133,8 +155,19 @@ def main():
         if kind in results["runs"]:
             continue
         output = os.path.abspath(f"{args.results}.{kind}.tmp")
-        command = [sys.executable, __file__, "--n", str(args.n), "--n-holdout", str(args.n_holdout), "--steps",
-                   str(args.steps), "--worker", kind, output]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--n",
+            str(args.n),
+            "--n-holdout",
+            str(args.n_holdout),
+            "--steps",
+            str(args.steps),
+            "--worker",
+            kind,
+            output,
+        ]
         subprocess.run(command, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         results["runs"][kind] = json.load(open(output))
         os.remove(output)
@@ -150,14 +183,18 @@ def results_table(results: dict) -> list[str]:
     """Per run: the peak resident memory outside and while scoring, against the stock trainer's (for
     `python -m benchmarks.report`)."""
     stock = results["runs"]["stock"]["training_peak_gib"]
-    lines = ["| run | peak outside scoring (GiB) | x stock | peak while scoring (GiB) | scoring's rise (GiB) | "
-             "seconds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | peak outside scoring (GiB) | x stock | peak while scoring (GiB) | scoring's rise (GiB) | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind in RUNS:
         run = results["runs"][kind]
         scoring = "" if run["scoring_peak_gib"] is None else f"{run['scoring_peak_gib']:.2f}"
         rise = "" if run["scoring_rise_gib"] is None else f"{run['scoring_rise_gib']:.2f}"
-        lines.append(f"| {LABELS[kind]} | {run['training_peak_gib']:.2f} | {run['training_peak_gib'] / stock:.2f} | "
-                     f"{scoring} | {rise} | {run['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {LABELS[kind]} | {run['training_peak_gib']:.2f} | {run['training_peak_gib'] / stock:.2f} | "
+            f"{scoring} | {rise} | {run['seconds']:.0f} |"
+        )
     return lines
 
 

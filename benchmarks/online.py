@@ -68,10 +68,17 @@ def main():
     train, holdout, _ = noisy_gsm8k(n_train=rows, n_holdout=16, n_test=1, noise=0.0, seed=0)
     train = train.remove_columns("corruption")
     common = dict(
-        output_dir="/tmp/bench_online", report_to="none", bf16=False, use_cpu=True, save_strategy="no",
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
-        gradient_checkpointing=False, max_steps=1, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir="/tmp/bench_online",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.accumulation,
+        gradient_checkpointing=False,
+        max_steps=1,
+        disable_tqdm=True,
+    )
     lora = recipe_lora()
 
     def model():
@@ -103,9 +110,13 @@ def main():
         if form == "conditioned":
             fields["ica_reduction"] = "mean"
         ica = ICASFTTrainer(
-            model(), args=ICASFTConfig(**common, **fields), train_dataset=train, processing_class=tokenizer,
-            holdout_dataset=holdout, peft_config=lora,
-        )  # fmt: skip
+            model(),
+            args=ICASFTConfig(**common, **fields),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+            peft_config=lora,
+        )
         ica_batches = micro_batches(ica, args.batch_size, args.accumulation)
         indices = [i for b in ica_batches for i in b["ica_index"].tolist()]
         t_cond, prefixes = median_conditioned_pass(ica, indices, args.repeats)

@@ -41,17 +41,35 @@ def run(kind: str, n: int, n_holdout: int, steps: int, accumulation: int) -> dic
     train = train.remove_columns("corruption")
     lora = recipe_lora(dropout=0.05)
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench-packing-"), max_steps=steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=accumulation, max_length=1024, learning_rate=1e-4, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps,
-        gradient_checkpointing=True, packing=kind.endswith("_packed"), seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="bench-packing-"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        max_length=1024,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        logging_steps=steps,
+        gradient_checkpointing=True,
+        packing=kind.endswith("_packed"),
+        seed=0,
+    )
     if kind == "stock_packed":
-        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora)  # fmt: skip
+        trainer = SFTTrainer(
+            model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora
+        )
     else:
-        trainer = ICASFTTrainer(model, args=ICASFTConfig(**common), train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout, peft_config=lora)  # fmt: skip
+        trainer = ICASFTTrainer(
+            model,
+            args=ICASFTConfig(**common),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+            peft_config=lora,
+        )
 
     seconds = timed_training(trainer)
     rows = len(trainer.train_dataset)
@@ -93,22 +111,30 @@ def main():
     print("\n".join(results_table(results)))
 
 
-LABELS = {"stock_packed": "packed SFTTrainer", "ica_packed": "packed ICASFTTrainer",
-          "ica_unpacked": "unpacked ICASFTTrainer"}  # fmt: skip
+LABELS = {
+    "stock_packed": "packed SFTTrainer",
+    "ica_packed": "packed ICASFTTrainer",
+    "ica_unpacked": "unpacked ICASFTTrainer",
+}
 
 
 def results_table(results: dict) -> list[str]:
     """Per run: rows, tokens and seconds per step against packed `SFTTrainer`, and the first step's excess (for
     `python -m benchmarks.report`)."""
     base = results["runs"]["stock_packed"]
-    lines = ["| run | rows | tokens per step | s per step (after the first) | x packed SFTTrainer | tokens/s | "
-             "first step's excess (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | rows | tokens per step | s per step (after the first) | x packed SFTTrainer | tokens/s | "
+        "first step's excess (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in RUNS:
         r = results["runs"][kind]
         ratio = r["median_step_seconds_after_first"] / base["median_step_seconds_after_first"]
-        lines.append(f"| {LABELS[kind]} | {r['rows']} | {r['tokens_per_step']:.0f} | "
-                     f"{r['median_step_seconds_after_first']:.1f} | {ratio:.2f} | {r['tokens_per_second']:.0f} | "
-                     f"{r['first_step_excess_seconds']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {LABELS[kind]} | {r['rows']} | {r['tokens_per_step']:.0f} | "
+            f"{r['median_step_seconds_after_first']:.1f} | {ratio:.2f} | {r['tokens_per_second']:.0f} | "
+            f"{r['first_step_excess_seconds']:.1f} |"
+        )
     return lines
 
 

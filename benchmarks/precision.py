@@ -66,8 +66,10 @@ def main():
                 errors[name].append(error)
                 sums[name].append(error.sum())
     vocab = model.get_output_embeddings().weight.shape[0]
-    print(f"SmolLM2-135M-Instruct, vocabulary {vocab}, {args.n} GSM8K solutions, {sum(tokens)} tokens "
-          f"({min(tokens)} to {max(tokens)} per response), {args.threads} threads")  # fmt: skip
+    print(
+        f"SmolLM2-135M-Instruct, vocabulary {vocab}, {args.n} GSM8K solutions, {sum(tokens)} tokens "
+        f"({min(tokens)} to {max(tokens)} per response), {args.threads} threads"
+    )
     print("| float32 computation | mean error / token | largest error / token | largest error of a sum | time |")
     print("|---|---|---|---|---|")
     for name in ways:

@@ -59,8 +59,10 @@ def quality(model, tokenizer, args):
             f"{auroc(result.logp_conditioned, correct):.3f} |"
         )
         # form="conditioned", reduction="mean": the margin with demonstrations, per token
-        print(f"| conditioned margin per token (`ica_score_form=\"conditioned\"`, mean) | {selection} | "
-              f"{auroc(cond[:, 0] - cond[:, 1], correct):.3f} |")  # fmt: skip
+        print(
+            f'| conditioned margin per token (`ica_score_form="conditioned"`, mean) | {selection} | '
+            f"{auroc(cond[:, 0] - cond[:, 1], correct):.3f} |"
+        )
     tokens = result.pair_tokens
     per_token_margin = result.pair_logps[:, 2] / tokens[:, 0] - result.pair_logps[:, 3] / tokens[:, 1]
     print(

@@ -50,16 +50,35 @@ from trl_ica.selection.baselines import select_top
 
 warnings.filterwarnings("ignore")
 SFT_METHODS = (
-    "uniform", "ica", "ica_online", "ica_conditioned", "random_weights", "top_half_ica", "top_half_conditioned",
+    "uniform",
+    "ica",
+    "ica_online",
+    "ica_conditioned",
+    "random_weights",
+    "top_half_ica",
+    "top_half_conditioned",
     "top_half_loss",
-)  # fmt: skip
+)
 PREF_METHODS = (
-    "dpo", "dpo_oracle", "ica_dpo", "ica_dpo_conditioned", "ica_dpo_conditioned_turns",
-    "ica_dpo_conditioned_turns_quantile", "random_dpo",
-    "simpo", "simpo_oracle", "ica_simpo", "ica_simpo_conditioned", "ica_simpo_conditioned_turns",
-    "ica_simpo_conditioned_turns_quantile", "random_simpo",
-    "ica_dpo_conditioned_turns_wmean", "random_dpo_wmean", "ica_simpo_conditioned_turns_wmean", "random_simpo_wmean",
-)  # fmt: skip
+    "dpo",
+    "dpo_oracle",
+    "ica_dpo",
+    "ica_dpo_conditioned",
+    "ica_dpo_conditioned_turns",
+    "ica_dpo_conditioned_turns_quantile",
+    "random_dpo",
+    "simpo",
+    "simpo_oracle",
+    "ica_simpo",
+    "ica_simpo_conditioned",
+    "ica_simpo_conditioned_turns",
+    "ica_simpo_conditioned_turns_quantile",
+    "random_simpo",
+    "ica_dpo_conditioned_turns_wmean",
+    "random_dpo_wmean",
+    "ica_simpo_conditioned_turns_wmean",
+    "random_simpo_wmean",
+)
 SCENARIOS = ("sft", "domain", "pref")
 METHODS = (*SFT_METHODS, *PREF_METHODS)
 CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the variant score (see the README)
@@ -67,16 +86,32 @@ CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")  # the va
 
 def common(out, args, seed):
     return dict(
-        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-        lr_scheduler_type="constant", logging_steps=max(1, args.steps), save_strategy="no", report_to="none",
-        bf16=False, use_cpu=True, seed=seed, gradient_checkpointing=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, args.steps),
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=seed,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
 
 
 def ica_fields(refresh, layout="in_turn"):
     """The paper's settings with the closing token scored (what the results were measured with), and `layout`."""
-    return dict(ica_preset="paper", ica_score_end_token=True, ica_num_demos=3, ica_demo_selection="fixed",
-                ica_demo_layout=layout, ica_refresh=refresh)  # fmt: skip
+    return dict(
+        ica_preset="paper",
+        ica_score_end_token=True,
+        ica_num_demos=3,
+        ica_demo_selection="fixed",
+        ica_demo_layout=layout,
+        ica_refresh=refresh,
+    )
 
 
 def pref_ica_fields(method):
@@ -105,15 +140,22 @@ def train_sft(method, train, holdout, scores, seed, args):
         if method.startswith("ica") or method == "random_weights":
             variant = CONDITIONED if method == "ica_conditioned" else {}
             config = ICASFTConfig(**settings, **ica_fields("online" if method == "ica_online" else 1), **variant)
-            trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
-                                    holdout_dataset=holdout, peft_config=lora())  # fmt: skip
+            trainer = ICASFTTrainer(
+                model,
+                args=config,
+                train_dataset=train,
+                processing_class=tokenizer,
+                holdout_dataset=holdout,
+                peft_config=lora(),
+            )
             if method == "random_weights":  # control: the same batch min-max weighting of scores that carry no signal
                 trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
         else:
             if method.startswith("top_half"):  # equal budget: the same steps over half the rows
                 train = train.select(select_top(scores[method.split("_")[-1]], 0.5))
-            trainer = SFTTrainer(model, args=SFTConfig(**settings), train_dataset=train, processing_class=tokenizer,
-                                 peft_config=lora())  # fmt: skip
+            trainer = SFTTrainer(
+                model, args=SFTConfig(**settings), train_dataset=train, processing_class=tokenizer, peft_config=lora()
+            )
         trainer.train()
     return trainer.model.eval(), tokenizer
 
@@ -154,11 +196,17 @@ def run_sft_like(name, make_data, accuracy, args, results):
             loss, correct = test_loss(trained, tokenizer, test), accuracy(trained, tokenizer, test)
             seconds = round(time.perf_counter() - start)
             results.add(name, method, seed, seconds=seconds, loss=loss, accuracy=correct)
-            print(f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} ({seconds} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"  [{name} seed {seed}] {method}: loss {loss:.4f}, accuracy {correct:.3f} ({seconds} s)", flush=True
+            )
         if not results.has(name, BEFORE, seed):  # `model` scored, untrained
-            results.add(name, BEFORE, seed, loss=test_loss(model, tokenizer, test),
-                        accuracy=accuracy(model.eval(), tokenizer, test))  # fmt: skip
+            results.add(
+                name,
+                BEFORE,
+                seed,
+                loss=test_loss(model, tokenizer, test),
+                accuracy=accuracy(model.eval(), tokenizer, test),
+            )
 
 
 def pair_accuracy(model, base, tokenizer, test, simpo):
@@ -289,16 +337,27 @@ def report_table(experiment: dict) -> list[str]:
 def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> None:
     """An experiment file's runs (its `methods` and `seeds` unless given), then its table and plot."""
     (name,) = experiment["scenarios"]
-    args = argparse.Namespace(**experiment["settings"], methods=methods or experiment["methods"],
-                              seeds=seeds or experiment["seeds"])  # fmt: skip
+    args = argparse.Namespace(
+        **experiment["settings"], methods=methods or experiment["methods"], seeds=seeds or experiment["seeds"]
+    )
     results = Results(experiment["results"], experiment["settings"], METHODS)
     if name == "sft":
         data = noisy_gsm8k  # a `noise` share corrupted; the clean rows' corruption is "clean"
-        run_sft_like(name, lambda s: _without(data(args.n_train, 16, args.n_test, args.noise, s), "corruption"),
-                     gsm8k_accuracy, args, results)  # fmt: skip
+        run_sft_like(
+            name,
+            lambda s: _without(data(args.n_train, 16, args.n_test, args.noise, s), "corruption"),
+            gsm8k_accuracy,
+            args,
+            results,
+        )
     elif name == "domain":
-        run_sft_like(name, lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task"),
-                     reasoning_gym_accuracy, args, results)  # fmt: skip
+        run_sft_like(
+            name,
+            lambda s: _without(reasoning_gym_mixture(n_test=args.n_test, seed=s), "task"),
+            reasoning_gym_accuracy,
+            args,
+            results,
+        )
     else:
         run_pref(args, results)
     _, table, raw = kept(experiment)

@@ -85,8 +85,11 @@ def main(argv=None) -> int:
         text = f.read()
     new, missing = rebuilt(text)
     if missing:
-        print(f"docs/benchmarks.md has no report block for {missing}: add `<!-- report: KEY -->` ... "
-              "`<!-- /report -->` where each table belongs.", file=sys.stderr)  # fmt: skip
+        print(
+            f"docs/benchmarks.md has no report block for {missing}: add `<!-- report: KEY -->` ... "
+            "`<!-- /report -->` where each table belongs.",
+            file=sys.stderr,
+        )
         return 1
     if args.check:
         if new != text:

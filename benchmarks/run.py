@@ -36,8 +36,10 @@ def load_experiment(path: str) -> dict:
         raise SystemExit(f"{path}: benchmarks.{experiment['benchmark']} {need}.")
     unknown_scenarios = sorted(set(experiment.get("scenarios", ())) - set(scenarios or ()))
     if unknown_scenarios:
-        raise SystemExit(f"{path}: scenarios {unknown_scenarios} are not scenarios of benchmarks."
-                         f"{experiment['benchmark']}: {list(scenarios)}.")  # fmt: skip
+        raise SystemExit(
+            f"{path}: scenarios {unknown_scenarios} are not scenarios of benchmarks."
+            f"{experiment['benchmark']}: {list(scenarios)}."
+        )
     return experiment
 
 

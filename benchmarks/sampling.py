@@ -24,8 +24,11 @@ from benchmarks.common.models import lora as recipe_lora
 
 warnings.filterwarnings("ignore")
 RUNS = ("stock", "ica_loss", "ica_sampling")
-LABELS = {"stock": "SFTTrainer", "ica_loss": "ICASFTTrainer, loss weights",
-          "ica_sampling": "ICASFTTrainer, `ica_weight_mode=\"sampling\"`"}  # fmt: skip
+LABELS = {
+    "stock": "SFTTrainer",
+    "ica_loss": "ICASFTTrainer, loss weights",
+    "ica_sampling": 'ICASFTTrainer, `ica_weight_mode="sampling"`',
+}
 
 
 def run(kind: str, n: int, steps: int) -> dict:
@@ -43,26 +46,47 @@ def run(kind: str, n: int, steps: int) -> dict:
     train, holdout, _ = noisy_gsm8k(n, 24, 8, seed=0)
     train = train.remove_columns("corruption")
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench-sampling-"), max_steps=steps, per_device_train_batch_size=4,
-        max_length=1024, learning_rate=1e-4, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-        disable_tqdm=True, logging_steps=steps, gradient_checkpointing=True, seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="bench-sampling-"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        max_length=1024,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        logging_steps=steps,
+        gradient_checkpointing=True,
+        seed=0,
+    )
     lora = recipe_lora(dropout=0.05)
     if kind == "stock":
-        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora)  # fmt: skip
+        trainer = SFTTrainer(
+            model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora
+        )
     else:
         mode = "sampling" if kind == "ica_sampling" else "loss"
         args = ICASFTConfig(**common, ica_weighting="global_minmax", ica_weight_mode=mode, ica_demo_selection="fixed")
-        trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout, peft_config=lora)  # fmt: skip
+        trainer = ICASFTTrainer(
+            model,
+            args=args,
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+            peft_config=lora,
+        )
         trainer.ica.use_scores(np.random.default_rng(0).random(n), "benchmarks.sampling random scores")
 
     seconds = timed_training(trainer)
     tokens = float(np.mean([len(r["input_ids"]) for r in trainer.train_dataset])) * 4
     median = float(np.median(seconds[1:]))
-    return {"step_seconds": [float(s) for s in seconds], "median_step_seconds_after_first": median,
-            "tokens_per_step": tokens, "tokens_per_second": tokens / median}  # fmt: skip
+    return {
+        "step_seconds": [float(s) for s in seconds],
+        "median_step_seconds_after_first": median,
+        "tokens_per_step": tokens,
+        "tokens_per_second": tokens / median,
+    }
 
 
 def main():
@@ -91,8 +115,10 @@ def main():
 def results_table(results: dict) -> list[str]:
     """Per run: seconds per step against `SFTTrainer`, and tokens per second (for `python -m benchmarks.report`)."""
     base = results["runs"]["stock"]["median_step_seconds_after_first"]
-    lines = ["| run | s per step (median after the first) | x SFTTrainer | tokens/s (mean row length x 4) |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | s per step (median after the first) | x SFTTrainer | tokens/s (mean row length x 4) |",
+        "|---|---|---|---|",
+    ]
     for kind in RUNS:
         r = results["runs"][kind]
         seconds = r["median_step_seconds_after_first"]

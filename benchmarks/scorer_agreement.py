@@ -68,8 +68,10 @@ def table(files: dict) -> list[str]:
             return f"{values.mean():.3f}" + (f" ± {values.std():.3f}" if spread else "")
 
         shares = f"{stat('clean_share_small', spread=False)} / {stat('clean_share_large', spread=False)}"
-        lines.append(f"| {POOLS.get(name, name)} | {stat('auroc_small')} | {stat('auroc_large')} | {stat('spearman')} "
-                     f"| {stat('top_half_overlap')} | {shares} | {len(rows)} |")  # fmt: skip
+        lines.append(
+            f"| {POOLS.get(name, name)} | {stat('auroc_small')} | {stat('auroc_large')} | {stat('spearman')} "
+            f"| {stat('top_half_overlap')} | {shares} | {len(rows)} |"
+        )
     return lines
 
 

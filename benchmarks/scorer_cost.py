@@ -66,9 +66,17 @@ def measure(name: str, rows, holdout, args) -> dict:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
-            output_dir=out, max_steps=args.steps + 1, per_device_train_batch_size=args.batch_size, use_cpu=True,
-            bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, max_length=512, seed=0,
-        )  # fmt: skip
+            output_dir=out,
+            max_steps=args.steps + 1,
+            per_device_train_batch_size=args.batch_size,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            max_length=512,
+            seed=0,
+        )
         trainer = SFTTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora())
         trainer.add_callback(clock)
         trainer.train()
@@ -92,8 +100,10 @@ def results_table(results: dict) -> list[str]:
     for m in done:
         r = results[m]
         share = r["scoring_seconds_per_1k"] / r["training_seconds_per_1k"]
-        lines.append(f"| {MODELS[m]} | {r['parameters'] / 1e6:.0f}M | {r['scoring_seconds_per_1k']:.0f} | "
-                     f"{r['training_seconds_per_1k']:.0f} | {share:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {MODELS[m]} | {r['parameters'] / 1e6:.0f}M | {r['scoring_seconds_per_1k']:.0f} | "
+            f"{r['training_seconds_per_1k']:.0f} | {share:.2f} |"
+        )
     return lines
 
 
@@ -106,8 +116,9 @@ def main():
     parser.add_argument("--results", default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    rows, holdout, _, _ = reasoning_gym_label_noise("basic_arithmetic", "family_relationships", 0.5, "shuffled",
-                                                    args.rows, 32, 8, seed=0)  # fmt: skip
+    rows, holdout, _, _ = reasoning_gym_label_noise(
+        "basic_arithmetic", "family_relationships", 0.5, "shuffled", args.rows, 32, 8, seed=0
+    )
     results = load_results(args.results)
     check_settings(results, {"rows": args.rows, "steps": args.steps, "batch_size": args.batch_size}, args.results)
     for name in args.models:

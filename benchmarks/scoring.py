@@ -70,11 +70,21 @@ def epoch_seconds(model_dir_model, tokenizer, data) -> float:
     lora = recipe_lora()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            out, num_train_epochs=1, per_device_train_batch_size=4, report_to="none", use_cpu=True, bf16=False,
-            save_strategy="no", disable_tqdm=True, logging_steps=1000, max_length=1024, seed=0,
-        )  # fmt: skip
-        trainer = SFTTrainer(model_dir_model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora)  # fmt: skip
+            out,
+            num_train_epochs=1,
+            per_device_train_batch_size=4,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_steps=1000,
+            max_length=1024,
+            seed=0,
+        )
+        trainer = SFTTrainer(
+            model_dir_model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
+        )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -125,10 +135,13 @@ def main():
                 sums, seconds = run_once(model, requests, mode)
                 tokens = {"naive": counts.naive, "flat": counts.flat, "tree": counts.tree}[mode]
                 results[key] = {
-                    "seconds": seconds, "examples_per_second": len(data) / seconds, "naive_tokens": counts.naive,
-                    "tokens": tokens, "pieces": counts.pieces if mode == "tree" else counts.shared,
+                    "seconds": seconds,
+                    "examples_per_second": len(data) / seconds,
+                    "naive_tokens": counts.naive,
+                    "tokens": tokens,
+                    "pieces": counts.pieces if mode == "tree" else counts.shared,
                     "distinct_demo_lists": len({tuple(d) for d in builder.demo_indices}),
-                }  # fmt: skip
+                }
                 if selection == "knn" and mode == "naive":
                     reference = sums
                 if selection == "knn" and reference is not None:
@@ -152,8 +165,11 @@ def results_table(results: dict) -> list[str]:
     demonstrations than exact kNN, naive time taken at exact kNN's naive tokens per second), the bound (naive tokens
     over the tokens the mode runs), the share of the bound reached and one scoring as a multiple of a LoRA epoch (for
     `python -m benchmarks.report`)."""
-    lines = ["| responses | demonstrations | mode | distinct lists | pieces run | ex/s | speed-up over naive | "
-             "bound | reached | scoring / LoRA epoch |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| responses | demonstrations | mode | distinct lists | pieces run | ex/s | speed-up over naive | "
+        "bound | reached | scoring / LoRA epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label in ("GSM8K solutions", "short answers"):
         naive = results[f"{label} | knn | naive"]
         naive_rate = naive["naive_tokens"] / naive["seconds"]  # tokens per second at batch 1, no sharing
@@ -165,9 +181,11 @@ def results_table(results: dict) -> list[str]:
             speedup = r["naive_tokens"] / naive_rate / r["seconds"]
             bound = r["naive_tokens"] / r["tokens"]
             pieces, reached = ("", "") if mode == "naive" else (str(r["pieces"]), f"{speedup / bound:.2f}")
-            lines.append(f"| {label if i == 0 else ''} | {selection} | {mode} | {r['distinct_demo_lists']} | "
-                         f"{pieces} | {r['examples_per_second']:.2f} | {speedup:.2f}x | {bound:.2f}x | {reached} | "
-                         f"{r['seconds'] / epoch:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {label if i == 0 else ''} | {selection} | {mode} | {r['distinct_demo_lists']} | "
+                f"{pieces} | {r['examples_per_second']:.2f} | {speedup:.2f}x | {bound:.2f}x | {reached} | "
+                f"{r['seconds'] / epoch:.2f} |"
+            )
     return lines
 
 

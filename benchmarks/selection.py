@@ -41,9 +41,16 @@ def reference_model(holdout, epochs):
     model, _ = load_model()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=4, num_train_epochs=epochs, learning_rate=2e-4,
-            bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=100,
-        )  # fmt: skip
+            output_dir=out,
+            per_device_train_batch_size=4,
+            num_train_epochs=epochs,
+            learning_rate=2e-4,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=100,
+        )
         lora = recipe_lora()
         trainer = SFTTrainer(model=model, args=args, train_dataset=holdout, peft_config=lora)
         trainer.train()
@@ -51,8 +58,18 @@ def reference_model(holdout, epochs):
 
 
 SCENARIOS = ("gsm8k", "mixture")
-METHODS = ("ica", "ica_per_token", "whisperer_exact_pool", "whisperer_ll_pool", "whisperer_ll_holdout", "oneshot",
-           "rho", "loss", "ifd", "random")  # fmt: skip
+METHODS = (
+    "ica",
+    "ica_per_token",
+    "whisperer_exact_pool",
+    "whisperer_ll_pool",
+    "whisperer_ll_holdout",
+    "oneshot",
+    "rho",
+    "loss",
+    "ifd",
+    "random",
+)
 SETTING_KEYS = ("n", "max_new_tokens", "rho_epochs")
 
 
@@ -97,7 +114,7 @@ def scorers(model, tokenizer, train, holdout, settings, seed):
         "oneshot": lambda: score_dataset("oneshot", model, tokenizer, train, holdout),
         "rho": lambda: score_dataset(
             "rho", model, tokenizer, train, reference_model=reference_model(holdout, settings["rho_epochs"])
-        ),  # fmt: skip
+        ),
         "loss": lambda: score_dataset("loss", model, tokenizer, train),
         "ifd": lambda: score_dataset("ifd", model, tokenizer, train),
         "random": lambda: score_dataset("random", None, None, train, options=ICAScoringOptions(seed=seed)),

@@ -92,8 +92,9 @@ def run(settings, pilots, seeds, results_path=None) -> dict:
             task, kind = pilot.split("/")
             clean, noisy, test, checker = make_data(task, args.n_train, args.n_test, args.noise, seed, kind)
             model, tokenizer = load_model()
-            out = {"before training": dict(zip(("loss", "accuracy"), evaluate(model.eval(), tokenizer, test,
-                                                                                checker)))}  # fmt: skip
+            out = {
+                "before training": dict(zip(("loss", "accuracy"), evaluate(model.eval(), tokenizer, test, checker)))
+            }
             for name, rows in zip(TRAINED, (clean, noisy)):
                 trained, tokenizer, seconds = train(rows, args, seed)
                 loss, accuracy = evaluate(trained, tokenizer, test, checker)
@@ -117,8 +118,11 @@ def report_table(experiment: dict) -> list[str]:
     """Per pilot: clean test loss / accuracy before training, after clean and after noisy training, the noise gap
     in loss and the seconds per step of the two trainings, averaged over the kept seeds."""
     results, labels = load_results(experiment["results"]), experiment.get("labels", {})
-    lines = ["| task (answer) | noise: the replaced answers are | before | clean | noisy | noise gap (loss) | "
-             "s/step, clean / noisy | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| task (answer) | noise: the replaced answers are | before | clean | noisy | noise gap (loss) | "
+        "s/step, clean / noisy | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for pilot in experiment["methods"]:
         runs = list(results.get(pilot, {}).values())
         if runs:

@@ -84,13 +84,31 @@ def llama(shape: str, device, dtype, smoke: bool, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sizes = {
-        "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128256),
-        "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128256),
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=512),
-    }  # fmt: skip
+        "1b": dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+        "8b": dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+        "tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        ),
+    }
     config = LlamaConfig(**sizes["tiny" if smoke else shape], max_position_embeddings=8192, **extra)
     torch.manual_seed(0)
     with torch.device(device):
@@ -124,8 +142,10 @@ def plain(model, request, beside=None) -> float:
     if beside is not None:
         other = list(beside.prefix + beside.context + beside.response)
         pad = max(0, len(other) - len(ids))
-        rows, mask = [ids + [0] * pad, other + [0] * max(0, len(ids) - len(other))], [
-            [1] * len(ids) + [0] * pad, [1] * len(other) + [0] * max(0, len(ids) - len(other))]  # fmt: skip
+        rows, mask = (
+            [ids + [0] * pad, other + [0] * max(0, len(ids) - len(other))],
+            [[1] * len(ids) + [0] * pad, [1] * len(other) + [0] * max(0, len(ids) - len(other))],
+        )
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     ids_t, mask_t = torch.tensor(rows, device=device), torch.tensor(mask, device=device)
     logp = model(input_ids=ids_t, attention_mask=mask_t).logits[0].double().log_softmax(-1)
@@ -170,8 +190,13 @@ def section_precision(device, smoke):
     model = llama("1b", device, torch.float32, smoke)
     with torch.no_grad():
         model.lm_head.weight.mul_(8)  # sharper distributions: log-probs far from uniform, as a trained model's
-    reqs = requests(random.Random(0), 16 if not smoke else 6, 512 if not smoke else 24,
-                    (1, 200) if not smoke else (1, 12), model.config.vocab_size)  # fmt: skip
+    reqs = requests(
+        random.Random(0),
+        16 if not smoke else 6,
+        512 if not smoke else 24,
+        (1, 200) if not smoke else (1, 12),
+        model.config.vocab_size,
+    )
     seen = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(str(out.dtype)))
     out = {}
@@ -194,10 +219,19 @@ def section_precision(device, smoke):
 def mixed_window_model(implementation, device, dtype, smoke):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=1024, sliding_window=64 if not smoke else 16,
-                         use_sliding_window=True, layer_types=["sliding_attention", "full_attention"],
-                         max_position_embeddings=4096, attn_implementation=implementation)  # fmt: skip
+    config = Qwen2Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+        sliding_window=64 if not smoke else 16,
+        use_sliding_window=True,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=4096,
+        attn_implementation=implementation,
+    )
     torch.manual_seed(1)
     with torch.device(device):
         return Qwen2ForCausalLM(config).to(dtype).eval()
@@ -217,8 +251,15 @@ def attention(implementation: str):
             raise Skip("--smoke: flex_attention compiles for about a minute on a CPU")
         model = mixed_window_model(implementation, device, dtype, smoke)
         # a shared start longer than the window, then per-group prefixes; continuations of 1-200 tokens
-        reqs = requests(random.Random(1), 12, 200 if not smoke else 40, (1, 200) if not smoke else (1, 20), 1024,
-                        groups=3, shared_start=100 if not smoke else 24)  # fmt: skip
+        reqs = requests(
+            random.Random(1),
+            12,
+            200 if not smoke else 40,
+            (1, 200) if not smoke else (1, 20),
+            1024,
+            groups=3,
+            shared_start=100 if not smoke else 24,
+        )
         out = {"dtype": str(dtype)}
         for sharing in ("tree", "flat", "none"):
             sums = engine().score_requests(model, reqs, show_progress=False, sharing=sharing, batch_size=4).sums
@@ -238,8 +279,13 @@ def section_memory_8b(device, smoke):
     start = synced()
     module.score_requests(model, reqs, show_progress=False)
     peak = peak_gib()
-    out = {"weights_gib": weights, "peak_gib": peak, "seconds": synced() - start, "requests": len(reqs),
-           "budget_tokens": budget}  # fmt: skip
+    out = {
+        "weights_gib": weights,
+        "peak_gib": peak,
+        "seconds": synced() - start,
+        "requests": len(reqs),
+        "budget_tokens": budget,
+    }
     if peak is not None:
         out["activation_gib_per_1k_budget_tokens"] = (peak - weights) / budget * 1000
     return out
@@ -266,10 +312,12 @@ def quantized_llama(shape, device, smoke):
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
         llama(shape, "cpu" if smoke else device, torch.bfloat16, smoke).save_pretrained(folder)
         return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                                           bnb_4bit_quant_type="nf4"),
+            folder,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
+            ),
             device_map={"": device} if device.type == "cuda" else None,
-        ).eval()  # fmt: skip
+        ).eval()
 
 
 def section_planner(device, smoke):
@@ -291,8 +339,11 @@ def section_planner(device, smoke):
             with torch.no_grad():
                 overhead = module.measure_forward_overhead(module._ForwardRunner(model, device))
             default = default_overhead(device.type, heavy_forward(model))
-            row = {"measured_overhead_tokens": overhead, "default_overhead_tokens": default,
-                   "costs": sharing_costs(reqs, tokens)}  # fmt: skip
+            row = {
+                "measured_overhead_tokens": overhead,
+                "default_overhead_tokens": default,
+                "costs": sharing_costs(reqs, tokens),
+            }
             speed = {}
             for mode in ("tree", "flat", "none"):
                 module.score_requests(model, reqs[:4], show_progress=False, sharing=mode)  # warm-up
@@ -321,10 +372,12 @@ def section_qlora(device, smoke):
     need("bitsandbytes", "qlora")
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(quantized_llama("1b", device, smoke),
-                           LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
-    reqs = requests(random.Random(4), 16, 256 if not smoke else 20, (1, 64) if not smoke else (1, 6),
-                    model.config.vocab_size)  # fmt: skip
+    model = get_peft_model(
+        quantized_llama("1b", device, smoke), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
+    )
+    reqs = requests(
+        random.Random(4), 16, 256 if not smoke else 20, (1, 64) if not smoke else (1, 6), model.config.vocab_size
+    )
     start = synced()
     fused = engine().score_requests(model, reqs, show_progress=False).sums
     seconds = synced() - start
@@ -352,8 +405,14 @@ def section_fsdp2(device, smoke):
     one_process_group(device)
     dtype = torch.float32 if smoke else torch.bfloat16
     reference = llama("1b", device, dtype, smoke)
-    reqs = requests(random.Random(6), 12, 256 if not smoke else 20, (1, 64) if not smoke else (1, 8),
-                    reference.config.vocab_size, groups=3)  # fmt: skip
+    reqs = requests(
+        random.Random(6),
+        12,
+        256 if not smoke else 20,
+        (1, 64) if not smoke else (1, 8),
+        reference.config.vocab_size,
+        groups=3,
+    )
     expected = engine().score_requests(reference, reqs, show_progress=False).sums
     noise = compare(reference, reqs, expected)["regrouping_noise"]
     out = {}
@@ -379,12 +438,17 @@ def section_zero3(device, smoke):
 
     one_process_group(device)
     reference = llama("1b", device, torch.bfloat16 if not smoke else torch.float32, smoke)
-    reqs = requests(random.Random(7), 8, 128 if not smoke else 16, (1, 32) if not smoke else (1, 6),
-                    reference.config.vocab_size, groups=2)  # fmt: skip
+    reqs = requests(
+        random.Random(7),
+        8,
+        128 if not smoke else 16,
+        (1, 32) if not smoke else (1, 6),
+        reference.config.vocab_size,
+        groups=2,
+    )
     expected = engine().score_requests(reference, reqs, show_progress=False).sums
     noise = compare(reference, reqs, expected)["regrouping_noise"]
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-              "bf16": {"enabled": not smoke}}  # fmt: skip
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": not smoke}}
     model = llama("1b", device, reference.dtype, smoke)
     wrapped, *_ = deepspeed.initialize(model=model, config=config, model_parameters=None)
     sums = engine().score_requests(wrapped.module, reqs, show_progress=False).sums
@@ -425,8 +489,14 @@ def section_lora_step(device, smoke):
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     model = get_peft_model(base, LoraConfig(r=16, target_modules="all-linear"))
-    reqs = requests(random.Random(9), 8, 128 if not smoke else 16, (4, 64) if not smoke else (2, 8),
-                    model.config.vocab_size, groups=2)  # fmt: skip
+    reqs = requests(
+        random.Random(9),
+        8,
+        128 if not smoke else 16,
+        (4, 64) if not smoke else (2, 8),
+        model.config.vocab_size,
+        groups=2,
+    )
     model.train()
     before = score_requests(model, reqs, show_progress=False).sums
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -441,14 +511,19 @@ def section_lora_step(device, smoke):
     after = score_requests(model, reqs, show_progress=False).sums
     moved = float(abs(after - before).max())
     finite = bool(torch.isfinite(torch.tensor(losses)).all())
-    return {"losses": losses, "scores_moved": moved, "still_training_mode": model.training,
-            "ok": model.training and finite and losses[1] < losses[0] and moved > 0}  # fmt: skip
+    return {
+        "losses": losses,
+        "scores_moved": moved,
+        "still_training_mode": model.training,
+        "ok": model.training and finite and losses[1] < losses[0] and moved > 0,
+    }
 
 
 def section_online_memory(device, smoke):
     model = llama("1b", device, torch.bfloat16, smoke)
-    reqs = requests(random.Random(5), 32, 512 if not smoke else 24, 128 if not smoke else 8, model.config.vocab_size,
-                    groups=4)  # fmt: skip
+    reqs = requests(
+        random.Random(5), 32, 512 if not smoke else 24, 128 if not smoke else 8, model.config.vocab_size, groups=4
+    )
     peaks = []
     for _ in range(10):
         peak_reset()
@@ -495,13 +570,16 @@ def run_guarded(name: str, smoke: bool, guard: float) -> dict:
         python = [sys.executable, *(["-S"] if sys.flags.no_site else [])]  # the child sees the same packages
         command = [*python, os.path.abspath(__file__), "--run-section", name, "--section-output", path]
         try:
-            done = subprocess.run(command + (["--smoke"] if smoke else []), capture_output=True, text=True,
-                                  timeout=guard)  # fmt: skip
+            done = subprocess.run(
+                command + (["--smoke"] if smoke else []), capture_output=True, text=True, timeout=guard
+            )
         except subprocess.TimeoutExpired:
             return {"error": f"time guard: cut after {guard:.0f} s"}
         if not os.path.isfile(path):
-            return {"error": f"the section's process ended with status {done.returncode} and no result",
-                    "output": (done.stdout + done.stderr)[-2000:]}  # fmt: skip
+            return {
+                "error": f"the section's process ended with status {done.returncode} and no result",
+                "output": (done.stdout + done.stderr)[-2000:],
+            }
         with open(path) as f:
             return json.load(f)
 
@@ -517,9 +595,18 @@ def download_wheels(folder: str) -> None:
     """The wheels of the optional packages (and what they need beyond the GPU image: deepspeed's hjson and pydantic)
     for CPython 3.12 on x86-64 Linux, to `folder`, with their sizes. flash-attn is left out: its wheels are built per
     CUDA and torch release and weigh hundreds of MB."""
-    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
-                                               "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-                                               "manylinux2014_x86_64", "manylinux1_x86_64", "any")]  # fmt: skip
+    platforms = [
+        f"--platform={p}"
+        for p in (
+            "manylinux_2_28_x86_64",
+            "manylinux_2_27_x86_64",
+            "manylinux_2_24_x86_64",
+            "manylinux_2_17_x86_64",
+            "manylinux2014_x86_64",
+            "manylinux1_x86_64",
+            "any",
+        )
+    ]
     target = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", folder]
     pip = [sys.executable, "-m", "pip"]
     os.makedirs(folder, exist_ok=True)
@@ -531,8 +618,10 @@ def download_wheels(folder: str) -> None:
         size = os.path.getsize(os.path.join(folder, name))
         total += size
         print(f"{size / 2**20:8.1f} MiB  {name}")
-    print(f"{total / 2**20:8.1f} MiB in all. On the GPU machine: python3 -m pip install -q --no-index --no-deps "
-          f"--target /tmp/site {folder}/*.whl && PYTHONPATH=/tmp/site python3 scripts/gpu_check.py")  # fmt: skip
+    print(
+        f"{total / 2**20:8.1f} MiB in all. On the GPU machine: python3 -m pip install -q --no-index --no-deps "
+        f"--target /tmp/site {folder}/*.whl && PYTHONPATH=/tmp/site python3 scripts/gpu_check.py"
+    )
 
 
 def main():
@@ -563,9 +652,14 @@ def main():
         raise SystemExit("gpu_check.py needs a CUDA GPU; `--smoke` runs tiny shapes on the CPU instead.")
     import transformers
 
-    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "transformers": transformers.__version__, "smoke": args.smoke,
-              "installed": {m: importlib.util.find_spec(m) is not None for m in OPTIONAL}, "sections": {}}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "smoke": args.smoke,
+        "installed": {m: importlib.util.find_spec(m) is not None for m in OPTIONAL},
+        "sections": {},
+    }
     deadline = time.perf_counter() + args.budget
     for name in args.sections:
         guard = min(args.guard or SECTIONS[name][1] * (3 if args.smoke else 1), deadline - time.perf_counter())
@@ -583,8 +677,10 @@ def main():
         os.replace(temporary, args.output)
     bad = [name for name, section in report["sections"].items() if failed(section)]
     skipped = [name for name, section in report["sections"].items() if "skipped" in section]
-    print(f"gpu_check.py: {len(report['sections']) - len(bad) - len(skipped)} passed, {len(bad)} failed {bad}, "
-          f"{len(skipped)} skipped {skipped}; report in {args.output}")  # fmt: skip
+    print(
+        f"gpu_check.py: {len(report['sections']) - len(bad) - len(skipped)} passed, {len(bad)} failed {bad}, "
+        f"{len(skipped)} skipped {skipped}; report in {args.output}"
+    )
     if bad:
         raise SystemExit(f"gpu_check.py: sections {bad} failed; see {args.output}.")
 

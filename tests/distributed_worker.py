@@ -160,12 +160,14 @@ def main():
     out = os.path.join(args.out, "streamed_knn")
     streamed = ICASFTTrainer(
         AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
-        args=ICASFTConfig(output_dir=out, **{**COMMON, "ica_refresh": "online", "ica_demo_selection": "knn",
-                                             "learning_rate": 0.0, "max_steps": 3}),
+        args=ICASFTConfig(
+            output_dir=out,
+            **{**COMMON, "ica_refresh": "online", "ica_demo_selection": "knn", "learning_rate": 0.0, "max_steps": 3},
+        ),
         train_dataset=IterableDataset.from_generator(lambda: iter(train)),
         processing_class=tokenizer,
         holdout_dataset=Dataset.from_list(holdout),
-    )  # fmt: skip
+    )
     streamed.train()
     table = streamed.ica.builder.demo_indices
     seen = {int(i): table[i].tolist() for i in range(len(table)) if table[i, 0] >= 0}

@@ -46,8 +46,15 @@ def main():
     except torch.OutOfMemoryError as error:
         stopped = str(error)
     with open(os.path.join(args.out, f"oom-{rank}.json"), "w") as f:
-        json.dump({"budget_after": budget.tokens, "retried": retried.sums.tolist(),
-                   "reference": reference.sums.tolist(), "stopped": stopped}, f)  # fmt: skip
+        json.dump(
+            {
+                "budget_after": budget.tokens,
+                "retried": retried.sums.tolist(),
+                "reference": reference.sums.tolist(),
+                "stopped": stopped,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def write_lines(path, rows):
 
 
 def scored_file(tmp_path, scores):
-    return write_lines(tmp_path / "scored.jsonl", [{"prompt": f"q{i}", "completion": "a", "score": s}
-                                                   for i, s in enumerate(scores)])  # fmt: skip
+    return write_lines(
+        tmp_path / "scored.jsonl", [{"prompt": f"q{i}", "completion": "a", "score": s} for i, s in enumerate(scores)]
+    )
 
 
 def select(tmp_path, *extra, scores=(0.1, 0.5, 0.9)):
@@ -43,8 +44,9 @@ def score_random(tmp_path, *extra, data=None):
 def sft_trainer(tokenizer, tmp_path, train, **kwargs):
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     args = ICASFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1, **kwargs)
-    return ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=Dataset.from_list(HOLDOUT))  # fmt: skip
+    return ICASFTTrainer(
+        model, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=Dataset.from_list(HOLDOUT)
+    )
 
 
 def nan_model(tokenizer):
@@ -71,11 +73,11 @@ CLEAR = {
     "select: a string score": (
         lambda t, tok: select(t, "--ratio", "0.5", scores=(0.1, "high", 0.3)),
         r"`scores` must be numbers; found 'high' \(str\)",
-    ),  # fmt: skip
+    ),
     "select: output is the scores file": (
         lambda t, tok: cli(
             ["select", "--scores", scored_file(t, [1, 2]), "--ratio", "0.5", "--output", str(t / "scored.jsonl")]
-        ),  # fmt: skip
+        ),
         "is the input `--scores`",
     ),
     "score: output is the dataset": (
@@ -110,7 +112,7 @@ CLEAR = {
                 "--output",
                 str(t / "o.jsonl"),
             ]
-        ),  # fmt: skip
+        ),
         # datasets >= 5 reads the file with the missing columns as None, older releases refuse it: either way the
         # message names the two formats
         r"mixes row formats: (prompt/completion \(first at row 0\), messages \(first at row 1\)|line 2 has "
@@ -129,7 +131,7 @@ CLEAR = {
                 "--output",
                 str(t / "o.jsonl"),
             ]
-        ),  # fmt: skip
+        ),
         "missing' is not a model folder: no such directory",
     ),
     "score: --num-demos 0": (
@@ -149,7 +151,7 @@ CLEAR = {
                 "--output",
                 str(t / "o.jsonl"),
             ]
-        ),  # fmt: skip
+        ),
         r"`num_demos` must be a positive integer, at most the holdout's size, got 0",
     ),
     "score: --scoring-max-tokens 0": (
@@ -167,7 +169,7 @@ CLEAR = {
                 "--output",
                 str(t / "o.jsonl"),
             ]
-        ),  # fmt: skip
+        ),
         "`--scoring-max-tokens` must be a positive integer, got 0",
     ),
     "scoring: a token budget of 0": (
@@ -230,7 +232,7 @@ CLEAR = {
             HOLDOUT,
             ICAScoringOptions(form="conditioned", reduction="mean"),
             show_progress=False,
-        ),  # fmt: skip
+        ),
         r"log-probabilities with demonstrations are not finite for 6 rows \(\[0, 1, 2, 3, 4\]\)",
     ),
     "scoring: a model that produces NaN, difference form": (
@@ -251,7 +253,7 @@ CLEAR = {
             train_dataset=Dataset.from_list(SFT),
             processing_class=tok,
             holdout_dataset=Dataset.from_list(HOLDOUT),
-        ),  # fmt: skip
+        ),
         r"has single responses \(columns \['prompt', 'completion'\]\), but ICADPOTrainer trains on preference "
         r"pairs .*use ICASFTTrainer",
     ),
@@ -266,7 +268,7 @@ CLEAR = {
             Dataset.from_list(SFT),
             ica_demo_template="Q: {prompt} A: {response}\n",
             ica_query_template="Q: {prompt} A:",
-        ).train(),  # fmt: skip
+        ).train(),
         r"template .*was given for conversational rows, but `ica_demo_layout`='turns' \(the default\)",
     ),
     "convert_gguf of a file that does not exist": (

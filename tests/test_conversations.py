@@ -49,8 +49,11 @@ def assistant(text):
 def tool_turn(i, j):
     """An assistant turn that calls `add`, the tool's result and the answer."""
     call = {"type": "function", "function": {"name": "add", "arguments": json.dumps({"a": i, "b": j})}}
-    return [{"role": "assistant", "tool_calls": [call]}, {"role": "tool", "name": "add", "content": str(i + j)},
-            assistant(f"The answer is {i + j}.")]  # fmt: skip
+    return [
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": str(i + j)},
+        assistant(f"The answer is {i + j}."),
+    ]
 
 
 def tool_completion(i, j):
@@ -68,8 +71,12 @@ def several_messages(i, j):
 
 
 def tool_pair(i, j):
-    return {"prompt": [user(f"What is {i} plus {j}?")], "chosen": tool_turn(i, j),
-            "rejected": [assistant(f"The answer is {i}.")], "tools": TOOLS}  # fmt: skip
+    return {
+        "prompt": [user(f"What is {i} plus {j}?")],
+        "chosen": tool_turn(i, j),
+        "rejected": [assistant(f"The answer is {i}.")],
+        "tools": TOOLS,
+    }
 
 
 def stock(settings):
@@ -143,13 +150,22 @@ def test_sft_scores_the_tokens_trl_trains_on_and_unit_weights_train_like_stock(
     train, holdout = rows(make, 8), rows(make, 4, offset=20)
     settings = dict(STEP_COMMON, per_device_train_batch_size=4, max_steps=2, assistant_only_loss=assistant_only_loss)
     torch.manual_seed(0)
-    trl = SFTTrainer(tiny_llama_for(tool_tokenizer), args=SFTConfig(str(tmp_path / "a"), **stock(settings)),
-                       train_dataset=train, processing_class=tool_tokenizer)  # fmt: skip
+    trl = SFTTrainer(
+        tiny_llama_for(tool_tokenizer),
+        args=SFTConfig(str(tmp_path / "a"), **stock(settings)),
+        train_dataset=train,
+        processing_class=tool_tokenizer,
+    )
     trl.train()
     torch.manual_seed(0)
     args = ICASFTConfig(str(tmp_path / "b"), **{**settings, "ica_weighting": "none"})
-    ours = ICASFTTrainer(tiny_llama_for(tool_tokenizer), args=args, train_dataset=train,
-                         processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
+    ours = ICASFTTrainer(
+        tiny_llama_for(tool_tokenizer),
+        args=args,
+        train_dataset=train,
+        processing_class=tool_tokenizer,
+        holdout_dataset=holdout,
+    )
     assert_requests_are_the_training_sequences(ours)
     ours.train()
     assert_trains_like(trl, ours)
@@ -160,9 +176,13 @@ def test_sft_weights_tool_calling_rows_at_the_defaults(tool_tokenizer, tmp_path)
     settings = dict(STEP_COMMON, per_device_train_batch_size=4, max_steps=2)
     settings.pop("ica_demo_selection")
     args = ICASFTConfig(str(tmp_path), **settings)
-    trainer = ICASFTTrainer(tiny_llama_for(tool_tokenizer), args=args, train_dataset=rows(tool_messages, 8),
-                            processing_class=tool_tokenizer,
-                            holdout_dataset=rows(tool_messages, 4, offset=20))  # fmt: skip
+    trainer = ICASFTTrainer(
+        tiny_llama_for(tool_tokenizer),
+        args=args,
+        train_dataset=rows(tool_messages, 8),
+        processing_class=tool_tokenizer,
+        holdout_dataset=rows(tool_messages, 4, offset=20),
+    )
     trainer.train()
     weights = [json.loads(line)["weight"] for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(weights) == 8 and len(set(weights)) > 1
@@ -175,9 +195,13 @@ def test_a_messages_row_scores_its_last_turn_among_the_tokens_trl_trains_on(
     """A `messages` row's response is its last turn (the tool call, the tool's result and the answer): the same
     token ids as TRL's, scored on the positions of that turn TRL's loss covers."""
     args = ICASFTConfig(str(tmp_path), **STEP_COMMON, assistant_only_loss=assistant_only_loss)
-    trainer = ICASFTTrainer(tiny_llama_for(tool_tokenizer), args=args, train_dataset=rows(tool_messages, 4),
-                            processing_class=tool_tokenizer,
-                            holdout_dataset=rows(tool_messages, 4, offset=20))  # fmt: skip
+    trainer = ICASFTTrainer(
+        tiny_llama_for(tool_tokenizer),
+        args=args,
+        train_dataset=rows(tool_messages, 4),
+        processing_class=tool_tokenizer,
+        holdout_dataset=rows(tool_messages, 4, offset=20),
+    )
     for row in trainer.train_dataset:
         ((ids, trained),) = training_sequences(trainer, row)
         (request,) = trainer.ica.builder.requests(row["ica_index"], False)
@@ -192,14 +216,23 @@ def test_dpo_scores_tool_calling_pairs_on_the_tokens_trl_trains_on(tool_tokenize
     train, holdout = rows(tool_pair, 8), rows(tool_pair, 4, offset=20)
     settings = dict(STEP_COMMON, per_device_train_batch_size=4, max_steps=2)
     torch.manual_seed(0)
-    trl = DPOTrainer(tiny_llama_for(tool_tokenizer), tiny_llama_for(tool_tokenizer).eval(),
-                       args=DPOConfig(str(tmp_path / "a"), **stock(settings)), train_dataset=train,
-                       processing_class=tool_tokenizer)  # fmt: skip
+    trl = DPOTrainer(
+        tiny_llama_for(tool_tokenizer),
+        tiny_llama_for(tool_tokenizer).eval(),
+        args=DPOConfig(str(tmp_path / "a"), **stock(settings)),
+        train_dataset=train,
+        processing_class=tool_tokenizer,
+    )
     trl.train()
     torch.manual_seed(0)
-    ours = ICADPOTrainer(tiny_llama_for(tool_tokenizer), tiny_llama_for(tool_tokenizer).eval(),
-                         args=ICADPOConfig(str(tmp_path / "b"), **{**settings, "ica_weighting": "none"}),
-                         train_dataset=train, processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
+    ours = ICADPOTrainer(
+        tiny_llama_for(tool_tokenizer),
+        tiny_llama_for(tool_tokenizer).eval(),
+        args=ICADPOConfig(str(tmp_path / "b"), **{**settings, "ica_weighting": "none"}),
+        train_dataset=train,
+        processing_class=tool_tokenizer,
+        holdout_dataset=holdout,
+    )
     assert_requests_are_the_training_sequences(ours)
     chosen, rejected = ours.ica.builder.requests(0, True)
     assert "<tool_call>" in tool_tokenizer.decode(chosen.response)
@@ -213,16 +246,28 @@ def test_simpo_refuses_a_tools_column_and_trains_on_several_message_answers(tool
     train, holdout = rows(tool_pair, 4), rows(tool_pair, 4, offset=20)
     kwargs = train.add_column("chat_template_kwargs", [{"greeting": "Hi."}] * 4).remove_columns("tools")
     with pytest.raises(ValueError, match=r"has a `chat_template_kwargs` column, which TRL's CPOTrainer does not"):
-        ICACPOTrainer(tiny_llama_for(tool_tokenizer), args=ICASimPOConfig(str(tmp_path), **settings),
-                      train_dataset=kwargs, processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
+        ICACPOTrainer(
+            tiny_llama_for(tool_tokenizer),
+            args=ICASimPOConfig(str(tmp_path), **settings),
+            train_dataset=kwargs,
+            processing_class=tool_tokenizer,
+            holdout_dataset=holdout,
+        )
     with pytest.raises(ValueError, match=r"`train_dataset` has a `tools` column, which TRL's CPOTrainer does not"):
-        ICACPOTrainer(tiny_llama_for(tool_tokenizer), args=ICASimPOConfig(str(tmp_path), **settings),
-                      train_dataset=train, processing_class=tool_tokenizer, holdout_dataset=holdout)  # fmt: skip
+        ICACPOTrainer(
+            tiny_llama_for(tool_tokenizer),
+            args=ICASimPOConfig(str(tmp_path), **settings),
+            train_dataset=train,
+            processing_class=tool_tokenizer,
+            holdout_dataset=holdout,
+        )
     trainer = ICACPOTrainer(
-        tiny_llama_for(tool_tokenizer), args=ICASimPOConfig(str(tmp_path), **settings),
-        train_dataset=train.remove_columns("tools"), processing_class=tool_tokenizer,
+        tiny_llama_for(tool_tokenizer),
+        args=ICASimPOConfig(str(tmp_path), **settings),
+        train_dataset=train.remove_columns("tools"),
+        processing_class=tool_tokenizer,
         holdout_dataset=holdout.remove_columns("tools"),
-    )  # fmt: skip
+    )
     trainer.train()
     assert trainer.ica.state.scores is not None and np.isfinite(trainer.ica.state.scores).all()
 
@@ -238,16 +283,28 @@ def test_simpo_refuses_a_tools_column_and_trains_on_several_message_answers(tool
 def test_settings_that_cannot_score_a_structured_response_are_refused(tool_tokenizer, setting, match):
     options = ICAScoringOptions(num_demos=1, demo_selection="fixed", **setting)
     with pytest.raises(ValueError, match=match):
-        prepare_ica(tiny_llama_for(tool_tokenizer), tool_tokenizer, rows(tool_completion, 2),
-                    rows(tool_completion, 2, offset=20), options, show_progress=False)  # fmt: skip
+        prepare_ica(
+            tiny_llama_for(tool_tokenizer),
+            tool_tokenizer,
+            rows(tool_completion, 2),
+            rows(tool_completion, 2, offset=20),
+            options,
+            show_progress=False,
+        )
 
 
 def test_a_completion_without_an_assistant_turn_is_refused(tool_tokenizer):
     bad = [{"prompt": [user("Hi")], "completion": [user("Anyone?")]}]
     with pytest.raises(ValueError, match=r"row 0: the completion has no assistant message \(roles \['user'\]\)"):
         options = ICAScoringOptions(num_demos=1)
-        prepare_ica(tiny_llama_for(tool_tokenizer), tool_tokenizer, Dataset.from_list(bad),
-                    rows(several_messages, 2, offset=20), options, show_progress=False)  # fmt: skip
+        prepare_ica(
+            tiny_llama_for(tool_tokenizer),
+            tool_tokenizer,
+            Dataset.from_list(bad),
+            rows(several_messages, 2, offset=20),
+            options,
+            show_progress=False,
+        )
 
 
 # --- every dataset kind TRL documents, against every ICA trainer ------------------------------------------------
@@ -263,15 +320,16 @@ def _kind_rows(kind, i, j):
         "prompt-completion, standard": {"prompt": q, "completion": " " + good},
         "prompt-completion, conversational": {"prompt": [user(q)], "completion": [assistant(good)]},
         "preference, standard": {"prompt": q, "chosen": " " + good, "rejected": " " + bad},
-        "preference, conversational": {"prompt": [user(q)], "chosen": [assistant(good)],
-                                       "rejected": [assistant(bad)]},
+        "preference, conversational": {"prompt": [user(q)], "chosen": [assistant(good)], "rejected": [assistant(bad)]},
         "preference with an implicit prompt, standard": {"chosen": f"{q} {good}", "rejected": f"{q} {bad}"},
-        "preference with an implicit prompt, conversational": {"chosen": [user(q), assistant(good)],
-                                                               "rejected": [user(q), assistant(bad)]},
+        "preference with an implicit prompt, conversational": {
+            "chosen": [user(q), assistant(good)],
+            "rejected": [user(q), assistant(bad)],
+        },
         "tool calling, conversational language modeling": tool_messages(i, j),
         "tool calling, conversational prompt-completion": tool_completion(i, j),
         "tool calling, conversational preference": tool_pair(i, j),
-    }[kind]  # fmt: skip
+    }[kind]
 
 
 #: What each ICA trainer does with each dataset kind of TRL's documentation (https://huggingface.co/docs/trl/
@@ -301,13 +359,29 @@ def _kind_trainer(name, kind, tokenizer, folder):
     settings = dict(STEP_COMMON, per_device_train_batch_size=2, max_steps=1, ica_num_demos=1)
     model = tiny_llama_for(tokenizer)
     if name == "ICASFTTrainer":
-        return ICASFTTrainer(model, args=ICASFTConfig(str(folder), **settings), train_dataset=train,
-                             processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        return ICASFTTrainer(
+            model,
+            args=ICASFTConfig(str(folder), **settings),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     if name == "ICADPOTrainer":
-        return ICADPOTrainer(model, tiny_llama_for(tokenizer).eval(), args=ICADPOConfig(str(folder), **settings),
-                             train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
-    return ICACPOTrainer(model, args=ICASimPOConfig(str(folder), max_length=1024, **settings), train_dataset=train,
-                         processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        return ICADPOTrainer(
+            model,
+            tiny_llama_for(tokenizer).eval(),
+            args=ICADPOConfig(str(folder), **settings),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
+    return ICACPOTrainer(
+        model,
+        args=ICASimPOConfig(str(folder), max_length=1024, **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -333,8 +407,9 @@ def test_the_docs_table_of_dataset_kinds_is_the_tested_one():
     rows = [line.strip("|").split("|") for line in table.splitlines() if "---" not in line]
     documented = {cells[0].strip(): tuple(c.strip() for c in cells[1:]) for cells in rows[1:]}
     assert [h.strip() for h in rows[0][1:]] == [f"`{t}`" for t in TRAINERS]
-    expected = {kind: tuple("trains" if r is None else "refused" for r in outcome)
-                for kind, outcome in KIND_OUTCOMES.items()}  # fmt: skip
+    expected = {
+        kind: tuple("trains" if r is None else "refused" for r in outcome) for kind, outcome in KIND_OUTCOMES.items()
+    }
     assert {k: tuple(c.split(":")[0].split(" (")[0] for c in v) for k, v in documented.items()} == expected
 
 
@@ -353,12 +428,22 @@ def test_a_rows_chat_template_kwargs_reach_the_template_as_in_training(kind, tmp
     holdout = Dataset.from_list([row(i, 7) for i in range(3)])
     settings = dict(STEP_COMMON, per_device_train_batch_size=2, max_steps=1, ica_num_demos=1)
     if kind == "sft":
-        trainer = ICASFTTrainer(tiny_llama_for(tokenizer), args=ICASFTConfig(str(tmp_path), **settings),
-                                train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        trainer = ICASFTTrainer(
+            tiny_llama_for(tokenizer),
+            args=ICASFTConfig(str(tmp_path), **settings),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     else:
-        trainer = ICADPOTrainer(tiny_llama_for(tokenizer), tiny_llama_for(tokenizer).eval(),
-                                args=ICADPOConfig(str(tmp_path), **settings), train_dataset=train,
-                                processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        trainer = ICADPOTrainer(
+            tiny_llama_for(tokenizer),
+            tiny_llama_for(tokenizer).eval(),
+            args=ICADPOConfig(str(tmp_path), **settings),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     assert_requests_are_the_training_sequences(trainer)
     request = trainer.ica.builder.requests(2, True)[0]
     assert "Be brief 2." in tokenizer.decode(request.prefix + request.context)

@@ -42,7 +42,7 @@ def cpo_trainer(tokenizer, tmp_path, mode="simpo", model=None, train=None, holdo
             "learning_rate": 5e-2,
             **fields,
             **kwargs,
-        },  # fmt: skip
+        },
     )
     return ICACPOTrainer(
         model or tiny_llama_for(tokenizer),

@@ -30,10 +30,22 @@ def free_port() -> int:
 def launch(*script, timeout=900):
     """`accelerate launch` with two processes; on a machine without GPUs they run on the CPU with gloo (torchrun)."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", *script,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *script,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -130,8 +142,14 @@ def test_a_scoring_budget_backed_off_on_one_process_holds_on_all(launched):
 def test_an_out_of_memory_error_on_one_process_backs_off_or_stops_every_process(model_dir, tmp_path):
     """An error injected inside rank 1's forwards (tests/oom_worker.py); a process left waiting would hang the launch
     until its time limit."""
-    launch(os.path.join(os.path.dirname(__file__), "oom_worker.py"), "--model", str(model_dir), "--out", str(tmp_path),
-           timeout=300)  # fmt: skip
+    launch(
+        os.path.join(os.path.dirname(__file__), "oom_worker.py"),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path),
+        timeout=300,
+    )
     ranks = [json.loads((tmp_path / f"oom-{r}.json").read_text()) for r in range(2)]
     # rank 1 failed inside its forward of all six rows (6 x 17 positions) and halved that; rank 0 took the same budget
     assert ranks[0]["budget_after"] == ranks[1]["budget_after"] == 6 * 17 // 2
@@ -182,8 +200,12 @@ def test_two_processes_draw_one_weighted_order_and_deal_it_out(launched):
     folder = out / "sft_sampling" / "ica"
     orders = []
     for k in (0, 1):
-        scores = np.array([r["score"] for r in sorted(map(json.loads, open(folder / f"refresh-{k}.jsonl")),
-                                                       key=lambda r: r["ica_index"])])  # fmt: skip
+        scores = np.array(
+            [
+                r["score"]
+                for r in sorted(map(json.loads, open(folder / f"refresh-{k}.jsonl")), key=lambda r: r["ica_index"])
+            ]
+        )
         weights = compute_weights(scores, "global_minmax", global_range=score_range(scores))
         assert 0 < (weights > 0).sum() < 7  # a row of weight 0 exists, so the draw is not the plain permutation
         orders.append(epoch_order(weights, 0, 0))  # seed 0, epoch 0: the run's seed, as the stock sampler takes it
@@ -217,8 +239,12 @@ def test_two_processes_get_the_weights_and_update_of_one(launched, tokenizer, tm
     score_tol = 2 * tokens * 16 * np.finfo(np.float32).eps * np.log(len(tokenizer))
     scores = np.array([alone[r["ica_index"]]["score"] for r in records])
     np.testing.assert_allclose([r["score"] for r in records], scores, atol=score_tol, rtol=0)
-    np.testing.assert_allclose([r["weight"] for r in records], [alone[r["ica_index"]]["weight"] for r in records],
-                               atol=3 * score_tol / np.ptp(scores), rtol=0)  # fmt: skip
+    np.testing.assert_allclose(
+        [r["weight"] for r in records],
+        [alone[r["ica_index"]]["weight"] for r in records],
+        atol=3 * score_tol / np.ptp(scores),
+        rtol=0,
+    )
     params = torch.load(folder / "params.pt")
     for name, p in single.model.named_parameters():
         torch.testing.assert_close(params[name], p.detach(), **GRAD_TOL, msg=name)
@@ -234,8 +260,21 @@ def test_cli_score_under_two_processes_writes_every_row_once(model_dir, tmp_path
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in train))
     output = tmp_path / "scored.jsonl"
-    done = launch("-m", "trl_ica.cli", "score", "--method", "loss", "--model", str(model_dir), "--dataset", str(path),
-                  "--output", str(output), "--batch-size", "1")  # fmt: skip
+    done = launch(
+        "-m",
+        "trl_ica.cli",
+        "score",
+        "--method",
+        "loss",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(path),
+        "--output",
+        str(output),
+        "--batch-size",
+        "1",
+    )
     assert done.stdout.count('"rows": 7') == 1  # the summary is printed by the main process alone
     rows = load_rows(str(output))
     assert len(rows) == 7 and rows["prompt"] == [r["prompt"] for r in train]
@@ -250,9 +289,16 @@ def test_fsdp2_sharded_model_scores_and_trains_like_the_unsharded_model(tmp_path
     through the root after scoring (which calls the layers first) works, with online scoring at every step, and
     ends with the one-process scores, weights and parameters."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(os.path.dirname(__file__), "fsdp_worker.py"),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -277,14 +323,40 @@ def test_the_ddp_accelerate_config_launches_the_lora_recipe_on_two_processes(mod
     write_recipe_data(tmp_path, preference=False)
     out = tmp_path / "run"
     launch(
-        "--config_file", os.path.join(root, "recipes", "accelerate", "multi_gpu.yaml"),
-        "-m", "trl_ica.launch", "sft", "--config", os.path.join(root, "recipes", "sft_lora.yaml"),
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name", str(tmp_path / "train.jsonl"), "--holdout_name", str(tmp_path / "holdout.jsonl"),
-        "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-        "--gradient_accumulation_steps", "1", "--max_length", "256", "--bf16", "false", "--use_cpu", "true",
-        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
-    )  # fmt: skip
+        "--config_file",
+        os.path.join(root, "recipes", "accelerate", "multi_gpu.yaml"),
+        "-m",
+        "trl_ica.launch",
+        "sft",
+        "--config",
+        os.path.join(root, "recipes", "sft_lora.yaml"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(tmp_path / "train.jsonl"),
+        "--holdout_name",
+        str(tmp_path / "holdout.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_length",
+        "256",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+    )
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     # Two processes of 2 rows make a global batch of 4, and each step records each of its rows once

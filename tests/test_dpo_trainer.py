@@ -168,9 +168,14 @@ def test_online_conditioned_form_scores_the_margin_with_demonstrations_only(toke
         model, tokenizer, train, holdout, ICAScoringOptions(form="conditioned", reduction="sum"), show_progress=False
     ).scores
     trainer = dpo_trainer(
-        tokenizer, tmp_path, model=model, peft_config=tiny_lora(), ica_refresh="online", learning_rate=0.0,
+        tokenizer,
+        tmp_path,
+        model=model,
+        peft_config=tiny_lora(),
+        ica_refresh="online",
+        learning_rate=0.0,
         ica_score_form="conditioned",
-    )  # fmt: skip
+    )
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(rows) == 12

@@ -54,10 +54,14 @@ def test_only_the_scored_positions_of_a_response_are_scored(llama, sharing):
     tokens are read as context, and the sums and token log-probs are the naive ones at the scored positions."""
     rng = random.Random(1)
     requests = [
-        LogProbRequest(r.prefix, r.context, r.response, tuple(sorted(rng.sample(range(len(r.response)),
-                                                                         rng.randint(1, len(r.response))))))
+        LogProbRequest(
+            r.prefix,
+            r.context,
+            r.response,
+            tuple(sorted(rng.sample(range(len(r.response)), rng.randint(1, len(r.response))))),
+        )
         for r in random_requests()
-    ]  # fmt: skip
+    ]
     assert any(r.num_scored < len(r.response) for r in requests)
     fused = score_requests(llama, requests, batch_size=3, sharing=sharing, per_token=True, show_progress=False)
     assert fused.counts.tolist() == [len(r.scored) for r in requests]
@@ -93,8 +97,10 @@ def test_request_validation():
 def test_restores_mode_and_builds_no_graph(llama):
     llama.train()
     graphs = []  # whether each module call records an autograd graph (the parameters require grad)
-    hooks = [m.register_forward_hook(lambda mod, args, out: graphs.append(torch.is_grad_enabled()))
-             for m in (llama.model, llama.lm_head)]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: graphs.append(torch.is_grad_enabled()))
+        for m in (llama.model, llama.lm_head)
+    ]
     out = score_requests(llama, random_requests(6), show_progress=False)
     for hook in hooks:
         hook.remove()

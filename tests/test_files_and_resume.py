@@ -34,8 +34,9 @@ def trainer(tokenizer, out, train=None, held=None, **kwargs):
         output_dir=str(out), **{**COMMON, **SUMMED_DIFFERENCE, "max_steps": 3, "save_strategy": "no", **kwargs}
     )
     model = tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
-    return ICASFTTrainer(model, args=args, train_dataset=train or rows(), processing_class=tokenizer,
-                         holdout_dataset=held or holdout())  # fmt: skip
+    return ICASFTTrainer(
+        model, args=args, train_dataset=train or rows(), processing_class=tokenizer, holdout_dataset=held or holdout()
+    )
 
 
 def test_an_error_while_writing_leaves_the_old_file_and_no_partial_one(tmp_path):

@@ -78,13 +78,24 @@ def test_a_tokenizer_with_bos_scores_every_token(tokenizer):
 
 def stock_and_ica(tokenizer, tmp_path, train, holdout, **kwargs):
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **COMMON),
-                       train_dataset=train, processing_class=tokenizer, **kwargs)  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **COMMON),
+        train_dataset=train,
+        processing_class=tokenizer,
+        **kwargs,
+    )
     stock.train()
     torch.manual_seed(0)
     args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **COMMON)
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout, **kwargs)  # fmt: skip
+    ours = ICASFTTrainer(
+        model_for(tokenizer),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        **kwargs,
+    )
     ours.train()
     return stock, ours
 
@@ -97,8 +108,12 @@ def test_language_modeling_data_trains_like_sfttrainer_with_unit_weights(tokeniz
     if source == "text":
         train, holdout = Dataset.from_dict({"text": texts()}), Dataset.from_dict({"text": texts(5, offset=20)})
     elif source == "formatting_func":
-        rows = lambda n, k=0: Dataset.from_list([{"q": f"what is {i} plus {i + 1}?", "a": f"{2 * i + 1}."}  # noqa: E731
-                                                 for i in range(k, k + n)])  # fmt: skip
+
+        def rows(n, k=0):
+            return Dataset.from_list(
+                [{"q": f"what is {i} plus {i + 1}?", "a": f"{2 * i + 1}."} for i in range(k, k + n)]
+            )
+
         train, holdout = rows(12), rows(5, 20)
         kwargs["formatting_func"] = lambda row: f"Question: {row['q']} Answer: {row['a']}"
     else:

@@ -25,11 +25,22 @@ def recipe(folder, model_dir, name="recipe.yaml", **extra):
     """A small SFT recipe YAML over the recipe data, with `extra` keys."""
     write_recipe_data(folder, preference=False)
     settings = {
-        "model_name_or_path": str(model_dir), "dataset_name": str(folder / "train.jsonl"),
-        "holdout_name": str(folder / "holdout.jsonl"), "output_dir": str(folder / "run"), "max_steps": 2,
-        "per_device_train_batch_size": 2, "max_length": 256, "bf16": False, "use_cpu": True, "report_to": "none",
-        "use_peft": True, "lora_target_modules": "all-linear", "ica_num_demos": 1, "save_strategy": "no", **extra,
-    }  # fmt: skip
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(folder / "train.jsonl"),
+        "holdout_name": str(folder / "holdout.jsonl"),
+        "output_dir": str(folder / "run"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "max_length": 256,
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "use_peft": True,
+        "lora_target_modules": "all-linear",
+        "ica_num_demos": 1,
+        "save_strategy": "no",
+        **extra,
+    }
     path = folder / name
     path.write_text(yaml.safe_dump(settings))
     return str(path)
@@ -46,9 +57,18 @@ def test_trl_ica_sft_launches_processes_from_the_yaml_and_trls_named_config(tmp_
     """`num_processes: 2` in the recipe and `--accelerate_config multi_gpu` (TRL's own) start two processes on the
     CPU, as `trl sft` would: each step weights the global batch of 2 processes x 2 rows."""
     config = recipe(tmp_path, model_dir, num_processes=2)
-    command = [os.path.join(os.path.dirname(sys.executable), "trl-ica"), "sft", "--config", config,
-               "--accelerate_config", "multi_gpu", "--mixed_precision", "no",
-               "--main_process_port", str(free_port())]  # fmt: skip
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "trl-ica"),
+        "sft",
+        "--config",
+        config,
+        "--accelerate_config",
+        "multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -69,8 +89,15 @@ def test_unknown_flags_and_yaml_keys_are_refused_by_name(tmp_path, model_dir):
     with pytest.raises(ValueError, match=r"`--accelerate_config`='zero9' is neither a file nor one of TRL's configs"):
         cli(["sft", "--config", config, "--accelerate_config", "zero9"])
     with pytest.raises(ValueError, match=r"a `datasets` mixture in the YAML is loaded whole"):
-        cli(["sft", "--config", recipe(tmp_path, model_dir, "mix.yaml", datasets=[{"path": "json"}]),
-             "--dataset_streaming", "true"])  # fmt: skip
+        cli(
+            [
+                "sft",
+                "--config",
+                recipe(tmp_path, model_dir, "mix.yaml", datasets=[{"path": "json"}]),
+                "--dataset_streaming",
+                "true",
+            ]
+        )
 
 
 def test_script_streams_the_dataset_with_online_scoring(tmp_path, model_dir):

@@ -75,7 +75,8 @@ def test_pairs_under_weighted_mean_divide_by_the_sum_of_weights(tokenizer, tmp_p
 
 def test_weighted_mean_refuses_steps_of_one_example_and_unknown_values(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="would train unweighted"):
-        step_trainer("sft", tokenizer, tmp_path, 1, 1, ica_loss_reduction="weighted_mean",
-                     ica_weighting="global_minmax")  # fmt: skip
+        step_trainer(
+            "sft", tokenizer, tmp_path, 1, 1, ica_loss_reduction="weighted_mean", ica_weighting="global_minmax"
+        )
     with pytest.raises(ValueError, match=r"`ica_loss_reduction` must be one of \['token_mean', 'weighted_mean'\]"):
         step_trainer("sft", tokenizer, tmp_path, 4, 4, ica_loss_reduction="mean")

@@ -16,9 +16,17 @@ from trl_ica.scoring.planner import LogProbRequest
 from trl_ica.seams import logit_transform
 
 SMALL = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # float32 rounding (eps 1.2e-7) of logits up to ~100 in size (the head is scaled by 20 below), over a few ops and up
 # to 4 summed tokens, computed in two orders: at most ~1e-4. The errors guarded against are 1e-3 (a window misapplied)
 # to 0.4 (a window's cut cache read as the whole prefix).
@@ -37,23 +45,36 @@ FAMILIES = {
     # Sliding windows (8) shorter than the shared prefix (30): a window's cache is not the prefix's length
     "gemma2-window": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 8}),
     "gemma3-window": (
-        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
         {"head_dim": 8, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
     ),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
     "mistral-window-eager": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8, "attn": "eager"}),
     "qwen2-window": (
-        "Qwen2Config", "Qwen2ForCausalLM", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1},
     ),
     "phi3-window": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8}),
     # A linear-attention layer (recurrent state, no per-position cache) beside a full-attention one
     "qwen3next-hybrid": (
-        "Qwen3NextConfig", "Qwen3NextForCausalLM",
-        {"head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 2,
-         "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "num_experts": 2,
-         "num_experts_per_tok": 1, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16},
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {
+            "head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_value_heads": 2,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 16,
+        },
     ),
-}  # fmt: skip
+}
 WINDOWED = [family for family in FAMILIES if family.endswith(("-window", "-window-eager", "-hybrid"))]
 
 

@@ -22,9 +22,16 @@ def test_every_ica_field_is_a_score_setting_a_state_setting_or_named_as_neither(
 
 
 def test_options_from_a_config_record_its_fields():
-    args = ICASFTConfig("out", use_cpu=True, ica_num_demos=2, ica_demo_selection="fixed", seed=7,
-                        ica_demo_layout="in_turn", ica_demo_template="Q {prompt} A {response}\n",
-                        ica_query_template="Q {prompt} A")  # fmt: skip
+    args = ICASFTConfig(
+        "out",
+        use_cpu=True,
+        ica_num_demos=2,
+        ica_demo_selection="fixed",
+        seed=7,
+        ica_demo_layout="in_turn",
+        ica_demo_template="Q {prompt} A {response}\n",
+        ica_query_template="Q {prompt} A",
+    )
     options = scoring_options(args)
     record = options.record()
     for name, value in record.items():

@@ -25,13 +25,18 @@ def model_for(tokenizer):
 def test_packed_ica_with_unit_weights_trains_exactly_like_packed_sftrainer(tokenizer, tmp_path):
     train, holdout = data()
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(str(tmp_path / "a"), packing=True, **COMMON),
-                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(str(tmp_path / "a"), packing=True, **COMMON),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     stock.train()
     torch.manual_seed(0)
     args = ICASFTConfig(str(tmp_path / "b"), packing=True, ica_weighting="none", ica_refresh="online", **COMMON)
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout)  # fmt: skip
+    ours = ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     assert len(ours.train_dataset) < len(train)  # rows were packed together
     for a, b in zip(stock.train_dataset, ours.train_dataset, strict=True):  # TRL's packing, kept as it is
         assert (a["input_ids"], a["labels"], a["seq_lengths"]) == (b["input_ids"], b["labels"], b["seq_lengths"])
@@ -45,11 +50,21 @@ def test_each_packed_token_carries_its_examples_weight(tokenizer, tmp_path, monk
     """The example of each packed sequence is found independently, by matching its tokens with the unpacked rows;
     the weight each of its tokens gets in the loss is that example's weight."""
     train, holdout = data()
-    unpacked = ICASFTTrainer(model_for(tokenizer), args=ICASFTConfig(str(tmp_path / "u"), **COMMON),
-                             train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    unpacked = ICASFTTrainer(
+        model_for(tokenizer),
+        args=ICASFTConfig(str(tmp_path / "u"), **COMMON),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
     ids_of = {tuple(row["input_ids"]): row["ica_index"] for row in unpacked.train_dataset}
-    packed = ICASFTTrainer(model_for(tokenizer), args=ICASFTConfig(str(tmp_path / "p"), packing=True, **COMMON),
-                           train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    packed = ICASFTTrainer(
+        model_for(tokenizer),
+        args=ICASFTConfig(str(tmp_path / "p"), packing=True, **COMMON),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
     weight_of = lambda i: 0.1 + 0.07 * i  # noqa: E731 - a distinct weight per example
     force_weights(packed, lambda indices, scores: [weight_of(i) for i in indices], monkeypatch)
     rows = [packed.train_dataset[0], packed.train_dataset[1]]
@@ -61,9 +76,11 @@ def test_each_packed_token_carries_its_examples_weight(tokenizer, tmp_path, monk
             start += length
     seen = {}
     handle = packed.model.register_forward_hook(
-        lambda m, a, k, out: seen.update(plain=out.log_probs.detach().clone(), out=out) if k.get("fused_lm_head")
-        else None, with_kwargs=True,
-    )  # fmt: skip
+        lambda m, a, k, out: (
+            seen.update(plain=out.log_probs.detach().clone(), out=out) if k.get("fused_lm_head") else None
+        ),
+        with_kwargs=True,
+    )
     packed.compute_loss(packed.model.train(), dict(packed.data_collator(rows)))
     handle.remove()
     plain, weighted = seen["plain"][0], seen["out"].log_probs.detach()[0]

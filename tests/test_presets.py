@@ -57,7 +57,10 @@ def test_presets_fill_unset_fields_and_explicit_fields_win(config_class):
     paper = preset_settings("paper", kind)
     config = config_class("out", use_cpu=True, ica_preset="paper", ica_reduction="mean", ica_score_end_token=True)
     assert (config.ica_reduction, config.ica_score_end_token, config.ica_score_form) == (
-        "mean", True, paper["ica_score_form"])  # fmt: skip
+        "mean",
+        True,
+        paper["ica_score_form"],
+    )
     # the SFT default weights each example on its own; min-max would zero one example of every clean batch
     assert ICASFTConfig("out", use_cpu=True).ica_weighting == "holdout_quantile"
     with pytest.raises(ValueError, match=r"`ica_preset` must be one of \['recommended', 'paper'\], got 'papers'"):
@@ -68,9 +71,12 @@ def test_paper_preset_is_the_specification():
     """method.md: the summed difference, the demonstrations in the user turn, only y's tokens, batch min-max."""
     for kind in ("sft", "preference"):
         assert preset_settings("paper", kind) == {
-            "ica_score_form": "difference", "ica_reduction": "sum", "ica_demo_layout": "in_turn",
-            "ica_score_end_token": False, "ica_weighting": "batch_minmax",
-        }  # fmt: skip
+            "ica_score_form": "difference",
+            "ica_reduction": "sum",
+            "ica_demo_layout": "in_turn",
+            "ica_score_end_token": False,
+            "ica_weighting": "batch_minmax",
+        }
 
 
 def test_score_command_takes_unset_flags_from_the_preset():
@@ -78,17 +84,26 @@ def test_score_command_takes_unset_flags_from_the_preset():
 
     args = Namespace(preset="paper", form=None, reduction="mean", demo_layout=None, score_end_token=None)
     fill_from_preset(args)
-    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == ("difference", "mean", "in_turn",
-                                                                                   "false")  # fmt: skip
+    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == (
+        "difference",
+        "mean",
+        "in_turn",
+        "false",
+    )
     args = Namespace(preset="recommended", form=None, reduction=None, demo_layout=None, score_end_token=None)
     fill_from_preset(args)
-    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == ("conditioned", "mean", "turns",
-                                                                                   "true")  # fmt: skip
+    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == (
+        "conditioned",
+        "mean",
+        "turns",
+        "true",
+    )
 
 
 def test_stock_config_is_taken_with_the_ica_defaults():
-    stock = SFTConfig("out", use_cpu=True, bf16=False, learning_rate=3e-4, max_length=77,
-                      gradient_accumulation_steps=2)  # fmt: skip
+    stock = SFTConfig(
+        "out", use_cpu=True, bf16=False, learning_rate=3e-4, max_length=77, gradient_accumulation_steps=2
+    )
     config = ica_args(stock, None, ICASFTConfig, "ICA-SFT")
     assert type(config) is ICASFTConfig
     assert (config.learning_rate, config.max_length, config.gradient_accumulation_steps) == (3e-4, 77, 2)

@@ -61,8 +61,9 @@ def test_scores_equal_a_naive_forward_of_the_token_ids(tokenizer):
 
         assert out.num_tokens[row] == len(ids) - start
         np.testing.assert_allclose(out.logp_unconditioned[row], naive(ids, start), atol=LOGP_ATOL, rtol=0)
-        np.testing.assert_allclose(out.logp_conditioned[row], naive(demos + ids, len(demos) + start), atol=LOGP_ATOL,
-                                   rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            out.logp_conditioned[row], naive(demos + ids, len(demos) + start), atol=LOGP_ATOL, rtol=0
+        )
 
 
 @pytest.mark.parametrize(
@@ -75,13 +76,18 @@ def test_the_positions_scored_are_the_ones_trl_trains_on(tokenizer, tmp_path, co
     train, holdout = tokenised(tokenizer, column=column), tokenised(tokenizer, 5, offset=20, column=column)
     settings = dict(COMMON, completion_only_loss=completion_only_loss)
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     stock.train()
     torch.manual_seed(0)
     args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **settings)
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout)  # fmt: skip
+    ours = ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     trained = [[label != -100 for label in row["labels"]][1:] for row in stock.train_dataset]
     view = scoring_view(train, completion_only_loss=stock.completion_only_loss)
     key = "labels" if "labels" in view.column_names else "loss_mask"
@@ -99,8 +105,14 @@ def test_a_mask_of_several_runs_is_refused_with_the_reason(tokenizer):
     rows[1]["completion_mask"] = [0, 1] + [0] * (len(rows[1]["input_ids"]) - 3) + [1]
     with pytest.raises(ValueError, match=r"dataset row 1: the positions that carry loss \(`completion_mask`\) are"):
         options = ICAScoringOptions(num_demos=1, demo_selection="fixed", form="difference", reduction="sum")
-        score_ica(model_for(tokenizer), tokenizer, Dataset.from_list(rows), tokenised(tokenizer, 4, offset=20),
-                  options, show_progress=False)  # fmt: skip
+        score_ica(
+            model_for(tokenizer),
+            tokenizer,
+            Dataset.from_list(rows),
+            tokenised(tokenizer, 4, offset=20),
+            options,
+            show_progress=False,
+        )
 
 
 def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
@@ -109,13 +121,18 @@ def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
     train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
     settings = dict(COMMON, dataset_kwargs={"skip_prepare_dataset": True})
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     stock.train()
     torch.manual_seed(0)
     args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", **settings)
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout)  # fmt: skip
+    ours = ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     ours.train()
     assert_trains_like(stock, ours)
     scored = ours.ica.builder.requests(0, False)[0]
@@ -127,8 +144,9 @@ def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
 def test_rows_prepared_beforehand_are_weighted(tokenizer, tmp_path):
     train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
     args = ICASFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, **COMMON)
-    trainer = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                            holdout_dataset=holdout)  # fmt: skip
+    trainer = ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     trainer.train()
     weights = [h["ica/weight_mean"] for h in trainer.state.log_history if "loss" in h]
     assert len(weights) == 3 and all(w < 1 for w in weights)

@@ -86,8 +86,11 @@ def test_recipe_trains_two_steps_as_shipped(recipe, model_dir, recipe_dir, monke
     assert os.path.isfile(out / ("adapter_config.json" if peft else "model.safetensors"))
     # The card names the ICA method, cites ICA and the parent method, and lists the run's ICA files
     card = open(out / "README.md").read()
-    method, parent = {"sft": ("ICA-SFT", None), "dpo": ("ICA-DPO", "rafailov2023direct"),
-                      "simpo": ("ICA-SimPO", "meng2024simpo")}[task]  # fmt: skip
+    method, parent = {
+        "sft": ("ICA-SFT", None),
+        "dpo": ("ICA-DPO", "rafailov2023direct"),
+        "simpo": ("ICA-SimPO", "meng2024simpo"),
+    }[task]
     assert f"trained with {method}, a method introduced in [Holdout-Loss-Based Data Selection" in card
     assert str(model_dir) not in card  # a local folder is not named as a Hub base model
     assert "2510.14459" in card and "zhang2026holdout" in card
@@ -107,10 +110,24 @@ def test_readme_launch_line_runs_as_written(model_dir, recipe_dir):
         line
     )
     bin_dir = os.path.dirname(sys.executable)
-    command = [os.path.join(bin_dir, "accelerate"), *line.split()[1:], "--model_name_or_path", str(model_dir),
-               "--max_steps", "1", "--output_dir", "runs/readme"]  # fmt: skip
-    done = subprocess.run(command, cwd=recipe_dir, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    command = [
+        os.path.join(bin_dir, "accelerate"),
+        *line.split()[1:],
+        "--model_name_or_path",
+        str(model_dir),
+        "--max_steps",
+        "1",
+        "--output_dir",
+        "runs/readme",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=recipe_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert os.path.isfile(recipe_dir / "runs" / "readme" / "adapter_model.safetensors")
 
@@ -138,14 +155,33 @@ def test_cli_writes_the_recipe_data_and_dispatches_training(tmp_path, model_dir)
     command = os.path.join(os.path.dirname(sys.executable), "trl-ica")
     done = subprocess.run(
         [
-            command, "sft", "--model_name_or_path", str(model_dir),
-            "--dataset_name", str(tmp_path / "data" / "train.jsonl"),
-            "--holdout_name", str(tmp_path / "data" / "holdout.jsonl"),
-            "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--max_length", "1024",
-            "--ica_num_demos", "1", "--use_peft", "--report_to", "none", "--bf16", "false",
+            command,
+            "sft",
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(tmp_path / "data" / "train.jsonl"),
+            "--holdout_name",
+            str(tmp_path / "data" / "holdout.jsonl"),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "1",
+            "--max_length",
+            "1024",
+            "--ica_num_demos",
+            "1",
+            "--use_peft",
+            "--report_to",
+            "none",
+            "--bf16",
+            "false",
         ],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "object at 0x" not in done.stdout + done.stderr
     refresh = [json.loads(line) for line in open(tmp_path / "run" / "ica" / "refresh-0.jsonl")]
@@ -198,12 +234,23 @@ def test_script_loads_data_the_way_trl_scripts_do(model_dir, tmp_path):
     Dataset.from_list(_sft_rows(3, 10)).to_json(folder / "test.jsonl")
     Dataset.from_list(_sft_rows(4, 20)).to_json(tmp_path / "holdout.jsonl")
     recipe = tmp_path / "run.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": str(model_dir), "dataset_name": str(folder),
-        "holdout_name": str(tmp_path / "holdout.jsonl"), "output_dir": str(tmp_path / "run"), "max_steps": 1,
-        "per_device_train_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1,
-        "report_to": "none", "model_init_kwargs": {"dtype": "float64"}, "ica_num_demos": 1,
-    }))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(model_dir),
+                "dataset_name": str(folder),
+                "holdout_name": str(tmp_path / "holdout.jsonl"),
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 1,
+                "per_device_train_batch_size": 2,
+                "eval_strategy": "steps",
+                "eval_steps": 1,
+                "report_to": "none",
+                "model_init_kwargs": {"dtype": "float64"},
+                "ica_num_demos": 1,
+            }
+        )
+    )
     trainer = main(["sft", "--config", str(recipe)])
     assert len(trainer.eval_dataset) == 3 and len(trainer.ica.builder.candidates) == 6
     assert next(trainer.model.parameters()).dtype == torch.float64  # model_init_kwargs applied
@@ -218,11 +265,20 @@ def test_script_takes_a_trl_dataset_mixture(model_dir, tmp_path):
     Dataset.from_list(_sft_rows(4, 20)).to_json(tmp_path / "holdout.jsonl")
     mixture = [{"path": "json", "data_files": str(tmp_path / f"{name}.jsonl"), "split": "train"} for name in "ab"]
     recipe = tmp_path / "run.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": str(model_dir), "datasets": mixture, "holdout_name": str(tmp_path / "holdout.jsonl"),
-        "output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none",
-        "ica_num_demos": 1,
-    }))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(model_dir),
+                "datasets": mixture,
+                "holdout_name": str(tmp_path / "holdout.jsonl"),
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 1,
+                "per_device_train_batch_size": 2,
+                "report_to": "none",
+                "ica_num_demos": 1,
+            }
+        )
+    )
     trainer = main(["sft", "--config", str(recipe)])
     assert len(trainer.ica.builder.candidates) == 8  # both files of the mixture
 
@@ -234,10 +290,26 @@ def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, m
     calls = []
     real = controller.ICAController._score_all
     monkeypatch.setattr(controller.ICAController, "_score_all", lambda self, m, b: calls.append(b) or real(self, m, b))
-    args = demo.make_parser().parse_args([
-        "--model", str(model_dir), "--output-dir", str(tmp_path / "demo"), "--n-train", "8", "--n-holdout", "4",
-        "--n-test", "4", "--steps", "2", "--batch-size", "2", "--top-layers", "1",
-    ])  # fmt: skip
+    args = demo.make_parser().parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--output-dir",
+            str(tmp_path / "demo"),
+            "--n-train",
+            "8",
+            "--n-holdout",
+            "4",
+            "--n-test",
+            "4",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--top-layers",
+            "1",
+        ]
+    )
     summary = demo.run(args)
     # the trainer took the demo's scores instead of scoring the pool again; only the holdout's own are computed
     assert len(calls) == 1 and len(calls[0].candidates) == 4
@@ -256,9 +328,14 @@ def test_label_noise_pool_replaces_what_its_kind_says(kind):
 
     def pool(noise, noise_task="leg_counting,count_bits"):
         train, holdout, test, clean = reasoning_gym_label_noise(
-            noise=noise, noise_kind=kind, noise_task=noise_task if kind == "mixture" else "count_bits", n_train=20,
-            n_holdout=3, n_test=3, seed=1,
-        )  # fmt: skip
+            noise=noise,
+            noise_kind=kind,
+            noise_task=noise_task if kind == "mixture" else "count_bits",
+            n_train=20,
+            n_holdout=3,
+            n_test=3,
+            seed=1,
+        )
         return [(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in train], clean, holdout, test
 
     clean_rows, all_clean, holdout, test = pool(0.0)

@@ -8,8 +8,10 @@ from trl_ica.scoring.rendering import PAPER_TEMPLATE, ICAPromptTemplate, Rendere
 
 def test_response_ids_are_identical_with_and_without_demos(tokenizer):
     renderer = Renderer(tokenizer)
-    holdout = [read_row(chat_row("What is 1 plus 7?", "The answer is 8.")),
-               read_row(chat_row("Name a color.", "Blue."))]  # fmt: skip
+    holdout = [
+        read_row(chat_row("What is 1 plus 7?", "The answer is 8.")),
+        read_row(chat_row("Name a color.", "Blue.")),
+    ]
     for row in (chat_row("What is 12 plus 7?", "The answer is 19."), {"prompt": "What is 2?", "completion": " 2"}):
         example = read_row(row)
         with_demos = renderer.conditioned(
@@ -55,8 +57,11 @@ def test_custom_template(tokenizer):
     # the default layout writes chat rows' demonstrations as turns, so a template there is refused, not ignored;
     # standard rows still use it
     turns = Renderer(tokenizer, template)
-    with pytest.raises(ValueError, match=r"template .*was given for conversational rows, but `ica_demo_layout`="
-                                         r"'turns' \(the default\).*Set `ica_demo_layout='in_turn'`"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"template .*was given for conversational rows, but `ica_demo_layout`="
+        r"'turns' \(the default\).*Set `ica_demo_layout='in_turn'`",
+    ):
         turns.conditioned(read_row(chat_row("b", "B")), [read_row(chat_row("a", "A"))])
     standard = turns.conditioned(
         read_row({"prompt": "b", "completion": "B"}), [read_row({"prompt": "a", "completion": "A"})]
@@ -124,8 +129,12 @@ def test_conversational_data_needs_a_chat_template(tokenizer):
 def test_turns_layout_puts_demos_as_earlier_exchanges_before_the_unchanged_turn(tokenizer):
     renderer = Renderer(tokenizer)  # the default layout
     demos = [read_row(chat_row("Q1?", "A1.")), read_row(chat_row("Q2?", "A2."))]
-    example = read_row({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3?"}],
-                        "completion": [{"role": "assistant", "content": "A3."}]})  # fmt: skip
+    example = read_row(
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3?"}],
+            "completion": [{"role": "assistant", "content": "A3."}],
+        }
+    )
     cond, plain = renderer.conditioned(example, demos), renderer.unconditioned(example)
     text = tokenizer.decode(list(cond.prefix + cond.context + cond.response))
     chat = [{"role": "system", "content": "Be brief."}]

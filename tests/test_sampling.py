@@ -30,8 +30,13 @@ def model_for(tokenizer):
 def sampling_trainer(tokenizer, folder, **fields):
     train, holdout = data()
     settings = {**COMMON, "per_device_train_batch_size": 2, "max_steps": 4, "ica_weight_mode": "sampling", **fields}
-    return ICASFTTrainer(model_for(tokenizer), args=ICASFTConfig(output_dir=str(folder), **settings),
-                         train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+    return ICASFTTrainer(
+        model_for(tokenizer),
+        args=ICASFTConfig(output_dir=str(folder), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
 
 
 def trained_rows(folder) -> list[tuple[int, int]]:
@@ -106,17 +111,35 @@ def test_unit_weights_reproduce_sfttrainer_over_epochs(tokenizer, tmp_path):
     same losses and bit-identical parameters as stock SFTTrainer."""
     train, holdout = data()
     settings = dict(
-        report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=3,
-        dataloader_drop_last=False, max_steps=7, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=3,
+        dataloader_drop_last=False,
+        max_steps=7,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
         learning_rate=1e-2,
-    )  # fmt: skip
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
+    )
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     stock.train()
-    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weight_mode="sampling", ica_weighting="none",
-                        ica_demo_selection="fixed", **settings)  # fmt: skip
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout)  # fmt: skip
+    args = ICASFTConfig(
+        output_dir=str(tmp_path / "b"),
+        ica_weight_mode="sampling",
+        ica_weighting="none",
+        ica_demo_selection="fixed",
+        **settings,
+    )
+    ours = ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     ours.train()
     assert stock.state.epoch > 2  # three epochs of 3 steps each (the third step of each has one micro-batch)
     assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
@@ -169,8 +192,14 @@ def test_too_few_rows_with_weight_is_an_error_that_counts_them(tokenizer, tmp_pa
 def test_resume_mid_epoch_after_a_refresh_draws_the_same_rows(tokenizer, tmp_path):
     """A refresh at step 5 redraws the rest of epoch 0; a run resumed from step 8 (mid-epoch 1) trains the same rows
     in the same steps as the uninterrupted run."""
-    settings = dict(max_steps=10, ica_refresh=2, ica_weighting="holdout_quantile", learning_rate=5e-2,
-                    save_strategy="steps", save_steps=4)  # fmt: skip
+    settings = dict(
+        max_steps=10,
+        ica_refresh=2,
+        ica_weighting="holdout_quantile",
+        learning_rate=5e-2,
+        save_strategy="steps",
+        save_steps=4,
+    )
     sampling_trainer(tokenizer, tmp_path / "full", **settings).train()
     sampling_trainer(tokenizer, tmp_path / "cut", **settings).train()
     resumed = sampling_trainer(tokenizer, tmp_path / "cut", **settings)
@@ -202,8 +231,9 @@ def test_a_streamed_training_set_is_refused(tokenizer, tmp_path):
     stream = IterableDataset.from_generator(lambda: iter(train))
     args = ICASFTConfig(output_dir=str(tmp_path), ica_weight_mode="sampling", max_steps=2, **COMMON)
     with pytest.raises(ValueError, match="IterableDataset"):
-        ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=stream, processing_class=tokenizer,
-                      holdout_dataset=holdout)  # fmt: skip
+        ICASFTTrainer(
+            model_for(tokenizer), args=args, train_dataset=stream, processing_class=tokenizer, holdout_dataset=holdout
+        )
 
 
 def test_pairs_sample_with_the_default_weighting(tokenizer, tmp_path):
@@ -211,11 +241,14 @@ def test_pairs_sample_with_the_default_weighting(tokenizer, tmp_path):
     train, holdout = dpo_pairs(8)
     model = model_for(tokenizer)
     ref = tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
-    args = ICADPOConfig(output_dir=str(tmp_path), **{**COMMON, "ica_weight_mode": "sampling", "max_steps": 3,
-                        "per_device_train_batch_size": 2})  # fmt: skip
+    args = ICADPOConfig(
+        output_dir=str(tmp_path),
+        **{**COMMON, "ica_weight_mode": "sampling", "max_steps": 3, "per_device_train_batch_size": 2},
+    )
     assert args.ica_weighting == "holdout_posterior"
-    trainer = ICADPOTrainer(model, ref, args=args, train_dataset=train, processing_class=tokenizer,
-                            holdout_dataset=holdout)  # fmt: skip
+    trainer = ICADPOTrainer(
+        model, ref, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
     trainer.train()
     assert len(trained_rows(tmp_path)) == 6 and set(trainer.ica._step_weights.values()) == {1.0}
 
@@ -232,8 +265,9 @@ def test_holdout_posterior_weights_each_loss_from_the_whole_training_set(tokeniz
     them against the holdout's own scores and every training row's."""
     from trl_ica.scoring.weighting import compute_weights
 
-    trainer = sampling_trainer(tokenizer, tmp_path, ica_weight_mode="loss", ica_weighting="holdout_posterior",
-                               max_steps=6)  # fmt: skip
+    trainer = sampling_trainer(
+        tokenizer, tmp_path, ica_weight_mode="loss", ica_weighting="holdout_posterior", max_steps=6
+    )
     # training scores spread across the holdout's own, so that the weights vary
     trainer.ica._score_reference(trainer.model, 0)
     reference = trainer.ica.state.reference

@@ -20,13 +20,19 @@ def make_data(n=9, h=5):
 
 @pytest.mark.parametrize(
     "selection, layout, score_end",
-    [("knn", "in_turn", True), ("fixed", "in_turn", True), ("random", "in_turn", True), ("knn", "turns", True),
-     ("fixed", "turns", False)],
-)  # fmt: skip
+    [
+        ("knn", "in_turn", True),
+        ("fixed", "in_turn", True),
+        ("random", "in_turn", True),
+        ("knn", "turns", True),
+        ("fixed", "turns", False),
+    ],
+)
 def test_scores_equal_the_naive_per_candidate_computation(chat_model, tokenizer, selection, layout, score_end):
     train, holdout = make_data()
-    options = ICAScoringOptions(demo_selection=selection, layout=layout, score_end=score_end, form="difference",
-                                reduction="sum")  # fmt: skip
+    options = ICAScoringOptions(
+        demo_selection=selection, layout=layout, score_end=score_end, form="difference", reduction="sum"
+    )
     result = score_ica(chat_model, tokenizer, train, holdout, options, show_progress=False)
     builder = prepare_ica(chat_model, tokenizer, train, holdout, options, show_progress=False)
     assert builder.renderer.layout == layout and builder.renderer.score_end == score_end
@@ -280,7 +286,8 @@ def test_deferred_demonstrations_are_chosen_and_checked_on_first_use(chat_model,
     later.demo_indices  # noqa: B018
     assert len(calls) == 2
     options = ICAScoringOptions(num_demos=2, embedding_model=embed)
-    short = prepare_ica(chat_model, tokenizer, train, holdout, options, max_length=40, show_progress=False,
-                        defer_demos=True)  # fmt: skip
+    short = prepare_ica(
+        chat_model, tokenizer, train, holdout, options, max_length=40, show_progress=False, defer_demos=True
+    )
     with pytest.raises(ValueError, match="longer than `max_length`=40"):
         short.requests(0, True)

@@ -58,8 +58,14 @@ def sft_trainer(tokenizer, folder, train=None, **fields):
     scoring = {k: fields.pop(k) for k in ("scoring_model", "scoring_processing_class") if k in fields}
     default_train, holdout = sft_data()
     args = ICASFTConfig(output_dir=str(folder), **{**COMMON, **SCORE, **fields})
-    return ICASFTTrainer(trained_model(tokenizer), args=args, train_dataset=train or default_train,
-                         processing_class=tokenizer, holdout_dataset=holdout, **scoring)  # fmt: skip
+    return ICASFTTrainer(
+        trained_model(tokenizer),
+        args=args,
+        train_dataset=train or default_train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        **scoring,
+    )
 
 
 def naive_scores(scorer_dir, train, holdout, **settings):
@@ -68,8 +74,9 @@ def naive_scores(scorer_dir, train, holdout, **settings):
 
     model = AutoModelForCausalLM.from_pretrained(scorer_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(scorer_dir)
-    options = ICAScoringOptions(**{"num_demos": 2, "demo_selection": "fixed", "form": "difference",
-                                   "reduction": "sum", **settings})  # fmt: skip
+    options = ICAScoringOptions(
+        **{"num_demos": 2, "demo_selection": "fixed", "form": "difference", "reduction": "sum", **settings}
+    )
     return score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
 
 
@@ -120,8 +127,9 @@ def test_a_loaded_scoring_model_and_the_holdouts_own_scores(tokenizer, tmp_path,
 
     loaded = AutoModelForCausalLM.from_pretrained(scorer_dir, dtype=torch.float32)
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
-    trainer = sft_trainer(tokenizer, tmp_path, scoring_model=loaded, ica_weighting="holdout_quantile",
-                          ica_score_form="conditioned")  # fmt: skip
+    trainer = sft_trainer(
+        tokenizer, tmp_path, scoring_model=loaded, ica_weighting="holdout_quantile", ica_score_form="conditioned"
+    )
     trainer.train()
     assert all(torch.equal(before[k], v) for k, v in loaded.state_dict().items())  # never trained
     train, holdout = sft_data()
@@ -133,8 +141,14 @@ def test_a_loaded_scoring_model_and_the_holdouts_own_scores(tokenizer, tmp_path,
 
 
 def test_online_scores_each_steps_rows_with_the_fixed_scorer_and_the_holdout_once(tokenizer, tmp_path, scorer_dir):
-    trainer = sft_trainer(tokenizer, tmp_path, ica_scoring_model=scorer_dir, ica_refresh="online",
-                          ica_weighting="holdout_quantile", max_steps=2)  # fmt: skip
+    trainer = sft_trainer(
+        tokenizer,
+        tmp_path,
+        ica_scoring_model=scorer_dir,
+        ica_refresh="online",
+        ica_weighting="holdout_quantile",
+        max_steps=2,
+    )
     trainer.train()
     assert trainer.ica.scorer is not None  # online, it scores every step
     train, holdout = sft_data()
@@ -151,13 +165,22 @@ def test_preference_trainers_score_pairs_with_the_scoring_model(tokenizer, tmp_p
     train, holdout = dpo_pairs(8)
     settings = {**COMMON, **SCORE, "max_steps": 1, "ica_weighting": "batch_minmax", "ica_scoring_model": scorer_dir}
     if kind == "dpo":
-        trainer = ICADPOTrainer(trained_model(tokenizer), trained_model(tokenizer).eval(),
-                                args=ICADPOConfig(str(tmp_path), **settings), train_dataset=train,
-                                processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        trainer = ICADPOTrainer(
+            trained_model(tokenizer),
+            trained_model(tokenizer).eval(),
+            args=ICADPOConfig(str(tmp_path), **settings),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     else:
-        trainer = ICACPOTrainer(trained_model(tokenizer), args=ICASimPOConfig(str(tmp_path), **settings,
-                                max_length=256), train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout)  # fmt: skip
+        trainer = ICACPOTrainer(
+            trained_model(tokenizer),
+            args=ICASimPOConfig(str(tmp_path), **settings, max_length=256),
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     trainer.train()
     expected = naive_scores(scorer_dir, train, holdout, form="difference", reduction="mean")
     records = read_lines(tmp_path / "ica" / "refresh-0.jsonl")
@@ -166,8 +189,17 @@ def test_preference_trainers_score_pairs_with_the_scoring_model(tokenizer, tmp_p
 
 def test_compute_ica_scores_loads_a_scoring_model_by_name(scorer_dir):
     train, holdout = sft_data()
-    by_name = compute_ica_scores(scorer_dir, None, train, holdout, num_demos=2, demo_selection="fixed",
-                                 form="difference", reduction="sum", show_progress=False)  # fmt: skip
+    by_name = compute_ica_scores(
+        scorer_dir,
+        None,
+        train,
+        holdout,
+        num_demos=2,
+        demo_selection="fixed",
+        form="difference",
+        reduction="sum",
+        show_progress=False,
+    )
     expected = naive_scores(scorer_dir, train, holdout)
     np.testing.assert_allclose(by_name, expected, atol=LOGP_ATOL, rtol=0)
 
@@ -184,13 +216,17 @@ def test_a_resumed_run_refuses_another_scoring_model(tokenizer, tmp_path, scorer
     [
         ({"ica_refresh": "3"}, r"`ica_refresh`=3 rescores the training set .* every scoring would give the same"),
         ({"scoring_model": "SCORER"}, r"Give the scoring model once: `scoring_model` or `ica_scoring_model`"),
-        ({"ica_scoring_model": None, "scoring_processing_class": "TOKENIZER"},
-         r"`scoring_processing_class` is the tokenizer of `scoring_model`, which is not given"),
+        (
+            {"ica_scoring_model": None, "scoring_processing_class": "TOKENIZER"},
+            r"`scoring_processing_class` is the tokenizer of `scoring_model`, which is not given",
+        ),
         ({"ica_scoring_model": "/no/such/folder"}, r"`ica_scoring_model`='/no/such/folder' is not a model folder"),
-        ({"ica_scoring_model": None, "scoring_model": 3},
-         r"`ica_scoring_model` must be a Hub id or a model folder, got int"),
+        (
+            {"ica_scoring_model": None, "scoring_model": 3},
+            r"`ica_scoring_model` must be a Hub id or a model folder, got int",
+        ),
     ],
-)  # fmt: skip
+)
 def test_what_a_scoring_model_refuses(tokenizer, tmp_path, scorer_dir, fields, message):
     fields = {"ica_scoring_model": scorer_dir, **fields}
     fields = {k: scorer_dir if v == "SCORER" else tokenizer if v == "TOKENIZER" else v for k, v in fields.items()}

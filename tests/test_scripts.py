@@ -45,8 +45,14 @@ def test_script_starts(script):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_starts(name):
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], capture_output=True, text=True,
-                          timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "usage" in done.stdout.lower()
 
@@ -69,19 +75,25 @@ def test_experiment_files_are_checked(tmp_path):
     from benchmarks.run import load_experiment
 
     bad = tmp_path / "bad.json"
-    bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": ["uniform", "nope"], "seeds": [0], '
-                   '"results": "x.json"}')  # fmt: skip
+    bad.write_text(
+        '{"benchmark": "label_noise", "settings": {}, "methods": ["uniform", "nope"], "seeds": [0], '
+        '"results": "x.json"}'
+    )
     with pytest.raises(SystemExit, match=r"methods \['nope'\]"):
         load_experiment(str(bad))
     bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "result": "x.json"}')
     with pytest.raises(SystemExit, match=r"missing keys \['results'\], unknown keys \['result'\]"):
         load_experiment(str(bad))
-    bad.write_text('{"benchmark": "layout", "settings": {}, "methods": ["turns/end"], "seeds": [0], '
-                   '"results": "x.json", "scenarios": ["gsm8k", "nope"]}')  # fmt: skip
+    bad.write_text(
+        '{"benchmark": "layout", "settings": {}, "methods": ["turns/end"], "seeds": [0], '
+        '"results": "x.json", "scenarios": ["gsm8k", "nope"]}'
+    )
     with pytest.raises(SystemExit, match=r"scenarios \['nope'\] are not scenarios of benchmarks.layout"):
         load_experiment(str(bad))
-    bad.write_text('{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "results": "x.json", '
-                   '"scenarios": ["gsm8k"]}')  # fmt: skip
+    bad.write_text(
+        '{"benchmark": "label_noise", "settings": {}, "methods": [], "seeds": [0], "results": "x.json", '
+        '"scenarios": ["gsm8k"]}'
+    )
     with pytest.raises(SystemExit, match="has no scenarios"):
         load_experiment(str(bad))
 
@@ -97,8 +109,13 @@ def test_pool_benchmarks_resume_and_refuse_other_settings(tmp_path, capsys):
     file made with other settings; its table names pools once and methods by their labels."""
     from benchmarks.common.pools import pool_table, run_pools
 
-    experiment = {"settings": {"n": 4}, "scenarios": ["a", "b"], "methods": ["x", "y"], "labels": {"a": "pool A"},
-                  "results": str(tmp_path / "r.json")}  # fmt: skip
+    experiment = {
+        "settings": {"n": 4},
+        "scenarios": ["a", "b"],
+        "methods": ["x", "y"],
+        "labels": {"a": "pool A"},
+        "results": str(tmp_path / "r.json"),
+    }
     built, measured = [], []
 
     def make_pool(name, seed):
@@ -111,15 +128,29 @@ def test_pool_benchmarks_resume_and_refuse_other_settings(tmp_path, capsys):
 
     run_pools(experiment, ["x"], [0], make_pool, measure)
     run_pools(experiment, ["x", "y"], [0, 1], make_pool, measure)
-    assert measured == [("a", "x", 0), ("b", "x", 0), ("a", "y", 0), ("b", "y", 0), ("a", "x", 1), ("a", "y", 1),
-                        ("b", "x", 1), ("b", "y", 1)]  # fmt: skip
+    assert measured == [
+        ("a", "x", 0),
+        ("b", "x", 0),
+        ("a", "y", 0),
+        ("b", "y", 0),
+        ("a", "x", 1),
+        ("a", "y", 1),
+        ("b", "x", 1),
+        ("b", "y", 1),
+    ]
     assert len(built) == 6  # once per pool and seed with work left
     kept = json.load(open(experiment["results"]))
-    assert kept["settings"] == {"n": 4} and kept["a y"] == {"0": {"auroc": 0.5, "seconds": 1.0},
-                                                            "1": {"auroc": 0.6, "seconds": 1.0}}  # fmt: skip
+    assert kept["settings"] == {"n": 4} and kept["a y"] == {
+        "0": {"auroc": 0.5, "seconds": 1.0},
+        "1": {"auroc": 0.6, "seconds": 1.0},
+    }
     lines = pool_table(experiment, ["method", "AUROC"], lambda runs, pool: [f"{len(runs)} runs"])
-    assert lines[2:] == ["| pool A | x | 2 runs | 2 |", "|  | y | 2 runs | 2 |", "| b | x | 2 runs | 2 |",
-                         "|  | y | 2 runs | 2 |"]  # fmt: skip
+    assert lines[2:] == [
+        "| pool A | x | 2 runs | 2 |",
+        "|  | y | 2 runs | 2 |",
+        "| b | x | 2 runs | 2 |",
+        "|  | y | 2 runs | 2 |",
+    ]
     with pytest.raises(SystemExit, match="other settings"):
         run_pools({**experiment, "settings": {"n": 5}}, ["x"], [0], make_pool, measure)
 
@@ -129,8 +160,11 @@ def test_label_noise_keeps_gsm8k_to_its_own_noise():
     from benchmarks.label_noise import SETTING_KEYS, run
 
     base = dict.fromkeys(SETTING_KEYS, 0)
-    for task, kind, other in (("gsm8k", "shuffled", ""), ("basic_arithmetic", "corrupted", ""),
-                              ("gsm8k", "corrupted", "family_relationships")):  # fmt: skip
+    for task, kind, other in (
+        ("gsm8k", "shuffled", ""),
+        ("basic_arithmetic", "corrupted", ""),
+        ("gsm8k", "corrupted", "family_relationships"),
+    ):
         settings = {**base, "task": task, "noise_kind": kind, "noise_task": other}
         with pytest.raises(SystemExit, match=f"task={task!r}, noise_kind={kind!r}, noise_task={other!r}"):
             run(settings, [], [])

@@ -212,8 +212,13 @@ def test_trl_dpo_pair_factor(tokenizer, tmp_path, loss_type):
 
     train, _ = dpo_pairs(3)
     args = DPOConfig(str(tmp_path), **CPU, loss_type=[loss_type])
-    trainer = DPOTrainer(tiny_llama_for(tokenizer), tiny_llama_for(tokenizer), args=args, train_dataset=train,
-                         processing_class=tokenizer)  # fmt: skip
+    trainer = DPOTrainer(
+        tiny_llama_for(tokenizer),
+        tiny_llama_for(tokenizer),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     model = trainer.model.train()
 

@@ -68,8 +68,9 @@ def test_ifd_is_the_ratio_of_perplexities_with_and_without_the_prompt(chat_model
 
 def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tokenizer):
     rows, held = sft_rows(), holdout_rows()
-    scores = score_dataset("oneshot", chat_model, tokenizer, rows, held, ICAScoringOptions(num_demos=2),
-                           show_progress=False)  # fmt: skip
+    scores = score_dataset(
+        "oneshot", chat_model, tokenizer, rows, held, ICAScoringOptions(num_demos=2), show_progress=False
+    )
     examples, hold = read_dataset(rows), read_dataset(held)
     embed = lambda texts: model_embeddings(chat_model, tokenizer, texts, show_progress=False)  # noqa: E731
     nearest = select_demos([e.question for e in examples], [h.question for h in hold], 2, "knn", 0, embed)
@@ -90,8 +91,9 @@ def test_oneshot_is_the_mean_gain_of_the_nearest_holdout_answers(chat_model, tok
 
 def test_oneshot_with_a_preference_holdout_uses_the_margin(chat_model, tokenizer):
     rows = pair_rows("conversational")
-    scores = score_dataset("oneshot", chat_model, tokenizer, rows[3:], rows[:3], ICAScoringOptions(num_demos=1),
-                           show_progress=False)  # fmt: skip
+    scores = score_dataset(
+        "oneshot", chat_model, tokenizer, rows[3:], rows[:3], ICAScoringOptions(num_demos=1), show_progress=False
+    )
     examples, hold = read_dataset(rows[3:]), read_dataset(rows[:3])
     embed = lambda texts: model_embeddings(chat_model, tokenizer, texts, show_progress=False)  # noqa: E731
     nearest = select_demos([e.question for e in examples], [h.question for h in hold], 1, "knn", 0, embed)
@@ -162,14 +164,20 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
     main(
         [
             "score",
-            "--method", "ica",
-            "--model", str(model_dir),
-            "--dataset", str(tmp_path / "train.jsonl"),
-            "--holdout", str(tmp_path / "holdout.parquet"),
-            "--output", str(out),
-            "--label-column", "kind",
+            "--method",
+            "ica",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "train.jsonl"),
+            "--holdout",
+            str(tmp_path / "holdout.parquet"),
+            "--output",
+            str(out),
+            "--label-column",
+            "kind",
         ]
-    )  # fmt: skip
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 8 and summary["seconds"] > 0
     # `seconds` is rounded to 1 ms and `rows_per_second` to 0.01: the tolerance those roundings allow
@@ -180,9 +188,23 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
     assert (tmp_path / "scored.png").is_file()
     # A user's `--num-demos 0` reaches the validation instead of becoming the default
     with pytest.raises(ValueError, match=r"`num_demos` must be a positive integer, at most the holdout.s size, got 0"):
-        main(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-              "--holdout", str(tmp_path / "holdout.parquet"), "--output", str(tmp_path / "zero.jsonl"),
-              "--num-demos", "0"])  # fmt: skip
+        main(
+            [
+                "score",
+                "--method",
+                "ica",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(tmp_path / "train.jsonl"),
+                "--holdout",
+                str(tmp_path / "holdout.parquet"),
+                "--output",
+                str(tmp_path / "zero.jsonl"),
+                "--num-demos",
+                "0",
+            ]
+        )
     main(["select", "--scores", str(out), "--ratio", "0.25", "--output", str(tmp_path / "subset.jsonl")])
     subset = [json.loads(line) for line in open(tmp_path / "subset.jsonl")]
     best = sorted(range(8), key=lambda i: -scored[i]["score"])[:2]
@@ -201,11 +223,23 @@ def test_cli_conditioned_form_equals_the_library(tmp_path, tokenizer):
     out = tmp_path / "scored.jsonl"
     main(
         [
-            "score", "--method", "ica", "--form", "conditioned", "--reduction", "mean", "--model", str(model_dir),
-            "--dataset", str(tmp_path / "train.jsonl"), "--holdout", str(tmp_path / "holdout.jsonl"),
-            "--output", str(out),
+            "score",
+            "--method",
+            "ica",
+            "--form",
+            "conditioned",
+            "--reduction",
+            "mean",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "train.jsonl"),
+            "--holdout",
+            str(tmp_path / "holdout.jsonl"),
+            "--output",
+            str(out),
         ]
-    )  # fmt: skip
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     expected = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
     paper = ICAScoringOptions.from_preset("paper")

@@ -63,14 +63,26 @@ def test_online_scoring_leaves_a_lora_run_unchanged(tokenizer, tmp_path, form):
     settings = dict(COMMON, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-                       train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**lora))  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**lora),
+    )
     stock.train()
     torch.manual_seed(0)
-    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_refresh="online", ica_weighting="none",
-                        ica_score_form=form, **settings)  # fmt: skip
-    ours = ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout, peft_config=LoraConfig(**lora))  # fmt: skip
+    args = ICASFTConfig(
+        output_dir=str(tmp_path / "b"), ica_refresh="online", ica_weighting="none", ica_score_form=form, **settings
+    )
+    ours = ICASFTTrainer(
+        model_for(tokenizer),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        peft_config=LoraConfig(**lora),
+    )
     ours.train()
     assert ours.ica.state.scores is not None and np.isfinite(ours.ica.state.scores).any()
     trained = [(n, p) for n, p in stock.model.named_parameters() if p.requires_grad]
@@ -193,8 +205,9 @@ def test_online_scores_carry_no_training_noise(tokenizer, tmp_path, noise):
         model, tokenizer, train, holdout, ICAScoringOptions(form="difference", reduction="sum"), show_progress=False
     ).scores
     fields = {k: v for k, v in noise.items() if k == "neftune_noise_alpha"}
-    trainer = ica_trainer(tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3,
-                          **fields)  # fmt: skip
+    trainer = ica_trainer(
+        tokenizer, tmp_path, model=model, ica_refresh="online", learning_rate=0.0, max_steps=3, **fields
+    )
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     np.testing.assert_allclose([r["score"] for r in rows], expected[[r["ica_index"] for r in rows]], atol=LOGP_ATOL)
@@ -214,9 +227,15 @@ def test_conditioned_form_weights_by_the_engines_conditioned_scores(tokenizer, t
     options = ICAScoringOptions(form="conditioned", reduction="mean")
     expected = score_ica(model, tokenizer, train, holdout, options, show_progress=False).scores
     trainer = ica_trainer(
-        tokenizer, tmp_path, model=model, ica_refresh=refresh, learning_rate=0.0, max_steps=3,
-        ica_score_form="conditioned", ica_reduction="mean",
-    )  # fmt: skip
+        tokenizer,
+        tmp_path,
+        model=model,
+        ica_refresh=refresh,
+        learning_rate=0.0,
+        max_steps=3,
+        ica_score_form="conditioned",
+        ica_reduction="mean",
+    )
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     scores = np.array([r["score"] for r in rows])
@@ -447,9 +466,25 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     train.to_json(tmp_path / "train.jsonl")
     holdout.to_json(tmp_path / "holdout.jsonl")
     scored = tmp_path / "scored.jsonl"
-    cli(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-         "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(scored), "--form", "difference",
-         "--reduction", "sum"])  # fmt: skip
+    cli(
+        [
+            "score",
+            "--method",
+            "ica",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "train.jsonl"),
+            "--holdout",
+            str(tmp_path / "holdout.jsonl"),
+            "--output",
+            str(scored),
+            "--form",
+            "difference",
+            "--reduction",
+            "sum",
+        ]
+    )
     file_scores = [json.loads(line)["score"] for line in open(scored)]
 
     given = ica_trainer(tokenizer, tmp_path / "given", ica_scores_file=str(scored), max_steps=1)
@@ -458,8 +493,9 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     given.train()
     assert [json.loads(line)["score"] for line in open(tmp_path / "given" / "ica" / "refresh-0.jsonl")] == file_scores
 
-    quantile = ica_trainer(tokenizer, tmp_path / "q", ica_scores_file=str(scored), max_steps=1,
-                           ica_weighting="holdout_quantile")  # fmt: skip
+    quantile = ica_trainer(
+        tokenizer, tmp_path / "q", ica_scores_file=str(scored), max_steps=1, ica_weighting="holdout_quantile"
+    )
     quantile.train()  # the holdout's own scores are still computed, at the first step
     assert quantile.ica.state.reference is not None and np.isfinite(quantile.ica.state.reference).all()
 
@@ -468,8 +504,9 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     np.testing.assert_allclose(own.ica.state.scores, file_scores, rtol=0, atol=LOGP_ATOL)  # same model, same requests
 
     with pytest.raises(ValueError, match="other settings than this run's .*ica_score_form: file 'difference'"):
-        ica_trainer(tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned",
-                    ica_reduction="mean")  # fmt: skip
+        ica_trainer(
+            tokenizer, tmp_path / "a", ica_scores_file=str(scored), ica_score_form="conditioned", ica_reduction="mean"
+        )
     with pytest.raises(ValueError, match="other settings than this run's .*ica_demo_layout: file 'turns', run 'in"):
         ica_trainer(tokenizer, tmp_path / "l", ica_scores_file=str(scored), ica_demo_layout="in_turn")
     shifted = Dataset.from_list(list(train)[1:] + list(train)[:1])

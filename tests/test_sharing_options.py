@@ -21,8 +21,9 @@ def data():
 
 
 @pytest.mark.parametrize("sharing, overhead", [("tree", None), ("none", None), ("auto", 1000.0), ("auto", "measure")])
-def test_the_trainer_scores_with_the_sharing_and_overhead_asked_for(tokenizer, tmp_path, monkeypatch, sharing,
-                                                                    overhead):  # fmt: skip
+def test_the_trainer_scores_with_the_sharing_and_overhead_asked_for(
+    tokenizer, tmp_path, monkeypatch, sharing, overhead
+):
     seen = []
     original = ica_module.score_requests
     monkeypatch.setattr(ica_module, "score_requests", lambda *a, **k: seen.append(k) or original(*a, **k))
@@ -32,8 +33,9 @@ def test_the_trainer_scores_with_the_sharing_and_overhead_asked_for(tokenizer, t
         seen.clear()
         model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         args = ICASFTConfig(output_dir=str(tmp_path / name), **COMMON, **fields)
-        trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout)  # fmt: skip
+        trainer = ICASFTTrainer(
+            model, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+        )
         trainer.train()
         assert seen and all(k["sharing"] == fields.get("ica_scoring_sharing", "auto") for k in seen)
         assert all(k["forward_overhead"] == fields.get("ica_scoring_overhead") for k in seen)
@@ -78,12 +80,36 @@ def test_cli_sharing_flags_reach_the_engine_and_bad_ones_are_refused(tmp_path, t
     seen = []
     original = ica_module.score_requests
     monkeypatch.setattr(ica_module, "score_requests", lambda *a, **k: seen.append(k) or original(*a, **k))
-    common = ["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-              "--holdout", str(tmp_path / "holdout.jsonl"), "--num-demos", "2"]  # fmt: skip
+    common = [
+        "score",
+        "--method",
+        "ica",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(tmp_path / "train.jsonl"),
+        "--holdout",
+        str(tmp_path / "holdout.jsonl"),
+        "--num-demos",
+        "2",
+    ]
     main([*common, "--output", str(tmp_path / "a.jsonl"), "--scoring-sharing", "flat", "--forward-overhead", "500"])
     assert seen and all(k["sharing"] == "flat" and k["forward_overhead"] == 500.0 for k in seen)
     with pytest.raises(ValueError, match=r"`--forward-overhead` must be a number of tokens >= 0 or 'measure', got"):
         main([*common, "--output", str(tmp_path / "b.jsonl"), "--forward-overhead", "-2"])
     with pytest.raises(ValueError, match="choose how `ica` shares demonstration prefixes; `method='loss'` has none"):
-        main(["score", "--method", "loss", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-              "--output", str(tmp_path / "c.jsonl"), "--scoring-sharing", "none"])  # fmt: skip
+        main(
+            [
+                "score",
+                "--method",
+                "loss",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(tmp_path / "train.jsonl"),
+                "--output",
+                str(tmp_path / "c.jsonl"),
+                "--scoring-sharing",
+                "none",
+            ]
+        )

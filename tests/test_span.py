@@ -18,8 +18,10 @@ FINAL = "#### .*"
 
 
 def rows():
-    train = [chat_row(f"What is {i} plus {i + 1}?", f"Add them.\nThat makes {2 * i + 1}.\n#### {2 * i + 1}")
-             for i in range(6)]  # fmt: skip
+    train = [
+        chat_row(f"What is {i} plus {i + 1}?", f"Add them.\nThat makes {2 * i + 1}.\n#### {2 * i + 1}")
+        for i in range(6)
+    ]
     train.append(chat_row("What is 3 plus 3?", "Add them."))  # truncated: no final answer
     holdout = [chat_row(f"What is {i} plus 7?", f"Add them.\n#### {i + 7}") for i in range(4)]
     return Dataset.from_list(train), Dataset.from_list(holdout)
@@ -27,8 +29,9 @@ def rows():
 
 def builder(tokenizer, model, span, **fields):
     train, holdout = rows()
-    options = ICAScoringOptions(num_demos=2, demo_selection="fixed", form="conditioned", reduction="sum", span=span,
-                                **fields)  # fmt: skip
+    options = ICAScoringOptions(
+        num_demos=2, demo_selection="fixed", form="conditioned", reduction="sum", span=span, **fields
+    )
     return prepare_ica(model, tokenizer, train, holdout, options, show_progress=False)
 
 
@@ -104,11 +107,21 @@ def test_what_a_span_cannot_score_is_refused(tokenizer, tmp_path):
 def test_an_sft_run_weights_by_the_span_score(tokenizer, tmp_path, refresh):
     train, holdout = rows()
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
-    args = ICASFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, save_strategy="no",
-                        max_steps=2, per_device_train_batch_size=4, ica_num_demos=2, ica_demo_selection="fixed",
-                        ica_score_span=FINAL, ica_refresh=refresh, seed=0)  # fmt: skip
-    trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer,
-                            holdout_dataset=holdout)  # fmt: skip
+    args = ICASFTConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        ica_num_demos=2,
+        ica_demo_selection="fixed",
+        ica_score_span=FINAL,
+        ica_refresh=refresh,
+        seed=0,
+    )
+    trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)
     trainer.train()
     logged = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     truncated = [r for r in logged if r["ica_index"] == 6]
@@ -130,9 +143,31 @@ def test_cli_score_span_equals_the_library_and_records_the_span(tmp_path, tokeni
     train.to_json(tmp_path / "train.jsonl")
     holdout.to_json(tmp_path / "holdout.jsonl")
     out = tmp_path / "scored.jsonl"
-    main(["score", "--method", "ica", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-          "--holdout", str(tmp_path / "holdout.jsonl"), "--output", str(out), "--num-demos", "2", "--demo-selection",
-          "fixed", "--form", "conditioned", "--reduction", "sum", "--score-span", FINAL])  # fmt: skip
+    main(
+        [
+            "score",
+            "--method",
+            "ica",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "train.jsonl"),
+            "--holdout",
+            str(tmp_path / "holdout.jsonl"),
+            "--output",
+            str(out),
+            "--num-demos",
+            "2",
+            "--demo-selection",
+            "fixed",
+            "--form",
+            "conditioned",
+            "--reduction",
+            "sum",
+            "--score-span",
+            FINAL,
+        ]
+    )
     scored = [json.loads(line)["score"] for line in open(out)]
     expected = score_with(model, builder(tokenizer, model, FINAL), show_progress=False).scores
     assert scored[6] is None and np.isneginf(expected[6])  # JSON has no -inf: the row without the span is null
@@ -149,5 +184,18 @@ def test_cli_score_span_equals_the_library_and_records_the_span(tmp_path, tokeni
     bottom = [json.loads(line)["completion"] for line in open(tmp_path / "b.jsonl")]
     assert train[6]["completion"] in bottom and len(bottom) == 3  # half of 7 rows; the one without an answer is last
     with pytest.raises(ValueError, match="applies to `method='ica'` only"):
-        main(["score", "--method", "loss", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-              "--output", str(tmp_path / "loss.jsonl"), "--score-span", FINAL])  # fmt: skip
+        main(
+            [
+                "score",
+                "--method",
+                "loss",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(tmp_path / "train.jsonl"),
+                "--output",
+                str(tmp_path / "loss.jsonl"),
+                "--score-span",
+                FINAL,
+            ]
+        )

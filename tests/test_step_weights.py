@@ -86,8 +86,9 @@ def _naive_score(builder, model, i):
 
 @pytest.mark.parametrize(("kind", "cutoff"), [("sft", 1.0), ("dpo", 1.0), ("simpo", 1.0), ("sft", 0.3)])
 def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(tokenizer, tmp_path, kind, cutoff):
-    trainer = step_trainer(kind, tokenizer, tmp_path, 4, 1, max_steps=2, ica_weighting="holdout_quantile",
-                           ica_holdout_cutoff=cutoff)  # fmt: skip
+    trainer = step_trainer(
+        kind, tokenizer, tmp_path, 4, 1, max_steps=2, ica_weighting="holdout_quantile", ica_holdout_cutoff=cutoff
+    )
     model = trainer.model
     reference_model = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
@@ -103,8 +104,10 @@ def test_holdout_quantile_weights_each_row_against_the_holdouts_own_scores(token
     np.testing.assert_allclose(reference, naive, atol=LOGP_ATOL)
     records = [json.loads(line) for line in open(tmp_path / "ica" / "weights.jsonl")]
     assert len(records) == 8
-    expected = [min(1.0, np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference]) / cutoff)
-                for s in (x["score"] for x in records)]  # fmt: skip
+    expected = [
+        min(1.0, np.mean([1.0 if r < s else 0.5 if r == s else 0.0 for r in reference]) / cutoff)
+        for s in (x["score"] for x in records)
+    ]
     np.testing.assert_allclose([r["weight"] for r in records], expected, atol=1e-12)
 
 
@@ -113,15 +116,19 @@ def test_holdout_quantile_needs_preference_pairs_in_a_preference_holdout(tokeniz
 
     from trl_ica import ICADPOConfig, ICADPOTrainer
 
-    args = ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
-                        ica_weighting="holdout_quantile")  # fmt: skip
+    args = ICADPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", ica_weighting="holdout_quantile"
+    )
 
     with pytest.raises(ValueError, match="holdout needs `chosen` and `rejected`"):
         ICADPOTrainer(
             tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
-            tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), args=args,
-            train_dataset=step_pair_rows()[0], processing_class=tokenizer, holdout_dataset=step_sft_rows()[1],
-        )  # fmt: skip
+            tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+            args=args,
+            train_dataset=step_pair_rows()[0],
+            processing_class=tokenizer,
+            holdout_dataset=step_sft_rows()[1],
+        )
 
 
 @pytest.mark.parametrize("every, scored", [(None, [0, 1, 2]), (2, [0, 2])])
@@ -130,9 +137,16 @@ def test_online_holdout_quantile_rescores_the_holdout_every_few_steps(tokenizer,
     same model; `ica_holdout_rescore_steps` spaces the scorings out."""
     fields = {} if every is None else {"ica_holdout_rescore_steps": every}
     trainer = step_trainer(
-        "sft", tokenizer, tmp_path, 4, 1, max_steps=3, ica_refresh="online", ica_weighting="holdout_quantile",
+        "sft",
+        tokenizer,
+        tmp_path,
+        4,
+        1,
+        max_steps=3,
+        ica_refresh="online",
+        ica_weighting="holdout_quantile",
         **fields,
-    )  # fmt: skip
+    )
     trainer.train()
     steps = [json.loads(open(tmp_path / "ica" / f"holdout-{k}.jsonl").readline())["step"] for k in range(len(scored))]
     assert steps == scored and not (tmp_path / "ica" / f"holdout-{len(scored)}.jsonl").exists()

@@ -70,8 +70,13 @@ def test_a_stream_at_the_default_settings_scores_each_row_as_it_arrives(tokenize
         model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
         config = ICASFTConfig(str(tmp_path / name), learning_rate=0.1, **settings, **fields)
-        run = ICASFTTrainer(model, args=config, train_dataset=train.to_iterable_dataset(), processing_class=tokenizer,
-                            holdout_dataset=holdout)  # fmt: skip
+        run = ICASFTTrainer(
+            model,
+            args=config,
+            train_dataset=train.to_iterable_dataset(),
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
         run.train()
         runs[name] = logged(tmp_path / name)[1]
     assert [r["ica_index"] for r in runs["default"]] == list(range(12))  # each row scored once, at its step
@@ -145,15 +150,26 @@ def test_streamed_pairs_at_the_defaults_are_scored_as_they_arrive_by_the_model_o
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     ref = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
     config = ICADPOConfig(str(tmp_path), learning_rate=0.0, **settings)
-    run = ICADPOTrainer(model, ref, args=config, train_dataset=train.to_iterable_dataset(), processing_class=tokenizer,
-                        holdout_dataset=holdout)  # fmt: skip
+    run = ICADPOTrainer(
+        model,
+        ref,
+        args=config,
+        train_dataset=train.to_iterable_dataset(),
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+    )
     run.train()
     _, records = logged(tmp_path)
     assert [r["ica_index"] for r in records] == list(range(12))  # each pair scored once, at its step, in order
     assert [r["step"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
     # score_ica at its defaults: the same score the trainer's defaults define
-    by_hand = score_ica(tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer, train,
-                        holdout, show_progress=False).scores  # fmt: skip
+    by_hand = score_ica(
+        tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        tokenizer,
+        train,
+        holdout,
+        show_progress=False,
+    ).scores
     np.testing.assert_allclose([r["score"] for r in records], by_hand, atol=REGROUPED_ATOL, rtol=0)
     for step in range(3):
         scores = by_hand[4 * step : 4 * step + 4]
@@ -171,10 +187,20 @@ def test_a_stream_of_pairs_is_refused_by_simpo_and_a_stream_of_the_wrong_kind_by
     settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     with pytest.raises(ValueError, match=r"ICACPOTrainer does not train on a streamed `train_dataset`"):
-        ICACPOTrainer(model, args=ICASimPOConfig(str(tmp_path), **settings), train_dataset=pairs.to_iterable_dataset(),
-                      processing_class=tokenizer, holdout_dataset=holdout)  # fmt: skip
+        ICACPOTrainer(
+            model,
+            args=ICASimPOConfig(str(tmp_path), **settings),
+            train_dataset=pairs.to_iterable_dataset(),
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )
     single, _ = data()
     with pytest.raises(ValueError, match=r"`train_dataset` streams single responses, but ICADPOTrainer trains on"):
-        ICADPOTrainer(model, model, args=ICADPOConfig(str(tmp_path), **settings),
-                      train_dataset=single.to_iterable_dataset(), processing_class=tokenizer,
-                      holdout_dataset=holdout)  # fmt: skip
+        ICADPOTrainer(
+            model,
+            model,
+            args=ICADPOConfig(str(tmp_path), **settings),
+            train_dataset=single.to_iterable_dataset(),
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+        )

@@ -38,10 +38,12 @@ def model_for(tokenizer):
 
 def masked_trainer(tokenizer, folder, **fields):
     train, holdout = data()
-    args = ICASFTConfig(output_dir=str(folder), **{**COMMON, "ica_weighting": "none",
-                                                   "ica_token_quantile": QUANTILE, **fields})  # fmt: skip
-    return ICASFTTrainer(model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer,
-                         holdout_dataset=holdout)  # fmt: skip
+    args = ICASFTConfig(
+        output_dir=str(folder), **{**COMMON, "ica_weighting": "none", "ica_token_quantile": QUANTILE, **fields}
+    )
+    return ICASFTTrainer(
+        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
+    )
 
 
 def loss_tokens(batch) -> list[list[int]]:
@@ -50,8 +52,11 @@ def loss_tokens(batch) -> list[list[int]]:
     labels, ids = batch["labels"], batch["input_ids"]
     predicted = labels[:, 1:] != -100
     targets = ids[:, 1:][predicted].tolist()
-    owner = batch["seq_idx"][:, 1:][predicted] if "seq_idx" in batch else torch.arange(len(ids))[:, None].expand_as(
-        predicted)[predicted]  # fmt: skip
+    owner = (
+        batch["seq_idx"][:, 1:][predicted]
+        if "seq_idx" in batch
+        else torch.arange(len(ids))[:, None].expand_as(predicted)[predicted]
+    )
     out = [[] for _ in range(len(batch["ica_index"]))]
     for o, t in zip(owner.tolist(), targets):
         out[o].append(t)
@@ -79,8 +84,10 @@ def test_the_masked_loss_equals_a_naive_reference(tokenizer, tmp_path):
 
     ica = trainer.ica
     model.eval()
-    reference = [naive_token_log_probs(model, ica.reference_builder.conditioned(i))
-                 for i in range(len(ica.reference_builder.candidates))]  # fmt: skip
+    reference = [
+        naive_token_log_probs(model, ica.reference_builder.conditioned(i))
+        for i in range(len(ica.reference_builder.candidates))
+    ]
     threshold = np.quantile(np.concatenate(reference), QUANTILE)
     index = batch["ica_index"].tolist()
     requests = [ica.builder.conditioned(i) for i in index]
@@ -147,8 +154,12 @@ def test_no_token_masked_trains_exactly_like_sfttrainer(tokenizer, tmp_path, mon
     train, holdout = data()
     settings = {k: v for k, v in COMMON.items() if not k.startswith("ica_")}
     torch.manual_seed(0)
-    stock = SFTTrainer(model_for(tokenizer), args=SFTConfig(str(tmp_path / "a"), **settings), train_dataset=train,
-                       processing_class=tokenizer)  # fmt: skip
+    stock = SFTTrainer(
+        model_for(tokenizer),
+        args=SFTConfig(str(tmp_path / "a"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     stock.train()
     torch.manual_seed(0)
     ours = masked_trainer(tokenizer, tmp_path / "b")

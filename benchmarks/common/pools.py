@@ -34,8 +34,10 @@ def run_pools(experiment: dict, methods, seeds, make_pool, measure) -> dict:
                 record.setdefault("seconds", time.perf_counter() - start)
                 results.setdefault(f"{name} {method}", {})[str(seed)] = record
                 save(results, path)
-                print(f"  [seed {seed}] {name} {method}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items()),
-                      flush=True)  # fmt: skip
+                print(
+                    f"  [seed {seed}] {name} {method}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items()),
+                    flush=True,
+                )
     return results
 
 
@@ -53,6 +55,9 @@ def pool_table(experiment: dict, header, cells) -> list[str]:
                 continue
             pool_label = labels.get(name, name) if first else ""
             first = False
-            lines.append(f"| {pool_label} | {labels.get(method, method)} | " + " | ".join(cells(runs, name))
-                         + f" | {len(runs)} |")  # fmt: skip
+            lines.append(
+                f"| {pool_label} | {labels.get(method, method)} | "
+                + " | ".join(cells(runs, name))
+                + f" | {len(runs)} |"
+            )
     return lines

@@ -23,9 +23,14 @@ def naive_whisperer(model, tokenizer, pool, queries, prompts, builder, metric, n
         record = {"demos": prompt.demos, "queries": prompt.queries}
         if metric != "log_likelihood":
             generated = model.generate(
-                input_ids=ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                temperature=None, top_p=None, top_k=None,
-            )  # fmt: skip
+                input_ids=ids,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             text = "Answer 1:" + tok.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
             answers = split_answers(text, num_queries)
             record["generation"] = text

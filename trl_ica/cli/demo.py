@@ -37,8 +37,13 @@ def top_layer_lora(model, top_layers: int):
     layers = model.config.num_hidden_layers
     if not 1 <= top_layers <= layers:
         raise ValueError(f"`--top-layers` must be in [1, {layers}] (the model's layers), got {top_layers}.")
-    return LoraConfig(r=16, lora_alpha=32, target_modules=LORA_MODULES, task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(layers - top_layers, layers)))  # fmt: skip
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=LORA_MODULES,
+        task_type="CAUSAL_LM",
+        layers_to_transform=list(range(layers - top_layers, layers)),
+    )
 
 
 def _load(model_path: str):
@@ -71,19 +76,35 @@ def _train(model_path, tokenizer, train, holdout, output_dir, weighted: bool, ar
 
     model, _ = _load(model_path)
     common = dict(
-        output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=args.steps, save_strategy="no",
-        report_to="none", bf16=False, use_cpu=True, seed=args.seed, max_length=512, gradient_checkpointing=False,
+        output_dir=output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=args.steps,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=args.seed,
+        max_length=512,
+        gradient_checkpointing=False,
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     lora = top_layer_lora(model, args.top_layers)
     if not weighted:
         config = SFTConfig(**common)
         trainer = SFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=lora)
     else:
         config = ICASFTConfig(**common, ica_num_demos=args.num_demos, ica_demo_selection="fixed", ica_seed=args.seed)
-        trainer = ICASFTTrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
-                                holdout_dataset=holdout, peft_config=lora)  # fmt: skip
+        trainer = ICASFTTrainer(
+            model,
+            args=config,
+            train_dataset=train,
+            processing_class=tokenizer,
+            holdout_dataset=holdout,
+            peft_config=lora,
+        )
         trainer.ica.use_scores(scores, "the demo's scoring of the pool")
     trainer.train()
     return trainer
@@ -95,9 +116,13 @@ def run(args) -> dict:
     model_path = resolve_model(args.model)
     model, tokenizer = _load(model_path)
     train, holdout, test, clean = reasoning_gym_label_noise(
-        noise=args.noise, noise_kind=args.noise_kind, n_train=args.n_train, n_holdout=args.n_holdout,
-        n_test=args.n_test, seed=args.seed,
-    )  # fmt: skip
+        noise=args.noise,
+        noise_kind=args.noise_kind,
+        n_train=args.n_train,
+        n_holdout=args.n_holdout,
+        n_test=args.n_test,
+        seed=args.seed,
+    )
     kind = LABEL_NOISE_KINDS[args.noise_kind]
     print(
         f"Model {args.model}; {len(train)} training examples of one-digit sums, {(~clean).mean():.0%} of them with "
@@ -108,8 +133,9 @@ def run(args) -> dict:
     from ..scoring.options import ICAScoringOptions
 
     # the recommended rendering with the paper's summed difference: its parts give the other scores compared
-    options = ICAScoringOptions(num_demos=args.num_demos, demo_selection="fixed", form="difference", reduction="sum",
-                                seed=args.seed)  # fmt: skip
+    options = ICAScoringOptions(
+        num_demos=args.num_demos, demo_selection="fixed", form="difference", reduction="sum", seed=args.seed
+    )
     scores = score_ica(model, tokenizer, train, holdout, options)
     conditioned = scores.logp_conditioned / scores.num_tokens
     summary = {
@@ -120,14 +146,20 @@ def run(args) -> dict:
     }
     print("\nHow each score ranks the clean examples above the noisy ones (AUROC: 1.0 = every clean example scores")
     print("higher, 0.5 = chance):")
-    print(f"  log p(y | 3 holdout demos, x) per token (conditioned)  {summary['auroc_conditioned_per_token']:.3f}"
-          "  <- the weights below")  # fmt: skip
+    print(
+        f"  log p(y | 3 holdout demos, x) per token (conditioned)  {summary['auroc_conditioned_per_token']:.3f}"
+        "  <- the weights below"
+    )
     print(f"  the paper's difference, summed                         {summary['auroc_ica_paper']:.3f}")
     print(f"  log p(y | x) per token (the loss baseline)             {summary['auroc_loss_baseline']:.3f}")
     os.makedirs(args.output_dir, exist_ok=True)
     labels = np.where(clean, "clean", "noisy")
-    plot = plot_score_histogram(conditioned, os.path.join(args.output_dir, "scores.png"), labels=labels,
-                                title="log p(y | demos, x) per token, by label")  # fmt: skip
+    plot = plot_score_histogram(
+        conditioned,
+        os.path.join(args.output_dir, "scores.png"),
+        labels=labels,
+        title="log p(y | demos, x) per token, by label",
+    )
     if plot:
         print(f"  score histogram: {plot}")
 
@@ -140,8 +172,9 @@ def run(args) -> dict:
     for name, rows, weighted, what in runs:
         print(f"\nLoRA fine-tune with {what}: {args.steps} steps of {args.batch_size}...", flush=True)
         start = time.time()
-        trainer = _train(model_path, tokenizer, rows, holdout, os.path.join(args.output_dir, name), weighted, args,
-                         conditioned)  # fmt: skip
+        trainer = _train(
+            model_path, tokenizer, rows, holdout, os.path.join(args.output_dir, name), weighted, args, conditioned
+        )
         losses[name] = _test_loss(trainer.model, tokenizer, test)
         print(f"  clean test loss {losses[name]:.4f} nats/token ({time.time() - start:.0f} s)")
         if weighted:
@@ -153,21 +186,31 @@ def run(args) -> dict:
     summary.update({f"test_loss_{k.lower()}": v for k, v in losses.items()})
     print("\nResult")
     if summary.get("mean_weight_clean") is not None and summary.get("mean_weight_noisy") is not None:
-        print(f"  mean ICA weight: clean rows {summary['mean_weight_clean']:.3f}, noisy rows "
-              f"{summary['mean_weight_noisy']:.3f}")  # fmt: skip
-    print(f"  clean test loss (nats/token): before training {losses['before']:.4f} | uniform {losses['uniform']:.4f} "
-          f"| oracle {losses['oracle']:.4f} | ICA {losses['ICA']:.4f}")  # fmt: skip
+        print(
+            f"  mean ICA weight: clean rows {summary['mean_weight_clean']:.3f}, noisy rows "
+            f"{summary['mean_weight_noisy']:.3f}"
+        )
+    print(
+        f"  clean test loss (nats/token): before training {losses['before']:.4f} | uniform {losses['uniform']:.4f} "
+        f"| oracle {losses['oracle']:.4f} | ICA {losses['ICA']:.4f}"
+    )
     gap = losses["uniform"] - losses["oracle"]
     if gap > 0.02:  # a share of a smaller gap is mostly the runs' own noise
         summary["share_of_noise_gap_recovered"] = (losses["uniform"] - losses["ICA"]) / gap
-        print(f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; ICA weights recover "
-              f"{summary['share_of_noise_gap_recovered']:.0%} of that gap.")  # fmt: skip
+        print(
+            f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; ICA weights recover "
+            f"{summary['share_of_noise_gap_recovered']:.0%} of that gap."
+        )
     else:
-        print(f"  here the noise cost uniform training {gap:+.4f} nats/token against the oracle, too little for a "
-              "share of it to mean anything (see docs/benchmarks.md).")  # fmt: skip
+        print(
+            f"  here the noise cost uniform training {gap:+.4f} nats/token against the oracle, too little for a "
+            "share of it to mean anything (see docs/benchmarks.md)."
+        )
     verdict = "lower" if losses["ICA"] < losses["uniform"] else "not lower"
-    print(f"  ICA-weighted training gave a {verdict} clean test loss than uniform weights "
-          f"({losses['ICA'] - losses['uniform']:+.4f}).")  # fmt: skip
+    print(
+        f"  ICA-weighted training gave a {verdict} clean test loss than uniform weights "
+        f"({losses['ICA'] - losses['uniform']:+.4f})."
+    )
     summary["seconds"] = time.time() - started
     write_json(summary, os.path.join(args.output_dir, "summary.json"))
     print(f"  summary: {os.path.join(args.output_dir, 'summary.json')} ({summary['seconds']:.0f} s)")
@@ -179,8 +222,12 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local path, or the embedded default.")
     parser.add_argument("--output-dir", default="outputs/demo", help="Where the runs, the plot and summary.json go.")
     # no "mixture": there the benchmark supports selection, not weights (docs/scores.md, "Which score to trust")
-    parser.add_argument("--noise-kind", default="other_task", choices=["other_task", "shuffled"],
-                        help="other_task: answers of another task; shuffled: answers of other sums.")  # fmt: skip
+    parser.add_argument(
+        "--noise-kind",
+        default="other_task",
+        choices=["other_task", "shuffled"],
+        help="other_task: answers of another task; shuffled: answers of other sums.",
+    )
     parser.add_argument("--noise", type=float, default=0.5, help="Share of the pool's answers replaced.")
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-holdout", type=int, default=32)

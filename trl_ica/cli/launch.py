@@ -187,8 +187,10 @@ def load_model_and_tokenizer(model_args, training_args):
     training_args.model_init_kwargs = None
     if (model_args.load_in_4bit or model_args.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
         flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
-        raise ImportError(f"`{flag}` quantises the base model with bitsandbytes, which is not installed: "
-                          "pip install 'trl_ica[qlora]'.")  # fmt: skip
+        raise ImportError(
+            f"`{flag}` quantises the base model with bitsandbytes, which is not installed: "
+            "pip install 'trl_ica[qlora]'."
+        )
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization

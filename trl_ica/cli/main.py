@@ -270,9 +270,13 @@ def run_data(args) -> dict:
         args.n_train, args.n_holdout, args.n_test, flip=args.noise, seed=args.seed
     )
     files = {
-        "train": train, "holdout": holdout, "test": test,
-        "train_pairs": pairs, "holdout_pairs": pair_holdout, "test_pairs": pair_test,
-    }  # fmt: skip
+        "train": train,
+        "holdout": holdout,
+        "test": test,
+        "train_pairs": pairs,
+        "holdout_pairs": pair_holdout,
+        "test_pairs": pair_test,
+    }
     summary = {}
     for name, rows in files.items():
         path = os.path.join(args.output, f"{name}.jsonl")

@@ -174,8 +174,9 @@ def reasoning_gym_label_noise(
     if noise_kind == "other_task":
         other = [str(e["answer"]) for e in reasoning_gym.create_dataset(others[0], size=n_train, seed=seed)]
     elif noise_kind == "mixture":  # whole rows of the other tasks, in turn
-        pools = [list(reasoning_gym.create_dataset(t, size=n_train, seed=seed * 1000 + j))
-                 for j, t in enumerate(others)]  # fmt: skip
+        pools = [
+            list(reasoning_gym.create_dataset(t, size=n_train, seed=seed * 1000 + j)) for j, t in enumerate(others)
+        ]
         picked = {i: pools[j % len(pools)][j // len(pools)] for j, i in enumerate(sorted(noisy))}
         questions = {i: e["question"] for i, e in picked.items()}
         other = {i: str(e["answer"]) for i, e in picked.items()}
@@ -187,8 +188,10 @@ def reasoning_gym_label_noise(
             if all(a != str(train[i]["answer"]) for i, a in zip(order, answers)):
                 break
         other = dict(zip(order, answers))
-    rows = [chat_row(questions.get(i, e["question"]), other[i] if i in noisy else str(e["answer"]))
-            for i, e in enumerate(train)]  # fmt: skip
+    rows = [
+        chat_row(questions.get(i, e["question"]), other[i] if i in noisy else str(e["answer"]))
+        for i, e in enumerate(train)
+    ]
     clean = np.array([i not in noisy for i in range(n_train)])
     test = Dataset.from_list([{**chat_row(e["question"], str(e["answer"])), "entry": json.dumps(e)} for e in test])
     holdout = Dataset.from_list([chat_row(e["question"], str(e["answer"])) for e in holdout])

@@ -203,8 +203,9 @@ def select_demos(
     if embed is None:
         raise ValueError(f"`demo_selection={method!r}` needs an embedder.")
     if holdout_vectors is not None and np.shape(holdout_vectors)[0] != h:
-        raise ValueError(f"`holdout_vectors` must hold one row per holdout question ({h}), got "
-                         f"{np.shape(holdout_vectors)[0]}.")  # fmt: skip
+        raise ValueError(
+            f"`holdout_vectors` must hold one row per holdout question ({h}), got {np.shape(holdout_vectors)[0]}."
+        )
     hold = _unit(embed(holdout_texts) if holdout_vectors is None else holdout_vectors)
     cand = _unit(embed(candidate_texts))
     own = np.flatnonzero(exclude >= 0)

@@ -127,8 +127,10 @@ class _ForwardRunner:
             )
         if agreement.failure == RETRY:
             if agreement.budget < self.budget.tokens:
-                logger.warning("A process ran out of memory scoring; the scoring budget is now %d positions on every "
-                               "process.", agreement.budget)  # fmt: skip
+                logger.warning(
+                    "A process ran out of memory scoring; the scoring budget is now %d positions on every process.",
+                    agreement.budget,
+                )
             self.budget.tokens, self.budget.backed_off = min(self.budget.tokens, agreement.budget), True
         self.failure = 0
         return agreement
@@ -350,14 +352,25 @@ def score_requests(
     device = execution_device(model)
     if sharing not in SHARINGS:
         raise ValueError(f"`sharing` must be one of {list(SHARINGS)}, got {sharing!r}.")
-    if not (forward_overhead is None or forward_overhead == "measure" or (
-        isinstance(forward_overhead, (int, float)) and not isinstance(forward_overhead, bool) and forward_overhead >= 0
-    )):  # fmt: skip
+    if not (
+        forward_overhead is None
+        or forward_overhead == "measure"
+        or (
+            isinstance(forward_overhead, (int, float))
+            and not isinstance(forward_overhead, bool)
+            and forward_overhead >= 0
+        )
+    ):
         raise ValueError(f"`forward_overhead` must be None, a number >= 0 or 'measure', got {forward_overhead!r}.")
     options = dict(
-        batch_size=batch_size, budget=budget, desc=desc, sharing=sharing, compute_dtype=compute_dtype,
-        forward_overhead=forward_overhead, per_token=per_token,
-    )  # fmt: skip
+        batch_size=batch_size,
+        budget=budget,
+        desc=desc,
+        sharing=sharing,
+        compute_dtype=compute_dtype,
+        forward_overhead=forward_overhead,
+        per_token=per_token,
+    )
     if mode == "local":
         return _score_requests(model, requests, None, show_progress=show_progress, **options)
     budget.agree(device)
@@ -367,9 +380,12 @@ def score_requests(
     state = PartialState()
     with state.split_between_processes(list(range(len(requests)))) as mine:
         local = _score_requests(
-            model, [requests[i] for i in mine], lockstep, show_progress=show_progress and state.is_main_process,
+            model,
+            [requests[i] for i in mine],
+            lockstep,
+            show_progress=show_progress and state.is_main_process,
             **options,
-        )  # fmt: skip
+        )
     sums = np.full(len(requests), np.nan)
     tokens = [None] * len(requests) if per_token else None
     for positions, values, arrays in gather_object([(mine, local.sums, local.tokens)]):
@@ -381,9 +397,19 @@ def score_requests(
 
 
 def _score_requests(
-    model, requests, lockstep: ForwardLockstep | None, *, batch_size, budget, show_progress, desc, sharing,
-    compute_dtype, forward_overhead, per_token,
-) -> LogProbs:  # fmt: skip
+    model,
+    requests,
+    lockstep: ForwardLockstep | None,
+    *,
+    batch_size,
+    budget,
+    show_progress,
+    desc,
+    sharing,
+    compute_dtype,
+    forward_overhead,
+    per_token,
+) -> LogProbs:
     n = len(requests)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([r.num_scored for r in requests], dtype=np.int64)
@@ -537,8 +563,10 @@ def _score_group(
             runner.failure = RETRY  # under lockstep the others learn of it at the next step and take this budget too
             logger.warning(
                 "Out of memory scoring %d sequences (%d token positions); the scoring budget is now %d positions.",
-                len(batch), held, budget.tokens,
-            )  # fmt: skip
+                len(batch),
+                held,
+                budget.tokens,
+            )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue

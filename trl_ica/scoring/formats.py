@@ -125,8 +125,14 @@ class PreferenceExample:
 
     def as_sft(self, which: str = "chosen") -> SFTExample:
         messages = getattr(self, f"{which}_messages")
-        return SFTExample(self.prompt, getattr(self, which), self.question, completion=messages, tools=self.tools,
-                          template_kwargs=self.template_kwargs)  # fmt: skip
+        return SFTExample(
+            self.prompt,
+            getattr(self, which),
+            self.question,
+            completion=messages,
+            tools=self.tools,
+            template_kwargs=self.template_kwargs,
+        )
 
 
 def _is_message(m: Any) -> bool:
@@ -251,8 +257,9 @@ def _conversational_example(prompt: Messages, completion: Messages, row: Mapping
         response = _content_text(completion[0]["content"], where)
         return SFTExample(prompt, _check_response(response, where), question)
     messages, text = _structured_response(completion, where)
-    return SFTExample(prompt, _check_response(text, where), question, completion=messages, tools=tools,
-                      template_kwargs=kwargs)  # fmt: skip
+    return SFTExample(
+        prompt, _check_response(text, where), question, completion=messages, tools=tools, template_kwargs=kwargs
+    )
 
 
 def read_row(
@@ -341,8 +348,10 @@ def _read_preference(row: Mapping[str, Any], where: str) -> PreferenceExample:
     if not (_is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected)):
         raise ValueError(f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all lists of messages.")
     prompt = [dict(m) for m in prompt]
-    sides = [_conversational_example(prompt, list(c), row, f"{where} ({label})")
-             for label, c in (("chosen", chosen), ("rejected", rejected))]  # fmt: skip
+    sides = [
+        _conversational_example(prompt, list(c), row, f"{where} ({label})")
+        for label, c in (("chosen", chosen), ("rejected", rejected))
+    ]
     return PreferenceExample(
         prompt,
         sides[0].response,

@@ -98,8 +98,10 @@ class ICARequestBuilder:
         self.width = 2 if self.pairs else 1  # requests per candidate
         if self.renderer.span is not None:
             if self.pairs:
-                raise ValueError("`ica_score_span` scores a span of single responses; preference pairs are scored "
-                                 "whole (their margin). Leave it unset for pairs.")  # fmt: skip
+                raise ValueError(
+                    "`ica_score_span` scores a span of single responses; preference pairs are scored "
+                    "whole (their margin). Leave it unset for pairs."
+                )
             lacking = [i for i, h in enumerate(holdout) if self.renderer.span_tokens(h) is None]
             if lacking:
                 raise ValueError(
@@ -201,9 +203,13 @@ def resolve_embedder(
     there), a sentence-transformers encoder by name, or a callable."""
     if embedding_model is None:
         return lambda texts: model_embeddings(
-            model, tokenizer, texts, show_progress=show_progress, compute_dtype=compute_dtype,
+            model,
+            tokenizer,
+            texts,
+            show_progress=show_progress,
+            compute_dtype=compute_dtype,
             distributed=distributed,
-        )  # fmt: skip
+        )
     if isinstance(embedding_model, str):
         return sentence_embedder(embedding_model)
     if callable(embedding_model):
@@ -250,10 +256,18 @@ def prepare_ica(
         config = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length, max_length_argument = config, "the model's max_position_embeddings"
     return _build_requests(
-        model, tokenizer, candidates, held, options, max_length, max_length_argument, show_progress,
-        exclude=holdout_copies(candidates, held, options.num_demos), compute_dtype=compute_dtype,
+        model,
+        tokenizer,
+        candidates,
+        held,
+        options,
+        max_length,
+        max_length_argument,
+        show_progress,
+        exclude=holdout_copies(candidates, held, options.num_demos),
+        compute_dtype=compute_dtype,
         defer_demos=defer_demos,
-    )  # fmt: skip
+    )
 
 
 def read_holdout(holdout, tokenizer, num_demos: int) -> list:
@@ -283,20 +297,32 @@ def holdout_copies(candidates, held, num_demos: int) -> np.ndarray | None:
     excluded = num_demos < len(held)
     warnings.warn(
         f"{found.size} of {len(candidates)} training examples also appear in the holdout (rows {listed}); "
-        + ("each is kept out of its own demonstrations, but " if excluded else
-           f"with {num_demos} demonstrations from {len(held)} holdout rows each is its own demonstration, and ")
+        + (
+            "each is kept out of its own demonstrations, but "
+            if excluded
+            else f"with {num_demos} demonstrations from {len(held)} holdout rows each is its own demonstration, and "
+        )
         + "a holdout that overlaps the training set is not a clean measure: remove those rows from the holdout.",
         stacklevel=3,
-    )  # fmt: skip
+    )
     if not excluded:
         return None
     return copies
 
 
 def _build_requests(
-    model, tokenizer, candidates, held, options: ICAScoringOptions, max_length, max_length_argument, show_progress,
-    exclude=None, compute_dtype=None, defer_demos=False,
-) -> ICARequestBuilder:  # fmt: skip
+    model,
+    tokenizer,
+    candidates,
+    held,
+    options: ICAScoringOptions,
+    max_length,
+    max_length_argument,
+    show_progress,
+    exclude=None,
+    compute_dtype=None,
+    defer_demos=False,
+) -> ICARequestBuilder:
     """Choose the demonstrations of `candidates` among `held` (`exclude`: see [`select_demos`]) and return the
     length-checked [`ICARequestBuilder`]; shared by [`prepare_ica`] and [`prepare_holdout_reference`]. With
     `defer_demos` the choice and the check wait until the demonstrations are first needed
@@ -307,9 +333,14 @@ def _build_requests(
         if options.demo_selection in NEAREST_SELECTIONS:
             embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype)
         return select_demos(
-            [c.question for c in candidates], [h.question for h in held], options.num_demos, options.demo_selection,
-            options.seed, embed, exclude,
-        )  # fmt: skip
+            [c.question for c in candidates],
+            [h.question for h in held],
+            options.num_demos,
+            options.demo_selection,
+            options.seed,
+            embed,
+            exclude,
+        )
 
     builder = ICARequestBuilder(tokenizer, candidates, held, options)
     builder.defer(choose, max_length, max_length_argument)
@@ -355,9 +386,18 @@ def prepare_holdout_reference(
             f"has {len(held)}. Give a larger holdout or fewer demonstrations."
         )
     return _build_requests(
-        model, tokenizer, candidates, demos_pool, options, max_length, max_length_argument, show_progress,
-        exclude=np.arange(len(held)), compute_dtype=compute_dtype, defer_demos=defer_demos,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        candidates,
+        demos_pool,
+        options,
+        max_length,
+        max_length_argument,
+        show_progress,
+        exclude=np.arange(len(held)),
+        compute_dtype=compute_dtype,
+        defer_demos=defer_demos,
+    )
 
 
 def score_with(
@@ -560,8 +600,10 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
     running = set(inspect.signature(score_ica).parameters) - {"model", "tokenizer", "dataset", "holdout", "options"}
     unknown = sorted(set(kwargs) - fields - running)
     if unknown:
-        raise ValueError(f"`compute_ica_scores` got unknown settings {unknown}; it takes the fields of "
-                         f"ICAScoringOptions {sorted(fields)} and {sorted(running)}.")  # fmt: skip
+        raise ValueError(
+            f"`compute_ica_scores` got unknown settings {unknown}; it takes the fields of "
+            f"ICAScoringOptions {sorted(fields)} and {sorted(running)}."
+        )
     options = ICAScoringOptions(**{k: v for k, v in kwargs.items() if k in fields})
     run = {k: v for k, v in kwargs.items() if k not in fields}
     return score_ica(model, tokenizer, dataset, holdout, options, **run).scores

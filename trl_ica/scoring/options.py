@@ -84,8 +84,12 @@ class ICAScoringOptions:
     def from_preset(cls, preset: str = "recommended", **fields) -> ICAScoringOptions:
         """The options of `preset` (`"recommended"` or `"paper"`: the paper's summed difference, demonstrations in
         the user turn, the response's own tokens), with `fields` given explicitly winning over it."""
-        names = {"ica_score_form": "form", "ica_reduction": "reduction", "ica_demo_layout": "layout",
-                 "ica_score_end_token": "score_end"}  # fmt: skip
+        names = {
+            "ica_score_form": "form",
+            "ica_reduction": "reduction",
+            "ica_demo_layout": "layout",
+            "ica_score_end_token": "score_end",
+        }
         return cls(**{**{names[k]: v for k, v in scoring_settings(preset).items()}, **fields})
 
     @property

@@ -119,8 +119,9 @@ def sharing_costs(
         for node, idx in plan.requests.items():
             if not idx:
                 continue
-            lengths = [len(requests[i].prefix) - len(node) + len(requests[i].context) + len(requests[i].response)
-                       for i in idx]  # fmt: skip
+            lengths = [
+                len(requests[i].prefix) - len(node) + len(requests[i].context) + len(requests[i].response) for i in idx
+            ]
             batches, padded = _batches(lengths, len(node), batch_size, max_tokens)
             forwards, tokens = forwards + batches, tokens + padded
         out[sharing] = (forwards, tokens)

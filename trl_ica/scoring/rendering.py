@@ -296,17 +296,25 @@ class Renderer:
     def _check_structured(self, example: SFTExample) -> None:
         what = "A row whose response is several messages or tool calls, or that has `tools` or `chat_template_kwargs`,"
         if self.layout != "turns":
-            raise ValueError(f"{what} gets its demonstrations as earlier turns: set `ica_demo_layout='turns'` (the "
-                             f"default), not {self.layout!r}.")  # fmt: skip
+            raise ValueError(
+                f"{what} gets its demonstrations as earlier turns: set `ica_demo_layout='turns'` (the "
+                f"default), not {self.layout!r}."
+            )
         if self.template is not None:
-            raise ValueError(f"{what} gets its demonstrations as chat turns, which a demonstration template "
-                             "(`ica_demo_template`) does not write; drop the template.")  # fmt: skip
+            raise ValueError(
+                f"{what} gets its demonstrations as chat turns, which a demonstration template "
+                "(`ica_demo_template`) does not write; drop the template."
+            )
         if self.span is not None:
-            raise ValueError(f"{what} is scored over the tokens training covers; `ica_score_span`={self.span!r} "
-                             "scores part of a text response. Leave it unset.")  # fmt: skip
+            raise ValueError(
+                f"{what} is scored over the tokens training covers; `ica_score_span`={self.span!r} "
+                "scores part of a text response. Leave it unset."
+            )
         if not self.score_end:
-            raise ValueError(f"{what} is scored over every token training covers, the turns' closing tokens among "
-                             "them; `ica_score_end_token=False` cannot leave them out. Set it to True.")  # fmt: skip
+            raise ValueError(
+                f"{what} is scored over every token training covers, the turns' closing tokens among "
+                "them; `ica_score_end_token=False` cannot leave them out. Set it to True."
+            )
 
     def _demo_turns(self, demo: SFTExample) -> list[dict]:
         if demo.structured:  # the demonstration's own conversation, its system message aside
@@ -317,9 +325,13 @@ class Renderer:
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             self.pieces(SFTExample(messages, "", ""))  # raises the error that names the missing chat template
         return self.tokenizer.apply_chat_template(
-            messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt,
-            chat_template=self.chat_template, **template_kwargs,
-        )  # fmt: skip
+            messages,
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=self.chat_template,
+            **template_kwargs,
+        )
 
     def _loss_positions(self, example: SFTExample, response: tuple[int, ...]) -> tuple[int, ...] | None:
         """The response tokens the loss covers: every one (None), or under `assistant_only` those the chat
@@ -327,10 +339,14 @@ class Renderer:
         if not self.assistant_only:
             return None
         out = self.tokenizer.apply_chat_template(
-            [*example.prompt, *example.completion], tools=list(example.tools or ()) or None, tokenize=True,
-            return_dict=True, return_assistant_tokens_mask=True, chat_template=self.chat_template,
+            [*example.prompt, *example.completion],
+            tools=list(example.tools or ()) or None,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            chat_template=self.chat_template,
             **(example.template_kwargs or {}),
-        )  # fmt: skip
+        )
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
         n = len(response)
         if ids[-n:] != list(response):
@@ -349,8 +365,10 @@ class Renderer:
     def span_tokens(self, example: SFTExample, p: Pieces | None = None) -> tuple[int, int] | None:
         """`(k, j)`: the response tokens `[k, j)` (of [`_response_ids`]) that `span` scores, or None without a span."""
         if example.language_modeling:
-            raise ValueError("`ica_score_span` scores part of a response after a prompt; language-modeling rows have "
-                             "no prompt. Use prompt/completion or conversational rows, or no span.")  # fmt: skip
+            raise ValueError(
+                "`ica_score_span` scores part of a response after a prompt; language-modeling rows have "
+                "no prompt. Use prompt/completion or conversational rows, or no span."
+            )
         chars = span_chars(example.response, self.span)
         if chars is None:
             return None

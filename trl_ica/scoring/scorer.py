@@ -34,9 +34,14 @@ def model_dtype(model) -> torch.dtype | None:
 
 
 def load_scoring_model(
-    model, tokenizer=None, *, dtype: torch.dtype | str | None = None, device=None, trust_remote_code: bool = False,
+    model,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device=None,
+    trust_remote_code: bool = False,
     argument: str = "ica_scoring_model",
-) -> ScoringModel:  # fmt: skip
+) -> ScoringModel:
     """The scorer `model` (a Hub id, a folder, or a loaded causal LM) with its tokenizer, in eval mode and without
     gradients, on `device`.
 

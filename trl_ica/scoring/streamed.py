@@ -35,8 +35,16 @@ class StreamedRequestBuilder(ICARequestBuilder):
         pairs (`bool`, *optional*, defaults to `False`): the rows are preference pairs, scored by their margin.
     """
 
-    def __init__(self, tokenizer, holdout, options: ICAScoringOptions, embed=None, max_length=None,
-                 argument: str = "max_length", pairs: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        holdout,
+        options: ICAScoringOptions,
+        embed=None,
+        max_length=None,
+        argument: str = "max_length",
+        pairs: bool = False,
+    ):
         if options.demo_selection not in STREAMED_SELECTIONS:
             raise ValueError(
                 f"Rows that stream in (an IterableDataset) need demonstrations chosen row by row: `demo_selection` "
@@ -95,10 +103,12 @@ class StreamedRequestBuilder(ICARequestBuilder):
                 exclude = holdout_copies([self.candidates[i] for i in new], self.holdout, k)
             if caught:
                 self._copies_warned = True
-                warnings.warn(str(caught[0].message) + " (streamed rows: counted in the first step that has any)",
-                              stacklevel=2)  # fmt: skip
-            table[new] = select_demos(questions, holdout, k, selection, seed, embed, exclude, rows=new,
-                                      holdout_vectors=self._holdout_vectors)  # fmt: skip
+                warnings.warn(
+                    str(caught[0].message) + " (streamed rows: counted in the first step that has any)", stacklevel=2
+                )
+            table[new] = select_demos(
+                questions, holdout, k, selection, seed, embed, exclude, rows=new, holdout_vectors=self._holdout_vectors
+            )
         self.demo_indices = table
         if new:
             self._check_new_lengths(new)
@@ -120,16 +130,25 @@ class StreamedRequestBuilder(ICARequestBuilder):
 
 
 def prepare_streamed_ica(
-    model, tokenizer, holdout, options: ICAScoringOptions, *, max_length=None, max_length_argument="max_length",
-    show_progress: bool = False, compute_dtype=None, pairs: bool = False,
-) -> StreamedRequestBuilder:  # fmt: skip
+    model,
+    tokenizer,
+    holdout,
+    options: ICAScoringOptions,
+    *,
+    max_length=None,
+    max_length_argument="max_length",
+    show_progress: bool = False,
+    compute_dtype=None,
+    pairs: bool = False,
+) -> StreamedRequestBuilder:
     """The [`StreamedRequestBuilder`] of a training set that streams in (of preference pairs when `pairs`): the
     holdout is read now, rows as they come."""
     held = read_holdout(holdout, tokenizer, options.num_demos)
     embed = None
     if options.demo_selection == "knn":
-        embed = resolve_embedder(model, tokenizer, options.embedding_model, show_progress, compute_dtype,
-                                 distributed="lockstep")  # fmt: skip
+        embed = resolve_embedder(
+            model, tokenizer, options.embedding_model, show_progress, compute_dtype, distributed="lockstep"
+        )
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length_argument = "the model's max_position_embeddings"

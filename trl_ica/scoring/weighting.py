@@ -131,12 +131,16 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
     pool = pool[np.isfinite(pool)]  # -inf: rows that lack what is scored (`ica_score_span`), weighted 0 below
     for name, values in (("holdout's own", ref), ("training set's", pool)):
         if values.size < 2 or not np.isfinite(values).all():
-            raise ValueError(f"`weighting='holdout_posterior'` needs at least 2 finite {name} scores, got "
-                             f"{values.size} ({int((~np.isfinite(values)).sum())} not finite).")  # fmt: skip
+            raise ValueError(
+                f"`weighting='holdout_posterior'` needs at least 2 finite {name} scores, got "
+                f"{values.size} ({int((~np.isfinite(values)).sum())} not finite)."
+            )
     spread = min(ref.std(ddof=1), (np.quantile(ref, 0.75) - np.quantile(ref, 0.25)) / 1.349) or ref.std(ddof=1)
     if not spread > 0:
-        raise ValueError("`weighting='holdout_posterior'`: the holdout's own scores are all equal, so they give no "
-                         "density to compare with.")  # fmt: skip
+        raise ValueError(
+            "`weighting='holdout_posterior'`: the holdout's own scores are all equal, so they give no "
+            "density to compare with."
+        )
     bandwidth = 0.9 * spread * ref.size ** (-0.2)
 
     def density(at, sample):  # in blocks of the grid: memory of 64 x len(sample) at most
@@ -199,8 +203,10 @@ def compute_weights(
     if scheme == "holdout_posterior":
         _clean(scores, where)  # NaN names its rows first
         if reference is None or pool is None:
-            raise ValueError("`weighting='holdout_posterior'` needs the holdout's own scores (`reference`) and every "
-                             "training row's (`pool`).")  # fmt: skip
+            raise ValueError(
+                "`weighting='holdout_posterior'` needs the holdout's own scores (`reference`) and every "
+                "training row's (`pool`)."
+            )
         return posterior_weights(scores, reference, pool, where=where)
     _clean(scores, where)  # NaN is still an error under "none"
     return np.ones(np.asarray(scores).size, dtype=np.float64)
@@ -229,8 +235,9 @@ def token_threshold(reference_tokens, quantile: float) -> float:
     values = np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1) for t in reference_tokens] or [[]])
     values = values[np.isfinite(values)]
     if values.size == 0:
-        raise ValueError("The holdout's own responses gave no finite token log-probabilities to set the token "
-                         "threshold from.")  # fmt: skip
+        raise ValueError(
+            "The holdout's own responses gave no finite token log-probabilities to set the token threshold from."
+        )
     return float(np.quantile(values, quantile))
 
 

@@ -43,9 +43,13 @@ def _requests_per_row(renderer: Renderer, examples, fn) -> tuple[list[LogProbReq
 
 def _per_token(model, requests, width, batch_size, show_progress, desc, max_batch_tokens=None):
     out = score_requests(
-        model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens, show_progress=show_progress,
+        model,
+        requests,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        show_progress=show_progress,
         desc=desc,
-    )  # fmt: skip
+    )
     return out.sums.reshape(-1, width), out.counts.reshape(-1, width)
 
 
@@ -78,13 +82,23 @@ def ifd_scores(model, tokenizer, dataset, *, batch_size=None, show_progress=True
         raise ValueError("`method='ifd'` is defined for SFT examples, not for preference pairs.")
     renderer = Renderer(tokenizer)
     plain, counts = _per_token(
-        model, [renderer.unconditioned(e) for e in examples], 1, batch_size, show_progress, "log p(y | x)",
+        model,
+        [renderer.unconditioned(e) for e in examples],
+        1,
+        batch_size,
+        show_progress,
+        "log p(y | x)",
         max_batch_tokens,
-    )  # fmt: skip
+    )
     alone, _ = _per_token(
-        model, [_response_alone(renderer, e) for e in examples], 1, batch_size, show_progress, "log p(y)",
+        model,
+        [_response_alone(renderer, e) for e in examples],
+        1,
+        batch_size,
+        show_progress,
+        "log p(y)",
         max_batch_tokens,
-    )  # fmt: skip
+    )
     return np.exp((alone[:, 0] - plain[:, 0]) / counts[:, 0])
 
 
@@ -204,8 +218,10 @@ def score_dataset(
     if options.span is not None and method != "ica":
         raise ValueError(f"`options.span` ({options.span!r}) applies to `method='ica'` only, got {method!r}.")
     if (sharing != "auto" or forward_overhead is not None) and method != "ica":
-        raise ValueError(f"`sharing` ({sharing!r}) and `forward_overhead` ({forward_overhead!r}) choose how `ica` "
-                         f"shares demonstration prefixes; `method={method!r}` has none.")  # fmt: skip
+        raise ValueError(
+            f"`sharing` ({sharing!r}) and `forward_overhead` ({forward_overhead!r}) choose how `ica` "
+            f"shares demonstration prefixes; `method={method!r}` has none."
+        )
     if method in ("ica", "oneshot") and holdout is None:
         raise ValueError(f"`method={method!r}` needs a holdout set (`holdout`).")
     common = dict(batch_size=batch_size, show_progress=show_progress, max_batch_tokens=max_batch_tokens)

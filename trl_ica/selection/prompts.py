@@ -103,9 +103,13 @@ def build_prompts(tokenizer, pool: list[SFTExample], holdout: list[SFTExample] |
     """The shared instruction and every prompt (token ids, demo spans, query section) in drawing order."""
     rng = np.random.default_rng(config.seed)
     prompts = plan_prompts(
-        len(pool), config.num_demos, config.num_queries, config.min_demo_count, rng,
+        len(pool),
+        config.num_demos,
+        config.num_queries,
+        config.min_demo_count,
+        rng,
         len(holdout) if holdout is not None else None,
-    )  # fmt: skip
+    )
     builder = PromptBuilder(tokenizer, pool[0].conversational, config.instruction)
     for prompt in prompts:
         builder.build(prompt, pool, holdout if holdout is not None else pool, config.metric == "log_likelihood")

@@ -64,8 +64,9 @@ class WhispererResult:
         }
 
 
-def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererConfig | None = None, *,
-                     show_progress: bool = True) -> WhispererResult:  # fmt: skip
+def whisperer_scores(
+    model, tokenizer, dataset, holdout=None, config: WhispererConfig | None = None, *, show_progress: bool = True
+) -> WhispererResult:
     """Data Whisperer scores of every row of `dataset` (SFT rows); larger is better.
 
     Args:
@@ -155,9 +156,18 @@ def whisperer_scores(model, tokenizer, dataset, holdout=None, config: WhispererC
                 query_scores = _teacher_forced(lm, backbone, head, ids, full_mask, cache, P, batch, L)
             else:
                 query_scores = _generated(
-                    lm, tok, torch.cat([prefix_ids.expand(B, -1), ids], dim=1), full_mask, cache, budget, batch,
-                    queries, metric, config.num_queries, result,
-                )  # fmt: skip
+                    lm,
+                    tok,
+                    torch.cat([prefix_ids.expand(B, -1), ids], dim=1),
+                    full_mask,
+                    cache,
+                    budget,
+                    batch,
+                    queries,
+                    metric,
+                    config.num_queries,
+                    result,
+                )
             attention = probe.result
             if attention is None:
                 raise RuntimeError(f"Layer {layer}'s attention was not observed; the model bypassed the probe.")
@@ -177,9 +187,12 @@ def _teacher_forced(lm, backbone, head, ids, full_mask, cache, P, batch, L) -> l
     """exp(mean log p) of each reference answer after the prompt."""
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
     hidden = backbone(
-        input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+        input_ids=ids,
+        attention_mask=full_mask,
+        position_ids=positions,
+        use_cache=True,
         **{seams.cache_argument(backbone): cache},
-    ).last_hidden_state  # fmt: skip
+    ).last_hidden_state
     out = []
     for b, p in enumerate(batch):
         pad = L - len(p.ids)

@@ -28,8 +28,12 @@ def _configs() -> dict[str, type]:
     from .dpo_config import ICADPOConfig
     from .sft_config import ICASFTConfig
 
-    return {"ICASFTConfig": ICASFTConfig, "ICADPOConfig": ICADPOConfig, "ICACPOConfig": ICACPOConfig,
-            "ICASimPOConfig": ICASimPOConfig}  # fmt: skip
+    return {
+        "ICASFTConfig": ICASFTConfig,
+        "ICADPOConfig": ICADPOConfig,
+        "ICACPOConfig": ICACPOConfig,
+        "ICASimPOConfig": ICASimPOConfig,
+    }
 
 
 def resolved_defaults(preset: str = "recommended") -> dict[str, dict[str, object]]:

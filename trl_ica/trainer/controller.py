@@ -75,9 +75,12 @@ class ICAController:
         # out-of-memory back-off holds for the rest of the run
         self.budget = ScoringBudget(training.scoring_max_tokens)
         self.engine_options = dict(
-            batch_size=training.scoring_batch_size, max_batch_tokens=self.budget, compute_dtype=compute_dtype,
-            sharing=training.scoring_sharing, forward_overhead=training.scoring_overhead,
-        )  # fmt: skip
+            batch_size=training.scoring_batch_size,
+            max_batch_tokens=self.budget,
+            compute_dtype=compute_dtype,
+            sharing=training.scoring_sharing,
+            forward_overhead=training.scoring_overhead,
+        )
         # `ica_weight_mode="sampling"`: the weights pick the rows drawn ([`pool_weights`]); the loss is the stock one
         self.sampling = training.weight_mode == "sampling"
         # `ica_token_quantile`: scorings keep each response's token log-probs, and tokens under the holdout's
@@ -105,8 +108,11 @@ class ICAController:
             logger.warning(
                 "ica_refresh=%d, but training runs %d optimizer step(s): the training set is scored %d time(s), at "
                 "steps %s. Lower `ica_refresh` to at most the number of steps to silence this.",
-                refresh, max_steps, len(steps), steps,
-            )  # fmt: skip
+                refresh,
+                max_steps,
+                len(steps),
+                steps,
+            )
             self._warned_schedule = True
         return steps
 
@@ -122,8 +128,9 @@ class ICAController:
         if self.scorer is not None:
             return self.scorer.model
         if self.scorer_name is not None:  # freed: the trained model must never stand in for it
-            raise RuntimeError(f"The scoring model {self.scorer_name} was freed after its one scoring; nothing "
-                               "should score again.")  # fmt: skip
+            raise RuntimeError(
+                f"The scoring model {self.scorer_name} was freed after its one scoring; nothing should score again."
+            )
         return model
 
     def _release_scorer_if_done(self) -> None:
@@ -162,8 +169,10 @@ class ICAController:
         # -inf is a score (a response without the span `ica_score_span` scores); NaN is a broken one
         bad = np.flatnonzero(np.isnan(scores) | (scores == np.inf))
         if bad.size:
-            raise ValueError(f"{source}: the scores of rows {bad[:5].tolist()} are NaN or +inf; scores are numbers, "
-                             "or -inf for a response without the scored span.")  # fmt: skip
+            raise ValueError(
+                f"{source}: the scores of rows {bad[:5].tolist()} are NaN or +inf; scores are numbers, "
+                "or -inf for a response without the scored span."
+            )
         self.state.scores, self.state.global_range, self.state.refreshes_done = scores, score_range(scores), 1
         self.recorder.given_scores(scores, source)
 
@@ -212,8 +221,14 @@ class ICAController:
         if self._reference_due(step):
             self._score_reference(model, step)
         # Each process scores its own batch; "lockstep" keeps the model calls of the processes in step
-        result = score_with(self._scoring(model), self.builder, indices, show_progress=False, distributed="lockstep",
-                            **self.engine_options)  # fmt: skip
+        result = score_with(
+            self._scoring(model),
+            self.builder,
+            indices,
+            show_progress=False,
+            distributed="lockstep",
+            **self.engine_options,
+        )
         scores = result.scores
         self.state.grow(int(indices.max()) + 1 if len(indices) else 0)
         self.state.scores[indices] = scores
@@ -309,8 +324,9 @@ class ICAController:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         begun = step == self.step_begun and set(indices.tolist()) <= self._step_members
         if self._step_of_one_micro_batch or not begun:
-            self.begin_step(model, [indices], step, max_steps, None if units is None else [units],
-                            None if rows is None else [rows])  # fmt: skip
+            self.begin_step(
+                model, [indices], step, max_steps, None if units is None else [units], None if rows is None else [rows]
+            )
             self._step_of_one_micro_batch = True
         return np.array([self._step_weights[i] for i in indices.tolist()], dtype=np.float64)
 

@@ -257,14 +257,18 @@ class ICAArguments:
     )
     ica_weight_mode: str = field(
         default="loss",
-        metadata={"help": "Weights multiply each example's loss, or set how often it is drawn.",
-                  "choices": list(WEIGHT_MODES)},
-    )  # fmt: skip
+        metadata={
+            "help": "Weights multiply each example's loss, or set how often it is drawn.",
+            "choices": list(WEIGHT_MODES),
+        },
+    )
     ica_loss_reduction: str = field(
         default="token_mean",
-        metadata={"help": "Divide the weighted loss by the step's tokens, or by its weighted tokens.",
-                  "choices": list(LOSS_REDUCTIONS)},
-    )  # fmt: skip
+        metadata={
+            "help": "Divide the weighted loss by the step's tokens, or by its weighted tokens.",
+            "choices": list(LOSS_REDUCTIONS),
+        },
+    )
     ica_refresh: str = field(
         default="1", metadata={"help": "Number of scorings over training (1: before training), or 'online'."}
     )
@@ -356,11 +360,14 @@ class ICAArguments:
             return
         value = f"`ica_token_quantile`={self.ica_token_quantile!r}"
         if kind == "preference":
-            raise ValueError(f"{value} masks tokens of an SFT response; preference losses compare whole responses. "
-                             "Leave it unset.")  # fmt: skip
+            raise ValueError(
+                f"{value} masks tokens of an SFT response; preference losses compare whole responses. Leave it unset."
+            )
         if self.ica_refresh == "online":
-            raise ValueError(f"{value} sets its threshold from the holdout's tokens scored with the training set, "
-                             "which online scoring does not do. Use a numeric `ica_refresh`.")  # fmt: skip
+            raise ValueError(
+                f"{value} sets its threshold from the holdout's tokens scored with the training set, "
+                "which online scoring does not do. Use a numeric `ica_refresh`."
+            )
         if self.ica_score_span is not None:
             raise ValueError(
                 f"{value} masks every token of a response, but `ica_score_span`={self.ica_score_span!r} scores only "
@@ -453,19 +460,24 @@ class ICAArguments:
         if self.ica_scoring_model is not None:
             check_fixed_scorer(self.ica_scoring_model, refresh)
         if self.ica_scoring_sharing not in SHARINGS:
-            raise ValueError(f"`ica_scoring_sharing` must be one of {list(SHARINGS)}, got "
-                             f"{self.ica_scoring_sharing!r}.")  # fmt: skip
+            raise ValueError(
+                f"`ica_scoring_sharing` must be one of {list(SHARINGS)}, got {self.ica_scoring_sharing!r}."
+            )
         overhead = self.ica_scoring_overhead
         if isinstance(overhead, str) and overhead != "measure":
             try:
                 overhead = self.ica_scoring_overhead = float(overhead)  # from the command line
             except ValueError:
                 overhead = -1.0
-        if not (overhead is None or overhead == "measure" or (
-            isinstance(overhead, (int, float)) and not isinstance(overhead, bool) and overhead >= 0
-        )):  # fmt: skip
-            raise ValueError(f"`ica_scoring_overhead` must be None, a number of tokens >= 0 or 'measure', got "
-                             f"{self.ica_scoring_overhead!r}.")  # fmt: skip
+        if not (
+            overhead is None
+            or overhead == "measure"
+            or (isinstance(overhead, (int, float)) and not isinstance(overhead, bool) and overhead >= 0)
+        ):
+            raise ValueError(
+                f"`ica_scoring_overhead` must be None, a number of tokens >= 0 or 'measure', got "
+                f"{self.ica_scoring_overhead!r}."
+            )
         for name in ("ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

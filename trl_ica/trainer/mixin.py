@@ -33,8 +33,16 @@ ROW = "ica_row"  # a streamed row as ICA scores it (JSON), carried through TRL's
 ROWS = "ica_rows"  # a batch's streamed rows, one mapping per `ica_index`
 #: The columns of a row in a format SFTTrainer trains on that ICA reads (see `formats.read_row`).
 ROW_COLUMNS = (
-    "prompt", "completion", "messages", "conversations", "text", "chosen", "rejected", "tools", "chat_template_kwargs",
-)  # fmt: skip
+    "prompt",
+    "completion",
+    "messages",
+    "conversations",
+    "text",
+    "chosen",
+    "rejected",
+    "tools",
+    "chat_template_kwargs",
+)
 
 
 def streamed_row_view(row, formatting_func=None, text_field: str = "text") -> dict:
@@ -65,8 +73,10 @@ def scoring_view(
         ids = [r["input_ids"] for r in dataset]
         if masks is None:
             return Dataset.from_dict({"input_ids": ids, "labels": [r["labels"] for r in dataset]})
-        loss_mask = [[int(all(bits)) for bits in zip(*(r[c] for c in masks))] if masks else [1] * len(r["input_ids"])
-                     for r in dataset]  # fmt: skip
+        loss_mask = [
+            [int(all(bits)) for bits in zip(*(r[c] for c in masks))] if masks else [1] * len(r["input_ids"])
+            for r in dataset
+        ]
         return Dataset.from_dict({"input_ids": ids, "loss_mask": loss_mask})
     if formatting_func is not None:
         texts = []
@@ -234,8 +244,16 @@ class ICATrainerMixin:
         path = os.path.join(folder, "README.md")
         if self.is_world_process_zero() and os.path.isfile(path):
             parent, paper = self._ica_parent()
-            complete_card(path, method=self._name, parent=parent, parent_paper=paper, base_model=base_model,
-                          options=self._ica.builder.options, args=self.args, scorer=self._ica.scorer_name)  # fmt: skip
+            complete_card(
+                path,
+                method=self._name,
+                parent=parent,
+                parent_paper=paper,
+                base_model=base_model,
+                options=self._ica.builder.options,
+                args=self.args,
+                scorer=self._ica.scorer_name,
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """`Trainer.save_model`; PEFT's `save_pretrained` rewrites the card's base model to the folder the model was
@@ -292,8 +310,9 @@ class ICATrainerMixin:
         if train_rows is None:
             self._check_streamed(args, "preference" if self._ica_pairs else "sft")
             streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
-            builder = prepare_streamed_ica(model, tokenizer, holdout_dataset, score_options, pairs=self._ica_pairs,
-                                           **streamed)  # fmt: skip
+            builder = prepare_streamed_ica(
+                model, tokenizer, holdout_dataset, score_options, pairs=self._ica_pairs, **streamed
+            )
         else:
             builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
         reference = None
@@ -373,8 +392,13 @@ class ICATrainerMixin:
                 "model."
             )
         dtype = training_compute_dtype(args) or model_dtype(self.model)
-        scorer = load_scoring_model(model, tokenizer, dtype=dtype, device=self.accelerator.device,
-                                    trust_remote_code=getattr(args, "trust_remote_code", False))  # fmt: skip
+        scorer = load_scoring_model(
+            model,
+            tokenizer,
+            dtype=dtype,
+            device=self.accelerator.device,
+            trust_remote_code=getattr(args, "trust_remote_code", False),
+        )
         logger.info("ICA scores with %s, not with the model being trained.", scorer.name)
         return scorer
 
@@ -393,8 +417,10 @@ class ICATrainerMixin:
         if getattr(args, "packing", False):
             raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
         if args.ica_refresh == 1:
-            logger.info("A streamed `train_dataset`: each row is scored once, as it arrives, by the model of its step "
-                        "(ica_refresh=1 on a stream is ica_refresh='online').")  # fmt: skip
+            logger.info(
+                "A streamed `train_dataset`: each row is scored once, as it arrives, by the model of its step "
+                "(ica_refresh=1 on a stream is ica_refresh='online')."
+            )
             args.ica_refresh = "online"
             args.validate_ica(kind)  # what online scoring refuses (pool weightings, token masks) is refused here
         if args.ica_refresh != "online":
@@ -423,8 +449,10 @@ class ICATrainerMixin:
         dataset = self.train_dataset if train_dataset is None else train_dataset
         index = dataset[INDEX]
         if index and isinstance(index[0], list):
-            raise ValueError("`ica_weight_mode='sampling'` draws examples, but the training rows are packed sequences "
-                             "of several (`packing=True`); set `packing=False`.")  # fmt: skip
+            raise ValueError(
+                "`ica_weight_mode='sampling'` draws examples, but the training rows are packed sequences "
+                "of several (`packing=True`); set `packing=False`."
+            )
         index = np.asarray(index, dtype=np.int64)
         args = self.args
         processes = self.accelerator.num_processes
@@ -441,8 +469,13 @@ class ICATrainerMixin:
         # the stock sampler's seed: accelerate seeds its `SeedableRandomSampler` with `data_seed`, else the seed the
         # run set (torch's initial seed when the dataloader is prepared, which is now)
         seed = args.data_seed if args.data_seed is not None else torch.random.initial_seed()
-        per_epoch = steps_per_epoch(len(index), args.per_device_train_batch_size, processes,
-                                    args.gradient_accumulation_steps, args.dataloader_drop_last)  # fmt: skip
+        per_epoch = steps_per_epoch(
+            len(index),
+            args.per_device_train_batch_size,
+            processes,
+            args.gradient_accumulation_steps,
+            args.dataloader_drop_last,
+        )
         return WeightedEpochSampler(
             len(index), weights, seed, step_rows, before_step, per_epoch, version=self._ica.weights_version
         )
@@ -488,8 +521,9 @@ class ICATrainerMixin:
     def unweighted_error(self, seam: str) -> seams.SeamError:
         """The error for a training step whose loss the ICA weights did not reach: `seam` names the TRL code the
         trainer relies on. Training on would silently be unweighted, so the step stops instead."""
-        return seams.SeamError(seam, "the ICA weights did not reach the loss of this training step, which would "
-                               "go on unweighted")  # fmt: skip
+        return seams.SeamError(
+            seam, "the ICA weights did not reach the loss of this training step, which would go on unweighted"
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The parent's `log`; in training, the scores and weights of the steps since the last log also go to the

@@ -80,12 +80,14 @@ def complete_card(
     files = sorted(os.listdir(ica_dir)) if os.path.isdir(ica_dir) else []
     record = options.record()
     settings = {
-        **{name: record[name] for name in ("ica_num_demos", "ica_demo_selection", "ica_score_form", "ica_reduction",
-                                           "ica_demo_layout")},
+        **{
+            name: record[name]
+            for name in ("ica_num_demos", "ica_demo_selection", "ica_score_form", "ica_reduction", "ica_demo_layout")
+        },
         "ica_weighting": args.ica_weighting,
         "ica_refresh": args.ica_refresh,
         **({"ica_scoring_model": scorer} if scorer else {}),
-    }  # fmt: skip
+    }
     score = "log p(y | k holdout demonstrations, x)" + (" - log p(y | x)" if options.form == "difference" else "")
     score += " per response token" if options.reduction == "mean" else ""
     lines = [

@@ -99,8 +99,9 @@ class WeightedEpochSampler(Sampler[int]):
         weights, version = self.weights()
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (self.num_rows,):
-            raise ValueError(f"The sampling weights have shape {weights.shape}; the training set has {self.num_rows} "
-                             "rows.")  # fmt: skip
+            raise ValueError(
+                f"The sampling weights have shape {weights.shape}; the training set has {self.num_rows} rows."
+            )
         if np.isnan(weights).any() or (weights < 0).any():
             raise ValueError("ICA sampling weights must be non-negative numbers.")
         kept = int((weights > 0).sum())

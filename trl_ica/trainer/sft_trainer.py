@@ -163,16 +163,19 @@ class ICASFTTrainer(ICATrainerMixin, SFTTrainer):
         if masks is None:
             return None
         if "labels" not in batch:
-            raise ValueError("`ica_token_quantile` masks the loss tokens of the batch's `labels`, which this collator "
-                             f"does not produce (keys {sorted(batch)}).")  # fmt: skip
+            raise ValueError(
+                "`ica_token_quantile` masks the loss tokens of the batch's `labels`, which this collator "
+                f"does not produce (keys {sorted(batch)})."
+            )
         predicted = batch["labels"][:, 1:] != -100
         counts = np.asarray(units, dtype=np.int64)
         # the loss tokens run row by row, which is example order, packed or not
         targets = np.split(batch["input_ids"][:, 1:][predicted].cpu().numpy(), np.cumsum(counts)[:-1])
         wrong = [
-            n for n, (i, trained) in enumerate(zip(index.tolist(), targets))
+            n
+            for n, (i, trained) in enumerate(zip(index.tolist(), targets))
             if len(trained) > len(masks[n]) or list(self._scored_ids(i)[: len(trained)]) != trained.tolist()
-        ]  # fmt: skip
+        ]
         if wrong:
             raise seams.SeamError(
                 "SFTTrainer's tokenisation of a row (trl.trainer.sft_trainer), which ICA renders again to score it",

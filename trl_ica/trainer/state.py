@@ -20,13 +20,23 @@ STATE_FILE = "ica_state.npz"
 #: become weights and enter the loss, and when scoring happens. The others (the scoring budget, where given scores
 #: came from, the preset the settings were filled from) change no saved number.
 STATE_FIELDS = (
-    "ica_weighting", "ica_holdout_cutoff", "ica_holdout_rescore_steps", "ica_refresh",
-    "ica_max_length", "ica_loss_reduction", "ica_weight_mode", "ica_token_quantile",
-)  # fmt: skip
+    "ica_weighting",
+    "ica_holdout_cutoff",
+    "ica_holdout_rescore_steps",
+    "ica_refresh",
+    "ica_max_length",
+    "ica_loss_reduction",
+    "ica_weight_mode",
+    "ica_token_quantile",
+)
 NOT_FINGERPRINTED = (
-    "ica_scoring_batch_size", "ica_scoring_max_tokens", "ica_scoring_sharing", "ica_scoring_overhead",
-    "ica_scores_file", "ica_preset",
-)  # fmt: skip
+    "ica_scoring_batch_size",
+    "ica_scoring_max_tokens",
+    "ica_scoring_sharing",
+    "ica_scoring_overhead",
+    "ica_scores_file",
+    "ica_preset",
+)
 #: Fingerprinted by the name of the model that scores (given as a name or a loaded model), not by this field.
 SCORER_FIELD = "ica_scoring_model"
 

@@ -56,8 +56,9 @@ class StepWeigher:
         """The weight of every training example at once (`ica_weight_mode="sampling"`): the schemes that weigh a
         score against the holdout or the whole training set give each row the weight it would get in any batch."""
         if self.scheme in BATCH_WEIGHTINGS:
-            raise ValueError(f"`ica_weighting={self.scheme!r}` weighs the rows of a batch; it gives no weight to a "
-                             "row on its own.")  # fmt: skip
+            raise ValueError(
+                f"`ica_weighting={self.scheme!r}` weighs the rows of a batch; it gives no weight to a row on its own."
+            )
         return compute_weights(
             state.scores,
             self.scheme,
