@@ -33,11 +33,12 @@ def train_steps(model, tokenizer, train, holdout, distributed):
     builder = prepare_ica(model, tokenizer, train, holdout, ICAScoringOptions(num_demos=2), show_progress=False)
     first = score_with(model, builder, batch_size=2, show_progress=False, distributed=distributed).scores
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    weights = []
+    step_scores, weights = [], []
     for step in range(3):
         rows = [(step * 4 + j) % len(train) for j in range(4)]
         scores = score_with(model, builder, rows, batch_size=2, show_progress=False, distributed=distributed).scores
         w = compute_weights(scores, "batch_minmax")
+        step_scores.append(scores.tolist())
         weights.append(w.tolist())
         chats = [train[i]["prompt"] + train[i]["completion"] for i in rows]
         texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
@@ -51,7 +52,7 @@ def train_steps(model, tokenizer, train, holdout, distributed):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return first.tolist(), weights
+    return first.tolist(), step_scores, weights
 
 
 def full_parameters(model) -> list[list[float]]:
@@ -92,8 +93,18 @@ def main():
                 "demos_equal": bool((ours.demo_indices == reference.demo_indices).all()),
                 "local_shapes": local_shapes,
                 "full_shapes": [tuple(p.shape) for p in plain.parameters()],
-                "trained": {"first": trained[0], "weights": trained[1], "parameters": full_parameters(sharded)},
-                "alone": {"first": alone[0], "weights": alone[1], "parameters": full_parameters(plain)},
+                "trained": {
+                    "first": trained[0],
+                    "step_scores": trained[1],
+                    "weights": trained[2],
+                    "parameters": full_parameters(sharded),
+                },
+                "alone": {
+                    "first": alone[0],
+                    "step_scores": alone[1],
+                    "weights": alone[2],
+                    "parameters": full_parameters(plain),
+                },
                 "initial": initial,
             },
             f,
