@@ -3,8 +3,9 @@
 Each experiment file under benchmarks/experiments/ has a block in docs/benchmarks.md between
 `<!-- report: <suite>/<name> -->` and `<!-- /report -->`; its contents are the experiment's table, rebuilt from its
 results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) have a block
-`<!-- report: timing/<module> -->`, rebuilt by the module's `results_table`. `--check` changes nothing and exits 1
-when a block is out of date or missing.
+`<!-- report: timing/<module> -->`, rebuilt by the module's `results_table`. README.md's "What to use for which data"
+table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), rebuilt by
+`benchmarks.what_to_use`. `--check` changes nothing and exits 1 when a block is out of date or missing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from benchmarks.run import benchmark_module, load_experiment
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "benchmarks", "experiments")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+README = os.path.join(ROOT, "README.md")
+SCORES = os.path.join(ROOT, "docs", "scores.md")
 
 
 #: The kept results of the benchmarks that take flags, by module: their tables are rebuilt by
@@ -64,10 +67,17 @@ def tables() -> dict[str, list[str]]:
     return out
 
 
-def rebuilt(text: str) -> tuple[str, list[str]]:
-    """`text` with every report block rebuilt, and the keys that have no block in it."""
+def readme_tables() -> dict[str, list[str]]:
+    """`{block key: the table's lines}` of README.md."""
+    from benchmarks import what_to_use
+
+    return {"readme/what_to_use": what_to_use.results_table()}
+
+
+def rebuilt(text: str, blocks: dict[str, list[str]]) -> tuple[str, list[str]]:
+    """`text` with every one of `blocks` rebuilt, and the keys that have no block in it."""
     missing = []
-    for key, lines in tables().items():
+    for key, lines in blocks.items():
         block = f"<!-- report: {key} -->\n" + "\n".join(lines) + "\n<!-- /report -->"
         pattern = re.compile(rf"<!-- report: {re.escape(key)} -->\n.*?<!-- /report -->", re.S)
         if not pattern.search(text):
@@ -81,26 +91,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="Exit 1 if docs/benchmarks.md is out of date.")
     args = parser.parse_args(argv)
-    with open(DOC) as f:
-        text = f.read()
-    new, missing = rebuilt(text)
-    if missing:
-        print(
-            f"docs/benchmarks.md has no report block for {missing}: add `<!-- report: KEY -->` ... "
-            "`<!-- /report -->` where each table belongs.",
-            file=sys.stderr,
-        )
-        return 1
-    if args.check:
-        if new != text:
-            print("docs/benchmarks.md is out of date: run `python -m benchmarks.report`.", file=sys.stderr)
+    stale = []
+    for path, blocks in ((DOC, tables()), (README, readme_tables()), (SCORES, readme_tables())):
+        name = os.path.relpath(path, ROOT)
+        with open(path) as f:
+            text = f.read()
+        new, missing = rebuilt(text, blocks)
+        if missing:
+            print(
+                f"{name} has no report block for {missing}: add `<!-- report: KEY -->` ... "
+                "`<!-- /report -->` where each table belongs.",
+                file=sys.stderr,
+            )
             return 1
-        return 0
-    if new != text:
+        if new == text:
+            continue
+        if args.check:
+            stale.append(name)
+            continue
         from trl_ica.data_io import written_whole
 
-        with written_whole(DOC) as temporary, open(temporary, "w") as f:
+        with written_whole(path) as temporary, open(temporary, "w") as f:
             f.write(new)
+    if stale:
+        print(f"{', '.join(stale)} out of date: run `python -m benchmarks.report`.", file=sys.stderr)
+        return 1
     return 0
 
 
