@@ -104,6 +104,7 @@ def worker(kind: str, n: int, n_holdout: int, steps: int, output: str) -> None:
             ica_reduction="mean",
             ica_score_form="conditioned",
             ica_weighting="holdout_quantile",
+            ica_weight_mode="loss",  # the setting these figures were measured with
             ica_refresh="online" if kind == "ica_online" else "1",
         )
         trainer = ICASFTTrainer(

@@ -6,7 +6,10 @@ with the float64 value of the same logits: the mean error per token (a bias adds
 cancels), the largest, and the error of the summed log-probability of each response. Also times both on the rows
 (mean of 5 after a warm-up).
 
-    python -m benchmarks.precision [--n 8] [--threads 2]
+    python -m benchmarks.precision [--n 8] [--threads 2] [--results benchmarks/results/precision.json]
+
+The results are written whole to `--results` (refused when it holds a run with other settings) and rebuilt into
+docs/benchmarks.md by `python -m benchmarks.report`.
 """
 
 import argparse
@@ -27,7 +30,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=8, help="GSM8K solutions scored")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default="benchmarks/results/precision.json")
     args = parser.parse_args()
+    from benchmarks.common.results import check_settings
+    from benchmarks.common.results import load as load_results
+    from benchmarks.common.results import save as save_results
+
+    results = load_results(args.results)
+    check_settings(results, {"n": args.n, "threads": args.threads}, args.results)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=5, n_test=1, noise=0.0, seed=0)
@@ -65,19 +75,41 @@ def main():
                 error = (got.double() - truth).numpy()
                 errors[name].append(error)
                 sums[name].append(error.sum())
-    vocab = model.get_output_embeddings().weight.shape[0]
-    print(
-        f"SmolLM2-135M-Instruct, vocabulary {vocab}, {args.n} GSM8K solutions, {sum(tokens)} tokens "
-        f"({min(tokens)} to {max(tokens)} per response), {args.threads} threads"
+    results.update(
+        vocabulary=model.get_output_embeddings().weight.shape[0],
+        tokens=[int(t) for t in tokens],
+        ways={
+            name: {
+                "mean_error": float(np.concatenate(errors[name]).mean()),
+                "largest_error": float(np.abs(np.concatenate(errors[name])).max()),
+                "largest_sum_error": float(np.abs(sums[name]).max()),
+                "seconds": seconds[name],
+            }
+            for name in ways
+        },
     )
-    print("| float32 computation | mean error / token | largest error / token | largest error of a sum | time |")
-    print("|---|---|---|---|---|")
-    for name in ways:
-        e = np.concatenate(errors[name])
-        print(
-            f"| {name} | {e.mean():+.2e} | {np.abs(e).max():.2e} | {np.abs(sums[name]).max():.2e} "
-            f"| {seconds[name]:.3f} s |"
+    save_results(results, args.results)
+    print("\n".join(results_table(results)))
+
+
+def results_table(results: dict) -> list[str]:
+    """Each float32 way's error against float64 and its time (for `python -m benchmarks.report`)."""
+    tokens = results["tokens"]
+    lines = [
+        f"SmolLM2-135M-Instruct, vocabulary {results['vocabulary']:,}, {len(tokens)} GSM8K solutions, "
+        f"{sum(tokens)} response positions ({min(tokens)} to {max(tokens)} per response), "
+        f"{results['settings']['threads']} threads:",
+        "",
+        f"| float32 computation | mean error / token | largest error / token | largest error of a sum | time "
+        f"({sum(tokens)} rows) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results["ways"].items():
+        lines.append(
+            f"| {name} | {r['mean_error']:+.2e} | {r['largest_error']:.2e} | {r['largest_sum_error']:.2e} | "
+            f"{r['seconds']:.3f} s |"
         )
+    return lines
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ one epoch with ICA scoring once before training (R = 1) against the stock epoch,
 floor (stock step + one no-grad forward of the batch). Step times are medians of `--repeats` steps on one batch,
 all measured in one run.
 
-    python -m benchmarks.preference [--n-pairs 48] [--flip 0.4] [--batch-size 4] [--repeats 3]
+    python -m benchmarks.preference [--n-pairs 48] [--flip 0.4] [--batch-size 4] [--repeats 3] [--skip cost]
+
+The results are written whole to `--results` after each part and rebuilt into docs/benchmarks.md by
+`python -m benchmarks.report`.
 """
 
 import argparse
@@ -31,13 +34,13 @@ from trl_ica.selection.baselines import oneshot_scores
 warnings.filterwarnings("ignore")
 
 
-def quality(model, tokenizer, args):
+def quality(model, tokenizer, args) -> dict:
+    """AUROC of each score for ranking the correct pairs above the flipped ones: `{"pairs", "flipped", "rows"}`,
+    each row `[score, demonstrations, AUROC]`."""
     train, holdout, _ = noisy_gsm8k_pairs(args.n_pairs, 16, 0, args.flip, args.seed)
     correct = ~np.array(train["flipped"])
     train = train.remove_columns("flipped")
-    print(f"\n### Flipped-pair detection: {len(train)} pairs, {(~correct).mean():.0%} flipped, 16 holdout pairs\n")
-    print("| score | demos | AUROC correct vs flipped |")
-    print("|---|---|---|")
+    rows = []
     rng = np.random.default_rng(args.seed)
     for selection in args.selections:
         result = score_ica(
@@ -52,27 +55,38 @@ def quality(model, tokenizer, args):
         tokens = result.pair_tokens
         cond, plain = result.pair_logps[:, :2] / tokens, result.pair_logps[:, 2:] / tokens
         per_token = (cond[:, 0] - cond[:, 1]) - (plain[:, 0] - plain[:, 1])  # the score with reduction="mean"
-        print(f"| ICA margin change (sum, the paper's) | {selection} | {auroc(result.scores, correct):.3f} |")
-        print(f"| ICA margin change per token | {selection} | {auroc(per_token, correct):.3f} |")
-        print(
-            f"| conditioned margin log p(y_w\\|D,x) - log p(y_l\\|D,x) | {selection} | "
-            f"{auroc(result.logp_conditioned, correct):.3f} |"
-        )
-        # form="conditioned", reduction="mean": the margin with demonstrations, per token
-        print(
-            f'| conditioned margin per token (`ica_score_form="conditioned"`, mean) | {selection} | '
-            f"{auroc(cond[:, 0] - cond[:, 1], correct):.3f} |"
-        )
+        rows += [
+            ["ICA margin change, sum over tokens (the paper's)", selection, auroc(result.scores, correct)],
+            ['ICA margin change, per token (`ica_reduction="mean"`)', selection, auroc(per_token, correct)],
+            [
+                "conditioned margin alone, log p(y_w \\| D, x) - log p(y_l \\| D, x)",
+                selection,
+                auroc(result.logp_conditioned, correct),
+            ],
+            [
+                'conditioned margin per token (`ica_score_form="conditioned"`, `ica_reduction="mean"`)',
+                selection,
+                auroc(cond[:, 0] - cond[:, 1], correct),
+            ],
+        ]
     tokens = result.pair_tokens
     per_token_margin = result.pair_logps[:, 2] / tokens[:, 0] - result.pair_logps[:, 3] / tokens[:, 1]
-    print(
-        f"| model margin log p(y_w\\|x) - log p(y_l\\|x) (loss baseline) | none | "
-        f"{auroc(result.logp_unconditioned, correct):.3f} |"
-    )
-    print(f"| model margin per token | none | {auroc(per_token_margin, correct):.3f} |")
     oneshot = oneshot_scores(model, tokenizer, train, holdout, num_queries=3)
-    print(f"| One-Shot: gain of the 3 nearest holdout margins | the pair | {auroc(oneshot, correct):.3f} |")
-    print(f"| random | none | {auroc(rng.random(len(correct)), correct):.3f} |")
+    rows += [
+        [
+            "model margin log p(y_w \\| x) - log p(y_l \\| x) (loss baseline, summed)",
+            "none",
+            auroc(result.logp_unconditioned, correct),
+        ],
+        ["model margin per token", "none", auroc(per_token_margin, correct)],
+        [
+            "One-Shot: the pair's chosen answer as the one demonstration, gain of its 3 nearest holdout margins",
+            "the pair",
+            auroc(oneshot, correct),
+        ],
+        ["random", "none", auroc(rng.random(len(correct)), correct)],
+    ]
+    return {"pairs": len(train), "flipped": float((~correct).mean()), "rows": [[a, b, float(c)] for a, b, c in rows]}
 
 
 def epoch_time(trainer):
@@ -105,7 +119,8 @@ def floor_forward(trainer, batch, repeats, kind):
     return median_forward(trainer, batch, repeats)
 
 
-def cost(path, tokenizer, args):
+def cost(path, tokenizer, args) -> dict:
+    """Per trainer, the stock and ICA R = 1 epochs and the stock, floor and online steps, in seconds."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     from trl_ica import ICASimPOConfig
@@ -129,12 +144,7 @@ def cost(path, tokenizer, args):
         "dpo": (DPOTrainer, DPOConfig, ICADPOTrainer, ICADPOConfig, dict(beta=0.5)),
         "simpo": (CPOTrainer, CPOConfig, ICACPOTrainer, ICASimPOConfig, dict(loss_type="simpo", cpo_alpha=0.0)),
     }
-    print(f"\n### Cost: {len(train)} pairs, batch {args.batch_size}, LoRA r=16 all-linear, {args.threads} threads\n")
-    print(
-        "| trainer | stock epoch (s) | ICA R=1 epoch (s) | R=1 / stock | stock step (s) | floor (s) | "
-        "online step (s) | online / floor |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    out = {"pairs": len(train), "batch_size": args.batch_size, "threads": args.threads, "trainers": {}}
     for name, (stock_cls, stock_cfg, ica_cls, ica_cfg, extra) in kinds.items():
 
         def make(cls, cfg, extra=extra, **fields):
@@ -164,11 +174,15 @@ def cost(path, tokenizer, args):
         )
         ica_rows = [online.train_dataset[i] for i in range(args.batch_size)]
         t_online = median_step(online, online._prepare_inputs(online.data_collator(ica_rows)), args.repeats)
-        print(
-            f"| {name} | {t_stock_epoch:.1f} | {t_ica_epoch:.1f} | {t_ica_epoch / t_stock_epoch:.2f} | {t_step:.2f} | "
-            f"{t_floor:.2f} | {t_online:.2f} | {t_online / t_floor:.2f} |",
-            flush=True,
-        )
+        out["trainers"][name] = {
+            "stock_epoch": t_stock_epoch,
+            "ica_epoch": t_ica_epoch,
+            "stock_step": t_step,
+            "floor": t_floor,
+            "online_step": t_online,
+        }
+        print(f"  {name}: {out['trainers'][name]}", flush=True)
+    return out
 
 
 def main():
@@ -182,14 +196,57 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", choices=["quality", "cost"])
     parser.add_argument("--selections", nargs="+", default=["fixed"], choices=["fixed", "knn", "random"])
+    parser.add_argument("--results", default="benchmarks/results/preference.json")
     args = parser.parse_args()
+    from benchmarks.common.results import check_settings
+    from benchmarks.common.results import load as load_results
+    from benchmarks.common.results import save as save_results
+
+    results = load_results(args.results)
+    settings = {k: getattr(args, k) for k in ("n_pairs", "epoch_pairs", "flip", "batch_size", "repeats", "seed")}
+    check_settings(results, {**settings, "selections": args.selections, "threads": args.threads}, args.results)
     torch.set_num_threads(args.threads)
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.skip != "quality":
-        quality(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, args)
+        results["quality"] = quality(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, args)
+        save_results(results, args.results)
     if args.skip != "cost":
-        cost(path, tokenizer, args)
+        results["cost"] = cost(path, tokenizer, args)
+        save_results(results, args.results)
+    for lines in results_tables(results).values():
+        print("\n".join(lines) + "\n")
+
+
+def results_tables(results: dict) -> dict[str, list[str]]:
+    """`{"quality": the AUROC table, "cost": the cost table}` of what `results` holds (for
+    `python -m benchmarks.report`, blocks `timing/preference/quality` and `timing/preference/cost`)."""
+    tables = {}
+    if "quality" in results:
+        q = results["quality"]
+        tables["quality"] = [
+            f"{q['pairs']} pairs, {q['flipped']:.0%} flipped, 16 clean holdout pairs, k = 3:",
+            "",
+            "| score | demonstrations | AUROC correct vs flipped |",
+            "|---|---|---|",
+            *(f"| {score} | {demos} | {value:.3f} |" for score, demos, value in q["rows"]),
+        ]
+    if "cost" in results:
+        c = results["cost"]
+        tables["cost"] = [
+            f"{c['pairs']} pairs, batch {c['batch_size']}, {c['threads']} threads:",
+            "",
+            "| trainer | stock epoch (s) | ICA R = 1 epoch (s) | R = 1 / stock | stock step (s) | floor (s) | "
+            "online step (s) | online / floor |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, t in c["trainers"].items():
+            tables["cost"].append(
+                f"| {dict(dpo='DPO', simpo='SimPO')[name]} | {t['stock_epoch']:.1f} | {t['ica_epoch']:.1f} | "
+                f"{t['ica_epoch'] / t['stock_epoch']:.2f} | {t['stock_step']:.2f} | {t['floor']:.2f} | "
+                f"{t['online_step']:.2f} | {t['online_step'] / t['floor']:.2f} |"
+            )
+    return tables
 
 
 if __name__ == "__main__":

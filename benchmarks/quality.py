@@ -43,7 +43,7 @@ from trl_ica.cli.scenarios import noisy_gsm8k, noisy_gsm8k_pairs
 from trl_ica.embedded import load_model
 from trl_ica.scoring.engine import score_requests
 from trl_ica.scoring.formats import read_dataset
-from trl_ica.scoring.ica import score_ica
+from trl_ica.scoring.ica import score_ica, score_with
 from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.rendering import Renderer
 from trl_ica.selection.baselines import select_top
@@ -78,6 +78,10 @@ PREF_METHODS = (
     "random_dpo_wmean",
     "ica_simpo_conditioned_turns_wmean",
     "random_simpo_wmean",
+    "ica_dpo_conditioned_turns_sampling",
+    "shuffled_dpo_sampling",
+    "ica_simpo_conditioned_turns_sampling",
+    "shuffled_simpo_sampling",
 )
 SCENARIOS = ("sft", "domain", "pref")
 METHODS = (*SFT_METHODS, *PREF_METHODS)
@@ -117,11 +121,17 @@ def ica_fields(refresh, layout="in_turn"):
 def pref_ica_fields(method):
     """The `ica_*` fields of a preference method, read off its name: `_conditioned` (per-token conditioned margin),
     `_turns` (demonstrations as earlier turns; in-turn otherwise), `_quantile` (`holdout_quantile` weights;
-    batch min-max otherwise), `_wmean` (`ica_loss_reduction="weighted_mean"`). `random_*` is the batch min-max
-    control fed random scores."""
+    batch min-max otherwise), `_wmean` (`ica_loss_reduction="weighted_mean"`), `_sampling` (the pairs drawn by
+    `holdout_posterior` weights, `ica_weight_mode="sampling"`). `random_*` is the batch min-max control fed random
+    scores; `shuffled_*_sampling` the sampling run with its scores dealt to other pairs (the control of the same
+    spread)."""
+    if method.startswith("shuffled_"):
+        return pref_ica_fields(method.replace("shuffled_", "ica_").replace("_sampling", "_conditioned_turns_sampling"))
     fields = ica_fields(1, "turns" if "_turns" in method else "in_turn")
     if "_conditioned" in method:
         fields.update(CONDITIONED)
+    if method.endswith("_sampling"):
+        fields.update(ica_weight_mode="sampling", ica_weighting="holdout_posterior")
     if method.endswith("_quantile"):
         fields["ica_weighting"] = "holdout_quantile"
     if method.endswith("_wmean"):
@@ -261,6 +271,9 @@ def run_pref(args, results):
                     trainer = ICACPOTrainer(model, args=config, holdout_dataset=holdout, **kw)
                 if method.startswith("random"):  # control: batch min-max weights of scores that carry no signal
                     trainer.ica.use_scores(np.random.default_rng(seed).random(len(train)), "random")
+                if method.startswith("shuffled"):  # control: the run's own scores, dealt to other pairs
+                    own = score_with(trainer.model, trainer.ica.builder, show_progress=False).scores
+                    trainer.ica.use_scores(own[np.random.default_rng([seed, 1]).permutation(len(own))], "shuffled")
                 trainer.train()
             accuracy = pair_accuracy(trainer.model.eval(), base, tokenizer, test, simpo)
             seconds = round(time.perf_counter() - start)

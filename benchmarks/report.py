@@ -3,8 +3,10 @@
 Each experiment file under benchmarks/experiments/ has a block in docs/benchmarks.md between
 `<!-- report: <suite>/<name> -->` and `<!-- /report -->`; its contents are the experiment's table, rebuilt from its
 results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) have a block
-`<!-- report: timing/<module> -->`, rebuilt by the module's `results_table`. README.md's "What to use for which data"
-table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), rebuilt by
+`<!-- report: timing/<module> -->`, rebuilt by the module's `results_table` (or, for a module with several tables,
+`<!-- report: timing/<module>/<table> -->` by its `results_tables`). README.md's "What to use for which data"
+table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), and the SFT default's goal,
+checked per pool, the block `<!-- report: defaults/goal -->` of docs/benchmarks.md, both rebuilt by
 `benchmarks.what_to_use`. `--check` changes nothing and exits 1 when a block is out of date or missing.
 """
 
@@ -33,6 +35,8 @@ RESULT_TABLES = {
     "bf16": "benchmarks/results/bf16.json",
     "memory": "benchmarks/results/memory.json",
     "packing": "benchmarks/results/packing.json",
+    "precision": "benchmarks/results/precision.json",
+    "preference": "benchmarks/results/preference.json",
     "sampling": "benchmarks/results/sampling.json",
     "scoring": "benchmarks/results/scoring.json",
     "scorer_cost": "benchmarks/results/scorer_cost.json",
@@ -55,13 +59,20 @@ def tables() -> dict[str, list[str]]:
         for key, path in experiments().items():
             experiment = load_experiment(path)
             out[key] = benchmark_module(experiment, path).report_table(experiment)
+        from benchmarks import what_to_use
+
+        out["defaults/goal"] = what_to_use.goal_table()
         for name, path in RESULT_TABLES.items():
             module = importlib.import_module(f"benchmarks.{name}")
             if os.path.isdir(path):
                 out[f"timing/{name}"] = module.results_table(path)
                 continue
             with open(path) as f:
-                out[f"timing/{name}"] = module.results_table(json.load(f))
+                results = json.load(f)
+            if hasattr(module, "results_tables"):  # several tables: `timing/<module>/<table>`
+                out.update({f"timing/{name}/{key}": lines for key, lines in module.results_tables(results).items()})
+            else:
+                out[f"timing/{name}"] = module.results_table(results)
     finally:
         os.chdir(cwd)
     return out

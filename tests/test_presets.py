@@ -61,8 +61,11 @@ def test_presets_fill_unset_fields_and_explicit_fields_win(config_class):
         True,
         paper["ica_score_form"],
     )
-    # the SFT default weights each example on its own; min-max would zero one example of every clean batch
-    assert ICASFTConfig("out", use_cpu=True).ica_weighting == "holdout_quantile"
+    # the SFT default draws rows by weights of the whole training set; its loss weights weigh each example on its
+    # own (min-max would zero one example of every clean batch)
+    default = ICASFTConfig("out", use_cpu=True)
+    assert (default.ica_weight_mode, default.ica_weighting) == ("sampling", "holdout_posterior")
+    assert ICASFTConfig("out", use_cpu=True, ica_weight_mode="loss").ica_weighting == "holdout_quantile"
     with pytest.raises(ValueError, match=r"`ica_preset` must be one of \['recommended', 'paper'\], got 'papers'"):
         config_class("out", use_cpu=True, ica_preset="papers")
 
@@ -75,8 +78,32 @@ def test_paper_preset_is_the_specification():
             "ica_reduction": "sum",
             "ica_demo_layout": "in_turn",
             "ica_score_end_token": False,
+            "ica_weight_mode": "loss",
             "ica_weighting": "batch_minmax",
         }
+
+
+@pytest.mark.parametrize(
+    "setting, reason",
+    [
+        (dict(packing=True), "packing=True"),
+        (dict(ica_refresh="online"), "ica_refresh='online'"),
+        (dict(train_sampling_strategy="group_by_length"), "train_sampling_strategy"),
+        (dict(ica_loss_reduction="weighted_mean"), "ica_loss_reduction='weighted_mean'"),
+        (dict(ica_weighting="batch_minmax"), "ica_weighting='batch_minmax'"),
+    ],
+)
+def test_the_recommended_sft_preset_weights_the_loss_where_it_cannot_sample(setting, reason):
+    """Left unset, `ica_weight_mode` is the preset's sampling unless a setting the user chose rules it out: then loss
+    weights (the preset's `holdout_quantile` unless a weighting was set), with the reason kept for the trainer's
+    log. The same setting with sampling asked for explicitly is refused with that reason."""
+    config = ICASFTConfig("out", use_cpu=True, **setting)
+    assert config.ica_weight_mode == "loss"
+    assert config.ica_weighting == setting.get("ica_weighting", "holdout_quantile")
+    assert "draws rows by their weights" in config.ica_weight_mode_reason and reason in config.ica_weight_mode_reason
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        ICASFTConfig("out", use_cpu=True, ica_weight_mode="sampling", **setting)
+    assert ICASFTConfig("out", use_cpu=True).ica_weight_mode_reason is None
 
 
 def test_score_command_takes_unset_flags_from_the_preset():
@@ -107,7 +134,11 @@ def test_stock_config_is_taken_with_the_ica_defaults():
     config = ica_args(stock, None, ICASFTConfig, "ICA-SFT")
     assert type(config) is ICASFTConfig
     assert (config.learning_rate, config.max_length, config.gradient_accumulation_steps) == (3e-4, 77, 2)
-    assert config.ica_weighting == "holdout_quantile" and config.ica_preset == "recommended"
+    assert (config.ica_weight_mode, config.ica_weighting, config.ica_preset) == (
+        "sampling",
+        "holdout_posterior",
+        "recommended",
+    )
     with pytest.raises(TypeError, match="`args` must be an ICASFTConfig, or a config it extends, got DPOConfig"):
         ica_args(DPOConfig("out", use_cpu=True, bf16=False), None, ICASFTConfig, "ICA-SFT")
     with pytest.raises(TypeError, match="got ICADPOConfig"):

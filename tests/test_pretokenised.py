@@ -143,7 +143,9 @@ def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
 
 def test_rows_prepared_beforehand_are_weighted(tokenizer, tmp_path):
     train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
-    args = ICASFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, **COMMON)
+    args = ICASFTConfig(
+        output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, ica_weight_mode="loss", **COMMON
+    )
     trainer = ICASFTTrainer(
         model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
     )

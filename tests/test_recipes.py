@@ -317,7 +317,11 @@ def test_demo_scores_the_pool_once_and_reports_the_oracle(model_dir, tmp_path, m
     assert len(refresh) == 8 and {r["source"] for r in refresh} == {"the demo's scoring of the pool"}
     assert {"test_loss_uniform", "test_loss_oracle", "test_loss_ica", "test_loss_before"} <= set(summary)
     # the weighted run used the trainer's defaults, which are the settings the summary reports
-    assert summary["settings"]["ica_weighting"] == ICASFTConfig("o", use_cpu=True).ica_weighting == "holdout_quantile"
+    default = ICASFTConfig("o", use_cpu=True)
+    assert (summary["settings"]["ica_weight_mode"], summary["settings"]["ica_weighting"]) == (
+        default.ica_weight_mode,
+        default.ica_weighting,
+    )
     assert "oracle" in capsys.readouterr().out
     assert json.load(open(tmp_path / "demo" / "summary.json"))["test_loss_ica"] == summary["test_loss_ica"]
 

@@ -187,6 +187,11 @@ def test_too_few_rows_with_weight_is_an_error_that_counts_them(tokenizer, tmp_pa
     force_pool_weights(trainer, np.zeros(12), monkeypatch)
     with pytest.raises(ValueError, match="0 of 12 training rows kept"):
         trainer.train()
+    # a training set smaller than one step: every row kept fills it once, as the stock sampler would
+    small = WeightedEpochSampler(6, lambda: (np.ones(6), 0), seed=0, step_rows=8)
+    assert sorted(small) == list(range(6))
+    with pytest.raises(ValueError, match="5 of 6 training rows kept a weight above 0, fewer than the 8 rows"):
+        list(WeightedEpochSampler(6, lambda: (np.r_[np.ones(5), 0.0], 0), seed=0, step_rows=8))
 
 
 def test_resume_mid_epoch_after_a_refresh_draws_the_same_rows(tokenizer, tmp_path):

@@ -119,6 +119,7 @@ def test_an_sft_run_weights_by_the_span_score(tokenizer, tmp_path, refresh):
         ica_demo_selection="fixed",
         ica_score_span=FINAL,
         ica_refresh=refresh,
+        ica_weight_mode="loss",  # every row trained, its weight logged at its step
         seed=0,
     )
     trainer = ICASFTTrainer(model, args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout)

@@ -63,7 +63,8 @@ def test_streamed_rows_get_the_scores_and_weights_of_the_same_rows_in_a_dataset(
 
 
 def test_a_stream_at_the_default_settings_scores_each_row_as_it_arrives(tokenizer, tmp_path):
-    """No `ica_*` field set: a streamed run scores each row once, when its step comes, as an online run does."""
+    """No `ica_*` field set: a streamed run weights each row's loss (the preset's sampling needs a sampler), and
+    scores each row once, when its step comes, as an online run does."""
     train, holdout = data()
     runs = {}
     for name, fields in (("default", {}), ("online", {"ica_refresh": "online"})):
@@ -77,6 +78,10 @@ def test_a_stream_at_the_default_settings_scores_each_row_as_it_arrives(tokenize
             processing_class=tokenizer,
             holdout_dataset=holdout,
         )
+        # the preset's sampling needs a sampler, which a stream does not use: the loss is weighted, and why is kept
+        assert (config.ica_weight_mode, config.ica_weighting) == ("loss", "holdout_quantile")
+        if name == "default":
+            assert "IterableDataset" in config.ica_weight_mode_reason
         run.train()
         runs[name] = logged(tmp_path / name)[1]
     assert [r["ica_index"] for r in runs["default"]] == list(range(12))  # each row scored once, at its step

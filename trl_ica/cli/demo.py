@@ -26,6 +26,10 @@ from .scenarios import LABEL_NOISE_KINDS, auroc, reasoning_gym_label_noise
 
 #: The ICA trainer's defaults (`trl_ica.presets`), which the label-noise benchmark supports for this noise.
 RECOMMENDED = preset_settings("recommended", "sft")
+#: How the demo's ICA run spends the weights, in words.
+ICA_RUN = f"the ICA defaults ({RECOMMENDED['ica_score_form']} form, {RECOMMENDED['ica_weighting']} weights, " + (
+    "rows drawn by weight)" if RECOMMENDED["ica_weight_mode"] == "sampling" else "on each row's loss)"
+)
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -167,7 +171,7 @@ def run(args) -> dict:
     runs = (
         ("uniform", train, False, "uniform weights on the noisy pool"),
         ("oracle", train.select(np.flatnonzero(clean)), False, "uniform weights on its clean rows only (the oracle)"),
-        ("ICA", train, True, "ICA weights (conditioned form, holdout_quantile)"),
+        ("ICA", train, True, ICA_RUN),
     )
     for name, rows, weighted, what in runs:
         print(f"\nLoRA fine-tune with {what}: {args.steps} steps of {args.batch_size}...", flush=True)
@@ -187,7 +191,7 @@ def run(args) -> dict:
     print("\nResult")
     if summary.get("mean_weight_clean") is not None and summary.get("mean_weight_noisy") is not None:
         print(
-            f"  mean ICA weight: clean rows {summary['mean_weight_clean']:.3f}, noisy rows "
+            f"  mean ICA weight of the rows trained: clean {summary['mean_weight_clean']:.3f}, noisy "
             f"{summary['mean_weight_noisy']:.3f}"
         )
     print(
@@ -198,7 +202,7 @@ def run(args) -> dict:
     if gap > 0.02:  # a share of a smaller gap is mostly the runs' own noise
         summary["share_of_noise_gap_recovered"] = (losses["uniform"] - losses["ICA"]) / gap
         print(
-            f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; ICA weights recover "
+            f"  the noise costs uniform training {gap:+.4f} nats/token against the oracle; the ICA run recovers "
             f"{summary['share_of_noise_gap_recovered']:.0%} of that gap."
         )
     else:
@@ -208,7 +212,7 @@ def run(args) -> dict:
         )
     verdict = "lower" if losses["ICA"] < losses["uniform"] else "not lower"
     print(
-        f"  ICA-weighted training gave a {verdict} clean test loss than uniform weights "
+        f"  the ICA run gave a {verdict} clean test loss than uniform weights "
         f"({losses['ICA'] - losses['uniform']:+.4f})."
     )
     summary["seconds"] = time.time() - started

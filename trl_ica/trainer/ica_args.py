@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
-from ..presets import PRESETS, apply_preset
+from ..presets import PRESET_FIELDS, PRESETS, apply_preset, preset_weight_mode
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS, ICAScoringOptions
 from ..scoring.planner import SHARINGS
@@ -99,15 +99,17 @@ class ICAArguments:
     ICA fields added to a TRL config.
 
     The fields that define the score and the weights (`ica_score_form`, `ica_reduction`, `ica_demo_layout`,
-    `ica_score_end_token`, `ica_weighting`) default to None, filled from `ica_preset` (see `trl_ica.presets`); a
-    field set explicitly always wins.
+    `ica_score_end_token`, `ica_weight_mode`, `ica_weighting`) default to None, filled from `ica_preset` (see
+    `trl_ica.presets`); a field set explicitly always wins.
 
     Parameters:
         ica_preset (`str`, *optional*, defaults to `"recommended"`):
             where unset score and weighting fields come from. `"recommended"`: what the benchmarks measured best
             (docs/benchmarks.md): the conditioned form per token, demonstrations as earlier turns, the closing token
-            scored, and `"holdout_quantile"` weights for SFT or `"batch_minmax"` for preference pairs. `"paper"`: arXiv
-            2510.14459 as specified: `"difference"`, `"sum"`, `"in_turn"`, no closing token, `"batch_minmax"`.
+            scored; for SFT the rows drawn by `"holdout_posterior"` weights (`ica_weight_mode="sampling"`, or
+            `"holdout_quantile"` loss weights where the trainer cannot draw single rows), for preference pairs
+            `"batch_minmax"` loss weights. `"paper"`: arXiv 2510.14459 as specified: `"difference"`, `"sum"`,
+            `"in_turn"`, no closing token, `"batch_minmax"` loss weights.
         ica_num_demos (`int`, *optional*, defaults to `3`):
             k, the holdout demonstrations put in context for each example.
         ica_demo_selection (`str`, *optional*, defaults to `"knn"`):
@@ -117,7 +119,8 @@ class ICAArguments:
         ica_embedding_model (`str`, *optional*):
             sentence-transformers encoder (name or path) for kNN; by default the model's own mean-pooled hidden states.
         ica_weighting (`str`, *optional*, defaults to the preset's):
-            recommended: `"holdout_quantile"` for SFT, `"batch_minmax"` for pairs; paper: `"batch_minmax"`.
+            recommended: `"holdout_posterior"` for SFT under sampling, `"holdout_quantile"` for SFT loss weights,
+            `"batch_minmax"` for pairs; paper: `"batch_minmax"` (`"holdout_posterior"` under sampling).
             `"batch_minmax"` (the paper's), `"global_minmax"`, `"holdout_quantile"`, `"holdout_posterior"` or
             `"none"`. `"batch_minmax"` compares the examples of one optimizer step: every micro-batch of gradient
             accumulation on every process. `"holdout_quantile"` weights each example by where its score falls
@@ -130,22 +133,25 @@ class ICAArguments:
             with `"holdout_quantile"`: the share of the holdout's own scores an example must beat for full weight;
             below it the weight falls in proportion, to 0 below every holdout score. `1.0`: the weight is the share
             beaten (a median holdout row would get 0.5); `0.1`: an example that scores like the holdout's lowest tenth
-            or better trains at full weight, and only examples unlike the holdout lose weight.
+            or better trains at full weight, and only examples unlike the holdout lose weight. Set with
+            `ica_weighting` unset, it makes the weighting `"holdout_quantile"` (under sampling too).
         ica_holdout_rescore_steps (`int`, *optional*, defaults to `1`):
             online with `"holdout_quantile"`: the holdout's own scores are recomputed every this many steps (with
             `ica_refresh=R`, at every refresh). At 1 each step's rows are compared with holdout scores of the same
             model; a larger value saves scorings of the holdout but compares the rows with an older model's scores,
             which cost a measured run most of its gain (docs/benchmarks.md).
-        ica_weight_mode (`str`, *optional*, defaults to `"loss"`):
-            where the weights act. `"loss"`: each example's loss is multiplied by its weight. `"sampling"`: the
-            weights become sampling probabilities through the trainer's sampler: an epoch draws as many rows as the
-            training set has, each about `n * w / sum(w)` times, shuffled as the stock sampler shuffles; every batch is
-            full, the loss is the stock loss, and a row of weight 0 is never drawn (costs no compute). A refresh
-            (`ica_refresh` > 1) redraws the rest of the epoch from the new weights. It needs weights that compare a row
-            with the holdout or the whole training set, not with its batch: an unset `ica_weighting` becomes
-            `"holdout_posterior"`, and `"batch_minmax"` is refused, as are online scoring
-            (no weight exists before a row is drawn), packing (the sampler draws packed sequences, not examples),
-            a streamed `train_dataset` (no sampler) and `train_sampling_strategy` other than `"random"`.
+        ica_weight_mode (`str`, *optional*, defaults to the preset's):
+            recommended: `"sampling"` for SFT, or `"loss"` where a setting the user chose rules sampling out (listed
+            below; the trainer logs why), and `"loss"` for pairs; paper: `"loss"`. Where the weights act. `"loss"`:
+            each example's loss is multiplied by its weight. `"sampling"`: the weights become sampling probabilities
+            through the trainer's sampler: an epoch draws as many rows as the training set has, each about
+            `n * w / sum(w)` times, shuffled as the stock sampler shuffles; every batch is full, the loss is the stock
+            loss, and a row of weight 0 is never drawn (costs no compute). A refresh (`ica_refresh` > 1) redraws the
+            rest of the epoch from the new weights. It needs weights that compare a row with the holdout or the whole
+            training set, not with its batch: an unset `ica_weighting` becomes `"holdout_posterior"`, and
+            `"batch_minmax"` is refused, as are online scoring (no weight exists before a row is drawn), packing (the
+            sampler draws packed sequences, not examples), a streamed `train_dataset` (no sampler),
+            `train_sampling_strategy` other than `"random"` and `ica_loss_reduction="weighted_mean"`.
         ica_loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
             how the weighted losses of an optimizer step (all its micro-batches and processes) are reduced.
             `"token_mean"`: the trainer's own divisor, `sum_i w_i * nll_i / sum_i n_i` (n_i: example i's loss
@@ -255,10 +261,10 @@ class ICAArguments:
     ica_holdout_rescore_steps: int = field(
         default=1, metadata={"help": "Online holdout_quantile: steps between scorings of the holdout itself."}
     )
-    ica_weight_mode: str = field(
-        default="loss",
+    ica_weight_mode: str | None = field(
+        default=None,
         metadata={
-            "help": "Weights multiply each example's loss, or set how often it is drawn.",
+            "help": "Weights multiply each example's loss, or set how often it is drawn; default: the preset's.",
             "choices": list(WEIGHT_MODES),
         },
     )
@@ -319,39 +325,68 @@ class ICAArguments:
         default=None, metadata={"help": "`trl-ica score` output to use as the R = 1 scores instead of scoring."}
     )
 
-    def _check_weight_mode(self) -> None:
-        """`ica_weight_mode="sampling"` draws rows by weights fixed before they are drawn: refuse what cannot give
-        those, naming the field and the reason."""
-        if self.ica_weight_mode != "sampling":
-            return
+    def _sampling_conflict(self, streamed: bool = False) -> str | None:
+        """Why `ica_weight_mode="sampling"` cannot run with the other settings (or on a streamed training set), or
+        None: sampling draws single rows of a Dataset by weights fixed before they are drawn."""
         if self.ica_weighting in BATCH_WEIGHTINGS:
-            raise ValueError(
+            return (
                 f"`ica_weight_mode='sampling'` draws rows by their weights before any batch exists, but "
                 f"`ica_weighting={self.ica_weighting!r}` compares the rows of one batch. Use 'holdout_posterior' "
                 "(the default under sampling), 'holdout_quantile' or 'global_minmax'."
             )
+        if streamed:
+            return (
+                "`ica_weight_mode='sampling'` draws rows through the trainer's sampler, which a streamed "
+                "`train_dataset` (an IterableDataset) does not use: pass a Dataset, or use `ica_weight_mode='loss'`."
+            )
         if self.ica_refresh == "online":
-            raise ValueError(
+            return (
                 "`ica_weight_mode='sampling'` needs every row's weight before the epoch is drawn, but "
                 "`ica_refresh='online'` scores rows only once they are drawn. Use a numeric `ica_refresh` (R "
                 "scorings, each redrawing the rest of the epoch), or `ica_weight_mode='loss'`."
             )
         if getattr(self, "packing", False):
-            raise ValueError(
+            return (
                 "`ica_weight_mode='sampling'` draws examples, but with `packing=True` the sampler draws packed "
                 "sequences of several examples. Set `packing=False`, or use `ica_weight_mode='loss'`."
             )
         strategy = getattr(self, "train_sampling_strategy", "random")
         if strategy != "random":
-            raise ValueError(
+            return (
                 f"`ica_weight_mode='sampling'` replaces the random sampler, but `train_sampling_strategy` is "
                 f"{strategy!r}, which orders the rows its own way. Use 'random', or `ica_weight_mode='loss'`."
             )
         if self.ica_loss_reduction != "token_mean":
-            raise ValueError(
+            return (
                 f"`ica_loss_reduction={self.ica_loss_reduction!r}` divides a weighted loss by its weights, but under "
                 "`ica_weight_mode='sampling'` the loss is the stock one (every weight 1). Leave it at 'token_mean'."
             )
+        return None
+
+    def _choose_weight_mode(self, kind: str, streamed: bool) -> None:
+        """`ica_weight_mode` left unset: the preset's, unless the preset samples and these settings cannot, in which
+        case the loss is weighted and `ica_weight_mode_reason` says why (the trainer logs it)."""
+        self.ica_weight_mode_reason = None
+        if self.ica_weight_mode is not None:
+            return
+        mode = preset_weight_mode(self.ica_preset, kind)
+        conflict = self._sampling_conflict(streamed) if mode == "sampling" else None
+        if conflict is not None:
+            mode = "loss"
+            self.ica_weight_mode_reason = (
+                f"`ica_preset={self.ica_preset!r}` draws rows by their weights, but here the trainer weights each "
+                f"row's loss instead (`ica_weight_mode='loss'`): {conflict}"
+            )
+        self.ica_weight_mode = mode
+
+    def _check_weight_mode(self, streamed: bool = False) -> None:
+        """`ica_weight_mode="sampling"` draws rows by weights fixed before they are drawn: refuse what cannot give
+        those, naming the field and the reason."""
+        if self.ica_weight_mode != "sampling":
+            return
+        conflict = self._sampling_conflict(streamed)
+        if conflict is not None:
+            raise ValueError(conflict)
 
     def _check_token_quantile(self, kind: str) -> None:
         """`ica_token_quantile` masks the tokens of single responses, from the scoring of the whole training set."""
@@ -396,11 +431,16 @@ class ICAArguments:
 
             self.bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
 
-    def validate_ica(self, kind: str) -> None:
+    def validate_ica(self, kind: str, streamed: bool = False) -> None:
         """Fill the fields left unset from `ica_preset` for `kind` (`"sft"` or `"preference"`), then check and
-        normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed."""
-        if self.ica_weight_mode == "sampling" and self.ica_weighting is None:
-            self.ica_weighting = "holdout_posterior"  # sampling needs weights of the whole training set
+        normalise the `ica_*` fields; a `ValueError` names the field, the value and what is allowed. Called again by
+        a trainer given a streamed training set (`streamed=True`), from the fields the user set."""
+        for name in getattr(self, "_ica_preset_filled", ()):
+            setattr(self, name, None)
+        self._ica_preset_filled = tuple(name for name in PRESET_FIELDS if getattr(self, name) is None)
+        self._choose_weight_mode(kind, streamed)
+        if self.ica_weighting is None and self.ica_holdout_cutoff != 1.0:
+            self.ica_weighting = "holdout_quantile"  # the cutoff is a setting of that weighting alone
         apply_preset(self, kind)
         choices = (
             ("ica_weight_mode", WEIGHT_MODES),
@@ -430,13 +470,13 @@ class ICAArguments:
         self.ica_refresh = refresh
         if (self.ica_demo_template is None) != (self.ica_query_template is None):
             raise ValueError("Set both `ica_demo_template` and `ica_query_template`, or neither.")
+        self._check_weight_mode(streamed)
         if refresh == "online" and self.ica_weighting in POOL_WEIGHTINGS:
             raise ValueError(
                 f"`ica_weighting={self.ica_weighting!r}` compares a row's score with every training row's, which "
                 "online scoring does not have (rows are scored as they are drawn): use 'holdout_quantile', or a "
                 "numeric `ica_refresh`."
             )
-        self._check_weight_mode()
         check_span(self.ica_score_span)
         if self.ica_score_span is not None and kind == "preference":
             raise ValueError(

@@ -309,6 +309,9 @@ class ICATrainerMixin:
         )
         if train_rows is None:
             self._check_streamed(args, "preference" if self._ica_pairs else "sft")
+        if args.ica_weight_mode_reason is not None:
+            logger.info(args.ica_weight_mode_reason)
+        if train_rows is None:
             streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
             builder = prepare_streamed_ica(
                 model, tokenizer, holdout_dataset, score_options, pairs=self._ica_pairs, **streamed
@@ -409,11 +412,9 @@ class ICATrainerMixin:
         scores, no packing."""
         if args.ica_scores_file is not None:
             raise ValueError("`ica_scores_file` scores a Dataset's rows; a streamed `train_dataset` has none fixed.")
-        if args.ica_weight_mode == "sampling":
-            raise ValueError(
-                "`ica_weight_mode='sampling'` draws rows through the trainer's sampler, which a streamed "
-                "`train_dataset` (an IterableDataset) does not use: pass a Dataset, or use `ica_weight_mode='loss'`."
-            )
+        # a preset's sampling becomes loss weights on a stream (which has no sampler); sampling set by the user is
+        # refused
+        args.validate_ica(kind, streamed=True)
         if getattr(args, "packing", False):
             raise ValueError("ICA weighting of packed rows needs a Dataset: set `packing=False` or pass a Dataset.")
         if args.ica_refresh == 1:
@@ -422,7 +423,8 @@ class ICATrainerMixin:
                 "(ica_refresh=1 on a stream is ica_refresh='online')."
             )
             args.ica_refresh = "online"
-            args.validate_ica(kind)  # what online scoring refuses (pool weightings, token masks) is refused here
+            # what online scoring refuses (pool weightings, token masks) is refused here
+            args.validate_ica(kind, streamed=True)
         if args.ica_refresh != "online":
             raise ValueError(
                 f"A streamed `train_dataset` (an IterableDataset) is scored step by step as its rows arrive, but "

@@ -65,7 +65,8 @@ class WeightedEpochSampler(Sampler[int]):
             are computed only when it changes.
         seed (`int`): the stock sampler's seed (`data_seed`, else the run's seed).
         step_rows (`int`): rows one optimizer step draws over every process (`per_device_train_batch_size *
-            gradient_accumulation_steps * processes`); the weights must keep at least this many rows.
+            gradient_accumulation_steps * processes`); the weights must keep at least this many rows (every row of
+            a smaller training set).
         before_step (`Callable[[int], None]`, *optional*): called with the optimizer step a draw opens, before the
             rows of that step are drawn: where a refresh due at that step scores. Steps are counted as the trainer
             counts them (each epoch starts a step; `steps_per_epoch` per epoch).
@@ -105,7 +106,8 @@ class WeightedEpochSampler(Sampler[int]):
         if np.isnan(weights).any() or (weights < 0).any():
             raise ValueError("ICA sampling weights must be non-negative numbers.")
         kept = int((weights > 0).sum())
-        if kept < self.step_rows:
+        # a training set smaller than one step fills it with every row once, as the stock sampler does
+        if kept < min(self.step_rows, self.num_rows):
             raise ValueError(
                 f"ica_weight_mode='sampling': {kept} of {self.num_rows} training rows kept a weight above 0, fewer "
                 f"than the {self.step_rows} rows one optimizer step draws, so every step would repeat rows. The "
