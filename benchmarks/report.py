@@ -7,7 +7,8 @@ results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) h
 `<!-- report: timing/<module>/<table> -->` by its `results_tables`). README.md's "What to use for which data"
 table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), and the SFT default's goal,
 checked per pool, the block `<!-- report: defaults/goal -->` of docs/benchmarks.md, both rebuilt by
-`benchmarks.what_to_use`. `--check` changes nothing and exits 1 when a block is out of date or missing.
+`benchmarks.what_to_use`. Tables that put methods of several experiments side by side are the blocks
+`<!-- report: view/<name> -->`, rebuilt by `benchmarks.views`. `--check` changes nothing and exits 1 when a block is out of date or missing.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def tables() -> dict[str, list[str]]:
         for key, path in experiments().items():
             experiment = load_experiment(path)
             out[key] = benchmark_module(experiment, path).report_table(experiment)
-        from benchmarks import what_to_use
+        from benchmarks import views, what_to_use
 
         out["defaults/goal"] = what_to_use.goal_table()
+        out.update(views.tables())
         for name, path in RESULT_TABLES.items():
             module = importlib.import_module(f"benchmarks.{name}")
             if os.path.isdir(path):

@@ -1,0 +1,156 @@
+"""Tables of docs/benchmarks.md that compare methods of the label-noise experiments side by side, rebuilt from their
+results files by `python -m benchmarks.report` (blocks `<!-- report: view/<name> -->`).
+
+Each experiment's own table (`<!-- report: label_noise/<name> -->`) lists all its methods; a view picks the rows one
+question needs, from one experiment or across several, so that no number of such a comparison is typed by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.what_to_use import Pool, percent
+
+#: The "Dividing by the weights" comparison: `(row label, experiment, recommended method, its weighted_mean twin,
+#: random-weights method or None, its weighted_mean twin or None)`.
+WEIGHTED_MEAN_ROWS = (
+    (
+        "answers of another task",
+        "other_task",
+        "ica_turns_quantile",
+        "ica_turns_quantile_wmean",
+        "random_weights",
+        "random_weights_wmean",
+    ),
+    (
+        "answers of other questions",
+        "shuffled",
+        "ica_turns_quantile",
+        "ica_turns_quantile_wmean",
+        "random_weights",
+        "random_weights_wmean",
+    ),
+    (
+        "the task mixture",
+        "mixture",
+        "ica_turns_quantile",
+        "ica_turns_quantile_wmean",
+        "random_weights",
+        "random_weights_wmean",
+    ),
+    (
+        "the task mixture, Qwen2.5-Coder-0.5B's scores",
+        "mixture",
+        "qwen_turns_quantile",
+        "qwen_turns_quantile_wmean",
+        None,
+        None,
+    ),
+    (
+        "GSM8K, wrong, mismatched or truncated answers",
+        "gsm8k",
+        "ica_turns_quantile",
+        "ica_turns_quantile_wmean",
+        "random_weights",
+        "random_weights_wmean",
+    ),
+    (
+        "Qwen2.5-Coder-0.5B trained on another task's answers, its own scores",
+        "trained_05b",
+        "ica_turns_quantile",
+        "ica_turns_quantile_wmean",
+        None,
+        None,
+    ),
+    (
+        "the same model trained, SmolLM2-135M's scores",
+        "trained_05b",
+        "smol_turns_quantile",
+        "smol_turns_quantile_wmean",
+        None,
+        None,
+    ),
+)
+
+#: The scoring-model comparisons: per experiment, `(row label, method, the score whose AUROC the row shows)`.
+SCORING_MODEL_ROWS = {
+    "shuffled": (
+        ("uniform", "uniform", None),
+        ("oracle (clean rows only)", "oracle", None),
+        ("weights, SmolLM2-135M's own scores", "ica_turns_quantile", "turns_conditioned"),
+        ("weights, Qwen2.5-Coder-0.5B's scores", "qwen_turns_quantile", "qwen_turns_conditioned"),
+        ("the same, `weighted_mean`", "qwen_turns_quantile_wmean", "qwen_turns_conditioned"),
+        ("top half by SmolLM2-135M's scores", "top_turns", "turns_conditioned"),
+        ("top half by Qwen2.5-Coder-0.5B's scores", "top_qwen_turns", "qwen_turns_conditioned"),
+    ),
+    "mixture": (
+        ("uniform", "uniform", None),
+        ("oracle (target rows only)", "oracle", None),
+        ("weights, SmolLM2-135M's own scores", "ica_turns_quantile", "turns_conditioned"),
+        ("weights, Qwen2.5-Coder-0.5B's scores", "qwen_turns_quantile", "qwen_turns_conditioned"),
+        ("the same, `weighted_mean`", "qwen_turns_quantile_wmean", "qwen_turns_conditioned"),
+        ("top half by SmolLM2-135M's scores", "top_turns", "turns_conditioned"),
+        ("top half by Qwen2.5-Coder-0.5B's scores", "top_qwen_turns", "qwen_turns_conditioned"),
+    ),
+}
+
+
+def _share_cell(pool: Pool, method: str) -> str:
+    return f"{pool.values(method).mean():.3f} ({pool.share(method)}, {pool.wins(method)})"
+
+
+def weighted_mean_table() -> list[str]:
+    """Clean test loss with `token_mean` and `weighted_mean`, recommended and random weights, per experiment: the
+    mean over the seeds, the share of the noise gap of the means and the seeds better than uniform training."""
+    lines = [
+        "| experiment (noise gap) | recommended, `token_mean` | recommended, `weighted_mean` | `weighted_mean` "
+        "better on | random, `token_mean` | random, `weighted_mean` |",
+        "|---|---|---|---|---|---|",
+    ]
+    pools = {}
+    for label, name, ours, ours_w, rand, rand_w in WEIGHTED_MEAN_ROWS:
+        pool = pools.setdefault(name, Pool(name))
+        seeds = [s for s in pool.seeds(ours) if s in pool.runs.get(ours_w, {})]
+        better = sum(pool.runs[ours_w][s]["loss"] < pool.runs[ours][s]["loss"] for s in seeds)
+        cells = [_share_cell(pool, ours), _share_cell(pool, ours_w), f"{better} of {len(seeds)} seeds"]
+        cells += [_share_cell(pool, m) if m else "" for m in (rand, rand_w)]
+        lines.append(f"| {label} (gap {pool.gap()}) | " + " | ".join(cells) + " |")
+    note = (
+        "(Each cell: mean clean test loss, share of the noise gap of the means, seeds better than uniform training; "
+        "rebuilt by `python -m benchmarks.report`.)"
+    )
+    return [*lines, "", note]
+
+
+def scoring_model_table(name: str) -> list[str]:
+    """The methods of one experiment that compare the trained model's own scores with a larger scoring model's."""
+    pool = Pool(name)
+    gaps = -pool.diffs("oracle")
+    # a seed whose noise cost nearly nothing makes its share meaningless: then only the share of the means
+    per_seed_shown = gaps.min() >= 0.1 * gaps.mean()
+    shown = "per seed / of the means" if per_seed_shown else "of the means"
+    lines = [
+        f"| method | clean test loss | share of the noise gap: {shown} | better than uniform | AUROC of the scores |",
+        "|---|---|---|---|---|",
+    ]
+    for label, method, score in SCORING_MODEL_ROWS[name]:
+        loss = pool.values(method).mean()
+        if method == "uniform":
+            lines.append(f"| {label} | {loss:.3f} | | | |")
+            continue
+        seeds = pool.seeds(method)
+        uniform, oracle = pool.values("uniform", seeds=seeds), pool.values("oracle", seeds=seeds)
+        per_seed = (uniform - pool.values(method, seeds=seeds)) / (uniform - oracle)
+        shares = "" if method == "oracle" else pool.share(method)
+        if per_seed_shown and method != "oracle":
+            shares = f"{percent(per_seed.mean())} ± {100 * per_seed.std():.0f} / {shares}"
+        auroc = f"{np.mean(list(pool.runs[f'auroc {score}'].values())):.3f}" if score else ""
+        lines.append(f"| {label} | {loss:.3f} | {shares} | {pool.wins(method)} | {auroc} |")
+    return lines
+
+
+def tables() -> dict[str, list[str]]:
+    """`{block key: lines}` of every view."""
+    out = {"view/weighted_mean": weighted_mean_table()}
+    out.update({f"view/scoring_model/{name}": scoring_model_table(name) for name in SCORING_MODEL_ROWS})
+    return out
