@@ -8,7 +8,8 @@ results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) h
 table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), and the SFT default's goal,
 checked per pool, the block `<!-- report: defaults/goal -->` of docs/benchmarks.md, both rebuilt by
 `benchmarks.what_to_use`. Tables that put methods of several experiments side by side are the blocks
-`<!-- report: view/<name> -->`, rebuilt by `benchmarks.views`. `--check` changes nothing and exits 1 when a block is out of date or missing.
+`<!-- report: view/<name> -->`, rebuilt by `benchmarks.views`. `--check` changes nothing and exits 1 when a block
+is out of date or missing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SCORES = os.path.join(ROOT, "docs", "scores.md")
 #: `benchmarks.<module>.results_table` from the file's contents (a folder's path is passed as is).
 RESULT_TABLES = {
     "bf16": "benchmarks/results/bf16.json",
+    "demo": "benchmarks/results/demo.json",
     "memory": "benchmarks/results/memory.json",
     "packing": "benchmarks/results/packing.json",
     "precision": "benchmarks/results/precision.json",

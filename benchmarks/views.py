@@ -149,8 +149,98 @@ def scoring_model_table(name: str) -> list[str]:
     return lines
 
 
+#: The end-to-end comparison with the paper: `(scenario, the paper's win rate, quality scenario, metric, [(label,
+#: method)], control method or None)`; each method is paired by seed with the scenario's stock run.
+PAPER_ROWS = (
+    (
+        "SFT on noisy GSM8K, weights (R = 1 / online / conditioned form)",
+        "71-85 %",
+        "sft",
+        "loss",
+        ("ica", "ica_online", "ica_conditioned"),
+        "random_weights",
+    ),
+    (
+        "SFT on noisy GSM8K, top half by the ICA score / the conditioned score (selection)",
+        "(hard filtering did worse than weights)",
+        "sft",
+        "loss",
+        ("top_half_ica", "top_half_conditioned"),
+        None,
+    ),
+    (
+        "domain shift, weights (R = 1 / online / conditioned form)",
+        "",
+        "domain",
+        "loss",
+        ("ica", "ica_online", "ica_conditioned"),
+        "random_weights",
+    ),  # fmt: skip
+    (
+        "domain shift, top half by the ICA score / the conditioned score",
+        "",
+        "domain",
+        "loss",
+        ("top_half_ica", "top_half_conditioned"),
+        None,
+    ),
+    (
+        "DPO on pairs with half the labels flipped (paper's score / conditioned form)",
+        "61-80 %",
+        "pref",
+        "accuracy",
+        ("ica_dpo", "ica_dpo_conditioned"),
+        None,
+    ),
+    (
+        "SimPO on the same pairs (paper's score / conditioned form)",
+        "62-94 %",
+        "pref",
+        "accuracy",
+        ("ica_simpo", "ica_simpo_conditioned"),
+        None,
+    ),
+)
+
+
+def paper_table() -> list[str]:
+    """The quality experiments next to the paper's win rates: per scenario, the seeds on which each method did better
+    than the stock run of the same seed and its mean paired difference (loss: lower is better; pair accuracy:
+    higher), from `benchmarks/results/quality.json`."""
+    from benchmarks.quality import baseline_of
+
+    runs = _read_quality()
+    lines = [
+        "| scenario | the paper (win rate against stock training) | measured here: seeds better than stock; mean "
+        "paired difference |",
+        "|---|---|---|",
+    ]
+    for label, paper, scenario, metric, methods, control in PAPER_ROWS:
+        wins, diffs = [], []
+        for method in (*methods, *([control] if control else [])):
+            ours, stock = runs[scenario][method][metric], runs[scenario][baseline_of(method)][metric]
+            seeds = [s for s in ours if s in stock]
+            d = np.array([ours[s] - stock[s] for s in seeds])
+            wins.append(f"{int(((d < 0) if metric == 'loss' else (d > 0)).sum())} of {len(seeds)}")
+            diffs.append(f"{d.mean():+.3f}")
+        n = len(methods)
+        cell = (
+            f"{' / '.join(wins[:n])}; {'test loss' if metric == 'loss' else 'pair accuracy'} {' / '.join(diffs[:n])}"
+        )
+        if control:
+            cell += f"; random weights {wins[n]}, {diffs[n]}"
+        lines.append(f"| {label} | {paper} | {cell} |")
+    return lines
+
+
+def _read_quality() -> dict:
+    from benchmarks.what_to_use import _read
+
+    return _read("benchmarks/results/quality.json")
+
+
 def tables() -> dict[str, list[str]]:
     """`{block key: lines}` of every view."""
-    out = {"view/weighted_mean": weighted_mean_table()}
+    out = {"view/weighted_mean": weighted_mean_table(), "view/paper": paper_table()}
     out.update({f"view/scoring_model/{name}": scoring_model_table(name) for name in SCORING_MODEL_ROWS})
     return out

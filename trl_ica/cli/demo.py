@@ -187,12 +187,18 @@ def run(args) -> dict:
             weight = np.array([r["weight"] for r in logged])
             summary["mean_weight_clean"] = float(weight[clean[index]].mean()) if clean[index].any() else None
             summary["mean_weight_noisy"] = float(weight[~clean[index]].mean()) if (~clean[index]).any() else None
+            summary["noisy_share_trained"] = float((~clean[index]).mean())  # each logged record is a row trained
     summary.update({f"test_loss_{k.lower()}": v for k, v in losses.items()})
     print("\nResult")
     if summary.get("mean_weight_clean") is not None and summary.get("mean_weight_noisy") is not None:
         print(
             f"  mean ICA weight of the rows trained: clean {summary['mean_weight_clean']:.3f}, noisy "
             f"{summary['mean_weight_noisy']:.3f}"
+        )
+    if "noisy_share_trained" in summary:
+        print(
+            f"  rows trained: {summary['noisy_share_trained']:.1%} noisy (the pool: {(~clean).mean():.0%}; a row of "
+            "weight 0 is never drawn under sampling, and trains at weight 0 under loss weights)"
         )
     print(
         f"  clean test loss (nats/token): before training {losses['before']:.4f} | uniform {losses['uniform']:.4f} "
