@@ -244,3 +244,16 @@ def tables() -> dict[str, list[str]]:
     out = {"view/weighted_mean": weighted_mean_table(), "view/paper": paper_table()}
     out.update({f"view/scoring_model/{name}": scoring_model_table(name) for name in SCORING_MODEL_ROWS})
     return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    for key, lines in tables().items():
+        print(f"{key}:\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

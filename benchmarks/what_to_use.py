@@ -243,5 +243,13 @@ def results_table() -> list[str]:
     return lines + [f"| {data} | {use} | {measured} |" for data, use, measured in rows()]
 
 
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    print("\n".join(results_table()) + "\n\n" + "\n".join(goal_table()))
+
+
 if __name__ == "__main__":
-    print("\n".join(results_table()))
+    main()
