@@ -40,7 +40,8 @@ def results_table(results: dict) -> list[str]:
         )
     if "noisy_share_trained" in s:
         lines.append(
-            f"| noisy share of the rows trained (the pool's: {args['noise']:.0%}) | {s['noisy_share_trained']:.1%} |"
+            f"| noisy share of the rows trained (the pool's: {100 * args['noise']:.0f} %) | "
+            f"{100 * s['noisy_share_trained']:.1f} % |"
         )
     lines.append(
         f"| clean test loss (nats/token): before / uniform / oracle / ICA | {s['test_loss_before']:.4f} / "
