@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.what_to_use import Pool, percent
+from benchmarks.what_to_use import Pool, percent, read_results
 
 #: The "Dividing by the weights" comparison: `(row label, experiment, recommended method, its weighted_mean twin,
 #: random-weights method or None, its weighted_mean twin or None)`.
@@ -209,7 +209,7 @@ def paper_table() -> list[str]:
     higher), from `benchmarks/results/quality.json`."""
     from benchmarks.quality import baseline_of
 
-    runs = _read_quality()
+    runs = read_results("benchmarks/results/quality.json")
     lines = [
         "| scenario | the paper (win rate against stock training) | measured here: seeds better than stock; mean "
         "paired difference |",
@@ -231,12 +231,6 @@ def paper_table() -> list[str]:
             cell += f"; random weights {wins[n]}, {diffs[n]}"
         lines.append(f"| {label} | {paper} | {cell} |")
     return lines
-
-
-def _read_quality() -> dict:
-    from benchmarks.what_to_use import _read
-
-    return _read("benchmarks/results/quality.json")
 
 
 def tables() -> dict[str, list[str]]:

@@ -22,7 +22,8 @@ def percent(share: float, digits: int = 0) -> str:
     return f"{100 * share:.{digits}f} %"
 
 
-def _read(path: str) -> dict:
+def read_results(path: str) -> dict:
+    """A kept results file, by its path from the repository root."""
     with open(os.path.join(ROOT, path)) as f:
         return json.load(f)
 
@@ -32,7 +33,7 @@ class Pool:
 
     def __init__(self, name: str):
         experiment = load_experiment(os.path.join(ROOT, "benchmarks", "experiments", "label_noise", f"{name}.json"))
-        self.name, self.runs = name, _read(experiment["results"])
+        self.name, self.runs = name, read_results(experiment["results"])
 
     def seeds(self, method: str) -> list[str]:
         """The seeds on which `method`, uniform and oracle training all ran."""
@@ -107,7 +108,7 @@ class Pairs:
 
     def __init__(self):
         experiment = load_experiment(os.path.join(ROOT, "benchmarks", "experiments", "quality", "pref96.json"))
-        self.runs = _read(experiment["results"])["pref"]
+        self.runs = read_results(experiment["results"])["pref"]
 
     def accuracy(self, method: str) -> str:
         return f"{np.mean(list(self.runs[method]['accuracy'].values())):.2f}"
@@ -120,7 +121,7 @@ class Pairs:
 
 def scoring_cost_ratio() -> str:
     """Scoring with SmolLM2-135M over scoring with Qwen2.5-Coder-0.5B (`benchmarks.scorer_cost`)."""
-    cost = _read("benchmarks/results/scorer_cost.json")
+    cost = read_results("benchmarks/results/scorer_cost.json")
     ratio = (
         cost["smollm2-135m-instruct"]["scoring_seconds_per_1k"]
         / cost["qwen2.5-coder-0.5b-instruct"]["scoring_seconds_per_1k"]
