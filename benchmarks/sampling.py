@@ -2,14 +2,15 @@
 against ICA loss weights, on the same rows.
 
 SmolLM2-135M-Instruct on the CPU at the LoRA recipe's settings (r = 16 on every linear layer, dropout 0.05, batch 4,
-max length 1024, gradient checkpointing) with no accumulation, on `--n` rows of the noisy GSM8K pool. Both ICA runs
-take one set of seeded random scores as their one scoring (`use_scores`, `ica_weighting="global_minmax"`), so no
-scoring enters a step and the runs differ only in where the weights act; sampling draws other rows than the stock
-order, of the same length distribution. The three runs train in this one process, one after the other, so their
-ratios compare like with like. Reported per run: the median seconds of an optimizer step after the first, and
-tokens per second.
+gradient checkpointing) with no accumulation, on `--n` rows of the noisy GSM8K pool. Sampling trains other rows than
+the stock order, so every row is cut to the same `--length` tokens (`max_length`; only rows longer than that, whose
+prompt leaves room for answer tokens, are taken): every step of every run then trains the same number of tokens, and
+a difference of step time is the cost of the way the weights act, not of the rows drawn. Both ICA runs take one set
+of seeded random scores as their one scoring (`use_scores`, `ica_weighting="global_minmax"`), so no scoring enters a
+step. The three runs train in this one process, one after the other, so their ratios compare like with like.
+Reported per run: the median seconds of an optimizer step after the first, and tokens per second.
 
-    python -m benchmarks.sampling [--n 96] [--steps 6] [--results benchmarks/results/sampling.json]
+    python -m benchmarks.sampling [--n 96] [--length 192] [--steps 8] [--results benchmarks/results/sampling.json]
 
 Each run's result is kept in the JSON file (written whole) and skipped when run again; the file records its settings
 and refuses a run with other ones.
@@ -31,25 +32,48 @@ LABELS = {
 }
 
 
-def run(kind: str, n: int, steps: int) -> dict:
+def equal_length_rows(tokenizer, n: int, length: int, answer_tokens: int = 32):
+    """`n` rows of the noisy GSM8K pool (training and holdout) whose chat-rendered conversation is longer than
+    `length` tokens and whose prompt leaves at least `answer_tokens` of them to the answer: cut to `length`, every
+    row trains the same number of tokens."""
+    from trl_ica.cli.scenarios import noisy_gsm8k
+
+    pool, holdout, _ = noisy_gsm8k(4 * n, 24, 8, seed=0)
+    pool = pool.remove_columns("corruption")
+
+    def fits(row) -> bool:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        whole = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+        return len(_ids(prompt)) <= length - answer_tokens and len(_ids(whole)) > length
+
+    keep = [i for i in range(len(pool)) if fits(pool[i])][:n]
+    if len(keep) < n:
+        raise SystemExit(f"--n {n} --length {length}: only {len(keep)} of {len(pool)} pool rows are long enough.")
+    return pool.select(keep), holdout
+
+
+def _ids(tokens) -> list:
+    """Token ids from `apply_chat_template(tokenize=True)`, which returns a list or a `BatchEncoding` by version."""
+    return tokens["input_ids"] if hasattr(tokens, "keys") else tokens
+
+
+def run(kind: str, n: int, length: int, steps: int) -> dict:
     import numpy as np
     import torch
     from trl import SFTConfig, SFTTrainer
 
     from trl_ica import ICASFTConfig, ICASFTTrainer
-    from trl_ica.cli.scenarios import noisy_gsm8k
     from trl_ica.embedded import load_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tokenizer = load_model()
-    train, holdout, _ = noisy_gsm8k(n, 24, 8, seed=0)
-    train = train.remove_columns("corruption")
+    train, holdout = equal_length_rows(tokenizer, n, length)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-sampling-"),
         max_steps=steps,
         per_device_train_batch_size=4,
-        max_length=1024,
+        max_length=length,
         learning_rate=1e-4,
         report_to="none",
         save_strategy="no",
@@ -78,8 +102,11 @@ def run(kind: str, n: int, steps: int) -> dict:
         )
         trainer.ica.use_scores(np.random.default_rng(0).random(n), "benchmarks.sampling random scores")
 
+    lengths = {len(r["input_ids"]) for r in trainer.train_dataset}
+    if lengths != {length}:
+        raise SystemExit(f"rows of {sorted(lengths)} tokens after SFT's truncation; every row must have {length}.")
     seconds = timed_training(trainer)
-    tokens = float(np.mean([len(r["input_ids"]) for r in trainer.train_dataset])) * 4
+    tokens = length * 4
     median = float(np.median(seconds[1:]))
     return {
         "step_seconds": [float(s) for s in seconds],
@@ -92,7 +119,8 @@ def run(kind: str, n: int, steps: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--length", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--results", default="benchmarks/results/sampling.json")
     args = parser.parse_args()
     if args.steps < 2:
@@ -102,11 +130,11 @@ def main():
     from benchmarks.common.results import save as save_results
 
     results = load_results(args.results)
-    check_settings(results, {"n": args.n, "steps": args.steps}, args.results)
+    check_settings(results, {"n": args.n, "length": args.length, "steps": args.steps}, args.results)
     results.setdefault("runs", {})
     for kind in RUNS:
         if kind not in results["runs"]:
-            results["runs"][kind] = run(kind, args.n, args.steps)
+            results["runs"][kind] = run(kind, args.n, args.length, args.steps)
             save_results(results, args.results)
             print(kind, results["runs"][kind], flush=True)
     print("\n".join(results_table(results)))
@@ -115,14 +143,20 @@ def main():
 def results_table(results: dict) -> list[str]:
     """Per run: seconds per step against `SFTTrainer`, and tokens per second (for `python -m benchmarks.report`)."""
     base = results["runs"]["stock"]["median_step_seconds_after_first"]
+    length = results["settings"]["length"]
     lines = [
-        "| run | s per step (median after the first) | x SFTTrainer | tokens/s (mean row length x 4) |",
-        "|---|---|---|---|",
+        "| run | s per step (median after the first) | range after the first | x SFTTrainer "
+        f"| tokens/s ({length} x 4 per step) |",
+        "|---|---|---|---|---|",
     ]
     for kind in RUNS:
         r = results["runs"][kind]
         seconds = r["median_step_seconds_after_first"]
-        lines.append(f"| {LABELS[kind]} | {seconds:.2f} | {seconds / base:.2f} | {r['tokens_per_second']:.0f} |")
+        later = r["step_seconds"][1:]
+        lines.append(
+            f"| {LABELS[kind]} | {seconds:.2f} | {min(later):.2f}-{max(later):.2f} | {seconds / base:.2f} "
+            f"| {r['tokens_per_second']:.0f} |"
+        )
     return lines
 
 
