@@ -281,13 +281,17 @@ def test_deferred_demonstrations_are_chosen_and_checked_on_first_use(chat_model,
     assert calls == []
     assert [r.response for r in later.requests(0, False)] == [r.response for r in now.requests(0, False)]
     assert calls == []  # requests without demonstrations do not need them
-    np.testing.assert_array_equal(later.demo_indices, now.demo_indices)
+    with pytest.raises(RuntimeError, match=r"deferred .* call `choose_demonstrations\(\)` first"):
+        later.demo_indices  # noqa: B018 - reading them must not choose them
+    assert calls == []
+    np.testing.assert_array_equal(later.choose_demonstrations(), now.demo_indices)
     assert len(calls) == 2  # candidates and holdout, once
-    later.demo_indices  # noqa: B018
+    later.choose_demonstrations()
+    np.testing.assert_array_equal(later.demo_indices, now.demo_indices)
     assert len(calls) == 2
     options = ICAScoringOptions(num_demos=2, embedding_model=embed)
     short = prepare_ica(
         chat_model, tokenizer, train, holdout, options, max_length=40, show_progress=False, defer_demos=True
     )
     with pytest.raises(ValueError, match="longer than `max_length`=40"):
-        short.requests(0, True)
+        short.choose_demonstrations()

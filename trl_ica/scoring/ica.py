@@ -93,7 +93,7 @@ class ICARequestBuilder:
         self.renderer = options.renderer(tokenizer)
         self.candidates = candidates
         self.holdout = holdout
-        self._pending = None  # (choose, max_length, argument) of demonstrations chosen on first use ([`defer`])
+        self._pending = None  # (choose, max_length, argument) of deferred demonstrations ([`defer`])
         self.pairs = isinstance(candidates[0], PreferenceExample)
         self.width = 2 if self.pairs else 1  # requests per candidate
         if self.renderer.span is not None:
@@ -123,19 +123,28 @@ class ICARequestBuilder:
         return out
 
     def defer(self, choose, max_length: int | None, argument: str) -> None:
-        """Choose the demonstrations (`choose()`, then the length check) when they are first needed rather than now:
-        the trainers defer kNN on the model's own embeddings until training starts, once FSDP or DeepSpeed has
+        """Choose the demonstrations (`choose()`, then the length check) at [`choose_demonstrations`] rather than
+        now: the trainers defer kNN on the model's own embeddings until training starts, once FSDP or DeepSpeed has
         placed and sharded the model (before that it sits on the CPU, or partitioned)."""
         self._pending = (choose, max_length, argument)
+
+    def choose_demonstrations(self) -> np.ndarray:
+        """Choose the deferred demonstrations and check the lengths they give; once chosen (or set), a no-op.
+        Returns [`demo_indices`]."""
+        if self._pending is not None:
+            choose, max_length, argument = self._pending
+            self.demo_indices = choose()
+            self.check_lengths(max_length, argument)
+        return self._demo_indices
 
     @property
     def demo_indices(self) -> np.ndarray:
         """`(len(candidates), k)` holdout rows of each candidate's demonstrations."""
         if self._pending is not None:
-            choose, max_length, argument = self._pending
-            self._pending = None
-            self.demo_indices = choose()
-            self.check_lengths(max_length, argument)
+            raise RuntimeError(
+                "The demonstrations were deferred ([`ICARequestBuilder.defer`]) and are not chosen yet: call "
+                "`choose_demonstrations()` first (the trainers do when training starts)."
+            )
         return self._demo_indices
 
     @demo_indices.setter
@@ -345,7 +354,7 @@ def _build_requests(
     builder = ICARequestBuilder(tokenizer, candidates, held, options)
     builder.defer(choose, max_length, max_length_argument)
     if not defer_demos:
-        builder.demo_indices  # noqa: B018 - chosen and length-checked now
+        builder.choose_demonstrations()
     return builder
 
 

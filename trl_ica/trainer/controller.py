@@ -121,7 +121,7 @@ class ICAController:
         calls it at the same point (the model's own embeddings run on all of them)."""
         for builder in (self.builder, self.reference_builder):
             if builder is not None:
-                builder.demo_indices  # noqa: B018 - the first access chooses them
+                builder.choose_demonstrations()
 
     def _scoring(self, model):
         """The model that scores: the run's scoring model, else the trained `model`."""
