@@ -44,6 +44,7 @@ RESULT_TABLES = {
     "scoring": "benchmarks/results/scoring.json",
     "scorer_cost": "benchmarks/results/scorer_cost.json",
     "scorer_agreement": "benchmarks/results/scorer_agreement",
+    "whisperer": "benchmarks/results/whisperer.json",
 }
 
 
