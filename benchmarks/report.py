@@ -42,6 +42,7 @@ RESULT_TABLES = {
     "preference": "benchmarks/results/preference.json",
     "sampling": "benchmarks/results/sampling.json",
     "scoring": "benchmarks/results/scoring.json",
+    "sharing": "benchmarks/results/sharing.json",
     "scorer_cost": "benchmarks/results/scorer_cost.json",
     "scorer_agreement": "benchmarks/results/scorer_agreement",
     "whisperer": "benchmarks/results/whisperer.json",
