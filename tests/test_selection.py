@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 from reference import naive_log_prob
-from testing_utils import LOGP_ATOL, MEAN_LOGP_ATOL, chat_row, pair_rows, tiny_llama
+from testing_utils import LOGP_ATOL, MEAN_LOGP_ATOL, chat_row, pair_rows, score_files, tiny_llama
 
 from trl_ica.cli import main
 from trl_ica.scoring.demonstrations import model_embeddings, select_demos
@@ -156,30 +156,10 @@ def test_select_top_bottom_and_threshold_are_deterministic():
 
 
 def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypatch, capsys):
-    model_dir = tmp_path / "model"
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     rows = [{**r, "kind": "long" if i % 2 else "short"} for i, r in enumerate(sft_rows(8))]
-    Dataset.from_list(rows).to_json(tmp_path / "train.jsonl")
-    Dataset.from_list(holdout_rows()).to_parquet(tmp_path / "holdout.parquet")
+    files = score_files(tmp_path, tokenizer, rows, holdout_rows(), holdout_file="holdout.parquet")
     out = tmp_path / "scored.jsonl"
-    main(
-        [
-            "score",
-            "--method",
-            "ica",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "train.jsonl"),
-            "--holdout",
-            str(tmp_path / "holdout.parquet"),
-            "--output",
-            str(out),
-            "--label-column",
-            "kind",
-        ]
-    )
+    main(["score", "--method", "ica", *files, "--output", str(out), "--label-column", "kind"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 8 and summary["seconds"] > 0
     # `seconds` is rounded to 1 ms and `rows_per_second` to 0.01: the tolerance those roundings allow
@@ -190,23 +170,7 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
     assert (tmp_path / "scored.png").is_file()
     # A user's `--num-demos 0` reaches the validation instead of becoming the default
     with pytest.raises(ValueError, match=r"`num_demos` must be a positive integer, at most the holdout.s size, got 0"):
-        main(
-            [
-                "score",
-                "--method",
-                "ica",
-                "--model",
-                str(model_dir),
-                "--dataset",
-                str(tmp_path / "train.jsonl"),
-                "--holdout",
-                str(tmp_path / "holdout.parquet"),
-                "--output",
-                str(tmp_path / "zero.jsonl"),
-                "--num-demos",
-                "0",
-            ]
-        )
+        main(["score", "--method", "ica", *files, "--output", str(tmp_path / "zero.jsonl"), "--num-demos", "0"])
     main(["select", "--scores", str(out), "--ratio", "0.25", "--output", str(tmp_path / "subset.jsonl")])
     subset = [json.loads(line) for line in open(tmp_path / "subset.jsonl")]
     best = sorted(range(8), key=lambda i: -scored[i]["score"])[:2]
@@ -217,32 +181,10 @@ def test_cli_scores_every_row_and_selects_a_subset(tmp_path, tokenizer, monkeypa
 def test_cli_conditioned_form_equals_the_library(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model_dir = tmp_path / "model"
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    Dataset.from_list(sft_rows(6)).to_json(tmp_path / "train.jsonl")
-    Dataset.from_list(holdout_rows()).to_json(tmp_path / "holdout.jsonl")
+    files = score_files(tmp_path, tokenizer, sft_rows(6), holdout_rows())
     out = tmp_path / "scored.jsonl"
-    main(
-        [
-            "score",
-            "--method",
-            "ica",
-            "--form",
-            "conditioned",
-            "--reduction",
-            "mean",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "train.jsonl"),
-            "--holdout",
-            str(tmp_path / "holdout.jsonl"),
-            "--output",
-            str(out),
-        ]
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    main(["score", "--method", "ica", "--form", "conditioned", "--reduction", "mean", *files, "--output", str(out)])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     expected = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), show_progress=False)
     paper = ICAScoringOptions.from_preset("paper")
     paper = score_dataset("ica", model, tokenizer, sft_rows(6), holdout_rows(), paper, show_progress=False)

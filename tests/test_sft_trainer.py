@@ -15,6 +15,7 @@ from testing_utils import (
     chat_row,
     force_weights,
     four_bit_tiny_llama,
+    score_files,
     tiny_llama,
     weighted_loss_and_grads,
 )
@@ -460,31 +461,9 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
     from trl_ica.cli import main as cli
 
     train, holdout = data()
-    model_dir = tmp_path / "model"
-    model_for(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    train.to_json(tmp_path / "train.jsonl")
-    holdout.to_json(tmp_path / "holdout.jsonl")
+    files = score_files(tmp_path, tokenizer, train, holdout, model=model_for(tokenizer))
     scored = tmp_path / "scored.jsonl"
-    cli(
-        [
-            "score",
-            "--method",
-            "ica",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "train.jsonl"),
-            "--holdout",
-            str(tmp_path / "holdout.jsonl"),
-            "--output",
-            str(scored),
-            "--form",
-            "difference",
-            "--reduction",
-            "sum",
-        ]
-    )
+    cli(["score", "--method", "ica", *files, "--output", str(scored), "--form", "difference", "--reduction", "sum"])
     file_scores = [json.loads(line)["score"] for line in open(scored)]
 
     given = ica_trainer(tokenizer, tmp_path / "given", ica_scores_file=str(scored), max_steps=1)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from datasets import Dataset
-from testing_utils import CPU_ARGS, REGROUPED_ATOL, chat_row, tiny_llama
+from testing_utils import CPU_ARGS, REGROUPED_ATOL, chat_row, score_files, tiny_llama
 
 import trl_ica.scoring.ica as ica_module
 from trl_ica import ICASFTConfig, ICASFTTrainer
@@ -71,28 +71,13 @@ def test_an_overhead_from_the_command_line_is_a_number(tmp_path):
 def test_cli_sharing_flags_reach_the_engine_and_bad_ones_are_refused(tmp_path, tokenizer, monkeypatch):
     from trl_ica.cli.main import main
 
-    model_dir = tmp_path / "model"
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     train, holdout = data()
-    train.to_json(tmp_path / "train.jsonl")
-    holdout.to_json(tmp_path / "holdout.jsonl")
+    files = score_files(tmp_path, tokenizer, train, holdout)
+    no_holdout = files[:4]  # `--model` and `--dataset`
     seen = []
     original = ica_module.score_requests
     monkeypatch.setattr(ica_module, "score_requests", lambda *a, **k: seen.append(k) or original(*a, **k))
-    common = [
-        "score",
-        "--method",
-        "ica",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(tmp_path / "train.jsonl"),
-        "--holdout",
-        str(tmp_path / "holdout.jsonl"),
-        "--num-demos",
-        "2",
-    ]
+    common = ["score", "--method", "ica", *files, "--num-demos", "2"]
     main([*common, "--output", str(tmp_path / "a.jsonl"), "--scoring-sharing", "flat", "--forward-overhead", "500"])
     assert seen and all(k["sharing"] == "flat" and k["forward_overhead"] == 500.0 for k in seen)
     with pytest.raises(ValueError, match=r"`--forward-overhead` must be a number of tokens >= 0 or 'measure', got"):
@@ -103,10 +88,7 @@ def test_cli_sharing_flags_reach_the_engine_and_bad_ones_are_refused(tmp_path, t
                 "score",
                 "--method",
                 "loss",
-                "--model",
-                str(model_dir),
-                "--dataset",
-                str(tmp_path / "train.jsonl"),
+                *no_holdout,
                 "--output",
                 str(tmp_path / "c.jsonl"),
                 "--scoring-sharing",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import LOGP_ATOL, chat_row, tiny_llama
+from testing_utils import LOGP_ATOL, chat_row, score_files, tiny_llama
 
 from trl_ica import ICADPOConfig, ICASFTConfig, ICASFTTrainer
 from trl_ica.scoring.ica import prepare_ica, score_with
@@ -136,25 +136,17 @@ def test_an_sft_run_weights_by_the_span_score(tokenizer, tmp_path, refresh):
 def test_cli_score_span_equals_the_library_and_records_the_span(tmp_path, tokenizer):
     from trl_ica.cli.main import main
 
-    model_dir = tmp_path / "model"
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     train, holdout = rows()
-    train.to_json(tmp_path / "train.jsonl")
-    holdout.to_json(tmp_path / "holdout.jsonl")
+    files = score_files(tmp_path, tokenizer, train, holdout, model=model)
+    no_holdout = files[:4]  # `--model` and `--dataset`
     out = tmp_path / "scored.jsonl"
     main(
         [
             "score",
             "--method",
             "ica",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "train.jsonl"),
-            "--holdout",
-            str(tmp_path / "holdout.jsonl"),
+            *files,
             "--output",
             str(out),
             "--num-demos",
@@ -186,17 +178,5 @@ def test_cli_score_span_equals_the_library_and_records_the_span(tmp_path, tokeni
     assert train[6]["completion"] in bottom and len(bottom) == 3  # half of 7 rows; the one without an answer is last
     with pytest.raises(ValueError, match="applies to `method='ica'` only"):
         main(
-            [
-                "score",
-                "--method",
-                "loss",
-                "--model",
-                str(model_dir),
-                "--dataset",
-                str(tmp_path / "train.jsonl"),
-                "--output",
-                str(tmp_path / "loss.jsonl"),
-                "--score-span",
-                FINAL,
-            ]
+            ["score", "--method", "loss", *no_holdout, "--output", str(tmp_path / "loss.jsonl"), "--score-span", FINAL]
         )

@@ -11,6 +11,7 @@ from testing_utils import (
     WEIGHT_ATOL,
     chat_row,
     four_bit_tiny_llama,
+    score_files,
     tiny_llama,
 )
 
@@ -191,31 +192,13 @@ def test_training_still_gets_gradients_after_scoring_a_4bit_model(tokenizer, tmp
 def test_cli_writes_whisperer_scores_and_its_summary(tmp_path, tokenizer, capsys):
     import json
 
-    from datasets import Dataset
-
     from trl_ica.cli import main
 
-    model_dir = tmp_path / "model"
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_hidden_layers=3)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    Dataset.from_list(_rows(7)).to_json(tmp_path / "train.jsonl")
+    files = score_files(tmp_path, tokenizer, _rows(7), model=model)
     out = tmp_path / "scored.jsonl"
     options = ["--metric", "log_likelihood", "--num-demos", "2", "--num-queries", "2", "--layer", "2", "--seed", "3"]
-    main(
-        [
-            "score",
-            "--method",
-            "whisperer",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "train.jsonl"),
-            "--output",
-            str(out),
-            *options,
-        ]
-    )
+    main(["score", "--method", "whisperer", *files, "--output", str(out), *options])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompts"] == 4 and summary["layer"] == 2 and summary["unparsed_prompts"] == 0
     scored = [json.loads(line)["score"] for line in open(out)]

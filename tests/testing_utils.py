@@ -260,6 +260,25 @@ def tiny_llama_for(tokenizer, seed=0):
     return tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
 
 
+def score_files(folder, tokenizer, train, holdout=None, model=None, holdout_file="holdout.jsonl") -> list[str]:
+    """Write what `trl-ica score` reads into `folder`: `model` (a tiny Llama for `tokenizer` if None) saved with
+    `tokenizer` in `folder/model`, `train` (a `Dataset` or a list of rows) as `train.jsonl` and `holdout` as
+    `holdout_file` (JSON lines, or Parquet by its suffix). Returns the command's arguments naming them: `--model`,
+    `--dataset` and, with a holdout, `--holdout`."""
+    model_dir = folder / "model"
+    (model if model is not None else tiny_llama_for(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    args = ["--model", str(model_dir)]
+    for flag, rows, name in (("--dataset", train, "train.jsonl"), ("--holdout", holdout, holdout_file)):
+        if rows is None:
+            continue
+        rows = rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))
+        path = folder / name
+        rows.to_parquet(path) if name.endswith(".parquet") else rows.to_json(path)
+        args += [flag, str(path)]
+    return args
+
+
 def tiny_lora():
     from peft import LoraConfig
 
