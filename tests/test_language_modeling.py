@@ -5,15 +5,21 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import CPU_ARGS, LOGP_ATOL, assert_requests_are_the_training_sequences, tiny_llama
-from trl import SFTConfig, SFTTrainer
+from testing_utils import (
+    CPU_ARGS,
+    LOGP_ATOL,
+    assert_requests_are_the_training_sequences,
+    stock_and_ica_sft,
+    tiny_llama,
+)
 
-from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
+from trl_ica import score_ica
 from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.options import ICAScoringOptions
 from trl_ica.scoring.rendering import Renderer
 
 COMMON = dict(CPU_ARGS, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
+UNIT_ONLINE = dict(ica_weighting="none", ica_refresh="online")  # every weight 1, the step scored as it trains
 
 
 def texts(n=12, offset=0):
@@ -77,27 +83,7 @@ def test_a_tokenizer_with_bos_scores_every_token(tokenizer):
 
 
 def stock_and_ica(tokenizer, tmp_path, train, holdout, **kwargs):
-    torch.manual_seed(0)
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **COMMON),
-        train_dataset=train,
-        processing_class=tokenizer,
-        **kwargs,
-    )
-    stock.train()
-    torch.manual_seed(0)
-    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **COMMON)
-    ours = ICASFTTrainer(
-        model_for(tokenizer),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        holdout_dataset=holdout,
-        **kwargs,
-    )
-    ours.train()
-    return stock, ours
+    return stock_and_ica_sft(tokenizer, tmp_path, train, holdout, COMMON, UNIT_ONLINE, **kwargs)
 
 
 @pytest.mark.parametrize("source", ["text", "formatting_func", "dataset_text_field"])

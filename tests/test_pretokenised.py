@@ -10,9 +10,9 @@ from testing_utils import (
     LOGP_ATOL,
     assert_requests_are_the_training_sequences,
     assert_trains_like,
+    stock_and_ica_sft,
     tiny_llama,
 )
-from trl import SFTConfig, SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
@@ -75,19 +75,8 @@ def test_the_positions_scored_are_the_ones_trl_trains_on(tokenizer, tmp_path, co
     `completion_only_loss=True`, as in TRL), and with unit weights the run trains exactly like SFTTrainer."""
     train, holdout = tokenised(tokenizer, column=column), tokenised(tokenizer, 5, offset=20, column=column)
     settings = dict(COMMON, completion_only_loss=completion_only_loss)
-    torch.manual_seed(0)
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    stock.train()
-    torch.manual_seed(0)
-    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", ica_refresh="online", **settings)
-    ours = ICASFTTrainer(
-        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
-    )
+    unit = dict(ica_weighting="none", ica_refresh="online")
+    stock, ours = stock_and_ica_sft(tokenizer, tmp_path, train, holdout, settings, unit, train_ours=False)
     trained = [[label != -100 for label in row["labels"]][1:] for row in stock.train_dataset]
     view = scoring_view(train, completion_only_loss=stock.completion_only_loss)
     key = "labels" if "labels" in view.column_names else "loss_mask"
@@ -120,20 +109,7 @@ def test_rows_prepared_beforehand_train_like_sfttrainer(tokenizer, tmp_path):
     same ids, and with unit weights the run is SFTTrainer's."""
     train, holdout = tokenised(tokenizer, column="labels"), tokenised(tokenizer, 5, offset=20, column="labels")
     settings = dict(COMMON, dataset_kwargs={"skip_prepare_dataset": True})
-    torch.manual_seed(0)
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    stock.train()
-    torch.manual_seed(0)
-    args = ICASFTConfig(output_dir=str(tmp_path / "b"), ica_weighting="none", **settings)
-    ours = ICASFTTrainer(
-        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
-    )
-    ours.train()
+    stock, ours = stock_and_ica_sft(tokenizer, tmp_path, train, holdout, settings, dict(ica_weighting="none"))
     assert_trains_like(stock, ours)
     scored = ours.ica.builder.requests(0, False)[0]
     row = train[0]

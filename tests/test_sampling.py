@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from testing_utils import CPU_ARGS, WEIGHT_ATOL, chat_row, dpo_pairs, tiny_llama
-from trl import SFTConfig, SFTTrainer
+from testing_utils import CPU_ARGS, WEIGHT_ATOL, assert_trains_like, chat_row, dpo_pairs, stock_and_ica_sft, tiny_llama
 
 from trl_ica import ICADPOConfig, ICADPOTrainer, ICASFTConfig, ICASFTTrainer
 from trl_ica.trainer.sampling import WeightedEpochSampler, epoch_order, steps_per_epoch, systematic_counts
@@ -111,11 +110,7 @@ def test_unit_weights_reproduce_sfttrainer_over_epochs(tokenizer, tmp_path):
     same losses and bit-identical parameters as stock SFTTrainer."""
     train, holdout = data()
     settings = dict(
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
+        CPU_ARGS,
         seed=3,
         dataloader_drop_last=False,
         max_steps=7,
@@ -123,30 +118,10 @@ def test_unit_weights_reproduce_sfttrainer_over_epochs(tokenizer, tmp_path):
         gradient_accumulation_steps=2,
         learning_rate=1e-2,
     )
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    stock.train()
-    args = ICASFTConfig(
-        output_dir=str(tmp_path / "b"),
-        ica_weight_mode="sampling",
-        ica_weighting="none",
-        ica_demo_selection="fixed",
-        **settings,
-    )
-    ours = ICASFTTrainer(
-        model_for(tokenizer), args=args, train_dataset=train, processing_class=tokenizer, holdout_dataset=holdout
-    )
-    ours.train()
+    unit = dict(ica_weight_mode="sampling", ica_weighting="none", ica_demo_selection="fixed")
+    stock, ours = stock_and_ica_sft(tokenizer, tmp_path, train, holdout, settings, unit)
     assert stock.state.epoch > 2  # three epochs of 3 steps each (the third step of each has one micro-batch)
-    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
-        h["loss"] for h in ours.state.log_history if "loss" in h
-    ]
-    for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
-        assert torch.equal(p, q), name
+    assert_trains_like(stock, ours)
 
 
 def test_rows_of_weight_zero_are_never_drawn_and_batches_stay_full(tokenizer, tmp_path, monkeypatch):

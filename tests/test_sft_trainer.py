@@ -16,10 +16,11 @@ from testing_utils import (
     force_weights,
     four_bit_tiny_llama,
     score_files,
+    stock_and_ica_sft,
     tiny_llama,
     weighted_loss_and_grads,
 )
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ica import ICASFTConfig, ICASFTTrainer, score_ica
 from trl_ica.scoring.options import ICAScoringOptions
@@ -63,28 +64,10 @@ def test_online_scoring_leaves_a_lora_run_unchanged(tokenizer, tmp_path, form):
     train, holdout = data()
     settings = dict(COMMON, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**lora),
+    unit = dict(ica_refresh="online", ica_weighting="none", ica_score_form=form)
+    stock, ours = stock_and_ica_sft(
+        tokenizer, tmp_path, train, holdout, settings, unit, peft_config=LoraConfig(**lora)
     )
-    stock.train()
-    torch.manual_seed(0)
-    args = ICASFTConfig(
-        output_dir=str(tmp_path / "b"), ica_refresh="online", ica_weighting="none", ica_score_form=form, **settings
-    )
-    ours = ICASFTTrainer(
-        model_for(tokenizer),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        holdout_dataset=holdout,
-        peft_config=LoraConfig(**lora),
-    )
-    ours.train()
     assert ours.ica.state.scores is not None and np.isfinite(ours.ica.state.scores).any()
     trained = [(n, p) for n, p in stock.model.named_parameters() if p.requires_grad]
     assert trained and all("lora" in n for n, _ in trained)
@@ -97,21 +80,7 @@ def test_online_scoring_leaves_a_lora_run_unchanged(tokenizer, tmp_path, form):
 def train_stock_and_ica(tokenizer, tmp_path, settings, **ica_fields):
     """The same run with SFTTrainer and with ICASFTTrainer (extra `ica_fields`); both trainers, trained."""
     train, holdout = data()
-    stock = SFTTrainer(
-        model_for(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "a"), **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    stock.train()
-    ours = ICASFTTrainer(
-        model_for(tokenizer),
-        args=ICASFTConfig(output_dir=str(tmp_path / "b"), **ica_fields, **settings),
-        train_dataset=train,
-        processing_class=tokenizer,
-        holdout_dataset=holdout,
-    )
-    ours.train()
+    stock, ours = stock_and_ica_sft(tokenizer, tmp_path, train, holdout, settings, ica_fields)
     for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
         assert torch.equal(p, q), name
     return stock, ours

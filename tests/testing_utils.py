@@ -375,10 +375,39 @@ def assert_requests_are_the_training_sequences(trainer):
             assert list(positions) == [start + k for k in request.positions], row["ica_index"]
 
 
+def stock_and_ica_sft(tokenizer, folder, train, holdout, settings, ica_fields=None, train_ours=True, **trainer_kwargs):
+    """`SFTTrainer`, trained, and `ICASFTTrainer` on the same rows and `settings` (with `ica_fields` on top), each
+    on a fresh tiny Llama for `tokenizer`; `trainer_kwargs` go to both constructors. Returns `(stock, ours)`, ours
+    trained unless `train_ours` is False (to look at it before training)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ica import ICASFTConfig, ICASFTTrainer
+
+    torch.manual_seed(0)
+    stock = SFTTrainer(
+        tiny_llama_for(tokenizer),
+        args=SFTConfig(output_dir=str(folder / "stock"), **settings),
+        train_dataset=train,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    stock.train()
+    torch.manual_seed(0)
+    ours = ICASFTTrainer(
+        tiny_llama_for(tokenizer),
+        args=ICASFTConfig(output_dir=str(folder / "ica"), **{**settings, **(ica_fields or {})}),
+        train_dataset=train,
+        processing_class=tokenizer,
+        holdout_dataset=holdout,
+        **trainer_kwargs,
+    )
+    if train_ours:
+        ours.train()
+    return stock, ours
+
+
 def assert_trains_like(stock, ours):
     """`ours` logged the same training losses as `stock` and ended with bit-identical parameters."""
-    import torch
-
     assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
         h["loss"] for h in ours.state.log_history if "loss" in h
     ]
