@@ -10,8 +10,12 @@ r = 16 on all linear layers: every micro-batch's forward and backward, no optimi
 
 Every time is the median of `--repeats` steps after one warm-up, all measured in one run.
 
-    python -m benchmarks.online [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed knn]
-        [--forms difference conditioned]
+    python -m benchmarks.online [--batch-size 4] [--accumulation 4] [--repeats 3] [--selections fixed]
+        [--forms difference conditioned] [--results benchmarks/results/online.json]
+
+Each configuration's result is kept in the JSON file (written whole) and skipped when run again; the file records
+its settings and refuses a run with other ones. The ratios compare runs of one process: a configuration added later
+is timed against the stock step of its own run, which is kept beside it.
 """
 
 import argparse
@@ -26,6 +30,9 @@ from trl import SFTConfig, SFTTrainer
 
 from benchmarks.common.evaluation import median_step
 from benchmarks.common.models import lora as recipe_lora
+from benchmarks.common.results import check_settings
+from benchmarks.common.results import load as load_results
+from benchmarks.common.results import save as save_results
 from trl_ica import ICASFTConfig, ICASFTTrainer
 from trl_ica.cli.scenarios import noisy_gsm8k
 from trl_ica.embedded import default_model_path
@@ -56,11 +63,25 @@ def main():
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--selections", nargs="+", default=["fixed", "knn"], choices=["fixed", "knn", "random"])
+    parser.add_argument("--selections", nargs="+", default=["fixed"], choices=["fixed", "knn", "random"])
     parser.add_argument(
         "--forms", nargs="+", default=["difference", "conditioned"], choices=["difference", "conditioned"]
     )
+    parser.add_argument("--results", default="benchmarks/results/online.json")
     args = parser.parse_args()
+    results = load_results(args.results)
+    settings = {k: getattr(args, k) for k in ("batch_size", "accumulation", "repeats", "threads")}
+    check_settings(results, settings, args.results)
+    runs = results.setdefault("runs", {})
+    todo = [f"{s} | {f}" for s, f in itertools.product(args.selections, args.forms) if f"{s} | {f}" not in runs]
+    if todo:
+        measure(args, todo, results)
+    print("\n".join(results_table(results)))
+
+
+def measure(args, todo, results) -> None:
+    """Time the stock step, then each configuration of `todo` (`"<selection> | <form>"`) into `results["runs"]`
+    with that stock step beside it, saving the file after each."""
     torch.set_num_threads(args.threads)
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -89,15 +110,10 @@ def main():
     )
     batches = micro_batches(stock, args.batch_size, args.accumulation)
     t_stock = median_step(stock, batches, args.repeats)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(
-        f"{args.batch_size} rows x {args.accumulation} micro-batches ({tokens} tokens), LoRA r=16 all-linear, "
-        f"{args.threads} threads, median of {args.repeats}"
-    )
-    print("| trainer | demos | form | step (s) | / stock | floor (s) | / floor |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| SFTTrainer | | | {t_stock:.2f} | 1.00 | | |", flush=True)
-    for selection, form in itertools.product(args.selections, args.forms):
+    results["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"SFTTrainer step {t_stock:.2f} s", flush=True)
+    for key in todo:
+        selection, form = key.split(" | ")
         fields = dict(
             ica_preset="paper",  # the paper's score and weights, the closing token scored, as measured
             ica_score_end_token=True,
@@ -122,11 +138,35 @@ def main():
         t_cond, prefixes = median_conditioned_pass(ica, indices, args.repeats)
         floor = t_stock + t_cond
         t = median_step(ica, ica_batches, args.repeats)
-        print(
-            f"| ICASFTTrainer online | {selection} ({prefixes} prefixes) | {form} | {t:.2f} "
-            f"| {t / t_stock:.2f} | {floor:.2f} | {t / floor:.2f} |",
-            flush=True,
-        )
+        results["runs"][key] = {"seconds": t, "stock_seconds": t_stock, "floor_seconds": floor, "prefixes": prefixes}
+        save_results(results, args.results)
+        print(key, results["runs"][key], flush=True)
+
+
+def results_table(results: dict) -> list[str]:
+    """The stock step, and each online configuration against it and against its floor (for
+    `python -m benchmarks.report`)."""
+    s = results["settings"]
+    lines = [
+        f"{s['batch_size']} rows x {s['accumulation']} micro-batches ({results['tokens']:,} tokens), LoRA r = 16 on "
+        f"all linear layers, {s['threads']} threads, median of {s['repeats']} after a warm-up:",
+        "",
+        "| trainer | demos | form | step (s) | / stock | floor (s) | / floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    stocks = sorted({r["stock_seconds"] for r in results["runs"].values()})
+    for stock in stocks:
+        lines.append(f"| SFTTrainer | | | {stock:.2f} | 1.00 | | |")
+        for key, r in results["runs"].items():
+            if r["stock_seconds"] != stock:
+                continue
+            selection, form = key.split(" | ")
+            demos = f"{selection} ({r['prefixes']} prefix{'es' if r['prefixes'] > 1 else ''})"
+            lines.append(
+                f"| ICASFTTrainer online | {demos} | {form} | {r['seconds']:.2f} | {r['seconds'] / stock:.2f} "
+                f"| {r['floor_seconds']:.2f} | {r['seconds'] / r['floor_seconds']:.2f} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

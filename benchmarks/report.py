@@ -37,6 +37,7 @@ RESULT_TABLES = {
     "bf16": "benchmarks/results/bf16.json",
     "demo": "benchmarks/results/demo.json",
     "memory": "benchmarks/results/memory.json",
+    "online": "benchmarks/results/online.json",
     "packing": "benchmarks/results/packing.json",
     "precision": "benchmarks/results/precision.json",
     "preference": "benchmarks/results/preference.json",
