@@ -167,13 +167,13 @@ def cost(path, tokenizer, args) -> dict:
         stock = make(stock_cls, stock_cfg, max_steps=1)
         rows = [stock.train_dataset[i] for i in range(args.batch_size)]
         batch = stock._prepare_inputs(stock.data_collator(rows))
-        t_step = median_step(stock, batch, args.repeats)
+        t_step = median_step(stock, [batch], args.repeats)
         t_floor = t_step + floor_forward(stock, batch, args.repeats, "dpo" if name == "dpo" else "cpo")
         online = make(
             ica_cls, ica_cfg, max_steps=1, ica_refresh="online", ica_demo_selection="fixed", ica_demo_layout="in_turn"
         )
         ica_rows = [online.train_dataset[i] for i in range(args.batch_size)]
-        t_online = median_step(online, online._prepare_inputs(online.data_collator(ica_rows)), args.repeats)
+        t_online = median_step(online, [online._prepare_inputs(online.data_collator(ica_rows))], args.repeats)
         out["trainers"][name] = {
             "stock_epoch": t_stock_epoch,
             "ica_epoch": t_ica_epoch,
