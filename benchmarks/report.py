@@ -8,8 +8,8 @@ results file. The timing benchmarks that keep a results file (`RESULT_TABLES`) h
 table is the block `<!-- report: readme/what_to_use -->` (docs/scores.md shows it too), and the SFT default's goal,
 checked per pool, the block `<!-- report: defaults/goal -->` of docs/benchmarks.md, both rebuilt by
 `benchmarks.what_to_use`. Tables that put methods of several experiments side by side are the blocks
-`<!-- report: view/<name> -->`, rebuilt by `benchmarks.views`. `--check` changes nothing and exits 1 when a block
-is out of date or missing.
+`<!-- report: view/<name> -->`, rebuilt by `benchmarks.views` (the ranking of every score, `view/auroc`, is in
+docs/scores.md). `--check` changes nothing and exits 1 when a block is out of date or missing.
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ def readme_tables() -> dict[str, list[str]]:
     return {"readme/what_to_use": what_to_use.results_table()}
 
 
+def scores_tables() -> dict[str, list[str]]:
+    """`{block key: the table's lines}` of docs/scores.md: README.md's, and the ranking of every score."""
+    from benchmarks import views
+
+    return {**readme_tables(), views.AUROC_VIEW: views.auroc_table()}
+
+
 def rebuilt(text: str, blocks: dict[str, list[str]]) -> tuple[str, list[str]]:
     """`text` with every one of `blocks` rebuilt, and the keys that have no block in it."""
     missing = []
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="Exit 1 if docs/benchmarks.md is out of date.")
     args = parser.parse_args(argv)
     stale = []
-    for path, blocks in ((DOC, tables()), (README, readme_tables()), (SCORES, readme_tables())):
+    for path, blocks in ((DOC, tables()), (README, readme_tables()), (SCORES, scores_tables())):
         name = os.path.relpath(path, ROOT)
         with open(path) as f:
             text = f.read()

@@ -233,8 +233,70 @@ def paper_table() -> list[str]:
     return lines
 
 
+#: The ranking table of docs/scores.md: `(row label, label-noise experiment)`, the label completed with the pool's
+#: noisy share (`{noise}`); its columns are `AUROC_COLUMNS`.
+AUROC_ROWS = (
+    ("one-digit sums, {noise} answered with another task's answers", "other_task"),
+    ("one-digit sums, {noise} answered with other questions' answers", "shuffled"),
+    ("reasoning-gym mixture: the target task, {noise} of the rows four other tasks", "mixture"),
+    ("GSM8K, {noise} with a wrong final number, another problem's solution or half of one", "gsm8k"),
+)
+#: `(column header, the results key of its AUROC per seed)`.
+AUROC_COLUMNS = (
+    ("in-turn: difference, sum (paper)", "auroc paper"),
+    ("in-turn: conditioned, mean", "auroc conditioned"),
+    ("plain loss, mean", "auroc loss"),
+    ("turns: difference, sum", "auroc turns_paper"),
+    ("turns: conditioned, mean (the default)", "auroc turns_conditioned"),
+)
+#: The preference row: `(column header, the label of its row in benchmarks/results/preference.json)`.
+PREFERENCE_AUROC = {
+    "in-turn: difference, sum (paper)": "ICA margin change, sum over tokens (the paper's)",
+    "in-turn: conditioned, mean": "conditioned margin per token",
+    "plain loss, mean": "model margin per token",
+}
+
+
+#: The block of docs/scores.md that `auroc_table` fills.
+AUROC_VIEW = "view/auroc"
+
+
+def auroc_table() -> list[str]:
+    """How well each score puts the clean rows first (AUROC, 0.5 = chance; fixed demonstrations, k = 3): per
+    label-noise pool the mean over the seeds kept (their number in brackets), and the preference pairs of
+    `benchmarks.preference`; the best of each row in bold."""
+    header = [h for h, _ in AUROC_COLUMNS]
+    lines = ["| data | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+
+    def row(label, cells):
+        best = max((v for v, _ in cells if v is not None), default=None)
+        text = [
+            "" if v is None else (f"**{v:.3f}**" if v == best else f"{v:.3f}") + (f" ({n})" if n else "")
+            for v, n in cells
+        ]
+        lines.append(f"| {label} | " + " | ".join(text) + " |")
+
+    for label, name in AUROC_ROWS:
+        runs = Pool(name).runs
+        label = label.format(noise=percent(runs["settings"]["noise"]))
+        cells = []
+        for _, key in AUROC_COLUMNS:
+            per_seed = list(runs.get(key, {}).values())
+            cells.append((float(np.mean(per_seed)), len(per_seed)) if per_seed else (None, 0))
+        row(label, cells)
+    quality = read_results("benchmarks/results/preference.json")["quality"]
+    by_label = {label: value for label, _, value in quality["rows"]}
+    cells = []
+    for header_cell, _ in AUROC_COLUMNS:
+        label = PREFERENCE_AUROC.get(header_cell)
+        match = [v for k, v in by_label.items() if label is not None and k.startswith(label)]
+        cells.append((match[0], 0) if match else (None, 0))
+    row(f"GSM8K preference pairs, {percent(quality['flipped'])} flipped: correct against flipped (margins)", cells)
+    return lines
+
+
 def tables() -> dict[str, list[str]]:
-    """`{block key: lines}` of every view."""
+    """`{block key: lines}` of every view of docs/benchmarks.md (docs/scores.md's: `AUROC_VIEW`)."""
     out = {"view/weighted_mean": weighted_mean_table(), "view/paper": paper_table()}
     out.update({f"view/scoring_model/{name}": scoring_model_table(name) for name in SCORING_MODEL_ROWS})
     return out
@@ -245,7 +307,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)
-    for key, lines in tables().items():
+    for key, lines in {**tables(), AUROC_VIEW: auroc_table()}.items():
         print(f"{key}:\n" + "\n".join(lines) + "\n")
 
 
