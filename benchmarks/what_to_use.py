@@ -91,9 +91,9 @@ class Pool:
         diffs = self.diffs(method)
         return f"{int((diffs > 0).sum())} of {diffs.size}"
 
-    def diff(self, method: str) -> str:
-        """The mean paired difference from uniform training, in nats per token."""
-        return f"{self.diffs(method).mean():+.3f}"
+    def diff(self, method: str, measure: str = "loss") -> str:
+        """The mean paired difference from uniform training, in nats per token (a log ratio for `LOG_MEASURES`)."""
+        return f"{self.diffs(method, measure).mean():+.{1 if measure in LOG_MEASURES else 3}f}"
 
     def gap(self) -> str:
         """What the noise cost uniform training: the oracle's mean paired difference, sign flipped."""
@@ -211,7 +211,10 @@ def rows() -> list[tuple[str, str, str]]:
             f"other rows on {answer.wins('shuffled_sampling')}; loss weights {gsm8k.diff('ica_turns_quantile')}, "
             f"worse on {gsm8k.losses('ica_turns_quantile')}, as random weights ({gsm8k.diff('random_weights')}); "
             f"token masks {answer.diff('token_mask')} ({answer.n('token_mask')} "
-            f"seed{'s' if answer.n('token_mask') > 1 else ''})",
+            f"seed{'s' if answer.n('token_mask') > 1 else ''}); drawing rows by the final-answer line's score "
+            f"(`ica_score_span`) {answer.diff('span_sampling')}, and ln P(end early) "
+            f"{answer.diff('span_sampling', 'early_end')} against the oracle's {answer.diff('oracle', 'early_end')} "
+            f"({answer.n('span_sampling')} seeds, no control yet)",
         ),
     ]
     return out
