@@ -42,6 +42,9 @@ SmolLM2-135M-Instruct, LoRA on the top `--top-layers` layers, the same steps for
 - `span_quantile`, `span_sampling`, `top_span`, `shuffled_span_sampling` (GSM8K): the conditioned score of the
   final-answer line alone (`ica_score_span="#### .*"`, rows without one at -inf) as `holdout_quantile` loss weights,
   as posterior sampling weights, as top-share selection, and the sampling control;
+- `lastline_sampling`, `shuffled_lastline_sampling` (any data): the conditioned score of the response's last line
+  and its closing token (`ica_score_span="last_line"`), which needs no pattern of the data's own, as posterior
+  sampling weights, and its control;
 - `token_mask`, `sampling_token_mask`, `shuffled_token_mask`: every row (or the rows `ica_sampling` draws) with
   the tokens the model with demonstrations finds less likely than the holdout's 1st percentile dropped from the
   loss (`ica_token_quantile=0.01`), and the control that drops as many tokens of each row at random positions;
@@ -137,6 +140,8 @@ METHODS = (
     "span_sampling",
     "shuffled_span_sampling",
     "top_span",
+    "lastline_sampling",
+    "shuffled_lastline_sampling",
     "token_mask",
     "shuffled_token_mask",
     "sampling_token_mask",
@@ -189,6 +194,8 @@ SCORE_OF = {
     "span_sampling": "span_conditioned",
     "top_span": "span_conditioned",
     "shuffled_span_sampling": "shuffled_span_conditioned",
+    "lastline_sampling": "lastline_conditioned",
+    "shuffled_lastline_sampling": "shuffled_lastline_conditioned",
 }
 #: The span GSM8K's final answer is scored by (`ica_score_span`).
 GSM8K_SPAN = "#### .*"
@@ -203,6 +210,11 @@ SCORINGS = {  # the scoring each score comes from, and its `score_ica` arguments
     "span": (
         {"span_conditioned"},
         {"layout": "turns", "form": "conditioned", "reduction": "mean", "span": GSM8K_SPAN},
+    ),
+    # any data: the response's last line with its closing token (`ica_score_span="last_line"`), per token
+    "lastline": (
+        {"lastline_conditioned"},
+        {"layout": "turns", "form": "conditioned", "reduction": "mean", "span": "last_line"},
     ),
 }
 
@@ -307,6 +319,21 @@ SETTINGS = {
         ica_demo_layout="turns",
         ica_weight_mode="sampling",
         ica_score_span=GSM8K_SPAN,
+    ),
+    # any data: scored by the response's last line and its closing token, as sampling probabilities
+    "lastline_sampling": dict(
+        CONDITIONED,
+        ica_weighting="holdout_posterior",
+        ica_demo_layout="turns",
+        ica_weight_mode="sampling",
+        ica_score_span="last_line",
+    ),
+    "shuffled_lastline_sampling": dict(
+        CONDITIONED,
+        ica_weighting="holdout_posterior",
+        ica_demo_layout="turns",
+        ica_weight_mode="sampling",
+        ica_score_span="last_line",
     ),
     # token masks (`ica_token_quantile`): every row trained, its tokens under the holdout's 1st percentile with the
     # demonstrations dropped; alone, on sampled rows, and the control that drops as many tokens of each row at
