@@ -77,6 +77,29 @@ def test_span_score_is_the_spans_log_prob_given_everything_before_it(tokenizer, 
         assert result.num_tokens[i] == len(part.response) < len(full.response)
 
 
+@pytest.mark.parametrize("layout", ["turns", "in_turn"])
+def test_the_last_line_of_a_one_line_response_is_the_whole_response(tokenizer, layout):
+    """`"last_line"` changes nothing where every response is one line: the requests are the row score's, token for
+    token, so are the scores."""
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    train = Dataset.from_list([chat_row(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.") for i in range(6)])
+    holdout = Dataset.from_list([chat_row(f"What is {i} plus 7?", f"It is {i + 7}.\n") for i in range(4)])
+    built = {
+        span: prepare_ica(
+            model,
+            tokenizer,
+            train,
+            holdout,
+            ICAScoringOptions(num_demos=2, demo_selection="fixed", form="conditioned", layout=layout, span=span),
+            show_progress=False,
+        )
+        for span in (None, "last_line")
+    }
+    assert [built["last_line"].conditioned(i) for i in range(6)] == [built[None].conditioned(i) for i in range(6)]
+    whole, last = (score_with(model, built[span], show_progress=False) for span in (None, "last_line"))
+    np.testing.assert_array_equal(last.scores, whole.scores)
+
+
 def test_a_response_without_the_span_scores_minus_infinity_and_gets_weight_zero(tokenizer):
     from trl_ica.scoring.weighting import compute_weights
 
