@@ -95,19 +95,19 @@ class Pool:
         """The mean paired difference from uniform training, in nats per token (a log ratio for `LOG_MEASURES`)."""
         return f"{self.diffs(method, measure).mean():+.{1 if measure in LOG_MEASURES else 3}f}"
 
-    def gap(self) -> str:
-        """What the noise cost uniform training: the oracle's mean paired difference, sign flipped."""
-        return f"{-self.diffs('oracle').mean():.3f}"
+    def gap(self, measure: str = "loss") -> str:
+        """What the noise cost uniform training by `measure`: the oracle's mean paired difference, sign flipped."""
+        return f"{-self.diffs('oracle', measure).mean():.{1 if measure in LOG_MEASURES else 3}f}"
 
     def gap_sd(self, measure: str = "loss") -> str:
         """The oracle's gap in paired standard deviations over its seeds: below 3 the pool cannot rank methods."""
         diffs = self.diffs("oracle", measure)
         return f"{-diffs.mean() / diffs.std(ddof=1):.1f}"
 
-    def noise(self) -> str:
-        """What the noise cost uniform training and whether that can rank methods: at least 5 seeds and 3 paired
-        sd (docs/benchmarks.md)."""
-        n, sd = self.n("oracle"), float(self.gap_sd())
+    def noise(self, measure: str = "loss") -> str:
+        """What the noise cost uniform training by `measure` and whether that can rank methods: at least 5 seeds and
+        3 paired sd (docs/benchmarks.md)."""
+        n, sd = self.n("oracle"), float(self.gap_sd(measure))
         verdict = (
             "too few seeds to rank methods"
             if n < 5
@@ -115,9 +115,12 @@ class Pool:
             if sd >= 3
             else "too little to rank methods"
         )
-        return (
-            f"the noise costs uniform training {self.gap()} nats/token, {sd:.1f} paired sd over {n} seeds: {verdict}"
+        cost = (
+            f"raises {MEASURE_NAMES[measure]} by {self.gap(measure)}"
+            if measure in LOG_MEASURES
+            else f"costs uniform training {self.gap(measure)} nats/token"
         )
+        return f"the noise {cost}, {sd:.1f} paired sd over {n} seeds: {verdict}"
 
     def mean(self, method: str, key: str) -> str:
         """The mean over `method`'s runs of a recorded `key` (e.g. `noisy_share_trained`)."""
@@ -206,7 +209,8 @@ def rows() -> list[tuple[str, str, str]]:
         (
             "GSM8K solutions with a wrong final number, another problem's solution or half of one (30 %)",
             "the SFT defaults, or stock SFT: neither is measured better",
-            f"{answer.noise()}; drawing rows by weight (the defaults) "
+            f"by the full-answer loss {answer.noise()}; by ending a solution early {answer.noise('early_end')}; "
+            "drawing rows by weight (the defaults) "
             f"{answer.diff('ica_sampling')}, better on {answer.wins('ica_sampling')} seeds, the same weights dealt to "
             f"other rows on {answer.wins('shuffled_sampling')}; loss weights {gsm8k.diff('ica_turns_quantile')}, "
             f"worse on {gsm8k.losses('ica_turns_quantile')}, as random weights ({gsm8k.diff('random_weights')}); "
