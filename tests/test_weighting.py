@@ -147,6 +147,27 @@ def test_holdout_posterior_keeps_holdout_like_rows_whole_and_drops_the_others(sh
     assert np.mean(clean_means) > 0.85 and np.mean(other_means) < 0.12 and np.mean(errors) < 0.08
 
 
+def test_a_heavy_tailed_holdout_does_not_lift_the_noise_to_weight_one():
+    """Scores as a final-answer line's are: most rows near 0 (spread 0.01) and a tenth spread far below, where the
+    noise also lies (the pool: 70 % such rows, 30 % uniform on [-3, -0.5]). The bandwidth follows the narrow bulk, so
+    beside each of the holdout's few tail scores the kernel estimate of the pool's density is ~0 and the raw density
+    ratio unbounded; made non-decreasing, one such spike lifts every weight above it to 1. Bounded by 1 / pi, the
+    ratio gives the noise what the mixture does: in the tail the holdout-like rows are 0.7 x 0.1 / 2.8 per unit
+    against the noise's 0.3 / 2.5, a posterior of ~0.17 there, so the clean rows keep ~0.9 + 0.1 x 0.17."""
+
+    def draw(rng, n):
+        return np.where(rng.random(n) < 0.1, rng.uniform(-3, -0.2, n), rng.normal(0, 0.01, n))
+
+    clean_means, noise_means = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        holdout, pool = draw(rng, 60), np.concatenate([draw(rng, 168), rng.uniform(-3, -0.5, 72)])
+        weights = compute_weights(pool, "holdout_posterior", reference=holdout, pool=pool)
+        clean_means.append(weights[:168].mean())
+        noise_means.append(weights[168:].mean())
+    assert max(noise_means) < 0.25 and np.mean(noise_means) < 0.15 and np.mean(clean_means) > 0.8
+
+
 def test_holdout_posterior_needs_the_pool_and_a_spread_holdout():
     with pytest.raises(ValueError, match="every training row's"):
         compute_weights([0.0, 1.0], "holdout_posterior", reference=[0.0, 1.0])

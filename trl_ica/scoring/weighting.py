@@ -112,10 +112,11 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
     f_holdout / f_pool at the row's score over its value at that median, capped at 1, which is the posterior wherever
     no other rows reach the median (pi = f_pool / f_holdout there: [`holdout_share`] estimates it from the tail).
     Both densities are Gaussian kernel estimates with one bandwidth (Silverman's rule on the holdout's scores), and the
-    ratio is made non-decreasing in the score (a higher score is never less holdout-like). Rows that score like the
-    holdout keep weight 1 and rows below it fall to 0, where `holdout_quantile` spreads clean rows over [0, 1]; a pool
-    without other rows keeps every weight near 1. Normalising at the median rather than by an estimated pi keeps the
-    holdout's own sampling noise (its median moves by ~1.25 sd / sqrt(n)) from scaling every weight down.
+    ratio, bounded by 1 / pi as the mixture bounds it (f_pool >= pi * f_holdout), is made non-decreasing in the score
+    (a higher score is never less holdout-like). Rows that score like the holdout keep weight 1 and rows below it fall
+    to 0, where `holdout_quantile` spreads clean rows over [0, 1]; a pool without other rows keeps every weight near
+    1. Normalising at the median rather than by the estimated pi keeps the holdout's own sampling noise (its median
+    moves by ~1.25 sd / sqrt(n)) from scaling every weight down.
 
     Args:
         scores (`array-like`): the scores to weight (rows of `pool`, or others).
@@ -154,7 +155,11 @@ def posterior_weights(scores, reference, pool, where: str = "rows") -> np.ndarra
     # a fixed grid (the densities are smooth at the bandwidth's scale) rather than every score: linear in the rows
     low, high = min(pool.min(), s.min(), median), max(pool.max(), s.max(), median)
     grid = np.unique(np.concatenate([np.linspace(low, high, GRID_POINTS), [median]]))
-    curve = _isotonic(density(grid, ref) / np.maximum(density(grid, pool), 1e-300))
+    # the mixture bounds the ratio: f_pool >= pi * f_holdout. Beside a holdout score where no training row lies (a
+    # heavy-tailed holdout, a narrow bandwidth) the kernel estimate of f_pool falls to ~0 and the raw ratio grows
+    # without bound; made non-decreasing, that spike would lift every weight above it to 1
+    ceiling = 1.0 / max(holdout_share(pool, ref), 1.0 / pool.size)
+    curve = _isotonic(np.minimum(density(grid, ref) / np.maximum(density(grid, pool), 1e-300), ceiling))
     at_median = curve[np.searchsorted(grid, median)]
     weights = np.interp(s, grid, np.minimum(curve / at_median, 1.0))
     return np.where(raw == -np.inf, 0.0, np.where(raw == np.inf, 1.0, weights))
