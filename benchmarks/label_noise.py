@@ -268,6 +268,13 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
 # `holdout_quantile` is the base of every `*_quantile` and `*_cutoff` method.
 CONDITIONED = dict(ica_score_form="conditioned", ica_reduction="mean")
 QUANTILE = dict(CONDITIONED, ica_weighting="holdout_quantile")
+LASTLINE_SAMPLING = dict(
+    CONDITIONED,
+    ica_weighting="holdout_posterior",
+    ica_demo_layout="turns",
+    ica_weight_mode="sampling",
+    ica_score_span="last_line",
+)
 SETTINGS = {
     "ica": {},
     "ica_conditioned": CONDITIONED,
@@ -320,21 +327,10 @@ SETTINGS = {
         ica_weight_mode="sampling",
         ica_score_span=GSM8K_SPAN,
     ),
-    # any data: scored by the response's last line and its closing token, as sampling probabilities
-    "lastline_sampling": dict(
-        CONDITIONED,
-        ica_weighting="holdout_posterior",
-        ica_demo_layout="turns",
-        ica_weight_mode="sampling",
-        ica_score_span="last_line",
-    ),
-    "shuffled_lastline_sampling": dict(
-        CONDITIONED,
-        ica_weighting="holdout_posterior",
-        ica_demo_layout="turns",
-        ica_weight_mode="sampling",
-        ica_score_span="last_line",
-    ),
+    # any data: scored by the response's last line and its closing token, as sampling probabilities (the control
+    # trains with the same settings; only its scores are dealt to other rows)
+    "lastline_sampling": LASTLINE_SAMPLING,
+    "shuffled_lastline_sampling": LASTLINE_SAMPLING,
     # token masks (`ica_token_quantile`): every row trained, its tokens under the holdout's 1st percentile with the
     # demonstrations dropped; alone, on sampled rows, and the control that drops as many tokens of each row at
     # random positions. The trainer scores itself: the masks need each token's log-prob, which given scores lack.

@@ -81,13 +81,8 @@ class Pool:
         uniform, oracle = self.values("uniform", seeds=seeds).mean(), self.values("oracle", seeds=seeds).mean()
         return percent((uniform - self.values(method, seeds=seeds).mean()) / (uniform - oracle))
 
-    def wins(self, method: str) -> str:
-        """On how many of its seeds `method` ended below uniform training's clean test loss."""
-        diffs = self.diffs(method)
-        return f"{int((diffs < 0).sum())} of {diffs.size}"
-
-    def wins_by(self, method: str, measure: str) -> str:
-        """On how many of its seeds `method` ended below uniform training by `measure`."""
+    def wins(self, method: str, measure: str = "loss") -> str:
+        """On how many of its seeds `method` ended below uniform training by `measure` (the clean test loss)."""
         diffs = self.diffs(method, measure)
         return f"{int((diffs < 0).sum())} of {diffs.size}"
 
@@ -181,7 +176,7 @@ def rows() -> list[tuple[str, str, str]]:
             answer,
             method,
             lambda: (
-                f"ln P(end early) {answer.diff(method, 'early_end')} (lower on {answer.wins_by(method, 'early_end')}"
+                f"ln P(end early) {answer.diff(method, 'early_end')} (lower on {answer.wins(method, 'early_end')}"
                 f" seeds), full-answer loss {answer.diff(method)} ({answer.wins(method)} lower)"
             ),
         )
