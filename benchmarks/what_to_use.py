@@ -75,11 +75,9 @@ class Pool:
         oracle = self.diffs("oracle", measure)
         return oracle.size >= 5 and -oracle.mean() / oracle.std(ddof=1) >= 3
 
-    def share(self, method: str) -> str:
-        """The share of the noise gap (uniform minus oracle) of the means that `method` recovered."""
-        seeds = self.seeds(method)
-        uniform, oracle = self.values("uniform", seeds=seeds).mean(), self.values("oracle", seeds=seeds).mean()
-        return percent((uniform - self.values(method, seeds=seeds).mean()) / (uniform - oracle))
+    def share(self, method: str, measure: str = "loss") -> str:
+        """The share of the noise gap (uniform minus oracle) of the means that `method` recovered by `measure`."""
+        return percent(self.goal(method, measure)["share"])
 
     def wins(self, method: str, measure: str = "loss") -> str:
         """On how many of its seeds `method` ended below uniform training by `measure` (the clean test loss)."""
@@ -121,6 +119,32 @@ class Pool:
             else f"costs uniform training {self.gap(measure)} nats/token"
         )
         return f"the noise {cost}, {sd:.1f} paired sd over {n} seeds: {verdict}"
+
+    def goal(self, method: str, measure: str = "loss") -> dict:
+        """The SFT default's goal for `method` by `measure` (docs/benchmarks.md): where the pool ranks methods by it,
+        better than uniform on at least 80 % of the seeds and at least 50 % of the gap recovered; everywhere, never
+        worse than uniform by more than one paired sd. `verdict` is "met", "missed" or "none" (the oracle is no better
+        than uniform by this measure, which then does not see the noise); the rest are its figures."""
+        diffs, seeds = self.diffs(method, measure), self.seeds(method)
+        ratio = diffs.mean() / diffs.std(ddof=1) if diffs.size > 1 else float("nan")
+        rankable = self.ranks(measure)
+        uniform = self.scaled("uniform", measure, seeds).mean()
+        share = (uniform - self.scaled(method, measure, seeds).mean()) / (
+            uniform - self.scaled("oracle", measure, seeds).mean()
+        )
+        met = ratio <= 1 and (not rankable or ((diffs < 0).mean() >= 0.8 and share >= 0.5))
+        verdict = "none" if self.diffs("oracle", measure).mean() >= 0 else "met" if met else "missed"
+        return {"verdict": verdict, "rankable": rankable, "ratio": ratio, "share": share, "diffs": diffs}
+
+    def meets_goal(self, method: str) -> bool:
+        """Whether `method` met the goal on every measure that sees the noise, by at least one measure that ranks
+        methods, over at least 5 seeds."""
+        if method not in self.runs or self.n(method) < 5:
+            return False
+        goals = [self.goal(method, measure) for measure in self.measures()]
+        return all(g["verdict"] != "missed" for g in goals) and any(
+            g["verdict"] == "met" and g["rankable"] for g in goals
+        )
 
     def mean(self, method: str, key: str) -> str:
         """The mean over `method`'s runs of a recorded `key` (e.g. `noisy_share_trained`)."""
@@ -250,11 +274,18 @@ def rows() -> list[tuple[str, str, str]]:
         ),
         (
             "GSM8K solutions with a wrong final number, another problem's solution or half of one (30 %)",
-            GSM8K_USE,
+            gsm8k_use(answer),
             f"by the full-answer loss {answer.noise()}; by ending a solution early {answer.noise('early_end')}. "
             "Drawing rows by weight (the defaults): "
             f'{early("ica_sampling")}; by the last line\'s score (`ica_score_span="last_line"`): '
-            f"{early('lastline_sampling')}; by the final-answer line's (`ica_score_span`): "
+            f"{early('lastline_sampling')}"
+            + ran(
+                answer,
+                "lastline_sampling",
+                lambda: f", {answer.share('lastline_sampling', 'early_end')} of the early-ending gap",
+            )
+            + "; the same weights dealt to other rows: "
+            f"{early('shuffled_lastline_sampling')}; by the final-answer line's (`ica_score_span`): "
             f"{early('span_sampling')}; loss weights {gsm8k.diff('ica_turns_quantile')}, worse on "
             f"{gsm8k.losses('ica_turns_quantile')}, as random weights ({gsm8k.diff('random_weights')}); token masks "
             f"{answer.diff('token_mask')} ({seeds(answer.n('token_mask'))})",
@@ -263,8 +294,14 @@ def rows() -> list[tuple[str, str, str]]:
     return out
 
 
-#: What the README's table says to use on GSM8K-like data (solutions that end in a final answer line).
-GSM8K_USE = "the SFT defaults, or stock SFT: neither is measured better"
+def gsm8k_use(answer: Pool) -> str:
+    """What the README's table says to use on GSM8K-like data (solutions that end in a final answer line): the first
+    way of drawing rows that met the SFT default's goal on the pool over 5 seeds or more, else neither."""
+    if answer.meets_goal("ica_sampling"):
+        return "the SFT defaults"
+    if answer.meets_goal("lastline_sampling"):
+        return 'the SFT defaults with `ica_score_span="last_line"` (rows drawn by the last line\'s score)'
+    return "the SFT defaults, or stock SFT: neither is measured better"
 
 
 #: The pools and methods the SFT default is chosen between: `(pool label, experiment, method label, method)`. The
@@ -302,20 +339,14 @@ def goal_table() -> list[str]:
             lines.append(f"| {label} | {how} | | 0 | | | | | not run |")
             continue
         for measure in pool.measures():
-            diffs, seeds = pool.diffs(method, measure), pool.seeds(method)
-            ratio = diffs.mean() / diffs.std(ddof=1) if diffs.size > 1 else float("nan")
-            rankable = pool.ranks(measure)
-            uniform = pool.scaled("uniform", measure, seeds).mean()
-            share = (uniform - pool.scaled(method, measure, seeds).mean()) / (
-                uniform - pool.scaled("oracle", measure, seeds).mean()
-            )
-            met = ratio <= 1 and (not rankable or ((diffs < 0).mean() >= 0.8 and share >= 0.5))
-            goal = ("met" if met else "missed") + ("" if rankable else " (not rankable: only the bound applies)")
-            if pool.diffs("oracle", measure).mean() >= 0:  # removing the noise does not improve it: not its measure
+            g = pool.goal(method, measure)
+            diffs = g["diffs"]
+            goal = g["verdict"] + ("" if g["rankable"] else " (not rankable: only the bound applies)")
+            if g["verdict"] == "none":  # removing the noise does not improve it: not its measure
                 goal = "none: the oracle is no better than uniform by this measure"
             lines.append(
-                f"| {label} | {how} | {MEASURE_NAMES[measure]} | {diffs.size} | {percent(share)} | "
-                f"{int((diffs < 0).sum())} of {diffs.size} | {ratio:+.1f} | {pool.gap_sd(measure)} "
+                f"| {label} | {how} | {MEASURE_NAMES[measure]} | {diffs.size} | {percent(g['share'])} | "
+                f"{int((diffs < 0).sum())} of {diffs.size} | {g['ratio']:+.1f} | {pool.gap_sd(measure)} "
                 f"({pool.n('oracle')}) | {goal} |"
             )
     return lines
