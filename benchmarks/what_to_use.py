@@ -262,7 +262,13 @@ def rows() -> list[tuple[str, str, str]]:
                 "ica_sampling",
                 lambda: f"{shuffled.wins('ica_sampling')}, {shuffled.share('ica_sampling')}",
             )
-            + f"; {shuffled.noise()}",
+            + " (the same weights dealt to other rows "
+            + ran(
+                shuffled,
+                "shuffled_sampling",
+                lambda: f"{shuffled.wins('shuffled_sampling')}, {shuffled.share('shuffled_sampling')}",
+            )
+            + f"); {shuffled.noise()}",
         ),
         (
             "SFT label noise of the wrong kind, scoring cost to save",
