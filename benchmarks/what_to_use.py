@@ -75,9 +75,18 @@ class Pool:
         oracle = self.diffs("oracle", measure)
         return oracle.size >= 5 and -oracle.mean() / oracle.std(ddof=1) >= 3
 
+    def gap_share(self, method: str, measure: str = "loss") -> float:
+        """The share of the noise gap (uniform minus oracle) of the means that `method` recovered by `measure`, on
+        the seeds where all three ran."""
+        seeds = self.seeds(method)
+        uniform = self.scaled("uniform", measure, seeds).mean()
+        return (uniform - self.scaled(method, measure, seeds).mean()) / (
+            uniform - self.scaled("oracle", measure, seeds).mean()
+        )
+
     def share(self, method: str, measure: str = "loss") -> str:
-        """The share of the noise gap (uniform minus oracle) of the means that `method` recovered by `measure`."""
-        return percent(self.goal(method, measure)["share"])
+        """[`gap_share`] as a percentage."""
+        return percent(self.gap_share(method, measure))
 
     def wins(self, method: str, measure: str = "loss") -> str:
         """On how many of its seeds `method` ended below uniform training by `measure` (the clean test loss)."""
@@ -125,13 +134,9 @@ class Pool:
         better than uniform on at least 80 % of the seeds and at least 50 % of the gap recovered; everywhere, never
         worse than uniform by more than one paired sd. `verdict` is "met", "missed" or "none" (the oracle is no better
         than uniform by this measure, which then does not see the noise); the rest are its figures."""
-        diffs, seeds = self.diffs(method, measure), self.seeds(method)
+        diffs, share = self.diffs(method, measure), self.gap_share(method, measure)
         ratio = diffs.mean() / diffs.std(ddof=1) if diffs.size > 1 else float("nan")
         rankable = self.ranks(measure)
-        uniform = self.scaled("uniform", measure, seeds).mean()
-        share = (uniform - self.scaled(method, measure, seeds).mean()) / (
-            uniform - self.scaled("oracle", measure, seeds).mean()
-        )
         met = ratio <= 1 and (not rankable or ((diffs < 0).mean() >= 0.8 and share >= 0.5))
         verdict = "none" if self.diffs("oracle", measure).mean() >= 0 else "met" if met else "missed"
         return {"verdict": verdict, "rankable": rankable, "ratio": ratio, "share": share, "diffs": diffs}
@@ -352,7 +357,7 @@ def goal_table() -> list[str]:
                 goal = "none: the oracle is no better than uniform by this measure"
             lines.append(
                 f"| {label} | {how} | {MEASURE_NAMES[measure]} | {diffs.size} | {percent(g['share'])} | "
-                f"{int((diffs < 0).sum())} of {diffs.size} | {g['ratio']:+.1f} | {pool.gap_sd(measure)} "
+                f"{pool.wins(method, measure)} | {g['ratio']:+.1f} | {pool.gap_sd(measure)} "
                 f"({pool.n('oracle')}) | {goal} |"
             )
     return lines
