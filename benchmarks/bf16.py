@@ -55,7 +55,7 @@ def main():
     model, tokenizer = load_model()
     rows = train.remove_columns("corruption")
     for name, (form, reduction) in SETTINGS.items():
-        options = ICAScoringOptions(num_demos=3, form=form, reduction=reduction)
+        options = ICAScoringOptions(num_demos=3, form=form, reduction=reduction, span=None)
         builder = prepare_ica(model, tokenizer, rows, holdout, options, show_progress=False)
         for precision in PRECISIONS:
             key = f"{name}/{precision}"

@@ -54,7 +54,13 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
             train,
             holdout,
             ICAScoringOptions(
-                num_demos=3, demo_selection=mode, seed=seed, layout="in_turn", form="difference", reduction="sum"
+                num_demos=3,
+                demo_selection=mode,
+                seed=seed,
+                layout="in_turn",
+                form="difference",
+                reduction="sum",
+                span=None,
             ),
             show_progress=False,
         )

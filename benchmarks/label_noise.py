@@ -238,7 +238,7 @@ def pool_scores(results, names, rows, holdout, clean, seed, trained=DEFAULT_MODE
         options = dict(options)
         model, tokenizer = load_model(model_path(options.pop("model", trained)))
         start = time.perf_counter()
-        settings = {"demo_selection": "fixed", "form": "difference", "reduction": "sum", **options}
+        settings = {"demo_selection": "fixed", "form": "difference", "reduction": "sum", "span": None, **options}
         out = score_ica(
             model, tokenizer, rows, holdout, ICAScoringOptions(num_demos=3, seed=seed, **settings), show_progress=False
         )

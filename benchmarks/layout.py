@@ -115,6 +115,7 @@ def run_experiment(experiment: dict, methods=None, seeds=None, keep_logs="") -> 
                 seed=seed,
                 form="difference",
                 reduction="sum",
+                span=None,
             ),
             show_progress=False,
         )

@@ -46,7 +46,7 @@ def main():
         tokenizer,
         train.remove_columns("corruption"),
         holdout,
-        ICAScoringOptions(layout="in_turn", form="difference", reduction="sum"),
+        ICAScoringOptions(layout="in_turn", form="difference", reduction="sum", span=None),
         show_progress=False,
     )
     ways = {

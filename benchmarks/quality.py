@@ -191,7 +191,12 @@ def run_sft_like(name, make_data, accuracy, args, results):
                 train,
                 holdout,
                 ICAScoringOptions(
-                    num_demos=3, demo_selection="fixed", layout="in_turn", form="difference", reduction="sum"
+                    num_demos=3,
+                    demo_selection="fixed",
+                    layout="in_turn",
+                    form="difference",
+                    reduction="sum",
+                    span=None,
                 ),
                 show_progress=False,
             )

@@ -59,7 +59,9 @@ def measure(name: str, rows, holdout, args) -> dict:
         tokenizer,
         rows,
         holdout,
-        ICAScoringOptions(num_demos=3, demo_selection="fixed", form="conditioned", reduction="mean", layout="turns"),
+        ICAScoringOptions(
+            num_demos=3, demo_selection="fixed", form="conditioned", reduction="mean", layout="turns", span=None
+        ),
         show_progress=False,
     )
     scoring = time.perf_counter() - start

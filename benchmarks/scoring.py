@@ -121,7 +121,9 @@ def main():
                 tokenizer,
                 data,
                 hold,
-                ICAScoringOptions(demo_selection=selection, layout="in_turn", form="difference", reduction="sum"),
+                ICAScoringOptions(
+                    demo_selection=selection, layout="in_turn", form="difference", reduction="sum", span=None
+                ),
                 show_progress=False,
             )
             requests = [builder.conditioned(i) for i in range(len(data))]

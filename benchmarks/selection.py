@@ -95,7 +95,7 @@ def scorers(model, tokenizer, train, holdout, settings, seed):
                 train,
                 holdout,
                 ICAScoringOptions(
-                    num_demos=3, demo_selection="knn", layout="in_turn", form="difference", reduction="sum"
+                    num_demos=3, demo_selection="knn", layout="in_turn", form="difference", reduction="sum", span=None
                 ),
                 show_progress=False,
             )

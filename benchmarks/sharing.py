@@ -47,7 +47,7 @@ def measure(args) -> dict:
     model, tokenizer = load_model()
     train, holdout, _ = noisy_gsm8k(n_train=args.n, n_holdout=args.n_holdout, n_test=1, noise=0.0, seed=0)
     train = train.remove_columns("corruption")
-    options = ICAScoringOptions(demo_selection="knn", layout="in_turn", num_demos=3)
+    options = ICAScoringOptions(demo_selection="knn", layout="in_turn", num_demos=3, span=None)
     builder = prepare_ica(model, tokenizer, train, holdout, options, show_progress=False)
     requests = [builder.conditioned(i) for i in range(len(train))]
     device = torch.device("cpu")

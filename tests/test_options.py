@@ -36,6 +36,8 @@ def test_options_from_a_config_record_its_fields():
     record = options.record()
     for name, value in record.items():
         expected = 7 if name == "ica_seed" else getattr(args, name)
+        if name == "ica_score_span" and expected == "response":
+            expected = None  # the whole response, recorded as it was before it had a name
         assert value == expected, name
     assert options.seeded and "ica_seed" in options.comparable()
     assert "ica_seed" not in dataclasses.replace(options, demo_selection="knn").comparable()

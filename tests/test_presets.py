@@ -78,6 +78,7 @@ def test_paper_preset_is_the_specification():
             "ica_reduction": "sum",
             "ica_demo_layout": "in_turn",
             "ica_score_end_token": False,
+            "ica_score_span": "response",
             "ica_weight_mode": "loss",
             "ica_weighting": "batch_minmax",
         }
@@ -109,22 +110,28 @@ def test_the_recommended_sft_preset_weights_the_loss_where_it_cannot_sample(sett
 def test_score_command_takes_unset_flags_from_the_preset():
     from argparse import Namespace
 
-    args = Namespace(preset="paper", form=None, reduction="mean", demo_layout=None, score_end_token=None)
+    flags = dict(form=None, demo_layout=None, score_end_token=None, score_span=None)
+    args = Namespace(preset="paper", reduction="mean", **flags)
     fill_from_preset(args)
-    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == (
+    assert (args.form, args.reduction, args.demo_layout, args.score_end_token, args.score_span) == (
         "difference",
         "mean",
         "in_turn",
         "false",
+        "response",
     )
-    args = Namespace(preset="recommended", form=None, reduction=None, demo_layout=None, score_end_token=None)
+    args = Namespace(preset="recommended", reduction=None, **{**flags, "score_span": "last_line"})
     fill_from_preset(args)
-    assert (args.form, args.reduction, args.demo_layout, args.score_end_token) == (
+    assert (args.form, args.reduction, args.demo_layout, args.score_end_token, args.score_span) == (
         "conditioned",
         "mean",
         "turns",
         "true",
+        "last_line",
     )
+    args = Namespace(preset="recommended", reduction=None, **flags)
+    fill_from_preset(args)
+    assert args.score_span == "response"
 
 
 def test_stock_config_is_taken_with_the_ica_defaults():

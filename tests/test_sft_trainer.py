@@ -457,6 +457,14 @@ def test_a_scores_file_from_trl_ica_score_feeds_a_run(tokenizer, tmp_path):
         )
     with pytest.raises(ValueError, match="other settings than this run's .*ica_demo_layout: file 'turns', run 'in"):
         ica_trainer(tokenizer, tmp_path / "l", ica_scores_file=str(scored), ica_demo_layout="in_turn")
+    # `"auto"` is recorded as decided for the rows, by the command and by the run alike
+    spans = tmp_path / "spans.jsonl"
+    summed = ["--form", "difference", "--reduction", "sum"]
+    cli(["score", "--method", "ica", *files, "--output", str(spans), *summed, "--score-span", "auto"])
+    assert json.load(open(tmp_path / "spans.meta.json"))["ica_score_span"] == "last_line"
+    ica_trainer(tokenizer, tmp_path / "auto", ica_scores_file=str(spans), ica_score_span="auto")
+    with pytest.raises(ValueError, match="ica_score_span: file 'last_line', run None"):
+        ica_trainer(tokenizer, tmp_path / "w", ica_scores_file=str(spans))
     shifted = Dataset.from_list(list(train)[1:] + list(train)[:1])
     with pytest.raises(ValueError, match=r"row 0 is not training row 0 \(columns \['prompt', 'completion'\]"):
         ica_trainer(tokenizer, tmp_path / "b", train=shifted, ica_scores_file=str(scored))

@@ -2,6 +2,7 @@
 with the rest of the response as context."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,9 +11,10 @@ from datasets import Dataset
 from testing_utils import LOGP_ATOL, chat_row, score_files, tiny_llama
 
 from trl_ica import ICADPOConfig, ICASFTConfig, ICASFTTrainer
+from trl_ica.scoring.formats import read_dataset
 from trl_ica.scoring.ica import prepare_ica, score_with
 from trl_ica.scoring.options import ICAScoringOptions
-from trl_ica.scoring.rendering import span_chars
+from trl_ica.scoring.rendering import auto_span, span_chars
 
 FINAL = "#### .*"
 
@@ -124,6 +126,79 @@ def test_what_a_span_cannot_score_is_refused(tokenizer, tmp_path):
         prepare_ica(model, tokenizer, lm, lm, ICAScoringOptions(num_demos=2, span=FINAL), show_progress=False)
     with pytest.raises(ValueError, match="preference pairs are scored by their whole margin"):
         ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, ica_score_span=FINAL)
+
+
+def test_auto_is_the_last_line_where_every_row_allows_a_span(tokenizer):
+    """`"auto"` gives the requests and scores of `"last_line"` on rows that allow a span, with no warning, and the
+    options it leaves behind (what a scores file and a checkpoint record) say `"last_line"`; on these multi-line
+    responses those scores are not the whole response's (`"response"`, recorded as None, as before it had a name)."""
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    assert ICAScoringOptions(span="response") == ICAScoringOptions(span=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ica_score_span")
+        auto = builder(tokenizer, model, "auto")
+    last, whole = builder(tokenizer, model, "last_line"), builder(tokenizer, model, "response")
+    assert auto.options == last.options and auto.options.span == "last_line" and auto.span_reason is None
+    assert [auto.conditioned(i) for i in range(7)] == [last.conditioned(i) for i in range(7)]
+    scores = {name: score_with(model, b, show_progress=False).scores for name, b in (("auto", auto), ("whole", whole))}
+    np.testing.assert_array_equal(scores["auto"], score_with(model, last, show_progress=False).scores)
+    assert not np.allclose(scores["auto"][:6], scores["whole"][:6])
+
+
+def tool_row(i):
+    call = {"type": "function", "function": {"name": "add", "arguments": json.dumps({"a": i, "b": 1})}}
+    completion = [
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": str(i + 1)},
+        {"role": "assistant", "content": f"It is {i + 1}."},
+    ]
+    return {"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}], "completion": completion}
+
+
+def test_auto_scores_whole_responses_where_a_row_cannot_have_a_span(tokenizer):
+    """One row without a span gives every row the whole response (a last line's score and a whole response's do
+    not compare), and the reason names the row; pairs are scored by their margin, quietly."""
+    train, holdout = rows()
+    read = lambda data, name: read_dataset(data, name, tokenizer)  # noqa: E731
+    examples, held = read(train, "dataset"), read(holdout, "holdout")
+    assert auto_span(tokenizer, examples, held) == ("last_line", None)
+    tools = read(Dataset.from_list([tool_row(i) for i in range(3)]), "dataset")
+    span, reason = auto_span(tokenizer, examples[:2] + tools, held)
+    assert span is None and "train_dataset row 2 has a response of several messages or tool calls" in reason
+    span, reason = auto_span(tokenizer, examples, held + tools[1:])
+    assert span is None and "holdout_dataset row 4" in reason
+    lm = read(Dataset.from_list([{"text": f"Add {i}.\n#### {i}"} for i in range(4)]), "dataset")
+    span, reason = auto_span(tokenizer, lm, lm)
+    assert span is None and "train_dataset row 0 is a language-modeling or pre-tokenised row" in reason
+    assert "`ica_score_span='response'`" in reason
+    slow = type("Slow", (), {"is_fast": False})()
+    span, reason = auto_span(slow, examples, held)
+    assert span is None and "not a fast one" in reason
+    pairs = read(Dataset.from_list([{"prompt": "Q", "chosen": "a\nb", "rejected": "c"}]), "dataset")
+    assert auto_span(tokenizer, pairs, held) == (None, None)
+    # through the scoring: the warning says why, and the requests are the whole response's
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    lm_rows = Dataset.from_list([{"text": f"Add {i}.\n#### {i}"} for i in range(4)])
+    options = {span: ICAScoringOptions(num_demos=2, demo_selection="fixed", span=span) for span in ("auto", None)}
+    with pytest.warns(UserWarning, match="train_dataset row 0 is a language-modeling"):
+        auto = prepare_ica(model, tokenizer, lm_rows, lm_rows, options["auto"], show_progress=False)
+    whole = prepare_ica(model, tokenizer, lm_rows, lm_rows, options[None], show_progress=False)
+    assert auto.options == whole.options and auto.options.span is None
+    assert [auto.conditioned(i) for i in range(4)] == [whole.conditioned(i) for i in range(4)]
+
+
+def test_auto_yields_to_token_masks_and_pairs_take_no_other_span(tmp_path):
+    """`"auto"` yields to `ica_token_quantile` (which scores every token), where a span set by name is refused; both
+    presets score whole responses; pairs (scored by their margin) take `"auto"` or `"response"` only."""
+    make = lambda **kw: ICASFTConfig(output_dir=str(tmp_path), use_cpu=True, **kw)  # noqa: E731
+    assert make().ica_score_span == make(ica_preset="paper").ica_score_span == "response"
+    assert make(ica_score_span="auto", ica_token_quantile=0.01).ica_score_span == "response"
+    with pytest.raises(ValueError, match="`ica_score_span`='last_line' scores only a span"):
+        make(ica_score_span="last_line", ica_token_quantile=0.01)
+    for span in ("auto", "response"):
+        assert ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, ica_score_span=span).ica_score_span == span
+    with pytest.raises(ValueError, match="preference pairs are scored by their whole margin"):
+        ICADPOConfig(output_dir=str(tmp_path), use_cpu=True, ica_score_span="last_line")
 
 
 @pytest.mark.parametrize("refresh", [1, "online"])

@@ -91,6 +91,14 @@ def test_a_stream_at_the_default_settings_scores_each_row_as_it_arrives(tokenize
     assert len({r["weight"] for r in runs["default"]}) > 1
 
 
+def test_a_stream_scores_whole_responses_under_auto(tokenizer, tmp_path):
+    """`ica_score_span="auto"` needs every row checked up front: a stream's rows are scored whole, with a warning."""
+    train, holdout = data()
+    with pytest.warns(UserWarning, match="rows that stream in cannot be checked"):
+        run = trainer(tokenizer, tmp_path, train.to_iterable_dataset(), holdout, ica_score_span="auto")
+    assert run.ica.builder.options.span is None
+
+
 def test_a_streamed_run_trains_with_its_weights(tokenizer, tmp_path):
     train, holdout = data()
     run = trainer(tokenizer, tmp_path, train.to_iterable_dataset(), holdout, learning_rate=0.1)

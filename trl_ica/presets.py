@@ -5,16 +5,18 @@ and docs/configuration.md is generated from the configs built with it. A preset 
 left unset; a field that is set always wins.
 
 - `"recommended"` (the default): what the benchmarks in docs/benchmarks.md measured best.
-  - SFT: log p(y | D, x) per token (the conditioned form) with the demonstrations as earlier chat turns, and the rows
-    drawn by their weights (`ica_weight_mode="sampling"`), each weight the posterior that a row is holdout-like
-    (`holdout_posterior`): every batch full, the loss the stock one. Where the trainer cannot draw single rows by
-    weight (packing, a streamed training set, online scoring, another `train_sampling_strategy`, a batch weighting
-    or `weighted_mean` set by the user), the loss is weighted instead, by where a score falls among the holdout's
-    own (`holdout_quantile`); the trainer logs which it chose and why.
-  - Preference pairs (DPO, CPO, SimPO): the same score of the chosen-minus-rejected margin with batch min-max weights.
+  - SFT: log p(y | D, x) per token (the conditioned form) of each whole response with the demonstrations as earlier
+    chat turns, and the rows drawn by their weights (`ica_weight_mode="sampling"`), each weight the posterior that a
+    row is holdout-like (`holdout_posterior`): every batch full, the loss the stock one. Where the trainer cannot draw
+    single rows by weight (packing, a streamed training set, online scoring, another `train_sampling_strategy`, a
+    batch weighting or `weighted_mean` set by the user), the loss is weighted instead, by where a score falls among
+    the holdout's own (`holdout_quantile`); the trainer logs which it chose and why.
+  - Preference pairs (DPO, CPO, SimPO): the same score of the chosen-minus-rejected margin (whole responses) with
+    batch min-max weights.
   The measurements behind both, with uniform and clean-only training beside them, are in docs/benchmarks.md.
 - `"paper"`: arXiv 2510.14459 as specified: the summed difference log p(y | D, x) - log p(y | x), demonstrations in
-  the user turn with the paper's wording, only the response's own tokens scored, batch min-max weights.
+  the user turn with the paper's wording, only the response's own tokens scored, whole responses, batch min-max
+  weights.
 
 Both presets choose k = 3 nearest holdout demonstrations (`ica_num_demos`, `ica_demo_selection="knn"`) scored once
 before training (`ica_refresh=1`); those fields have plain defaults.
@@ -33,12 +35,14 @@ _SCORING = {
         "ica_reduction": "mean",
         "ica_demo_layout": "turns",
         "ica_score_end_token": True,
+        "ica_score_span": "response",
     },
     "paper": {
         "ica_score_form": "difference",
         "ica_reduction": "sum",
         "ica_demo_layout": "in_turn",
         "ica_score_end_token": False,
+        "ica_score_span": "response",
     },
 }
 #: Where the weights act (`ica_weight_mode`), per preset and kind.
@@ -68,7 +72,8 @@ def _check(preset: str, kind: str) -> None:
 
 
 def scoring_settings(preset: str = "recommended") -> dict:
-    """The preset's score settings (`ica_score_form`, `ica_reduction`, `ica_demo_layout`, `ica_score_end_token`)."""
+    """The preset's score settings (`ica_score_form`, `ica_reduction`, `ica_demo_layout`, `ica_score_end_token`,
+    `ica_score_span`)."""
     _check(preset, "sft")
     return dict(_SCORING[preset])
 

@@ -58,7 +58,9 @@ def _score_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--score-span",
         help="ica: score only this span of each response, the rest as context: 'last_line', or a regular expression "
-        "whose last match is the span (e.g. '#### .*' for GSM8K's final answer); a response without it scores -inf.",
+        "whose last match is the span (e.g. '#### .*' for GSM8K's final answer), a response without it scoring -inf; "
+        "'response': the whole response; 'auto': the last line where every row allows a span, else the whole "
+        "response (default: preset).",
     )
     parser.add_argument(
         "--assistant-only-loss",
@@ -108,11 +110,17 @@ def _select_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def fill_from_preset(args) -> None:
-    """Set the score flags left out (`--form`, `--reduction`, `--demo-layout`, `--score-end-token`) from `--preset`."""
+    """Set the score flags left out (`--form`, `--reduction`, `--demo-layout`, `--score-end-token`, `--score-span`)
+    from `--preset`."""
     from ..presets import scoring_settings
 
     preset = scoring_settings(args.preset)
-    flags = {"form": "ica_score_form", "reduction": "ica_reduction", "demo_layout": "ica_demo_layout"}
+    flags = {
+        "form": "ica_score_form",
+        "reduction": "ica_reduction",
+        "demo_layout": "ica_demo_layout",
+        "score_span": "ica_score_span",
+    }
     for flag, field in flags.items():
         if getattr(args, flag) is None:
             setattr(args, flag, preset[field])
@@ -138,12 +146,12 @@ def scoring_options(args):
     )
 
 
-def score_settings(args) -> dict:
-    """What a scores file was computed with, the score's settings as a trainer's `ica_*` fields name them (see
-    `ica_scores_file`)."""
+def score_settings(args, options) -> dict:
+    """What a scores file was computed with, the score's settings (`options`, resolved for the rows) as a trainer's
+    `ica_*` fields name them (see `ica_scores_file`)."""
     settings = {"method": args.method, "model": args.model, "dataset": args.dataset, "holdout": args.holdout}
     if args.method == "ica":
-        settings.update(scoring_options(args).record())
+        settings.update(options.record())
     return settings
 
 
@@ -155,6 +163,7 @@ def run_score(args) -> dict:
     from ..data_io import check_output, load_rows, scores_meta_path, write_json, write_rows
     from ..embedded import load_model
     from ..plots import plot_score_histogram
+    from ..scoring.ica import resolve_options
     from ..selection.baselines import score_dataset
     from ..selection.whisperer import WhispererConfig, whisperer_scores
 
@@ -184,6 +193,8 @@ def run_score(args) -> dict:
     for m in (model, reference):
         if m is not None:
             m.to(state.device)
+    if args.method == "ica" and holdout is not None:  # `auto` decided for these rows, as the settings file records
+        options = resolve_options(options, tokenizer, dataset, holdout)
     extra = {}
     start = time.perf_counter()
     if args.method == "whisperer":
@@ -220,7 +231,7 @@ def run_score(args) -> dict:
         if os.path.exists(meta):  # never beside rows it does not describe, should the run stop between the two
             os.remove(meta)
         write_rows(dataset.add_column(SCORE_COLUMN, [float(s) for s in scores]), args.output)
-        write_json(score_settings(args), meta)
+        write_json(score_settings(args, options), meta)
         labels = np.asarray(dataset[args.label_column]).astype(str) if args.label_column else None
         plot = plot_score_histogram(scores, plot, labels=labels, title=f"{args.method} scores")
     summary = {

@@ -31,6 +31,7 @@ from .engine import score_requests
 from .formats import PreferenceExample, read_dataset
 from .options import FORMS, REDUCTIONS, ICAScoringOptions
 from .planner import LogProbRequest
+from .rendering import AUTO
 
 
 @dataclass
@@ -86,9 +87,12 @@ class ICARequestBuilder:
         candidates (`list[SFTExample]` or `list[PreferenceExample]`): the examples (or pairs) to score.
         holdout (`list[SFTExample]`): the clean holdout examples (of a preference holdout, prompt and chosen).
         options ([`ICAScoringOptions`]): what defines the score; the requests are rendered by its [`Renderer`].
+            `span="auto"` is decided here for these rows ([`ICAScoringOptions.resolve`]): `options` is then the
+            resolved options and `span_reason` says why the whole response is scored where the rows allow no span.
     """
 
     def __init__(self, tokenizer, candidates, holdout, options: ICAScoringOptions):
+        options, self.span_reason = options.resolve(tokenizer, candidates, holdout)
         self.options = options
         self.renderer = options.renderer(tokenizer)
         self.candidates = candidates
@@ -279,6 +283,19 @@ def prepare_ica(
     )
 
 
+def resolve_options(options: ICAScoringOptions, tokenizer, dataset, holdout) -> ICAScoringOptions:
+    """`options` with `span="auto"` decided for the rows of `dataset` and `holdout` as [`prepare_ica`] reads them
+    ([`ICAScoringOptions.resolve`]), with a warning that says why where every response is scored whole: for a caller
+    that records the settings before it scores (`trl-ica score`)."""
+    if options.span != AUTO:
+        return options
+    candidates = read_dataset(dataset, "dataset", tokenizer)
+    options, reason = options.resolve(tokenizer, candidates, read_holdout(holdout, tokenizer, options.num_demos))
+    if reason is not None:
+        warnings.warn(reason, stacklevel=2)
+    return options
+
+
 def read_holdout(holdout, tokenizer, num_demos: int) -> list:
     """The holdout's rows as demonstrations (of a preference holdout, each prompt with its chosen answer), refused
     when it has fewer than `num_demos` rows."""
@@ -352,6 +369,8 @@ def _build_requests(
         )
 
     builder = ICARequestBuilder(tokenizer, candidates, held, options)
+    if builder.span_reason is not None:
+        warnings.warn(builder.span_reason, stacklevel=3)
     builder.defer(choose, max_length, max_length_argument)
     if not defer_demos:
         builder.choose_demonstrations()
@@ -588,6 +607,10 @@ def compute_ica_scores(model, tokenizer, dataset, holdout, **kwargs) -> np.ndarr
         embedding_model (`str` or callable, *optional*): for kNN, a sentence-transformers encoder instead of the
             model's own mean-pooled hidden states.
         seed (`int`, *optional*, defaults to `0`): seed of fixed and random demonstrations.
+        span (`str`, *optional*): score only a span of each response, the rest as context: `"last_line"`, a regular
+            expression whose last match is the span, or `"auto"` (the last line where every row allows a span, the
+            whole response otherwise, with a warning); None or `"response"`: the whole response. See
+            [`ICAScoringOptions`].
         max_length (`int`, *optional*): longest allowed conditioned sequence; defaults to the model's context size.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
         distributed (`str`, *optional*): under `accelerate launch` (or `torchrun`) with several processes, every

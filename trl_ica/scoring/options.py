@@ -5,11 +5,20 @@ checkpoint's fingerprint and the model card are written from it."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..presets import scoring_settings
 from .demonstrations import DEMO_SELECTIONS, check_choice
-from .rendering import DEFAULT_DEMO_LAYOUT, DEMO_LAYOUTS, ICAPromptTemplate, Renderer, check_span
+from .rendering import (
+    AUTO,
+    DEFAULT_DEMO_LAYOUT,
+    DEMO_LAYOUTS,
+    WHOLE,
+    ICAPromptTemplate,
+    Renderer,
+    auto_span,
+    check_span,
+)
 
 #: How token log-probabilities are reduced: summed over the response (the paper's) or averaged per token.
 REDUCTIONS = ("sum", "mean")
@@ -35,9 +44,11 @@ class ICAScoringOptions:
         chat_template (`str`, *optional*): a chat template that overrides the tokenizer's.
         embedding_model (`str` or callable, *optional*): the kNN encoder; None for the model's own hidden states.
         seed (`int`): seed of the seeded selections.
-        span (`str`, *optional*): score only a span of each response rather than all of it (see [`Renderer`]):
-            `"last_line"`, or a regular expression whose last match in the response is the span (e.g.
-            `"#### .*"` for a final answer). None: the whole response.
+        span (`str`, *optional*): score only a span of each response rather than all of it
+            (see [`Renderer`]): `"last_line"`, or a regular expression whose last match in the response is the span
+            (e.g. `"#### .*"` for a final answer); `"response"` (or None): the whole response; `"auto"`: the last
+            line where every row allows a span and the whole response otherwise, decided when the rows are read
+            ([`resolve`], [`auto_span`]).
         assistant_only (`bool`): `SFTConfig.assistant_only_loss`: a response of several messages or tool calls is
             scored on its assistant tokens only, as that loss covers them (see [`Renderer`]).
     """
@@ -57,6 +68,8 @@ class ICAScoringOptions:
 
     def __post_init__(self):
         check_span(self.span)
+        if self.span == WHOLE:  # one spelling of the whole response, as records before `"response"` have it
+            object.__setattr__(self, "span", None)
         check_choice("demo_selection", self.demo_selection, DEMO_SELECTIONS)
         check_choice("form", self.form, FORMS)
         check_choice("reduction", self.reduction, REDUCTIONS)
@@ -83,14 +96,23 @@ class ICAScoringOptions:
     @classmethod
     def from_preset(cls, preset: str = "recommended", **fields) -> ICAScoringOptions:
         """The options of `preset` (`"recommended"` or `"paper"`: the paper's summed difference, demonstrations in
-        the user turn, the response's own tokens), with `fields` given explicitly winning over it."""
+        the user turn, the response's own tokens, whole responses), with `fields` given explicitly winning over it."""
         names = {
             "ica_score_form": "form",
             "ica_reduction": "reduction",
             "ica_demo_layout": "layout",
             "ica_score_end_token": "score_end",
+            "ica_score_span": "span",
         }
         return cls(**{**{names[k]: v for k, v in scoring_settings(preset).items()}, **fields})
+
+    def resolve(self, tokenizer, examples, holdout) -> tuple[ICAScoringOptions, str | None]:
+        """These options with `span="auto"` decided for the read rows `examples` and `holdout` (see [`auto_span`]),
+        and why the whole response is scored where `"auto"` falls back to it (None otherwise)."""
+        if self.span != AUTO:
+            return self, None
+        span, reason = auto_span(tokenizer, examples, holdout)
+        return replace(self, span=span), reason
 
     @property
     def seeded(self) -> bool:

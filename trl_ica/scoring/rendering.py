@@ -27,14 +27,21 @@ DEMO_LAYOUTS = ("in_turn", "turns")
 DEFAULT_DEMO_LAYOUT = "turns"
 #: `span` values with a meaning of their own; any other string is a regular expression.
 LAST_LINE = "last_line"
+#: The whole response (what None means once a span is resolved).
+WHOLE = "response"
+#: The recommended span: the last line where every row allows a span, the whole response otherwise ([`auto_span`]).
+AUTO = "auto"
+SPAN_WORDS = (AUTO, WHOLE, LAST_LINE)
 
 
 def check_span(span) -> None:
-    """`span` is None, `"last_line"` or a regular expression that compiles."""
-    if span is None or span == LAST_LINE:
+    """`span` is None, one of [`SPAN_WORDS`] or a regular expression that compiles."""
+    if span is None or span in SPAN_WORDS:
         return
     if not isinstance(span, str) or not span:
-        raise ValueError(f"`ica_score_span` must be None, {LAST_LINE!r} or a regular expression, got {span!r}.")
+        raise ValueError(
+            f"`ica_score_span` must be None, one of {list(SPAN_WORDS)} or a regular expression, got {span!r}."
+        )
     try:
         re.compile(span)
     except re.error as error:
@@ -50,6 +57,41 @@ def span_chars(response: str, span: str) -> tuple[int, int] | None:
         return (body.rfind("\n") + 1, len(body)) if body.strip() else None
     matches = [m for m in re.finditer(span, response) if m.end() > m.start()]
     return (matches[-1].start(), matches[-1].end()) if matches else None
+
+
+def auto_span(tokenizer, examples, holdout) -> tuple[str | None, str | None]:
+    """What `span="auto"` scores on these read rows: `(LAST_LINE, None)` when every row of `examples` and `holdout`
+    allows a span, else `(None, reason)`, the whole response and why. A span needs a prompt before a text response
+    (not a language-modeling or pre-tokenised row, not a response of several messages or tool calls) and a fast
+    tokenizer (character offsets); every response read has a line that is not blank. A span is all or nothing:
+    scores over last lines and over whole responses do not compare, so one row that cannot have one gives every row
+    the whole response. Preference pairs are always scored by their whole margin: `(None, None)`."""
+    from .formats import PreferenceExample
+
+    if any(isinstance(e, PreferenceExample) for e in examples[:1]):
+        return None, None
+    why = None
+    for name, rows in (("train_dataset", examples), ("holdout_dataset", holdout)):
+        for i, example in enumerate(rows):
+            if example.language_modeling or isinstance(example, TokenExample):
+                why = f"{name} row {i} is a language-modeling or pre-tokenised row, which has no prompt to follow"
+            elif example.structured:
+                why = f"{name} row {i} has a response of several messages or tool calls, or `tools`"
+            if why is not None:
+                break
+        if why is not None:
+            break
+    if why is None and not getattr(getattr(tokenizer, "tokenizer", tokenizer), "is_fast", False):
+        why = "the tokenizer is not a fast one, which a span needs for its character offsets"
+    return (LAST_LINE, None) if why is None else (None, auto_fallback(why))
+
+
+def auto_fallback(why: str) -> str:
+    """The warning of `span="auto"` scoring whole responses, `why` being what rules the span out."""
+    return (
+        f"`ica_score_span={AUTO!r}` scores the last line of each response where every row allows a span, but {why}: "
+        f"every row is scored over its whole response. Set `ica_score_span={WHOLE!r}` to say so and silence this."
+    )
 
 
 _USER = "\x00ICA_USER\x00"
@@ -159,7 +201,12 @@ class Renderer:
         self.chat_template = chat_template
         self.layout = layout
         self.score_end = score_end
-        self.span = span
+        if span == AUTO:
+            raise ValueError(
+                f"`span={AUTO!r}` depends on the rows: resolve it with `auto_span` (the scoring functions do) before "
+                "rendering."
+            )
+        self.span = None if span == WHOLE else span
         if not isinstance(assistant_only, bool):
             raise ValueError(f"`assistant_only_loss` must be True or False, got {assistant_only!r}.")
         self.assistant_only = assistant_only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from .demonstrations import select_demos
 from .formats import PreferenceExample, SFTExample, read_row
 from .ica import ICARequestBuilder, holdout_copies, read_holdout, resolve_embedder
 from .options import ICAScoringOptions
+from .rendering import AUTO, auto_fallback
 
 #: Demonstration choices that give a row the same demonstrations whatever rows come with it: `fixed` (one shared
 #: draw), `random` (a draw seeded by the row's index), `knn` (its own nearest holdout rows). `knn_grouped` compares
@@ -51,6 +53,10 @@ class StreamedRequestBuilder(ICARequestBuilder):
                 f"must be one of {list(STREAMED_SELECTIONS)}, got {options.demo_selection!r}, which compares every "
                 "row of the training set."
             )
+        self.span_reason = None
+        if options.span == AUTO:  # a span is all or nothing, and rows that have not arrived cannot be checked
+            options = replace(options, span=None)
+            self.span_reason = auto_fallback("rows that stream in cannot be checked up front")
         self.options = options
         self.renderer = options.renderer(tokenizer)
         self.tokenizer = tokenizer
@@ -152,4 +158,7 @@ def prepare_streamed_ica(
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_length_argument = "the model's max_position_embeddings"
-    return StreamedRequestBuilder(tokenizer, held, options, embed, max_length, max_length_argument, pairs)
+    builder = StreamedRequestBuilder(tokenizer, held, options, embed, max_length, max_length_argument, pairs)
+    if builder.span_reason is not None and not pairs:
+        warnings.warn(builder.span_reason, stacklevel=2)
+    return builder

@@ -17,7 +17,7 @@ from ..scoring.formats import PreferenceExample, SFTExample, read_dataset
 from ..scoring.ica import resolve_embedder, score_ica
 from ..scoring.options import ICAScoringOptions
 from ..scoring.planner import LogProbRequest
-from ..scoring.rendering import Renderer
+from ..scoring.rendering import AUTO, Renderer
 from .whisperer import WhispererConfig, whisperer_scores
 
 #: Method name -> what its score is. Larger is better for all of them except `ifd`, where the IFD paper keeps the
@@ -215,7 +215,7 @@ def score_dataset(
     if options is not None and not isinstance(options, ICAScoringOptions):
         raise ValueError(f"`options` must be an ICAScoringOptions or None, got {type(options).__name__}.")
     options = options or ICAScoringOptions()
-    if options.span is not None and method != "ica":
+    if options.span not in (None, AUTO) and method != "ica":
         raise ValueError(f"`options.span` ({options.span!r}) applies to `method='ica'` only, got {method!r}.")
     if (sharing != "auto" or forward_overhead is not None) and method != "ica":
         raise ValueError(

@@ -9,7 +9,7 @@ from ..presets import PRESET_FIELDS, PRESETS, apply_preset, preset_weight_mode
 from ..scoring.demonstrations import DEMO_SELECTIONS
 from ..scoring.options import FORMS, REDUCTIONS, ICAScoringOptions
 from ..scoring.planner import SHARINGS
-from ..scoring.rendering import DEMO_LAYOUTS, ICAPromptTemplate, check_span
+from ..scoring.rendering import AUTO, DEMO_LAYOUTS, WHOLE, ICAPromptTemplate, check_span
 from ..scoring.weighting import BATCH_WEIGHTINGS, POOL_WEIGHTINGS, WEIGHTINGS, check_token_quantile
 
 
@@ -185,13 +185,17 @@ class ICAArguments:
         ica_score_end_token (`bool`, *optional*, defaults to the preset's):
             recommended: `True`; paper: `False` (only the response's own tokens). Score the token that closes each
             response (the chat template's end of turn, or EOS for standard rows) with it, as TRL trains it.
-        ica_score_span (`str`, *optional*):
-            score only a span of each response, the rest of the response given as context: `"last_line"`, or a
-            regular expression whose last match in the response is the span (`"#### .*"`: GSM8K's final answer). A
-            wrong final number changes a few of a solution's ~130 tokens, which a score averaged over the whole
-            response hardly sees; the span's log-probability given the demonstrations and the solution before it
-            does. A response without the span scores -inf (weight 0); every holdout response must have one. SFT
-            rows with a prompt only (not language modeling, not pairs). None: the whole response.
+        ica_score_span (`str`, *optional*, defaults to the preset's):
+            recommended: `"response"`; paper: `"response"` (the whole response). Score only a span of each response,
+            the rest of the response given as context: `"last_line"`, or a regular expression whose last match in the
+            response is the span (`"#### .*"`: GSM8K's final answer). A wrong final number changes a few of a
+            solution's ~130 tokens, which a score averaged over the whole response hardly sees; the span's
+            log-probability given the demonstrations and the solution before it does. A response without the span
+            scores -inf (weight 0); every holdout response must have one. A span needs SFT rows with a prompt and a
+            text response (not language modeling, not several messages or tool calls, not pairs) and a fast
+            tokenizer. `"auto"`: the last line where every training and holdout row allows a span, the whole
+            response otherwise (with a warning that says why), for preference pairs (scored by their margin) and
+            with `ica_token_quantile` (which scores every token). See docs/training.md.
         ica_token_quantile (`float`, *optional*):
             SFT: drop from the loss the response tokens that the model, with the row's demonstrations in context,
             finds less likely than this quantile of the holdout's own tokens (each holdout response scored with
@@ -299,7 +303,8 @@ class ICAArguments:
         default=None, metadata={"help": "Score the end-of-turn (or EOS) token after each response."}
     )
     ica_score_span: str | None = field(
-        default=None, metadata={"help": "Score only this span of each response: 'last_line' or a regex."}
+        default=None,
+        metadata={"help": "Score only this span of each response: 'auto', 'last_line', 'response' or a regex."},
     )
     ica_token_quantile: float | None = field(
         default=None,
@@ -403,10 +408,12 @@ class ICAArguments:
                 f"{value} sets its threshold from the holdout's tokens scored with the training set, "
                 "which online scoring does not do. Use a numeric `ica_refresh`."
             )
-        if self.ica_score_span is not None:
+        if self.ica_score_span == AUTO:  # the token masks score every token: so does the row score
+            self.ica_score_span = WHOLE
+        if self.ica_score_span != WHOLE:
             raise ValueError(
                 f"{value} masks every token of a response, but `ica_score_span`={self.ica_score_span!r} scores only "
-                "a span of it. Use one of the two."
+                f"a span of it. Use one of the two (`ica_score_span={WHOLE!r}` scores the whole response)."
             )
         if self.ica_score_end_token is False:
             raise ValueError(
@@ -478,7 +485,7 @@ class ICAArguments:
                 "numeric `ica_refresh`."
             )
         check_span(self.ica_score_span)
-        if self.ica_score_span is not None and kind == "preference":
+        if self.ica_score_span not in (AUTO, WHOLE) and kind == "preference":
             raise ValueError(
                 f"`ica_score_span`={self.ica_score_span!r} scores a span of single responses; preference pairs are "
                 "scored by their whole margin. Leave it unset."

@@ -310,7 +310,7 @@ class ICATrainerMixin:
         if train_rows is None:
             self._check_streamed(args, "preference" if self._ica_pairs else "sft")
         if args.ica_weight_mode_reason is not None:
-            logger.info(args.ica_weight_mode_reason)
+            logger.warning(args.ica_weight_mode_reason)
         if train_rows is None:
             streamed = {k: options[k] for k in ("max_length", "max_length_argument", "compute_dtype")}
             builder = prepare_streamed_ica(
@@ -318,6 +318,7 @@ class ICATrainerMixin:
             )
         else:
             builder = prepare_ica(model, tokenizer, train_rows, holdout_dataset, score_options, **options)
+        score_options = builder.options  # `ica_score_span="auto"` decided for these rows
         reference = None
         token_masks = getattr(args, "ica_token_quantile", None) is not None
         trained_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
